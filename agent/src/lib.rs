@@ -1,6 +1,20 @@
 //! Usher: the host agent for just-in-time access.
 //!
 //! One module per stage of a session's journey (see DESIGN.md):
-//! grant → account → session → enforce → record → ship.
+//! grant → account → session (ssh) → enforce → record. `daemon` wires them together.
 
+#[macro_use]
+pub mod audit;
+pub mod account;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod enforce;
+pub mod fsutil;
+pub mod grant;
+pub mod local_issuer;
+pub mod play;
+pub mod profile;
+pub mod record;
+pub mod session;
+pub mod ssh;

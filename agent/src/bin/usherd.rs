@@ -1,1 +1,82 @@
-fn main() {}
+//! `usherd`: the privileged host agent.
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use usher::config::Config;
+use usher::daemon::Agent;
+
+#[derive(Parser)]
+#[command(version, about = "Usher host agent: just-in-time SSH access from signed grants")]
+struct Args {
+    /// Configuration file; without it (and without /etc/usher/usherd.toml) built-in
+    /// defaults apply, with a local issuer key made in the state directory.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// More detail in the log.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    usher::audit::init(args.verbose);
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!(target: "usher", "usherd: {e}");
+            eprintln!("usherd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> Result<Config, String> {
+    let default = PathBuf::from("/etc/usher/usherd.toml");
+    match path {
+        Some(p) => Config::load(&p).map_err(|e| e.to_string()),
+        None if default.exists() => Config::load(&default).map_err(|e| e.to_string()),
+        None => Ok(Config::default()),
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("usherd must run as root (it creates accounts and cgroups)".into());
+    }
+    let mut config = load_config(args.config)?;
+    usher::local_issuer::ensure(&mut config)?;
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let agent = Agent::start(config)?;
+        let host_key = usher::ssh::load_or_create_host_key(&agent.config.state_dir)?;
+        spawn_sweeper(agent.clone());
+        let control_path = agent.config.control_socket.clone();
+        let control_agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = usher::control::serve(control_agent, &control_path).await {
+                log::error!(target: "usher", "control socket: {e}");
+            }
+        });
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| e.to_string())?;
+        log::info!(target: "usher", "usherd {} ready on {}", env!("CARGO_PKG_VERSION"), agent.config.ssh.listen.join(", "));
+        tokio::select! {
+            r = usher::ssh::serve(agent.clone(), host_key) => r,
+            _ = term.recv() => { log::info!(target: "usher", "usherd stopping (SIGTERM)"); Ok(()) }
+            _ = tokio::signal::ctrl_c() => { log::info!(target: "usher", "usherd stopping (SIGINT)"); Ok(()) }
+        }
+    })
+}
+
+/// Grants end on time: every second, whatever else the agent is doing.
+fn spawn_sweeper(agent: Arc<Agent>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            agent.sweep().await;
+        }
+    });
+}

@@ -1,0 +1,266 @@
+//! The agent's configuration file (`/etc/usher/usherd.toml`).
+//!
+//! Every field has a default so that an empty file (or no file) gives a working agent that
+//! needs no external service: grants signed by a local issuer key, recordings in a local spool.
+
+use crate::enforce::Enforcement;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Name of this host as grants address it (`aud`); defaults to the system host name.
+    pub host_name: Option<String>,
+    /// Extra audiences this host answers to, e.g. `"group:web"`.
+    pub audiences: Vec<String>,
+    pub state_dir: PathBuf,
+    pub spool_dir: PathBuf,
+    /// Directory of exec profiles (`*.toml`).
+    pub policies_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub enforcement: Enforcement,
+    pub ssh: SshConfig,
+    pub accounts: AccountsConfig,
+    pub policy: PolicyConfig,
+    pub recording: RecordingConfig,
+    #[serde(rename = "issuer")]
+    pub issuers: Vec<IssuerConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshConfig {
+    pub listen: Vec<String>,
+    /// Client environment variables passed to the session; a trailing `*` matches a prefix.
+    pub accept_env: Vec<String>,
+    pub sftp_server: Option<PathBuf>,
+    /// Seconds a connection may sit idle before it is dropped.
+    pub idle_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountsConfig {
+    /// Every account the agent makes starts with this; it never touches other names.
+    pub name_prefix: String,
+    pub uid_min: u32,
+    pub uid_max: u32,
+    pub shell: PathBuf,
+    pub home_base: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Longest grant (exp − nbf/iat) accepted, in seconds.
+    pub max_lifetime_secs: u64,
+    /// Supplementary groups a grant may ask for.
+    pub allowed_groups: Vec<String>,
+    /// Profiles a grant may name; the default profile is always allowed.
+    pub allowed_profiles: Vec<String>,
+    pub default_profile: String,
+    /// Clock skew tolerated on `nbf`, `iat` and `exp`, in seconds.
+    pub leeway_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordingConfig {
+    /// Refuse the session when its recording cannot be written.
+    pub required: bool,
+    /// Record keystrokes (`i` events), never while the terminal has ECHO off.
+    pub input: bool,
+    /// Record the output of non-terminal commands (`ssh host cmd`) too.
+    pub exec_output: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The `iss` claim this issuer signs with.
+    pub iss: String,
+    /// A JWKS file with the issuer's public keys; `kid` selects the key.
+    pub jwks: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host_name: None,
+            audiences: Vec::new(),
+            state_dir: "/var/lib/usher".into(),
+            spool_dir: "/var/spool/usher".into(),
+            policies_dir: "/etc/usher/policies".into(),
+            control_socket: "/run/usher/control.sock".into(),
+            enforcement: Enforcement::default(),
+            ssh: SshConfig::default(),
+            accounts: AccountsConfig::default(),
+            policy: PolicyConfig::default(),
+            recording: RecordingConfig::default(),
+            issuers: Vec::new(),
+        }
+    }
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        SshConfig {
+            listen: vec!["0.0.0.0:2222".into(), "[::]:2222".into()],
+            accept_env: vec!["LANG".into(), "LC_*".into(), "COLORTERM".into()],
+            sftp_server: None,
+            idle_timeout_secs: 3600,
+        }
+    }
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        AccountsConfig {
+            name_prefix: "jit-".into(),
+            uid_min: 61000,
+            uid_max: 61999,
+            shell: "/bin/bash".into(),
+            home_base: "/home".into(),
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            max_lifetime_secs: 8 * 3600,
+            allowed_groups: Vec::new(),
+            allowed_profiles: vec!["default".into()],
+            default_profile: "default".into(),
+            leeway_secs: 30,
+        }
+    }
+}
+
+impl Default for RecordingConfig {
+    fn default() -> Self {
+        RecordingConfig {
+            required: true,
+            input: false,
+            exec_output: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            source: Box::new(e),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let a = &self.accounts;
+        if a.uid_min < 1000 || a.uid_min > a.uid_max {
+            return Err(ConfigError::Invalid(format!(
+                "accounts.uid_min..uid_max ({}..{}) must be a non-empty range at or above 1000",
+                a.uid_min, a.uid_max
+            )));
+        }
+        if !crate::account::is_valid_name(&a.name_prefix) || a.name_prefix.len() > 16 {
+            return Err(ConfigError::Invalid(format!(
+                "accounts.name_prefix {:?} must be a short valid user name start",
+                a.name_prefix
+            )));
+        }
+        if self.ssh.listen.is_empty() {
+            return Err(ConfigError::Invalid("ssh.listen is empty".into()));
+        }
+        Ok(())
+    }
+
+    pub fn host_name(&self) -> String {
+        self.host_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
+
+    /// Every `aud` value a grant for this host may carry.
+    pub fn accepted_audiences(&self) -> Vec<String> {
+        let mut auds = vec![self.host_name()];
+        auds.extend(self.audiences.iter().cloned());
+        auds
+    }
+
+    pub fn sftp_server(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.ssh.sftp_server {
+            return Some(p.clone());
+        }
+        ["/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.accounts.name_prefix, "jit-");
+        assert!(c.recording.required);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_ranges_are_refused() {
+        assert!(Config::parse("nonsense = 1").is_err());
+        assert!(Config::parse("[accounts]\nuid_min = 0\nuid_max = 10").is_err());
+        assert!(Config::parse("[accounts]\nuid_min = 70000\nuid_max = 60000").is_err());
+        assert!(Config::parse("[accounts]\nname_prefix = \"a b\"").is_err());
+    }
+
+    #[test]
+    fn issuers_parse() {
+        let c = Config::parse(
+            "enforcement = \"off\"\n[[issuer]]\niss = \"https://idp\"\njwks = \"/etc/usher/idp.jwks\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.issuers.len(), 1);
+        assert_eq!(c.enforcement, Enforcement::Off);
+    }
+}

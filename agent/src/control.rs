@@ -1,0 +1,146 @@
+//! The local control socket: `usher grant install|list|revoke`, `usher status`,
+//! `usher sessions`. One JSON request per line, one JSON answer per line. Only root
+//! (checked with SO_PEERCRED, not with file modes) may use it.
+
+use crate::daemon::Agent;
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Install { token: String },
+    List,
+    Revoke { jti: String },
+    Status,
+    Sessions,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl Answer {
+    fn ok(data: serde_json::Value) -> Answer {
+        Answer { ok: true, error: None, data }
+    }
+    fn err(e: impl Into<String>) -> Answer {
+        Answer { ok: false, error: Some(e.into()), data: serde_json::Value::Null }
+    }
+}
+
+pub async fn serve(agent: Arc<Agent>, path: &Path) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // Anyone may connect (console logins will need to); every request checks the peer.
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let _ = handle(agent, stream).await;
+        });
+    }
+}
+
+async fn handle(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()> {
+    let peer_uid = stream.peer_cred()?.uid();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(1024 * 1024)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let answer = if peer_uid != 0 {
+            Answer::err("only root may use the control socket")
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Ok(req) => answer(&agent, req).await,
+                Err(e) => Answer::err(format!("bad request: {e}")),
+            }
+        };
+        let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+use tokio::io::AsyncReadExt as _;
+
+async fn answer(agent: &Arc<Agent>, req: Request) -> Answer {
+    match req {
+        Request::Install { token } => match agent.admit(&token, "usher grant install") {
+            Ok(g) => Answer::ok(serde_json::json!({"jti": g.jti(), "login": g.login(), "expires_at": g.expires_at()})),
+            Err(why) => Answer::err(format!("grant refused: {why}")),
+        },
+        Request::List => {
+            let now = crate::grant::now();
+            let grants: Vec<_> = agent
+                .grants()
+                .iter()
+                .map(|g| serde_json::json!({
+                    "jti": g.jti(), "sub": g.claims.sub, "login": g.login(),
+                    "profile": g.profile, "expires_at": g.expires_at(),
+                    "remaining_secs": (g.expires_at() - now).max(0),
+                    "ssh_keys": g.claims.ssh_keys.len(),
+                }))
+                .collect();
+            Answer::ok(serde_json::json!(grants))
+        }
+        Request::Revoke { jti } => match agent.revoke(&jti).await {
+            Ok(known) => Answer::ok(serde_json::json!({"jti": jti, "was_live": known})),
+            Err(e) => Answer::err(e),
+        },
+        Request::Status => Answer::ok(status(agent)),
+        Request::Sessions => Answer::ok(serde_json::json!(agent.sessions.list())),
+    }
+}
+
+fn status(agent: &Arc<Agent>) -> serde_json::Value {
+    let spool_bytes: u64 = std::fs::read_dir(agent.spool_dir())
+        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0);
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "host": agent.host,
+        "enforcement": {
+            "mode": agent.config.enforcement,
+            "path": agent.enforcer.path().to_string(),
+        },
+        "grants": agent.grants().len(),
+        "sessions": agent.sessions.list().len(),
+        "accounts": agent.account_names(),
+        "spool_bytes": spool_bytes,
+        "collector": "not configured",
+        "up_since": agent.started_at,
+    })
+}
+
+/// The client side, for the `usher` tool.
+pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("cannot reach usherd at {}: {e}", socket.display()))?;
+    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(|e| e.to_string())?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).map_err(|e| e.to_string())?;
+    let answer: Answer = serde_json::from_str(&answer).map_err(|e| format!("bad answer from usherd: {e}"))?;
+    if answer.ok {
+        Ok(answer.data)
+    } else {
+        Err(answer.error.unwrap_or_else(|| "usherd refused".into()))
+    }
+}

@@ -1,0 +1,64 @@
+//! A small local issuer: key generation and grant signing, so a single host (and the
+//! tests) need no external identity service.
+
+use super::Claims;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyAlg {
+    Ed25519,
+    Es256,
+    Rs256,
+}
+
+/// A new issuer key pair: the private key as PKCS#8 PEM and the public key as a JWKS.
+pub fn keygen(alg: KeyAlg, kid: &str) -> Result<(String, String), String> {
+    let mut rng = rand::rngs::OsRng;
+    let pem = match alg {
+        KeyAlg::Ed25519 => ed25519_dalek::SigningKey::generate(&mut rng)
+            .to_pkcs8_pem(Default::default())
+            .map_err(|e| e.to_string())?
+            .to_string(),
+        KeyAlg::Es256 => p256::SecretKey::random(&mut rng)
+            .to_pkcs8_pem(Default::default())
+            .map_err(|e| e.to_string())?
+            .to_string(),
+        KeyAlg::Rs256 => rsa::RsaPrivateKey::new(&mut rng, 3072)
+            .map_err(|e| e.to_string())?
+            .to_pkcs8_pem(Default::default())
+            .map_err(|e| e.to_string())?
+            .to_string(),
+    };
+    let (key, algorithm) = encoding_key(&pem)?;
+    let mut jwk = Jwk::from_encoding_key(&key, algorithm).map_err(|e| e.to_string())?;
+    jwk.common.key_id = Some(kid.to_string());
+    let jwks = JwkSet { keys: vec![jwk] };
+    let jwks = serde_json::to_string_pretty(&jwks).map_err(|e| e.to_string())?;
+    Ok((pem, jwks))
+}
+
+/// Signs `claims` with a key made by `keygen`; the key's type picks the algorithm.
+pub fn sign(private_pem: &str, kid: &str, claims: &Claims) -> Result<String, String> {
+    let (key, alg) = encoding_key(private_pem)?;
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.to_string());
+    jsonwebtoken::encode(&header, claims, &key).map_err(|e| e.to_string())
+}
+
+fn encoding_key(pem: &str) -> Result<(EncodingKey, Algorithm), String> {
+    if ed25519_dalek::SigningKey::from_pkcs8_pem(pem).is_ok() {
+        let key = EncodingKey::from_ed_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
+        return Ok((key, Algorithm::EdDSA));
+    }
+    if p256::SecretKey::from_pkcs8_pem(pem).is_ok() {
+        let key = EncodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
+        return Ok((key, Algorithm::ES256));
+    }
+    if rsa::RsaPrivateKey::from_pkcs8_pem(pem).is_ok() {
+        let key = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
+        return Ok((key, Algorithm::RS256));
+    }
+    Err("not an Ed25519, P-256 or RSA private key in PKCS#8 PEM".into())
+}

@@ -1,0 +1,54 @@
+//! Stage 1: grants — signed, time-bounded permission to become a local account.
+
+mod claims;
+mod issue;
+mod store;
+mod verify;
+
+pub use claims::{Audience, Claims};
+pub use issue::{keygen, sign, KeyAlg};
+pub use store::{GrantStore, Revocations};
+pub use verify::{Refusal, Verifier};
+
+/// A grant that passed verification and local policy.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub token: String,
+    pub claims: Claims,
+    /// The profile in force (the grant's, or the local default).
+    pub profile: String,
+}
+
+impl Grant {
+    pub fn jti(&self) -> &str {
+        &self.claims.jti
+    }
+
+    pub fn login(&self) -> &str {
+        &self.claims.login
+    }
+
+    pub fn expires_at(&self) -> i64 {
+        self.claims.exp
+    }
+
+    pub fn is_live(&self, now: i64) -> bool {
+        now < self.claims.exp
+    }
+
+    /// Whether the OpenSSH public key is one this grant is bound to.
+    pub fn binds_key(&self, key: &russh::keys::PublicKey) -> bool {
+        self.claims.ssh_keys.iter().any(|line| {
+            russh::keys::PublicKey::from_openssh(line)
+                .map(|k| k.key_data() == key.key_data())
+                .unwrap_or(false)
+        })
+    }
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,77 @@
+//! Profiles (`policies/*.toml`): what a session may do beyond having a shell — port
+//! forwarding, the console, and the exec rules enforced in the kernel.
+
+use crate::enforce::ExecPolicy;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// `ssh -L` (direct-tcpip) to any address the host can reach.
+    #[serde(default)]
+    pub port_forwarding: bool,
+    /// Local logins at the console (see issue 6).
+    #[serde(default)]
+    pub console: bool,
+    #[serde(default)]
+    pub exec: ExecPolicy,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Profiles {
+    by_name: BTreeMap<String, Profile>,
+}
+
+impl Profiles {
+    /// Reads every `*.toml` of `dir`. Without the directory, only the built-in `default`
+    /// profile (a shell, no forwarding, no exec restriction) exists.
+    pub fn load(dir: &Path) -> Result<Profiles, String> {
+        let mut by_name = BTreeMap::new();
+        by_name.insert("default".to_string(), Profile::builtin_default());
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Profiles { by_name })
+            }
+            Err(e) => return Err(format!("{}: {e}", dir.display())),
+        };
+        let mut paths: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("toml"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let profile: Profile =
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            by_name.insert(profile.name.clone(), profile);
+        }
+        Ok(Profiles { by_name })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Profile> {
+        self.by_name.get(name)
+    }
+
+    pub fn names(&self) -> std::collections::BTreeSet<String> {
+        self.by_name.keys().cloned().collect()
+    }
+}
+
+impl Profile {
+    fn builtin_default() -> Profile {
+        Profile {
+            name: "default".into(),
+            description: "a shell; no forwarding; every exec audited, none blocked".into(),
+            port_forwarding: false,
+            console: false,
+            exec: ExecPolicy::default(),
+        }
+    }
+}

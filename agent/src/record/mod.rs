@@ -1,0 +1,109 @@
+//! Stage 5: recording. A terminal session becomes an asciicast v2 file, an audit stream
+//! (JSON lines) and a metadata file, side by side in the spool directory, all 0600.
+
+mod cast;
+mod meta;
+mod utf8;
+
+pub use cast::{CastHeader, CastWriter};
+pub use meta::{rfc3339_now, GrantInfo, SessionMeta};
+pub use utf8::Utf8Stream;
+
+use crate::fsutil;
+use serde::Serialize;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// The files of one session's recording.
+pub struct Recording {
+    pub cast: Option<CastWriter>,
+    audit: File,
+    meta: SessionMeta,
+    meta_path: PathBuf,
+    record_input: bool,
+}
+
+impl Recording {
+    /// Creates the files. Failing here means the session must not start when recording
+    /// is required.
+    pub fn create(
+        spool: &Path,
+        meta: SessionMeta,
+        header: Option<CastHeader>,
+        record_input: bool,
+    ) -> io::Result<Recording> {
+        fsutil::private_dir(spool, 0o700)?;
+        let id = meta.session_id.clone();
+        let cast = match header {
+            Some(h) => Some(CastWriter::create(&spool.join(format!("{id}.cast")), &h)?),
+            None => None,
+        };
+        let audit = fsutil::create_new(&spool.join(format!("{id}.audit.jsonl")), 0o600)?;
+        let meta_path = spool.join(format!("{id}.json"));
+        let rec = Recording {
+            cast,
+            audit,
+            meta,
+            meta_path,
+            record_input,
+        };
+        rec.write_meta()?;
+        Ok(rec)
+    }
+
+    pub fn meta(&self) -> &SessionMeta {
+        &self.meta
+    }
+
+    pub fn output(&mut self, data: &[u8]) -> io::Result<()> {
+        match &mut self.cast {
+            Some(c) => c.output(data),
+            None => Ok(()),
+        }
+    }
+
+    /// Keystrokes, if the config records them and the terminal echoes them.
+    pub fn input(&mut self, data: &[u8], echo_on: bool) -> io::Result<()> {
+        match &mut self.cast {
+            Some(c) if self.record_input && echo_on => c.input(data),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn resize(&mut self, cols: u16, rows: u16) -> io::Result<()> {
+        match &mut self.cast {
+            Some(c) => c.resize(cols, rows),
+            None => Ok(()),
+        }
+    }
+
+    /// One line in the audit stream (and, for exec events, a marker in the cast).
+    pub fn audit<T: Serialize>(&mut self, event: &T, marker: Option<&str>) -> io::Result<()> {
+        let mut line = serde_json::to_vec(event).map_err(io::Error::other)?;
+        line.push(b'\n');
+        self.audit.write_all(&line)?;
+        if let (Some(c), Some(label)) = (&mut self.cast, marker) {
+            c.marker(label)?;
+        }
+        Ok(())
+    }
+
+    pub fn meta_mut(&mut self) -> &mut SessionMeta {
+        &mut self.meta
+    }
+
+    pub fn write_meta(&self) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.meta).map_err(io::Error::other)?;
+        fsutil::write_atomic(&self.meta_path, &bytes, 0o600)
+    }
+
+    /// Flushes what is left and makes the files durable.
+    pub fn finish(mut self) -> io::Result<()> {
+        if let Some(c) = self.cast.take() {
+            c.finish()?;
+        }
+        self.audit.sync_all()?;
+        self.write_meta()
+    }
+}

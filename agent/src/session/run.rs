@@ -1,0 +1,469 @@
+//! Running one session: start its process, relay its terminal or pipes, record what
+//! happens, and say how it ended.
+
+use super::spawn::{self, Launch, Streams};
+use super::SessionKind;
+use crate::daemon::{Agent, SessionGrant};
+use crate::grant::Grant;
+use crate::record::{rfc3339_now, CastHeader, GrantInfo, Recording, SessionMeta};
+use bytes::Bytes;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Where a session's output goes: an SSH channel, a console's terminal.
+pub trait ClientSink: Send + Sync + 'static {
+    fn stdout(&self, data: Bytes) -> impl Future<Output = bool> + Send;
+    fn stderr(&self, data: Bytes) -> impl Future<Output = bool> + Send;
+    fn finish(&self, outcome: ExitOutcome) -> impl Future<Output = ()> + Send;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitOutcome {
+    Status(i32),
+    Signal(i32),
+}
+
+#[derive(Debug)]
+pub enum Control {
+    Resize(u16, u16),
+    Signal(i32),
+}
+
+#[derive(Debug, Clone)]
+pub struct PtySpec {
+    pub term: String,
+    pub cols: u16,
+    pub rows: u16,
+}
+
+#[derive(Debug, Clone)]
+pub enum SessionCommand {
+    Shell,
+    Exec(String),
+    /// A subsystem program (sftp-server): audited, its binary stream not recorded.
+    Subsystem(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionRequest {
+    pub command: SessionCommand,
+    pub pty: Option<PtySpec>,
+    pub env: Vec<(String, String)>,
+    pub peer: Option<String>,
+}
+
+type SharedRecording = Arc<Mutex<Option<Recording>>>;
+
+/// Runs the session to its end. `stdin` closing means EOF from the client; `control`
+/// closing means the client is gone.
+pub async fn run<S: ClientSink>(
+    agent: Arc<Agent>,
+    grant: Grant,
+    request: SessionRequest,
+    stdin: mpsc::Receiver<Bytes>,
+    control: mpsc::UnboundedReceiver<Control>,
+    sink: Arc<S>,
+) {
+    let sg = match agent.open_session(&grant, SessionKind::Ssh).await {
+        Ok(sg) => sg,
+        Err(msg) => return refuse(&*sink, &msg).await,
+    };
+    let id = sg.session_id.clone();
+    let recording = match start_recording(&agent, &grant, &request, &sg) {
+        Ok(r) => Some(r),
+        Err(e) if agent.config.recording.required => {
+            log::error!(target: "usher::record", "session {id} refused: recording failed: {e}");
+            agent.session_finished(&id);
+            return refuse(&*sink, "the session cannot be recorded, and recording is required").await;
+        }
+        Err(e) => {
+            log::warn!(target: "usher::record", "session {id} is not recorded: {e}");
+            None
+        }
+    };
+    let recording: SharedRecording = Arc::new(Mutex::new(recording));
+    let command_text = match &request.command {
+        SessionCommand::Shell => None,
+        SessionCommand::Exec(c) => Some(c.clone()),
+        SessionCommand::Subsystem(p) => Some(p.display().to_string()),
+    };
+    audit!("session_started", session = id.as_str(), jti = grant.jti(), sub = grant.claims.sub.as_str(), login = grant.login(), peer = request.peer.as_deref().unwrap_or("-"), command = command_text.as_deref().unwrap_or("(shell)");
+        "session {id} started: {} as {} from {}", grant.claims.sub, grant.login(), request.peer.as_deref().unwrap_or("?"));
+
+    let outcome = match relay(&agent, &request, sg, stdin, control, &sink, &recording).await {
+        Ok(o) => o,
+        Err(msg) => {
+            let _ = sink.stderr(Bytes::from(format!("usher: {msg}\r\n"))).await;
+            ExitOutcome::Status(1)
+        }
+    };
+    if let Some(mut rec) = recording.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let meta = rec.meta_mut();
+        meta.ended_at = Some(rfc3339_now());
+        match outcome {
+            ExitOutcome::Status(s) => meta.exit_status = Some(s),
+            ExitOutcome::Signal(s) => meta.exit_signal = Some(signal_name(s).to_string()),
+        }
+        let _ = rec.audit(&serde_json::json!({"event": "session_ended", "time": rfc3339_now(), "outcome": format!("{outcome:?}")}), None);
+        if let Err(e) = rec.finish() {
+            log::error!(target: "usher::record", "session {id}: finishing the recording failed: {e}");
+        }
+    }
+    agent.session_finished(&id);
+    audit!("session_ended", session = id.as_str(), jti = grant.jti(), login = grant.login(), outcome = format!("{outcome:?}").as_str(); "session {id} ended: {outcome:?}");
+    sink.finish(outcome).await;
+}
+
+async fn refuse<S: ClientSink>(sink: &S, msg: &str) {
+    let _ = sink.stderr(Bytes::from(format!("usher: {msg}\r\n"))).await;
+    sink.finish(ExitOutcome::Status(1)).await;
+}
+
+fn start_recording(
+    agent: &Agent,
+    grant: &Grant,
+    request: &SessionRequest,
+    sg: &SessionGrant,
+) -> std::io::Result<Recording> {
+    let (command, term) = match &request.command {
+        SessionCommand::Shell => (None, request.pty.as_ref().map(|p| p.term.clone())),
+        SessionCommand::Exec(c) => (Some(c.clone()), request.pty.as_ref().map(|p| p.term.clone())),
+        SessionCommand::Subsystem(p) => (Some(p.display().to_string()), None),
+    };
+    let meta = SessionMeta {
+        session_id: sg.session_id.clone(),
+        kind: "ssh".into(),
+        host: agent.host.clone(),
+        login: grant.login().into(),
+        uid: sg.account.uid,
+        grant: GrantInfo {
+            iss: grant.claims.iss.clone(),
+            sub: grant.claims.sub.clone(),
+            jti: grant.jti().into(),
+            profile: grant.profile.clone(),
+            approved_by: grant.claims.approved_by.clone(),
+            reason: grant.claims.reason.clone(),
+            expires_at: grant.expires_at(),
+        },
+        peer: request.peer.clone(),
+        command: command.clone(),
+        term: term.clone(),
+        started_at: rfc3339_now(),
+        ended_at: None,
+        exit_status: None,
+        exit_signal: None,
+        enforcement: agent.enforcer.path().to_string(),
+        enforced: sg.enforced,
+        input_recorded: agent.config.recording.input,
+        interrupted: false,
+    };
+    let records_stream = match &request.command {
+        SessionCommand::Subsystem(_) => false,
+        SessionCommand::Exec(_) if request.pty.is_none() => agent.config.recording.exec_output,
+        _ => true,
+    };
+    let header = records_stream.then(|| {
+        let (cols, rows) = request.pty.as_ref().map(|p| (p.cols, p.rows)).unwrap_or((80, 24));
+        let mut env = std::collections::BTreeMap::new();
+        env.insert("SHELL".to_string(), sg.account.shell.display().to_string());
+        if let Some(t) = &term {
+            env.insert("TERM".to_string(), t.clone());
+        }
+        CastHeader {
+            version: 2,
+            width: cols,
+            height: rows,
+            timestamp: crate::grant::now(),
+            command: command.clone(),
+            title: Some(format!("{}@{} ({})", grant.login(), agent.host, grant.claims.sub)),
+            env,
+        }
+    });
+    let mut rec = Recording::create(&agent.spool_dir(), meta, header, agent.config.recording.input)?;
+    rec.audit(&serde_json::json!({"event": "session_started", "time": rfc3339_now(), "meta": rec.meta()}), None)?;
+    Ok(rec)
+}
+
+fn login_env(sg: &SessionGrant, request: &SessionRequest) -> Vec<(String, String)> {
+    let a = &sg.account;
+    let mut env = vec![
+        ("HOME".to_string(), a.home.display().to_string()),
+        ("USER".to_string(), a.name.clone()),
+        ("LOGNAME".to_string(), a.name.clone()),
+        ("SHELL".to_string(), a.shell.display().to_string()),
+        ("PATH".to_string(), "/usr/local/bin:/usr/bin:/bin".to_string()),
+        ("MAIL".to_string(), format!("/var/mail/{}", a.name)),
+        ("USHER_SESSION".to_string(), sg.session_id.clone()),
+    ];
+    if let Some(p) = &request.pty {
+        env.push(("TERM".to_string(), p.term.clone()));
+    }
+    if let Some(peer) = &request.peer {
+        env.push(("SSH_CLIENT".to_string(), peer.clone()));
+    }
+    for (k, v) in &request.env {
+        if !env.iter().any(|(e, _)| e == k) {
+            env.push((k.clone(), v.clone()));
+        }
+    }
+    env
+}
+
+fn launch_for(sg: &SessionGrant, request: &SessionRequest) -> std::io::Result<Launch> {
+    let a = &sg.account;
+    let shell_name = a
+        .shell
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "sh".into());
+    let (program, argv0, args) = match &request.command {
+        SessionCommand::Shell => (a.shell.clone(), format!("-{shell_name}"), vec![]),
+        SessionCommand::Exec(cmd) => (a.shell.clone(), shell_name, vec!["-c".to_string(), cmd.clone()]),
+        SessionCommand::Subsystem(p) => (
+            p.clone(),
+            p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            vec![],
+        ),
+    };
+    let mut groups = vec![a.gid];
+    groups.extend(&a.groups);
+    Ok(Launch {
+        program,
+        argv0,
+        args,
+        env: login_env(sg, request),
+        cwd: if a.home.is_dir() { a.home.clone() } else { "/".into() },
+        uid: a.uid,
+        gid: a.gid,
+        groups,
+        cgroup_procs: sg.cgroup.procs_file()?,
+    })
+}
+
+/// Records with `f`; a recording that fails ends the session when recording is required.
+fn record(rec: &SharedRecording, required: bool, f: impl FnOnce(&mut Recording) -> std::io::Result<()>) -> Result<(), String> {
+    let mut guard = rec.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = guard.as_mut() {
+        if let Err(e) = f(r) {
+            log::error!(target: "usher::record", "recording failed: {e}");
+            if required {
+                return Err(format!("recording failed ({e}); the session is closed"));
+            }
+            *guard = None;
+        }
+    }
+    Ok(())
+}
+
+async fn relay<S: ClientSink>(
+    agent: &Arc<Agent>,
+    request: &SessionRequest,
+    mut sg: SessionGrant,
+    mut stdin: mpsc::Receiver<Bytes>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    sink: &Arc<S>,
+    rec: &SharedRecording,
+) -> Result<ExitOutcome, String> {
+    let required = agent.config.recording.required;
+    let launch = launch_for(&sg, request).map_err(|e| format!("cannot start the session: {e}"))?;
+    let mut exec_events = sg.exec_events.take();
+    let mut ended = sg.ended.clone();
+    let mut watching_end = true;
+    let cgroup = sg.cgroup.clone();
+    let session_id = sg.session_id.clone();
+    let kill_all = move || {
+        let cg = cgroup.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::write(cg.path().join("cgroup.kill"), "1");
+        });
+    };
+
+    let pty = match &request.pty {
+        Some(p) => Some(spawn::open_pty(p.cols.max(1), p.rows.max(1)).map_err(|e| format!("cannot open a terminal: {e}"))?),
+        None => None,
+    };
+    let (master, mut child) = match pty {
+        Some((master, slave)) => {
+            let child = spawn::spawn(launch, Streams::Pty(slave)).map_err(|e| format!("cannot start the shell: {e}"))?;
+            (Some(Arc::new(master)), child)
+        }
+        None => (None, spawn::spawn(launch, Streams::Pipes).map_err(|e| format!("cannot start the command: {e}"))?),
+    };
+    let pid = child.id().map(|p| p as i32);
+
+    // Client → process, in its own task so a process that does not read cannot stall
+    // its output.
+    let writer = match &master {
+        Some(m) => {
+            let m = m.clone();
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                while let Some(data) = stdin.recv().await {
+                    let echo = m.echo_enabled();
+                    if record(&rec, required, |r| r.input(&data, echo)).is_err() {
+                        break;
+                    }
+                    if m.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        }
+        None => {
+            let mut child_stdin = child.stdin.take();
+            tokio::spawn(async move {
+                while let Some(data) = stdin.recv().await {
+                    let Some(w) = child_stdin.as_mut() else { break };
+                    if w.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                // EOF from the client closes the process's stdin.
+                drop(child_stdin);
+            })
+        }
+    };
+
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut pty_buf = vec![0u8; 32 * 1024];
+    let mut out_buf = vec![0u8; 32 * 1024];
+    let mut err_buf = vec![0u8; 32 * 1024];
+    let mut status = None;
+    let mut control_open = true;
+    let mut failure = None;
+    let mut pty_open = master.is_some();
+    let drain = Duration::from_millis(100);
+
+    loop {
+        let done = status.is_some() && (!pty_open || master.is_none()) && stdout.is_none() && stderr.is_none();
+        if done {
+            break;
+        }
+        tokio::select! {
+            n = async { master.as_ref().unwrap().read(&mut pty_buf).await }, if pty_open => {
+                match n {
+                    Ok(0) | Err(_) => pty_open = false,
+                    Ok(n) => {
+                        let data = &pty_buf[..n];
+                        if let Err(e) = record(rec, required, |r| r.output(data)) { failure = Some(e); kill_all(); }
+                        sink.stdout(Bytes::copy_from_slice(data)).await;
+                    }
+                }
+            }
+            n = async { stdout.as_mut().unwrap().read(&mut out_buf).await }, if stdout.is_some() => {
+                match n {
+                    Ok(0) | Err(_) => stdout = None,
+                    Ok(n) => {
+                        let data = &out_buf[..n];
+                        if let Err(e) = record(rec, required, |r| r.output(data)) { failure = Some(e); kill_all(); }
+                        sink.stdout(Bytes::copy_from_slice(data)).await;
+                    }
+                }
+            }
+            n = async { stderr.as_mut().unwrap().read(&mut err_buf).await }, if stderr.is_some() => {
+                match n {
+                    Ok(0) | Err(_) => stderr = None,
+                    Ok(n) => {
+                        let data = &err_buf[..n];
+                        if let Err(e) = record(rec, required, |r| r.output(data)) { failure = Some(e); kill_all(); }
+                        sink.stderr(Bytes::copy_from_slice(data)).await;
+                    }
+                }
+            }
+            s = child.wait(), if status.is_none() => {
+                status = Some(s.map_err(|e| format!("lost the session's process: {e}"))?);
+            }
+            // The shell is gone but something it started still holds the terminal: stop
+            // relaying once it has been quiet for a moment, as sshd does.
+            _ = tokio::time::sleep(drain), if status.is_some() && pty_open => pty_open = false,
+            c = control.recv(), if control_open => match c {
+                Some(Control::Resize(cols, rows)) => {
+                    if let Some(m) = &master {
+                        let _ = m.resize(cols, rows);
+                        if let Err(e) = record(rec, required, |r| r.resize(cols, rows)) { failure = Some(e); kill_all(); }
+                    }
+                }
+                Some(Control::Signal(sig)) => {
+                    if let (Some(pid), Ok(sig)) = (pid, nix::sys::signal::Signal::try_from(sig)) {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+                    }
+                }
+                None => {
+                    // The client hung up: like a modem line dropping, the session gets SIGHUP.
+                    control_open = false;
+                    if let Some(pid) = pid {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), nix::sys::signal::Signal::SIGHUP);
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP);
+                    }
+                }
+            },
+            ev = async { exec_events.as_mut().unwrap().recv().await }, if exec_events.is_some() => match ev {
+                Some(ev) => {
+                    agent.sessions.count_command(&session_id);
+                    let (line, marker) = super::exec_audit(&ev);
+                    if let Err(e) = record(rec, required, |r| r.audit(&line, Some(&marker))) { failure = Some(e); kill_all(); }
+                    if ev.verdict != crate::enforce::Verdict::Allowed {
+                        let msg = format!("\r\nusher: {marker}\r\n");
+                        sink.stderr(Bytes::from(msg)).await;
+                    }
+                }
+                None => exec_events = None,
+            },
+            r = ended.changed(), if watching_end => {
+                watching_end = false;
+                if r.is_ok() {
+                    let why = ended.borrow().clone().unwrap_or_else(|| "ended".into());
+                    sink.stderr(Bytes::from(format!("\r\nusher: the grant {why}; the session is closed\r\n"))).await;
+                    // The loop goes on until the process, now being killed, is gone.
+                    kill_all();
+                }
+            }
+        }
+    }
+    writer.abort();
+    if let Some(rx) = exec_events {
+        let path = agent.spool_dir().join(format!("{session_id}.audit.jsonl"));
+        super::append_exec_events(path, rx);
+    }
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    let status = status.expect("loop ends after the process");
+    use std::os::unix::process::ExitStatusExt;
+    Ok(match (status.code(), status.signal()) {
+        (Some(c), _) => ExitOutcome::Status(c),
+        (None, Some(s)) => ExitOutcome::Signal(s),
+        _ => ExitOutcome::Status(255),
+    })
+}
+
+pub fn signal_name_owned(sig: i32) -> String {
+    match signal_name(sig) {
+        "UNKNOWN" => format!("SIG{sig}"),
+        n => n.to_string(),
+    }
+}
+
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        1 => "HUP",
+        2 => "INT",
+        3 => "QUIT",
+        4 => "ILL",
+        6 => "ABRT",
+        8 => "FPE",
+        9 => "KILL",
+        11 => "SEGV",
+        13 => "PIPE",
+        14 => "ALRM",
+        15 => "TERM",
+        10 => "USR1",
+        12 => "USR2",
+        _ => "UNKNOWN",
+    }
+}

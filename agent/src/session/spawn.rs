@@ -1,0 +1,169 @@
+//! Starting a session's process: as the session's user, in the session's cgroup, on a PTY
+//! or on pipes, with nothing inherited from the agent. The only `unsafe` of the session
+//! stage lives here, behind `spawn` and `PtyMaster`.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+use tokio::io::unix::AsyncFd;
+
+/// Everything about the process but its standard streams.
+pub struct Launch {
+    pub program: PathBuf,
+    pub argv0: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    /// `cgroup.procs` of the session's cgroup, opened by the agent.
+    pub cgroup_procs: File,
+}
+
+pub enum Streams {
+    /// The PTY's slave side becomes stdin, stdout, stderr and the controlling terminal.
+    Pty(OwnedFd),
+    Pipes,
+}
+
+pub fn spawn(launch: Launch, streams: Streams) -> io::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(&launch.program);
+    cmd.arg0(&launch.argv0)
+        .args(&launch.args)
+        .env_clear()
+        .envs(launch.env.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))))
+        .current_dir(&launch.cwd)
+        .kill_on_drop(false);
+    let pty = match streams {
+        Streams::Pty(slave) => {
+            cmd.stdin(Stdio::from(slave.try_clone()?))
+                .stdout(Stdio::from(slave.try_clone()?))
+                .stderr(Stdio::from(slave));
+            true
+        }
+        Streams::Pipes => {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            false
+        }
+    };
+    let procs_fd = launch.cgroup_procs.as_raw_fd();
+    let groups: Vec<libc::gid_t> = launch.groups.clone();
+    let (uid, gid) = (launch.uid, launch.gid);
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls on values prepared before the fork; it allocates
+    // nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // "0" moves the writing process. This happens while still root and before
+            // exec, so the session's first exec is already attributed to its cgroup.
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                || libc::setgid(gid) < 0
+                || libc::setuid(uid) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // Belt and braces: whatever descriptor the agent leaked without CLOEXEC does
+            // not reach the session. (close_range, Linux 5.11.)
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            Ok(())
+        });
+    }
+    let child = cmd.spawn();
+    drop(launch.cgroup_procs);
+    child
+}
+
+/// The agent's side of a session's terminal.
+pub struct PtyMaster {
+    fd: AsyncFd<OwnedFd>,
+}
+
+pub fn open_pty(cols: u16, rows: u16) -> io::Result<(PtyMaster, OwnedFd)> {
+    let size = winsize(cols, rows);
+    let pair = nix::pty::openpty(Some(&size), None).map_err(io::Error::from)?;
+    let flags = nix::fcntl::fcntl(pair.master.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(pair.master.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    // SAFETY: the AsyncFd owns the descriptor, so it stays open for as long as it is
+    // registered and is deregistered before it is closed.
+    let fd = unsafe { AsyncFd::register(pair.master)? };
+    Ok((
+        PtyMaster { fd },
+        pair.slave,
+    ))
+}
+
+fn winsize(cols: u16, rows: u16) -> nix::pty::Winsize {
+    nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+impl PtyMaster {
+    /// Reads what the session wrote; `Ok(0)` once every slave descriptor is closed.
+    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from)) {
+                Ok(Ok(n)) => return Ok(n),
+                // EIO is how Linux says the slave side is closed.
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)) {
+                Ok(Ok(n)) => data = &data[n..],
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+
+    pub fn resize(&self, cols: u16, rows: u16) -> io::Result<()> {
+        let size = winsize(cols, rows);
+        // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
+        let r = unsafe { libc::ioctl(self.fd.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &size) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether the terminal echoes input. Off while a program reads a password: what is
+    /// typed then is never recorded.
+    pub fn echo_enabled(&self) -> bool {
+        nix::sys::termios::tcgetattr(self.fd.get_ref().as_fd())
+            .map(|t| t.local_flags.contains(nix::sys::termios::LocalFlags::ECHO))
+            .unwrap_or(false)
+    }
+}

@@ -1,0 +1,198 @@
+//! The sessions the agent knows, in memory and in `sessions.json`, so that a restarted
+//! agent finds the cgroups its predecessor made.
+
+use super::{Cgroup, SessionKind};
+use crate::fsutil;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: String,
+    pub jti: String,
+    pub login: String,
+    pub profile: String,
+    pub kind: SessionKind,
+    pub cgroup: PathBuf,
+    pub started_at: i64,
+}
+
+/// What `usher sessions` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub id: String,
+    pub kind: SessionKind,
+    pub jti: String,
+    pub login: String,
+    pub started_at: i64,
+    /// False once the main process ended but processes it left still run.
+    pub attached: bool,
+    pub commands: u64,
+}
+
+struct Live {
+    record: SessionRecord,
+    cgroup: Arc<Cgroup>,
+    end: watch::Sender<Option<String>>,
+    attached: bool,
+    commands: u64,
+}
+
+pub struct SessionTable {
+    path: PathBuf,
+    root: Mutex<Option<PathBuf>>,
+    live: Mutex<BTreeMap<String, Live>>,
+    leftovers: Mutex<Vec<SessionRecord>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SessionTable {
+    pub fn open(path: &Path) -> std::io::Result<SessionTable> {
+        let leftovers: Vec<SessionRecord> = match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(SessionTable {
+            path: path.to_owned(),
+            root: Mutex::new(None),
+            live: Mutex::new(BTreeMap::new()),
+            leftovers: Mutex::new(leftovers),
+        })
+    }
+
+    /// Sessions recorded by a previous run of the agent, to reconcile once.
+    pub fn leftovers(&self) -> Vec<SessionRecord> {
+        std::mem::take(&mut *lock(&self.leftovers))
+    }
+
+    pub fn create_cgroup(&self, id: &str) -> std::io::Result<Cgroup> {
+        let mut root = lock(&self.root);
+        if root.is_none() {
+            *root = Some(super::sessions_root()?);
+        }
+        Cgroup::create(root.as_ref().expect("set above"), id)
+    }
+
+    /// Adds a session; the receiver learns why, if its grant ends while it runs.
+    pub fn register(
+        &self,
+        id: &str,
+        jti: &str,
+        login: &str,
+        profile: &str,
+        kind: SessionKind,
+        cgroup: Arc<Cgroup>,
+    ) -> watch::Receiver<Option<String>> {
+        let (end, rx) = watch::channel(None);
+        let record = SessionRecord {
+            id: id.into(),
+            jti: jti.into(),
+            login: login.into(),
+            profile: profile.into(),
+            kind,
+            cgroup: cgroup.path().to_owned(),
+            started_at: crate::grant::now(),
+        };
+        lock(&self.live).insert(
+            id.into(),
+            Live {
+                record,
+                cgroup,
+                end,
+                attached: true,
+                commands: 0,
+            },
+        );
+        self.save();
+        rx
+    }
+
+    /// A session from before a restart whose processes still run.
+    pub fn adopt(&self, record: SessionRecord, cgroup: Arc<Cgroup>) {
+        let (end, _) = watch::channel(None);
+        lock(&self.live).insert(
+            record.id.clone(),
+            Live {
+                record,
+                cgroup,
+                end,
+                attached: false,
+                commands: 0,
+            },
+        );
+        self.save();
+    }
+
+    pub fn count_command(&self, id: &str) {
+        if let Some(l) = lock(&self.live).get_mut(id) {
+            l.commands += 1;
+        }
+    }
+
+    /// The main process ended. Returns the cgroup to remove if nothing is left in it;
+    /// otherwise the session stays listed, detached, until its grant ends.
+    pub fn finish(&self, id: &str) -> Option<Arc<Cgroup>> {
+        let mut live = lock(&self.live);
+        let entry = live.get_mut(id)?;
+        if entry.cgroup.is_populated() {
+            entry.attached = false;
+            return None;
+        }
+        let cgroup = live.remove(id).map(|l| l.cgroup);
+        drop(live);
+        self.save();
+        cgroup
+    }
+
+    /// Tells every session of `jti` why it ends; returns their cgroups to kill.
+    pub fn end_grant(&self, jti: &str, why: &str) -> Vec<(String, Arc<Cgroup>)> {
+        lock(&self.live)
+            .values()
+            .filter(|l| l.record.jti == jti)
+            .map(|l| {
+                let _ = l.end.send(Some(why.to_string()));
+                (l.record.id.clone(), l.cgroup.clone())
+            })
+            .collect()
+    }
+
+    pub fn forget(&self, id: &str) {
+        lock(&self.live).remove(id);
+        self.save();
+    }
+
+    pub fn list(&self) -> Vec<SessionInfo> {
+        lock(&self.live)
+            .values()
+            .map(|l| SessionInfo {
+                id: l.record.id.clone(),
+                kind: l.record.kind,
+                jti: l.record.jti.clone(),
+                login: l.record.login.clone(),
+                started_at: l.record.started_at,
+                attached: l.attached,
+                commands: l.commands,
+            })
+            .collect()
+    }
+
+    fn save(&self) {
+        let records: Vec<SessionRecord> =
+            lock(&self.live).values().map(|l| l.record.clone()).collect();
+        let result = serde_json::to_vec_pretty(&records)
+            .map_err(std::io::Error::other)
+            .and_then(|b| fsutil::write_atomic(&self.path, &b, 0o600));
+        if let Err(e) = result {
+            log::error!(target: "usher::session", "cannot write {}: {e}", self.path.display());
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The SSH server: authentication from grants, and session channels handed to
+//! `session::run`.
+
+use crate::daemon::Agent;
+use crate::grant::Grant;
+use crate::session::{self, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest};
+use bytes::Bytes;
+use russh::keys::PublicKey;
+use russh::server::{Auth, Handle, Msg, Response, Server as _, Session};
+use russh::{Channel, ChannelId, MethodKind, MethodSet, Sig};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// Listens on every configured address until the process ends.
+pub async fn serve(agent: Arc<Agent>, host_key: russh::keys::PrivateKey) -> Result<(), String> {
+    let mut methods = MethodSet::empty();
+    methods.push(MethodKind::PublicKey);
+    methods.push(MethodKind::KeyboardInteractive);
+    methods.push(MethodKind::Password);
+    let config = Arc::new(russh::server::Config {
+        server_id: russh::SshId::Standard(Cow::Borrowed(concat!("SSH-2.0-Usher_", env!("CARGO_PKG_VERSION")))),
+        methods,
+        auth_rejection_time: Duration::from_millis(500),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host_key],
+        inactivity_timeout: Some(Duration::from_secs(agent.config.ssh.idle_timeout_secs)),
+        keepalive_interval: Some(Duration::from_secs(60)),
+        max_auth_attempts: 6,
+        nodelay: true,
+        window_size: 8 * 1024 * 1024,
+        ..Default::default()
+    });
+    let mut listeners = Vec::new();
+    for addr in &agent.config.ssh.listen {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                log::info!(target: "usher::ssh", "listening on {addr}");
+                listeners.push(l);
+            }
+            Err(e) => log::warn!(target: "usher::ssh", "cannot listen on {addr}: {e}"),
+        }
+    }
+    if listeners.is_empty() {
+        return Err("no SSH listen address could be bound".into());
+    }
+    let mut tasks = Vec::new();
+    for listener in listeners {
+        let mut server = Server { agent: agent.clone() };
+        let config = config.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = server.run_on_socket(config, &listener).await;
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+struct Server {
+    agent: Arc<Agent>,
+}
+
+impl russh::server::Server for Server {
+    type Handler = Connection;
+
+    fn new_client(&mut self, peer: Option<SocketAddr>) -> Connection {
+        Connection {
+            agent: self.agent.clone(),
+            peer,
+            grant: None,
+            channels: HashMap::new(),
+        }
+    }
+}
+
+struct Connection {
+    agent: Arc<Agent>,
+    peer: Option<SocketAddr>,
+    grant: Option<Grant>,
+    channels: HashMap<ChannelId, ChannelState>,
+}
+
+#[derive(Default)]
+struct ChannelState {
+    pty: Option<PtySpec>,
+    env: Vec<(String, String)>,
+    stdin: Option<mpsc::Sender<Bytes>>,
+    control: Option<mpsc::UnboundedSender<Control>>,
+    started: bool,
+}
+
+struct SshSink {
+    handle: Handle,
+    channel: ChannelId,
+}
+
+impl ClientSink for SshSink {
+    async fn stdout(&self, data: Bytes) -> bool {
+        self.handle.data(self.channel, data).await.is_ok()
+    }
+
+    async fn stderr(&self, data: Bytes) -> bool {
+        self.handle.extended_data(self.channel, 1, data).await.is_ok()
+    }
+
+    async fn finish(&self, outcome: ExitOutcome) {
+        match outcome {
+            ExitOutcome::Status(s) => {
+                let _ = self.handle.exit_status_request(self.channel, s as u32).await;
+            }
+            ExitOutcome::Signal(s) => {
+                let _ = self
+                    .handle
+                    .exit_signal_request(self.channel, to_sig(s), false, String::new(), String::new())
+                    .await;
+            }
+        }
+        let _ = self.handle.eof(self.channel).await;
+        let _ = self.handle.close(self.channel).await;
+    }
+}
+
+fn to_sig(s: i32) -> Sig {
+    match s {
+        1 => Sig::HUP,
+        2 => Sig::INT,
+        3 => Sig::QUIT,
+        4 => Sig::ILL,
+        6 => Sig::ABRT,
+        8 => Sig::FPE,
+        9 => Sig::KILL,
+        11 => Sig::SEGV,
+        13 => Sig::PIPE,
+        14 => Sig::ALRM,
+        15 => Sig::TERM,
+        10 => Sig::USR1,
+        other => Sig::Custom(session::signal_name_owned(other)),
+    }
+}
+
+fn from_sig(s: &Sig) -> Option<i32> {
+    Some(match s {
+        Sig::HUP => 1,
+        Sig::INT => 2,
+        Sig::QUIT => 3,
+        Sig::ILL => 4,
+        Sig::ABRT => 6,
+        Sig::FPE => 8,
+        Sig::KILL => 9,
+        Sig::SEGV => 11,
+        Sig::PIPE => 13,
+        Sig::ALRM => 14,
+        Sig::TERM => 15,
+        Sig::USR1 => 10,
+        Sig::Custom(name) if name == "USR2" => 12,
+        Sig::Custom(_) => return None,
+    })
+}
+
+impl Connection {
+    fn peer_string(&self) -> String {
+        self.peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+    }
+
+    /// A grant presented at the password or keyboard-interactive prompt.
+    fn presented(&mut self, user: &str, token: &str) -> Auth {
+        let how = format!("ssh-password from {}", self.peer_string());
+        match self.agent.admit(token, &how) {
+            Ok(g) if g.login() == user => {
+                self.grant = Some(g);
+                Auth::Accept
+            }
+            Ok(g) => {
+                log::warn!(target: "usher::audit", usher_event = "grant_refused", jti = g.jti(); "grant {} is for {}, not {user}", g.jti(), g.login());
+                Auth::reject()
+            }
+            Err(_) => Auth::reject(),
+        }
+    }
+
+    fn accepts_env(&self, name: &str) -> bool {
+        self.agent.config.ssh.accept_env.iter().any(|pat| match pat.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => pat == name,
+        })
+    }
+
+    async fn start(&mut self, channel: ChannelId, command: SessionCommand, session: &mut Session) -> Result<(), russh::Error> {
+        let Some(grant) = self.grant.clone() else {
+            session.channel_failure(channel)?;
+            return Ok(());
+        };
+        let Some(state) = self.channels.get_mut(&channel) else {
+            session.channel_failure(channel)?;
+            return Ok(());
+        };
+        if state.started {
+            session.channel_failure(channel)?;
+            return Ok(());
+        }
+        state.started = true;
+        let (stdin_tx, stdin_rx) = mpsc::channel(64);
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        state.stdin = Some(stdin_tx);
+        state.control = Some(control_tx);
+        let request = SessionRequest {
+            command,
+            pty: state.pty.clone(),
+            env: state.env.clone(),
+            peer: self.peer.map(|p| p.to_string()),
+        };
+        session.channel_success(channel)?;
+        let sink = Arc::new(SshSink {
+            handle: session.handle(),
+            channel,
+        });
+        tokio::spawn(session::run(self.agent.clone(), grant, request, stdin_rx, control_rx, sink));
+        Ok(())
+    }
+}
+
+impl russh::server::Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(&mut self, user: &str, key: &PublicKey) -> Result<Auth, Self::Error> {
+        Ok(match self.agent.grant_for_key(user, key) {
+            Some(_) => Auth::Accept,
+            None => Auth::reject(),
+        })
+    }
+
+    async fn auth_publickey(&mut self, user: &str, key: &PublicKey) -> Result<Auth, Self::Error> {
+        // Called after the client proved it holds the key.
+        match self.agent.grant_for_key(user, key) {
+            Some(g) => {
+                log::info!(target: "usher::audit", usher_event = "login", jti = g.jti(), login = user, method = "publickey"; "{user} logged in with a key bound to grant {} from {}", g.jti(), self.peer_string());
+                self.grant = Some(g);
+                Ok(Auth::Accept)
+            }
+            None => Ok(Auth::reject()),
+        }
+    }
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        Ok(self.presented(user, password))
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        response: Option<Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        match response {
+            None => Ok(Auth::Partial {
+                name: Cow::Borrowed("Usher"),
+                instructions: Cow::Borrowed("Present your access grant."),
+                prompts: Cow::Owned(vec![(Cow::Borrowed("Grant: "), false)]),
+            }),
+            Some(mut answers) => {
+                let token = answers
+                    .next()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                Ok(self.presented(user, &token))
+            }
+        }
+    }
+
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        Ok(None)
+    }
+
+    async fn channel_open_session(&mut self, channel: Channel<Msg>, _session: &mut Session) -> Result<bool, Self::Error> {
+        if self.grant.is_none() || self.channels.len() >= 10 {
+            return Ok(false);
+        }
+        // Data arrives through the `data` callback; the Channel handle is not read, and
+        // dropping it keeps russh from queueing messages for it.
+        self.channels.insert(channel.id(), ChannelState::default());
+        Ok(true)
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator: &str,
+        _originator_port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(grant) = &self.grant else { return Ok(false) };
+        let profile = self.agent.profile(&grant.profile);
+        if !profile.port_forwarding || port > 65535 {
+            log::info!(target: "usher::audit", usher_event = "forward_refused", jti = grant.jti(), target = format!("{host}:{port}").as_str(); "port forwarding to {host}:{port} refused by profile {}", profile.name);
+            return Ok(false);
+        }
+        log::info!(target: "usher::audit", usher_event = "forward_opened", jti = grant.jti(), target = format!("{host}:{port}").as_str(); "forwarding to {host}:{port} for grant {}", grant.jti());
+        let target = (host.to_string(), port as u16);
+        tokio::spawn(async move {
+            if let Ok(mut tcp) = tokio::net::TcpStream::connect(target).await {
+                let mut stream = channel.into_stream();
+                let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+            }
+        });
+        Ok(true)
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        cols: u32,
+        rows: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = term.len() <= 64 && term.chars().all(|c| c.is_ascii_graphic());
+        match self.channels.get_mut(&channel) {
+            Some(state) if ok && !state.started => {
+                state.pty = Some(PtySpec {
+                    term: term.to_string(),
+                    cols: cols.clamp(1, 1000) as u16,
+                    rows: rows.clamp(1, 1000) as u16,
+                });
+                session.channel_success(channel)?;
+            }
+            _ => session.channel_failure(channel)?,
+        }
+        Ok(())
+    }
+
+    async fn env_request(&mut self, channel: ChannelId, name: &str, value: &str, session: &mut Session) -> Result<(), Self::Error> {
+        let ok = self.accepts_env(name) && value.len() <= 4096 && !value.contains('\0');
+        match self.channels.get_mut(&channel) {
+            Some(state) if ok && state.env.len() < 64 => {
+                state.env.push((name.to_string(), value.to_string()));
+                session.channel_success(channel)?;
+            }
+            _ => session.channel_failure(channel)?,
+        }
+        Ok(())
+    }
+
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        self.start(channel, SessionCommand::Shell, session).await
+    }
+
+    async fn exec_request(&mut self, channel: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+        match std::str::from_utf8(data) {
+            Ok(cmd) if !cmd.contains('\0') => self.start(channel, SessionCommand::Exec(cmd.to_string()), session).await,
+            _ => {
+                session.channel_failure(channel)?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn subsystem_request(&mut self, channel: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
+        match (name, self.agent.config.sftp_server()) {
+            ("sftp", Some(program)) => self.start(channel, SessionCommand::Subsystem(program), session).await,
+            _ => {
+                session.channel_failure(channel)?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        cols: u32,
+        rows: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(state) = self.channels.get_mut(&channel) {
+            let (cols, rows) = (cols.clamp(1, 1000) as u16, rows.clamp(1, 1000) as u16);
+            if let Some(c) = &state.control {
+                let _ = c.send(Control::Resize(cols, rows));
+            } else if let Some(p) = &mut state.pty {
+                p.cols = cols;
+                p.rows = rows;
+            }
+        }
+        Ok(())
+    }
+
+    async fn signal(&mut self, channel: ChannelId, signal: Sig, _session: &mut Session) -> Result<(), Self::Error> {
+        if let (Some(state), Some(sig)) = (self.channels.get(&channel), from_sig(&signal)) {
+            if let Some(c) = &state.control {
+                let _ = c.send(Control::Signal(sig));
+            }
+        }
+        Ok(())
+    }
+
+    async fn data(&mut self, channel: ChannelId, data: &[u8], _session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(tx) = self.channels.get(&channel).and_then(|s| s.stdin.clone()) {
+            let _ = tx.send(Bytes::copy_from_slice(data)).await;
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(state) = self.channels.get_mut(&channel) {
+            state.stdin = None;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        Ok(())
+    }
+}
