@@ -64,9 +64,11 @@ impl<'kvs> VisitSource<'kvs> for Fields {
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), log::kv::Error> {
         let v = value.to_string();
         if v.contains(' ') || v.is_empty() {
-            self.0.push_str(&format!(" {}={:?}", key.as_str().to_uppercase(), v));
+            self.0
+                .push_str(&format!(" {}={:?}", key.as_str().to_uppercase(), v));
         } else {
-            self.0.push_str(&format!(" {}={}", key.as_str().to_uppercase(), v));
+            self.0
+                .push_str(&format!(" {}={}", key.as_str().to_uppercase(), v));
         }
         Ok(())
     }

@@ -228,10 +228,13 @@ impl Config {
         if let Some(p) = &self.ssh.sftp_server {
             return Some(p.clone());
         }
-        ["/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
+        [
+            "/usr/lib/openssh/sftp-server",
+            "/usr/libexec/openssh/sftp-server",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
     }
 }
 

@@ -31,10 +31,18 @@ pub struct Answer {
 
 impl Answer {
     fn ok(data: serde_json::Value) -> Answer {
-        Answer { ok: true, error: None, data }
+        Answer {
+            ok: true,
+            error: None,
+            data,
+        }
     }
     fn err(e: impl Into<String>) -> Answer {
-        Answer { ok: false, error: Some(e.into()), data: serde_json::Value::Null }
+        Answer {
+            ok: false,
+            error: Some(e.into()),
+            data: serde_json::Value::Null,
+        }
     }
 }
 
@@ -47,7 +55,9 @@ pub async fn serve(agent: Arc<Agent>, path: &Path) -> Result<(), String> {
     // Anyone may connect (console logins will need to); every request checks the peer.
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let agent = agent.clone();
         tokio::spawn(async move {
             let _ = handle(agent, stream).await;
@@ -80,7 +90,9 @@ use tokio::io::AsyncReadExt as _;
 async fn answer(agent: &Arc<Agent>, req: Request) -> Answer {
     match req {
         Request::Install { token } => match agent.admit(&token, "usher grant install") {
-            Ok(g) => Answer::ok(serde_json::json!({"jti": g.jti(), "login": g.login(), "expires_at": g.expires_at()})),
+            Ok(g) => Answer::ok(
+                serde_json::json!({"jti": g.jti(), "login": g.login(), "expires_at": g.expires_at()}),
+            ),
             Err(why) => Answer::err(format!("grant refused: {why}")),
         },
         Request::List => {
@@ -88,12 +100,14 @@ async fn answer(agent: &Arc<Agent>, req: Request) -> Answer {
             let grants: Vec<_> = agent
                 .grants()
                 .iter()
-                .map(|g| serde_json::json!({
-                    "jti": g.jti(), "sub": g.claims.sub, "login": g.login(),
-                    "profile": g.profile, "expires_at": g.expires_at(),
-                    "remaining_secs": (g.expires_at() - now).max(0),
-                    "ssh_keys": g.claims.ssh_keys.len(),
-                }))
+                .map(|g| {
+                    serde_json::json!({
+                        "jti": g.jti(), "sub": g.claims.sub, "login": g.login(),
+                        "profile": g.profile, "expires_at": g.expires_at(),
+                        "remaining_secs": (g.expires_at() - now).max(0),
+                        "ssh_keys": g.claims.ssh_keys.len(),
+                    })
+                })
                 .collect();
             Answer::ok(serde_json::json!(grants))
         }
@@ -108,7 +122,12 @@ async fn answer(agent: &Arc<Agent>, req: Request) -> Answer {
 
 fn status(agent: &Arc<Agent>) -> serde_json::Value {
     let spool_bytes: u64 = std::fs::read_dir(agent.spool_dir())
-        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0);
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -137,7 +156,8 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
     let mut reader = std::io::BufReader::new(stream);
     let mut answer = String::new();
     reader.read_line(&mut answer).map_err(|e| e.to_string())?;
-    let answer: Answer = serde_json::from_str(&answer).map_err(|e| format!("bad answer from usherd: {e}"))?;
+    let answer: Answer =
+        serde_json::from_str(&answer).map_err(|e| format!("bad answer from usherd: {e}"))?;
     if answer.ok {
         Ok(answer.data)
     } else {

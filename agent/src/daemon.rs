@@ -55,8 +55,8 @@ impl Agent {
             .map_err(|e| format!("{}: {e}", config.spool_dir.display()))?;
         let profiles = Profiles::load(&config.policies_dir)?;
         let verifier = Verifier::from_config(&config, profiles.names())?;
-        let revocations = Revocations::open(&config.state_dir.join("revoked.json"))
-            .map_err(|e| e.to_string())?;
+        let revocations =
+            Revocations::open(&config.state_dir.join("revoked.json")).map_err(|e| e.to_string())?;
         let (grants, dropped) = GrantStore::open(
             &config.state_dir.join("grants"),
             &verifier,
@@ -110,7 +110,9 @@ impl Agent {
                 let (tx, rx) = mpsc::unbounded_channel();
                 if self.enforcer.attach(cgroup.id(), &profile.exec, tx).is_ok() {
                     crate::session::append_exec_events(
-                        self.config.spool_dir.join(format!("{}.audit.jsonl", rec.id)),
+                        self.config
+                            .spool_dir
+                            .join(format!("{}.audit.jsonl", rec.id)),
                         rx,
                     );
                 }
@@ -227,13 +229,10 @@ impl Agent {
         }
         let account = self.ensure_account(grant).await?;
         let session_id = crate::session::new_session_id();
-        let cgroup = self
-            .sessions
-            .create_cgroup(&session_id)
-            .map_err(|e| {
-                log::error!(target: "usher::session", "cannot create a cgroup: {e}");
-                "the session's cgroup could not be created".to_string()
-            })?;
+        let cgroup = self.sessions.create_cgroup(&session_id).map_err(|e| {
+            log::error!(target: "usher::session", "cannot create a cgroup: {e}");
+            "the session's cgroup could not be created".to_string()
+        })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let enforced = match self.enforcer.attach(cgroup.id(), &profile.exec, tx) {
             Ok(()) => true,

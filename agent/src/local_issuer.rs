@@ -28,7 +28,8 @@ pub fn ensure(config: &mut Config) -> Result<(), String> {
         crate::fsutil::private_dir(&dir, 0o700).map_err(|e| format!("{}: {e}", dir.display()))?;
         let (pem, jwks) = keygen(KeyAlg::Ed25519, KID)?;
         crate::fsutil::write_atomic(&key_path, pem.as_bytes(), 0o600).map_err(|e| e.to_string())?;
-        crate::fsutil::write_atomic(&jwks_path, jwks.as_bytes(), 0o644).map_err(|e| e.to_string())?;
+        crate::fsutil::write_atomic(&jwks_path, jwks.as_bytes(), 0o644)
+            .map_err(|e| e.to_string())?;
         log::info!(target: "usher::grant", "made the local issuer key {}", key_path.display());
     }
     config.issuers.push(IssuerConfig {

@@ -26,8 +26,8 @@ pub fn play(path: &std::path::Path, speed: f64, idle_limit: Option<f64>) -> Resu
         if line.trim().is_empty() {
             continue;
         }
-        let (t, kind, data): (f64, String, String) = serde_json::from_str(&line)
-            .map_err(|e| format!("line {}: bad event: {e}", n + 2))?;
+        let (t, kind, data): (f64, String, String) =
+            serde_json::from_str(&line).map_err(|e| format!("line {}: bad event: {e}", n + 2))?;
         let mut gap = (t - last_t).max(0.0);
         if let Some(limit) = idle_limit {
             gap = gap.min(limit);

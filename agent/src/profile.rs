@@ -35,9 +35,7 @@ impl Profiles {
         by_name.insert("default".to_string(), Profile::builtin_default());
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Profiles { by_name })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Profiles { by_name }),
             Err(e) => return Err(format!("{}: {e}", dir.display())),
         };
         let mut paths: Vec<_> = entries
@@ -46,8 +44,8 @@ impl Profiles {
             .collect();
         paths.sort();
         for path in paths {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let profile: Profile =
                 toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             by_name.insert(profile.name.clone(), profile);

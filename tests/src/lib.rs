@@ -1,1 +1,453 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests: an `usherd` of its own per test (own port, own
+//! state and spool, own account prefix and UID range), an issuer key, an OpenSSH client key,
+//! and the real `ssh`, `scp`, `sftp` to drive it. Dropping a `TestAgent` stops the agent and
+//! removes every account, cgroup, process and file the test made.
+//!
+//! The binaries come from `target/debug` (or `$USHER_BIN_DIR`): run the tests with
+//! `cargo xtask test`, which builds them first.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use usher::grant::{Audience, Claims, KeyAlg};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("USHER_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo xtask test` (it builds the binaries)",
+        path.display()
+    );
+    path
+}
+
+pub fn now() -> i64 {
+    usher::grant::now()
+}
+
+/// Extra lines for the agent's config file.
+#[derive(Default, Clone)]
+pub struct Options {
+    pub extra_config: String,
+    /// Profiles to write into the agent's policies directory: (file name, TOML).
+    pub profiles: Vec<(String, String)>,
+}
+
+pub struct TestAgent {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub prefix: String,
+    pub uid_min: u32,
+    pub uid_max: u32,
+    pub iss: String,
+    pub host: String,
+    issuer_key: String,
+    pub client_key: PathBuf,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl TestAgent {
+    pub fn start() -> TestAgent {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(options: Options) -> TestAgent {
+        assert!(
+            nix_is_root(),
+            "the end-to-end tests run as root (they create accounts and cgroups)"
+        );
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let tag = std::process::id() % 10000;
+        let dir = PathBuf::from(format!("/tmp/usher-test-{tag}-{n}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        let port = free_port();
+        // Letters only, so one test's prefix is never the start of another's.
+        let prefix = format!("t{}{}-", (b'a' + (tag % 26) as u8) as char, letters(n));
+        let uid_min = 64000 + (n % 50) * 20;
+        let uid_max = uid_min + 19;
+        let (issuer_key, jwks) = usher::grant::keygen(KeyAlg::Ed25519, "k1").unwrap();
+        std::fs::write(dir.join("issuer.jwks.json"), jwks).unwrap();
+        let client_key = dir.join("id_ed25519");
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "test-client", "-f"])
+            .arg(&client_key)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        for (name, text) in &options.profiles {
+            std::fs::write(dir.join("policies").join(name), text).unwrap();
+        }
+        let host = "usher-test-host".to_string();
+        let iss = "https://issuer.test".to_string();
+        let config = format!(
+            r#"host_name = "{host}"
+state_dir = "{d}/state"
+spool_dir = "{d}/spool"
+policies_dir = "{d}/policies"
+control_socket = "{d}/control.sock"
+enforcement = "best-effort"
+
+[ssh]
+listen = ["127.0.0.1:{port}"]
+
+[accounts]
+name_prefix = "{prefix}"
+uid_min = {uid_min}
+uid_max = {uid_max}
+
+[[issuer]]
+iss = "{iss}"
+jwks = "{d}/issuer.jwks.json"
+
+{extra}
+"#,
+            d = dir.display(),
+            extra = options.extra_config,
+        );
+        let config_path = dir.join("usherd.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut agent = TestAgent {
+            dir,
+            port,
+            prefix,
+            uid_min,
+            uid_max,
+            iss,
+            host,
+            issuer_key,
+            client_key,
+            config_path,
+            child: None,
+        };
+        agent.launch();
+        agent
+    }
+
+    /// Starts (or restarts) `usherd` and waits until it accepts connections.
+    pub fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("usherd.log"))
+            .unwrap();
+        let child = Command::new(bin("usherd"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("usherd starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && self.dir.join("control.sock").exists()
+            {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("usherd exited with {st}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("usherd did not start listening:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `kill -9` of the agent, as a crash would.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe_kill(c.id() as i32, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("usherd.log")).unwrap_or_default()
+    }
+
+    pub fn login(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+
+    pub fn client_public_key(&self) -> String {
+        std::fs::read_to_string(self.client_key.with_extension("pub"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// Claims for `login` valid now for `ttl` seconds, bound to the test's client key.
+    pub fn claims(&self, login: &str, ttl: i64) -> Claims {
+        let now = now();
+        Claims {
+            iss: self.iss.clone(),
+            sub: "alice@example.test".into(),
+            aud: Audience::One(self.host.clone()),
+            jti: format!("jti-{}-{}", login, NEXT.fetch_add(1, Ordering::SeqCst)),
+            iat: now,
+            nbf: None,
+            exp: now + ttl,
+            login: login.into(),
+            groups: vec![],
+            ssh_keys: vec![self.client_public_key()],
+            secret_hash: None,
+            profile: None,
+            approved_by: Some("bob@example.test".into()),
+            reason: Some("end-to-end test".into()),
+        }
+    }
+
+    pub fn sign(&self, claims: &Claims) -> String {
+        usher::grant::sign(&self.issuer_key, "k1", claims).unwrap()
+    }
+
+    /// `usher <args>` against this agent's control socket.
+    pub fn usher(&self, args: &[&str]) -> Output {
+        Command::new(bin("usher"))
+            .arg("--socket")
+            .arg(self.dir.join("control.sock"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn install(&self, token: &str) -> Output {
+        self.usher(&["grant", "install", token])
+    }
+
+    pub fn ssh_base_args(&self) -> Vec<String> {
+        [
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ConnectTimeout=10",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// `ssh` with the test's key, batch mode, on this agent's port.
+    pub fn ssh_command(&self, login: &str) -> Command {
+        let mut c = Command::new("timeout");
+        c.arg("60").arg("ssh").args(self.ssh_base_args());
+        c.args(["-o", "BatchMode=yes", "-i"])
+            .arg(&self.client_key)
+            .args(["-p", &self.port.to_string()])
+            .arg(format!("{login}@127.0.0.1"));
+        c
+    }
+
+    pub fn ssh(&self, login: &str, command: &str) -> Output {
+        self.ssh_command(login)
+            .arg(command)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Logs in by presenting `token` at the password prompt (sshpass).
+    pub fn ssh_with_password(&self, login: &str, token: &str, command: &str) -> Output {
+        Command::new("timeout")
+            .arg("60")
+            .arg("sshpass")
+            .arg("-e")
+            .arg("ssh")
+            .args(self.ssh_base_args())
+            .args([
+                "-o",
+                "PreferredAuthentications=password",
+                "-o",
+                "PubkeyAuthentication=no",
+                "-o",
+                "NumberOfPasswordPrompts=1",
+                "-p",
+                &self.port.to_string(),
+            ])
+            .arg(format!("{login}@127.0.0.1"))
+            .arg(command)
+            .env("SSHPASS", token)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    pub fn spool(&self) -> PathBuf {
+        self.dir.join("spool")
+    }
+
+    /// Session ids with a metadata file in the spool, oldest first.
+    pub fn recorded_sessions(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(self.spool())
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.strip_suffix(".json").map(|s| s.to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    pub fn meta(&self, id: &str) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.spool().join(format!("{id}.json"))).unwrap())
+            .unwrap()
+    }
+
+    /// Waits for `cond`, polling, up to `secs`.
+    pub fn wait_for(&self, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out waiting for {what}\n--- usherd log ---\n{}",
+            self.log()
+        );
+    }
+
+    pub fn accounts_in_range(&self) -> Vec<(String, u32)> {
+        passwd()
+            .into_iter()
+            .filter(|(_, uid)| (self.uid_min..=self.uid_max).contains(uid))
+            .collect()
+    }
+}
+
+pub fn passwd() -> Vec<(String, u32)> {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            Some((f.first()?.to_string(), f.get(2)?.parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn user_exists(name: &str) -> bool {
+    passwd().iter().any(|(n, _)| n == name)
+}
+
+/// Pids of processes whose real UID is `uid`.
+pub fn pids_of_uid(uid: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .map(|s| {
+                    s.lines().any(|l| {
+                        l.starts_with("Uid:")
+                            && l.split_whitespace().nth(1) == Some(&uid.to_string())
+                    }) && !s
+                        .lines()
+                        .any(|l| l.starts_with("State:") && l.contains('Z'))
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn letters(mut n: u32) -> String {
+    let mut s = String::new();
+    loop {
+        s.push((b'a' + (n % 26) as u8) as char);
+        n /= 26;
+        if n == 0 {
+            break;
+        }
+    }
+    s
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn unsafe_kill(pid: i32, sig: i32) {
+    // SAFETY: sending a signal to a pid we spawned.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.stop();
+        // Whatever the test left: accounts in our fence, their processes, session cgroups.
+        for (name, uid) in self.accounts_in_range() {
+            if name.starts_with(&self.prefix) {
+                for pid in pids_of_uid(uid) {
+                    unsafe_kill(pid, libc::SIGKILL);
+                }
+                let _ = Command::new("userdel")
+                    .args(["--remove", "--", &name])
+                    .output();
+            }
+        }
+        if let Ok(text) = std::fs::read_to_string(self.dir.join("state/sessions.json")) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                for s in v.as_array().into_iter().flatten() {
+                    if let Some(cg) = s["cgroup"].as_str() {
+                        let _ = std::fs::write(Path::new(cg).join("cgroup.kill"), "1");
+                        std::thread::sleep(Duration::from_millis(50));
+                        let _ = std::fs::remove_dir(cg);
+                    }
+                }
+            }
+        }
+        if std::env::var_os("USHER_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -127,7 +127,10 @@ impl Accounts {
             }
             let record = self.state.accounts.get_mut(login).expect("checked above");
             if expire_day > record.expire_day {
-                run("usermod", &["--expiredate", &day_string(expire_day), "--", login])?;
+                run(
+                    "usermod",
+                    &["--expiredate", &day_string(expire_day), "--", login],
+                )?;
                 record.expire_day = expire_day;
                 self.save()?;
             }
@@ -140,7 +143,10 @@ impl Accounts {
             .collect();
         let uid = (self.config.uid_min..=self.config.uid_max)
             .find(|u| !used.contains(u))
-            .ok_or(AccountError::RangeFull(self.config.uid_min, self.config.uid_max))?;
+            .ok_or(AccountError::RangeFull(
+                self.config.uid_min,
+                self.config.uid_max,
+            ))?;
         let home = self.config.home_base.join(login);
         let uid_s = uid.to_string();
         let day = day_string(expire_day);
@@ -337,7 +343,17 @@ mod tests {
     fn names() {
         assert!(is_valid_name("jit-alice"));
         assert!(is_valid_name("_svc"));
-        for bad in ["", "-rf", "Alice", "a b", "a;b", "a/b", "é", "root\n", &"a".repeat(33)] {
+        for bad in [
+            "",
+            "-rf",
+            "Alice",
+            "a b",
+            "a;b",
+            "a/b",
+            "é",
+            "root\n",
+            &"a".repeat(33),
+        ] {
             assert!(!is_valid_name(bad), "{bad:?}");
         }
     }

@@ -39,7 +39,10 @@ fn processes_of(uid: u32) -> Vec<i32> {
                 return false;
             };
             // A zombie is already dead; it waits for its parent, not for a signal.
-            if status.lines().any(|l| l.starts_with("State:") && l.contains('Z')) {
+            if status
+                .lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+            {
                 return false;
             }
             status

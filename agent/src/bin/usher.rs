@@ -9,7 +9,10 @@ use usher::control::{call, Request};
 use usher::grant::{Audience, Claims, KeyAlg};
 
 #[derive(Parser)]
-#[command(version, about = "Usher: just-in-time access — issue grants, manage the local agent")]
+#[command(
+    version,
+    about = "Usher: just-in-time access — issue grants, manage the local agent"
+)]
 struct Cli {
     /// The agent's control socket.
     #[arg(long, global = true, default_value = "/run/usher/control.sock")]
@@ -126,13 +129,32 @@ fn run(cli: Cli) -> Result<(), String> {
             let key = out_dir.join("issuer.key");
             let pubs = out_dir.join("issuer.jwks.json");
             usher::fsutil::write_atomic(&key, pem.as_bytes(), 0o600).map_err(|e| e.to_string())?;
-            usher::fsutil::write_atomic(&pubs, jwks.as_bytes(), 0o644).map_err(|e| e.to_string())?;
-            println!("private key: {}\npublic keys: {}", key.display(), pubs.display());
+            usher::fsutil::write_atomic(&pubs, jwks.as_bytes(), 0o644)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "private key: {}\npublic keys: {}",
+                key.display(),
+                pubs.display()
+            );
             Ok(())
         }
         Command::Grant(GrantCommand::Sign {
-            key, local, state_dir, kid, iss, aud, sub, login, ttl, not_before, groups,
-            ssh_keys, profile, approved_by, reason, jti,
+            key,
+            local,
+            state_dir,
+            kid,
+            iss,
+            aud,
+            sub,
+            login,
+            ttl,
+            not_before,
+            groups,
+            ssh_keys,
+            profile,
+            approved_by,
+            reason,
+            jti,
         }) => {
             let host = nix::unistd::gethostname()
                 .ok()
@@ -152,7 +174,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| format!("{}: {e}", key_path.display()))?;
             let mut keys = Vec::new();
             for p in ssh_keys {
-                let line = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let line =
+                    std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
                 keys.push(line.trim().to_string());
             }
             let now = usher::grant::now();
@@ -178,12 +201,19 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Grant(GrantCommand::Install { token }) => {
             let token = if token == "-" {
                 let mut s = String::new();
-                std::io::stdin().read_to_string(&mut s).map_err(|e| e.to_string())?;
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .map_err(|e| e.to_string())?;
                 s
             } else {
                 token
             };
-            print(&call(&cli.socket, &Request::Install { token: token.trim().to_string() })?);
+            print(&call(
+                &cli.socket,
+                &Request::Install {
+                    token: token.trim().to_string(),
+                },
+            )?);
             Ok(())
         }
         Command::Grant(GrantCommand::List) => {
@@ -202,6 +232,10 @@ fn run(cli: Cli) -> Result<(), String> {
             print(&call(&cli.socket, &Request::Sessions)?);
             Ok(())
         }
-        Command::Play { file, speed, idle_limit } => usher::play::play(&file, speed, idle_limit),
+        Command::Play {
+            file,
+            speed,
+            idle_limit,
+        } => usher::play::play(&file, speed, idle_limit),
     }
 }

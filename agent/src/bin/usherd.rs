@@ -8,7 +8,10 @@ use usher::config::Config;
 use usher::daemon::Agent;
 
 #[derive(Parser)]
-#[command(version, about = "Usher host agent: just-in-time SSH access from signed grants")]
+#[command(
+    version,
+    about = "Usher host agent: just-in-time SSH access from signed grants"
+)]
 struct Args {
     /// Configuration file; without it (and without /etc/usher/usherd.toml) built-in
     /// defaults apply, with a local issuer key made in the state directory.

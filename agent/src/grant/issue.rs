@@ -17,10 +17,14 @@ pub enum KeyAlg {
 pub fn keygen(alg: KeyAlg, kid: &str) -> Result<(String, String), String> {
     let mut rng = rand::rngs::OsRng;
     let pem = match alg {
-        KeyAlg::Ed25519 => ed25519_dalek::SigningKey::generate(&mut rng)
-            .to_pkcs8_pem(Default::default())
-            .map_err(|e| e.to_string())?
-            .to_string(),
+        // PKCS#8 v1 (no public key inside): the form jsonwebtoken reads.
+        KeyAlg::Ed25519 => ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: ed25519_dalek::SigningKey::generate(&mut rng).to_bytes(),
+            public_key: None,
+        }
+        .to_pkcs8_pem(Default::default())
+        .map_err(|e| e.to_string())?
+        .to_string(),
         KeyAlg::Es256 => p256::SecretKey::random(&mut rng)
             .to_pkcs8_pem(Default::default())
             .map_err(|e| e.to_string())?
@@ -61,4 +65,34 @@ fn encoding_key(pem: &str) -> Result<(EncodingKey, Algorithm), String> {
         return Ok((key, Algorithm::RS256));
     }
     Err("not an Ed25519, P-256 or RSA private key in PKCS#8 PEM".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_algorithm_signs_and_publishes_its_key() {
+        for (alg, want) in [
+            (KeyAlg::Ed25519, "\"OKP\""),
+            (KeyAlg::Es256, "\"EC\""),
+            (KeyAlg::Rs256, "\"RSA\""),
+        ] {
+            let (pem, jwks) = keygen(alg, "k1").unwrap();
+            assert!(jwks.contains(want) && jwks.contains("\"k1\""), "{jwks}");
+            assert!(!jwks.contains("\"d\""), "private part leaked into the JWKS");
+            let (_, a) = encoding_key(&pem).unwrap();
+            assert_eq!(
+                format!("{a:?}"),
+                match alg {
+                    KeyAlg::Ed25519 => "EdDSA",
+                    KeyAlg::Es256 => "ES256",
+                    KeyAlg::Rs256 => "RS256",
+                }
+            );
+        }
+        assert!(
+            encoding_key("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").is_err()
+        );
+    }
 }

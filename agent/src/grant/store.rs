@@ -32,7 +32,11 @@ impl GrantStore {
             if path.extension().and_then(|e| e.to_str()) != Some("jwt") {
                 continue;
             }
-            let name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let name = path
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             let token = std::fs::read_to_string(&path)?;
             let verdict = verifier.verify(&token, now).and_then(|g| {
                 if revocations.contains(g.jti()) {
@@ -129,16 +133,10 @@ impl Revocations {
     pub fn add(&mut self, jti: &str, exp: Option<i64>, now: i64) -> io::Result<()> {
         // Entries for grants a day past their end can go: an expired grant is refused
         // anyway. Entries whose end is unknown stay.
-        self.file.revoked.retain(|_, exp| {
-            if *exp == 0 {
-                true
-            } else {
-                *exp + 86400 > now
-            }
-        });
         self.file
             .revoked
-            .insert(jti.to_string(), exp.unwrap_or(0));
+            .retain(|_, exp| if *exp == 0 { true } else { *exp + 86400 > now });
+        self.file.revoked.insert(jti.to_string(), exp.unwrap_or(0));
         let bytes = serde_json::to_vec_pretty(&self.file).map_err(io::Error::other)?;
         fsutil::write_atomic(&self.path, &bytes, 0o600)
     }

@@ -46,7 +46,6 @@ pub enum Refusal {
     Revoked(String),
 }
 
-
 struct Issuer {
     iss: String,
     keys: JwkSet,
@@ -127,19 +126,19 @@ impl Verifier {
         validation.validate_nbf = true;
         // Time is checked here against `now` so that tests and sweeps agree on one clock.
         validation.validate_exp = false;
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
-            match e.kind() {
-                ErrorKind::InvalidSignature => Refusal::BadSignature,
-                ErrorKind::InvalidAudience => Refusal::WrongAudience,
-                ErrorKind::InvalidIssuer => Refusal::UnknownIssuer(iss.to_string()),
-                ErrorKind::ImmatureSignature => Refusal::NotYetValid,
-                ErrorKind::ExpiredSignature => Refusal::Expired,
-                ErrorKind::InvalidAlgorithm => Refusal::AlgorithmMismatch {
-                    got: format!("{:?}", header.alg),
-                    want: format!("{want:?}"),
-                },
-                _ => malformed(&e),
-            }
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::InvalidSignature => Refusal::BadSignature,
+            ErrorKind::InvalidAudience => Refusal::WrongAudience,
+            ErrorKind::InvalidIssuer => Refusal::UnknownIssuer(iss.to_string()),
+            ErrorKind::ImmatureSignature => Refusal::NotYetValid,
+            ErrorKind::ExpiredSignature => Refusal::Expired,
+            ErrorKind::InvalidAlgorithm => Refusal::AlgorithmMismatch {
+                got: format!("{:?}", header.alg),
+                want: format!("{want:?}"),
+            },
+            _ => malformed(&e),
         })?;
         self.check_policy(data.claims, token, now)
     }
@@ -170,14 +169,22 @@ impl Verifier {
         }
         if claims.jti.is_empty()
             || claims.jti.len() > 128
-            || !claims.jti.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || !claims
+                .jti
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(Refusal::BadClaim(
                 "jti must be 1-128 characters of [A-Za-z0-9._-]".into(),
             ));
         }
-        if claims.sub.is_empty() || claims.sub.len() > 256 || claims.sub.chars().any(char::is_control) {
-            return Err(Refusal::BadClaim("sub must be 1-256 printable characters".into()));
+        if claims.sub.is_empty()
+            || claims.sub.len() > 256
+            || claims.sub.chars().any(char::is_control)
+        {
+            return Err(Refusal::BadClaim(
+                "sub must be 1-256 printable characters".into(),
+            ));
         }
         for group in &claims.groups {
             if !self.policy.allowed_groups.iter().any(|g| g == group) {
@@ -227,8 +234,8 @@ fn key_algorithm(jwk: &Jwk) -> Result<Algorithm, String> {
 }
 
 pub fn read_jwks(path: &Path) -> Result<JwkSet, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let set: JwkSet =
         serde_json::from_str(&text).map_err(|e| format!("{}: not a JWKS: {e}", path.display()))?;
     for jwk in &set.keys {

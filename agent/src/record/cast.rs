@@ -106,8 +106,10 @@ mod tests {
         w.marker("exec /bin/ls").unwrap();
         w.finish().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines[0]["version"], 2);
         assert_eq!(lines[0]["env"]["TERM"], "xterm");
         assert_eq!(lines[1][1], "o");

@@ -10,9 +10,8 @@ use std::time::Duration;
 /// /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup).
 pub fn v2_mount() -> io::Result<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    parse_mountinfo(&info).ok_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, "no cgroup2 file system is mounted")
-    })
+    parse_mountinfo(&info)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 file system is mounted"))
 }
 
 fn parse_mountinfo(info: &str) -> Option<PathBuf> {
@@ -32,8 +31,12 @@ fn unescape_octal(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
             i += 4;

@@ -7,7 +7,10 @@ mod spawn;
 mod table;
 
 pub use cgroup::{sessions_root, v2_mount, Cgroup};
-pub use run::{run, signal_name, signal_name_owned, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest};
+pub use run::{
+    run, signal_name, signal_name_owned, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand,
+    SessionRequest,
+};
 pub use table::{SessionInfo, SessionRecord, SessionTable};
 
 use crate::enforce::ExecEvent;

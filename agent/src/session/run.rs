@@ -78,7 +78,11 @@ pub async fn run<S: ClientSink>(
         Err(e) if agent.config.recording.required => {
             log::error!(target: "usher::record", "session {id} refused: recording failed: {e}");
             agent.session_finished(&id);
-            return refuse(&*sink, "the session cannot be recorded, and recording is required").await;
+            return refuse(
+                &*sink,
+                "the session cannot be recorded, and recording is required",
+            )
+            .await;
         }
         Err(e) => {
             log::warn!(target: "usher::record", "session {id} is not recorded: {e}");
@@ -131,7 +135,10 @@ fn start_recording(
 ) -> std::io::Result<Recording> {
     let (command, term) = match &request.command {
         SessionCommand::Shell => (None, request.pty.as_ref().map(|p| p.term.clone())),
-        SessionCommand::Exec(c) => (Some(c.clone()), request.pty.as_ref().map(|p| p.term.clone())),
+        SessionCommand::Exec(c) => (
+            Some(c.clone()),
+            request.pty.as_ref().map(|p| p.term.clone()),
+        ),
         SessionCommand::Subsystem(p) => (Some(p.display().to_string()), None),
     };
     let meta = SessionMeta {
@@ -167,7 +174,11 @@ fn start_recording(
         _ => true,
     };
     let header = records_stream.then(|| {
-        let (cols, rows) = request.pty.as_ref().map(|p| (p.cols, p.rows)).unwrap_or((80, 24));
+        let (cols, rows) = request
+            .pty
+            .as_ref()
+            .map(|p| (p.cols, p.rows))
+            .unwrap_or((80, 24));
         let mut env = std::collections::BTreeMap::new();
         env.insert("SHELL".to_string(), sg.account.shell.display().to_string());
         if let Some(t) = &term {
@@ -179,12 +190,25 @@ fn start_recording(
             height: rows,
             timestamp: crate::grant::now(),
             command: command.clone(),
-            title: Some(format!("{}@{} ({})", grant.login(), agent.host, grant.claims.sub)),
+            title: Some(format!(
+                "{}@{} ({})",
+                grant.login(),
+                agent.host,
+                grant.claims.sub
+            )),
             env,
         }
     });
-    let mut rec = Recording::create(&agent.spool_dir(), meta, header, agent.config.recording.input)?;
-    rec.audit(&serde_json::json!({"event": "session_started", "time": rfc3339_now(), "meta": rec.meta()}), None)?;
+    let mut rec = Recording::create(
+        &agent.spool_dir(),
+        meta,
+        header,
+        agent.config.recording.input,
+    )?;
+    rec.audit(
+        &serde_json::json!({"event": "session_started", "time": rfc3339_now(), "meta": rec.meta()}),
+        None,
+    )?;
     Ok(rec)
 }
 
@@ -195,7 +219,10 @@ fn login_env(sg: &SessionGrant, request: &SessionRequest) -> Vec<(String, String
         ("USER".to_string(), a.name.clone()),
         ("LOGNAME".to_string(), a.name.clone()),
         ("SHELL".to_string(), a.shell.display().to_string()),
-        ("PATH".to_string(), "/usr/local/bin:/usr/bin:/bin".to_string()),
+        (
+            "PATH".to_string(),
+            "/usr/local/bin:/usr/bin:/bin".to_string(),
+        ),
         ("MAIL".to_string(), format!("/var/mail/{}", a.name)),
         ("USHER_SESSION".to_string(), sg.session_id.clone()),
     ];
@@ -222,10 +249,16 @@ fn launch_for(sg: &SessionGrant, request: &SessionRequest) -> std::io::Result<La
         .unwrap_or_else(|| "sh".into());
     let (program, argv0, args) = match &request.command {
         SessionCommand::Shell => (a.shell.clone(), format!("-{shell_name}"), vec![]),
-        SessionCommand::Exec(cmd) => (a.shell.clone(), shell_name, vec!["-c".to_string(), cmd.clone()]),
+        SessionCommand::Exec(cmd) => (
+            a.shell.clone(),
+            shell_name,
+            vec!["-c".to_string(), cmd.clone()],
+        ),
         SessionCommand::Subsystem(p) => (
             p.clone(),
-            p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             vec![],
         ),
     };
@@ -236,7 +269,11 @@ fn launch_for(sg: &SessionGrant, request: &SessionRequest) -> std::io::Result<La
         argv0,
         args,
         env: login_env(sg, request),
-        cwd: if a.home.is_dir() { a.home.clone() } else { "/".into() },
+        cwd: if a.home.is_dir() {
+            a.home.clone()
+        } else {
+            "/".into()
+        },
         uid: a.uid,
         gid: a.gid,
         groups,
@@ -245,7 +282,11 @@ fn launch_for(sg: &SessionGrant, request: &SessionRequest) -> std::io::Result<La
 }
 
 /// Records with `f`; a recording that fails ends the session when recording is required.
-fn record(rec: &SharedRecording, required: bool, f: impl FnOnce(&mut Recording) -> std::io::Result<()>) -> Result<(), String> {
+fn record(
+    rec: &SharedRecording,
+    required: bool,
+    f: impl FnOnce(&mut Recording) -> std::io::Result<()>,
+) -> Result<(), String> {
     let mut guard = rec.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(r) = guard.as_mut() {
         if let Err(e) = f(r) {
@@ -283,15 +324,23 @@ async fn relay<S: ClientSink>(
     };
 
     let pty = match &request.pty {
-        Some(p) => Some(spawn::open_pty(p.cols.max(1), p.rows.max(1)).map_err(|e| format!("cannot open a terminal: {e}"))?),
+        Some(p) => Some(
+            spawn::open_pty(p.cols.max(1), p.rows.max(1))
+                .map_err(|e| format!("cannot open a terminal: {e}"))?,
+        ),
         None => None,
     };
     let (master, mut child) = match pty {
         Some((master, slave)) => {
-            let child = spawn::spawn(launch, Streams::Pty(slave)).map_err(|e| format!("cannot start the shell: {e}"))?;
+            let child = spawn::spawn(launch, Streams::Pty(slave))
+                .map_err(|e| format!("cannot start the shell: {e}"))?;
             (Some(Arc::new(master)), child)
         }
-        None => (None, spawn::spawn(launch, Streams::Pipes).map_err(|e| format!("cannot start the command: {e}"))?),
+        None => (
+            None,
+            spawn::spawn(launch, Streams::Pipes)
+                .map_err(|e| format!("cannot start the command: {e}"))?,
+        ),
     };
     let pid = child.id().map(|p| p as i32);
 
@@ -340,7 +389,10 @@ async fn relay<S: ClientSink>(
     let drain = Duration::from_millis(100);
 
     loop {
-        let done = status.is_some() && (!pty_open || master.is_none()) && stdout.is_none() && stderr.is_none();
+        let done = status.is_some()
+            && (!pty_open || master.is_none())
+            && stdout.is_none()
+            && stderr.is_none();
         if done {
             break;
         }

@@ -35,7 +35,12 @@ pub fn spawn(launch: Launch, streams: Streams) -> io::Result<tokio::process::Chi
     cmd.arg0(&launch.argv0)
         .args(&launch.args)
         .env_clear()
-        .envs(launch.env.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))))
+        .envs(
+            launch
+                .env
+                .iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+        )
         .current_dir(&launch.cwd)
         .kill_on_drop(false);
     let pty = match streams {
@@ -103,14 +108,14 @@ pub fn open_pty(cols: u16, rows: u16) -> io::Result<(PtyMaster, OwnedFd)> {
     let pair = nix::pty::openpty(Some(&size), None).map_err(io::Error::from)?;
     let flags = nix::fcntl::fcntl(pair.master.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
     let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-    nix::fcntl::fcntl(pair.master.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    nix::fcntl::fcntl(
+        pair.master.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(flags),
+    )?;
     // SAFETY: the AsyncFd owns the descriptor, so it stays open for as long as it is
     // registered and is deregistered before it is closed.
     let fd = unsafe { AsyncFd::register(pair.master)? };
-    Ok((
-        PtyMaster { fd },
-        pair.slave,
-    ))
+    Ok((PtyMaster { fd }, pair.slave))
 }
 
 fn winsize(cols: u16, rows: u16) -> nix::pty::Winsize {
@@ -127,7 +132,8 @@ impl PtyMaster {
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from)) {
+            match guard.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => return Ok(n),
                 // EIO is how Linux says the slave side is closed.
                 Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
@@ -140,7 +146,8 @@ impl PtyMaster {
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let mut guard = self.fd.writable().await?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)) {
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => data = &data[n..],
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,

@@ -56,7 +56,10 @@ impl SessionTable {
     pub fn open(path: &Path) -> std::io::Result<SessionTable> {
         let leftovers: Vec<SessionRecord> = match std::fs::read(path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),
@@ -186,8 +189,10 @@ impl SessionTable {
     }
 
     fn save(&self) {
-        let records: Vec<SessionRecord> =
-            lock(&self.live).values().map(|l| l.record.clone()).collect();
+        let records: Vec<SessionRecord> = lock(&self.live)
+            .values()
+            .map(|l| l.record.clone())
+            .collect();
         let result = serde_json::to_vec_pretty(&records)
             .map_err(std::io::Error::other)
             .and_then(|b| fsutil::write_atomic(&self.path, &b, 0o600));

@@ -6,9 +6,7 @@ use std::path::Path;
 pub fn load_or_create_host_key(state_dir: &Path) -> Result<PrivateKey, String> {
     let path = state_dir.join("ssh_host_ed25519_key");
     match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            PrivateKey::from_openssh(&text).map_err(|e| format!("{}: {e}", path.display()))
-        }
+        Ok(text) => PrivateKey::from_openssh(&text).map_err(|e| format!("{}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut seed = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);

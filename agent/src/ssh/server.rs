@@ -3,7 +3,9 @@
 
 use crate::daemon::Agent;
 use crate::grant::Grant;
-use crate::session::{self, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest};
+use crate::session::{
+    self, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest,
+};
 use bytes::Bytes;
 use russh::keys::PublicKey;
 use russh::server::{Auth, Handle, Msg, Response, Server as _, Session};
@@ -23,7 +25,10 @@ pub async fn serve(agent: Arc<Agent>, host_key: russh::keys::PrivateKey) -> Resu
     methods.push(MethodKind::KeyboardInteractive);
     methods.push(MethodKind::Password);
     let config = Arc::new(russh::server::Config {
-        server_id: russh::SshId::Standard(Cow::Borrowed(concat!("SSH-2.0-Usher_", env!("CARGO_PKG_VERSION")))),
+        server_id: russh::SshId::Standard(Cow::Borrowed(concat!(
+            "SSH-2.0-Usher_",
+            env!("CARGO_PKG_VERSION")
+        ))),
         methods,
         auth_rejection_time: Duration::from_millis(500),
         auth_rejection_time_initial: Some(Duration::ZERO),
@@ -50,7 +55,9 @@ pub async fn serve(agent: Arc<Agent>, host_key: russh::keys::PrivateKey) -> Resu
     }
     let mut tasks = Vec::new();
     for listener in listeners {
-        let mut server = Server { agent: agent.clone() };
+        let mut server = Server {
+            agent: agent.clone(),
+        };
         let config = config.clone();
         tasks.push(tokio::spawn(async move {
             let _ = server.run_on_socket(config, &listener).await;
@@ -107,18 +114,30 @@ impl ClientSink for SshSink {
     }
 
     async fn stderr(&self, data: Bytes) -> bool {
-        self.handle.extended_data(self.channel, 1, data).await.is_ok()
+        self.handle
+            .extended_data(self.channel, 1, data)
+            .await
+            .is_ok()
     }
 
     async fn finish(&self, outcome: ExitOutcome) {
         match outcome {
             ExitOutcome::Status(s) => {
-                let _ = self.handle.exit_status_request(self.channel, s as u32).await;
+                let _ = self
+                    .handle
+                    .exit_status_request(self.channel, s as u32)
+                    .await;
             }
             ExitOutcome::Signal(s) => {
                 let _ = self
                     .handle
-                    .exit_signal_request(self.channel, to_sig(s), false, String::new(), String::new())
+                    .exit_signal_request(
+                        self.channel,
+                        to_sig(s),
+                        false,
+                        String::new(),
+                        String::new(),
+                    )
                     .await;
             }
         }
@@ -166,7 +185,9 @@ fn from_sig(s: &Sig) -> Option<i32> {
 
 impl Connection {
     fn peer_string(&self) -> String {
-        self.peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+        self.peer
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "?".into())
     }
 
     /// A grant presented at the password or keyboard-interactive prompt.
@@ -186,13 +207,23 @@ impl Connection {
     }
 
     fn accepts_env(&self, name: &str) -> bool {
-        self.agent.config.ssh.accept_env.iter().any(|pat| match pat.strip_suffix('*') {
-            Some(prefix) => name.starts_with(prefix),
-            None => pat == name,
-        })
+        self.agent
+            .config
+            .ssh
+            .accept_env
+            .iter()
+            .any(|pat| match pat.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => pat == name,
+            })
     }
 
-    async fn start(&mut self, channel: ChannelId, command: SessionCommand, session: &mut Session) -> Result<(), russh::Error> {
+    async fn start(
+        &mut self,
+        channel: ChannelId,
+        command: SessionCommand,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
         let Some(grant) = self.grant.clone() else {
             session.channel_failure(channel)?;
             return Ok(());
@@ -221,7 +252,14 @@ impl Connection {
             handle: session.handle(),
             channel,
         });
-        tokio::spawn(session::run(self.agent.clone(), grant, request, stdin_rx, control_rx, sink));
+        tokio::spawn(session::run(
+            self.agent.clone(),
+            grant,
+            request,
+            stdin_rx,
+            control_rx,
+            sink,
+        ));
         Ok(())
     }
 }
@@ -229,7 +267,11 @@ impl Connection {
 impl russh::server::Handler for Connection {
     type Error = russh::Error;
 
-    async fn auth_publickey_offered(&mut self, user: &str, key: &PublicKey) -> Result<Auth, Self::Error> {
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        key: &PublicKey,
+    ) -> Result<Auth, Self::Error> {
         Ok(match self.agent.grant_for_key(user, key) {
             Some(_) => Auth::Accept,
             None => Auth::reject(),
@@ -278,7 +320,11 @@ impl russh::server::Handler for Connection {
         Ok(None)
     }
 
-    async fn channel_open_session(&mut self, channel: Channel<Msg>, _session: &mut Session) -> Result<bool, Self::Error> {
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
         if self.grant.is_none() || self.channels.len() >= 10 {
             return Ok(false);
         }
@@ -297,7 +343,9 @@ impl russh::server::Handler for Connection {
         _originator_port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let Some(grant) = &self.grant else { return Ok(false) };
+        let Some(grant) = &self.grant else {
+            return Ok(false);
+        };
         let profile = self.agent.profile(&grant.profile);
         if !profile.port_forwarding || port > 65535 {
             log::info!(target: "usher::audit", usher_event = "forward_refused", jti = grant.jti(), target = format!("{host}:{port}").as_str(); "port forwarding to {host}:{port} refused by profile {}", profile.name);
@@ -330,8 +378,9 @@ impl russh::server::Handler for Connection {
             Some(state) if ok && !state.started => {
                 state.pty = Some(PtySpec {
                     term: term.to_string(),
-                    cols: cols.clamp(1, 1000) as u16,
-                    rows: rows.clamp(1, 1000) as u16,
+                    // 0 means "unknown" (a client without a terminal of its own).
+                    cols: if cols == 0 { 80 } else { cols.min(1000) as u16 },
+                    rows: if rows == 0 { 24 } else { rows.min(1000) as u16 },
                 });
                 session.channel_success(channel)?;
             }
@@ -340,7 +389,13 @@ impl russh::server::Handler for Connection {
         Ok(())
     }
 
-    async fn env_request(&mut self, channel: ChannelId, name: &str, value: &str, session: &mut Session) -> Result<(), Self::Error> {
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         let ok = self.accepts_env(name) && value.len() <= 4096 && !value.contains('\0');
         match self.channels.get_mut(&channel) {
             Some(state) if ok && state.env.len() < 64 => {
@@ -352,13 +407,25 @@ impl russh::server::Handler for Connection {
         Ok(())
     }
 
-    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.start(channel, SessionCommand::Shell, session).await
     }
 
-    async fn exec_request(&mut self, channel: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         match std::str::from_utf8(data) {
-            Ok(cmd) if !cmd.contains('\0') => self.start(channel, SessionCommand::Exec(cmd.to_string()), session).await,
+            Ok(cmd) if !cmd.contains('\0') => {
+                self.start(channel, SessionCommand::Exec(cmd.to_string()), session)
+                    .await
+            }
             _ => {
                 session.channel_failure(channel)?;
                 Ok(())
@@ -366,9 +433,17 @@ impl russh::server::Handler for Connection {
         }
     }
 
-    async fn subsystem_request(&mut self, channel: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         match (name, self.agent.config.sftp_server()) {
-            ("sftp", Some(program)) => self.start(channel, SessionCommand::Subsystem(program), session).await,
+            ("sftp", Some(program)) => {
+                self.start(channel, SessionCommand::Subsystem(program), session)
+                    .await
+            }
             _ => {
                 session.channel_failure(channel)?;
                 Ok(())
@@ -397,7 +472,12 @@ impl russh::server::Handler for Connection {
         Ok(())
     }
 
-    async fn signal(&mut self, channel: ChannelId, signal: Sig, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         if let (Some(state), Some(sig)) = (self.channels.get(&channel), from_sig(&signal)) {
             if let Some(c) = &state.control {
                 let _ = c.send(Control::Signal(sig));
@@ -406,21 +486,34 @@ impl russh::server::Handler for Connection {
         Ok(())
     }
 
-    async fn data(&mut self, channel: ChannelId, data: &[u8], _session: &mut Session) -> Result<(), Self::Error> {
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         if let Some(tx) = self.channels.get(&channel).and_then(|s| s.stdin.clone()) {
             let _ = tx.send(Bytes::copy_from_slice(data)).await;
         }
         Ok(())
     }
 
-    async fn channel_eof(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         if let Some(state) = self.channels.get_mut(&channel) {
             state.stdin = None;
         }
         Ok(())
     }
 
-    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
         Ok(())
     }
