@@ -1,19 +1,33 @@
-//! `cargo xtask`: set-up, eBPF build, tests and benchmarks.
+//! `cargo xtask`: set-up, eBPF build, running the agent, tests and benchmarks.
 
+mod bench_ssh;
 mod ebpf;
+mod setup;
+mod util;
 
 use std::process::ExitCode;
+
+const USAGE: &str = "usage: cargo xtask <command>
+  setup          install what a fresh Debian machine lacks (idempotent)
+  build-ebpf     build the eBPF programs
+  run            set up, build and run usherd here with the built-in defaults
+  test           build the binaries and run every test (as root)
+  bench ssh      usherd vs OpenSSH sshd: throughput, set-up latency, memory
+  bench exec     exec overhead: no agent, usherd's eBPF, auditd";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("setup") => ebpf::setup(),
+        Some("setup") => setup::all(),
         Some("build-ebpf") => ebpf::build_ebpf(),
+        Some("run") => setup::all().and_then(|()| setup::run_agent(&args[1..])),
+        Some("test") => setup::test(&args[1..]),
         Some("bench") => match args.get(1).map(String::as_str) {
+            Some("ssh") => bench_ssh::run(),
             Some("exec") => ebpf::bench_exec(),
-            other => Err(format!("unknown benchmark {other:?}; try: exec")),
+            other => Err(format!("unknown benchmark {other:?}; try: ssh, exec")),
         },
-        _ => Err("usage: cargo xtask <setup|build-ebpf|test|bench NAME>".to_string()),
+        _ => Err(USAGE.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

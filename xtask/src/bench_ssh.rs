@@ -1,0 +1,408 @@
+//! `cargo xtask bench ssh`: usherd (recording on) next to OpenSSH's sshd, in one run, on
+//! loopback, with the same client. Prints the numbers and the ratios.
+
+use crate::util::{cargo, is_root, run as run_cmd, workspace_root};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const UPLOAD_BYTES: u64 = 1 << 30;
+const DOWNLOAD_BYTES: u64 = 256 << 20;
+const SETUP_RUNS: usize = 50;
+const IDLE_SESSIONS: usize = 100;
+const SSHD_USER: &str = "usherbench";
+
+struct Target {
+    name: &'static str,
+    port: u16,
+    user: String,
+    /// Processes whose memory counts as the server's.
+    server_pids: Box<dyn Fn() -> Vec<u32>>,
+}
+
+struct Bench {
+    dir: PathBuf,
+    key: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for user in [SSHD_USER, "bn-bench"] {
+            let _ = Command::new("pkill").args(["-KILL", "-u", user]).status();
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = Command::new("userdel").args(["--remove", user]).stderr(Stdio::null()).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_port(port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("nothing listens on port {port}"))
+}
+
+fn ssh_args(bench: &Bench, t: &Target) -> Vec<String> {
+    vec![
+        "-o".into(),
+        "StrictHostKeyChecking=no".into(),
+        "-o".into(),
+        "UserKnownHostsFile=/dev/null".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-i".into(),
+        bench.key.display().to_string(),
+        "-p".into(),
+        t.port.to_string(),
+        format!("{}@127.0.0.1", t.user),
+    ]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn pids_named(name: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim() == name)
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Seconds to push `bytes` through `cat > /dev/null` on the server.
+fn upload(bench: &Bench, t: &Target, bytes: u64) -> Result<f64, String> {
+    let start = Instant::now();
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {bytes} /dev/zero | ssh {} 'cat > /dev/null'",
+            ssh_args(bench, t).join(" ")
+        ))
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !st.success() {
+        return Err(format!("{} upload failed", t.name));
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Seconds to bring `bytes` of terminal-like text back through `ssh host cmd`.
+fn download(bench: &Bench, t: &Target, bytes: u64) -> Result<f64, String> {
+    let start = Instant::now();
+    let out = Command::new("ssh")
+        .args(ssh_args(bench, t))
+        .arg(format!("yes 'the quick brown fox jumps over the lazy dog 0123456789' | head -c {bytes}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut stdout = out.stdout.unwrap();
+    loop {
+        let r = stdout.read(&mut buf).map_err(|e| e.to_string())?;
+        if r == 0 {
+            break;
+        }
+        n += r as u64;
+    }
+    if n != bytes {
+        return Err(format!("{} download: got {n} of {bytes} bytes", t.name));
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Time from starting `ssh host echo x` to the first byte of its output.
+fn first_byte(bench: &Bench, t: &Target) -> Result<f64, String> {
+    let start = Instant::now();
+    let mut child = Command::new("ssh")
+        .args(ssh_args(bench, t))
+        .arg("echo x")
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut b = [0u8; 1];
+    let n = child.stdout.as_mut().unwrap().read(&mut b).map_err(|e| e.to_string())?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let _ = child.wait();
+    if n != 1 {
+        return Err(format!("{}: no output", t.name));
+    }
+    Ok(elapsed)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Server memory (KiB, summed over its processes) with `IDLE_SESSIONS` idle sessions,
+/// minus the same with none.
+fn idle_memory(bench: &Bench, t: &Target) -> Result<(u64, u64), String> {
+    let before: u64 = (t.server_pids)().iter().map(|p| rss_kib(*p)).sum();
+    let mut clients = Vec::new();
+    for _ in 0..IDLE_SESSIONS {
+        clients.push(
+            Command::new("ssh")
+                .args(ssh_args(bench, t))
+                .arg("exec sleep 3600")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .map_err(|e| e.to_string())?,
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let uid = uid_of(&t.user)?;
+    loop {
+        let sleeping = pids_named("sleep")
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/status"))
+                    .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())))
+                    .unwrap_or(false)
+            })
+            .count();
+        if sleeping >= IDLE_SESSIONS {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{}: only {sleeping} of {IDLE_SESSIONS} sessions started", t.name));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after: u64 = (t.server_pids)().iter().map(|p| rss_kib(*p)).sum();
+    for mut c in clients {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = Command::new("pkill").args(["-KILL", "-u", &t.user, "sleep"]).status();
+    std::thread::sleep(Duration::from_secs(2));
+    Ok((before, after))
+}
+
+fn uid_of(user: &str) -> Result<u32, String> {
+    let out = Command::new("id").args(["-u", user]).output().map_err(|e| e.to_string())?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| format!("no user {user}"))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn run() -> Result<(), String> {
+    if !is_root() {
+        return Err("the benchmark runs as root (it starts sshd and usherd)".into());
+    }
+    crate::setup::packages()?;
+    run_cmd(cargo().args(["build", "--release", "--bins"]))?;
+    let bin = workspace_root().join("target/release");
+    let dir = PathBuf::from(format!("/tmp/usher-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut bench = Bench { key: dir.join("id_ed25519"), dir: dir.clone(), children: vec![] };
+    run_cmd(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&bench.key))?;
+    let pubkey = std::fs::read_to_string(bench.key.with_extension("pub")).map_err(|e| e.to_string())?;
+
+    // OpenSSH's sshd, its own config, a normal local user.
+    let sshd_port = free_port();
+    let _ = Command::new("userdel").args(["--remove", SSHD_USER]).stderr(Stdio::null()).status();
+    run_cmd(Command::new("useradd").args(["--create-home", "--shell", "/bin/bash", SSHD_USER]))?;
+    let _ = Command::new("usermod").args(["-p", "*", SSHD_USER]).status();
+    let home = PathBuf::from(format!("/home/{SSHD_USER}"));
+    std::fs::create_dir_all(home.join(".ssh")).map_err(|e| e.to_string())?;
+    write(&home.join(".ssh/authorized_keys"), &pubkey)?;
+    run_cmd(Command::new("chown").args(["-R", &format!("{SSHD_USER}:{SSHD_USER}")]).arg(home.join(".ssh")))?;
+    run_cmd(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(dir.join("sshd_host_key")))?;
+    let _ = std::fs::create_dir_all("/run/sshd");
+    write(
+        &dir.join("sshd_config"),
+        &format!(
+            "Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {d}/sshd_host_key\nPidFile {d}/sshd.pid\n\
+             UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+             AuthorizedKeysFile .ssh/authorized_keys\nMaxStartups 200\nMaxSessions 200\nSubsystem sftp internal-sftp\n",
+            d = dir.display()
+        ),
+    )?;
+    let sshd = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(dir.join("sshd_config"))
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("sshd: {e}"))?;
+    let sshd_pid = sshd.id();
+    bench.children.push(sshd);
+
+    // usherd, recording on, its own issuer.
+    let usher_port = free_port();
+    run_cmd(Command::new(bin.join("usher")).args(["keygen", "--kid", "b1", "--out-dir"]).arg(dir.join("issuer")))?;
+    write(
+        &dir.join("usherd.toml"),
+        &format!(
+            "host_name = \"bench\"\nstate_dir = \"{d}/state\"\nspool_dir = \"{d}/spool\"\npolicies_dir = \"{d}/policies\"\n\
+             control_socket = \"{d}/control.sock\"\nenforcement = \"best-effort\"\n[ssh]\nlisten = [\"127.0.0.1:{usher_port}\"]\n\
+             [accounts]\nname_prefix = \"bn-\"\nuid_min = 65000\nuid_max = 65099\n[recording]\nrequired = true\n\
+             [[issuer]]\niss = \"bench\"\njwks = \"{d}/issuer/issuer.jwks.json\"\n",
+            d = dir.display()
+        ),
+    )?;
+    let usherd = Command::new(bin.join("usherd"))
+        .arg("--config")
+        .arg(dir.join("usherd.toml"))
+        .stderr(std::fs::File::create(dir.join("usherd.log")).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let usherd_pid = usherd.id();
+    bench.children.push(usherd);
+    wait_port(sshd_port)?;
+    wait_port(usher_port)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let token = Command::new(bin.join("usher"))
+        .args(["grant", "sign", "--key"])
+        .arg(dir.join("issuer/issuer.key"))
+        .args(["--kid", "b1", "--iss", "bench", "--aud", "bench", "--sub", "bench", "--login", "bn-bench", "--ttl", "7200", "--ssh-key"])
+        .arg(bench.key.with_extension("pub"))
+        .output()
+        .map_err(|e| e.to_string())?;
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    run_cmd(Command::new(bin.join("usher")).arg("--socket").arg(dir.join("control.sock")).args(["grant", "install", &token]).stdout(Stdio::null()))?;
+
+    let sshd_t = Target {
+        name: "sshd",
+        port: sshd_port,
+        user: SSHD_USER.into(),
+        server_pids: Box::new(move || {
+            pids_named("sshd")
+                .into_iter()
+                .filter(|p| *p == sshd_pid || is_descendant(*p, sshd_pid))
+                .collect()
+        }),
+    };
+    let usher_t = Target {
+        name: "usherd",
+        port: usher_port,
+        user: "bn-bench".into(),
+        server_pids: Box::new(move || vec![usherd_pid]),
+    };
+
+    println!("usherd (recording on) vs OpenSSH sshd {}, one run on loopback, same ssh client", sshd_version());
+    let first_use = first_byte(&bench, &usher_t)?;
+    println!("first use of a grant (account created): {:.1} ms", first_use * 1e3);
+
+    // Interleave the runs so that a noisy moment hits both.
+    let (mut s_setup, mut u_setup) = (vec![], vec![]);
+    for _ in 0..SETUP_RUNS {
+        s_setup.push(first_byte(&bench, &sshd_t)?);
+        u_setup.push(first_byte(&bench, &usher_t)?);
+    }
+    let (s_med, u_med) = (median(s_setup), median(u_setup));
+    println!(
+        "set-up to first byte, median of {SETUP_RUNS}: sshd {:.1} ms, usherd {:.1} ms, ratio {:.2}x",
+        s_med * 1e3,
+        u_med * 1e3,
+        u_med / s_med
+    );
+
+    let s_up = upload(&bench, &sshd_t, UPLOAD_BYTES)?;
+    let u_up = upload(&bench, &usher_t, UPLOAD_BYTES)?;
+    let mib = |b: u64, s: f64| b as f64 / (1 << 20) as f64 / s;
+    println!(
+        "1 GiB into `cat > /dev/null`: sshd {:.0} MiB/s, usherd {:.0} MiB/s, ratio {:.2}x",
+        mib(UPLOAD_BYTES, s_up),
+        mib(UPLOAD_BYTES, u_up),
+        s_up / u_up
+    );
+    let s_down = download(&bench, &sshd_t, DOWNLOAD_BYTES)?;
+    let u_down = download(&bench, &usher_t, DOWNLOAD_BYTES)?;
+    println!(
+        "256 MiB of text out of a command (recorded by usherd): sshd {:.0} MiB/s, usherd {:.0} MiB/s, ratio {:.2}x",
+        mib(DOWNLOAD_BYTES, s_down),
+        mib(DOWNLOAD_BYTES, u_down),
+        s_down / u_down
+    );
+
+    let (sb, sa) = idle_memory(&bench, &sshd_t)?;
+    let (ub, ua) = idle_memory(&bench, &usher_t)?;
+    let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / IDLE_SESSIONS as f64;
+    println!(
+        "{IDLE_SESSIONS} idle sessions, server RSS: sshd {} -> {} KiB ({:.0} KiB/session), usherd {} -> {} KiB ({:.0} KiB/session), ratio {:.2}x",
+        sb,
+        sa,
+        per(sb, sa),
+        ub,
+        ua,
+        per(ub, ua),
+        per(ub, ua) / per(sb, sa)
+    );
+    println!("(sshd's figure sums its listener and per-connection processes; the sessions' own shells are not counted on either side)");
+    Ok(())
+}
+
+fn is_descendant(pid: u32, ancestor: u32) -> bool {
+    let mut p = pid;
+    for _ in 0..16 {
+        let stat = match std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            Ok(s) => s,
+            Err(_) => return false,
+        };
+        let ppid: u32 = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if ppid == ancestor {
+            return true;
+        }
+        if ppid <= 1 {
+            return false;
+        }
+        p = ppid;
+    }
+    false
+}
+
+fn sshd_version() -> String {
+    Command::new("ssh")
+        .arg("-V")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .unwrap_or_default()
+}
