@@ -361,6 +361,13 @@ jwks = "{d}/issuer.jwks.json"
     }
 }
 
+/// Ends a client started with `ssh_command` as a user's ^C would: `timeout` passes the
+/// SIGTERM on to `ssh`, which drops the connection.
+pub fn hang_up(child: &mut Child) {
+    unsafe_kill(child.id() as i32, libc::SIGTERM);
+    let _ = child.wait();
+}
+
 pub fn passwd() -> Vec<(String, u32)> {
     std::fs::read_to_string("/etc/passwd")
         .unwrap()

@@ -36,7 +36,10 @@ impl Drop for Bench {
         for user in [SSHD_USER, "bn-bench"] {
             let _ = Command::new("pkill").args(["-KILL", "-u", user]).status();
             std::thread::sleep(Duration::from_millis(100));
-            let _ = Command::new("userdel").args(["--remove", user]).stderr(Stdio::null()).status();
+            let _ = Command::new("userdel")
+                .args(["--remove", user])
+                .stderr(Stdio::null())
+                .status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -80,12 +83,14 @@ fn ssh_args(bench: &Bench, t: &Target) -> Vec<String> {
     ]
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// Proportional set size: shared pages (libraries, sshd's per-connection forks) are
+/// divided among the processes that share them, so sums over processes are honest.
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with("Pss:"))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
@@ -126,7 +131,9 @@ fn download(bench: &Bench, t: &Target, bytes: u64) -> Result<f64, String> {
     let start = Instant::now();
     let out = Command::new("ssh")
         .args(ssh_args(bench, t))
-        .arg(format!("yes 'the quick brown fox jumps over the lazy dog 0123456789' | head -c {bytes}"))
+        .arg(format!(
+            "yes 'the quick brown fox jumps over the lazy dog 0123456789' | head -c {bytes}"
+        ))
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
@@ -157,7 +164,12 @@ fn first_byte(bench: &Bench, t: &Target) -> Result<f64, String> {
         .spawn()
         .map_err(|e| e.to_string())?;
     let mut b = [0u8; 1];
-    let n = child.stdout.as_mut().unwrap().read(&mut b).map_err(|e| e.to_string())?;
+    let n = child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read(&mut b)
+        .map_err(|e| e.to_string())?;
     let elapsed = start.elapsed().as_secs_f64();
     let _ = child.wait();
     if n != 1 {
@@ -174,7 +186,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Server memory (KiB, summed over its processes) with `IDLE_SESSIONS` idle sessions,
 /// minus the same with none.
 fn idle_memory(bench: &Bench, t: &Target) -> Result<(u64, u64), String> {
-    let before: u64 = (t.server_pids)().iter().map(|p| rss_kib(*p)).sum();
+    let before: u64 = (t.server_pids)().iter().map(|p| pss_kib(*p)).sum();
     let mut clients = Vec::new();
     for _ in 0..IDLE_SESSIONS {
         clients.push(
@@ -195,7 +207,12 @@ fn idle_memory(bench: &Bench, t: &Target) -> Result<(u64, u64), String> {
             .into_iter()
             .filter(|p| {
                 std::fs::read_to_string(format!("/proc/{p}/status"))
-                    .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())))
+                    .map(|s| {
+                        s.lines().any(|l| {
+                            l.starts_with("Uid:")
+                                && l.split_whitespace().nth(1) == Some(&uid.to_string())
+                        })
+                    })
                     .unwrap_or(false)
             })
             .count();
@@ -203,24 +220,35 @@ fn idle_memory(bench: &Bench, t: &Target) -> Result<(u64, u64), String> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("{}: only {sleeping} of {IDLE_SESSIONS} sessions started", t.name));
+            return Err(format!(
+                "{}: only {sleeping} of {IDLE_SESSIONS} sessions started",
+                t.name
+            ));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(1));
-    let after: u64 = (t.server_pids)().iter().map(|p| rss_kib(*p)).sum();
+    let after: u64 = (t.server_pids)().iter().map(|p| pss_kib(*p)).sum();
     for mut c in clients {
         let _ = c.kill();
         let _ = c.wait();
     }
-    let _ = Command::new("pkill").args(["-KILL", "-u", &t.user, "sleep"]).status();
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-u", &t.user, "sleep"])
+        .status();
     std::thread::sleep(Duration::from_secs(2));
     Ok((before, after))
 }
 
 fn uid_of(user: &str) -> Result<u32, String> {
-    let out = Command::new("id").args(["-u", user]).output().map_err(|e| e.to_string())?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| format!("no user {user}"))
+    let out = Command::new("id")
+        .args(["-u", user])
+        .output()
+        .map_err(|e| e.to_string())?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| format!("no user {user}"))
 }
 
 fn write(path: &Path, text: &str) -> Result<(), String> {
@@ -237,20 +265,42 @@ pub fn run() -> Result<(), String> {
     let dir = PathBuf::from(format!("/tmp/usher-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let mut bench = Bench { key: dir.join("id_ed25519"), dir: dir.clone(), children: vec![] };
-    run_cmd(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&bench.key))?;
-    let pubkey = std::fs::read_to_string(bench.key.with_extension("pub")).map_err(|e| e.to_string())?;
+    let mut bench = Bench {
+        key: dir.join("id_ed25519"),
+        dir: dir.clone(),
+        children: vec![],
+    };
+    run_cmd(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&bench.key),
+    )?;
+    let pubkey =
+        std::fs::read_to_string(bench.key.with_extension("pub")).map_err(|e| e.to_string())?;
 
     // OpenSSH's sshd, its own config, a normal local user.
     let sshd_port = free_port();
-    let _ = Command::new("userdel").args(["--remove", SSHD_USER]).stderr(Stdio::null()).status();
+    let _ = Command::new("userdel")
+        .args(["--remove", SSHD_USER])
+        .stderr(Stdio::null())
+        .status();
     run_cmd(Command::new("useradd").args(["--create-home", "--shell", "/bin/bash", SSHD_USER]))?;
-    let _ = Command::new("usermod").args(["-p", "*", SSHD_USER]).status();
+    let _ = Command::new("usermod")
+        .args(["-p", "*", SSHD_USER])
+        .status();
     let home = PathBuf::from(format!("/home/{SSHD_USER}"));
     std::fs::create_dir_all(home.join(".ssh")).map_err(|e| e.to_string())?;
     write(&home.join(".ssh/authorized_keys"), &pubkey)?;
-    run_cmd(Command::new("chown").args(["-R", &format!("{SSHD_USER}:{SSHD_USER}")]).arg(home.join(".ssh")))?;
-    run_cmd(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(dir.join("sshd_host_key")))?;
+    run_cmd(
+        Command::new("chown")
+            .args(["-R", &format!("{SSHD_USER}:{SSHD_USER}")])
+            .arg(home.join(".ssh")),
+    )?;
+    run_cmd(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.join("sshd_host_key")),
+    )?;
     let _ = std::fs::create_dir_all("/run/sshd");
     write(
         &dir.join("sshd_config"),
@@ -272,7 +322,11 @@ pub fn run() -> Result<(), String> {
 
     // usherd, recording on, its own issuer.
     let usher_port = free_port();
-    run_cmd(Command::new(bin.join("usher")).args(["keygen", "--kid", "b1", "--out-dir"]).arg(dir.join("issuer")))?;
+    run_cmd(
+        Command::new(bin.join("usher"))
+            .args(["keygen", "--kid", "b1", "--out-dir"])
+            .arg(dir.join("issuer")),
+    )?;
     write(
         &dir.join("usherd.toml"),
         &format!(
@@ -297,12 +351,32 @@ pub fn run() -> Result<(), String> {
     let token = Command::new(bin.join("usher"))
         .args(["grant", "sign", "--key"])
         .arg(dir.join("issuer/issuer.key"))
-        .args(["--kid", "b1", "--iss", "bench", "--aud", "bench", "--sub", "bench", "--login", "bn-bench", "--ttl", "7200", "--ssh-key"])
+        .args([
+            "--kid",
+            "b1",
+            "--iss",
+            "bench",
+            "--aud",
+            "bench",
+            "--sub",
+            "bench",
+            "--login",
+            "bn-bench",
+            "--ttl",
+            "7200",
+            "--ssh-key",
+        ])
         .arg(bench.key.with_extension("pub"))
         .output()
         .map_err(|e| e.to_string())?;
     let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
-    run_cmd(Command::new(bin.join("usher")).arg("--socket").arg(dir.join("control.sock")).args(["grant", "install", &token]).stdout(Stdio::null()))?;
+    run_cmd(
+        Command::new(bin.join("usher"))
+            .arg("--socket")
+            .arg(dir.join("control.sock"))
+            .args(["grant", "install", &token])
+            .stdout(Stdio::null()),
+    )?;
 
     let sshd_t = Target {
         name: "sshd",
@@ -322,9 +396,15 @@ pub fn run() -> Result<(), String> {
         server_pids: Box::new(move || vec![usherd_pid]),
     };
 
-    println!("usherd (recording on) vs OpenSSH sshd {}, one run on loopback, same ssh client", sshd_version());
+    println!(
+        "usherd (recording on) vs OpenSSH sshd {}, one run on loopback, same ssh client",
+        sshd_version()
+    );
     let first_use = first_byte(&bench, &usher_t)?;
-    println!("first use of a grant (account created): {:.1} ms", first_use * 1e3);
+    println!(
+        "first use of a grant (account created): {:.1} ms",
+        first_use * 1e3
+    );
 
     // Interleave the runs so that a noisy moment hits both.
     let (mut s_setup, mut u_setup) = (vec![], vec![]);
@@ -362,7 +442,7 @@ pub fn run() -> Result<(), String> {
     let (ub, ua) = idle_memory(&bench, &usher_t)?;
     let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / IDLE_SESSIONS as f64;
     println!(
-        "{IDLE_SESSIONS} idle sessions, server RSS: sshd {} -> {} KiB ({:.0} KiB/session), usherd {} -> {} KiB ({:.0} KiB/session), ratio {:.2}x",
+        "{IDLE_SESSIONS} idle sessions, server memory (PSS): sshd {} -> {} KiB ({:.0} KiB/session), usherd {} -> {} KiB ({:.0} KiB/session), ratio {:.2}x",
         sb,
         sa,
         per(sb, sa),

@@ -35,7 +35,9 @@ pub fn packages() -> Result<(), String> {
         return Ok(());
     }
     if !is_root() {
-        return Err(format!("missing packages {missing:?}: run as root to install them"));
+        return Err(format!(
+            "missing packages {missing:?}: run as root to install them"
+        ));
     }
     eprintln!("xtask: installing {missing:?}");
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
@@ -45,7 +47,10 @@ pub fn packages() -> Result<(), String> {
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     // Debian starts sshd on install; the benchmark runs its own, so leave the port free.
     let _ = Command::new("sh")
-        .args(["-c", "command -v systemctl >/dev/null && systemctl disable --now ssh 2>/dev/null; true"])
+        .args([
+            "-c",
+            "command -v systemctl >/dev/null && systemctl disable --now ssh 2>/dev/null; true",
+        ])
         .status();
     Ok(())
 }
