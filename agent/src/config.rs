@@ -24,6 +24,9 @@ pub struct Config {
     pub accounts: AccountsConfig,
     pub policy: PolicyConfig,
     pub recording: RecordingConfig,
+    pub spool: SpoolConfig,
+    /// Where recordings are shipped; without it they stay in the spool.
+    pub collector: Option<CollectorConfig>,
     #[serde(rename = "issuer")]
     pub issuers: Vec<IssuerConfig>,
 }
@@ -76,6 +79,61 @@ pub struct RecordingConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Bytes the spool may hold before new sessions wait or are refused.
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    /// How long a new session waits for room when `when_full = "wait"`.
+    pub wait_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenFull {
+    Refuse,
+    Wait,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// `https://collector.example:8443`
+    pub url: String,
+    /// File holding the bearer token that binds this host at the collector.
+    pub token_file: PathBuf,
+    /// CA certificate(s), PEM, that the collector's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key, PEM, for collectors that want mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Largest chunk, in bytes.
+    #[serde(default = "default_chunk_bytes")]
+    pub chunk_bytes: usize,
+    /// Seconds between shipping rounds while sessions are live.
+    #[serde(default = "default_interval")]
+    pub interval_secs: u64,
+}
+
+fn default_chunk_bytes() -> usize {
+    256 * 1024
+}
+
+fn default_interval() -> u64 {
+    2
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            max_bytes: 4 << 30,
+            when_full: WhenFull::Refuse,
+            wait_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     /// The `iss` claim this issuer signs with.
@@ -98,6 +156,8 @@ impl Default for Config {
             accounts: AccountsConfig::default(),
             policy: PolicyConfig::default(),
             recording: RecordingConfig::default(),
+            spool: SpoolConfig::default(),
+            collector: None,
             issuers: Vec::new(),
         }
     }

@@ -121,14 +121,12 @@ async fn answer(agent: &Arc<Agent>, req: Request) -> Answer {
 }
 
 fn status(agent: &Arc<Agent>) -> serde_json::Value {
-    let spool_bytes: u64 = std::fs::read_dir(agent.spool_dir())
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
+    let spool_bytes = crate::ship::spool_bytes(&agent.spool_dir());
+    let spooled = crate::ship::spooled_sessions(&agent.spool_dir()).len();
+    let collector = match agent.shipper.get() {
+        Some(s) => serde_json::json!(s.status()),
+        None => serde_json::json!({"configured": false}),
+    };
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "host": agent.host,
@@ -139,8 +137,8 @@ fn status(agent: &Arc<Agent>) -> serde_json::Value {
         "grants": agent.grants().len(),
         "sessions": agent.sessions.list().len(),
         "accounts": agent.account_names(),
-        "spool_bytes": spool_bytes,
-        "collector": "not configured",
+        "spool": {"bytes": spool_bytes, "sessions": spooled, "max_bytes": agent.config.spool.max_bytes},
+        "collector": collector,
         "up_since": agent.started_at,
     })
 }

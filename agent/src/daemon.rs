@@ -24,6 +24,13 @@ pub struct Agent {
     pub sessions: SessionTable,
     pub enforcer: Enforcer,
     pub started_at: i64,
+    pub shipper: std::sync::OnceLock<Arc<crate::ship::Shipper>>,
+}
+
+impl crate::ship::LiveSessions for Agent {
+    fn is_live(&self, session_id: &str) -> bool {
+        self.sessions.contains(session_id)
+    }
 }
 
 /// What a new session needs from the agent before its process starts.
@@ -84,6 +91,7 @@ impl Agent {
             sessions,
             enforcer,
             started_at: now,
+            shipper: std::sync::OnceLock::new(),
             config,
         });
         agent.reconcile(now);
@@ -227,6 +235,7 @@ impl Agent {
                 self.enforcer.path()
             ));
         }
+        self.wait_for_spool_room().await?;
         let account = self.ensure_account(grant).await?;
         let session_id = crate::session::new_session_id();
         let cgroup = self.sessions.create_cgroup(&session_id).map_err(|e| {
@@ -296,6 +305,26 @@ impl Agent {
         })
         .await
         .map_err(|e| e.to_string())?
+    }
+
+    /// A spool over its size means recordings are not leaving the host: new sessions wait
+    /// or are refused (config), and the reason is said; nothing already spooled is dropped.
+    async fn wait_for_spool_room(&self) -> Result<(), String> {
+        let limit = self.config.spool.max_bytes;
+        let deadline = std::time::Instant::now() + Duration::from_secs(self.config.spool.wait_secs);
+        loop {
+            let used = crate::ship::spool_bytes(&self.config.spool_dir);
+            if used < limit {
+                return Ok(());
+            }
+            let waiting = self.config.spool.when_full == crate::config::WhenFull::Wait
+                && std::time::Instant::now() < deadline;
+            if !waiting {
+                audit!("session_refused", reason = "spool full", spool_bytes = used; "session refused: the recording spool holds {used} bytes, over its limit of {limit}");
+                return Err("the recording spool is full (recordings are not reaching the collector); try again later".into());
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// Called when a session's main process has ended. A cgroup still holding processes

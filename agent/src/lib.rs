@@ -17,4 +17,5 @@ pub mod play;
 pub mod profile;
 pub mod record;
 pub mod session;
+pub mod ship;
 pub mod ssh;

@@ -324,7 +324,9 @@ jwks = "{d}/issuer.jwks.json"
                 d.flatten()
                     .filter_map(|e| {
                         let n = e.file_name().to_string_lossy().into_owned();
-                        n.strip_suffix(".json").map(|s| s.to_string())
+                        n.strip_suffix(".json")
+                            .filter(|s| !s.ends_with(".ship"))
+                            .map(|s| s.to_string())
                     })
                     .collect()
             })

@@ -55,6 +55,17 @@ fn run(args: Args) -> Result<(), String> {
         let agent = Agent::start(config)?;
         let host_key = usher::ssh::load_or_create_host_key(&agent.config.state_dir)?;
         spawn_sweeper(agent.clone());
+        if let Some(collector) = &agent.config.collector {
+            let signing = usher::ssh::signing_key(&host_key)?;
+            let shipper = Arc::new(
+                usher::ship::Shipper::new(collector, &agent.config.spool_dir, signing)
+                    .map_err(|e| format!("collector: {e}"))?,
+            );
+            let _ = agent.shipper.set(shipper.clone());
+            let live: Arc<dyn usher::ship::LiveSessions> = agent.clone();
+            tokio::spawn(shipper.run(live));
+            log::info!(target: "usher::ship", "shipping recordings to {}", collector.url);
+        }
         let control_path = agent.config.control_socket.clone();
         let control_agent = agent.clone();
         tokio::spawn(async move {

@@ -135,6 +135,10 @@ impl SessionTable {
         self.save();
     }
 
+    pub fn contains(&self, id: &str) -> bool {
+        lock(&self.live).contains_key(id)
+    }
+
     pub fn count_command(&self, id: &str) {
         if let Some(l) = lock(&self.live).get_mut(id) {
             l.commands += 1;

@@ -23,3 +23,14 @@ pub fn load_or_create_host_key(state_dir: &Path) -> Result<PrivateKey, String> {
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
+
+/// The host key as an Ed25519 signing key: it also seals the recordings this host ships.
+pub fn signing_key(key: &PrivateKey) -> Result<ed25519_dalek::SigningKey, String> {
+    let pair = key
+        .key_data()
+        .ed25519()
+        .ok_or("the host key is not Ed25519")?;
+    Ok(ed25519_dalek::SigningKey::from_bytes(
+        &pair.private.to_bytes(),
+    ))
+}

@@ -3,5 +3,5 @@
 mod hostkey;
 mod server;
 
-pub use hostkey::load_or_create_host_key;
+pub use hostkey::{load_or_create_host_key, signing_key};
 pub use server::serve;
