@@ -37,6 +37,8 @@ pub struct Options {
     pub extra_config: String,
     /// Profiles to write into the agent's policies directory: (file name, TOML).
     pub profiles: Vec<(String, String)>,
+    /// Put the spool on a tmpfs of this many KiB (a disk that fills up).
+    pub spool_tmpfs_kib: Option<u32>,
 }
 
 pub struct TestAgent {
@@ -89,6 +91,21 @@ impl TestAgent {
             .status()
             .unwrap();
         assert!(st.success());
+        if let Some(kib) = options.spool_tmpfs_kib {
+            std::fs::create_dir_all(dir.join("spool")).unwrap();
+            let st = Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={kib}k,mode=0700"),
+                    "usher-test-spool",
+                ])
+                .arg(dir.join("spool"))
+                .status()
+                .unwrap();
+            assert!(st.success(), "mount tmpfs");
+        }
         for (name, text) in &options.profiles {
             std::fs::write(dir.join("policies").join(name), text).unwrap();
         }
@@ -455,6 +472,10 @@ impl Drop for TestAgent {
                 }
             }
         }
+        let _ = Command::new("umount")
+            .arg(self.dir.join("spool"))
+            .stderr(Stdio::null())
+            .status();
         if std::env::var_os("USHER_KEEP_TEST_DIRS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

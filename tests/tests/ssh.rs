@@ -449,3 +449,56 @@ fn an_existing_account_with_the_name_is_never_taken_over() {
     assert_eq!(line(&before), line(&after));
     let _ = Command::new("userdel").args(["--", &login]).status();
 }
+
+#[test]
+fn a_full_disk_ends_the_session_with_a_reason_and_leaves_a_valid_recording() {
+    let agent = TestAgent::start_with(Options {
+        spool_tmpfs_kib: Some(256),
+        ..Default::default()
+    });
+    let login = agent.login("disk");
+    assert!(agent
+        .install(&agent.sign(&agent.claims(&login, 600)))
+        .status
+        .success());
+    // About 2 MB of output into a 256 KiB spool.
+    let out = agent.ssh(
+        &login,
+        "for i in $(seq 1 40000); do echo line-$i-of-output-to-fill-the-spool; done",
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "the session went on without its recording"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("recording failed"), "{stderr}");
+    let id = agent.recorded_sessions().pop().unwrap();
+    let cast = std::fs::read_to_string(agent.spool().join(format!("{id}.cast"))).unwrap();
+    assert!(cast.len() > 1000);
+    for (n, line) in cast.lines().enumerate() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("line {n} of the cast is broken ({e}): {line:?}"));
+    }
+    // While the spool is full, new sessions are refused with the reason, and nothing is
+    // left behind.
+    let _ = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}/filler", agent.spool().display()))
+        .arg("bs=4k")
+        .stderr(Stdio::null())
+        .status();
+    let before = std::fs::read_dir(agent.spool()).unwrap().count();
+    let out = agent.ssh(&login, "echo should-not-run");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("should-not-run"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be recorded"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(agent.spool()).unwrap().count(),
+        before,
+        "half-made files left"
+    );
+}

@@ -6,7 +6,7 @@ use crate::fsutil;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::path::Path;
 use std::time::Instant;
 
@@ -26,6 +26,8 @@ pub struct CastHeader {
 
 pub struct CastWriter {
     file: File,
+    /// Bytes of whole events on disk: a failed write is cut back to here.
+    len: u64,
     start: Instant,
     output: Utf8Stream,
     input: Utf8Stream,
@@ -38,6 +40,7 @@ impl CastWriter {
         line.push(b'\n');
         file.write_all(&line)?;
         Ok(CastWriter {
+            len: line.len() as u64,
             file,
             start: Instant::now(),
             output: Utf8Stream::default(),
@@ -70,8 +73,21 @@ impl CastWriter {
         let t = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
         let mut line = serde_json::to_vec(&(t, kind, data)).map_err(io::Error::other)?;
         line.push(b'\n');
-        // One write per event: a crash loses at most the event being written.
-        self.file.write_all(&line)
+        // One write per event: a crash loses at most the event being written, and a
+        // full disk leaves no half event behind.
+        match self.file.write_all(&line) {
+            Ok(()) => {
+                self.len += line.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Cut the half event off and write the next one where it ended, not
+                // after a hole.
+                let _ = self.file.set_len(self.len);
+                let _ = self.file.seek(io::SeekFrom::Start(self.len));
+                Err(e)
+            }
+        }
     }
 
     pub fn finish(mut self) -> io::Result<()> {

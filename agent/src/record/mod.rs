@@ -12,7 +12,7 @@ pub use utf8::Utf8Stream;
 use crate::fsutil;
 use serde::Serialize;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 
 /// The files of one session's recording.
@@ -35,21 +35,34 @@ impl Recording {
     ) -> io::Result<Recording> {
         fsutil::private_dir(spool, 0o700)?;
         let id = meta.session_id.clone();
-        let cast = match header {
-            Some(h) => Some(CastWriter::create(&spool.join(format!("{id}.cast")), &h)?),
-            None => None,
-        };
-        let audit = fsutil::create_new(&spool.join(format!("{id}.audit.jsonl")), 0o600)?;
-        let meta_path = spool.join(format!("{id}.json"));
-        let rec = Recording {
-            cast,
-            audit,
-            meta,
-            meta_path,
-            record_input,
-        };
-        rec.write_meta()?;
-        Ok(rec)
+        let paths = [
+            spool.join(format!("{id}.cast")),
+            spool.join(format!("{id}.audit.jsonl")),
+            spool.join(format!("{id}.json")),
+        ];
+        let made = (|| {
+            let cast = match header {
+                Some(h) => Some(CastWriter::create(&paths[0], &h)?),
+                None => None,
+            };
+            let audit = fsutil::create_new(&paths[1], 0o600)?;
+            let rec = Recording {
+                cast,
+                audit,
+                meta,
+                meta_path: paths[2].clone(),
+                record_input,
+            };
+            rec.write_meta()?;
+            Ok(rec)
+        })();
+        if made.is_err() {
+            // A recording that could not start leaves nothing half-made in the spool.
+            for p in &paths {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        made
     }
 
     pub fn meta(&self) -> &SessionMeta {
@@ -82,7 +95,13 @@ impl Recording {
     pub fn audit<T: Serialize>(&mut self, event: &T, marker: Option<&str>) -> io::Result<()> {
         let mut line = serde_json::to_vec(event).map_err(io::Error::other)?;
         line.push(b'\n');
-        self.audit.write_all(&line)?;
+        let good = self.audit.metadata()?.len();
+        if let Err(e) = self.audit.write_all(&line) {
+            // No half line left behind on a full disk.
+            let _ = self.audit.set_len(good);
+            let _ = self.audit.seek(io::SeekFrom::Start(good));
+            return Err(e);
+        }
         if let (Some(c), Some(label)) = (&mut self.cast, marker) {
             c.marker(label)?;
         }
