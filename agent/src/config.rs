@@ -19,6 +19,8 @@ pub struct Config {
     /// Directory of exec profiles (`*.toml`).
     pub policies_dir: PathBuf,
     pub control_socket: PathBuf,
+    /// Where `usher-shell` (the accounts' login shell) hands console logins over.
+    pub console_socket: PathBuf,
     pub enforcement: Enforcement,
     pub ssh: SshConfig,
     pub accounts: AccountsConfig,
@@ -49,7 +51,11 @@ pub struct AccountsConfig {
     pub name_prefix: String,
     pub uid_min: u32,
     pub uid_max: u32,
+    /// The shell sessions run (SSH, and console sessions once the agent opened them).
     pub shell: PathBuf,
+    /// The login shell in /etc/passwd: Usher's recording shell, so that a console or `su`
+    /// login also goes through the agent. Default: `usher-shell` beside `usherd`.
+    pub login_shell: Option<PathBuf>,
     pub home_base: PathBuf,
 }
 
@@ -151,6 +157,7 @@ impl Default for Config {
             spool_dir: "/var/spool/usher".into(),
             policies_dir: "/etc/usher/policies".into(),
             control_socket: "/run/usher/control.sock".into(),
+            console_socket: "/run/usher/console.sock".into(),
             enforcement: Enforcement::default(),
             ssh: SshConfig::default(),
             accounts: AccountsConfig::default(),
@@ -181,6 +188,7 @@ impl Default for AccountsConfig {
             uid_min: 61000,
             uid_max: 61999,
             shell: "/bin/bash".into(),
+            login_shell: None,
             home_base: "/home".into(),
         }
     }
@@ -282,6 +290,19 @@ impl Config {
         let mut auds = vec![self.host_name()];
         auds.extend(self.audiences.iter().cloned());
         auds
+    }
+
+    /// The recording shell accounts get; `nologin` if it cannot be found, so that a
+    /// console login fails closed rather than getting an unrecorded shell.
+    pub fn login_shell(&self) -> PathBuf {
+        if let Some(p) = &self.accounts.login_shell {
+            return p.clone();
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join("usher-shell")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| "/usr/sbin/nologin".into())
     }
 
     pub fn sftp_server(&self) -> Option<PathBuf> {

@@ -90,9 +90,14 @@ use tokio::io::AsyncReadExt as _;
 async fn answer(agent: &Arc<Agent>, req: Request) -> Answer {
     match req {
         Request::Install { token } => match agent.admit(&token, "usher grant install") {
-            Ok(g) => Answer::ok(
-                serde_json::json!({"jti": g.jti(), "login": g.login(), "expires_at": g.expires_at()}),
-            ),
+            Ok(g) => match agent.prepare_console(&g).await {
+                Ok(()) => Answer::ok(
+                    serde_json::json!({"jti": g.jti(), "login": g.login(), "expires_at": g.expires_at()}),
+                ),
+                Err(e) => Answer::err(format!(
+                    "grant accepted, but its console account is not ready: {e}"
+                )),
+            },
             Err(why) => Answer::err(format!("grant refused: {why}")),
         },
         Request::List => {

@@ -75,8 +75,8 @@ impl Agent {
             let reason = why.to_string();
             audit!("grant_ended", jti = jti.as_str(), reason = reason.as_str(); "grant {jti} dropped at start-up: {why}");
         }
-        let accounts =
-            Accounts::open(&config.accounts, &config.state_dir).map_err(|e| e.to_string())?;
+        let accounts = Accounts::open(&config.accounts, &config.login_shell(), &config.state_dir)
+            .map_err(|e| e.to_string())?;
         let enforcer = Enforcer::start(config.enforcement);
         log::info!(target: "usher::enforce", enforcement_path = enforcer.path().to_string().as_str(); "exec enforcement: {} (mode {:?})", enforcer.path(), config.enforcement);
         let sessions = SessionTable::open(&config.state_dir.join("sessions.json"))
@@ -327,6 +327,61 @@ impl Agent {
         }
     }
 
+    /// A grant that allows the console needs its account before anyone logs in (the
+    /// console's `login` looks in /etc/passwd), with the grant's one-time secret as its
+    /// password. Other grants' accounts keep a locked password.
+    pub async fn prepare_console(self: &Arc<Self>, grant: &Grant) -> Result<(), String> {
+        if !self.profile(&grant.profile).console {
+            return Ok(());
+        }
+        self.ensure_account(grant).await?;
+        let agent = self.clone();
+        let login = grant.login().to_string();
+        let hash = grant.claims.secret_hash.clone();
+        let jti = grant.jti().to_string();
+        tokio::task::spawn_blocking(move || {
+            let r = lock(&agent.accounts).set_password(&login, hash.as_deref());
+            match &r {
+                Ok(()) if hash.is_some() => audit!("console_enabled", login = login.as_str(), jti = jti.as_str(); "console login enabled for {login} with the one-time secret of grant {jti}"),
+                Ok(()) => {}
+                Err(e) => log::error!(target: "usher::account", "cannot set the console secret of {login}: {e}"),
+            }
+            r.map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// The live grant that lets the account with this UID open a console session.
+    pub fn console_grant_for_uid(&self, uid: u32) -> Result<Grant, String> {
+        let entry = {
+            let accounts = lock(&self.accounts);
+            let names = accounts.names();
+            names
+                .iter()
+                .filter_map(|n| accounts.lookup(n))
+                .find(|e| e.uid == uid)
+        };
+        let Some(entry) = entry else {
+            return Err("this account is not managed by usher".into());
+        };
+        let now = grant::now();
+        let grants = lock(&self.grants)
+            .live_for_login(&entry.name, now)
+            .into_iter()
+            .cloned()
+            .collect::<Vec<_>>();
+        if grants.is_empty() {
+            return Err("no live grant for this account".into());
+        }
+        grants
+            .into_iter()
+            .find(|g| {
+                self.profile(&g.profile).console && !lock(&self.revocations).contains(g.jti())
+            })
+            .ok_or_else(|| "the grant does not allow console logins".to_string())
+    }
+
     /// Called when a session's main process has ended. A cgroup still holding processes
     /// (`sleep 1000 &`) stays, enforced, until the grant ends.
     pub fn session_finished(&self, session_id: &str) {
@@ -360,6 +415,14 @@ impl Agent {
             .collect();
         for jti in ended {
             self.end_grant(&jti, "expired").await;
+        }
+        let agent = self.clone();
+        let fixed =
+            tokio::task::spawn_blocking(move || lock(&agent.accounts).restore_login_shells())
+                .await
+                .unwrap_or_default();
+        for name in fixed {
+            audit!("shell_restored", login = name.as_str(); "the login shell of {name} was changed; the recording shell is back");
         }
     }
 

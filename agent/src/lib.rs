@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod account;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod daemon;
 pub mod enforce;

@@ -117,12 +117,14 @@ state_dir = "{d}/state"
 spool_dir = "{d}/spool"
 policies_dir = "{d}/policies"
 control_socket = "{d}/control.sock"
+console_socket = "{d}/console.sock"
 enforcement = "best-effort"
 
 [ssh]
 listen = ["127.0.0.1:{port}"]
 
 [accounts]
+login_shell = "{d}/usher-shell"
 name_prefix = "{prefix}"
 uid_min = {uid_min}
 uid_max = {uid_max}
@@ -136,6 +138,19 @@ jwks = "{d}/issuer.jwks.json"
             d = dir.display(),
             extra = options.extra_config,
         );
+        // The accounts' login shell: usher-shell, pointed at this agent's console socket.
+        let wrapper = dir.join("usher-shell");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nUSHER_CONSOLE_SOCKET={}/console.sock exec {} \"$@\"\n",
+                dir.display(),
+                bin("usher-shell").display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
         let config_path = dir.join("usherd.toml");
         std::fs::write(&config_path, config).unwrap();
         let mut agent = TestAgent {

@@ -67,13 +67,18 @@ pub enum AccountError {
 
 pub struct Accounts {
     config: AccountsConfig,
+    login_shell: PathBuf,
     state_path: PathBuf,
     state: StateFile,
     passwd_path: PathBuf,
 }
 
 impl Accounts {
-    pub fn open(config: &AccountsConfig, state_dir: &Path) -> Result<Accounts, AccountError> {
+    pub fn open(
+        config: &AccountsConfig,
+        login_shell: &Path,
+        state_dir: &Path,
+    ) -> Result<Accounts, AccountError> {
         let state_path = state_dir.join("accounts.json");
         let state = match std::fs::read(&state_path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
@@ -87,6 +92,7 @@ impl Accounts {
         };
         Ok(Accounts {
             config: config.clone(),
+            login_shell: login_shell.to_owned(),
             state_path,
             state,
             passwd_path: "/etc/passwd".into(),
@@ -151,7 +157,7 @@ impl Accounts {
         let uid_s = uid.to_string();
         let day = day_string(expire_day);
         let home_s = home.to_string_lossy().into_owned();
-        let shell_s = self.config.shell.to_string_lossy().into_owned();
+        let shell_s = self.login_shell.to_string_lossy().into_owned();
         let group_list = groups.join(",");
         let mut args = vec![
             "--uid",
@@ -276,13 +282,44 @@ impl Accounts {
             .find(|e| e.name == login && self.is_ours(e))
     }
 
+    /// Sets the account's password hash (a console grant's one-time secret), or locks it.
+    pub fn set_password(&self, login: &str, crypt_hash: Option<&str>) -> Result<(), AccountError> {
+        let entry = self
+            .lookup(login)
+            .ok_or_else(|| AccountError::NotManaged(login.into()))?;
+        let hash = crypt_hash.unwrap_or("!");
+        run("usermod", &["--password", hash, "--", &entry.name])
+    }
+
+    /// Puts back the recording shell of any account whose login shell was changed
+    /// (`chsh`); returns the names it had to fix.
+    pub fn restore_login_shells(&self) -> Vec<String> {
+        let Ok(passwd) = passwd::read(&self.passwd_path) else {
+            return Vec::new();
+        };
+        let mut fixed = Vec::new();
+        for e in passwd
+            .iter()
+            .filter(|e| self.is_ours(e) && self.state.accounts.contains_key(&e.name))
+        {
+            if e.shell != self.login_shell {
+                let shell = self.login_shell.to_string_lossy().into_owned();
+                if run("usermod", &["--shell", &shell, "--", &e.name]).is_ok() {
+                    fixed.push(e.name.clone());
+                }
+            }
+        }
+        fixed
+    }
+
     fn account_of(&self, entry: &PasswdEntry, groups: Vec<u32>) -> Account {
         Account {
             name: entry.name.clone(),
             uid: entry.uid,
             gid: entry.gid,
             home: entry.home.clone(),
-            shell: entry.shell.clone(),
+            // Sessions run the real shell; the passwd one is the recording shell.
+            shell: self.config.shell.clone(),
             groups,
         }
     }

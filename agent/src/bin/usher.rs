@@ -97,6 +97,9 @@ enum GrantCommand {
         reason: Option<String>,
         #[arg(long)]
         jti: Option<String>,
+        /// A file holding a one-time secret for console logins (its hash goes in the grant).
+        #[arg(long)]
+        console_secret_file: Option<PathBuf>,
     },
     /// Install a grant on this host (TOKEN, or - for standard input).
     Install { token: String },
@@ -155,7 +158,18 @@ fn run(cli: Cli) -> Result<(), String> {
             approved_by,
             reason,
             jti,
+            console_secret_file,
         }) => {
+            let secret_hash = match console_secret_file {
+                Some(p) => {
+                    let secret =
+                        std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                    Some(usher::grant::console_secret_hash(
+                        secret.trim_end_matches('\n'),
+                    )?)
+                }
+                None => None,
+            };
             let host = nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
@@ -190,7 +204,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 login,
                 groups,
                 ssh_keys: keys,
-                secret_hash: None,
+                secret_hash,
                 profile,
                 approved_by,
                 reason,

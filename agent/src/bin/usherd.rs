@@ -73,6 +73,13 @@ fn run(args: Args) -> Result<(), String> {
                 log::error!(target: "usher", "control socket: {e}");
             }
         });
+        let console_path = agent.config.console_socket.clone();
+        let console_agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = usher::console::serve(console_agent, &console_path).await {
+                log::error!(target: "usher", "console socket: {e}");
+            }
+        });
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| e.to_string())?;
         log::info!(target: "usher", "usherd {} ready on {}", env!("CARGO_PKG_VERSION"), agent.config.ssh.listen.join(", "));

@@ -43,6 +43,12 @@ pub fn keygen(alg: KeyAlg, kid: &str) -> Result<(String, String), String> {
     Ok((pem, jwks))
 }
 
+/// The crypt(3) SHA-512 hash of a console one-time secret, for the `secret_hash` claim.
+pub fn console_secret_hash(secret: &str) -> Result<String, String> {
+    let params = sha_crypt::Sha512Params::new(10_000).map_err(|e| format!("{e:?}"))?;
+    sha_crypt::sha512_simple(secret, &params).map_err(|e| format!("{e:?}"))
+}
+
 /// Signs `claims` with a key made by `keygen`; the key's type picks the algorithm.
 pub fn sign(private_pem: &str, kid: &str, claims: &Claims) -> Result<String, String> {
     let (key, alg) = encoding_key(private_pem)?;

@@ -6,7 +6,7 @@ mod store;
 mod verify;
 
 pub use claims::{Audience, Claims};
-pub use issue::{keygen, sign, KeyAlg};
+pub use issue::{console_secret_hash, keygen, sign, KeyAlg};
 pub use store::{GrantStore, Revocations};
 pub use verify::{Refusal, Verifier};
 

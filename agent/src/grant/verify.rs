@@ -191,6 +191,13 @@ impl Verifier {
                 return Err(Refusal::GroupNotAllowed(group.clone()));
             }
         }
+        if let Some(h) = &claims.secret_hash {
+            if !is_crypt_hash(h) {
+                return Err(Refusal::BadClaim(
+                    "secret_hash must be a crypt(3) hash ($6$, $5$, $y$, $2b$)".into(),
+                ));
+            }
+        }
         for line in &claims.ssh_keys {
             russh::keys::PublicKey::from_openssh(line)
                 .map_err(|e| Refusal::BadClaim(format!("ssh_keys: {e}")))?;
@@ -210,6 +217,17 @@ impl Verifier {
             profile,
         })
     }
+}
+
+/// A crypt(3) hash of a kind the system's tools understand, with nothing that could break
+/// the shadow file's format.
+pub fn is_crypt_hash(h: &str) -> bool {
+    ["$6$", "$5$", "$y$", "$2b$"]
+        .iter()
+        .any(|p| h.starts_with(p))
+        && h.len() <= 256
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "./$=".contains(c))
 }
 
 fn malformed(e: &jsonwebtoken::errors::Error) -> Refusal {

@@ -3,7 +3,7 @@
 
 mod cgroup;
 mod run;
-mod spawn;
+pub mod spawn;
 mod table;
 
 pub use cgroup::{sessions_root, v2_mount, Cgroup};

@@ -50,6 +50,7 @@ pub enum SessionCommand {
 
 #[derive(Debug, Clone)]
 pub struct SessionRequest {
+    pub kind: SessionKind,
     pub command: SessionCommand,
     pub pty: Option<PtySpec>,
     pub env: Vec<(String, String)>,
@@ -68,7 +69,7 @@ pub async fn run<S: ClientSink>(
     control: mpsc::UnboundedReceiver<Control>,
     sink: Arc<S>,
 ) {
-    let sg = match agent.open_session(&grant, SessionKind::Ssh).await {
+    let sg = match agent.open_session(&grant, request.kind).await {
         Ok(sg) => sg,
         Err(msg) => return refuse(&*sink, &msg).await,
     };
@@ -143,7 +144,10 @@ fn start_recording(
     };
     let meta = SessionMeta {
         session_id: sg.session_id.clone(),
-        kind: "ssh".into(),
+        kind: match request.kind {
+            SessionKind::Ssh => "ssh".into(),
+            SessionKind::Console => "console".into(),
+        },
         host: agent.host.clone(),
         login: grant.login().into(),
         uid: sg.account.uid,

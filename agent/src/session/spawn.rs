@@ -174,3 +174,11 @@ impl PtyMaster {
             .unwrap_or(false)
     }
 }
+
+/// The window size of the terminal behind `fd`, if it is one.
+pub fn terminal_size(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u16, u16)> {
+    let mut size = winsize(0, 0);
+    // SAFETY: TIOCGWINSZ writes one winsize into a valid pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
+    (r == 0 && size.ws_col > 0 && size.ws_row > 0).then_some((size.ws_col, size.ws_row))
+}

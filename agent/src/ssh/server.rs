@@ -242,6 +242,7 @@ impl Connection {
         state.stdin = Some(stdin_tx);
         state.control = Some(control_tx);
         let request = SessionRequest {
+            kind: session::SessionKind::Ssh,
             command,
             pty: state.pty.clone(),
             env: state.env.clone(),

@@ -1,0 +1,290 @@
+//! Console sessions: a local login (`login` on a tty, a serial console, `su - name`) of an
+//! ephemeral account starts its login shell, `usher-shell`, which hands its terminal to the
+//! agent over `console.sock`. The agent then runs the session exactly as it runs an SSH
+//! one — its own cgroup, the exec profile, a recording — relaying between the login's
+//! terminal and a PTY of its own. The account's identity comes from SO_PEERCRED, never
+//! from what the client says.
+
+use crate::daemon::Agent;
+use crate::session::{
+    self, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionKind, SessionRequest,
+};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, Mutex};
+
+/// The first message, sent with the client's stdin, stdout and stderr attached.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OpenRequest {
+    pub term: Option<String>,
+    pub command: Option<String>,
+}
+
+/// What the agent tells `usher-shell`, one JSON object per line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ShellEvent {
+    Refused {
+        reason: String,
+    },
+    Exit {
+        status: Option<i32>,
+        signal: Option<i32>,
+    },
+}
+
+/// What `usher-shell` tells the agent after the start.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ShellControl {
+    pub resize: Option<(u16, u16)>,
+}
+
+pub async fn serve(agent: Arc<Agent>, path: &Path) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // Every account's login shell connects here; who it is comes from the kernel.
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(agent, stream).await {
+                log::warn!(target: "usher::console", "console request failed: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(agent: Arc<Agent>, stream: UnixStream) -> Result<(), String> {
+    let cred = stream.peer_cred().map_err(|e| e.to_string())?;
+    let uid = cred.uid();
+    let std_stream = stream.into_std().map_err(|e| e.to_string())?;
+    let (std_stream, payload, fds) =
+        tokio::task::spawn_blocking(move || receive_with_fds(std_stream))
+            .await
+            .map_err(|e| e.to_string())??;
+    std_stream
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
+    let stream = UnixStream::from_std(std_stream).map_err(|e| e.to_string())?;
+    let (read, write) = stream.into_split();
+    let write = Arc::new(Mutex::new(write));
+
+    let request: OpenRequest = match serde_json::from_slice(&payload) {
+        Ok(r) if fds.len() == 3 => r,
+        _ => {
+            return say(
+                &write,
+                &ShellEvent::Refused {
+                    reason: "bad request".into(),
+                },
+            )
+            .await
+        }
+    };
+    let grant = match agent.console_grant_for_uid(uid) {
+        Ok(g) => g,
+        Err(reason) => {
+            audit!("console_refused", uid = uid, reason = reason.as_str(); "console login of uid {uid} refused: {reason}");
+            return say(&write, &ShellEvent::Refused { reason }).await;
+        }
+    };
+    let mut fds = fds.into_iter();
+    let (fd_in, fd_out, fd_err) = (
+        fds.next().unwrap(),
+        fds.next().unwrap(),
+        fds.next().unwrap(),
+    );
+    let is_tty = nix::unistd::isatty(fd_in.as_raw_fd()).unwrap_or(false);
+    let pty = is_tty.then(|| {
+        let (cols, rows) = session::spawn::terminal_size(fd_in.as_fd()).unwrap_or((80, 24));
+        PtySpec {
+            term: request
+                .term
+                .filter(|t| t.len() <= 64 && t.chars().all(|c| c.is_ascii_graphic()))
+                .unwrap_or_else(|| "linux".into()),
+            cols,
+            rows,
+        }
+    });
+    let tty = nix::unistd::ttyname(fd_in.as_fd())
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "no terminal".into());
+    let session_request = SessionRequest {
+        kind: SessionKind::Console,
+        command: match request.command {
+            Some(c) if !c.contains('\0') => SessionCommand::Exec(c),
+            _ => SessionCommand::Shell,
+        },
+        pty,
+        env: Vec::new(),
+        peer: Some(format!("console {tty} (pid {})", cred.pid().unwrap_or(0))),
+    };
+
+    // The client's descriptors may be a terminal, a pipe or /dev/null (not all can be
+    // polled by epoll): a thread reads with poll(2) and a short timeout, so that it stops
+    // when the session does and never steals input from whoever reads the terminal next.
+    let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(64);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        let file = std::fs::File::from(fd_in);
+        std::thread::spawn(move || read_until_stopped(file, stdin_tx, stop))
+    };
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let controller = tokio::spawn(async move {
+        let mut lines = BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(ShellControl {
+                resize: Some((c, r)),
+            }) = serde_json::from_str(&line)
+            {
+                let _ = control_tx.send(Control::Resize(c.clamp(1, 1000), r.clamp(1, 1000)));
+            }
+        }
+        // The login shell is gone: the session is hung up.
+    });
+    let sink = Arc::new(ConsoleSink {
+        out: Arc::new(std::fs::File::from(fd_out)),
+        err: Arc::new(std::fs::File::from(fd_err)),
+        socket: write.clone(),
+    });
+    session::run(agent, grant, session_request, stdin_rx, control_rx, sink).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    controller.abort();
+    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    Ok(())
+}
+
+fn read_until_stopped(
+    mut file: std::fs::File,
+    tx: mpsc::Sender<Bytes>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::io::Read;
+    let mut buf = vec![0u8; 4096];
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let ready = {
+            let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(100u16)) {
+                Ok(n) => n > 0,
+                Err(nix::errno::Errno::EINTR) => false,
+                Err(_) => break,
+            }
+        };
+        if !ready {
+            continue;
+        }
+        match file.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx.blocking_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn say(write: &Mutex<OwnedWriteHalf>, event: &ShellEvent) -> Result<(), String> {
+    let mut line = serde_json::to_vec(event).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    write
+        .lock()
+        .await
+        .write_all(&line)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+struct ConsoleSink {
+    out: Arc<std::fs::File>,
+    err: Arc<std::fs::File>,
+    socket: Arc<Mutex<OwnedWriteHalf>>,
+}
+
+async fn write_blocking(file: &Arc<std::fs::File>, data: Bytes) -> bool {
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        (&*file).write_all(&data).is_ok()
+    })
+    .await
+    .unwrap_or(false)
+}
+
+impl ClientSink for ConsoleSink {
+    async fn stdout(&self, data: Bytes) -> bool {
+        write_blocking(&self.out, data).await
+    }
+
+    async fn stderr(&self, data: Bytes) -> bool {
+        write_blocking(&self.err, data).await
+    }
+
+    async fn finish(&self, outcome: ExitOutcome) {
+        let event = match outcome {
+            ExitOutcome::Status(s) => ShellEvent::Exit {
+                status: Some(s),
+                signal: None,
+            },
+            ExitOutcome::Signal(s) => ShellEvent::Exit {
+                status: None,
+                signal: Some(s),
+            },
+        };
+        let _ = say(&self.socket, &event).await;
+    }
+}
+
+/// Reads the first message and the descriptors that came with it (SCM_RIGHTS), waiting
+/// at most a few seconds.
+fn receive_with_fds(
+    stream: std::os::unix::net::UnixStream,
+) -> Result<(std::os::unix::net::UnixStream, Vec<u8>, Vec<OwnedFd>), String> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 8192];
+    let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+    let (n, fds) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| format!("receiving the console request: {e}"))?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().map_err(|e| e.to_string())? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel just installed these descriptors for us.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        (msg.bytes, fds)
+    };
+    buf.truncate(n);
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    Ok((stream, buf, fds))
+}
