@@ -55,6 +55,18 @@ impl Agent {
     /// Loads state, reconciles accounts and sessions with the live grants, starts the
     /// enforcement programs.
     pub fn start(config: Config) -> Result<Arc<Agent>, String> {
+        let agent = Self::build(config, true)?;
+        agent.reconcile(agent.started_at);
+        Ok(agent)
+    }
+
+    /// The agent's state without its kernel programs or reconciliation, for one-shot
+    /// maintenance (`usherd --remove-accounts`).
+    pub fn start_offline(config: Config) -> Result<Arc<Agent>, String> {
+        Self::build(config, false)
+    }
+
+    fn build(config: Config, online: bool) -> Result<Arc<Agent>, String> {
         let now = grant::now();
         crate::fsutil::private_dir(&config.state_dir, 0o700)
             .map_err(|e| format!("{}: {e}", config.state_dir.display()))?;
@@ -77,7 +89,11 @@ impl Agent {
         }
         let accounts = Accounts::open(&config.accounts, &config.login_shell(), &config.state_dir)
             .map_err(|e| e.to_string())?;
-        let enforcer = Enforcer::start(config.enforcement);
+        let enforcer = Enforcer::start(if online {
+            config.enforcement
+        } else {
+            Enforcement::Off
+        });
         log::info!(target: "usher::enforce", enforcement_path = enforcer.path().to_string().as_str(); "exec enforcement: {} (mode {:?})", enforcer.path(), config.enforcement);
         let sessions = SessionTable::open(&config.state_dir.join("sessions.json"))
             .map_err(|e| format!("session table: {e}"))?;
@@ -94,7 +110,6 @@ impl Agent {
             shipper: std::sync::OnceLock::new(),
             config,
         });
-        agent.reconcile(now);
         Ok(agent)
     }
 
@@ -305,6 +320,33 @@ impl Agent {
         })
         .await
         .map_err(|e| e.to_string())?
+    }
+
+    /// Re-reads issuers, policy and profiles (SIGHUP, `systemctl reload`). Live sessions,
+    /// grants and accounts are untouched; listen addresses and directories need a restart.
+    pub fn reload(&self, config: &Config) -> Result<(), String> {
+        let profiles = Profiles::load(&config.policies_dir)?;
+        let verifier = Verifier::from_config(config, profiles.names())?;
+        *lock(&self.verifier) = Arc::new(verifier);
+        *lock(&self.profiles) = Arc::new(profiles);
+        audit!("config_reloaded", issuers = config.issuers.len(); "configuration reloaded: {} issuer(s), profiles {:?}", config.issuers.len(), lock(&self.profiles).names());
+        Ok(())
+    }
+
+    /// For package removal: ends every session and removes every account this agent made.
+    pub fn remove_everything(&self) {
+        for rec in self.sessions.leftovers() {
+            if let Ok(cg) = Cgroup::open(&rec.cgroup) {
+                let _ = cg.kill_and_remove();
+            }
+            self.sessions.forget(&rec.id);
+        }
+        let orphans = lock(&self.accounts)
+            .orphans(&BTreeSet::new())
+            .unwrap_or_default();
+        for name in orphans {
+            self.remove_account(&name, "usher is being removed");
+        }
     }
 
     /// A spool over its size means recordings are not leaving the host: new sessions wait

@@ -195,6 +195,7 @@ fn port_forwarding_only_when_the_profile_allows_it() {
             "tunnel.toml".into(),
             "name = \"tunnel\"\ndescription = \"shell and local forwarding\"\nport_forwarding = true\n".into(),
         )],
+        ..Default::default()
     });
     let plain = agent.login("plain");
     assert!(agent

@@ -2,6 +2,7 @@
 
 mod bench_ssh;
 mod ebpf;
+mod package;
 mod setup;
 mod util;
 
@@ -12,6 +13,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   build-ebpf     build the eBPF programs
   run            set up, build and run usherd here with the built-in defaults
   test           build the binaries and run every test (as root)
+  package        build the .deb and .rpm into target/package
   bench ssh      usherd vs OpenSSH sshd: throughput, set-up latency, memory
   bench exec     exec overhead: no agent, usherd's eBPF, auditd";
 
@@ -22,6 +24,7 @@ fn main() -> ExitCode {
         Some("build-ebpf") => ebpf::build_ebpf(),
         Some("run") => setup::all().and_then(|()| setup::run_agent(&args[1..])),
         Some("test") => setup::test(&args[1..]),
+        Some("package") => package::run_package(),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("ssh") => bench_ssh::run(),
             Some("exec") => ebpf::bench_exec(),

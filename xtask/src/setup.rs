@@ -30,7 +30,12 @@ fn installed(pkg: &str) -> bool {
 }
 
 pub fn packages() -> Result<(), String> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    ensure_packages(PACKAGES)
+}
+
+/// Installs whichever of `wanted` is missing (apt), and nothing when all are there.
+pub fn ensure_packages(wanted: &[&str]) -> Result<(), String> {
+    let missing: Vec<&str> = wanted.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }

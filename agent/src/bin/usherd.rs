@@ -20,6 +20,10 @@ struct Args {
     /// More detail in the log.
     #[arg(short, long)]
     verbose: bool,
+    /// End every session and remove every account this agent made, then exit (used when
+    /// the package is removed).
+    #[arg(long)]
+    remove_accounts: bool,
 }
 
 fn main() -> ExitCode {
@@ -48,8 +52,14 @@ fn run(args: Args) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("usherd must run as root (it creates accounts and cgroups)".into());
     }
+    let config_path = args.config.clone();
     let mut config = load_config(args.config)?;
     usher::local_issuer::ensure(&mut config)?;
+    if args.remove_accounts {
+        let agent = Agent::start_offline(config)?;
+        agent.remove_everything();
+        return Ok(());
+    }
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async move {
         let agent = Agent::start(config)?;
@@ -82,13 +92,53 @@ fn run(args: Args) -> Result<(), String> {
         });
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| e.to_string())?;
-        log::info!(target: "usher", "usherd {} ready on {}", env!("CARGO_PKG_VERSION"), agent.config.ssh.listen.join(", "));
-        tokio::select! {
-            r = usher::ssh::serve(agent.clone(), host_key) => r,
-            _ = term.recv() => { log::info!(target: "usher", "usherd stopping (SIGTERM)"); Ok(()) }
-            _ = tokio::signal::ctrl_c() => { log::info!(target: "usher", "usherd stopping (SIGINT)"); Ok(()) }
-        }
+        spawn_reloader(agent.clone(), config_path);
+        let serving = usher::ssh::serve(agent.clone(), host_key);
+        tokio::pin!(serving);
+        // Ready once the listeners are bound: give them a moment, then tell systemd.
+        let ready = tokio::time::sleep(std::time::Duration::from_millis(100));
+        tokio::pin!(ready);
+        let mut announced = false;
+        let result = loop {
+            tokio::select! {
+                r = &mut serving => break r,
+                _ = &mut ready, if !announced => {
+                    announced = true;
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                    log::info!(target: "usher", "usherd {} ready on {}", env!("CARGO_PKG_VERSION"), agent.config.ssh.listen.join(", "));
+                }
+                _ = term.recv() => { log::info!(target: "usher", "usherd stopping (SIGTERM)"); break Ok(()) }
+                _ = tokio::signal::ctrl_c() => { log::info!(target: "usher", "usherd stopping (SIGINT)"); break Ok(()) }
+            }
+        };
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        result
     })
+}
+
+/// SIGHUP (`systemctl reload usherd`) re-reads issuers, policy and profiles.
+fn spawn_reloader(agent: Arc<Agent>, path: Option<PathBuf>) {
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let mut states = vec![sd_notify::NotifyState::Reloading];
+            if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+                states.push(now);
+            }
+            let _ = sd_notify::notify(false, &states);
+            let result = load_config(path.clone()).and_then(|mut c| {
+                usher::local_issuer::ensure(&mut c)?;
+                agent.reload(&c)
+            });
+            if let Err(e) = result {
+                log::error!(target: "usher", "reload failed, keeping the previous configuration: {e}");
+            }
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        }
+    });
 }
 
 /// Grants end on time: every second, whatever else the agent is doing.

@@ -1,0 +1,147 @@
+//! `cargo xtask package`: a .deb (dpkg-deb) and an .rpm (rpmbuild) from one staged tree.
+//! `USHER_PKG_RELEASE` sets the package release (default 1), so an upgrade can be tested.
+
+use crate::util::{cargo, run, workspace_root};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const DEB_DEPENDS: &str = "passwd, openssh-sftp-server, login";
+
+fn copy(from: &Path, to: &Path, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(to.parent().unwrap()).map_err(|e| e.to_string())?;
+    std::fs::copy(from, to).map_err(|e| format!("{} -> {}: {e}", from.display(), to.display()))?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode)).map_err(|e| e.to_string())
+}
+
+fn version() -> String {
+    env!("CARGO_PKG_VERSION").to_string()
+}
+
+pub fn run_package() -> Result<(), String> {
+    let release = std::env::var("USHER_PKG_RELEASE").unwrap_or_else(|_| "1".into());
+    run(cargo().args(["build", "--release", "--bins"]))?;
+    let root = workspace_root();
+    let out = root.join("target/package");
+    let stage = out.join("root");
+    let _ = std::fs::remove_dir_all(&stage);
+    let bin = root.join("target/release");
+    let p = root.join("packaging");
+    copy(&bin.join("usherd"), &stage.join("usr/sbin/usherd"), 0o755)?;
+    copy(&bin.join("usher"), &stage.join("usr/bin/usher"), 0o755)?;
+    copy(
+        &bin.join("usher-shell"),
+        &stage.join("usr/libexec/usher/usher-shell"),
+        0o755,
+    )?;
+    copy(
+        &p.join("usherd.service"),
+        &stage.join("lib/systemd/system/usherd.service"),
+        0o644,
+    )?;
+    copy(
+        &p.join("tmpfiles.conf"),
+        &stage.join("usr/lib/tmpfiles.d/usher.conf"),
+        0o644,
+    )?;
+    copy(
+        &p.join("usherd.toml"),
+        &stage.join("etc/usher/usherd.toml"),
+        0o644,
+    )?;
+    copy(
+        &root.join("README.md"),
+        &stage.join("usr/share/doc/usher/README.md"),
+        0o644,
+    )?;
+    copy(
+        &root.join("LICENSE"),
+        &stage.join("usr/share/doc/usher/copyright"),
+        0o644,
+    )?;
+    let mut conffiles = vec!["/etc/usher/usherd.toml".to_string()];
+    std::fs::create_dir_all(stage.join("etc/usher/policies")).map_err(|e| e.to_string())?;
+    let mut policies: Vec<PathBuf> = std::fs::read_dir(root.join("policies"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect()
+        })
+        .unwrap_or_default();
+    policies.sort();
+    for policy in &policies {
+        let name = policy.file_name().unwrap().to_string_lossy().into_owned();
+        copy(policy, &stage.join("etc/usher/policies").join(&name), 0o644)?;
+        conffiles.push(format!("/etc/usher/policies/{name}"));
+    }
+
+    // .deb
+    let debian = stage.join("DEBIAN");
+    std::fs::create_dir_all(&debian).map_err(|e| e.to_string())?;
+    for script in ["postinst", "prerm", "postrm"] {
+        copy(&p.join("deb").join(script), &debian.join(script), 0o755)?;
+    }
+    std::fs::write(debian.join("conffiles"), conffiles.join("\n") + "\n")
+        .map_err(|e| e.to_string())?;
+    let size_kib = dir_size(&stage) / 1024;
+    let control = format!(
+        "Package: usher\nVersion: {v}-{release}\nArchitecture: amd64\nMaintainer: Usher developers <usher@localhost>\n\
+         Installed-Size: {size_kib}\nDepends: {DEB_DEPENDS}\nRecommends: asciinema\nSection: admin\nPriority: optional\n\
+         Description: just-in-time access host agent\n usherd turns signed, time-bounded grants into ephemeral local accounts,\n \
+         terminates SSH itself, runs every session in its own cgroup and records\n terminal sessions as asciicasts.\n",
+        v = version()
+    );
+    std::fs::write(debian.join("control"), control).map_err(|e| e.to_string())?;
+    let deb = out.join(format!("usher_{}-{release}_amd64.deb", version()));
+    run(Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Zxz", "--build"])
+        .arg(&stage)
+        .arg(&deb))?;
+    println!("{}", deb.display());
+
+    // .rpm, from the same tree
+    crate::setup::ensure_packages(&["rpm"])?;
+    let rpm_top = out.join("rpmbuild");
+    let _ = std::fs::remove_dir_all(&rpm_top);
+    run(Command::new("rpmbuild")
+        .arg("-bb")
+        .arg(p.join("rpm/usher.spec"))
+        .arg("--define")
+        .arg(format!("_topdir {}", rpm_top.display()))
+        .arg("--define")
+        .arg(format!("usher_version {}", version()))
+        .arg("--define")
+        .arg(format!("usher_release {release}"))
+        .arg("--define")
+        .arg(format!("usher_stage {}", stage.display()))
+        .arg("--define")
+        .arg("__os_install_post %{nil}")
+        .arg("--define")
+        .arg("debug_package %{nil}"))?;
+    let rpm = rpm_top.join(format!(
+        "RPMS/x86_64/usher-{}-{release}.x86_64.rpm",
+        version()
+    ));
+    let dest = out.join(rpm.file_name().unwrap());
+    std::fs::rename(&rpm, &dest).map_err(|e| format!("{}: {e}", rpm.display()))?;
+    println!("{}", dest.display());
+    Ok(())
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    let m = e.metadata().ok();
+                    match m {
+                        Some(m) if m.is_dir() => dir_size(&e.path()),
+                        Some(m) => m.len(),
+                        None => 0,
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
