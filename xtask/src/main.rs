@@ -3,6 +3,7 @@
 mod bench_ssh;
 mod ebpf;
 mod package;
+mod package_test;
 mod setup;
 mod util;
 
@@ -14,6 +15,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   run            set up, build and run usherd here with the built-in defaults
   test           build the binaries and run every test (as root)
   package        build the .deb and .rpm into target/package
+  test-package   install, use, reload, upgrade and remove the .deb on a booted systemd
   bench ssh      usherd vs OpenSSH sshd: throughput, set-up latency, memory
   bench exec     exec overhead: no agent, usherd's eBPF, auditd";
 
@@ -25,6 +27,7 @@ fn main() -> ExitCode {
         Some("run") => setup::all().and_then(|()| setup::run_agent(&args[1..])),
         Some("test") => setup::test(&args[1..]),
         Some("package") => package::run_package(),
+        Some("test-package") => package_test::run_test(),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("ssh") => bench_ssh::run(),
             Some("exec") => ebpf::bench_exec(),

@@ -27,13 +27,16 @@ pub fn run_package() -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&stage);
     let bin = root.join("target/release");
     let p = root.join("packaging");
-    copy(&bin.join("usherd"), &stage.join("usr/sbin/usherd"), 0o755)?;
-    copy(&bin.join("usher"), &stage.join("usr/bin/usher"), 0o755)?;
-    copy(
-        &bin.join("usher-shell"),
-        &stage.join("usr/libexec/usher/usher-shell"),
-        0o755,
-    )?;
+    for (name, dest) in [
+        ("usherd", "usr/sbin/usherd"),
+        ("usher", "usr/bin/usher"),
+        ("usher-shell", "usr/libexec/usher/usher-shell"),
+    ] {
+        copy(&bin.join(name), &stage.join(dest), 0o755)?;
+        run(Command::new("strip")
+            .arg("--strip-debug")
+            .arg(stage.join(dest)))?;
+    }
     copy(
         &p.join("usherd.service"),
         &stage.join("lib/systemd/system/usherd.service"),
@@ -104,6 +107,14 @@ pub fn run_package() -> Result<(), String> {
     crate::setup::ensure_packages(&["rpm"])?;
     let rpm_top = out.join("rpmbuild");
     let _ = std::fs::remove_dir_all(&rpm_top);
+    // The policies are conffiles too; rpm wants them named.
+    let filelist = out.join("rpm-policies.list");
+    let lines: Vec<String> = conffiles
+        .iter()
+        .filter(|c| c.starts_with("/etc/usher/policies/"))
+        .map(|c| format!("%config(noreplace) {c}"))
+        .collect();
+    std::fs::write(&filelist, lines.join("\n") + "\n").map_err(|e| e.to_string())?;
     run(Command::new("rpmbuild")
         .arg("-bb")
         .arg(p.join("rpm/usher.spec"))
@@ -115,6 +126,8 @@ pub fn run_package() -> Result<(), String> {
         .arg(format!("usher_release {release}"))
         .arg("--define")
         .arg(format!("usher_stage {}", stage.display()))
+        .arg("--define")
+        .arg(format!("usher_filelist {}", filelist.display()))
         .arg("--define")
         .arg("__os_install_post %{nil}")
         .arg("--define")

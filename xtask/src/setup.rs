@@ -14,6 +14,10 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "passwd",
     "procps",
+    "login",
+    "debootstrap",
+    "systemd-container",
+    "rpm",
 ];
 
 pub fn all() -> Result<(), String> {
@@ -77,8 +81,14 @@ pub fn run_agent(extra: &[String]) -> Result<(), String> {
     run(Command::new(bin.join("usherd")).args(extra))
 }
 
-/// Builds the binaries the end-to-end tests drive, then runs every test.
+/// Builds the binaries the end-to-end tests drive, runs every test, then the packages on
+/// a booted systemd (skipped with USHER_SKIP_PACKAGE_TEST=1).
 pub fn test(extra: &[String]) -> Result<(), String> {
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    run(cargo().args(["test", "--workspace"]).args(extra))
+    run(cargo().args(["test", "--workspace"]).args(extra))?;
+    if std::env::var_os("USHER_SKIP_PACKAGE_TEST").is_some() {
+        eprintln!("xtask: package test skipped (USHER_SKIP_PACKAGE_TEST)");
+        return Ok(());
+    }
+    crate::package_test::run_test()
 }
