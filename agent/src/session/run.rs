@@ -482,6 +482,15 @@ async fn relay<S: ClientSink>(
         }
     }
     writer.abort();
+    // The last execs of a session (bash execs its last command) can reach the agent just
+    // after the process is reaped: give them a moment to land in the recording.
+    if let Some(rx) = exec_events.as_mut() {
+        while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {
+            agent.sessions.count_command(&session_id);
+            let (line, marker) = super::exec_audit(&ev);
+            let _ = record(rec, required, |r| r.audit(&line, Some(&marker)));
+        }
+    }
     if let Some(rx) = exec_events {
         let path = agent.spool_dir().join(format!("{session_id}.audit.jsonl"));
         super::append_exec_events(path, rx);
