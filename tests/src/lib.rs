@@ -39,6 +39,8 @@ pub struct Options {
     pub profiles: Vec<(String, String)>,
     /// Put the spool on a tmpfs of this many KiB (a disk that fills up).
     pub spool_tmpfs_kib: Option<u32>,
+    /// `enforcement = ...` (default "best-effort").
+    pub enforcement: Option<String>,
 }
 
 pub struct TestAgent {
@@ -118,7 +120,7 @@ spool_dir = "{d}/spool"
 policies_dir = "{d}/policies"
 control_socket = "{d}/control.sock"
 console_socket = "{d}/console.sock"
-enforcement = "best-effort"
+enforcement = "{enforcement}"
 
 [ssh]
 listen = ["127.0.0.1:{port}"]
@@ -137,6 +139,7 @@ jwks = "{d}/issuer.jwks.json"
 "#,
             d = dir.display(),
             extra = options.extra_config,
+            enforcement = options.enforcement.as_deref().unwrap_or("best-effort"),
         );
         // The accounts' login shell: usher-shell, pointed at this agent's console socket.
         let wrapper = dir.join("usher-shell");
@@ -365,6 +368,24 @@ jwks = "{d}/issuer.jwks.json"
             .unwrap_or_default();
         ids.sort();
         ids
+    }
+
+    /// The audit stream of a recorded session, one JSON value per line.
+    pub fn audit(&self, id: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.spool().join(format!("{id}.audit.jsonl")))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The exec events of a recorded session.
+    pub fn execs(&self, id: &str) -> Vec<serde_json::Value> {
+        self.audit(id)
+            .into_iter()
+            .filter(|e| e["event"] == "exec")
+            .map(|e| e["exec"].clone())
+            .collect()
     }
 
     pub fn meta(&self, id: &str) -> serde_json::Value {

@@ -1,5 +1,6 @@
 //! `cargo xtask`: set-up, eBPF build, running the agent, tests and benchmarks.
 
+mod bench_exec;
 mod bench_ssh;
 mod ebpf;
 mod package;

@@ -14,6 +14,7 @@ use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_p
 use aya_ebpf::macros::{lsm, map, tracepoint};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{LsmContext, TracePointContext};
+use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::info;
 use usher_ebpf_common::*;
@@ -147,8 +148,18 @@ unsafe fn report(o: &Offsets, cgroup_id: u64, image: &Image, verdict: u32, rule:
             }
         }
     }
-    entry.submit(0);
+    // Waking the agent for every exec of an exec storm costs more than the exec: wake it
+    // at once for a block, otherwise only when a good amount has piled up (the agent also
+    // drains the ring on a short timer).
+    let wake = if verdict != VERDICT_ALLOWED || EVENTS.query(BPF_RB_AVAIL_DATA as u64) > WAKE_AT_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wake as u64);
 }
+
+const WAKE_AT_BYTES: u64 = 128 * 1024;
 
 #[tracepoint]
 pub fn sched_process_exec(ctx: TracePointContext) -> u32 {

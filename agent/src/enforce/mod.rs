@@ -429,25 +429,39 @@ fn spawn_reader(
         unsafe { AsyncFd::register(ring) }.map_err(|e| format!("events ring buffer: {e}"))?;
     let epoch = boot_epoch();
     tokio::spawn(async move {
+        // The programs wake the reader for blocks and for backlogs; ordinary events are
+        // also collected on this tick.
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
+            let woken = tokio::select! {
+                r = fd.readable_mut() => Some(r),
+                _ = tick.tick() => None,
             };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                if item.len() < std::mem::size_of::<common::ExecEvent>() {
-                    continue;
+            match woken {
+                Some(Ok(mut guard)) => {
+                    drain(guard.get_inner_mut(), epoch, &routes);
+                    guard.clear_ready();
                 }
-                // SAFETY: the programs write exactly one ExecEvent per record; read it
-                // unaligned from the ring's memory.
-                let raw: common::ExecEvent =
-                    unsafe { std::ptr::read_unaligned(item.as_ptr() as *const common::ExecEvent) };
-                dispatch(&raw, epoch, &routes);
+                Some(Err(_)) => return,
+                None => drain(fd.get_mut(), epoch, &routes),
             }
-            guard.clear_ready();
         }
     });
     Ok(())
+}
+
+fn drain(ring: &mut RingBuf<MapData>, epoch: f64, routes: &Mutex<HashMap<u64, Route>>) {
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<common::ExecEvent>() {
+            continue;
+        }
+        // SAFETY: the programs write exactly one ExecEvent per record; read it unaligned
+        // from the ring's memory.
+        let raw: common::ExecEvent =
+            unsafe { std::ptr::read_unaligned(item.as_ptr() as *const common::ExecEvent) };
+        dispatch(&raw, epoch, routes);
+    }
 }
 
 fn dispatch(raw: &common::ExecEvent, epoch: f64, routes: &Mutex<HashMap<u64, Route>>) {
