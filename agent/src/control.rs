@@ -138,6 +138,7 @@ fn status(agent: &Arc<Agent>) -> serde_json::Value {
         "enforcement": {
             "mode": agent.config.enforcement,
             "path": agent.enforcer.path().to_string(),
+            "lost_events": agent.enforcer.lost_events(),
         },
         "grants": agent.grants().len(),
         "sessions": agent.sessions.list().len(),

@@ -25,6 +25,7 @@ pub struct Agent {
     pub enforcer: Enforcer,
     pub started_at: i64,
     pub shipper: std::sync::OnceLock<Arc<crate::ship::Shipper>>,
+    lost_reported: std::sync::atomic::AtomicU64,
 }
 
 impl crate::ship::LiveSessions for Agent {
@@ -108,6 +109,7 @@ impl Agent {
             enforcer,
             started_at: now,
             shipper: std::sync::OnceLock::new(),
+            lost_reported: std::sync::atomic::AtomicU64::new(0),
             config,
         });
         Ok(agent)
@@ -447,8 +449,16 @@ impl Agent {
         Ok(known)
     }
 
-    /// Ends every grant whose time is up. Runs every second.
+    /// Ends every grant whose time is up, and says so when the kernel dropped exec events.
+    /// Runs every second.
     pub async fn sweep(self: &Arc<Self>) {
+        let lost = self.enforcer.lost_events();
+        let before = self
+            .lost_reported
+            .swap(lost, std::sync::atomic::Ordering::SeqCst);
+        if lost > before {
+            audit!("exec_events_lost", lost = lost - before, total = lost; "{} exec event(s) lost: the kernel's ring buffer was full ({lost} since start-up)", lost - before);
+        }
         let now = grant::now();
         let ended: Vec<String> = lock(&self.grants)
             .iter()

@@ -73,3 +73,38 @@ impl Profile {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_profiles_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let profiles = Profiles::load(&dir).unwrap();
+        for name in ["default", "restricted", "no-network-tools"] {
+            let p = profiles
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} missing"));
+            p.exec.resolve().unwrap();
+        }
+        assert_eq!(
+            profiles.get("restricted").unwrap().exec.mode,
+            crate::enforce::ExecMode::Allow
+        );
+    }
+
+    #[test]
+    fn a_broken_profile_is_an_error_with_its_file_name() {
+        let dir = std::env::temp_dir().join(format!("usher-profiles-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("bad.toml"),
+            "name = \"x\"\n[exec]\nmode = \"sometimes\"\n",
+        )
+        .unwrap();
+        let err = Profiles::load(&dir).unwrap_err();
+        assert!(err.contains("bad.toml"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

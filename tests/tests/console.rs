@@ -5,11 +5,13 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 use usher_tests::*;
 
+/// Console logins allowed; `id` is not.
 const CONSOLE_PROFILE: &str =
-    "name = \"console\"\ndescription = \"console logins allowed\"\nconsole = true\n";
+    "name = \"console\"\nconsole = true\n[exec]\nmode = \"deny\"\npaths = [\"/usr/bin/id\"]\n";
 
 fn console_agent() -> TestAgent {
     TestAgent::start_with(Options {
+        enforcement: Some("required".into()),
         extra_config: "[policy]\nallowed_profiles = [\"default\", \"console\"]\n".into(),
         profiles: vec![("console.toml".into(), CONSOLE_PROFILE.into())],
         ..Default::default()
@@ -102,8 +104,12 @@ fn login_with_the_one_time_secret_is_a_recorded_session_in_its_own_cgroup() {
         &name,
         "correct-horse-battery",
         0.5,
-        &["echo CONSOLE-$((6*7)); grep 0:: /proc/self/cgroup", "exit"],
+        &[
+            "echo CONSOLE-$((6*7)); grep 0:: /proc/self/cgroup; id",
+            "exit",
+        ],
     );
+    assert!(shown.contains("usher: blocked /usr/bin/id"), "{shown}");
     assert!(shown.contains("CONSOLE-42"), "{shown}\n{}", agent.log());
     assert!(shown.contains("/usher-sessions/"), "{shown}");
     let ids = agent.recorded_sessions();
@@ -129,7 +135,10 @@ fn su_to_the_account_is_recorded_and_exit_status_kept() {
     let agent = console_agent();
     let name = agent.login("sudo");
     console_grant(&agent, &name, "s3cret", 600);
-    let out = su(&name, "id -un; grep 0:: /proc/self/cgroup; exit 3");
+    let out = su(
+        &name,
+        "whoami; grep 0:: /proc/self/cgroup; id; echo \"id:$?\"; exit 3",
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -140,9 +149,26 @@ fn su_to_the_account_is_recorded_and_exit_status_kept() {
     );
     assert!(text.starts_with(&name), "{text}");
     assert!(text.contains("/usher-sessions/"), "{text}");
+    // The console profile denies id: enforced and attributed like an SSH session.
+    assert!(text.contains("id:137"), "{text}");
+    assert!(!text.contains("uid="), "{text}");
     let id = agent.recorded_sessions().pop().unwrap();
     assert_eq!(agent.meta(&id)["kind"], "console");
     assert_eq!(agent.meta(&id)["exit_status"], 3);
+    assert_eq!(agent.meta(&id)["enforced"], true);
+    let execs = agent.execs(&id);
+    assert!(
+        execs
+            .iter()
+            .any(|e| e["path"] == "/usr/bin/whoami" && e["verdict"] == "allowed"),
+        "{execs:#?}"
+    );
+    assert!(
+        execs
+            .iter()
+            .any(|e| e["filename"] == "/usr/bin/id" && e["verdict"] == "killed"),
+        "{execs:#?}"
+    );
 }
 
 #[test]
