@@ -18,11 +18,57 @@ const PACKAGES: &[&str] = &[
     "debootstrap",
     "systemd-container",
     "rpm",
+    "chromium",
+    "curl",
+    "openssl",
 ];
 
 pub fn all() -> Result<(), String> {
     packages()?;
-    crate::ebpf::setup()
+    crate::ebpf::setup()?;
+    player_assets()?;
+    moto()
+}
+
+/// moto's S3-compatible server (PyPI), for the collector's S3 tests.
+pub fn moto() -> Result<(), String> {
+    if Command::new("sh")
+        .args(["-c", "command -v moto_server"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "moto[server]"]))
+}
+
+/// asciinema-player (from the npm registry) for the collector's replay page, in
+/// target/web-assets; the collector serves it from there (`assets_dir`).
+pub fn player_assets() -> Result<(), String> {
+    let dest = workspace_root().join("target/web-assets");
+    if dest.join("asciinema-player.min.js").exists() {
+        return Ok(());
+    }
+    // Node may come from elsewhere than Debian's packages; it only has to run.
+    if Command::new("npm").arg("--version").output().is_err() {
+        ensure_packages(&["nodejs", "npm"])?;
+    }
+    let npm_dir = workspace_root().join("target/npm");
+    std::fs::create_dir_all(&npm_dir).map_err(|e| e.to_string())?;
+    run(Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+        .arg(&npm_dir)
+        .arg("asciinema-player@3"))?;
+    let bundle = npm_dir.join("node_modules/asciinema-player/dist/bundle");
+    std::fs::create_dir_all(&dest).map_err(|e| e.to_string())?;
+    for entry in std::fs::read_dir(&bundle)
+        .map_err(|e| format!("{}: {e}", bundle.display()))?
+        .flatten()
+    {
+        std::fs::copy(entry.path(), dest.join(entry.file_name())).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn installed(pkg: &str) -> bool {

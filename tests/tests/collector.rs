@@ -1,0 +1,709 @@
+//! Shipping to the collector, losing nothing: a collector that is down, an agent killed in
+//! the middle of an upload, a tampered chunk, two agents at once, the local and S3
+//! backends, and the replay page in a real browser.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use usher_tests::*;
+
+const VIEWER: &str = "viewer-secret-token";
+
+/// A CA and a certificate for 127.0.0.1 it signed (the agent trusts the CA).
+fn certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let st = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "openssl {args:?}");
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=usher test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+struct Collector {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    config: PathBuf,
+}
+
+impl Collector {
+    /// `agents`: (host, token, host key line). `storage`: extra TOML for [storage].
+    fn new(agents: &[(String, String, String)], storage: &str) -> Collector {
+        Self::new_on(free_port(), agents, storage)
+    }
+
+    fn new_on(port: u16, agents: &[(String, String, String)], storage: &str) -> Collector {
+        let dir = PathBuf::from(format!(
+            "/tmp/usher-collector-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        certs(&dir);
+        let mut config = format!(
+            "listen = \"127.0.0.1:{port}\"\ntls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\"\ndata_dir = \"{d}/data\"\n\
+             viewer_tokens = [\"{VIEWER}\"]\nassets_dir = \"{a}\"\n{storage}\n",
+            d = dir.display(),
+            a = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/web-assets").display()
+        );
+        for (host, token, key) in agents {
+            config.push_str(&format!(
+                "[[agent]]\nhost = \"{host}\"\ntoken = \"{token}\"\nhost_key = \"{key}\"\n"
+            ));
+        }
+        let config_path = dir.join("collector.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Collector {
+            dir,
+            port,
+            child: None,
+            config: config_path,
+        }
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("collector.log"))
+            .unwrap();
+        self.child = Some(
+            Command::new(bin("usher-collector"))
+                .arg("--config")
+                .arg(&self.config)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the collector did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("collector.log")).unwrap_or_default()
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// `curl` against the collector with the test CA.
+    fn curl(&self, args: &[&str]) -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--cacert"])
+            .arg(self.dir.join("ca.pem"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    fn view(&self, path: &str) -> (u16, String) {
+        self.curl(&[
+            "-H",
+            &format!("Authorization: Bearer {VIEWER}"),
+            &format!("{}{path}", self.url()),
+        ])
+    }
+
+    fn session(&self, id: &str) -> serde_json::Value {
+        serde_json::from_str(&self.view(&format!("/api/v1/sessions/{id}")).1).unwrap_or_default()
+    }
+
+    fn wait_complete(&self, id: &str, secs: u64, agent: &TestAgent) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if self.session(id)["status"] == "complete" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "session {id} not complete: {}\n--- collector ---\n{}\n--- agent ---\n{}",
+                self.session(id),
+                self.log(),
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An agent that ships to `port` (whether or not a collector runs there yet), with its
+/// token, and its host key line for the collector's config.
+fn shipping_agent(port: u16, ca: &Path, chunk_bytes: usize) -> (TestAgent, String, String) {
+    let token = format!("token-{}", free_port());
+    let token_file = std::env::temp_dir().join(format!("usher-token-{token}"));
+    std::fs::write(&token_file, &token).unwrap();
+    let agent = TestAgent::start_with(Options {
+        extra_config: format!(
+            "[collector]\nurl = \"https://127.0.0.1:{port}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\nchunk_bytes = {chunk_bytes}\ninterval_secs = 1\n",
+            token_file.display(),
+            ca.display()
+        ),
+        ..Default::default()
+    });
+    let key = Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(agent.dir.join("state/ssh_host_ed25519_key"))
+        .output()
+        .unwrap();
+    let key = String::from_utf8_lossy(&key.stdout).trim().to_string();
+    (agent, token, key)
+}
+
+fn login(agent: &TestAgent, name: &str) -> String {
+    let login = agent.login(name);
+    assert!(agent
+        .install(&agent.sign(&agent.claims(&login, 600)))
+        .status
+        .success());
+    login
+}
+
+fn spool_sessions(agent: &TestAgent) -> usize {
+    agent.recorded_sessions().len()
+}
+
+#[test]
+fn a_session_recorded_while_the_collector_is_down_arrives_whole_once_it_is_up() {
+    let port = free_port();
+    // The collector's directory (and CA) first, the process later.
+    let mut collector = Collector::new_on(port, &[], "");
+    let (agent, token, key) = shipping_agent(port, &collector.dir.join("ca.pem"), 64 * 1024);
+    let login = login(&agent, "offline");
+    let out = agent.ssh(
+        &login,
+        "for i in $(seq 1 300); do echo offline-line-$i; done; id",
+    );
+    assert!(out.status.success());
+    let id = agent.recorded_sessions().pop().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        spool_sessions(&agent),
+        1,
+        "nothing may leave the spool while the collector is down"
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&agent.usher(&["status"]).stdout).unwrap();
+    assert_eq!(status["collector"]["reachable"], false, "{status}");
+
+    // Now the collector comes up, knowing this host.
+    let config = std::fs::read_to_string(&collector.config).unwrap();
+    std::fs::write(
+        &collector.config,
+        format!(
+            "{config}[[agent]]\nhost = \"{}\"\ntoken = \"{token}\"\nhost_key = \"{key}\"\n",
+            agent.host
+        ),
+    )
+    .unwrap();
+    collector.start();
+    collector.wait_complete(&id, 60, &agent);
+    agent.wait_for(20, "the spool to be emptied", || {
+        spool_sessions(&agent) == 0
+    });
+    let (code, cast) = collector.view(&format!("/api/v1/sessions/{id}/cast"));
+    assert_eq!(code, 200);
+    for i in 1..=300 {
+        assert_eq!(
+            cast.matches(&format!("offline-line-{i}\\r\\n")).count()
+                + cast.matches(&format!("offline-line-{i}\\n")).count(),
+            1,
+            "line {i}"
+        );
+    }
+    let s = collector.session(&id);
+    assert_eq!(s["meta"]["login"], login.as_str());
+    assert!(
+        s["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["path"] == "/usr/bin/id"),
+        "{s}"
+    );
+    // Search by person, host, login and command.
+    for q in [
+        "sub=alice@example.test".to_string(),
+        format!("host={}", agent.host),
+        format!("login={login}"),
+        "command=/usr/bin/id".to_string(),
+    ] {
+        let (code, body) = collector.view(&format!("/api/v1/sessions?{q}"));
+        assert_eq!(code, 200);
+        assert!(body.contains(&id), "search {q}: {body}");
+    }
+    let (_, body) = collector.view("/api/v1/sessions?command=no-such-command");
+    assert!(!body.contains(&id));
+}
+
+#[test]
+fn an_agent_killed_mid_upload_delivers_everything_once_after_restart() {
+    let mut collector = Collector::new(&[], "");
+    let (mut agent, token, key) =
+        shipping_agent(collector.port, &collector.dir.join("ca.pem"), 2048);
+    let config = std::fs::read_to_string(&collector.config).unwrap();
+    std::fs::write(
+        &collector.config,
+        format!(
+            "{config}[[agent]]\nhost = \"{}\"\ntoken = \"{token}\"\nhost_key = \"{key}\"\n",
+            agent.host
+        ),
+    )
+    .unwrap();
+    collector.start();
+    let login = login(&agent, "killed");
+    // About 1.5 MB in 2 KiB chunks: hundreds of uploads to be cut in the middle of.
+    let out = agent.ssh(
+        &login,
+        "for i in $(seq 1 30000); do echo killed-line-$i-of-a-long-recording; done",
+    );
+    assert!(out.status.success());
+    let id = agent.recorded_sessions().pop().unwrap();
+    // Wait until part, not all, has arrived, then kill -9.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = collector.curl(&[
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            &format!("{}/api/v1/sessions/{id}/streams/cast", collector.url()),
+        ]);
+        let next = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["next_seq"].as_u64())
+            .unwrap_or(0);
+        if next >= 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upload did not start: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.crash();
+    assert!(
+        collector.session(&id)["status"] == "live",
+        "it was complete before the kill; make it longer"
+    );
+    agent.launch();
+    collector.wait_complete(&id, 120, &agent);
+    let (_, cast) = collector.view(&format!("/api/v1/sessions/{id}/cast"));
+    let lines: Vec<&str> = cast.lines().collect();
+    let header: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(header["version"], 2);
+    let output: String = lines[1..]
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("broken line {l:?}: {e}"))
+        })
+        .filter(|e| e[1] == "o")
+        .map(|e| e[2].as_str().unwrap().to_string())
+        .collect();
+    for i in [1, 2, 777, 15000, 29999, 30000] {
+        assert_eq!(
+            output.matches(&format!("killed-line-{i}-of-")).count(),
+            1,
+            "line {i} is not there exactly once"
+        );
+    }
+    assert_eq!(output.matches("-of-a-long-recording").count(), 30000);
+}
+
+#[test]
+fn a_tampered_chunk_is_refused_and_the_session_flagged() {
+    let keyfile = std::env::temp_dir().join(format!("usher-tamper-key-{}", free_port()));
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&keyfile)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let host_key = std::fs::read_to_string(keyfile.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let _ = std::fs::remove_file(&keyfile);
+    let _ = std::fs::remove_file(keyfile.with_extension("pub"));
+    let mut collector = Collector::new(&[("host-t".into(), "tok-t".into(), host_key)], "");
+    collector.start();
+    let put = |seq: u64, prev: &str, hash: &str, body: &str| {
+        collector.curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            "Authorization: Bearer tok-t",
+            "-H",
+            &format!("X-Usher-Prev-Hash: {prev}"),
+            "-H",
+            &format!("X-Usher-Hash: {hash}"),
+            "--data-binary",
+            body,
+            &format!(
+                "{}/api/v1/sessions/s1/streams/cast/chunks/{seq}",
+                collector.url()
+            ),
+        ])
+    };
+    use sha2_shim::*;
+    let g = genesis("s1", "cast");
+    let h0 = link(&g, b"{\"version\":2}\n");
+    assert_eq!(put(0, &g, &h0, "{\"version\":2}\n").0, 201);
+    assert_eq!(
+        put(0, &g, &h0, "{\"version\":2}\n").0,
+        200,
+        "a chunk sent twice is stored once"
+    );
+    let (code, body) = put(
+        1,
+        &h0,
+        &link(&h0, b"[0.1,\"o\",\"a\"]\n"),
+        "[0.1,\"o\",\"b\"]\n",
+    );
+    assert_eq!(code, 422, "{body}");
+    let s = collector.session("s1");
+    assert_eq!(s["status"], "tampered", "{s}");
+    assert!(s["problem"]
+        .as_str()
+        .unwrap()
+        .contains("does not match its hash"));
+    // Bad input: wrong token, bad ids, a gap, garbage.
+    assert_eq!(
+        collector
+            .curl(&[
+                "-H",
+                "Authorization: Bearer nope",
+                &format!("{}/api/v1/sessions/s1/streams/cast", collector.url())
+            ])
+            .0,
+        401
+    );
+    assert_eq!(
+        collector
+            .curl(&[
+                "-H",
+                "Authorization: Bearer tok-t",
+                &format!("{}/api/v1/sessions/..%2Fx/streams/cast", collector.url())
+            ])
+            .0,
+        400
+    );
+    assert_eq!(
+        collector
+            .curl(&[
+                "-H",
+                "Authorization: Bearer tok-t",
+                &format!("{}/api/v1/sessions/s1/streams/etc", collector.url())
+            ])
+            .0,
+        400
+    );
+    assert_eq!(put(9, &h0, &h0, "x\n").0, 409);
+    assert_eq!(
+        collector
+            .curl(&[
+                "-X",
+                "PUT",
+                "-H",
+                "Authorization: Bearer tok-t",
+                "--data-binary",
+                "not json",
+                &format!("{}/api/v1/sessions/s1/meta", collector.url())
+            ])
+            .0,
+        400
+    );
+    assert_eq!(collector.view("/api/v1/sessions").0, 200);
+    assert_eq!(
+        collector
+            .curl(&[&format!("{}/api/v1/sessions", collector.url())])
+            .0,
+        401,
+        "the search needs a viewer token"
+    );
+}
+
+/// The few lines of hashing the test needs, without pulling the collector in.
+mod sha2_shim {
+    pub fn genesis(session: &str, stream: &str) -> String {
+        usher::ship::chain::genesis(session, stream)
+    }
+    pub fn link(prev: &str, chunk: &[u8]) -> String {
+        usher::ship::chain::next(prev, chunk).unwrap()
+    }
+}
+
+#[test]
+fn two_agents_ship_at_once() {
+    let mut collector = Collector::new(&[], "");
+    let ca = collector.dir.join("ca.pem");
+    let (a, ta, ka) = shipping_agent(collector.port, &ca, 4096);
+    let (b, tb, kb) = shipping_agent(collector.port, &ca, 4096);
+    // Both are "usher-test-host" in their own config: give the second its own name.
+    let config = std::fs::read_to_string(&collector.config).unwrap();
+    std::fs::write(
+        &collector.config,
+        format!("{config}[[agent]]\nhost = \"{}\"\ntoken = \"{ta}\"\nhost_key = \"{ka}\"\n[[agent]]\nhost = \"{}-b\"\ntoken = \"{tb}\"\nhost_key = \"{kb}\"\n", a.host, b.host),
+    )
+    .unwrap();
+    // The second agent names itself differently.
+    let mut b = b;
+    let cfg = std::fs::read_to_string(&b.config_path).unwrap().replacen(
+        "host_name = \"usher-test-host\"",
+        "host_name = \"usher-test-host-b\"",
+        1,
+    );
+    std::fs::write(&b.config_path, cfg).unwrap();
+    b.host = "usher-test-host-b".into();
+    b.stop();
+    b.launch();
+    collector.start();
+    let la = login(&a, "one");
+    let lb = login(&b, "two");
+    let ha = std::thread::spawn({
+        let cmd = "for i in $(seq 1 5000); do echo agent-a-$i; done".to_string();
+        let args = (a.ssh_command(&la), cmd);
+        move || {
+            let (mut c, cmd) = args;
+            c.arg(cmd).stdin(Stdio::null()).output().unwrap()
+        }
+    });
+    let out_b = b.ssh(&lb, "for i in $(seq 1 5000); do echo agent-b-$i; done");
+    assert!(out_b.status.success());
+    assert!(ha.join().unwrap().status.success());
+    let ida = a.recorded_sessions().pop().unwrap();
+    let idb = b.recorded_sessions().pop().unwrap();
+    collector.wait_complete(&ida, 60, &a);
+    collector.wait_complete(&idb, 60, &b);
+    let (_, ca_) = collector.view(&format!("/api/v1/sessions/{ida}/cast"));
+    let (_, cb_) = collector.view(&format!("/api/v1/sessions/{idb}/cast"));
+    assert!(ca_.contains("agent-a-5000") && !ca_.contains("agent-b-"));
+    assert!(cb_.contains("agent-b-5000") && !cb_.contains("agent-a-"));
+    assert_eq!(collector.session(&idb)["host"], "usher-test-host-b");
+}
+
+#[test]
+fn the_s3_backend_keeps_recordings_too() {
+    let moto = Command::new("sh")
+        .arg("-c")
+        .arg("command -v moto_server")
+        .output()
+        .unwrap();
+    if !moto.status.success() {
+        panic!(
+            "moto_server is missing: `cargo xtask setup` installs it (pip install 'moto[server]')"
+        );
+    }
+    let s3_port = free_port();
+    let mut server = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &s3_port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", s3_port)).is_err() {
+        assert!(Instant::now() < deadline, "moto did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The bucket, made the way any S3 client would: a PUT on its name.
+    let st = Command::new("curl")
+        .args([
+            "-s",
+            "-X",
+            "PUT",
+            &format!("http://127.0.0.1:{s3_port}/usher-recordings"),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let storage = format!(
+        "[storage]\nbackend = \"s3\"\nbucket = \"usher-recordings\"\nendpoint = \"http://127.0.0.1:{s3_port}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n"
+    );
+    let mut collector = Collector::new(&[], &storage);
+    let (agent, token, key) = shipping_agent(collector.port, &collector.dir.join("ca.pem"), 8192);
+    let config = std::fs::read_to_string(&collector.config).unwrap();
+    std::fs::write(
+        &collector.config,
+        format!(
+            "{config}[[agent]]\nhost = \"{}\"\ntoken = \"{token}\"\nhost_key = \"{key}\"\n",
+            agent.host
+        ),
+    )
+    .unwrap();
+    collector.start();
+    let login = login(&agent, "s3");
+    assert!(agent
+        .ssh(&login, "for i in $(seq 1 2000); do echo s3-line-$i; done")
+        .status
+        .success());
+    let id = agent.recorded_sessions().pop().unwrap();
+    collector.wait_complete(&id, 60, &agent);
+    let (_, cast) = collector.view(&format!("/api/v1/sessions/{id}/cast"));
+    assert!(cast.contains("s3-line-2000"));
+    // The objects are in the bucket, not on the collector's disk.
+    let listing = Command::new("curl").args(["-s", &format!("http://127.0.0.1:{s3_port}/usher-recordings?list-type=2&prefix=sessions/{id}/cast/")]).output().unwrap();
+    assert!(String::from_utf8_lossy(&listing.stdout)
+        .contains(&format!("sessions/{id}/cast/0000000000")));
+    assert!(!collector.dir.join("data/objects/sessions").exists());
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn the_page_finds_a_session_and_plays_it_in_chromium() {
+    let mut collector = Collector::new(&[], "");
+    let (agent, token, key) = shipping_agent(collector.port, &collector.dir.join("ca.pem"), 65536);
+    let config = std::fs::read_to_string(&collector.config).unwrap();
+    std::fs::write(
+        &collector.config,
+        format!(
+            "{config}[[agent]]\nhost = \"{}\"\ntoken = \"{token}\"\nhost_key = \"{key}\"\n",
+            agent.host
+        ),
+    )
+    .unwrap();
+    collector.start();
+    let login = login(&agent, "page");
+    assert!(agent
+        .ssh(&login, "echo PLAYED-IN-THE-BROWSER; id")
+        .status
+        .success());
+    let id = agent.recorded_sessions().pop().unwrap();
+    collector.wait_complete(&id, 60, &agent);
+    let profile = collector.dir.join("chromium-profile");
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--ignore-certificate-errors",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!(
+            "{}/?token={VIEWER}&login={login}&play={id}",
+            collector.url()
+        ))
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    // The search found it, the player rendered its terminal, the timeline lists the exec.
+    assert!(
+        dom.contains(&format!("data-id=\"{id}\"")),
+        "session not listed:\n{dom}"
+    );
+    assert!(
+        dom.contains("ap-player") || dom.contains("ap-wrapper"),
+        "no player:\n{dom}"
+    );
+    assert!(
+        dom.contains("PLAYED-IN-THE-BROWSER"),
+        "the recording did not play:\n{dom}"
+    );
+    assert!(
+        dom.contains("/usr/bin/id") || dom.contains(">id<") || dom.contains(" id"),
+        "no timeline:\n{dom}"
+    );
+}
