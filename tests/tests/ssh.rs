@@ -502,3 +502,37 @@ fn a_full_disk_ends_the_session_with_a_reason_and_leaves_a_valid_recording() {
         "half-made files left"
     );
 }
+
+#[test]
+fn a_full_spool_refuses_new_sessions_with_the_reason_and_keeps_what_it_has() {
+    let agent = TestAgent::start_with(Options {
+        extra_config: "[spool]\nmax_bytes = 4000\nwhen_full = \"refuse\"\n".into(),
+        ..Default::default()
+    });
+    let login = agent.login("spool");
+    assert!(agent
+        .install(&agent.sign(&agent.claims(&login, 600)))
+        .status
+        .success());
+    let first = agent.ssh(
+        &login,
+        "for i in $(seq 1 200); do echo filling-the-spool-$i; done",
+    );
+    assert!(first.status.success());
+    let kept = agent.recorded_sessions();
+    let out = agent.ssh(&login, "echo should-not-run");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("should-not-run"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("recording spool is full"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(agent.recorded_sessions(), kept, "the spool changed");
+    let status: serde_json::Value =
+        serde_json::from_slice(&agent.usher(&["status"]).stdout).unwrap();
+    assert!(
+        status["spool"]["bytes"].as_u64().unwrap() >= 4000,
+        "{status}"
+    );
+    assert!(agent.log().contains("USHER_EVENT=session_refused"));
+}

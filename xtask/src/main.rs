@@ -1,6 +1,7 @@
 //! `cargo xtask`: set-up, eBPF build, running the agent, tests and benchmarks.
 
 mod bench_exec;
+mod bench_ship;
 mod bench_ssh;
 mod ebpf;
 mod package;
@@ -18,7 +19,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   package        build the .deb and .rpm into target/package
   test-package   install, use, reload, upgrade and remove the .deb on a booted systemd
   bench ssh      usherd vs OpenSSH sshd: throughput, set-up latency, memory
-  bench exec     exec overhead: no agent, usherd's eBPF, auditd";
+  bench exec     exec overhead: no agent, usherd's eBPF, auditd
+  bench ship     collector ingest from N agents; CPU of shipping vs recording";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,7 +34,8 @@ fn main() -> ExitCode {
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("ssh") => bench_ssh::run(),
             Some("exec") => ebpf::bench_exec(),
-            other => Err(format!("unknown benchmark {other:?}; try: ssh, exec")),
+            Some("ship") => bench_ship::run(),
+            other => Err(format!("unknown benchmark {other:?}; try: ssh, exec, ship")),
         },
         _ => Err(USAGE.to_string()),
     };

@@ -1,0 +1,426 @@
+//! `cargo xtask bench ship`: one collector, N agents (real `usherd`s, each with a spool of
+//! finished recordings) shipping at once over HTTPS on loopback; then, for one agent, the
+//! CPU it spends shipping a recording next to the CPU it spent recording it.
+
+use crate::util::{cargo, is_root, run as run_cmd, workspace_root};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const AGENTS: usize = 8;
+const SESSIONS_PER_AGENT: usize = 25;
+const LINES_PER_SESSION: usize = 20_000; // about 1 MB of cast each
+const RECORD_MB: usize = 64;
+
+struct Procs(Vec<Child>, PathBuf);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-u", "bs-bench"])
+            .status();
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = Command::new("userdel")
+            .args(["--remove", "bs-bench"])
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("nothing on port {port}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn certs(dir: &Path) -> Result<(), String> {
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let ossl = |args: &[&str]| {
+        run_cmd(
+            Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stderr(Stdio::null()),
+        )
+    };
+    ossl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bench CA",
+    ])?;
+    ossl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ])?;
+    ossl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ])
+}
+
+/// A finished session's three files, as an agent's recorder leaves them.
+fn synthetic_session(spool: &Path, host: &str, id: &str) -> Result<u64, String> {
+    use std::io::Write;
+    let mut cast = Vec::with_capacity(LINES_PER_SESSION * 50);
+    writeln!(
+        cast,
+        "{{\"version\":2,\"width\":80,\"height\":24,\"timestamp\":1800000000,\"env\":{{}}}}"
+    )
+    .unwrap();
+    for i in 0..LINES_PER_SESSION {
+        writeln!(
+            cast,
+            "[{:.6},\"o\",\"bench output line {i} of session {id}\\r\\n\"]",
+            i as f64 * 0.001
+        )
+        .unwrap();
+    }
+    let audit = format!("{{\"event\":\"session_started\",\"session\":\"{id}\"}}\n");
+    let meta = serde_json::json!({
+        "session_id": id, "kind": "ssh", "host": host, "login": "bs-bench", "uid": 65300,
+        "grant": {"iss": "bench", "sub": "bench@example", "jti": "bench", "profile": "default", "approved_by": null, "reason": null, "expires_at": 0},
+        "peer": null, "command": null, "term": "xterm", "started_at": "2026-11-22T00:00:00Z", "ended_at": "2026-11-22T00:01:00Z",
+        "exit_status": 0, "exit_signal": null, "enforcement": "bench", "enforced": false, "input_recorded": false, "interrupted": false
+    });
+    std::fs::write(spool.join(format!("{id}.cast")), &cast).map_err(|e| e.to_string())?;
+    std::fs::write(spool.join(format!("{id}.audit.jsonl")), &audit).map_err(|e| e.to_string())?;
+    std::fs::write(spool.join(format!("{id}.json")), meta.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok((cast.len() + audit.len()) as u64)
+}
+
+fn complete_count(collector: u16, ca: &Path) -> usize {
+    let out = Command::new("curl")
+        .args(["-s", "--cacert"])
+        .arg(ca)
+        .args([
+            "-H",
+            "Authorization: Bearer bench-viewer",
+            &format!("https://127.0.0.1:{collector}/api/v1/sessions"),
+        ])
+        .output();
+    out.ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .and_then(|v| {
+            v.as_array()
+                .map(|a| a.iter().filter(|s| s["status"] == "complete").count())
+        })
+        .unwrap_or(0)
+}
+
+fn agent_config(
+    dir: &Path,
+    host: &str,
+    collector: u16,
+    token_file: &Path,
+    ca: &Path,
+    ssh_port: u16,
+    range: u32,
+) -> String {
+    format!(
+        "host_name = \"{host}\"\nstate_dir = \"{d}/state\"\nspool_dir = \"{d}/spool\"\npolicies_dir = \"{d}/policies\"\n\
+         control_socket = \"{d}/control.sock\"\nconsole_socket = \"{d}/console.sock\"\nenforcement = \"off\"\n\
+         [ssh]\nlisten = [\"127.0.0.1:{ssh_port}\"]\n[accounts]\nname_prefix = \"bs-\"\nuid_min = {range}\nuid_max = {}\n\
+         [collector]\nurl = \"https://127.0.0.1:{collector}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\ninterval_secs = 1\n",
+        range + 9,
+        token_file.display(),
+        ca.display(),
+        d = dir.display()
+    )
+}
+
+pub fn run() -> Result<(), String> {
+    if !is_root() {
+        return Err("the benchmark runs as root".into());
+    }
+    run_cmd(cargo().args(["build", "--release", "--bins"]))?;
+    let bin = workspace_root().join("target/release");
+    let dir = PathBuf::from(format!("/tmp/usher-bench-ship-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut procs = Procs(vec![], dir.clone());
+    certs(&dir)?;
+    let ca = dir.join("ca.pem");
+    let collector_port = free_port();
+
+    // Agents' identities first (host keys, tokens), so the collector knows them all.
+    let mut agents = Vec::new();
+    let mut collector_cfg = format!(
+        "listen = \"127.0.0.1:{collector_port}\"\ntls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\"\ndata_dir = \"{d}/collector\"\nviewer_tokens = [\"bench-viewer\"]\n",
+        d = dir.display()
+    );
+    let mut total_bytes = 0u64;
+    for i in 0..=AGENTS {
+        let adir = dir.join(format!("agent-{i}"));
+        std::fs::create_dir_all(adir.join("state")).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(adir.join("spool")).map_err(|e| e.to_string())?;
+        let key = adir.join("state/ssh_host_ed25519_key");
+        run_cmd(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&key),
+        )?;
+        let pubkey =
+            std::fs::read_to_string(key.with_extension("pub")).map_err(|e| e.to_string())?;
+        let host = format!("bench-host-{i}");
+        let token_file = adir.join("token");
+        std::fs::write(&token_file, format!("bench-token-{i}")).map_err(|e| e.to_string())?;
+        collector_cfg.push_str(&format!(
+            "[[agent]]\nhost = \"{host}\"\ntoken = \"bench-token-{i}\"\nhost_key = \"{}\"\n",
+            pubkey.trim()
+        ));
+        // Agent AGENTS (the last) is the one whose CPU is measured recording, below.
+        if i < AGENTS {
+            for s in 0..SESSIONS_PER_AGENT {
+                total_bytes += synthetic_session(
+                    &adir.join("spool"),
+                    &host,
+                    &format!("20261122T000000Z-{i:02}{s:06}"),
+                )?;
+            }
+        }
+        std::fs::write(
+            adir.join("usherd.toml"),
+            agent_config(
+                &adir,
+                &host,
+                collector_port,
+                &token_file,
+                &ca,
+                free_port(),
+                65300 + 10 * i as u32,
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        agents.push(adir);
+    }
+    std::fs::write(dir.join("collector.toml"), collector_cfg).map_err(|e| e.to_string())?;
+    let collector = Command::new(bin.join("usher-collector"))
+        .arg("--config")
+        .arg(dir.join("collector.toml"))
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    procs.0.push(collector);
+    wait_port(collector_port)?;
+
+    let start = Instant::now();
+    let mut pids = Vec::new();
+    for adir in agents.iter().take(AGENTS) {
+        let child = Command::new(bin.join("usherd"))
+            .arg("--config")
+            .arg(adir.join("usherd.toml"))
+            .stderr(std::fs::File::create(adir.join("usherd.log")).map_err(|e| e.to_string())?)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        pids.push(child.id());
+        procs.0.push(child);
+    }
+    let want = AGENTS * SESSIONS_PER_AGENT;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while complete_count(collector_port, &ca) < want {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {want} sessions arrived",
+                complete_count(collector_port, &ca)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let agent_cpu: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+    println!("one collector, {AGENTS} agents shipping at once, {want} finished sessions of about 1 MB, loopback, one run");
+    println!(
+        "ingest: {:.1} MB/s, {:.1} sessions/s ({:.1} MB in {:.2} s; agents' CPU {:.2} s in all)",
+        total_bytes as f64 / 1e6 / secs,
+        want as f64 / secs,
+        total_bytes as f64 / 1e6,
+        secs,
+        agent_cpu
+    );
+
+    // One agent: CPU to record a session, then CPU to ship it.
+    let adir = &agents[AGENTS];
+    let cfg = std::fs::read_to_string(adir.join("usherd.toml")).map_err(|e| e.to_string())?;
+    // Shipping paused while recording: the collector URL points nowhere yet.
+    let idle_port = free_port();
+    std::fs::write(
+        adir.join("usherd.toml"),
+        cfg.replace(
+            &format!("127.0.0.1:{collector_port}"),
+            &format!("127.0.0.1:{idle_port}"),
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut child = Command::new(bin.join("usherd"))
+        .arg("--config")
+        .arg(adir.join("usherd.toml"))
+        .stderr(std::fs::File::create(adir.join("usherd.log")).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let ssh_port: u16 = cfg
+        .split("listen = [\"127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    wait_port(ssh_port)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let key = adir.join("id_ed25519");
+    run_cmd(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key),
+    )?;
+    let token = Command::new(bin.join("usher"))
+        .args(["grant", "sign", "--local", "--state-dir"])
+        .arg(adir.join("state"))
+        .args([
+            "--aud",
+            &format!("bench-host-{AGENTS}"),
+            "--iss",
+            &format!("usher-local:bench-host-{AGENTS}"),
+            "--sub",
+            "bench",
+            "--login",
+            "bs-bench",
+            "--ttl",
+            "3600",
+            "--ssh-key",
+        ])
+        .arg(key.with_extension("pub"))
+        .output()
+        .map_err(|e| e.to_string())?;
+    run_cmd(
+        Command::new(bin.join("usher"))
+            .arg("--socket")
+            .arg(adir.join("control.sock"))
+            .args([
+                "grant",
+                "install",
+                String::from_utf8_lossy(&token.stdout).trim(),
+            ])
+            .stdout(Stdio::null()),
+    )?;
+    let cpu0 = cpu_secs(child.id());
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes -o IdentitiesOnly=yes -i {} -p {ssh_port} bs-bench@127.0.0.1 'yes \"the quick brown fox jumps over the lazy dog 0123456789\" | head -c {}' > /dev/null",
+            key.display(),
+            RECORD_MB << 20
+        ))
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !st.success() {
+        return Err("the recorded session failed".into());
+    }
+    let record_cpu = cpu_secs(child.id()) - cpu0;
+    let _ = child.kill();
+    let _ = child.wait();
+    // Now ship what was recorded.
+    std::fs::write(adir.join("usherd.toml"), &cfg).map_err(|e| e.to_string())?;
+    let before = complete_count(collector_port, &ca);
+    let child = Command::new(bin.join("usherd"))
+        .arg("--config")
+        .arg(adir.join("usherd.toml"))
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let pid = child.id();
+    procs.0.push(child);
+    let cpu1 = cpu_secs(pid);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while complete_count(collector_port, &ca) <= before {
+        if Instant::now() > deadline {
+            return Err("the recorded session was not shipped".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ship_cpu = cpu_secs(pid) - cpu1;
+    println!(
+        "one agent, {RECORD_MB} MB session: recording it cost {:.2} s CPU (relaying included), shipping it {:.2} s CPU: shipping/recording = {:.2}",
+        record_cpu,
+        ship_cpu,
+        ship_cpu / record_cpu
+    );
+    Ok(())
+}
