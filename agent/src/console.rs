@@ -13,13 +13,12 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Mutex};
 
 /// The first message, sent with the client's stdin, stdout and stderr attached.
@@ -49,13 +48,8 @@ pub struct ShellControl {
 }
 
 pub async fn serve(agent: Arc<Agent>, path: &Path) -> Result<(), String> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
     // Every account's login shell connects here; who it is comes from the kernel.
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666));
+    let listener = crate::control::bind_open_socket(path)?;
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -46,14 +46,20 @@ impl Answer {
     }
 }
 
-pub async fn serve(agent: Arc<Agent>, path: &Path) -> Result<(), String> {
+/// A Unix socket anyone may connect to: who the peer is comes from SO_PEERCRED, checked
+/// per request, not from the file's mode.
+pub fn bind_open_socket(path: &Path) -> Result<UnixListener, String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // Anyone may connect (console logins will need to); every request checks the peer.
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666));
+    Ok(listener)
+}
+
+pub async fn serve(agent: Arc<Agent>, path: &Path) -> Result<(), String> {
+    let listener = bind_open_socket(path)?;
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -241,6 +241,16 @@ fn shipping_agent(port: u16, ca: &Path, chunk_bytes: usize) -> (TestAgent, Strin
     (agent, token, key)
 }
 
+/// Tells the collector about `agent` (before it starts).
+fn trust(collector: &Collector, agent: &TestAgent, token: &str, key: &str) {
+    let config = std::fs::read_to_string(&collector.config).unwrap();
+    let entry = format!(
+        "[[agent]]\nhost = \"{}\"\ntoken = \"{token}\"\nhost_key = \"{key}\"\n",
+        agent.host
+    );
+    std::fs::write(&collector.config, config + &entry).unwrap();
+}
+
 fn login(agent: &TestAgent, name: &str) -> String {
     let login = agent.login(name);
     assert!(agent
@@ -278,15 +288,7 @@ fn a_session_recorded_while_the_collector_is_down_arrives_whole_once_it_is_up() 
     assert_eq!(status["collector"]["reachable"], false, "{status}");
 
     // Now the collector comes up, knowing this host.
-    let config = std::fs::read_to_string(&collector.config).unwrap();
-    std::fs::write(
-        &collector.config,
-        format!(
-            "{config}[[agent]]\nhost = \"{}\"\ntoken = \"{token}\"\nhost_key = \"{key}\"\n",
-            agent.host
-        ),
-    )
-    .unwrap();
+    trust(&collector, &agent, &token, &key);
     collector.start();
     collector.wait_complete(&id, 60, &agent);
     agent.wait_for(20, "the spool to be emptied", || {
@@ -332,15 +334,7 @@ fn an_agent_killed_mid_upload_delivers_everything_once_after_restart() {
     let mut collector = Collector::new(&[], "");
     let (mut agent, token, key) =
         shipping_agent(collector.port, &collector.dir.join("ca.pem"), 2048);
-    let config = std::fs::read_to_string(&collector.config).unwrap();
-    std::fs::write(
-        &collector.config,
-        format!(
-            "{config}[[agent]]\nhost = \"{}\"\ntoken = \"{token}\"\nhost_key = \"{key}\"\n",
-            agent.host
-        ),
-    )
-    .unwrap();
+    trust(&collector, &agent, &token, &key);
     collector.start();
     let login = login(&agent, "killed");
     // About 1.5 MB in 2 KiB chunks: hundreds of uploads to be cut in the middle of.
@@ -614,15 +608,7 @@ fn the_s3_backend_keeps_recordings_too() {
     );
     let mut collector = Collector::new(&[], &storage);
     let (agent, token, key) = shipping_agent(collector.port, &collector.dir.join("ca.pem"), 8192);
-    let config = std::fs::read_to_string(&collector.config).unwrap();
-    std::fs::write(
-        &collector.config,
-        format!(
-            "{config}[[agent]]\nhost = \"{}\"\ntoken = \"{token}\"\nhost_key = \"{key}\"\n",
-            agent.host
-        ),
-    )
-    .unwrap();
+    trust(&collector, &agent, &token, &key);
     collector.start();
     let login = login(&agent, "s3");
     assert!(agent
@@ -646,15 +632,7 @@ fn the_s3_backend_keeps_recordings_too() {
 fn the_page_finds_a_session_and_plays_it_in_chromium() {
     let mut collector = Collector::new(&[], "");
     let (agent, token, key) = shipping_agent(collector.port, &collector.dir.join("ca.pem"), 65536);
-    let config = std::fs::read_to_string(&collector.config).unwrap();
-    std::fs::write(
-        &collector.config,
-        format!(
-            "{config}[[agent]]\nhost = \"{}\"\ntoken = \"{token}\"\nhost_key = \"{key}\"\n",
-            agent.host
-        ),
-    )
-    .unwrap();
+    trust(&collector, &agent, &token, &key);
     collector.start();
     let login = login(&agent, "page");
     assert!(agent

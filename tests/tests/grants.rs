@@ -245,7 +245,9 @@ fn expiry_removes_the_account_and_kills_what_it_left_running() {
         log.contains("USHER_EVENT=grant_ended") && log.contains("REASON=expired"),
         "{log}"
     );
-    assert!(log.contains("USHER_EVENT=account_removed"), "{log}");
+    agent.wait_for(5, "the removal to be logged", || {
+        agent.log().contains("USHER_EVENT=account_removed")
+    });
     // And the grant no longer opens anything.
     assert_eq!(agent.ssh(&login, "true").status.code(), Some(255));
 }
