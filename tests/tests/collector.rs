@@ -209,6 +209,65 @@ impl Drop for Collector {
     }
 }
 
+/// moto's S3-compatible server on a loopback port, with a bucket per test.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg("command -v moto_server")
+            .output()
+            .unwrap();
+        assert!(
+            found.status.success(),
+            "moto_server is missing: `cargo xtask setup` installs it (pip install 'moto[server]')"
+        );
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto { child, port }
+    }
+
+    /// Makes `bucket` (a PUT on its name, as any S3 client would) and returns the
+    /// collector's [storage] section for it.
+    fn storage(&self, bucket: &str) -> String {
+        let st = Command::new("curl")
+            .args([
+                "-s",
+                "-X",
+                "PUT",
+                &format!("http://127.0.0.1:{}/{bucket}", self.port),
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        format!(
+            "[storage]\nbackend = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n",
+            self.port
+        )
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -265,10 +324,22 @@ fn spool_sessions(agent: &TestAgent) -> usize {
 }
 
 #[test]
-fn a_session_recorded_while_the_collector_is_down_arrives_whole_once_it_is_up() {
+fn a_session_recorded_while_the_collector_is_down_arrives_whole_once_it_is_up_local() {
+    a_session_recorded_while_the_collector_is_down_arrives_whole_once_it_is_up("");
+}
+
+#[test]
+fn a_session_recorded_while_the_collector_is_down_arrives_whole_once_it_is_up_s3() {
+    let moto = Moto::start();
+    a_session_recorded_while_the_collector_is_down_arrives_whole_once_it_is_up(
+        &moto.storage("a-session-recorded-while-the-collector-i"),
+    );
+}
+
+fn a_session_recorded_while_the_collector_is_down_arrives_whole_once_it_is_up(storage: &str) {
     let port = free_port();
     // The collector's directory (and CA) first, the process later.
-    let mut collector = Collector::new_on(port, &[], "");
+    let mut collector = Collector::new_on(port, &[], storage);
     let (agent, token, key) = shipping_agent(port, &collector.dir.join("ca.pem"), 64 * 1024);
     let login = login(&agent, "offline");
     let out = agent.ssh(
@@ -330,8 +401,20 @@ fn a_session_recorded_while_the_collector_is_down_arrives_whole_once_it_is_up() 
 }
 
 #[test]
-fn an_agent_killed_mid_upload_delivers_everything_once_after_restart() {
-    let mut collector = Collector::new(&[], "");
+fn an_agent_killed_mid_upload_delivers_everything_once_after_restart_local() {
+    an_agent_killed_mid_upload_delivers_everything_once_after_restart("");
+}
+
+#[test]
+fn an_agent_killed_mid_upload_delivers_everything_once_after_restart_s3() {
+    let moto = Moto::start();
+    an_agent_killed_mid_upload_delivers_everything_once_after_restart(
+        &moto.storage("an-agent-killed-mid-upload-delivers-ever"),
+    );
+}
+
+fn an_agent_killed_mid_upload_delivers_everything_once_after_restart(storage: &str) {
+    let mut collector = Collector::new(&[], storage);
     let (mut agent, token, key) =
         shipping_agent(collector.port, &collector.dir.join("ca.pem"), 2048);
     trust(&collector, &agent, &token, &key);
@@ -397,7 +480,19 @@ fn an_agent_killed_mid_upload_delivers_everything_once_after_restart() {
 }
 
 #[test]
-fn a_tampered_chunk_is_refused_and_the_session_flagged() {
+fn a_tampered_chunk_is_refused_and_the_session_flagged_local() {
+    a_tampered_chunk_is_refused_and_the_session_flagged("");
+}
+
+#[test]
+fn a_tampered_chunk_is_refused_and_the_session_flagged_s3() {
+    let moto = Moto::start();
+    a_tampered_chunk_is_refused_and_the_session_flagged(
+        &moto.storage("a-tampered-chunk-is-refused-and-the-sess"),
+    );
+}
+
+fn a_tampered_chunk_is_refused_and_the_session_flagged(storage: &str) {
     let keyfile = std::env::temp_dir().join(format!("usher-tamper-key-{}", free_port()));
     let st = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
@@ -411,7 +506,7 @@ fn a_tampered_chunk_is_refused_and_the_session_flagged() {
         .to_string();
     let _ = std::fs::remove_file(&keyfile);
     let _ = std::fs::remove_file(keyfile.with_extension("pub"));
-    let mut collector = Collector::new(&[("host-t".into(), "tok-t".into(), host_key)], "");
+    let mut collector = Collector::new(&[("host-t".into(), "tok-t".into(), host_key)], storage);
     collector.start();
     let put = |seq: u64, prev: &str, hash: &str, body: &str| {
         collector.curl(&[
@@ -520,8 +615,18 @@ mod sha2_shim {
 }
 
 #[test]
-fn two_agents_ship_at_once() {
-    let mut collector = Collector::new(&[], "");
+fn two_agents_ship_at_once_local() {
+    two_agents_ship_at_once("");
+}
+
+#[test]
+fn two_agents_ship_at_once_s3() {
+    let moto = Moto::start();
+    two_agents_ship_at_once(&moto.storage("two-agents-ship-at-once"));
+}
+
+fn two_agents_ship_at_once(storage: &str) {
+    let mut collector = Collector::new(&[], storage);
     let ca = collector.dir.join("ca.pem");
     let (a, ta, ka) = shipping_agent(collector.port, &ca, 4096);
     let (b, tb, kb) = shipping_agent(collector.port, &ca, 4096);
@@ -569,43 +674,10 @@ fn two_agents_ship_at_once() {
 }
 
 #[test]
-fn the_s3_backend_keeps_recordings_too() {
-    let moto = Command::new("sh")
-        .arg("-c")
-        .arg("command -v moto_server")
-        .output()
-        .unwrap();
-    if !moto.status.success() {
-        panic!(
-            "moto_server is missing: `cargo xtask setup` installs it (pip install 'moto[server]')"
-        );
-    }
-    let s3_port = free_port();
-    let mut server = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &s3_port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", s3_port)).is_err() {
-        assert!(Instant::now() < deadline, "moto did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // The bucket, made the way any S3 client would: a PUT on its name.
-    let st = Command::new("curl")
-        .args([
-            "-s",
-            "-X",
-            "PUT",
-            &format!("http://127.0.0.1:{s3_port}/usher-recordings"),
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let storage = format!(
-        "[storage]\nbackend = \"s3\"\nbucket = \"usher-recordings\"\nendpoint = \"http://127.0.0.1:{s3_port}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n"
-    );
+fn the_s3_backend_keeps_the_objects_in_the_bucket() {
+    let moto = Moto::start();
+    let s3_port = moto.port;
+    let storage = moto.storage("usher-recordings");
     let mut collector = Collector::new(&[], &storage);
     let (agent, token, key) = shipping_agent(collector.port, &collector.dir.join("ca.pem"), 8192);
     trust(&collector, &agent, &token, &key);
@@ -624,8 +696,6 @@ fn the_s3_backend_keeps_recordings_too() {
     assert!(String::from_utf8_lossy(&listing.stdout)
         .contains(&format!("sessions/{id}/cast/0000000000")));
     assert!(!collector.dir.join("data/objects/sessions").exists());
-    let _ = server.kill();
-    let _ = server.wait();
 }
 
 #[test]
