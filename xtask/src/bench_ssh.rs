@@ -406,6 +406,23 @@ pub fn run() -> Result<(), String> {
         first_use * 1e3
     );
 
+    // Memory first, while both servers are fresh: bulk transfers leave allocator
+    // high-water marks behind.
+    let (sb, sa) = idle_memory(&bench, &sshd_t)?;
+    let (ub, ua) = idle_memory(&bench, &usher_t)?;
+    let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / IDLE_SESSIONS as f64;
+    println!(
+        "{IDLE_SESSIONS} idle sessions, server memory (PSS): sshd {} -> {} KiB ({:.0} KiB/session), usherd {} -> {} KiB ({:.0} KiB/session), ratio {:.2}x",
+        sb,
+        sa,
+        per(sb, sa),
+        ub,
+        ua,
+        per(ub, ua),
+        per(ub, ua) / per(sb, sa)
+    );
+    println!("(sshd's figure sums its listener and per-connection processes; the sessions' own shells are not counted on either side)");
+
     // Interleave the runs so that a noisy moment hits both.
     let (mut s_setup, mut u_setup) = (vec![], vec![]);
     for _ in 0..SETUP_RUNS {
@@ -438,20 +455,6 @@ pub fn run() -> Result<(), String> {
         s_down / u_down
     );
 
-    let (sb, sa) = idle_memory(&bench, &sshd_t)?;
-    let (ub, ua) = idle_memory(&bench, &usher_t)?;
-    let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / IDLE_SESSIONS as f64;
-    println!(
-        "{IDLE_SESSIONS} idle sessions, server memory (PSS): sshd {} -> {} KiB ({:.0} KiB/session), usherd {} -> {} KiB ({:.0} KiB/session), ratio {:.2}x",
-        sb,
-        sa,
-        per(sb, sa),
-        ub,
-        ua,
-        per(ub, ua),
-        per(ub, ua) / per(sb, sa)
-    );
-    println!("(sshd's figure sums its listener and per-connection processes; the sessions' own shells are not counted on either side)");
     Ok(())
 }
 
