@@ -2,12 +2,9 @@
 //! verifies their hash chains and seals, stores them (local directory or S3), indexes them
 //! in SQLite, and serves a page to search and replay them.
 
-mod api;
-mod config;
-mod keys;
-mod store;
+use usher_collector::{api, config};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +17,26 @@ use std::sync::Arc;
 struct Args {
     #[arg(short, long, default_value = "/etc/usher/collector.toml")]
     config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One collector (in-process, loopback, local storage in a scratch directory) and N
+    /// simulated agents shipping at once; prints ingest MB/s and sessions/s.
+    Bench {
+        #[arg(long, default_value_t = 8)]
+        agents: usize,
+        /// Sessions each agent ships, one after the other.
+        #[arg(long, default_value_t = 10)]
+        sessions: usize,
+        /// Size of each session's cast.
+        #[arg(long, default_value_t = 1024)]
+        session_kib: usize,
+        #[arg(long, default_value_t = 64)]
+        chunk_kib: usize,
+    },
 }
 
 struct StderrLog;
@@ -42,6 +59,30 @@ fn main() -> std::process::ExitCode {
         .map(|()| log::set_max_level(log::LevelFilter::Info));
     // Two TLS stacks are linked in (the server's and the S3 client's); say which provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(Cmd::Bench {
+        agents,
+        sessions,
+        session_kib,
+        chunk_kib,
+    }) = args.command
+    {
+        let params = usher_collector::bench::Params {
+            agents,
+            sessions,
+            session_kib,
+            chunk_kib,
+        };
+        let result = tokio::runtime::Runtime::new()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(usher_collector::bench::run(params)));
+        return match result {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("usher-collector bench: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let result = (|| -> Result<(), String> {
         let config = config::Config::load(&args.config)?;
         let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;

@@ -233,9 +233,13 @@ impl Store {
             return match stored {
                 Some(h) if h == hash => Ok(serde_json::json!({"stored": false, "duplicate": true})),
                 _ => {
+                    // The protocol answers 409 here (not 422): the number is already taken.
                     let why = format!("{stream} chunk {seq} sent again with different content");
                     self.flag(id, &why);
-                    Err(Refused::Tampered(why))
+                    Err(Refused::Conflict(serde_json::json!({
+                        "error": format!("tampered: {why}"),
+                        "next_seq": status.next_seq,
+                    })))
                 }
             };
         }

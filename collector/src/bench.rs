@@ -1,0 +1,202 @@
+//! `usher-collector bench`: one collector (in this process, on loopback, local storage in
+//! a scratch directory) and N simulated agents shipping sessions through the real HTTPS
+//! protocol at once. Prints ingest throughput in MB/s and sessions/s.
+
+use crate::config::{AgentConfig, Config, Storage};
+use crate::uploader::{openssh_public_line, Recording, Uploader};
+use ed25519_dalek::SigningKey;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct Params {
+    pub agents: usize,
+    pub sessions: usize,
+    pub session_kib: usize,
+    pub chunk_kib: usize,
+}
+
+/// A CA (`ca.pem`) and a certificate for 127.0.0.1 and localhost it signed
+/// (`server.pem`, `server.key`), made with the `openssl` command.
+pub fn make_certs(dir: &Path) -> Result<(), String> {
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: Vec<Vec<&str>> = vec![
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=usher test CA",
+            ],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    ];
+    for args in steps {
+        let st = Command::new("openssl")
+            .args(&args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("openssl: {e}"))?;
+        if !st.success() {
+            return Err(format!("openssl {args:?} failed"));
+        }
+    }
+    Ok(())
+}
+
+/// Serves `config` on an already bound listener until the process ends.
+pub async fn serve(listener: std::net::TcpListener, config: Config) -> Result<(), String> {
+    let tls =
+        axum_server::tls_rustls::RustlsConfig::from_pem_file(&config.tls_cert, &config.tls_key)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+    let app = Arc::new(crate::api::App::new(config)?);
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    axum_server::from_tcp_rustls(listener, tls)
+        .serve(crate::api::router(app).into_make_service())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+pub async fn run(p: Params) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("usher-collector-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    make_certs(&dir)?;
+    let keys: Vec<SigningKey> = (0..p.agents)
+        .map(|i| SigningKey::from_bytes(&[i as u8 + 1; 32]))
+        .collect();
+    let config = Config {
+        listen: "127.0.0.1:0".into(),
+        tls_cert: dir.join("server.pem"),
+        tls_key: dir.join("server.key"),
+        data_dir: dir.join("data"),
+        storage: Storage::Local,
+        viewer_tokens: vec![],
+        agents: keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| AgentConfig {
+                host: format!("bench-{i}"),
+                token: format!("bench-token-{i}"),
+                host_key: openssh_public_line(k),
+            })
+            .collect(),
+        assets_dir: None,
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    tokio::spawn(async move {
+        if let Err(e) = serve(listener, config).await {
+            eprintln!("collector: {e}");
+        }
+    });
+    let ca = std::fs::read(dir.join("ca.pem")).map_err(|e| e.to_string())?;
+    let mut work = Vec::new();
+    for (i, key) in keys.into_iter().enumerate() {
+        let up = Uploader::new(
+            &format!("https://127.0.0.1:{port}"),
+            &ca,
+            &format!("bench-token-{i}"),
+            key,
+        )?;
+        let recs: Vec<Recording> = (0..p.sessions)
+            .map(|s| {
+                Recording::fake(
+                    &format!("bench-{i}-{s}"),
+                    &format!("bench-{i}"),
+                    "bench@example.org",
+                    "usher-bench",
+                    &["ls -l", "cat /etc/os-release", "make test"],
+                    "BENCH",
+                    p.session_kib << 10,
+                    p.chunk_kib << 10,
+                )
+            })
+            .collect();
+        work.push((up, recs));
+    }
+    let bytes: usize = work.iter().flat_map(|(_, r)| r).map(Recording::bytes).sum();
+    let chunks: usize = work
+        .iter()
+        .flat_map(|(_, r)| r)
+        .map(|r| r.cast.len() + r.audit.len())
+        .sum();
+    let start = Instant::now();
+    let tasks: Vec<_> = work
+        .into_iter()
+        .map(|(up, recs)| {
+            tokio::spawn(async move {
+                for r in &recs {
+                    up.ship(r).await?;
+                }
+                Ok::<(), String>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let sessions = p.agents * p.sessions;
+    println!(
+        "{} agents, {sessions} sessions, {chunks} chunks, {:.1} MB in {secs:.2} s: {:.1} MB/s, {:.1} sessions/s, {:.0} chunks/s",
+        p.agents,
+        bytes as f64 / 1e6,
+        bytes as f64 / 1e6 / secs,
+        sessions as f64 / secs,
+        chunks as f64 / secs
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! The collector as a library: the binary `usher-collector` serves it, and the tests and
+//! the benchmark drive it with [`uploader`], a client of the agents' protocol.
+
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod keys;
+pub mod store;
+pub mod uploader;
