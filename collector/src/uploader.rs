@@ -169,6 +169,8 @@ fn cut(lines: &[Vec<u8>], chunk_bytes: usize) -> Vec<Vec<u8>> {
 pub struct Answer {
     pub status: u16,
     pub body: serde_json::Value,
+    /// The body as sent.
+    pub text: String,
 }
 
 pub struct Uploader {
@@ -211,8 +213,8 @@ impl Uploader {
             .map_err(|e| format!("{e:?}"))?;
         let status = resp.status().as_u16();
         let text = resp.text().await.map_err(|e| e.to_string())?;
-        let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-        Ok(Answer { status, body })
+        let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text.clone()));
+        Ok(Answer { status, body, text })
     }
 
     fn url(&self, path: &str) -> String {
