@@ -44,6 +44,10 @@ pub fn openssh_public_line(key: &SigningKey) -> String {
     )
 }
 
+/// When fake sessions start (Unix time): the cast header's `timestamp`; exec events
+/// carry Unix times as the agent's do.
+pub const START: u64 = 1795000000;
+
 /// One recorded session as an agent would have it in its spool: metadata, and each
 /// stream cut into chunks of whole lines.
 #[derive(Clone, Debug)]
@@ -78,7 +82,7 @@ impl Recording {
             "input_recorded": false, "interrupted": false, "extra_field_kept": "yes",
         });
         let mut lines: Vec<Vec<u8>> = vec![serde_json::json!({
-            "version": 2, "width": 80, "height": 24, "timestamp": 1795000000
+            "version": 2, "width": 80, "height": 24, "timestamp": START
         })
         .to_string()
         .into_bytes()];
@@ -107,7 +111,7 @@ impl Recording {
                 let mut line = serde_json::to_vec(&serde_json::json!({
                     "event": "exec",
                     "exec": {"path": format!("/usr/bin/{}", argv[0]), "argv": argv, "pid": 1000 + i,
-                             "verdict": "allow", "time": 0.5 + i as f64}
+                             "verdict": "allowed", "time": START as f64 + 0.5 + i as f64}
                 }))
                 .unwrap();
                 line.push(b'\n');
