@@ -43,6 +43,7 @@ fn refused(r: Refused) -> Response {
     match r {
         Refused::BadRequest(m) => error(StatusCode::BAD_REQUEST, m),
         Refused::Forbidden(m) => error(StatusCode::FORBIDDEN, m),
+        Refused::NotFound(m) => error(StatusCode::NOT_FOUND, m),
         Refused::Tampered(m) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("tampered: {m}")),
         Refused::Conflict(v) => (StatusCode::CONFLICT, Json(v)).into_response(),
         Refused::Internal(m) => {

@@ -26,6 +26,7 @@ pub struct Store {
 pub enum Refused {
     BadRequest(String),
     Forbidden(String),
+    NotFound(String),
     /// The chain does not hold: the session is flagged.
     Tampered(String),
     Conflict(serde_json::Value),
@@ -460,7 +461,7 @@ impl Store {
             )
             .optional()
             .map_err(internal)?
-            .ok_or_else(|| Refused::BadRequest(format!("no session {id}")))?;
+            .ok_or_else(|| Refused::NotFound(format!("no session {id}")))?;
         let mut stmt = db
             .prepare("SELECT time, path, argv, verdict, rule FROM commands WHERE session = ?1 ORDER BY time")
             .map_err(internal)?;

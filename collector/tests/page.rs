@@ -223,3 +223,63 @@ async fn the_page_finds_a_session_plays_it_and_the_timeline_seeks() {
     );
     let _ = d.call("DELETE", "", json!({})).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_session_is_watched_as_it_grows() {
+    let h = host("web-2", 12);
+    let c = Collector::started(Backend::Local, &[&h]);
+    let up = c.uploader(&h);
+    let live = Recording::fake(
+        "live-1",
+        "web-2",
+        "carol@example.org",
+        "usher-carol",
+        &["tail -f /var/log/syslog"],
+        "LIVE",
+        12 << 10,
+        2 << 10,
+    );
+    let n = live.cast.len();
+    assert!(n >= 4);
+    up.put_meta(&live.id, &live.meta).await.unwrap();
+    up.ship_stream(&live, "audit", usize::MAX).await.unwrap();
+    up.ship_stream(&live, "cast", n / 2).await.unwrap();
+
+    let d = Driver::start().await;
+    d.call(
+        "POST",
+        "/url",
+        json!({"url": format!("{}/?token={VIEWER}&play=live-1", c.url())}),
+    )
+    .await;
+    d.wait_for(
+        "a live session's status",
+        "return document.body.dataset.status || ''",
+        |v| v == "live",
+    )
+    .await;
+    d.wait_for(
+        "the first half",
+        "const p = document.querySelector('#player .ap-player'); return p ? p.innerText : ''",
+        |v| v.as_str().unwrap_or("").contains("of live-1: the quick"),
+    )
+    .await;
+    // The agent ships the rest while the page is open: its last line appears.
+    let last_line: Value = serde_json::from_slice(
+        live.cast[n - 1]
+            .trim_ascii_end()
+            .rsplit(|b| *b == b'\n')
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let last_text = last_line[2].as_str().unwrap().trim_end().to_string();
+    up.ship(&live).await.unwrap();
+    d.wait_for(
+        "the rest of the live session",
+        "const p = document.querySelector('#player .ap-player'); return p ? p.innerText : ''",
+        |v| v.as_str().unwrap_or("").contains(&last_text),
+    )
+    .await;
+    let _ = d.call("DELETE", "", json!({})).await;
+}
