@@ -17,6 +17,9 @@ pub const MAX_CHUNK: usize = 4 << 20;
 
 pub struct Store {
     objects: Arc<dyn ObjectStore>,
+    /// With the local backend, its directory: objects are fsync'd there before they are
+    /// acknowledged (object_store's LocalFileSystem renames into place without fsync).
+    local_root: Option<std::path::PathBuf>,
     db: Mutex<Connection>,
     /// One writer per session at a time: a chunk's checks and its write are one step.
     session_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -89,6 +92,8 @@ impl Store {
     pub fn open(config: &Config) -> Result<Store, String> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
+        let local_root =
+            matches!(config.storage, Storage::Local).then(|| config.data_dir.join("objects"));
         let objects: Arc<dyn ObjectStore> = match &config.storage {
             Storage::Local => {
                 let dir = config.data_dir.join("objects");
@@ -134,9 +139,30 @@ impl Store {
         .map_err(|e| e.to_string())?;
         Ok(Store {
             objects,
+            local_root,
             db: Mutex::new(db),
             session_locks: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Stores an object so that it survives a crash of the machine, not only of the process.
+    async fn put_durably(&self, path: &ObjectPath, payload: PutPayload) -> Result<(), Refused> {
+        self.objects.put(path, payload).await.map_err(internal)?;
+        if let Some(root) = &self.local_root {
+            let file = root.join(path.as_ref());
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                std::fs::File::open(&file)?.sync_all()?;
+                // The rename that put the file in place lives in its directory.
+                if let Some(dir) = file.parent() {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+        }
+        Ok(())
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -265,10 +291,8 @@ impl Store {
             return Err(Refused::Tampered(why));
         }
         let path = ObjectPath::from(format!("sessions/{id}/{stream}/{seq:010}"));
-        self.objects
-            .put(&path, PutPayload::from(body.clone()))
-            .await
-            .map_err(internal)?;
+        self.put_durably(&path, PutPayload::from(body.clone()))
+            .await?;
         let mut db = self.db();
         let tx = db.transaction().map_err(internal)?;
         tx.execute(
@@ -321,13 +345,11 @@ impl Store {
         let _guard = lock.lock().await;
         self.claim(id, host)?;
         let bytes = serde_json::to_vec(&meta).map_err(internal)?;
-        self.objects
-            .put(
-                &ObjectPath::from(format!("sessions/{id}/meta.json")),
-                PutPayload::from(bytes),
-            )
-            .await
-            .map_err(internal)?;
+        self.put_durably(
+            &ObjectPath::from(format!("sessions/{id}/meta.json")),
+            PutPayload::from(bytes),
+        )
+        .await?;
         self.db()
             .execute(
                 "UPDATE sessions SET login = ?2, sub = ?3, started_at = ?4, ended_at = ?5, meta = ?6 WHERE id = ?1",
@@ -391,13 +413,11 @@ impl Store {
             self.flag(id, &why);
             return Err(Refused::Tampered(why));
         }
-        self.objects
-            .put(
-                &ObjectPath::from(format!("sessions/{id}/seal.json")),
-                PutPayload::from(seal.to_string().into_bytes()),
-            )
-            .await
-            .map_err(internal)?;
+        self.put_durably(
+            &ObjectPath::from(format!("sessions/{id}/seal.json")),
+            PutPayload::from(seal.to_string().into_bytes()),
+        )
+        .await?;
         self.db()
             .execute(
                 "UPDATE sessions SET status = 'complete' WHERE id = ?1 AND status = 'live'",
