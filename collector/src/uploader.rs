@@ -364,3 +364,65 @@ impl Uploader {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_uploaders_chain_and_seal_are_what_the_collector_checks() {
+        assert_eq!(
+            hex::encode(genesis("s", "cast")),
+            crate::store::genesis("s", "cast")
+        );
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let parsed = crate::keys::parse_openssh_ed25519(&openssh_public_line(&key)).unwrap();
+        assert_eq!(parsed, key.verifying_key());
+        let streams = vec![
+            ("cast".to_string(), 2, "ab".repeat(32)),
+            ("audit".to_string(), 1, "cd".repeat(32)),
+        ];
+        let message = seal_message("s", &streams);
+        assert_eq!(
+            message,
+            format!(
+                "usher-seal-v1\ns\naudit 1 {}\ncast 2 {}\n",
+                "cd".repeat(32),
+                "ab".repeat(32)
+            )
+        );
+        let sig = base64::engine::general_purpose::STANDARD
+            .encode(key.sign(message.as_bytes()).to_bytes());
+        assert!(crate::keys::verify_seal(&parsed, &message, &sig).is_ok());
+        assert!(crate::keys::verify_seal(&parsed, &message.replace("2", "3"), &sig).is_err());
+        assert!(crate::keys::verify_seal(&parsed, &message, "not base64!").is_err());
+    }
+
+    #[test]
+    fn hostile_host_keys_and_ids_are_refused() {
+        for bad in [
+            "",
+            "ssh-rsa AAAA",
+            "ssh-ed25519",
+            "ssh-ed25519 !!!",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5",
+        ] {
+            assert!(crate::keys::parse_openssh_ed25519(bad).is_err(), "{bad}");
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "a b", "é", &"x".repeat(129)] {
+            assert!(!crate::store::valid_id(bad), "{bad}");
+        }
+        for good in ["20261122T120000Z-0a1b2c3d", "a.b_c-d", &"x".repeat(128)] {
+            assert!(crate::store::valid_id(good), "{good}");
+        }
+    }
+
+    #[test]
+    fn fake_recordings_are_cut_into_whole_lines() {
+        let r = Recording::fake("f", "h", "s", "l", &["ls"], "M", 50 << 10, 4 << 10);
+        assert!(r.cast.len() > 10);
+        for c in &r.cast {
+            assert!(c.ends_with(b"\n") && c.len() <= 4 << 10);
+        }
+    }
+}
