@@ -1,6 +1,9 @@
 //! The HTTP API (see collector/API.md): agents ship with their token; viewers search and
 //! replay with theirs.
 
+// A refused request is answered with its Response: the handlers' idiom, on a cold path.
+#![allow(clippy::result_large_err)]
+
 use crate::config::Config;
 use crate::store::{valid_id, Refused, Search, Store, MAX_CHUNK, STREAMS};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};

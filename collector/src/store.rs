@@ -233,6 +233,7 @@ impl Store {
         })
     }
 
+    #[allow(clippy::too_many_arguments)] // the protocol's fields, each checked here
     pub async fn put_chunk(
         &self,
         host: &str,

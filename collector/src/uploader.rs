@@ -62,6 +62,7 @@ impl Recording {
     /// A plausible session: `commands` exec events in the audit stream (one chunk each),
     /// and a cast of about `cast_bytes` bytes printing `marker`, cut into `chunk_bytes`
     /// chunks of whole lines.
+    #[allow(clippy::too_many_arguments)]
     pub fn fake(
         id: &str,
         host: &str,
@@ -323,6 +324,7 @@ impl Uploader {
             return Err(format!("the collector's chain differs from ours at {next}"));
         }
         let mut prev = last;
+        #[allow(clippy::needless_range_loop)] // seq is the protocol's number, not only an index
         for seq in next as usize..upto.min(hashes.len()) {
             let hash = hex::encode(hashes[seq]);
             let a = self
