@@ -203,6 +203,14 @@ impl Store {
         }
     }
 
+    fn session_status(&self, id: &str) -> Result<String, Refused> {
+        self.db()
+            .query_row("SELECT status FROM sessions WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .map_err(internal)
+    }
+
     fn flag(&self, id: &str, problem: &str) {
         log::warn!("session {id} flagged: {problem}");
         let _ = self.db().execute(
@@ -270,6 +278,15 @@ impl Store {
                     })))
                 }
             };
+        }
+        if self.session_status(id)? == "complete" {
+            // A sealed session's chains end where the host signed them.
+            let why = format!("{stream} chunk {seq} sent after the seal");
+            self.flag(id, &why);
+            return Err(Refused::Conflict(serde_json::json!({
+                "error": format!("tampered: {why}"),
+                "next_seq": status.next_seq,
+            })));
         }
         if seq > status.next_seq {
             return Err(Refused::Conflict(
@@ -403,6 +420,14 @@ impl Store {
                     "sealed {name} has {chunks} chunks ending {last}; stored: {} ending {}",
                     have.next_seq, have.last_hash
                 );
+                self.flag(id, &why);
+                return Err(Refused::Tampered(why));
+            }
+        }
+        // Every stream the collector holds must be under the signature.
+        for name in STREAMS {
+            if !streams.contains_key(name) && self.stream_status(id, name)?.next_seq > 0 {
+                let why = format!("the seal leaves out the {name} stream");
                 self.flag(id, &why);
                 return Err(Refused::Tampered(why));
             }

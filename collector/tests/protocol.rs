@@ -241,6 +241,47 @@ async fn a_tampered_chunk_is_refused_and_the_session_flagged(backend: Backend) {
         a.body
     );
     assert_eq!(status_of(&c, "t5").await, "tampered");
+    // A seal that leaves out a stream the collector holds: 422, flagged.
+    let r = rec("t6", "gamma", "carol", &["id"], 20);
+    up.ship_stream(&r, "audit", usize::MAX).await.unwrap();
+    let last = up.ship_stream(&r, "cast", usize::MAX).await.unwrap();
+    let a = up
+        .seal("t6", &[("cast".into(), r.cast.len() as u64, last)])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 422);
+    assert!(
+        a.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("leaves out the audit"),
+        "{:?}",
+        a.body
+    );
+    // A chunk after the seal: 409, flagged; the sealed recording is unchanged.
+    let r = rec("t7", "gamma", "carol", &["id"], 20);
+    up.ship(&r).await.unwrap();
+    assert_eq!(status_of(&c, "t7").await, "complete");
+    let n = r.cast.len() as u64;
+    let last = r.hashes("cast")[n as usize - 1];
+    let extra = b"[99.0,\"o\",\"appended later\"]\n".to_vec();
+    let a = up
+        .put_chunk(
+            "t7",
+            "cast",
+            n,
+            &hex::encode(last),
+            &hex::encode(next_hash(&last, &extra)),
+            extra,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 409, "{:?}", a.body);
+    assert_eq!(status_of(&c, "t7").await, "tampered");
+    assert_eq!(
+        c.get("/api/v1/sessions/t7/cast").await.text.as_bytes(),
+        r.cast.concat()
+    );
     // The search shows the flag.
     let flagged = c.get("/api/v1/sessions?host=gamma").await.body;
     assert!(
