@@ -25,6 +25,31 @@ pub struct Store {
     session_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// A session's turn to write; its lock leaves the map when nobody else wants it, so the
+/// map holds only the sessions being written to.
+struct SessionTurn<'a> {
+    store: &'a Store,
+    id: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for SessionTurn<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut map = self
+            .store
+            .session_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // The map's reference and ours: nobody holds or awaits it, and nobody can take
+        // it from the map while the map is locked.
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.id);
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum Refused {
     BadRequest(String),
@@ -169,13 +194,22 @@ impl Store {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn session_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.session_locks
+    /// Waits for this session's turn: one write per session at a time.
+    async fn session_turn(&self, id: &str) -> SessionTurn<'_> {
+        let lock = self
+            .session_locks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(id.to_string())
             .or_default()
-            .clone()
+            .clone();
+        let guard = lock.clone().lock_owned().await;
+        SessionTurn {
+            store: self,
+            id: id.to_string(),
+            lock,
+            guard: Some(guard),
+        }
     }
 
     /// The session's row, made on first contact; another host's session is refused.
@@ -252,8 +286,7 @@ impl Store {
         hash: &str,
         body: bytes::Bytes,
     ) -> Result<serde_json::Value, Refused> {
-        let lock = self.session_lock(id);
-        let _guard = lock.lock().await;
+        let _turn = self.session_turn(id).await;
         self.claim(id, host)?;
         let status = self.stream_status(id, stream)?;
         if seq < status.next_seq {
@@ -359,8 +392,7 @@ impl Store {
                 "the metadata names another session".into(),
             ));
         }
-        let lock = self.session_lock(id);
-        let _guard = lock.lock().await;
+        let _turn = self.session_turn(id).await;
         self.claim(id, host)?;
         let bytes = serde_json::to_vec(&meta).map_err(internal)?;
         self.put_durably(
@@ -393,8 +425,7 @@ impl Store {
         id: &str,
         seal: serde_json::Value,
     ) -> Result<(), Refused> {
-        let lock = self.session_lock(id);
-        let _guard = lock.lock().await;
+        let _turn = self.session_turn(id).await;
         self.claim(id, host)?;
         let streams = seal["streams"]
             .as_object()
