@@ -5,6 +5,7 @@
 mod support;
 
 use serde_json::{json, Value};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::{host, Backend, Collector, VIEWER};
@@ -30,8 +31,10 @@ mod tempdir {
 impl Driver {
     async fn start() -> Driver {
         let port = support::free_port();
+        // Its own process group: the browsers it starts go with it, even when a test fails.
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -54,6 +57,7 @@ impl Driver {
             "--disable-component-update",
             "--disable-sync",
             "--window-size=1280,1024",
+            "--disable-breakpad",
         ];
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         args.push(format!("--user-data-dir={}", profile.display()));
@@ -122,6 +126,9 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
