@@ -19,6 +19,7 @@ const PACKAGES: &[&str] = &[
     "systemd-container",
     "rpm",
     "chromium",
+    "chromium-driver",
     "curl",
     "openssl",
 ];
