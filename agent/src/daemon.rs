@@ -7,9 +7,10 @@ use crate::enforce::{Enforcement, Enforcer, ExecEvent};
 use crate::grant::{self, Grant, GrantStore, Refusal, Revocations, Verifier};
 use crate::profile::{Profile, Profiles};
 use crate::session::{Cgroup, SessionKind, SessionTable};
+use crate::sync::lock;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -44,12 +45,6 @@ pub struct SessionGrant {
     pub enforced: bool,
     /// Says why, when the grant ends while the session runs.
     pub ended: tokio::sync::watch::Receiver<Option<String>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves consistent data (every update is
-    // a single call); carry on rather than wedge the agent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Agent {

@@ -20,3 +20,4 @@ pub mod record;
 pub mod session;
 pub mod ship;
 pub mod ssh;
+mod sync;

@@ -12,12 +12,13 @@ mod policy;
 
 pub use policy::{kernel_dev, ExecMode, ExecPolicy};
 
+use crate::sync::lock;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{Lsm, TracePoint};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::UnboundedSender;
 use usher_ebpf_common as common;
@@ -118,10 +119,6 @@ pub struct Enforcer {
     mode: Enforcement,
     path: EnforcementPath,
     loaded: Option<Loaded>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Enforcer {

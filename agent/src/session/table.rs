@@ -3,10 +3,11 @@
 
 use super::{Cgroup, SessionKind};
 use crate::fsutil;
+use crate::sync::lock;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,10 +47,6 @@ pub struct SessionTable {
     root: Mutex<Option<PathBuf>>,
     live: Mutex<BTreeMap<String, Live>>,
     leftovers: Mutex<Vec<SessionRecord>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl SessionTable {
