@@ -28,6 +28,12 @@ pub const RULE_NONE: u32 = u32::MAX;
 pub const RULE_NOT_ALLOWED: u32 = u32::MAX - 1;
 pub const RULE_UNLINKED: u32 = u32::MAX - 2;
 pub const RULE_LOADER: u32 = u32::MAX - 3;
+/// An executable mapping (`mmap`/`mprotect` with PROT_EXEC, BPF-LSM only) of a file the
+/// profile does not cover.
+pub const RULE_MAP_EXEC: u32 = u32::MAX - 4;
+
+/// `PROT_EXEC` of mmap(2)/mprotect(2).
+pub const PROT_EXEC: u64 = 4;
 
 /// `CONFIG` map index 0: whether the LSM program is attached (then the tracepoint only
 /// reports; the LSM hook refuses).
@@ -79,6 +85,9 @@ pub struct Offsets {
     pub inode_nlink: u32,
     pub sb_dev: u32,
     pub binprm_file: u32,
+    pub vma_file: u32,
+    pub inode_mode: u32,
+    pub inode_uid: u32,
     pub _pad: u32,
 }
 

@@ -3,7 +3,7 @@
 
 use crate::account::{Account, Accounts};
 use crate::config::Config;
-use crate::enforce::{Enforcement, Enforcer, ExecEvent};
+use crate::enforce::{Enforcement, Enforcer, ExecReceiver};
 use crate::grant::{self, Grant, GrantStore, Refusal, Revocations, Verifier};
 use crate::profile::{Profile, Profiles};
 use crate::session::{Cgroup, SessionKind, SessionTable};
@@ -12,7 +12,6 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 pub struct Agent {
     pub config: Config,
@@ -41,7 +40,7 @@ pub struct SessionGrant {
     pub account: Account,
     pub cgroup: Arc<Cgroup>,
     pub profile: Profile,
-    pub exec_events: Option<mpsc::UnboundedReceiver<ExecEvent>>,
+    pub exec_events: Option<ExecReceiver>,
     pub enforced: bool,
     /// Says why, when the grant ends while the session runs.
     pub ended: tokio::sync::watch::Receiver<Option<String>>,
@@ -85,11 +84,14 @@ impl Agent {
         }
         let accounts = Accounts::open(&config.accounts, &config.login_shell(), &config.state_dir)
             .map_err(|e| e.to_string())?;
-        let enforcer = Enforcer::start(if online {
-            config.enforcement
+        let enforcer = if online {
+            Enforcer::start(
+                config.enforcement,
+                &crate::enforce::pin_dir(&config.state_dir),
+            )
         } else {
-            Enforcement::Off
-        });
+            Enforcer::offline()
+        };
         log::info!(target: "usher::enforce", enforcement_path = enforcer.path().to_string().as_str(); "exec enforcement: {} (mode {:?})", enforcer.path(), config.enforcement);
         let sessions = SessionTable::open(&config.state_dir.join("sessions.json"))
             .map_err(|e| format!("session table: {e}"))?;
@@ -127,12 +129,13 @@ impl Agent {
             };
             if live && cgroup.is_populated() {
                 let profile = self.profile(&rec.profile);
-                let (tx, rx) = mpsc::unbounded_channel();
+                let (tx, rx) = crate::enforce::exec_channel();
                 if self.enforcer.attach(cgroup.id(), &profile.exec, tx).is_ok() {
                     crate::session::append_exec_events(
                         self.config
                             .spool_dir
                             .join(format!("{}.audit.jsonl", rec.id)),
+                        rec.id.clone(),
                         rx,
                     );
                 }
@@ -144,6 +147,8 @@ impl Agent {
                 audit!("session_ended", session = rec.id.as_str(), jti = rec.jti.as_str(); "session {} ended while the agent was down", rec.id);
             }
         }
+        // Live sessions have their routes again: the events that waited can be read.
+        self.enforcer.takeover_complete();
         let keep: BTreeSet<String> = lock(&self.grants)
             .iter()
             .filter(|g| g.is_live(now))
@@ -254,7 +259,7 @@ impl Agent {
             log::error!(target: "usher::session", "cannot create a cgroup: {e}");
             "the session's cgroup could not be created".to_string()
         })?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = crate::enforce::exec_channel();
         let enforced = match self.enforcer.attach(cgroup.id(), &profile.exec, tx) {
             Ok(()) => true,
             Err(e) if self.config.enforcement == Enforcement::Required => {
@@ -343,6 +348,10 @@ impl Agent {
             .unwrap_or_default();
         for name in orphans {
             self.remove_account(&name, "usher is being removed");
+        }
+        // The programs stop only now, with nothing left to enforce.
+        if let Err(e) = crate::enforce::unpin(&self.config.state_dir) {
+            log::error!(target: "usher::enforce", "cannot unpin the eBPF programs: {e}");
         }
     }
 

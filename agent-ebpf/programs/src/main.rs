@@ -6,6 +6,10 @@
 //! - `bprm_check` (BPF-LSM, `bprm_check_security`): the exec fails with EPERM;
 //! - `sched_process_exec` (tracepoint): the new image gets SIGKILL before its first
 //!   instruction. With the LSM attached this program only reports.
+//!
+//! Where BPF-LSM exists, `mmap_file` and `file_mprotect` apply the same file-identity check
+//! to executable mappings, so `LD_PRELOAD`, `dlopen` and `enable -f` of a file the profile
+//! does not cover fail too (elsewhere the agent's noexec mounts stand in for them).
 #![no_std]
 #![no_main]
 
@@ -215,6 +219,90 @@ unsafe fn on_bprm_check(ctx: &LsmContext) -> i32 {
     info!(ctx, "usher: refused an exec in cgroup {} (rule {})", cgroup_id, rule);
     report(o, cgroup_id, &image, VERDICT_DENIED, rule, None);
     -1 // -EPERM
+}
+
+/// Whether a file may be mapped executable in a session under `policy`: what the profile's
+/// rules name decides as for an exec; in an allow list, shared libraries (files owned by
+/// root that nobody else may write) are covered too, since every dynamic program maps them.
+#[inline(always)]
+unsafe fn decide_mapping(o: &Offsets, cgroup_id: u64, policy: &SessionPolicy, file: u64, image: &Image) -> (bool, u32) {
+    if policy.flags & FLAG_DENY_UNLINKED != 0 && image.nlink == 0 {
+        return (false, RULE_UNLINKED);
+    }
+    let by_file = RULES.get(&RuleKey { cgroup_id, file: image.file }).copied();
+    let by_dir = RULES.get(&RuleKey { cgroup_id, file: image.parent }).copied();
+    let hit = by_file.or(by_dir);
+    if policy.mode == MODE_DENY {
+        return match hit {
+            Some(rule) => (false, rule),
+            None => (true, RULE_NONE),
+        };
+    }
+    if hit.is_some() {
+        return (true, RULE_NONE);
+    }
+    let Some(inode) = read::<u64>(file, o.file_inode) else {
+        return (false, RULE_MAP_EXEC);
+    };
+    let owner: u32 = read(inode, o.inode_uid).unwrap_or(u32::MAX);
+    let mode: u16 = read(inode, o.inode_mode).unwrap_or(0o777);
+    // Root's file, writable by root alone: a library the host installed.
+    if owner == 0 && mode & 0o022 == 0 {
+        (true, RULE_NONE)
+    } else {
+        (false, RULE_MAP_EXEC)
+    }
+}
+
+/// The shared part of `mmap_file` and `file_mprotect`: 0 lets the mapping be, -EPERM refuses.
+#[inline(always)]
+unsafe fn check_mapping(file: u64, prot: u64) -> i32 {
+    // Anonymous memory and mappings that do not execute are not the policy's business.
+    if file == 0 || prot & PROT_EXEC == 0 {
+        return 0;
+    }
+    let cgroup_id = bpf_get_current_cgroup_id();
+    let Some(policy) = SESSIONS.get(&cgroup_id) else {
+        return 0;
+    };
+    if policy.mode == MODE_AUDIT {
+        return 0;
+    }
+    let Some(o) = OFFSETS.get(0) else { return 0 };
+    let Some(image) = image_of(o, file) else { return 0 };
+    let (allowed, rule) = decide_mapping(o, cgroup_id, policy, file, &image);
+    if allowed {
+        return 0;
+    }
+    report(o, cgroup_id, &image, VERDICT_DENIED, rule, None);
+    -1 // -EPERM
+}
+
+#[lsm(hook = "mmap_file")]
+pub fn mmap_file(ctx: LsmContext) -> i32 {
+    // mmap_file(struct file *file, unsigned long reqprot, unsigned long prot,
+    //           unsigned long flags, int ret): an earlier refusal stands.
+    let earlier: i32 = unsafe { ctx.arg(4) };
+    if earlier != 0 {
+        return earlier;
+    }
+    unsafe { check_mapping(ctx.arg(0), ctx.arg(2)) }
+}
+
+#[lsm(hook = "file_mprotect")]
+pub fn file_mprotect(ctx: LsmContext) -> i32 {
+    // file_mprotect(struct vm_area_struct *vma, unsigned long reqprot, unsigned long prot,
+    //               int ret)
+    let earlier: i32 = unsafe { ctx.arg(3) };
+    if earlier != 0 {
+        return earlier;
+    }
+    unsafe {
+        let Some(o) = OFFSETS.get(0) else { return 0 };
+        let vma: u64 = ctx.arg(0);
+        let file: u64 = read(vma, o.vma_file).unwrap_or(0);
+        check_mapping(file, ctx.arg(2))
+    }
 }
 
 #[cfg(not(test))]

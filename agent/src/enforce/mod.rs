@@ -6,21 +6,30 @@
 //! `sched_process_exec` tracepoint with SIGKILL. Each session's policy lives in maps keyed
 //! by its cgroup id from before its first process starts until it ends; every exec in it
 //! comes back as an event for its audit stream and its recording.
+//!
+//! The programs, their links and their maps are pinned in bpffs (`pins`): when the agent
+//! stops, crashes or is upgraded, the kernel goes on checking (and queueing the events of)
+//! every exec in the live sessions, and the next agent takes the pinned state over.
 
 mod btf;
+pub mod confine;
+mod pins;
 mod policy;
 
+pub use pins::{pin_dir, unpin};
 pub use policy::{kernel_dev, ExecMode, ExecPolicy};
 
 use crate::sync::lock;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{Lsm, TracePoint};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::{mpsc, oneshot};
 use usher_ebpf_common as common;
 
 /// The programs, built by agent/build.rs; empty when the agent was built without them.
@@ -39,10 +48,12 @@ pub enum Enforcement {
 /// Which kernel mechanism blocks forbidden execs on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EnforcementPath {
-    /// BPF-LSM `bprm_check_security`: the exec fails with EPERM.
-    BpfLsm,
-    /// `sched:sched_process_exec` + `bpf_send_signal(SIGKILL)`.
-    TracepointKill,
+    /// BPF-LSM `bprm_check_security`: the exec fails with EPERM. `mappings_unchecked` says
+    /// why the `mmap_file`/`file_mprotect` hooks did not load, when they did not.
+    BpfLsm { mappings_unchecked: Option<String> },
+    /// `sched:sched_process_exec` + `bpf_send_signal(SIGKILL)`; `no_lsm` says why BPF-LSM
+    /// (and with it the check of executable mappings) is not there.
+    TracepointKill { no_lsm: String },
     /// Nothing loaded; the string says why.
     Unavailable(String),
 }
@@ -50,8 +61,20 @@ pub enum EnforcementPath {
 impl fmt::Display for EnforcementPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            EnforcementPath::BpfLsm => f.write_str("bpf-lsm"),
-            EnforcementPath::TracepointKill => f.write_str("tracepoint-sigkill"),
+            EnforcementPath::BpfLsm {
+                mappings_unchecked: None,
+            } => f.write_str("bpf-lsm (execs and executable mappings)"),
+            EnforcementPath::BpfLsm {
+                mappings_unchecked: Some(why),
+            } => write!(
+                f,
+                "bpf-lsm (execs only; executable mappings unchecked: {why})"
+            ),
+            EnforcementPath::TracepointKill { no_lsm } => write!(
+                f,
+                "tracepoint-sigkill (no BPF-LSM: {no_lsm}; executable mappings are left to \
+                 the sessions' noexec mounts)"
+            ),
             EnforcementPath::Unavailable(why) => write!(f, "unavailable ({why})"),
         }
     }
@@ -88,6 +111,28 @@ pub struct ExecEvent {
     pub rule: Option<String>,
 }
 
+/// What the kernel programs hand a session: its execs, and how many of them its queue had
+/// no room for.
+#[derive(Debug, Clone)]
+pub enum ExecNote {
+    Exec(ExecEvent),
+    /// `count` events were dropped since the last note (`total` in this session): the
+    /// session did not take them as fast as it made them.
+    Lost { count: u64, total: u64 },
+}
+
+pub type ExecSender = mpsc::Sender<ExecNote>;
+pub type ExecReceiver = mpsc::Receiver<ExecNote>;
+
+/// Exec events one session may have waiting: a session that makes them faster than its
+/// recording takes them loses the excess (counted), never the agent's memory.
+pub const EXEC_QUEUE: usize = 1024;
+
+/// A session's exec channel.
+pub fn exec_channel() -> (ExecSender, ExecReceiver) {
+    mpsc::channel(EXEC_QUEUE)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EnforceError {
     #[error("exec enforcement is not loaded: {0}")]
@@ -97,9 +142,61 @@ pub enum EnforceError {
 }
 
 struct Route {
-    events: UnboundedSender<ExecEvent>,
+    events: ExecSender,
     rule_names: Vec<String>,
     keys: Vec<common::RuleKey>,
+    /// Dropped since the last `Lost` note reached the session.
+    lost_pending: u64,
+    lost_total: u64,
+}
+
+impl Route {
+    fn new(events: ExecSender, rule_names: Vec<String>, keys: Vec<common::RuleKey>) -> Route {
+        Route {
+            events,
+            rule_names,
+            keys,
+            lost_pending: 0,
+            lost_total: 0,
+        }
+    }
+
+    /// Hands over `event`, first saying what was lost before it; never waits.
+    fn deliver(&mut self, event: ExecEvent) {
+        if !self.flush_lost() {
+            self.lost_pending += 1;
+            self.lost_total += 1;
+            return;
+        }
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(ExecNote::Exec(event))
+        {
+            self.lost_pending += 1;
+            self.lost_total += 1;
+        }
+    }
+
+    /// Tells the session how many events it lost; false while its queue is still full.
+    fn flush_lost(&mut self) -> bool {
+        if self.lost_pending == 0 {
+            return true;
+        }
+        let note = ExecNote::Lost {
+            count: self.lost_pending,
+            total: self.lost_total,
+        };
+        match self.events.try_send(note) {
+            Ok(()) => {
+                self.lost_pending = 0;
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => false,
+            // Nobody listens any more: nothing to tell.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.lost_pending = 0;
+                true
+            }
+        }
+    }
 }
 
 struct Maps {
@@ -109,10 +206,13 @@ struct Maps {
 }
 
 struct Loaded {
-    // The programs stay attached as long as this lives.
     _ebpf: aya::Ebpf,
+    // The programs stay attached while their pins in bpffs exist, with or without us.
+    _links: Vec<PinnedLink>,
     maps: Mutex<Maps>,
     routes: Arc<Mutex<HashMap<u64, Route>>>,
+    /// Opens the event reader once the sessions of a previous agent have their routes back.
+    reader_gate: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 pub struct Enforcer {
@@ -122,17 +222,32 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
-    /// Probes the kernel and loads the programs. Never fails: the outcome is in `path()`.
-    /// Must run inside a tokio runtime (the event reader is a task).
-    pub fn start(mode: Enforcement) -> Enforcer {
+    /// For one-shot maintenance: nothing loaded, and what is pinned stays as it is.
+    pub fn offline() -> Enforcer {
+        Enforcer {
+            mode: Enforcement::Off,
+            path: EnforcementPath::Unavailable("offline".into()),
+            loaded: None,
+        }
+    }
+
+    /// Probes the kernel and loads the programs (or takes over those a previous agent
+    /// pinned under `pin_dir`). Never fails: the outcome is in `path()`. Must run inside a
+    /// tokio runtime (the event reader is a task), which reads no event before
+    /// `takeover_complete`.
+    pub fn start(mode: Enforcement, pin_dir: &Path) -> Enforcer {
         if mode == Enforcement::Off {
+            // Off means off: what a previous agent left in the kernel goes too.
+            if let Err(e) = pins::remove(pin_dir) {
+                log::warn!(target: "usher::enforce", "cannot remove the pinned programs in {}: {e}", pin_dir.display());
+            }
             return Enforcer {
                 mode,
                 path: EnforcementPath::Unavailable("enforcement = off".into()),
                 loaded: None,
             };
         }
-        match load() {
+        match load(pin_dir) {
             Ok((path, loaded)) => Enforcer {
                 mode,
                 path,
@@ -170,13 +285,50 @@ impl Enforcer {
             .unwrap_or(0)
     }
 
+    /// Called once the sessions that outlived the previous agent are attached again: the
+    /// kernel's entries of sessions nobody claimed are dropped, and the events that waited
+    /// in the ring buffer meanwhile are read (and reach the claimed sessions).
+    pub fn takeover_complete(&self) {
+        let Some(loaded) = &self.loaded else { return };
+        {
+            let routes = lock(&loaded.routes);
+            let mut maps = lock(&loaded.maps);
+            let claimed: HashSet<common::RuleKey> =
+                routes.values().flat_map(|r| r.keys.iter().copied()).collect();
+            let stale_sessions: Vec<u64> = maps
+                .sessions
+                .keys()
+                .flatten()
+                .filter(|id| !routes.contains_key(id))
+                .collect();
+            for id in &stale_sessions {
+                let _ = maps.sessions.remove(id);
+            }
+            let stale_rules: Vec<common::RuleKey> = maps
+                .rules
+                .keys()
+                .flatten()
+                .filter(|k| !claimed.contains(k))
+                .collect();
+            for k in &stale_rules {
+                let _ = maps.rules.remove(k);
+            }
+            if !stale_sessions.is_empty() {
+                log::info!(target: "usher::enforce", "dropped the kernel policy of {} session(s) no longer live", stale_sessions.len());
+            }
+        }
+        if let Some(gate) = lock(&loaded.reader_gate).take() {
+            let _ = gate.send(());
+        }
+    }
+
     /// Loads `policy` for the session whose cgroup has inode `cgroup_id`; its exec events
     /// are sent to `events` until `detach`.
     pub fn attach(
         &self,
         cgroup_id: u64,
         policy: &ExecPolicy,
-        events: UnboundedSender<ExecEvent>,
+        events: ExecSender,
     ) -> Result<(), EnforceError> {
         let Some(loaded) = &self.loaded else {
             let why = match &self.path {
@@ -202,14 +354,17 @@ impl Enforcer {
             keys.push(key);
         }
         // The route exists before the policy: no event of the session is dropped.
-        lock(&loaded.routes).insert(
+        let previous = lock(&loaded.routes).insert(
             cgroup_id,
-            Route {
-                events,
-                rule_names: resolved.rule_names,
-                keys,
-            },
+            Route::new(events, resolved.rule_names, keys),
         );
+        // Attached again (after a takeover): rules the profile no longer names go.
+        if let Some(previous) = previous {
+            let current = &lock(&loaded.routes)[&cgroup_id].keys;
+            for k in previous.keys.iter().filter(|k| !current.contains(k)) {
+                let _ = maps.rules.remove(k);
+            }
+        }
         let session = common::SessionPolicy {
             mode: resolved.mode,
             flags: resolved.flags,
@@ -228,9 +383,12 @@ impl Enforcer {
         let Some(loaded) = &self.loaded else { return };
         let mut maps = lock(&loaded.maps);
         let _ = maps.sessions.remove(&cgroup_id);
-        if let Some(route) = lock(&loaded.routes).remove(&cgroup_id) {
+        if let Some(mut route) = lock(&loaded.routes).remove(&cgroup_id) {
             for k in &route.keys {
                 let _ = maps.rules.remove(k);
+            }
+            if !route.flush_lost() {
+                log::warn!(target: "usher::enforce", "{} exec event(s) of the session in cgroup {cgroup_id} were lost ({} in all): its queue was full", route.lost_pending, route.lost_total);
             }
         }
     }
@@ -254,11 +412,19 @@ fn offsets(btf: &btf::Btf) -> Result<common::Offsets, String> {
         inode_nlink: btf.field_offset("inode", "i_nlink")?,
         sb_dev: btf.field_offset("super_block", "s_dev")?,
         binprm_file: btf.field_offset("linux_binprm", "file")?,
+        vma_file: btf.field_offset("vm_area_struct", "vm_file")?,
+        inode_mode: btf.field_offset("inode", "i_mode")?,
+        inode_uid: btf.field_offset("inode", "i_uid")?,
         _pad: 0,
     })
 }
 
-fn load() -> Result<(EnforcementPath, Loaded), String> {
+/// The maps that outlive the agent (pinned): everything but the programs' log.
+const PINNED_MAPS: [&str; 7] = [
+    "SESSIONS", "RULES", "LOADERS", "OFFSETS", "CONFIG", "LOST", "EVENTS",
+];
+
+fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
     if PROGRAMS.is_empty() {
         return Err("this agent was built without its eBPF programs".into());
     }
@@ -269,7 +435,24 @@ fn load() -> Result<(EnforcementPath, Loaded), String> {
     };
     // SAFETY: setrlimit reads one rlimit struct.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
-    let mut ebpf = aya::Ebpf::load(PROGRAMS).map_err(|e| format!("loading the programs: {e}"))?;
+    pins::prepare(pin_dir)?;
+    let taking_over = pins::holds_links(pin_dir);
+    // Maps already pinned (a previous agent's) are reused as they are: the sessions'
+    // policies in them never stopped applying, and their events wait in the ring buffer.
+    let map_pins: Vec<(&str, PathBuf)> = PINNED_MAPS
+        .iter()
+        .map(|name| (*name, pin_dir.join(name)))
+        .collect();
+    let mut loader = aya::EbpfLoader::new();
+    for (name, path) in &map_pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(PROGRAMS)
+        .map_err(|e| format!("loading the programs: {e}"))?;
+    if taking_over {
+        log::info!(target: "usher::enforce", "taking over the programs and maps pinned in {}", pin_dir.display());
+    }
     match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => spawn_logger(logger),
         Err(e) => log::debug!(target: "usher::enforce", "eBPF log unavailable: {e}"),
@@ -291,54 +474,93 @@ fn load() -> Result<(EnforcementPath, Loaded), String> {
             .map_err(|e| format!("LOADERS: {e}"))?;
     }
 
-    // BPF-LSM where the kernel allows it (lsm=...,bpf and CONFIG_BPF_LSM).
-    let lsm_result = (|| -> Result<(), String> {
-        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
-        let prog: &mut Lsm = ebpf
-            .program_mut("bprm_check")
-            .ok_or("no bprm_check program")?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-        prog.load("bprm_check_security", &aya_btf)
+    let mut links = Vec::new();
+    // BPF-LSM where the kernel allows it (lsm=...,bpf and CONFIG_BPF_LSM, and the BPF
+    // trampolines LSM programs attach through).
+    let aya_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string());
+    let lsm = aya_btf
+        .as_ref()
+        .map_err(|e| e.clone())
+        .and_then(|btf| attach_lsm(&mut ebpf, "bprm_check", "bprm_check_security", btf))
+        .and_then(|link| pins::replace_link(pin_dir, "bprm_check", link));
+    let mappings = match (&lsm, &aya_btf) {
+        (Ok(_), Ok(btf)) => ["mmap_file", "file_mprotect"]
+            .iter()
+            .map(|hook| {
+                attach_lsm(&mut ebpf, hook, hook, btf)
+                    .and_then(|link| pins::replace_link(pin_dir, hook, link))
+                    .map_err(|e| format!("{hook}: {e}"))
+            })
+            .collect::<Result<Vec<_>, String>>(),
+        (Err(why), _) => Err(why.clone()),
+        (_, Err(why)) => Err(why.clone()),
+    };
+    let mut config: Array<_, u32> =
+        Array::try_from(ebpf.map_mut("CONFIG").ok_or("no CONFIG map")?)
             .map_err(|e| e.to_string())?;
-        prog.attach().map_err(|e| e.to_string())?;
-        Ok(())
-    })();
-    let lsm = match lsm_result {
-        Ok(()) => {
-            let mut config: Array<_, u32> =
-                Array::try_from(ebpf.map_mut("CONFIG").ok_or("no CONFIG map")?)
-                    .map_err(|e| e.to_string())?;
-            config
-                .set(common::CONFIG_LSM_ACTIVE, 1, 0)
-                .map_err(|e| e.to_string())?;
-            true
+    config
+        .set(common::CONFIG_LSM_ACTIVE, lsm.is_ok() as u32, 0)
+        .map_err(|e| format!("CONFIG: {e}"))?;
+    let lsm = match lsm {
+        Ok(link) => {
+            links.push(link);
+            Ok(())
         }
         Err(why) => {
             log::info!(target: "usher::enforce", "BPF-LSM not available here ({why}); using the exec tracepoint with SIGKILL");
-            false
+            // Whatever a previous agent had pinned of it (another kernel's choice) goes.
+            pins::remove_link(pin_dir, "bprm_check");
+            Err(why)
+        }
+    };
+    let mappings_unchecked = match mappings {
+        Ok(pinned) => {
+            links.extend(pinned);
+            None
+        }
+        Err(why) => {
+            for hook in ["mmap_file", "file_mprotect"] {
+                pins::remove_link(pin_dir, hook);
+            }
+            if lsm.is_ok() {
+                log::warn!(target: "usher::enforce", "BPF-LSM mapping hooks not attached ({why}): executable mappings are left to noexec mounts");
+            }
+            Some(why)
         }
     };
     ensure_tracefs();
-    let tracepoint = (|| -> Result<(), String> {
+    let tracepoint = (|| -> Result<PinnedLink, String> {
         let prog: &mut TracePoint = ebpf
             .program_mut("sched_process_exec")
             .ok_or("no sched_process_exec program")?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| e.to_string())?;
         prog.load().map_err(|e| format!("loading: {e}"))?;
-        prog.attach("sched", "sched_process_exec")
+        let id = prog
+            .attach("sched", "sched_process_exec")
             .map_err(|e| format!("attaching: {e}"))?;
-        Ok(())
+        let link = prog.take_link(id).map_err(|e| e.to_string())?;
+        let link = FdLink::try_from(link).map_err(|e| format!("not an fd link: {e}"))?;
+        // The new program is attached before the old one's pin is replaced: no exec goes
+        // unchecked in between (one may be reported twice).
+        pins::replace_link(pin_dir, "sched_process_exec", link)
     })();
     let path = match (lsm, tracepoint) {
-        (true, Ok(())) => EnforcementPath::BpfLsm,
-        (true, Err(why)) => {
-            log::warn!(target: "usher::enforce", "exec tracepoint not attached ({why}): refusals are enforced, allowed execs go unreported");
-            EnforcementPath::BpfLsm
+        (Ok(()), Ok(link)) => {
+            links.push(link);
+            EnforcementPath::BpfLsm { mappings_unchecked }
         }
-        (false, Ok(())) => EnforcementPath::TracepointKill,
-        (false, Err(why)) => return Err(format!("sched_process_exec: {why}")),
+        (Ok(()), Err(why)) => {
+            log::warn!(target: "usher::enforce", "exec tracepoint not attached ({why}): refusals are enforced, allowed execs go unreported");
+            EnforcementPath::BpfLsm { mappings_unchecked }
+        }
+        (Err(no_lsm), Ok(link)) => {
+            links.push(link);
+            EnforcementPath::TracepointKill {
+                no_lsm: first_line(&no_lsm),
+            }
+        }
+        (Err(_), Err(why)) => return Err(format!("sched_process_exec: {why}")),
     };
 
     let take =
@@ -350,15 +572,37 @@ fn load() -> Result<(EnforcementPath, Loaded), String> {
     };
     let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(|e| e.to_string())?;
     let routes = Arc::new(Mutex::new(HashMap::new()));
-    spawn_reader(ring, routes.clone())?;
+    let (gate_tx, gate_rx) = oneshot::channel();
+    spawn_reader(ring, routes.clone(), gate_rx)?;
     Ok((
         path,
         Loaded {
             _ebpf: ebpf,
+            _links: links,
             maps: Mutex::new(maps),
             routes,
+            reader_gate: Mutex::new(Some(gate_tx)),
         },
     ))
+}
+
+/// Loads and attaches one BPF-LSM program.
+fn attach_lsm(ebpf: &mut aya::Ebpf, program: &str, hook: &str, btf: &aya::Btf) -> Result<FdLink, String> {
+    let prog: &mut Lsm = ebpf
+        .program_mut(program)
+        .ok_or(format!("no {program} program"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    prog.load(hook, btf).map_err(|e| e.to_string())?;
+    let id = prog.attach().map_err(|e| e.to_string())?;
+    let link = prog.take_link(id).map_err(|e| e.to_string())?;
+    Ok(link.into())
+}
+
+/// aya's errors carry the verifier's log after the first line; the path's name needs only
+/// the reason.
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_string()
 }
 
 /// Tracepoints are found through tracefs; minimal hosts (and containers) may not have it
@@ -420,12 +664,16 @@ fn boot_epoch() -> f64 {
 fn spawn_reader(
     ring: RingBuf<MapData>,
     routes: Arc<Mutex<HashMap<u64, Route>>>,
+    gate: oneshot::Receiver<()>,
 ) -> Result<(), String> {
     // SAFETY: the AsyncFd owns the ring buffer and with it the descriptor.
     let mut fd =
         unsafe { AsyncFd::register(ring) }.map_err(|e| format!("events ring buffer: {e}"))?;
     let epoch = boot_epoch();
     tokio::spawn(async move {
+        // Events a previous agent left in the ring belong to sessions that get their
+        // routes back during reconciliation: read nothing before.
+        let _ = gate.await;
         // The programs wake the reader for blocks and for backlogs; ordinary events are
         // also collected on this tick.
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
@@ -459,11 +707,15 @@ fn drain(ring: &mut RingBuf<MapData>, epoch: f64, routes: &Mutex<HashMap<u64, Ro
             unsafe { std::ptr::read_unaligned(item.as_ptr() as *const common::ExecEvent) };
         dispatch(&raw, epoch, routes);
     }
+    // A session that lost events hears of it even if it makes no more.
+    for route in lock(routes).values_mut() {
+        route.flush_lost();
+    }
 }
 
 fn dispatch(raw: &common::ExecEvent, epoch: f64, routes: &Mutex<HashMap<u64, Route>>) {
-    let routes = lock(routes);
-    let Some(route) = routes.get(&raw.cgroup_id) else {
+    let mut routes = lock(routes);
+    let Some(route) = routes.get_mut(&raw.cgroup_id) else {
         return;
     };
     let cstr = |b: &[u8]| {
@@ -494,6 +746,9 @@ fn dispatch(raw: &common::ExecEvent, epoch: f64, routes: &Mutex<HashMap<u64, Rou
         common::RULE_NOT_ALLOWED => Some("not in the profile's allow list".to_string()),
         common::RULE_UNLINKED => Some("image with no file on disk (memfd or deleted)".to_string()),
         common::RULE_LOADER => Some("direct run of the dynamic loader".to_string()),
+        common::RULE_MAP_EXEC => {
+            Some("executable mapping of a file the profile does not cover".to_string())
+        }
         i => route.rule_names.get(i as usize).cloned(),
     };
     let event = ExecEvent {
@@ -515,5 +770,5 @@ fn dispatch(raw: &common::ExecEvent, epoch: f64, routes: &Mutex<HashMap<u64, Rou
         verdict,
         rule,
     };
-    let _ = route.events.send(event);
+    route.deliver(event);
 }

@@ -13,10 +13,9 @@ pub use run::{
 };
 pub use table::{SessionInfo, SessionRecord, SessionTable};
 
-use crate::enforce::ExecEvent;
+use crate::enforce::{ExecEvent, ExecNote, ExecReceiver};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -54,12 +53,37 @@ pub fn exec_audit(event: &ExecEvent) -> (serde_json::Value, String) {
     (line, marker)
 }
 
+/// The audit line of what a session's exec channel brought, and the cast marker that goes
+/// with it. A loss is also said in the journal; `Some(event)` for an exec.
+pub fn exec_note_audit<'a>(
+    session_id: &str,
+    note: &'a ExecNote,
+) -> (serde_json::Value, String, Option<&'a ExecEvent>) {
+    match note {
+        ExecNote::Exec(ev) => {
+            let (line, marker) = exec_audit(ev);
+            (line, marker, Some(ev))
+        }
+        ExecNote::Lost { count, total } => {
+            audit!("exec_events_lost", session = session_id, lost = *count, total = *total;
+                "session {session_id}: {count} exec event(s) lost ({total} in all): the session executed faster than its recording took them");
+            let line = serde_json::json!({
+                "event": "exec_events_lost",
+                "time": crate::record::rfc3339_now(),
+                "lost": count,
+                "total": total,
+            });
+            (line, format!("{count} exec event(s) lost"), None)
+        }
+    }
+}
+
 /// Exec events of a session whose connection is gone (processes left running, or an
 /// agent restart) still go to its audit stream.
-pub fn append_exec_events(path: PathBuf, mut rx: mpsc::UnboundedReceiver<ExecEvent>) {
+pub fn append_exec_events(path: PathBuf, session_id: String, mut rx: ExecReceiver) {
     tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
-            let (line, _) = exec_audit(&ev);
+        while let Some(note) = rx.recv().await {
+            let (line, _, _) = exec_note_audit(&session_id, &note);
             let opened = std::fs::OpenOptions::new().append(true).open(&path);
             if let Ok(mut f) = opened {
                 let _ = writeln!(f, "{line}");

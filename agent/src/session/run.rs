@@ -282,6 +282,8 @@ fn launch_for(sg: &SessionGrant, request: &SessionRequest) -> std::io::Result<La
         gid: a.gid,
         groups,
         cgroup_procs: sg.cgroup.procs_file()?,
+        exec_mode: sg.profile.exec.mode,
+        home: a.home.clone(),
     })
 }
 
@@ -458,12 +460,14 @@ async fn relay<S: ClientSink>(
                     }
                 }
             },
-            ev = async { exec_events.as_mut().unwrap().recv().await }, if exec_events.is_some() => match ev {
-                Some(ev) => {
-                    agent.sessions.count_command(&session_id);
-                    let (line, marker) = super::exec_audit(&ev);
+            note = async { exec_events.as_mut().unwrap().recv().await }, if exec_events.is_some() => match note {
+                Some(note) => {
+                    let (line, marker, exec) = super::exec_note_audit(&session_id, &note);
+                    if exec.is_some() {
+                        agent.sessions.count_command(&session_id);
+                    }
                     if let Err(e) = record(rec, required, |r| r.audit(&line, Some(&marker))) { failure = Some(e); kill_all(); }
-                    if ev.verdict != crate::enforce::Verdict::Allowed {
+                    if exec.is_some_and(|ev| ev.verdict != crate::enforce::Verdict::Allowed) {
                         let msg = format!("\r\nusher: {marker}\r\n");
                         sink.stderr(Bytes::from(msg)).await;
                     }
@@ -485,15 +489,17 @@ async fn relay<S: ClientSink>(
     // The last execs of a session (bash execs its last command) can reach the agent just
     // after the process is reaped: give them a moment to land in the recording.
     if let Some(rx) = exec_events.as_mut() {
-        while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {
-            agent.sessions.count_command(&session_id);
-            let (line, marker) = super::exec_audit(&ev);
+        while let Ok(Some(note)) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {
+            let (line, marker, exec) = super::exec_note_audit(&session_id, &note);
+            if exec.is_some() {
+                agent.sessions.count_command(&session_id);
+            }
             let _ = record(rec, required, |r| r.audit(&line, Some(&marker)));
         }
     }
     if let Some(rx) = exec_events {
         let path = agent.spool_dir().join(format!("{session_id}.audit.jsonl"));
-        super::append_exec_events(path, rx);
+        super::append_exec_events(path, session_id.clone(), rx);
     }
     if let Some(f) = failure {
         return Err(f);

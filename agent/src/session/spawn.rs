@@ -2,6 +2,8 @@
 //! or on pipes, with nothing inherited from the agent. The only `unsafe` of the session
 //! stage lives here, behind `spawn` and `PtyMaster`.
 
+use crate::enforce::confine::{self, NoexecPlan, SessionUser};
+use crate::enforce::ExecMode;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
@@ -22,6 +24,10 @@ pub struct Launch {
     pub groups: Vec<u32>,
     /// `cgroup.procs` of the session's cgroup, opened by the agent.
     pub cgroup_procs: File,
+    /// The profile's exec mode: allow and deny lists confine the session (noexec mounts,
+    /// and for allow lists no loader variables).
+    pub exec_mode: ExecMode,
+    pub home: PathBuf,
 }
 
 pub enum Streams {
@@ -31,14 +37,13 @@ pub enum Streams {
 }
 
 pub fn spawn(launch: Launch, streams: Streams) -> io::Result<tokio::process::Child> {
+    let (env, noexec) = exec_confinement(&launch)?;
     let mut cmd = tokio::process::Command::new(&launch.program);
     cmd.arg0(&launch.argv0)
         .args(&launch.args)
         .env_clear()
         .envs(
-            launch
-                .env
-                .iter()
+            env.iter()
                 .map(|(k, v)| (OsString::from(k), OsString::from(v))),
         )
         .current_dir(&launch.cwd)
@@ -76,6 +81,7 @@ pub fn spawn(launch: Launch, streams: Streams) -> io::Result<tokio::process::Chi
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(io::Error::last_os_error());
             }
+            enter_confinement(noexec.as_ref())?;
             if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setgid(gid) < 0
                 || libc::setuid(uid) < 0
@@ -96,6 +102,33 @@ pub fn spawn(launch: Launch, streams: Streams) -> io::Result<tokio::process::Chi
     let child = cmd.spawn();
     drop(launch.cgroup_procs);
     child
+}
+
+/// The session's environment and mount plan under its exec profile (see
+/// `enforce::confine`): made before the fork, applied by `enter_confinement` after it.
+fn exec_confinement(launch: &Launch) -> io::Result<(Vec<(String, String)>, Option<NoexecPlan>)> {
+    let mut env = launch.env.clone();
+    confine::strip_loader_env(launch.exec_mode, &mut env);
+    let user = SessionUser {
+        uid: launch.uid,
+        gids: &launch.groups,
+        home: &launch.home,
+    };
+    let plan = NoexecPlan::for_session(launch.exec_mode, &user)?;
+    if let Some(p) = &plan {
+        let places: Vec<String> = p.places().map(|p| p.display().to_string()).collect();
+        log::debug!(target: "usher::session", "noexec in the session's mount namespace: {}", places.join(" "));
+    }
+    Ok((env, plan))
+}
+
+/// In the child, still root, after joining the cgroup: the session's own mount namespace
+/// with its writable places noexec. Fails the spawn (no session) if it cannot be made.
+fn enter_confinement(plan: Option<&NoexecPlan>) -> io::Result<()> {
+    match plan {
+        Some(plan) => plan.enter(),
+        None => Ok(()),
+    }
 }
 
 /// The agent's side of a session's terminal.
