@@ -115,6 +115,7 @@ impl Agent {
     /// After a crash or reboot: sessions whose grant is gone are killed, those whose grant
     /// lives get their exec profile back; accounts without a live grant are removed.
     fn reconcile(self: &Arc<Self>, now: i64) {
+        let mut ended = Vec::new();
         for rec in self.sessions.leftovers() {
             let live = lock(&self.grants)
                 .get(&rec.jti)
@@ -127,28 +128,34 @@ impl Agent {
                     continue;
                 }
             };
+            // Every leftover gets its route back, an ended one too: the execs of the
+            // agent's down time (kills included) still belong in its audit stream.
+            let profile = self.profile(&rec.profile);
+            let (tx, rx) = crate::enforce::exec_channel();
+            if self.enforcer.attach(cgroup.id(), &profile.exec, tx).is_ok() {
+                crate::session::append_exec_events(
+                    self.config
+                        .spool_dir
+                        .join(format!("{}.audit.jsonl", rec.id)),
+                    rec.id.clone(),
+                    rx,
+                );
+            }
             if live && cgroup.is_populated() {
-                let profile = self.profile(&rec.profile);
-                let (tx, rx) = crate::enforce::exec_channel();
-                if self.enforcer.attach(cgroup.id(), &profile.exec, tx).is_ok() {
-                    crate::session::append_exec_events(
-                        self.config
-                            .spool_dir
-                            .join(format!("{}.audit.jsonl", rec.id)),
-                        rec.id.clone(),
-                        rx,
-                    );
-                }
                 self.sessions.adopt(rec, Arc::new(cgroup));
             } else {
-                let _ = cgroup.kill_and_remove();
-                self.sessions.forget(&rec.id);
-                crate::session::mark_interrupted(&self.config.spool_dir, &rec.id);
-                audit!("session_ended", session = rec.id.as_str(), jti = rec.jti.as_str(); "session {} ended while the agent was down", rec.id);
+                ended.push((rec, cgroup));
             }
         }
         // Live sessions have their routes again: the events that waited can be read.
         self.enforcer.takeover_complete();
+        for (rec, cgroup) in ended {
+            self.enforcer.detach(cgroup.id());
+            let _ = cgroup.kill_and_remove();
+            self.sessions.forget(&rec.id);
+            crate::session::mark_interrupted(&self.config.spool_dir, &rec.id);
+            audit!("session_ended", session = rec.id.as_str(), jti = rec.jti.as_str(); "session {} ended while the agent was down", rec.id);
+        }
         let keep: BTreeSet<String> = lock(&self.grants)
             .iter()
             .filter(|g| g.is_live(now))

@@ -508,6 +508,9 @@ impl Drop for TestAgent {
                 }
             }
         }
+        // The agent keeps its programs pinned across restarts; the test's agent is gone
+        // for good, and so are they.
+        let _ = usher::enforce::unpin(&self.dir.join("state"));
         let _ = Command::new("umount")
             .arg(self.dir.join("spool"))
             .stderr(Stdio::null())
@@ -516,4 +519,45 @@ impl Drop for TestAgent {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// A shared object whose constructor appends "ran" to the file named by `$USHER_MARKER`
+/// (compiled with the host's `cc` into `dir`): proof that a library was loaded and ran.
+pub fn marker_library(dir: &Path) -> PathBuf {
+    let src = dir.join("marker.c");
+    std::fs::write(
+        &src,
+        r#"#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+__attribute__((constructor)) static void usher_marker(void) {
+    const char *path = getenv("USHER_MARKER");
+    if (!path) return;
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd >= 0) { write(fd, "ran\n", 4); close(fd); }
+}
+"#,
+    )
+    .unwrap();
+    let out = dir.join("marker.so");
+    let st = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("cc (the test compiles a shared object)");
+    assert!(st.success(), "cc failed");
+    out
+}
+
+/// The home directory of `login`, from /etc/passwd.
+pub fn home_of(login: &str) -> PathBuf {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&login)).then(|| PathBuf::from(f.get(5).unwrap_or(&"")))
+        })
+        .unwrap_or_else(|| panic!("{login} has no passwd entry"))
 }

@@ -213,6 +213,9 @@ struct Loaded {
     routes: Arc<Mutex<HashMap<u64, Route>>>,
     /// Opens the event reader once the sessions of a previous agent have their routes back.
     reader_gate: Mutex<Option<oneshot::Sender<()>>>,
+    /// The events a previous agent left unread in the ring buffer (the agent's down time),
+    /// read at load, handed over when the sessions they belong to are known again.
+    backlog: Mutex<Vec<common::ExecEvent>>,
 }
 
 pub struct Enforcer {
@@ -290,6 +293,14 @@ impl Enforcer {
     /// in the ring buffer meanwhile are read (and reach the claimed sessions).
     pub fn takeover_complete(&self) {
         let Some(loaded) = &self.loaded else { return };
+        let backlog = std::mem::take(&mut *lock(&loaded.backlog));
+        if !backlog.is_empty() {
+            log::info!(target: "usher::enforce", "{} exec event(s) from while the agent was down", backlog.len());
+            let epoch = boot_epoch();
+            for raw in &backlog {
+                dispatch(raw, epoch, &loaded.routes);
+            }
+        }
         {
             let routes = lock(&loaded.routes);
             let mut maps = lock(&loaded.maps);
@@ -570,7 +581,8 @@ fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
         rules: BpfHashMap::try_from(take(&mut ebpf, "RULES")?).map_err(|e| e.to_string())?,
         lost: PerCpuArray::try_from(take(&mut ebpf, "LOST")?).map_err(|e| e.to_string())?,
     };
-    let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(|e| e.to_string())?;
+    let mut ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(|e| e.to_string())?;
+    let backlog = read_ring(&mut ring);
     let routes = Arc::new(Mutex::new(HashMap::new()));
     let (gate_tx, gate_rx) = oneshot::channel();
     spawn_reader(ring, routes.clone(), gate_rx)?;
@@ -582,6 +594,7 @@ fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
             maps: Mutex::new(maps),
             routes,
             reader_gate: Mutex::new(Some(gate_tx)),
+            backlog: Mutex::new(backlog),
         },
     ))
 }
@@ -696,16 +709,33 @@ fn spawn_reader(
     Ok(())
 }
 
+/// The next event in the ring, if any.
+fn next_event(ring: &mut RingBuf<MapData>) -> Option<Option<common::ExecEvent>> {
+    let item = ring.next()?;
+    if item.len() < std::mem::size_of::<common::ExecEvent>() {
+        return Some(None);
+    }
+    // SAFETY: the programs write exactly one ExecEvent per record; read it unaligned from
+    // the ring's memory.
+    Some(Some(unsafe {
+        std::ptr::read_unaligned(item.as_ptr() as *const common::ExecEvent)
+    }))
+}
+
+/// Everything waiting in the ring (at most its 1 MiB of events).
+fn read_ring(ring: &mut RingBuf<MapData>) -> Vec<common::ExecEvent> {
+    let mut events = Vec::new();
+    while let Some(next) = next_event(ring) {
+        events.extend(next);
+    }
+    events
+}
+
 fn drain(ring: &mut RingBuf<MapData>, epoch: f64, routes: &Mutex<HashMap<u64, Route>>) {
-    while let Some(item) = ring.next() {
-        if item.len() < std::mem::size_of::<common::ExecEvent>() {
-            continue;
+    while let Some(next) = next_event(ring) {
+        if let Some(raw) = next {
+            dispatch(&raw, epoch, routes);
         }
-        // SAFETY: the programs write exactly one ExecEvent per record; read it unaligned
-        // from the ring's memory.
-        let raw: common::ExecEvent =
-            unsafe { std::ptr::read_unaligned(item.as_ptr() as *const common::ExecEvent) };
-        dispatch(&raw, epoch, routes);
     }
     // A session that lost events hears of it even if it makes no more.
     for route in lock(routes).values_mut() {
