@@ -42,6 +42,15 @@ pub struct SshConfig {
     pub sftp_server: Option<PathBuf>,
     /// Seconds a connection may sit idle before it is dropped.
     pub idle_timeout_secs: u64,
+    /// Seconds a connection has to authenticate before it is dropped (sshd's
+    /// LoginGraceTime).
+    pub login_grace_secs: u64,
+    /// Connections that have not authenticated yet, in all and from one source address
+    /// (sshd's MaxStartups); more are closed at once.
+    pub max_startups: usize,
+    pub max_startups_per_source: usize,
+    /// Authenticated connections in all.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,6 +186,10 @@ impl Default for SshConfig {
             accept_env: vec!["LANG".into(), "LC_*".into(), "COLORTERM".into()],
             sftp_server: None,
             idle_timeout_secs: 3600,
+            login_grace_secs: 30,
+            max_startups: 100,
+            max_startups_per_source: 10,
+            max_connections: 1000,
         }
     }
 }
@@ -272,6 +285,23 @@ impl Config {
         }
         if self.ssh.listen.is_empty() {
             return Err(ConfigError::Invalid("ssh.listen is empty".into()));
+        }
+        for addr in &self.ssh.listen {
+            addr.parse::<std::net::SocketAddr>().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "ssh.listen: {addr:?} is not an address and port (\"0.0.0.0:2222\", \"[::]:2222\")"
+                ))
+            })?;
+        }
+        let s = &self.ssh;
+        if s.login_grace_secs == 0
+            || s.max_startups == 0
+            || s.max_startups_per_source == 0
+            || s.max_connections == 0
+        {
+            return Err(ConfigError::Invalid(
+                "ssh.login_grace_secs, max_startups, max_startups_per_source and max_connections must be above 0".into(),
+            ));
         }
         Ok(())
     }

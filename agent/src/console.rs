@@ -13,12 +13,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::net::UnixStream;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, Mutex};
 
 /// The first message, sent with the client's stdin, stdout and stderr attached.
@@ -47,20 +46,33 @@ pub struct ShellControl {
     pub resize: Option<(u16, u16)>,
 }
 
-pub async fn serve(agent: Arc<Agent>, path: &Path) -> Result<(), String> {
-    // Every account's login shell connects here; who it is comes from the kernel.
-    let listener = crate::control::bind_open_socket(path)?;
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+/// Serves console logins for as long as the agent lives. Every account's login shell
+/// connects here; who it is comes from the kernel. A peer outside the agent's UID range
+/// (root excepted) is dropped before anything is read; each UID holds a few connections
+/// at most, and a request must arrive within seconds.
+pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
+    let slots = crate::admission::Admission::new(256, 8);
+    let range = agent.config.accounts.uid_min..=agent.config.accounts.uid_max;
+    crate::control::accept_forever(listener, "console", move |stream, uid| {
+        if uid != 0 && !range.contains(&uid) {
+            return;
+        }
+        let slot = match slots.try_admit(uid) {
+            Ok(s) => s,
+            Err(why) => {
+                log::warn!(target: "usher::console", "console connection of uid {uid} dropped: {why}");
+                return;
+            }
         };
         let agent = agent.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(agent, stream).await {
                 log::warn!(target: "usher::console", "console request failed: {e}");
             }
+            drop(slot);
         });
-    }
+    })
+    .await
 }
 
 async fn handle(agent: Arc<Agent>, stream: UnixStream) -> Result<(), String> {

@@ -58,31 +58,66 @@ pub fn bind_open_socket(path: &Path) -> Result<UnixListener, String> {
     Ok(listener)
 }
 
-pub async fn serve(agent: Arc<Agent>, path: &Path) -> Result<(), String> {
-    let listener = bind_open_socket(path)?;
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+/// Serves the control socket for as long as the agent lives. Only root is answered: any
+/// other peer is told so and dropped before anything it sends is read. Root's
+/// connections are capped and must send a request within [`IDLE`].
+pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
+    let slots = crate::admission::Admission::new(32, 32);
+    accept_forever(listener, "control", move |stream, uid| {
+        if uid != 0 {
+            let _ = stream
+                .try_write(b"{\"ok\":false,\"error\":\"only root may use the control socket\"}\n");
+            return;
+        }
+        let Ok(slot) = slots.try_admit(uid) else {
+            return;
         };
         let agent = agent.clone();
         tokio::spawn(async move {
             let _ = handle(agent, stream).await;
+            drop(slot);
         });
+    })
+    .await
+}
+
+/// How long a control connection may sit between requests.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Accepts on a local socket until the process ends, handing each peer and its UID (from
+/// SO_PEERCRED) to `admit`. Accept errors (out of descriptors) are waited out, not fatal.
+pub async fn accept_forever(
+    listener: UnixListener,
+    what: &'static str,
+    mut admit: impl FnMut(UnixStream, u32),
+) {
+    let mut failing = false;
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                failing = false;
+                if let Ok(cred) = stream.peer_cred() {
+                    admit(stream, cred.uid());
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    log::error!(target: "usher", "{what} socket: accepting failed: {e}; retrying");
+                    failing = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 
 async fn handle(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()> {
-    let peer_uid = stream.peer_cred()?.uid();
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(1024 * 1024)).lines();
-    while let Some(line) = lines.next_line().await? {
-        let answer = if peer_uid != 0 {
-            Answer::err("only root may use the control socket")
-        } else {
-            match serde_json::from_str::<Request>(&line) {
-                Ok(req) => answer(&agent, req).await,
-                Err(e) => Answer::err(format!("bad request: {e}")),
-            }
+    while let Ok(Some(line)) = tokio::time::timeout(IDLE, lines.next_line()).await? {
+        let answer = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => answer(&agent, req).await,
+            Err(e) => Answer::err(format!("bad request: {e}")),
         };
         let mut out = serde_json::to_vec(&answer).unwrap_or_default();
         out.push(b'\n');

@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::enforce::{Enforcement, Enforcer, ExecReceiver};
 use crate::grant::{self, Grant, GrantStore, Refusal, Revocations, Verifier};
 use crate::profile::{Profile, Profiles};
+use crate::session::budget::SpoolMeter;
 use crate::session::{Cgroup, SessionKind, SessionTable};
 use crate::sync::lock;
 use std::collections::BTreeSet;
@@ -26,6 +27,10 @@ pub struct Agent {
     pub started_at: i64,
     pub shipper: std::sync::OnceLock<Arc<crate::ship::Shipper>>,
     lost_reported: std::sync::atomic::AtomicU64,
+    /// The jti of every grant that ends, for whatever holds access under it (SSH
+    /// connections and their forwards) to close.
+    grant_ended: tokio::sync::broadcast::Sender<String>,
+    spool: Arc<SpoolMeter>,
 }
 
 impl crate::ship::LiveSessions for Agent {
@@ -107,6 +112,8 @@ impl Agent {
             started_at: now,
             shipper: std::sync::OnceLock::new(),
             lost_reported: std::sync::atomic::AtomicU64::new(0),
+            grant_ended: tokio::sync::broadcast::channel(256).0,
+            spool: SpoolMeter::new(config.spool_dir.clone(), config.spool.max_bytes),
             config,
         });
         Ok(agent)
@@ -232,6 +239,11 @@ impl Agent {
                 .unwrap_or(false)
     }
 
+    /// Subscribes to the end of grants: each message is the jti of a grant that ended.
+    pub fn grant_ends(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.grant_ended.subscribe()
+    }
+
     pub fn grants(&self) -> Vec<Grant> {
         lock(&self.grants).iter().cloned().collect()
     }
@@ -285,6 +297,12 @@ impl Agent {
             kind,
             cgroup.clone(),
         );
+        // A grant that ended while this session was being set up did not see it in the
+        // table: look again now that it is there.
+        if !self.is_live(grant.jti()) {
+            self.session_finished(&session_id);
+            return Err("the grant has ended".into());
+        }
         Ok(SessionGrant {
             session_id,
             account,
@@ -368,7 +386,8 @@ impl Agent {
         let limit = self.config.spool.max_bytes;
         let deadline = std::time::Instant::now() + Duration::from_secs(self.config.spool.wait_secs);
         loop {
-            let used = crate::ship::spool_bytes(&self.config.spool_dir);
+            self.spool.rewalk();
+            let used = self.spool.used();
             if used < limit {
                 return Ok(());
             }
@@ -463,6 +482,8 @@ impl Agent {
     /// Ends every grant whose time is up, and says so when the kernel dropped exec events.
     /// Runs every second.
     pub async fn sweep(self: &Arc<Self>) {
+        let spool = self.spool.clone();
+        let _ = tokio::task::spawn_blocking(move || spool.rewalk()).await;
         let lost = self.enforcer.lost_events();
         let before = self
             .lost_reported
@@ -494,6 +515,7 @@ impl Agent {
             return;
         };
         audit!("grant_ended", jti = jti, reason = why, login = grant.login(); "grant {jti} ended: {why}");
+        let _ = self.grant_ended.send(jti.to_string());
         // Sessions first say why on their terminals, then everything in them dies.
         let cgroups = self.sessions.end_grant(jti, why);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -524,6 +546,11 @@ impl Agent {
             Ok(false) => {}
             Err(e) => log::error!(target: "usher::account", "cannot remove {login}: {e}"),
         }
+    }
+
+    /// The spool's size and limit, shared by every session's recording.
+    pub fn spool_meter(&self) -> Arc<SpoolMeter> {
+        self.spool.clone()
     }
 
     pub fn spool_dir(&self) -> PathBuf {

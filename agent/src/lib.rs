@@ -6,6 +6,7 @@
 #[macro_use]
 pub mod audit;
 pub mod account;
+pub mod admission;
 pub mod config;
 pub mod console;
 pub mod control;

@@ -2,6 +2,7 @@
 //! forwarding, the console, and the exec rules enforced in the kernel.
 
 use crate::enforce::ExecPolicy;
+use crate::session::budget::RecordingLimits;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,6 +21,9 @@ pub struct Profile {
     pub console: bool,
     #[serde(default)]
     pub exec: ExecPolicy,
+    /// How much a session's recording may take, and what happens at the limit.
+    #[serde(default)]
+    pub recording: RecordingLimits,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -70,6 +74,7 @@ impl Profile {
             port_forwarding: false,
             console: false,
             exec: ExecPolicy::default(),
+            recording: RecordingLimits::default(),
         }
     }
 }

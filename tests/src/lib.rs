@@ -41,6 +41,12 @@ pub struct Options {
     pub spool_tmpfs_kib: Option<u32>,
     /// `enforcement = ...` (default "best-effort").
     pub enforcement: Option<String>,
+    /// Lines for the `[ssh]` table.
+    pub ssh_config: String,
+    /// `ssh.listen`, with `{port}` standing for the test's port (default: 127.0.0.1).
+    pub listen: Vec<String>,
+    /// Start usherd with this open-file limit, soft and hard (`prlimit`).
+    pub nofile: Option<u64>,
 }
 
 pub struct TestAgent {
@@ -54,6 +60,7 @@ pub struct TestAgent {
     issuer_key: String,
     pub client_key: PathBuf,
     pub config_path: PathBuf,
+    nofile: Option<u64>,
     child: Option<Child>,
 }
 
@@ -123,7 +130,8 @@ console_socket = "{d}/console.sock"
 enforcement = "{enforcement}"
 
 [ssh]
-listen = ["127.0.0.1:{port}"]
+listen = [{listen}]
+{ssh_config}
 
 [accounts]
 login_shell = "{d}/usher-shell"
@@ -139,6 +147,17 @@ jwks = "{d}/issuer.jwks.json"
 "#,
             d = dir.display(),
             extra = options.extra_config,
+            ssh_config = options.ssh_config,
+            listen = if options.listen.is_empty() {
+                format!("\"127.0.0.1:{port}\"")
+            } else {
+                options
+                    .listen
+                    .iter()
+                    .map(|a| format!("\"{}\"", a.replace("{port}", &port.to_string())))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
             enforcement = options.enforcement.as_deref().unwrap_or("best-effort"),
         );
         // The accounts' login shell: usher-shell, pointed at this agent's console socket.
@@ -167,6 +186,7 @@ jwks = "{d}/issuer.jwks.json"
             issuer_key,
             client_key,
             config_path,
+            nofile: options.nofile,
             child: None,
         };
         agent.launch();
@@ -180,7 +200,15 @@ jwks = "{d}/issuer.jwks.json"
             .append(true)
             .open(self.dir.join("usherd.log"))
             .unwrap();
-        let child = Command::new(bin("usherd"))
+        let mut command = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(bin("usherd"));
+                c
+            }
+            None => Command::new(bin("usherd")),
+        };
+        let child = command
             .arg("--config")
             .arg(&self.config_path)
             .stdin(Stdio::null())

@@ -60,10 +60,20 @@ fn run(args: Args) -> Result<(), String> {
         agent.remove_everything();
         return Ok(());
     }
+    raise_open_file_limit();
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async move {
         let agent = Agent::start(config)?;
         let host_key = usher::ssh::load_or_create_host_key(&agent.config.state_dir)?;
+        // Every socket is bound before anything is served or READY is said.
+        let listeners = usher::ssh::bind(&agent.config.ssh.listen)?;
+        let bound: Vec<String> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect();
+        let control_listener = usher::control::bind_open_socket(&agent.config.control_socket)?;
+        let console_listener = usher::control::bind_open_socket(&agent.config.console_socket)?;
         spawn_sweeper(agent.clone());
         if let Some(collector) = &agent.config.collector {
             let signing = usher::ssh::signing_key(&host_key)?;
@@ -76,44 +86,39 @@ fn run(args: Args) -> Result<(), String> {
             tokio::spawn(shipper.run(live));
             log::info!(target: "usher::ship", "shipping recordings to {}", collector.url);
         }
-        let control_path = agent.config.control_socket.clone();
-        let control_agent = agent.clone();
-        tokio::spawn(async move {
-            if let Err(e) = usher::control::serve(control_agent, &control_path).await {
-                log::error!(target: "usher", "control socket: {e}");
-            }
-        });
-        let console_path = agent.config.console_socket.clone();
-        let console_agent = agent.clone();
-        tokio::spawn(async move {
-            if let Err(e) = usher::console::serve(console_agent, &console_path).await {
-                log::error!(target: "usher", "console socket: {e}");
-            }
-        });
+        tokio::spawn(usher::control::serve(agent.clone(), control_listener));
+        tokio::spawn(usher::console::serve(agent.clone(), console_listener));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| e.to_string())?;
         spawn_reloader(agent.clone(), config_path);
-        let serving = usher::ssh::serve(agent.clone(), host_key);
-        tokio::pin!(serving);
-        // Ready once the listeners are bound: give them a moment, then tell systemd.
-        let ready = tokio::time::sleep(std::time::Duration::from_millis(100));
-        tokio::pin!(ready);
-        let mut announced = false;
-        let result = loop {
-            tokio::select! {
-                r = &mut serving => break r,
-                _ = &mut ready, if !announced => {
-                    announced = true;
-                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-                    log::info!(target: "usher", "usherd {} ready on {}", env!("CARGO_PKG_VERSION"), agent.config.ssh.listen.join(", "));
-                }
-                _ = term.recv() => { log::info!(target: "usher", "usherd stopping (SIGTERM)"); break Ok(()) }
-                _ = tokio::signal::ctrl_c() => { log::info!(target: "usher", "usherd stopping (SIGINT)"); break Ok(()) }
-            }
-        };
+        let settings = usher::ssh::settings(&agent, host_key);
+        tokio::spawn(usher::ssh::serve(agent.clone(), settings, listeners));
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        log::info!(target: "usher", "usherd {} ready; SSH on {}", env!("CARGO_PKG_VERSION"), bound.join(", "));
+        tokio::select! {
+            _ = term.recv() => log::info!(target: "usher", "usherd stopping (SIGTERM)"),
+            _ = tokio::signal::ctrl_c() => log::info!(target: "usher", "usherd stopping (SIGINT)"),
+        }
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-        result
+        Ok(())
     })
+}
+
+/// Every connection and session costs descriptors; the soft limit a service starts with
+/// (1024 under systemd) is far below what the agent is built to hold. Raised to the hard
+/// limit; the unit sets that with LimitNOFILE.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => log::info!(target: "usher", "open file limit raised from {soft} to {hard}"),
+            Err(e) => {
+                log::warn!(target: "usher", "cannot raise the open file limit from {soft}: {e}")
+            }
+        },
+        Ok(_) => {}
+        Err(e) => log::warn!(target: "usher", "cannot read the open file limit: {e}"),
+    }
 }
 
 /// SIGHUP (`systemctl reload usherd`) re-reads issuers, policy and profiles.

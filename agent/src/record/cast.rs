@@ -48,6 +48,11 @@ impl CastWriter {
         })
     }
 
+    /// Bytes of whole events on disk.
+    pub fn bytes(&self) -> u64 {
+        self.len
+    }
+
     pub fn output(&mut self, data: &[u8]) -> io::Result<()> {
         let text = self.output.push(data);
         self.event("o", &text)

@@ -24,6 +24,10 @@ pub struct SessionMeta {
     /// The agent died before the session ended; `ended_at` is when it noticed.
     #[serde(default)]
     pub interrupted: bool,
+    /// The recording stopped before the session did (its budget or the spool was full,
+    /// and the profile says to go on): why, and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

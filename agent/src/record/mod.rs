@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 pub struct Recording {
     pub cast: Option<CastWriter>,
     audit: File,
+    audit_len: u64,
     meta: SessionMeta,
     meta_path: PathBuf,
     record_input: bool,
@@ -49,6 +50,7 @@ impl Recording {
             let rec = Recording {
                 cast,
                 audit,
+                audit_len: 0,
                 meta,
                 meta_path: paths[2].clone(),
                 record_input,
@@ -67,6 +69,11 @@ impl Recording {
 
     pub fn meta(&self) -> &SessionMeta {
         &self.meta
+    }
+
+    /// Bytes of whole events on disk, cast and audit stream together.
+    pub fn bytes(&self) -> u64 {
+        self.cast.as_ref().map(|c| c.bytes()).unwrap_or(0) + self.audit_len
     }
 
     pub fn output(&mut self, data: &[u8]) -> io::Result<()> {
@@ -95,13 +102,14 @@ impl Recording {
     pub fn audit<T: Serialize>(&mut self, event: &T, marker: Option<&str>) -> io::Result<()> {
         let mut line = serde_json::to_vec(event).map_err(io::Error::other)?;
         line.push(b'\n');
-        let good = self.audit.metadata()?.len();
+        let good = self.audit_len;
         if let Err(e) = self.audit.write_all(&line) {
             // No half line left behind on a full disk.
             let _ = self.audit.set_len(good);
             let _ = self.audit.seek(io::SeekFrom::Start(good));
             return Err(e);
         }
+        self.audit_len += line.len() as u64;
         if let (Some(c), Some(label)) = (&mut self.cast, marker) {
             c.marker(label)?;
         }

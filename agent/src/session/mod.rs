@@ -1,6 +1,7 @@
 //! Stage 3: sessions. Each SSH channel (later: console login, RDP connection) gets its own
 //! cgroup, a process running as the ephemeral user, and a recording.
 
+pub mod budget;
 mod cgroup;
 mod run;
 pub mod spawn;

@@ -1,6 +1,7 @@
 //! Running one session: start its process, relay its terminal or pipes, record what
 //! happens, and say how it ended.
 
+use super::budget::{AtLimit, Exhausted, RecordingBudget, Reservation};
 use super::spawn::{self, Launch, Streams};
 use super::SessionKind;
 use crate::daemon::{Agent, SessionGrant};
@@ -57,7 +58,129 @@ pub struct SessionRequest {
     pub peer: Option<String>,
 }
 
-type SharedRecording = Arc<Mutex<Option<Recording>>>;
+/// The session's recording and the rules every write to it follows: within the
+/// session's budget and the spool's, and written before anything reaches the client.
+struct Recorder {
+    recording: Option<Recording>,
+    /// Terminal output and input are recorded (false once truncated at a limit).
+    terminal: bool,
+    required: bool,
+    budget: RecordingBudget,
+}
+
+type SharedRecorder = Arc<Mutex<Recorder>>;
+
+/// The session must end, and nothing more may reach its client; says why.
+#[derive(Debug)]
+struct Stop(String);
+
+impl Recorder {
+    fn lock(shared: &SharedRecorder) -> std::sync::MutexGuard<'_, Recorder> {
+        shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records terminal data (output, input, a resize) of at most `len` bytes with `f`.
+    /// Ok means the data may go on to the client.
+    fn terminal(
+        &mut self,
+        len: usize,
+        f: impl FnOnce(&mut Recording) -> std::io::Result<()>,
+    ) -> Result<(), Stop> {
+        if !self.terminal || self.recording.is_none() {
+            return Ok(());
+        }
+        match self.budget.reserve(worst_case(len)) {
+            Ok(r) => self.write(r, f),
+            Err(limit) => self.at_limit(limit),
+        }
+    }
+
+    /// Records an audit line (an exec event). These are small and few next to terminal
+    /// output, and the audit trail outlives a truncated cast: only the spool bounds them.
+    fn audit(
+        &mut self,
+        len: usize,
+        f: impl FnOnce(&mut Recording) -> std::io::Result<()>,
+    ) -> Result<(), Stop> {
+        if self.recording.is_none() {
+            return Ok(());
+        }
+        match self.budget.reserve_spool(worst_case(len)) {
+            Ok(r) => self.write(r, f),
+            Err(limit) => self.at_limit(limit),
+        }
+    }
+
+    fn write(
+        &mut self,
+        reservation: Reservation,
+        f: impl FnOnce(&mut Recording) -> std::io::Result<()>,
+    ) -> Result<(), Stop> {
+        let rec = self.recording.as_mut().expect("checked by the caller");
+        let before = rec.bytes();
+        let result = f(rec);
+        let written = rec.bytes().saturating_sub(before);
+        self.budget.settle(reservation, written);
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let id = rec.meta().session_id.clone();
+                log::error!(target: "usher::record", "session {id}: recording failed: {e}");
+                if self.required {
+                    return Err(Stop(format!(
+                        "recording failed ({e}); the session is closed"
+                    )));
+                }
+                self.recording = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// The budget or the spool is used up: the profile decides between closing the
+    /// session and cutting the recording, and the recording says which.
+    fn at_limit(&mut self, why: Exhausted) -> Result<(), Stop> {
+        let action = self.budget.limits().at_limit;
+        let Some(rec) = self.recording.as_mut() else {
+            return Ok(());
+        };
+        let id = rec.meta().session_id.clone();
+        let reason = why.to_string();
+        let action_name = match action {
+            AtLimit::End => "session closed",
+            AtLimit::Truncate => "recording truncated",
+        };
+        audit!("recording_limit", session = id.as_str(), reason = reason.as_str(), action = action_name; "session {id}: {why}; {action_name}");
+        // These few hundred bytes go past the limit, like the chunk in flight: the
+        // recording must say where and why it stops.
+        let line = serde_json::json!({"event": "recording_limit", "time": rfc3339_now(), "reason": reason, "action": action_name});
+        let marker = format!("{action_name}: {reason}");
+        let said = rec.audit(&line, Some(&marker));
+        match action {
+            AtLimit::End => Err(Stop(format!("{why}; the session is closed"))),
+            AtLimit::Truncate => {
+                self.terminal = false;
+                rec.meta_mut().truncated = Some(format!("{} at {}", reason, rfc3339_now()));
+                let kept = said.and_then(|()| rec.write_meta());
+                if kept.is_err() && self.required {
+                    return Err(Stop(format!("{why}; the session is closed")));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// How long to wait before reading more output, to keep to the recording's rate.
+    fn pause(&self) -> Option<Duration> {
+        self.budget.pause()
+    }
+}
+
+/// The most a write of `len` bytes of terminal data can take in a cast: every byte a
+/// `\u00XX` escape, plus the event's frame.
+fn worst_case(len: usize) -> u64 {
+    len as u64 * 6 + 64
+}
 
 /// Runs the session to its end. `stdin` closing means EOF from the client; `control`
 /// closing means the client is gone.
@@ -90,7 +213,12 @@ pub async fn run<S: ClientSink>(
             None
         }
     };
-    let recording: SharedRecording = Arc::new(Mutex::new(recording));
+    let recorder: SharedRecorder = Arc::new(Mutex::new(Recorder {
+        recording,
+        terminal: true,
+        required: agent.config.recording.required,
+        budget: RecordingBudget::new(sg.profile.recording.clone(), agent.spool_meter()),
+    }));
     let command_text = match &request.command {
         SessionCommand::Shell => None,
         SessionCommand::Exec(c) => Some(c.clone()),
@@ -99,14 +227,17 @@ pub async fn run<S: ClientSink>(
     audit!("session_started", session = id.as_str(), jti = grant.jti(), sub = grant.claims.sub.as_str(), login = grant.login(), peer = request.peer.as_deref().unwrap_or("-"), command = command_text.as_deref().unwrap_or("(shell)");
         "session {id} started: {} as {} from {}", grant.claims.sub, grant.login(), request.peer.as_deref().unwrap_or("?"));
 
-    let outcome = match relay(&agent, &request, sg, stdin, control, &sink, &recording).await {
+    let outcome = match relay(&agent, &request, sg, stdin, control, &sink, &recorder).await {
         Ok(o) => o,
-        Err(msg) => {
-            let _ = sink.stderr(Bytes::from(format!("usher: {msg}\r\n"))).await;
+        Err(Stop(msg)) => {
+            let _ = sink
+                .stderr(Bytes::from(format!("\r\nusher: {msg}\r\n")))
+                .await;
             ExitOutcome::Status(1)
         }
     };
-    if let Some(mut rec) = recording.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    let recording = Recorder::lock(&recorder).recording.take();
+    if let Some(mut rec) = recording {
         let meta = rec.meta_mut();
         meta.ended_at = Some(rfc3339_now());
         match outcome {
@@ -171,6 +302,7 @@ fn start_recording(
         enforced: sg.enforced,
         input_recorded: agent.config.recording.input,
         interrupted: false,
+        truncated: None,
     };
     let records_stream = match &request.command {
         SessionCommand::Subsystem(_) => false,
@@ -287,21 +419,50 @@ fn launch_for(sg: &SessionGrant, request: &SessionRequest) -> std::io::Result<La
     })
 }
 
-/// Records with `f`; a recording that fails ends the session when recording is required.
-fn record(
-    rec: &SharedRecording,
-    required: bool,
-    f: impl FnOnce(&mut Recording) -> std::io::Result<()>,
-) -> Result<(), String> {
-    let mut guard = rec.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(r) = guard.as_mut() {
-        if let Err(e) = f(r) {
-            log::error!(target: "usher::record", "recording failed: {e}");
-            if required {
-                return Err(format!("recording failed ({e}); the session is closed"));
-            }
-            *guard = None;
-        }
+/// Sends what the session wrote to the client, once it is recorded; then waits if the
+/// recording's rate says so. While the client's window is full this waits too, and the
+/// session's terminal is not read meanwhile.
+async fn deliver<S: ClientSink>(
+    recorder: &SharedRecorder,
+    sink: &S,
+    data: &[u8],
+    to_stderr: bool,
+) -> Result<(), Stop> {
+    let pause = {
+        let mut r = Recorder::lock(recorder);
+        r.terminal(data.len(), |rec| rec.output(data))?;
+        r.pause()
+    };
+    let bytes = Bytes::copy_from_slice(data);
+    if to_stderr {
+        sink.stderr(bytes).await;
+    } else {
+        sink.stdout(bytes).await;
+    }
+    if let Some(p) = pause {
+        tokio::time::sleep(p).await;
+    }
+    Ok(())
+}
+
+/// One exec event (or a count of lost ones) into the recording, then (for a blocked exec)
+/// a line to the client.
+async fn exec_event<S: ClientSink>(
+    agent: &Agent,
+    session_id: &str,
+    recorder: &SharedRecorder,
+    sink: &S,
+    note: &crate::enforce::ExecNote,
+) -> Result<(), Stop> {
+    let (line, marker, exec) = super::exec_note_audit(session_id, note);
+    if exec.is_some() {
+        agent.sessions.count_command(session_id);
+    }
+    let len = line.to_string().len() + marker.len();
+    Recorder::lock(recorder).audit(len, |r| r.audit(&line, Some(&marker)))?;
+    if exec.is_some_and(|ev| ev.verdict != crate::enforce::Verdict::Allowed) {
+        sink.stderr(Bytes::from(format!("\r\nusher: {marker}\r\n")))
+            .await;
     }
     Ok(())
 }
@@ -313,13 +474,12 @@ async fn relay<S: ClientSink>(
     mut stdin: mpsc::Receiver<Bytes>,
     mut control: mpsc::UnboundedReceiver<Control>,
     sink: &Arc<S>,
-    rec: &SharedRecording,
-) -> Result<ExitOutcome, String> {
-    let required = agent.config.recording.required;
-    let launch = launch_for(&sg, request).map_err(|e| format!("cannot start the session: {e}"))?;
+    recorder: &SharedRecorder,
+) -> Result<ExitOutcome, Stop> {
+    let launch =
+        launch_for(&sg, request).map_err(|e| Stop(format!("cannot start the session: {e}")))?;
     let mut exec_events = sg.exec_events.take();
     let mut ended = sg.ended.clone();
-    let mut watching_end = true;
     let cgroup = sg.cgroup.clone();
     let session_id = sg.session_id.clone();
     let kill_all = move || {
@@ -332,34 +492,38 @@ async fn relay<S: ClientSink>(
     let pty = match &request.pty {
         Some(p) => Some(
             spawn::open_pty(p.cols.max(1), p.rows.max(1))
-                .map_err(|e| format!("cannot open a terminal: {e}"))?,
+                .map_err(|e| Stop(format!("cannot open a terminal: {e}")))?,
         ),
         None => None,
     };
     let (master, mut child) = match pty {
         Some((master, slave)) => {
             let child = spawn::spawn(launch, Streams::Pty(slave))
-                .map_err(|e| format!("cannot start the shell: {e}"))?;
+                .map_err(|e| Stop(format!("cannot start the shell: {e}")))?;
             (Some(Arc::new(master)), child)
         }
         None => (
             None,
             spawn::spawn(launch, Streams::Pipes)
-                .map_err(|e| format!("cannot start the command: {e}"))?,
+                .map_err(|e| Stop(format!("cannot start the command: {e}")))?,
         ),
     };
     let pid = child.id().map(|p| p as i32);
 
     // Client → process, in its own task so a process that does not read cannot stall
     // its output.
+    let (input_failed_tx, mut input_failed) = tokio::sync::oneshot::channel::<Stop>();
     let writer = match &master {
         Some(m) => {
             let m = m.clone();
-            let rec = rec.clone();
+            let recorder = recorder.clone();
             tokio::spawn(async move {
                 while let Some(data) = stdin.recv().await {
                     let echo = m.echo_enabled();
-                    if record(&rec, required, |r| r.input(&data, echo)).is_err() {
+                    let recorded =
+                        Recorder::lock(&recorder).terminal(data.len(), |r| r.input(&data, echo));
+                    if let Err(stop) = recorded {
+                        let _ = input_failed_tx.send(stop);
                         break;
                     }
                     if m.write_all(&data).await.is_err() {
@@ -390,66 +554,64 @@ async fn relay<S: ClientSink>(
     let mut err_buf = vec![0u8; 32 * 1024];
     let mut status = None;
     let mut control_open = true;
-    let mut failure = None;
     let mut pty_open = master.is_some();
+    let mut input_open = true;
+    let mut watching_end = true;
     let drain = Duration::from_millis(100);
 
-    loop {
+    // Each arm records before it sends; an arm that returns Stop ends the relay at once,
+    // so nothing unrecorded (or past the end of the grant) reaches the client.
+    let stopped: Option<Stop> = loop {
         let done = status.is_some()
             && (!pty_open || master.is_none())
             && stdout.is_none()
             && stderr.is_none();
         if done {
-            break;
+            break None;
         }
-        tokio::select! {
+        let step: Result<(), Stop> = tokio::select! {
             n = async { master.as_ref().unwrap().read(&mut pty_buf).await }, if pty_open => {
                 match n {
-                    Ok(0) | Err(_) => pty_open = false,
-                    Ok(n) => {
-                        let data = &pty_buf[..n];
-                        if let Err(e) = record(rec, required, |r| r.output(data)) { failure = Some(e); kill_all(); }
-                        sink.stdout(Bytes::copy_from_slice(data)).await;
-                    }
+                    Ok(0) | Err(_) => { pty_open = false; Ok(()) }
+                    Ok(n) => deliver(recorder, &**sink, &pty_buf[..n], false).await,
                 }
             }
             n = async { stdout.as_mut().unwrap().read(&mut out_buf).await }, if stdout.is_some() => {
                 match n {
-                    Ok(0) | Err(_) => stdout = None,
-                    Ok(n) => {
-                        let data = &out_buf[..n];
-                        if let Err(e) = record(rec, required, |r| r.output(data)) { failure = Some(e); kill_all(); }
-                        sink.stdout(Bytes::copy_from_slice(data)).await;
-                    }
+                    Ok(0) | Err(_) => { stdout = None; Ok(()) }
+                    Ok(n) => deliver(recorder, &**sink, &out_buf[..n], false).await,
                 }
             }
             n = async { stderr.as_mut().unwrap().read(&mut err_buf).await }, if stderr.is_some() => {
                 match n {
-                    Ok(0) | Err(_) => stderr = None,
-                    Ok(n) => {
-                        let data = &err_buf[..n];
-                        if let Err(e) = record(rec, required, |r| r.output(data)) { failure = Some(e); kill_all(); }
-                        sink.stderr(Bytes::copy_from_slice(data)).await;
-                    }
+                    Ok(0) | Err(_) => { stderr = None; Ok(()) }
+                    Ok(n) => deliver(recorder, &**sink, &err_buf[..n], true).await,
                 }
             }
-            s = child.wait(), if status.is_none() => {
-                status = Some(s.map_err(|e| format!("lost the session's process: {e}"))?);
-            }
+            s = child.wait(), if status.is_none() => match s {
+                Ok(s) => { status = Some(s); Ok(()) }
+                Err(e) => Err(Stop(format!("lost the session's process: {e}"))),
+            },
             // The shell is gone but something it started still holds the terminal: stop
             // relaying once it has been quiet for a moment, as sshd does.
-            _ = tokio::time::sleep(drain), if status.is_some() && pty_open => pty_open = false,
+            _ = tokio::time::sleep(drain), if status.is_some() && pty_open => { pty_open = false; Ok(()) }
+            stop = &mut input_failed, if input_open => match stop {
+                Ok(stop) => Err(stop),
+                Err(_) => { input_open = false; Ok(()) }
+            },
             c = control.recv(), if control_open => match c {
-                Some(Control::Resize(cols, rows)) => {
-                    if let Some(m) = &master {
+                Some(Control::Resize(cols, rows)) => match &master {
+                    Some(m) => {
                         let _ = m.resize(cols, rows);
-                        if let Err(e) = record(rec, required, |r| r.resize(cols, rows)) { failure = Some(e); kill_all(); }
+                        Recorder::lock(recorder).terminal(16, |r| r.resize(cols, rows))
                     }
-                }
+                    None => Ok(()),
+                },
                 Some(Control::Signal(sig)) => {
                     if let (Some(pid), Ok(sig)) = (pid, nix::sys::signal::Signal::try_from(sig)) {
                         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
                     }
+                    Ok(())
                 }
                 None => {
                     // The client hung up: like a modem line dropping, the session gets SIGHUP.
@@ -458,34 +620,37 @@ async fn relay<S: ClientSink>(
                         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), nix::sys::signal::Signal::SIGHUP);
                         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP);
                     }
+                    Ok(())
                 }
             },
-            note = async { exec_events.as_mut().unwrap().recv().await }, if exec_events.is_some() => match note {
-                Some(note) => {
-                    let (line, marker, exec) = super::exec_note_audit(&session_id, &note);
-                    if exec.is_some() {
-                        agent.sessions.count_command(&session_id);
-                    }
-                    if let Err(e) = record(rec, required, |r| r.audit(&line, Some(&marker))) { failure = Some(e); kill_all(); }
-                    if exec.is_some_and(|ev| ev.verdict != crate::enforce::Verdict::Allowed) {
-                        let msg = format!("\r\nusher: {marker}\r\n");
-                        sink.stderr(Bytes::from(msg)).await;
-                    }
-                }
-                None => exec_events = None,
+            ev = async { exec_events.as_mut().unwrap().recv().await }, if exec_events.is_some() => match ev {
+                Some(ev) => exec_event(agent, &session_id, recorder, &**sink, &ev).await,
+                None => { exec_events = None; Ok(()) }
             },
-            r = ended.changed(), if watching_end => {
-                watching_end = false;
-                if r.is_ok() {
+            r = ended.changed(), if watching_end => match r {
+                Ok(()) => {
                     let why = ended.borrow().clone().unwrap_or_else(|| "ended".into());
-                    sink.stderr(Bytes::from(format!("\r\nusher: the grant {why}; the session is closed\r\n"))).await;
-                    // The loop goes on until the process, now being killed, is gone.
-                    kill_all();
+                    Err(Stop(format!("the grant {why}; the session is closed")))
                 }
-            }
+                // The table dropped its end of the watch: the session is being forgotten.
+                Err(_) => { watching_end = false; Ok(()) }
+            },
+        };
+        if let Err(stop) = step {
+            break Some(stop);
+        }
+    };
+    writer.abort();
+    if stopped.is_some() {
+        kill_all();
+        // Reap the process; what it still writes goes nowhere.
+        if status.is_none() {
+            status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .ok()
+                .and_then(Result::ok);
         }
     }
-    writer.abort();
     // The last execs of a session (bash execs its last command) can reach the agent just
     // after the process is reaped: give them a moment to land in the recording.
     if let Some(rx) = exec_events.as_mut() {
@@ -494,15 +659,16 @@ async fn relay<S: ClientSink>(
             if exec.is_some() {
                 agent.sessions.count_command(&session_id);
             }
-            let _ = record(rec, required, |r| r.audit(&line, Some(&marker)));
+            let len = line.to_string().len() + marker.len();
+            let _ = Recorder::lock(recorder).audit(len, |r| r.audit(&line, Some(&marker)));
         }
     }
     if let Some(rx) = exec_events {
         let path = agent.spool_dir().join(format!("{session_id}.audit.jsonl"));
         super::append_exec_events(path, session_id.clone(), rx);
     }
-    if let Some(f) = failure {
-        return Err(f);
+    if let Some(stop) = stopped {
+        return Err(stop);
     }
     let status = status.expect("loop ends after the process");
     use std::os::unix::process::ExitStatusExt;

@@ -1,7 +1,9 @@
 //! SSH: the agent terminates SSH itself (russh), so people keep using `ssh`, `scp`, `sftp`.
 
 mod hostkey;
+mod listen;
 mod server;
 
 pub use hostkey::{load_or_create_host_key, signing_key};
-pub use server::serve;
+pub use listen::{bind, serve};
+pub use server::settings;

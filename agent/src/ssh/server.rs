@@ -8,23 +8,23 @@ use crate::session::{
 };
 use bytes::Bytes;
 use russh::keys::PublicKey;
-use russh::server::{Auth, Handle, Msg, Response, Server as _, Session};
-use russh::{Channel, ChannelId, MethodKind, MethodSet, Sig};
+use russh::server::{Auth, Handle, Msg, Response, Session};
+use russh::{Channel, ChannelId, ChannelWriteHalf, MethodKind, MethodSet, Sig};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
 
-/// Listens on every configured address until the process ends.
-pub async fn serve(agent: Arc<Agent>, host_key: russh::keys::PrivateKey) -> Result<(), String> {
+/// The russh server settings every connection shares.
+pub fn settings(agent: &Agent, host_key: russh::keys::PrivateKey) -> Arc<russh::server::Config> {
     let mut methods = MethodSet::empty();
     methods.push(MethodKind::PublicKey);
     methods.push(MethodKind::KeyboardInteractive);
     methods.push(MethodKind::Password);
-    let config = Arc::new(russh::server::Config {
+    Arc::new(russh::server::Config {
         server_id: russh::SshId::Standard(Cow::Borrowed(concat!(
             "SSH-2.0-Usher_",
             env!("CARGO_PKG_VERSION")
@@ -39,63 +39,24 @@ pub async fn serve(agent: Arc<Agent>, host_key: russh::keys::PrivateKey) -> Resu
         nodelay: true,
         window_size: 8 * 1024 * 1024,
         ..Default::default()
-    });
-    let mut listeners = Vec::new();
-    for addr in &agent.config.ssh.listen {
-        match TcpListener::bind(addr).await {
-            Ok(l) => {
-                log::info!(target: "usher::ssh", "listening on {addr}");
-                listeners.push(l);
-            }
-            Err(e) => log::warn!(target: "usher::ssh", "cannot listen on {addr}: {e}"),
-        }
-    }
-    if listeners.is_empty() {
-        return Err("no SSH listen address could be bound".into());
-    }
-    let mut tasks = Vec::new();
-    for listener in listeners {
-        let mut server = Server {
-            agent: agent.clone(),
-        };
-        let config = config.clone();
-        tasks.push(tokio::spawn(async move {
-            let _ = server.run_on_socket(config, &listener).await;
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    Ok(())
+    })
 }
 
-#[derive(Clone)]
-struct Server {
-    agent: Arc<Agent>,
-}
-
-impl russh::server::Server for Server {
-    type Handler = Connection;
-
-    fn new_client(&mut self, peer: Option<SocketAddr>) -> Connection {
-        Connection {
-            agent: self.agent.clone(),
-            peer,
-            grant: None,
-            channels: HashMap::new(),
-        }
-    }
-}
-
-struct Connection {
+pub(super) struct Connection {
     agent: Arc<Agent>,
     peer: Option<SocketAddr>,
     grant: Option<Grant>,
     channels: HashMap<ChannelId, ChannelState>,
+    /// Tells the listener which grant this connection authenticated with.
+    authenticated: watch::Sender<Option<String>>,
 }
 
 #[derive(Default)]
 struct ChannelState {
+    /// Output goes through the channel's own writers, which wait for the client's
+    /// window: a client that reads nothing stops the session's output, and nothing
+    /// piles up in the agent's memory or in the recording.
+    writer: Option<ChannelWriteHalf<Msg>>,
     pty: Option<PtySpec>,
     env: Vec<(String, String)>,
     stdin: Option<mpsc::Sender<Bytes>>,
@@ -103,21 +64,22 @@ struct ChannelState {
     started: bool,
 }
 
+type ChannelWriter = Box<dyn tokio::io::AsyncWrite + Send + Sync + Unpin>;
+
 struct SshSink {
     handle: Handle,
     channel: ChannelId,
+    stdout: tokio::sync::Mutex<ChannelWriter>,
+    stderr: tokio::sync::Mutex<ChannelWriter>,
 }
 
 impl ClientSink for SshSink {
     async fn stdout(&self, data: Bytes) -> bool {
-        self.handle.data(self.channel, data).await.is_ok()
+        self.stdout.lock().await.write_all(&data).await.is_ok()
     }
 
     async fn stderr(&self, data: Bytes) -> bool {
-        self.handle
-            .extended_data(self.channel, 1, data)
-            .await
-            .is_ok()
+        self.stderr.lock().await.write_all(&data).await.is_ok()
     }
 
     async fn finish(&self, outcome: ExitOutcome) {
@@ -184,6 +146,33 @@ fn from_sig(s: &Sig) -> Option<i32> {
 }
 
 impl Connection {
+    pub(super) fn new(
+        agent: Arc<Agent>,
+        peer: Option<SocketAddr>,
+        authenticated: watch::Sender<Option<String>>,
+    ) -> Connection {
+        Connection {
+            agent,
+            peer,
+            grant: None,
+            channels: HashMap::new(),
+            authenticated,
+        }
+    }
+
+    fn accept(&mut self, grant: Grant) -> Auth {
+        self.authenticated
+            .send_replace(Some(grant.jti().to_string()));
+        self.grant = Some(grant);
+        Auth::Accept
+    }
+
+    /// The connection's grant, if it still lives: checked at every channel open, so
+    /// nothing new starts under a grant that is ending.
+    fn live_grant(&self) -> Option<&Grant> {
+        self.grant.as_ref().filter(|g| self.agent.is_live(g.jti()))
+    }
+
     fn peer_string(&self) -> String {
         self.peer
             .map(|p| p.to_string())
@@ -194,10 +183,7 @@ impl Connection {
     fn presented(&mut self, user: &str, token: &str) -> Auth {
         let how = format!("ssh-password from {}", self.peer_string());
         match self.agent.admit(token, &how) {
-            Ok(g) if g.login() == user => {
-                self.grant = Some(g);
-                Auth::Accept
-            }
+            Ok(g) if g.login() == user => self.accept(g),
             Ok(g) => {
                 log::warn!(target: "usher::audit", usher_event = "grant_refused", jti = g.jti(); "grant {} is for {}, not {user}", g.jti(), g.login());
                 Auth::reject()
@@ -224,7 +210,7 @@ impl Connection {
         command: SessionCommand,
         session: &mut Session,
     ) -> Result<(), russh::Error> {
-        let Some(grant) = self.grant.clone() else {
+        let Some(grant) = self.live_grant().cloned() else {
             session.channel_failure(channel)?;
             return Ok(());
         };
@@ -236,6 +222,10 @@ impl Connection {
             session.channel_failure(channel)?;
             return Ok(());
         }
+        let Some(writer) = state.writer.take() else {
+            session.channel_failure(channel)?;
+            return Ok(());
+        };
         state.started = true;
         let (stdin_tx, stdin_rx) = mpsc::channel(64);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
@@ -252,6 +242,8 @@ impl Connection {
         let sink = Arc::new(SshSink {
             handle: session.handle(),
             channel,
+            stdout: tokio::sync::Mutex::new(Box::new(writer.make_writer())),
+            stderr: tokio::sync::Mutex::new(Box::new(writer.make_writer_ext(Some(1)))),
         });
         tokio::spawn(session::run(
             self.agent.clone(),
@@ -284,8 +276,7 @@ impl russh::server::Handler for Connection {
         match self.agent.grant_for_key(user, key) {
             Some(g) => {
                 log::info!(target: "usher::audit", usher_event = "login", jti = g.jti(), login = user, method = "publickey"; "{user} logged in with a key bound to grant {} from {}", g.jti(), self.peer_string());
-                self.grant = Some(g);
-                Ok(Auth::Accept)
+                Ok(self.accept(g))
             }
             None => Ok(Auth::reject()),
         }
@@ -326,12 +317,19 @@ impl russh::server::Handler for Connection {
         channel: Channel<Msg>,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        if self.grant.is_none() || self.channels.len() >= 10 {
+        if self.live_grant().is_none() || self.channels.len() >= 10 {
             return Ok(false);
         }
-        // Data arrives through the `data` callback; the Channel handle is not read, and
+        // Data arrives through the `data` callback; the read half is not read, and
         // dropping it keeps russh from queueing messages for it.
-        self.channels.insert(channel.id(), ChannelState::default());
+        let (_, writer) = channel.split();
+        self.channels.insert(
+            writer.id(),
+            ChannelState {
+                writer: Some(writer),
+                ..Default::default()
+            },
+        );
         Ok(true)
     }
 
@@ -344,7 +342,7 @@ impl russh::server::Handler for Connection {
         _originator_port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let Some(grant) = &self.grant else {
+        let Some(grant) = self.live_grant() else {
             return Ok(false);
         };
         let profile = self.agent.profile(&grant.profile);

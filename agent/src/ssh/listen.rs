@@ -1,0 +1,222 @@
+//! The SSH listeners: bound before anything is served, accepting for as long as the agent
+//! lives. Nothing a network peer does before it authenticates may stop the agent or use
+//! up what other peers need: accept errors (out of file descriptors, above all) are
+//! waited out, connections that have not authenticated are capped globally and per
+//! source address, and each has a grace time to authenticate.
+
+use super::server::Connection;
+use crate::admission::{Admission, Refused};
+use crate::daemon::Agent;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, watch};
+
+/// Binds every configured address. An IPv6 socket is bound v6-only, so that `0.0.0.0`
+/// and `[::]` on one port are two sockets, not a conflict. Addresses that cannot be
+/// bound are logged; no address at all is an error.
+pub fn bind(addresses: &[String]) -> Result<Vec<TcpListener>, String> {
+    let mut bound = Vec::new();
+    for text in addresses {
+        let addr: SocketAddr = text
+            .parse()
+            .map_err(|_| format!("{text:?} is not an address and port"))?;
+        match bind_one(addr) {
+            Ok(l) => bound.push(l),
+            Err(e) => log::error!(target: "usher::ssh", "cannot listen on {addr}: {e}"),
+        }
+    }
+    if bound.is_empty() {
+        return Err(format!(
+            "no SSH listen address could be bound ({})",
+            addresses.join(", ")
+        ));
+    }
+    Ok(bound)
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Serves every listener until the process ends; never returns.
+pub async fn serve(
+    agent: Arc<Agent>,
+    config: Arc<russh::server::Config>,
+    listeners: Vec<TcpListener>,
+) -> ! {
+    let ssh = &agent.config.ssh;
+    let startups = Admission::new(ssh.max_startups, ssh.max_startups_per_source);
+    let connections = Admission::new(ssh.max_connections, ssh.max_connections);
+    for listener in listeners {
+        tokio::spawn(accept_loop(
+            agent.clone(),
+            config.clone(),
+            listener,
+            startups.clone(),
+            connections.clone(),
+        ));
+    }
+    std::future::pending().await
+}
+
+async fn accept_loop(
+    agent: Arc<Agent>,
+    config: Arc<russh::server::Config>,
+    listener: TcpListener,
+    startups: Arc<Admission<IpAddr>>,
+    connections: Arc<Admission<()>>,
+) {
+    let mut failing_since: Option<std::time::Instant> = None;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS, ECONNABORTED…: all pass. Said once per spell,
+                // and the pause lets sessions that end give descriptors back.
+                if failing_since.is_none() {
+                    log::error!(target: "usher::ssh", "accepting a connection failed: {e}; retrying");
+                    failing_since = Some(std::time::Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if let Some(since) = failing_since.take() {
+            log::info!(target: "usher::ssh", "accepting again after {:.1} s", since.elapsed().as_secs_f64());
+        }
+        let slot = match startups.try_admit(peer.ip()) {
+            Ok(s) => s,
+            Err(why) => {
+                refuse(peer, why);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let agent = agent.clone();
+        let config = config.clone();
+        let connections = connections.clone();
+        tokio::spawn(async move {
+            connection(agent, config, stream, peer, slot, connections).await;
+        });
+    }
+}
+
+fn refuse(peer: SocketAddr, why: Refused) {
+    // One line per refusal would let a flood fill the journal: count, say it at powers of 2.
+    static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        log::warn!(target: "usher::ssh", usher_event = "connection_refused", peer = peer.to_string().as_str(); "connection from {peer} closed: {why} ({n} so far)");
+    }
+}
+
+/// One connection from accept to its end: the login grace time until it authenticates,
+/// then the life of its grant.
+async fn connection(
+    agent: Arc<Agent>,
+    config: Arc<russh::server::Config>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    startup_slot: crate::admission::Slot<IpAddr>,
+    connections: Arc<Admission<()>>,
+) {
+    let grace = Duration::from_secs(agent.config.ssh.login_grace_secs);
+    let deadline = tokio::time::Instant::now() + grace;
+    // Subscribed before authentication, so that a grant ending in between is not missed.
+    let mut grant_ends = agent.grant_ends();
+    let (authenticated_tx, mut authenticated) = watch::channel(None::<String>);
+    let handler = Connection::new(agent.clone(), Some(peer), authenticated_tx);
+    // A second descriptor of the socket, to cut it from under a session that will not
+    // end by itself (a peer that reads nothing).
+    let socket = stream
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::net::TcpStream::from)
+        .ok();
+    let running =
+        match tokio::time::timeout_at(deadline, russh::server::run_stream(config, stream, handler))
+            .await
+        {
+            Ok(Ok(r)) => r,
+            // No SSH version line in time, or none at all: nothing to say to such a peer.
+            _ => return,
+        };
+    let handle = running.handle();
+    tokio::pin!(running);
+    let mut startup_slot = Some(startup_slot);
+    let mut _connection_slot = None;
+    let mut grant: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = &mut running => return,
+            _ = tokio::time::sleep_until(deadline), if grant.is_none() => {
+                log::info!(target: "usher::ssh", "{peer}: no authentication within {} s; closed", grace.as_secs());
+                break;
+            }
+            changed = authenticated.changed(), if grant.is_none() => {
+                let jti = authenticated.borrow().clone();
+                match (changed, jti) {
+                    (Ok(()), Some(jti)) => {
+                        startup_slot = None;
+                        match connections.try_admit(()) {
+                            Ok(s) => _connection_slot = Some(s),
+                            Err(why) => {
+                                log::warn!(target: "usher::ssh", "{peer}: closed after authentication: {why}");
+                                break;
+                            }
+                        }
+                        if !agent.is_live(&jti) {
+                            break;
+                        }
+                        grant = Some(jti);
+                    }
+                    _ => return,
+                }
+            }
+            ended = grant_ends.recv(), if grant.is_some() => {
+                let mine = grant.as_deref().unwrap_or_default();
+                let over = match ended {
+                    Ok(jti) => jti == mine,
+                    // Missed some: ask the agent instead.
+                    Err(broadcast::error::RecvError::Lagged(_)) => !agent.is_live(mine),
+                    Err(broadcast::error::RecvError::Closed) => false,
+                };
+                if over {
+                    audit!("connection_closed", jti = mine, peer = peer.to_string().as_str(); "connection from {peer} closed: its grant {mine} ended");
+                    break;
+                }
+            }
+        }
+    }
+    drop(startup_slot);
+    let _ = handle
+        .disconnect(
+            russh::Disconnect::ByApplication,
+            "access ended".into(),
+            "en".into(),
+        )
+        .await;
+    // The session task ends once the disconnect is sent; a peer that does not read may
+    // hold it a moment, not forever.
+    if tokio::time::timeout(Duration::from_secs(2), &mut running)
+        .await
+        .is_err()
+    {
+        if let Some(s) = &socket {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
+    }
+}
