@@ -274,3 +274,52 @@ wait"#
         agent.log()
     );
 }
+
+#[test]
+fn a_console_session_is_confined_like_an_ssh_one() {
+    const CONSOLE_DENY: &str =
+        "name = \"console\"\nconsole = true\n[exec]\nmode = \"deny\"\npaths = [\"/usr/bin/id\"]\n";
+    let agent = TestAgent::start_with(Options {
+        enforcement: Some("required".into()),
+        extra_config: "[policy]\nallowed_profiles = [\"default\", \"console\"]\n".into(),
+        profiles: vec![("console.toml".into(), CONSOLE_DENY.into())],
+        ..Default::default()
+    });
+    let login = agent.login("con");
+    let mut c = agent.claims(&login, 600);
+    c.profile = Some("console".into());
+    c.secret_hash = Some(usher::grant::console_secret_hash("s3cret").unwrap());
+    let out = agent.install(&agent.sign(&c));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A console grant makes its account at once; the library goes into its home.
+    let home = home_of(&login);
+    let library = marker_library(&agent.dir);
+    std::fs::copy(&library, home.join("x.so")).unwrap();
+    // `su -` runs the account's login shell, which hands the terminal to the agent: a
+    // console session, spawned by the same code as an SSH one.
+    let out = std::process::Command::new("timeout")
+        .args([
+            "30",
+            "su",
+            "-",
+            &login,
+            "-c",
+            "USHER_MARKER=$HOME/m-console LD_PRELOAD=$HOME/x.so /usr/bin/ls / > /dev/null; echo \"ls:$?\"",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("ls:0"),
+        "{text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log()
+    );
+    assert!(
+        !home.join("m-console").exists(),
+        "the library ran in a console session: {text}"
+    );
+    let id = agent.recorded_sessions().pop().unwrap();
+    assert_eq!(agent.meta(&id)["kind"], "console");
+}
