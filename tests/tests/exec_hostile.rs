@@ -184,8 +184,8 @@ echo started"#,
 
     agent.crash();
     std::fs::write(home.join("go"), "").unwrap();
-    let result = wait_for_file(&home.join("result"), 20)
-        .expect("the waiting process reported nothing");
+    let result =
+        wait_for_file(&home.join("result"), 20).expect("the waiting process reported nothing");
     assert_eq!(
         result.trim(),
         "status:137",
@@ -203,7 +203,9 @@ echo started"#,
         })
     });
     assert!(
-        agent.log().contains("taking over the programs and maps pinned"),
+        agent
+            .log()
+            .contains("taking over the programs and maps pinned"),
         "{}",
         agent.log()
     );
@@ -249,7 +251,9 @@ wait"#
             .filter_map(|e| e["lost"].as_u64())
             .sum()
     };
-    agent.wait_for(20, "the loss in the audit stream", || lost_total(&agent) > 0);
+    agent.wait_for(20, "the loss in the audit stream", || {
+        lost_total(&agent) > 0
+    });
     // Every exec is accounted for: recorded, or counted as lost (the kernel's own ring
     // could lose some too; those are counted in `usher status`).
     std::thread::sleep(Duration::from_millis(500));
@@ -290,7 +294,11 @@ fn a_console_session_is_confined_like_an_ssh_one() {
     c.profile = Some("console".into());
     c.secret_hash = Some(usher::grant::console_secret_hash("s3cret").unwrap());
     let out = agent.install(&agent.sign(&c));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A console grant makes its account at once; the library goes into its home.
     let home = home_of(&login);
     let library = marker_library(&agent.dir);

@@ -191,11 +191,7 @@ impl NoexecPlan {
                     std::ptr::null(),
                     place.as_ptr(),
                     std::ptr::null(),
-                    libc::MS_BIND
-                        | libc::MS_REMOUNT
-                        | libc::MS_NOEXEC
-                        | libc::MS_NOSUID
-                        | kept,
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOEXEC | libc::MS_NOSUID | kept,
                     std::ptr::null(),
                 ) < 0
                 {

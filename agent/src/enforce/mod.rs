@@ -118,7 +118,10 @@ pub enum ExecNote {
     Exec(ExecEvent),
     /// `count` events were dropped since the last note (`total` in this session): the
     /// session did not take them as fast as it made them.
-    Lost { count: u64, total: u64 },
+    Lost {
+        count: u64,
+        total: u64,
+    },
 }
 
 pub type ExecSender = mpsc::Sender<ExecNote>;
@@ -304,8 +307,10 @@ impl Enforcer {
         {
             let routes = lock(&loaded.routes);
             let mut maps = lock(&loaded.maps);
-            let claimed: HashSet<common::RuleKey> =
-                routes.values().flat_map(|r| r.keys.iter().copied()).collect();
+            let claimed: HashSet<common::RuleKey> = routes
+                .values()
+                .flat_map(|r| r.keys.iter().copied())
+                .collect();
             let stale_sessions: Vec<u64> = maps
                 .sessions
                 .keys()
@@ -365,10 +370,8 @@ impl Enforcer {
             keys.push(key);
         }
         // The route exists before the policy: no event of the session is dropped.
-        let previous = lock(&loaded.routes).insert(
-            cgroup_id,
-            Route::new(events, resolved.rule_names, keys),
-        );
+        let previous =
+            lock(&loaded.routes).insert(cgroup_id, Route::new(events, resolved.rule_names, keys));
         // Attached again (after a takeover): rules the profile no longer names go.
         if let Some(previous) = previous {
             let current = &lock(&loaded.routes)[&cgroup_id].keys;
@@ -506,9 +509,8 @@ fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
         (Err(why), _) => Err(why.clone()),
         (_, Err(why)) => Err(why.clone()),
     };
-    let mut config: Array<_, u32> =
-        Array::try_from(ebpf.map_mut("CONFIG").ok_or("no CONFIG map")?)
-            .map_err(|e| e.to_string())?;
+    let mut config: Array<_, u32> = Array::try_from(ebpf.map_mut("CONFIG").ok_or("no CONFIG map")?)
+        .map_err(|e| e.to_string())?;
     config
         .set(common::CONFIG_LSM_ACTIVE, lsm.is_ok() as u32, 0)
         .map_err(|e| format!("CONFIG: {e}"))?;
@@ -600,7 +602,12 @@ fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
 }
 
 /// Loads and attaches one BPF-LSM program.
-fn attach_lsm(ebpf: &mut aya::Ebpf, program: &str, hook: &str, btf: &aya::Btf) -> Result<FdLink, String> {
+fn attach_lsm(
+    ebpf: &mut aya::Ebpf,
+    program: &str,
+    hook: &str,
+    btf: &aya::Btf,
+) -> Result<FdLink, String> {
     let prog: &mut Lsm = ebpf
         .program_mut(program)
         .ok_or(format!("no {program} program"))?

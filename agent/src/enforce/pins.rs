@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 const BPFFS: &str = "/sys/fs/bpf";
 /// bpffs's magic number (statfs f_type).
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPF_FS_MAGIC: libc::__fsword_t = 0xcafe4a11;
 
 /// Where the agent whose state lives in `state_dir` pins its programs.
 pub fn pin_dir(state_dir: &Path) -> PathBuf {
@@ -70,7 +70,7 @@ pub(super) fn prepare(dir: &Path) -> Result<(), String> {
 
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false)
 }
 

@@ -654,7 +654,8 @@ async fn relay<S: ClientSink>(
     // The last execs of a session (bash execs its last command) can reach the agent just
     // after the process is reaped: give them a moment to land in the recording.
     if let Some(rx) = exec_events.as_mut() {
-        while let Ok(Some(note)) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {
+        while let Ok(Some(note)) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await
+        {
             let (line, marker, exec) = super::exec_note_audit(&session_id, &note);
             if exec.is_some() {
                 agent.sessions.count_command(&session_id);

@@ -104,9 +104,11 @@ pub fn spawn(launch: Launch, streams: Streams) -> io::Result<tokio::process::Chi
     child
 }
 
+type Environment = Vec<(String, String)>;
+
 /// The session's environment and mount plan under its exec profile (see
 /// `enforce::confine`): made before the fork, applied by `enter_confinement` after it.
-fn exec_confinement(launch: &Launch) -> io::Result<(Vec<(String, String)>, Option<NoexecPlan>)> {
+fn exec_confinement(launch: &Launch) -> io::Result<(Environment, Option<NoexecPlan>)> {
     let mut env = launch.env.clone();
     confine::strip_loader_env(launch.exec_mode, &mut env);
     let user = SessionUser {
