@@ -83,8 +83,22 @@ struct Cleanup {
     dir: PathBuf,
     cgroup: PathBuf,
     usherd: Option<Child>,
+    /// `usherd --remove-accounts` for this config: the agent's programs stay pinned (and
+    /// attached) after it stops, until this removes them.
+    remove: Option<Command>,
     audit_rule: bool,
     auditd: Option<Child>,
+}
+
+/// Stops the agent and detaches its programs (pinned, they would outlive it).
+fn stop_usherd(usherd: &mut Option<Child>, remove: &mut Option<Command>) {
+    if let Some(mut u) = usherd.take() {
+        let _ = Command::new("kill").arg(u.id().to_string()).status();
+        let _ = u.wait();
+    }
+    if let Some(mut r) = remove.take() {
+        let _ = r.stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
 }
 
 impl Drop for Cleanup {
@@ -112,10 +126,7 @@ impl Drop for Cleanup {
                 .stdout(Stdio::null())
                 .status();
         }
-        if let Some(mut u) = self.usherd.take() {
-            let _ = Command::new("kill").arg(u.id().to_string()).status();
-            let _ = u.wait();
-        }
+        stop_usherd(&mut self.usherd, &mut self.remove);
         let _ = Command::new("pkill")
             .args(["-KILL", "-u", "bx-bench"])
             .status();
@@ -144,6 +155,7 @@ pub fn run() -> Result<(), String> {
         dir: dir.clone(),
         cgroup: cgroup.clone(),
         usherd: None,
+        remove: None,
         audit_rule: false,
         auditd: None,
     };
@@ -175,6 +187,12 @@ pub fn run() -> Result<(), String> {
             .args(["-q", "-t", "ed25519", "-N", "", "-f"])
             .arg(&key),
     )?;
+    let mut remove = Command::new(bin.join("usherd"));
+    remove
+        .arg("--config")
+        .arg(dir.join("usherd.toml"))
+        .arg("--remove-accounts");
+    c.remove = Some(remove);
     c.usherd = Some(
         Command::new(bin.join("usherd"))
             .arg("--config")
@@ -289,11 +307,9 @@ pub fn run() -> Result<(), String> {
         none.push(local_loop(&cgroup, uid, gid)?);
         usher.push(in_session()?);
     }
-    // Without the agent's programs in the way: the agent stops, the same loop again.
-    if let Some(mut u) = c.usherd.take() {
-        let _ = Command::new("kill").arg(u.id().to_string()).status();
-        let _ = u.wait();
-    }
+    // Without the agent's programs in the way: the agent stops and unpins them (the
+    // loops below borrow the account's numeric ids only), the same loop again.
+    stop_usherd(&mut c.usherd, &mut c.remove);
     // auditd with an execve rule, the peer a user would otherwise pick.
     let _ = Command::new("auditctl")
         .args(["-D"])
