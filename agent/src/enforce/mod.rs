@@ -455,7 +455,7 @@ fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
     // policies in them never stopped applying, and their events wait in the ring buffer.
     let map_pins: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
-        .map(|name| (*name, pin_dir.join(name)))
+        .map(|name| (*name, pins::map_path(pin_dir, name)))
         .collect();
     let mut loader = aya::EbpfLoader::new();
     for (name, path) in &map_pins {
@@ -467,6 +467,10 @@ fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
     if taking_over {
         log::info!(target: "usher::enforce", "taking over the programs and maps pinned in {}", pin_dir.display());
     }
+    // Maps of another layout (an upgrade that changed the shared types) are not ours to
+    // read: they go with the links of the programs that used them (replaced below).
+    let current: Vec<&Path> = map_pins.iter().map(|(_, p)| p.as_path()).collect();
+    pins::remove_other_maps(pin_dir, &current);
     match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => spawn_logger(logger),
         Err(e) => log::debug!(target: "usher::enforce", "eBPF log unavailable: {e}"),

@@ -85,6 +85,37 @@ pub(super) fn holds_links(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// The pin of a map, named for the layout of the types the programs and the agent share:
+/// an agent built with other types never reads a map laid out for these.
+pub(super) fn map_path(dir: &Path, name: &str) -> PathBuf {
+    use usher_ebpf_common::{ExecEvent, Offsets, RuleKey, SessionPolicy};
+    let layout = [
+        std::mem::size_of::<ExecEvent>(),
+        std::mem::size_of::<Offsets>(),
+        std::mem::size_of::<RuleKey>(),
+        std::mem::size_of::<SessionPolicy>(),
+    ]
+    .map(|n| n.to_string())
+    .join("-");
+    dir.join(format!("map-{name}-{layout}"))
+}
+
+/// Unpins maps other than `current` (of an older layout); their programs' links are
+/// replaced by this agent's, and the kernel frees them once nothing refers to them.
+pub(super) fn remove_other_maps(dir: &Path, current: &[&Path]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_map = entry.file_name().to_string_lossy().starts_with("map-");
+        if is_map && !current.contains(&path.as_path()) {
+            log::info!(target: "usher::enforce", "unpinning {} (another layout)", path.display());
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 fn link_path(dir: &Path, program: &str) -> PathBuf {
     dir.join(format!("link-{program}"))
 }
