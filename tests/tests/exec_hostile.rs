@@ -268,6 +268,9 @@ wait"#
         .ok()
         .and_then(|v| v["enforcement"]["lost_events"].as_u64())
         .unwrap_or(0);
+    eprintln!(
+        "{EXECS} execs: {trues} recorded, {lost} lost (queue), {kernel_lost} lost (kernel ring)"
+    );
     assert!(
         trues + lost + kernel_lost >= EXECS as u64,
         "{trues} recorded + {lost} lost + {kernel_lost} lost by the kernel < {EXECS} execs"
