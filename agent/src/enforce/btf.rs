@@ -196,6 +196,10 @@ mod tests {
         // i_nlink lives in an anonymous union of struct inode.
         assert!(btf.field_offset("inode", "i_nlink").is_ok());
         assert!(btf.field_offset("mm_struct", "exe_file").is_ok());
+        // The mapping hooks read these (vm_file, and the owner and mode of a library).
+        assert!(btf.field_offset("vm_area_struct", "vm_file").is_ok());
+        assert!(btf.field_offset("inode", "i_mode").is_ok());
+        assert!(btf.field_offset("inode", "i_uid").is_ok());
         assert!(btf.field_offset("task_struct", "no_such_field").is_err());
         assert!(btf.field_offset("no_such_struct", "x").is_err());
     }
