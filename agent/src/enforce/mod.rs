@@ -626,7 +626,12 @@ fn attach_lsm(
 /// aya's errors carry the verifier's log after the first line; the path's name needs only
 /// the reason.
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or("").trim().to_string()
+    let line = s.lines().next().unwrap_or("").trim();
+    // An empty verifier log (the kernel refused before verifying) says nothing.
+    line.strip_suffix("Verifier output:")
+        .map(|l| l.trim_end().trim_end_matches('.'))
+        .unwrap_or(line)
+        .to_string()
 }
 
 /// Tracepoints are found through tracefs; minimal hosts (and containers) may not have it
