@@ -145,6 +145,13 @@ fn a_library_the_user_wrote_does_not_run_in_an_enforced_session() {
             "profile {profile}: enable -f succeeded:\n{}",
             attempt.stdout
         );
+        // The session's noexec binds stay in its own mount namespace.
+        let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let home = home_of(&login);
+        assert!(
+            !host_mounts.contains(&format!(" {} ", home.display())),
+            "a session's mount reached the host:\n{host_mounts}"
+        );
     }
 }
 
