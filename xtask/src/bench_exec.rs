@@ -127,8 +127,10 @@ impl Drop for Cleanup {
                 .status();
         }
         stop_usherd(&mut self.usherd, &mut self.remove);
+        // (The account is usually gone already: --remove-accounts took it.)
         let _ = Command::new("pkill")
             .args(["-KILL", "-u", "bx-bench"])
+            .stderr(Stdio::null())
             .status();
         std::thread::sleep(Duration::from_millis(200));
         let _ = Command::new("userdel")
