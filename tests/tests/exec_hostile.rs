@@ -341,3 +341,34 @@ fn a_console_session_is_confined_like_an_ssh_one() {
     let id = agent.recorded_sessions().pop().unwrap();
     assert_eq!(agent.meta(&id)["kind"], "console");
 }
+
+#[test]
+fn the_programs_outlive_a_stop_and_go_with_removal() {
+    let mut agent = enforcing_agent();
+    let pins = usher::enforce::pin_dir(&agent.dir.join("state"));
+    assert!(pins.is_dir(), "nothing pinned in {}", pins.display());
+    // An orderly stop (an upgrade's restart) leaves enforcement in place.
+    agent.stop();
+    let pinned: Vec<String> = std::fs::read_dir(&pins)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        pinned.iter().any(|n| n == "link-sched_process_exec"),
+        "{pinned:?}"
+    );
+    // Removal takes it away.
+    let out = std::process::Command::new(bin("usherd"))
+        .arg("--config")
+        .arg(&agent.config_path)
+        .arg("--remove-accounts")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins.exists(), "still pinned: {}", pins.display());
+}
