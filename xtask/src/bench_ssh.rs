@@ -13,16 +13,16 @@ const SETUP_RUNS: usize = 50;
 const IDLE_SESSIONS: usize = 100;
 const SSHD_USER: &str = "usherbench";
 
-struct Target {
-    name: &'static str,
+pub(crate) struct Target {
+    pub name: &'static str,
     port: u16,
     user: String,
     /// Processes whose memory counts as the server's.
-    server_pids: Box<dyn Fn() -> Vec<u32>>,
+    pub server_pids: Box<dyn Fn() -> Vec<u32>>,
 }
 
-struct Bench {
-    dir: PathBuf,
+pub(crate) struct Bench {
+    pub dir: PathBuf,
     key: PathBuf,
     children: Vec<Child>,
 }
@@ -63,7 +63,7 @@ fn wait_port(port: u16) -> Result<(), String> {
     Err(format!("nothing listens on port {port}"))
 }
 
-fn ssh_args(bench: &Bench, t: &Target) -> Vec<String> {
+pub(crate) fn ssh_args(bench: &Bench, t: &Target) -> Vec<String> {
     vec![
         "-o".into(),
         "StrictHostKeyChecking=no".into(),
@@ -85,7 +85,7 @@ fn ssh_args(bench: &Bench, t: &Target) -> Vec<String> {
 
 /// Proportional set size: shared pages (libraries, sshd's per-connection forks) are
 /// divided among the processes that share them, so sums over processes are honest.
-fn pss_kib(pid: u32) -> u64 {
+pub(crate) fn pss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
         .and_then(|s| {
@@ -154,7 +154,7 @@ fn download(bench: &Bench, t: &Target, bytes: u64) -> Result<f64, String> {
 }
 
 /// Time from starting `ssh host echo x` to the first byte of its output.
-fn first_byte(bench: &Bench, t: &Target) -> Result<f64, String> {
+pub(crate) fn first_byte(bench: &Bench, t: &Target) -> Result<f64, String> {
     let start = Instant::now();
     let mut child = Command::new("ssh")
         .args(ssh_args(bench, t))
@@ -178,7 +178,7 @@ fn first_byte(bench: &Bench, t: &Target) -> Result<f64, String> {
     Ok(elapsed)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
@@ -256,6 +256,13 @@ fn write(path: &Path, text: &str) -> Result<(), String> {
 }
 
 pub fn run() -> Result<(), String> {
+    let (bench, sshd_t, usher_t) = start_servers("")?;
+    measure(&bench, &sshd_t, &usher_t)
+}
+
+/// OpenSSH's sshd and usherd (recording on, `usherd_extra` appended to its config), each
+/// with a user the benchmark's key logs in as.
+pub(crate) fn start_servers(usherd_extra: &str) -> Result<(Bench, Target, Target), String> {
     if !is_root() {
         return Err("the benchmark runs as root (it starts sshd and usherd)".into());
     }
@@ -333,7 +340,7 @@ pub fn run() -> Result<(), String> {
             "host_name = \"bench\"\nstate_dir = \"{d}/state\"\nspool_dir = \"{d}/spool\"\npolicies_dir = \"{d}/policies\"\n\
              control_socket = \"{d}/control.sock\"\nenforcement = \"best-effort\"\n[ssh]\nlisten = [\"127.0.0.1:{usher_port}\"]\n\
              [accounts]\nname_prefix = \"bn-\"\nuid_min = 65000\nuid_max = 65099\n[recording]\nrequired = true\n\
-             [[issuer]]\niss = \"bench\"\njwks = \"{d}/issuer/issuer.jwks.json\"\n",
+             [[issuer]]\niss = \"bench\"\njwks = \"{d}/issuer/issuer.jwks.json\"\n{usherd_extra}\n",
             d = dir.display()
         ),
     )?;
@@ -395,7 +402,10 @@ pub fn run() -> Result<(), String> {
         user: "bn-bench".into(),
         server_pids: Box::new(move || vec![usherd_pid]),
     };
+    Ok((bench, sshd_t, usher_t))
+}
 
+fn measure(bench: &Bench, sshd_t: &Target, usher_t: &Target) -> Result<(), String> {
     println!(
         "usherd (recording on) vs OpenSSH sshd {}, one run on loopback, same ssh client",
         sshd_version()
