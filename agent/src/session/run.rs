@@ -28,6 +28,9 @@ pub enum ExitOutcome {
     Signal(i32),
 }
 
+/// Resizes and signals a session may have waiting; more are dropped.
+pub const CONTROL_QUEUE: usize = 16;
+
 #[derive(Debug)]
 pub enum Control {
     Resize(u16, u16),
@@ -189,7 +192,7 @@ pub async fn run<S: ClientSink>(
     grant: Grant,
     request: SessionRequest,
     stdin: mpsc::Receiver<Bytes>,
-    control: mpsc::UnboundedReceiver<Control>,
+    control: mpsc::Receiver<Control>,
     sink: Arc<S>,
 ) {
     let sg = match agent.open_session(&grant, request.kind).await {
@@ -467,7 +470,7 @@ async fn relay<S: ClientSink>(
     request: &SessionRequest,
     mut sg: SessionGrant,
     mut stdin: mpsc::Receiver<Bytes>,
-    mut control: mpsc::UnboundedReceiver<Control>,
+    mut control: mpsc::Receiver<Control>,
     sink: &Arc<S>,
     recorder: &SharedRecorder,
 ) -> Result<ExitOutcome, Stop> {

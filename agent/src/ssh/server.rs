@@ -4,7 +4,7 @@
 use crate::daemon::Agent;
 use crate::grant::Grant;
 use crate::session::{
-    self, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest,
+    self, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest, CONTROL_QUEUE,
 };
 use bytes::Bytes;
 use russh::keys::PublicKey;
@@ -60,7 +60,7 @@ struct ChannelState {
     pty: Option<PtySpec>,
     env: Vec<(String, String)>,
     stdin: Option<mpsc::Sender<Bytes>>,
-    control: Option<mpsc::UnboundedSender<Control>>,
+    control: Option<mpsc::Sender<Control>>,
     started: bool,
 }
 
@@ -228,7 +228,9 @@ impl Connection {
         };
         state.started = true;
         let (stdin_tx, stdin_rx) = mpsc::channel(64);
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        // Bounded: a client that floods window changes or signals while its session waits
+        // on it loses the surplus instead of growing the agent.
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         state.stdin = Some(stdin_tx);
         state.control = Some(control_tx);
         let request = SessionRequest {
@@ -462,7 +464,7 @@ impl russh::server::Handler for Connection {
         if let Some(state) = self.channels.get_mut(&channel) {
             let (cols, rows) = (cols.clamp(1, 1000) as u16, rows.clamp(1, 1000) as u16);
             if let Some(c) = &state.control {
-                let _ = c.send(Control::Resize(cols, rows));
+                let _ = c.try_send(Control::Resize(cols, rows));
             } else if let Some(p) = &mut state.pty {
                 p.cols = cols;
                 p.rows = rows;
@@ -479,7 +481,7 @@ impl russh::server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         if let (Some(state), Some(sig)) = (self.channels.get(&channel), from_sig(&signal)) {
             if let Some(c) = &state.control {
-                let _ = c.send(Control::Signal(sig));
+                let _ = c.try_send(Control::Signal(sig));
             }
         }
         Ok(())
