@@ -40,6 +40,9 @@ impl crate::ship::LiveSessions for Agent {
     }
 }
 
+/// The spool room a new session needs before it starts.
+const SESSION_FLOOR_BYTES: u64 = 16 << 10;
+
 /// What a new session needs from the agent before its process starts.
 pub struct SessionGrant {
     pub session_id: String,
@@ -372,13 +375,15 @@ impl Agent {
         loop {
             self.spool.rewalk();
             let used = self.spool.used();
-            if used < limit {
+            // Room for a session's own files (metadata, audit stream, cast header) at
+            // least: a session that could not record its first line is not started.
+            if used + SESSION_FLOOR_BYTES <= limit {
                 return Ok(());
             }
             let waiting = self.config.spool.when_full == crate::config::WhenFull::Wait
                 && std::time::Instant::now() < deadline;
             if !waiting {
-                audit!("session_refused", reason = "spool full", spool_bytes = used; "session refused: the recording spool holds {used} bytes, over its limit of {limit}");
+                audit!("session_refused", reason = "spool full", spool_bytes = used; "session refused: the recording spool holds {used} bytes, too near its limit of {limit}");
                 return Err("the recording spool is full (recordings are not reaching the collector); try again later".into());
             }
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -1,7 +1,7 @@
 //! Running one session: start its process, relay its terminal or pipes, record what
 //! happens, and say how it ended.
 
-use super::budget::{AtLimit, Exhausted, RecordingBudget, Reservation};
+use super::budget::{AtLimit, Exhausted, RecordingBudget};
 use super::spawn::{self, Launch, Streams};
 use super::SessionKind;
 use crate::daemon::{Agent, SessionGrant};
@@ -86,44 +86,35 @@ impl Recorder {
     /// Ok means the data may go on to the client.
     fn terminal(
         &mut self,
-        len: usize,
         f: impl FnOnce(&mut Recording) -> std::io::Result<()>,
     ) -> Result<(), Stop> {
         if !self.terminal || self.recording.is_none() {
             return Ok(());
         }
-        match self.budget.reserve(worst_case(len)) {
-            Ok(r) => self.write(r, f),
+        match self.budget.admit() {
+            Ok(()) => self.write(f),
             Err(limit) => self.at_limit(limit),
         }
     }
 
     /// Records an audit line (an exec event). These are small and few next to terminal
     /// output, and the audit trail outlives a truncated cast: only the spool bounds them.
-    fn audit(
-        &mut self,
-        len: usize,
-        f: impl FnOnce(&mut Recording) -> std::io::Result<()>,
-    ) -> Result<(), Stop> {
+    fn audit(&mut self, f: impl FnOnce(&mut Recording) -> std::io::Result<()>) -> Result<(), Stop> {
         if self.recording.is_none() {
             return Ok(());
         }
-        match self.budget.reserve_spool(worst_case(len)) {
-            Ok(r) => self.write(r, f),
+        match self.budget.admit_audit() {
+            Ok(()) => self.write(f),
             Err(limit) => self.at_limit(limit),
         }
     }
 
-    fn write(
-        &mut self,
-        reservation: Reservation,
-        f: impl FnOnce(&mut Recording) -> std::io::Result<()>,
-    ) -> Result<(), Stop> {
+    fn write(&mut self, f: impl FnOnce(&mut Recording) -> std::io::Result<()>) -> Result<(), Stop> {
         let rec = self.recording.as_mut().expect("checked by the caller");
         let before = rec.bytes();
         let result = f(rec);
         let written = rec.bytes().saturating_sub(before);
-        self.budget.settle(reservation, written);
+        self.budget.charge(written);
         match result {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -177,12 +168,6 @@ impl Recorder {
     fn pause(&self) -> Option<Duration> {
         self.budget.pause()
     }
-}
-
-/// The most a write of `len` bytes of terminal data can take in a cast: every byte a
-/// `\u00XX` escape, plus the event's frame.
-fn worst_case(len: usize) -> u64 {
-    len as u64 * 6 + 64
 }
 
 /// Runs the session to its end. `stdin` closing means EOF from the client; `control`
@@ -431,7 +416,7 @@ async fn deliver<S: ClientSink>(
 ) -> Result<(), Stop> {
     let pause = {
         let mut r = Recorder::lock(recorder);
-        r.terminal(data.len(), |rec| rec.output(data))?;
+        r.terminal(|rec| rec.output(data))?;
         r.pause()
     };
     let bytes = Bytes::copy_from_slice(data);
@@ -456,8 +441,7 @@ async fn exec_event<S: ClientSink>(
 ) -> Result<(), Stop> {
     agent.sessions.count_command(session_id);
     let (line, marker) = super::exec_audit(ev);
-    let len = line.to_string().len() + marker.len();
-    Recorder::lock(recorder).audit(len, |r| r.audit(&line, Some(&marker)))?;
+    Recorder::lock(recorder).audit(|r| r.audit(&line, Some(&marker)))?;
     if ev.verdict != crate::enforce::Verdict::Allowed {
         sink.stderr(Bytes::from(format!("\r\nusher: {marker}\r\n")))
             .await;
@@ -518,8 +502,7 @@ async fn relay<S: ClientSink>(
             tokio::spawn(async move {
                 while let Some(data) = stdin.recv().await {
                     let echo = m.echo_enabled();
-                    let recorded =
-                        Recorder::lock(&recorder).terminal(data.len(), |r| r.input(&data, echo));
+                    let recorded = Recorder::lock(&recorder).terminal(|r| r.input(&data, echo));
                     if let Err(stop) = recorded {
                         let _ = input_failed_tx.send(stop);
                         break;
@@ -601,7 +584,7 @@ async fn relay<S: ClientSink>(
                 Some(Control::Resize(cols, rows)) => match &master {
                     Some(m) => {
                         let _ = m.resize(cols, rows);
-                        Recorder::lock(recorder).terminal(16, |r| r.resize(cols, rows))
+                        Recorder::lock(recorder).terminal(|r| r.resize(cols, rows))
                     }
                     None => Ok(()),
                 },
@@ -655,8 +638,7 @@ async fn relay<S: ClientSink>(
         while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {
             agent.sessions.count_command(&session_id);
             let (line, marker) = super::exec_audit(&ev);
-            let len = line.to_string().len() + marker.len();
-            let _ = Recorder::lock(recorder).audit(len, |r| r.audit(&line, Some(&marker)));
+            let _ = Recorder::lock(recorder).audit(|r| r.audit(&line, Some(&marker)));
         }
     }
     if let Some(rx) = exec_events {
