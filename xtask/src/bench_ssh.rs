@@ -410,7 +410,7 @@ fn measure(bench: &Bench, sshd_t: &Target, usher_t: &Target) -> Result<(), Strin
         "usherd (recording on) vs OpenSSH sshd {}, one run on loopback, same ssh client",
         sshd_version()
     );
-    let first_use = first_byte(&bench, &usher_t)?;
+    let first_use = first_byte(bench, usher_t)?;
     println!(
         "first use of a grant (account created): {:.1} ms",
         first_use * 1e3
@@ -418,8 +418,8 @@ fn measure(bench: &Bench, sshd_t: &Target, usher_t: &Target) -> Result<(), Strin
 
     // Memory first, while both servers are fresh: bulk transfers leave allocator
     // high-water marks behind.
-    let (sb, sa) = idle_memory(&bench, &sshd_t)?;
-    let (ub, ua) = idle_memory(&bench, &usher_t)?;
+    let (sb, sa) = idle_memory(bench, sshd_t)?;
+    let (ub, ua) = idle_memory(bench, usher_t)?;
     let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / IDLE_SESSIONS as f64;
     println!(
         "{IDLE_SESSIONS} idle sessions, server memory (PSS): sshd {} -> {} KiB ({:.0} KiB/session), usherd {} -> {} KiB ({:.0} KiB/session), ratio {:.2}x",
@@ -436,8 +436,8 @@ fn measure(bench: &Bench, sshd_t: &Target, usher_t: &Target) -> Result<(), Strin
     // Interleave the runs so that a noisy moment hits both.
     let (mut s_setup, mut u_setup) = (vec![], vec![]);
     for _ in 0..SETUP_RUNS {
-        s_setup.push(first_byte(&bench, &sshd_t)?);
-        u_setup.push(first_byte(&bench, &usher_t)?);
+        s_setup.push(first_byte(bench, sshd_t)?);
+        u_setup.push(first_byte(bench, usher_t)?);
     }
     let (s_med, u_med) = (median(s_setup), median(u_setup));
     println!(
@@ -447,8 +447,8 @@ fn measure(bench: &Bench, sshd_t: &Target, usher_t: &Target) -> Result<(), Strin
         u_med / s_med
     );
 
-    let s_up = upload(&bench, &sshd_t, UPLOAD_BYTES)?;
-    let u_up = upload(&bench, &usher_t, UPLOAD_BYTES)?;
+    let s_up = upload(bench, sshd_t, UPLOAD_BYTES)?;
+    let u_up = upload(bench, usher_t, UPLOAD_BYTES)?;
     let mib = |b: u64, s: f64| b as f64 / (1 << 20) as f64 / s;
     println!(
         "1 GiB into `cat > /dev/null`: sshd {:.0} MiB/s, usherd {:.0} MiB/s, ratio {:.2}x",
@@ -456,8 +456,8 @@ fn measure(bench: &Bench, sshd_t: &Target, usher_t: &Target) -> Result<(), Strin
         mib(UPLOAD_BYTES, u_up),
         s_up / u_up
     );
-    let s_down = download(&bench, &sshd_t, DOWNLOAD_BYTES)?;
-    let u_down = download(&bench, &usher_t, DOWNLOAD_BYTES)?;
+    let s_down = download(bench, sshd_t, DOWNLOAD_BYTES)?;
+    let u_down = download(bench, usher_t, DOWNLOAD_BYTES)?;
     println!(
         "256 MiB of text out of a command (recorded by usherd): sshd {:.0} MiB/s, usherd {:.0} MiB/s, ratio {:.2}x",
         mib(DOWNLOAD_BYTES, s_down),
