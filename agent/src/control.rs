@@ -13,9 +13,16 @@ use tokio::net::{UnixListener, UnixStream};
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    Install { token: String },
+    Install {
+        token: String,
+    },
     List,
-    Revoke { jti: String },
+    /// `iss` picks among grants of several issuers that share the jti.
+    Revoke {
+        jti: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        iss: Option<String>,
+    },
     Status,
     Sessions,
 }
@@ -98,7 +105,7 @@ async fn answer(agent: &Arc<Agent>, req: Request) -> Answer {
         Request::Install { token } => match agent.admit(&token, "usher grant install") {
             Ok(g) => match agent.prepare_console(&g).await {
                 Ok(()) => Answer::ok(
-                    serde_json::json!({"jti": g.jti(), "login": g.login(), "expires_at": g.expires_at()}),
+                    serde_json::json!({"jti": g.jti(), "iss": g.claims.iss, "login": g.login(), "expires_at": g.expires_at()}),
                 ),
                 Err(e) => Answer::err(format!(
                     "grant accepted, but its console account is not ready: {e}"
@@ -113,7 +120,7 @@ async fn answer(agent: &Arc<Agent>, req: Request) -> Answer {
                 .iter()
                 .map(|g| {
                     serde_json::json!({
-                        "jti": g.jti(), "sub": g.claims.sub, "login": g.login(),
+                        "jti": g.jti(), "iss": g.claims.iss, "sub": g.claims.sub, "login": g.login(),
                         "profile": g.profile, "expires_at": g.expires_at(),
                         "remaining_secs": (g.expires_at() - now).max(0),
                         "ssh_keys": g.claims.ssh_keys.len(),
@@ -122,8 +129,10 @@ async fn answer(agent: &Arc<Agent>, req: Request) -> Answer {
                 .collect();
             Answer::ok(serde_json::json!(grants))
         }
-        Request::Revoke { jti } => match agent.revoke(&jti).await {
-            Ok(known) => Answer::ok(serde_json::json!({"jti": jti, "was_live": known})),
+        Request::Revoke { jti, iss } => match agent.revoke(&jti, iss.as_deref()).await {
+            Ok((id, known)) => {
+                Answer::ok(serde_json::json!({"jti": id.jti, "iss": id.iss, "was_live": known}))
+            }
             Err(e) => Answer::err(e),
         },
         Request::Status => Answer::ok(status(agent)),

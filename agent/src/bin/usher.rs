@@ -106,7 +106,13 @@ enum GrantCommand {
     /// List the grants this host knows.
     List,
     /// Revoke a grant by jti: its sessions end, its account goes.
-    Revoke { jti: String },
+    Revoke {
+        jti: String,
+        /// The grant's issuer: needed when grants of several issuers use this jti, or
+        /// when revoking a grant not seen yet while several issuers are trusted.
+        #[arg(long)]
+        iss: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -234,8 +240,8 @@ fn run(cli: Cli) -> Result<(), String> {
             print(&call(&cli.socket, &Request::List)?);
             Ok(())
         }
-        Command::Grant(GrantCommand::Revoke { jti }) => {
-            print(&call(&cli.socket, &Request::Revoke { jti })?);
+        Command::Grant(GrantCommand::Revoke { jti, iss }) => {
+            print(&call(&cli.socket, &Request::Revoke { jti, iss })?);
             Ok(())
         }
         Command::Status => {

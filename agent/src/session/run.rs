@@ -356,8 +356,8 @@ async fn relay<S: ClientSink>(
             let rec = rec.clone();
             tokio::spawn(async move {
                 while let Some(data) = stdin.recv().await {
-                    let echo = m.echo_enabled();
-                    if record(&rec, required, |r| r.input(&data, echo)).is_err() {
+                    let keys = m.keystrokes();
+                    if record(&rec, required, |r| r.input(&data, keys)).is_err() {
                         break;
                     }
                     if m.write_all(&data).await.is_err() {
