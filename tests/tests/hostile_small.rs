@@ -201,8 +201,9 @@ fn commands_typed_at_the_shell_are_recorded_and_passwords_are_not() {
     term.expect("su: Authentication failure", 20);
     prompt(&mut term);
     // getpass(3), as Python's getpass module calls it; the answer is shown reversed so
-    // that the secret itself never reaches the screen.
-    term.send("/usr/bin/python3 -c 'import getpass; print(\"got-\" + getpass.getpass(\"Secret: \")[::-1])'\r");
+    // that the secret itself never reaches the screen. The prompt is spelt so that the
+    // echo of the command line does not already show it.
+    term.send("/usr/bin/python3 -c 'import getpass; print(\"got-\" + getpass.getpass(\"Sec\" + \"ret: \")[::-1])'\r");
     term.expect("Secret: ", 10);
     std::thread::sleep(Duration::from_millis(300));
     term.send("py-secret-77\r");

@@ -217,7 +217,7 @@ impl Verifier {
             .clone()
             .unwrap_or_else(|| self.policy.default_profile.clone());
         let allowed = profile == self.policy.default_profile
-            || self.policy.allowed_profiles.iter().any(|p| *p == profile);
+            || self.policy.allowed_profiles.contains(&profile);
         if !allowed || !self.known_profiles.contains(&profile) {
             return Err(Refusal::ProfileNotAllowed(profile));
         }
