@@ -200,8 +200,8 @@ impl Agent {
                     false
                 });
                 if new {
-                    audit!("grant_accepted", jti = g.jti(), sub = g.claims.sub.as_str(), login = g.login(), via = how, expires = g.expires_at();
-                        "grant {} for {} as {} accepted ({how}), ends at {}", g.jti(), g.claims.sub, g.login(), g.expires_at());
+                    audit!("grant_accepted", jti = g.jti(), iss = g.claims.iss.as_str(), sub = g.claims.sub.as_str(), login = g.login(), via = how, expires = g.expires_at();
+                        "grant {} for {} as {} accepted ({how}), ends at {}", g.id(), g.claims.sub, g.login(), g.expires_at());
                 }
             }
             Err(why) => {
