@@ -7,6 +7,23 @@ use std::time::Duration;
 use usher::grant::KeyAlg;
 use usher_tests::*;
 
+/// A scratch directory of the test's, removed however the test ends.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("usher-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn a_grant_marking_a_header_parameter_critical_is_refused() {
     let agent = TestAgent::start();
@@ -87,8 +104,8 @@ fn sessions_of(agent: &TestAgent, login: &str) -> usize {
 #[test]
 fn two_issuers_may_use_the_same_jti_and_revoking_one_leaves_the_other() {
     let (second_key, second_jwks) = usher::grant::keygen(KeyAlg::Ed25519, "b1").unwrap();
-    let dir = std::env::temp_dir().join(format!("usher-second-issuer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("second-issuer");
+    let dir = &scratch.0;
     std::fs::write(dir.join("jwks.json"), second_jwks).unwrap();
     let second = "https://second-issuer.test";
     let mut agent = TestAgent::start_with(Options {
@@ -168,7 +185,6 @@ fn two_issuers_may_use_the_same_jti_and_revoking_one_leaves_the_other() {
     // A grant of a third issuer's jti not seen yet, with two issuers trusted: --iss needed.
     let out = agent.usher(&["grant", "revoke", "never-seen"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--iss"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -245,9 +261,8 @@ fn commands_typed_at_the_shell_are_recorded_and_passwords_are_not() {
 
 #[test]
 fn usher_play_shows_the_session_but_not_what_would_take_over_the_reviewers_terminal() {
-    let dir = std::env::temp_dir().join(format!("usher-play-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("hostile.cast");
+    let scratch = Scratch::new("play");
+    let path = scratch.0.join("hostile.cast");
     let events = [
         "visible-1 \x1b[31mred\x1b[0m\r\n",
         // The clipboard, ended by BEL and by ST.
@@ -277,7 +292,6 @@ fn usher_play_shows_the_session_but_not_what_would_take_over_the_reviewers_termi
         .arg(&path)
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
         "{}",

@@ -342,6 +342,12 @@ mod tests {
         }
     }
 
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     /// A token with `header` as its JOSE header, properly signed by the issuer's key.
     fn signed_with_header(f: &Fixture, header: serde_json::Value) -> String {
         let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
@@ -392,7 +398,6 @@ mod tests {
             f.verifier.verify(&token, now),
             Err(Refusal::CriticalHeader(_))
         ));
-        std::fs::remove_dir_all(&f.dir).unwrap();
     }
 
     #[test]
@@ -404,6 +409,5 @@ mod tests {
         );
         let why = f.verifier.verify(&token, crate::grant::now()).unwrap_err();
         assert!(why.to_string().len() < 200, "{why}");
-        std::fs::remove_dir_all(&f.dir).unwrap();
     }
 }
