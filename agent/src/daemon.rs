@@ -4,7 +4,7 @@
 use crate::account::{Account, Accounts};
 use crate::config::Config;
 use crate::enforce::{Enforcement, Enforcer, ExecEvent};
-use crate::grant::{self, Grant, GrantStore, Refusal, Revocations, Verifier};
+use crate::grant::{self, Grant, GrantId, GrantStore, Refusal, Revocations, Verifier};
 use crate::profile::{Profile, Profiles};
 use crate::session::budget::SpoolMeter;
 use crate::session::{Cgroup, SessionKind, SessionTable};
@@ -28,9 +28,9 @@ pub struct Agent {
     pub started_at: i64,
     pub shipper: std::sync::OnceLock<Arc<crate::ship::Shipper>>,
     lost_reported: std::sync::atomic::AtomicU64,
-    /// The jti of every grant that ends, for whatever holds access under it (SSH
+    /// Every grant that ends, for whatever holds access under it (SSH
     /// connections and their forwards) to close.
-    grant_ended: tokio::sync::broadcast::Sender<String>,
+    grant_ended: tokio::sync::broadcast::Sender<GrantId>,
     spool: Arc<SpoolMeter>,
 }
 
@@ -123,11 +123,24 @@ impl Agent {
     /// After a crash or reboot: sessions whose grant is gone are killed, those whose grant
     /// lives get their exec profile back; accounts without a live grant are removed.
     fn reconcile(self: &Arc<Self>, now: i64) {
-        for rec in self.sessions.leftovers() {
-            let live = lock(&self.grants)
-                .get(&rec.jti)
-                .map(|g| g.is_live(now))
-                .unwrap_or(false);
+        for mut rec in self.sessions.leftovers() {
+            let grant = {
+                let grants = lock(&self.grants);
+                if rec.iss.is_empty() {
+                    // Written before sessions named their grant's issuer, when one issuer
+                    // owned each jti.
+                    match grants.with_jti(&rec.jti)[..] {
+                        [g] => Some(g.clone()),
+                        _ => None,
+                    }
+                } else {
+                    grants.get(&rec.grant_id()).cloned()
+                }
+            };
+            if let Some(g) = &grant {
+                rec.iss = g.claims.iss.clone();
+            }
+            let live = grant.map(|g| g.is_live(now)).unwrap_or(false);
             let cgroup = match Cgroup::open(&rec.cgroup) {
                 Ok(c) => c,
                 Err(_) => {
@@ -184,8 +197,8 @@ impl Agent {
         let now = grant::now();
         let verifier = lock(&self.verifier).clone();
         let result = verifier.verify(token, now).and_then(|g| {
-            if lock(&self.revocations).contains(g.jti()) {
-                Err(Refusal::Revoked(g.jti().to_string()))
+            if lock(&self.revocations).contains(&g.id()) {
+                Err(Refusal::Revoked(g.id()))
             } else {
                 Ok(g)
             }
@@ -197,8 +210,8 @@ impl Agent {
                     false
                 });
                 if new {
-                    audit!("grant_accepted", jti = g.jti(), sub = g.claims.sub.as_str(), login = g.login(), via = how, expires = g.expires_at();
-                        "grant {} for {} as {} accepted ({how}), ends at {}", g.jti(), g.claims.sub, g.login(), g.expires_at());
+                    audit!("grant_accepted", jti = g.jti(), iss = g.claims.iss.as_str(), sub = g.claims.sub.as_str(), login = g.login(), via = how, expires = g.expires_at();
+                        "grant {} for {} as {} accepted ({how}), ends at {}", g.id(), g.claims.sub, g.login(), g.expires_at());
                 }
             }
             Err(why) => {
@@ -217,21 +230,21 @@ impl Agent {
         grants
             .live_for_login(login, now)
             .into_iter()
-            .find(|g| g.binds_key(key) && !revoked.contains(g.jti()))
+            .find(|g| g.binds_key(key) && !revoked.contains(&g.id()))
             .cloned()
     }
 
-    pub fn is_live(&self, jti: &str) -> bool {
+    pub fn is_live(&self, id: &GrantId) -> bool {
         let now = grant::now();
-        !lock(&self.revocations).contains(jti)
+        !lock(&self.revocations).contains(id)
             && lock(&self.grants)
-                .get(jti)
+                .get(id)
                 .map(|g| g.is_live(now))
                 .unwrap_or(false)
     }
 
-    /// Subscribes to the end of grants: each message is the jti of a grant that ended.
-    pub fn grant_ends(&self) -> tokio::sync::broadcast::Receiver<String> {
+    /// Subscribes to the end of grants: each message names a grant that ended.
+    pub fn grant_ends(&self) -> tokio::sync::broadcast::Receiver<GrantId> {
         self.grant_ended.subscribe()
     }
 
@@ -251,7 +264,7 @@ impl Agent {
         grant: &Grant,
         kind: SessionKind,
     ) -> Result<SessionGrant, String> {
-        if !self.is_live(grant.jti()) {
+        if !self.is_live(&grant.id()) {
             return Err("the grant has ended".into());
         }
         let profile = self.profile(&grant.profile);
@@ -282,7 +295,7 @@ impl Agent {
         let cgroup = Arc::new(cgroup);
         let ended = self.sessions.register(
             &session_id,
-            grant.jti(),
+            &grant.id(),
             grant.login(),
             &grant.profile,
             kind,
@@ -290,7 +303,7 @@ impl Agent {
         );
         // A grant that ended while this session was being set up did not see it in the
         // table: look again now that it is there.
-        if !self.is_live(grant.jti()) {
+        if !self.is_live(&grant.id()) {
             self.session_finished(&session_id);
             return Err("the grant has ended".into());
         }
@@ -440,7 +453,7 @@ impl Agent {
         grants
             .into_iter()
             .find(|g| {
-                self.profile(&g.profile).console && !lock(&self.revocations).contains(g.jti())
+                self.profile(&g.profile).console && !lock(&self.revocations).contains(&g.id())
             })
             .ok_or_else(|| "the grant does not allow console logins".to_string())
     }
@@ -454,18 +467,64 @@ impl Agent {
         }
     }
 
-    /// Revokes a grant here: recorded durably, then ended at once.
-    pub async fn revoke(self: &Arc<Self>, jti: &str) -> Result<bool, String> {
-        let exp = lock(&self.grants).get(jti).map(|g| g.expires_at());
+    /// Revokes a grant here: recorded durably, then ended at once. Returns which grant,
+    /// and whether it was known here.
+    pub async fn revoke(
+        self: &Arc<Self>,
+        jti: &str,
+        iss: Option<&str>,
+    ) -> Result<(GrantId, bool), String> {
+        let id = self.revocation_target(jti, iss)?;
+        let exp = lock(&self.grants).get(&id).map(|g| g.expires_at());
         lock(&self.revocations)
-            .add(jti, exp, grant::now())
+            .add(&id, exp, grant::now())
             .map_err(|e| format!("cannot record the revocation: {e}"))?;
-        audit!("grant_revoked", jti = jti; "grant {jti} revoked");
+        audit!("grant_revoked", jti = id.jti.as_str(), iss = id.iss.as_str(); "grant {id} revoked");
         let known = exp.is_some();
         if known {
-            self.end_grant(jti, "revoked").await;
+            self.end_grant(&id, "revoked").await;
         }
-        Ok(known)
+        Ok((id, known))
+    }
+
+    /// The grant `usher grant revoke JTI [--iss ISS]` means. Without `--iss` the jti must
+    /// say it alone: one stored grant has it, or (revoking ahead of arrival) one issuer is
+    /// trusted.
+    fn revocation_target(&self, jti: &str, iss: Option<&str>) -> Result<GrantId, String> {
+        if let Some(iss) = iss {
+            return Ok(GrantId {
+                iss: iss.to_string(),
+                jti: jti.to_string(),
+            });
+        }
+        let stored: Vec<GrantId> = lock(&self.grants)
+            .with_jti(jti)
+            .into_iter()
+            .map(|g| g.id())
+            .collect();
+        match &stored[..] {
+            [one] => return Ok(one.clone()),
+            [] => {}
+            several => {
+                let issuers: Vec<&str> = several.iter().map(|id| id.iss.as_str()).collect();
+                return Err(format!(
+                    "jti {jti:?} is used by grants of {} issuers ({}): say which with --iss",
+                    several.len(),
+                    issuers.join(", ")
+                ));
+            }
+        }
+        let trusted = lock(&self.verifier).issuers();
+        match &trusted[..] {
+            [one] => Ok(GrantId {
+                iss: one.clone(),
+                jti: jti.to_string(),
+            }),
+            _ => Err(format!(
+                "no grant with jti {jti:?} is stored here and {} issuers are trusted: say which with --iss",
+                trusted.len()
+            )),
+        }
     }
 
     /// Ends every grant whose time is up, and says so when the kernel dropped exec events.
@@ -481,13 +540,13 @@ impl Agent {
             audit!("exec_events_lost", lost = lost - before, total = lost; "{} exec event(s) lost: the kernel's ring buffer was full ({lost} since start-up)", lost - before);
         }
         let now = grant::now();
-        let ended: Vec<String> = lock(&self.grants)
+        let ended: Vec<GrantId> = lock(&self.grants)
             .iter()
             .filter(|g| !g.is_live(now))
-            .map(|g| g.jti().to_string())
+            .map(|g| g.id())
             .collect();
-        for jti in ended {
-            self.end_grant(&jti, "expired").await;
+        for id in ended {
+            self.end_grant(&id, "expired").await;
         }
         let agent = self.clone();
         let fixed =
@@ -499,14 +558,14 @@ impl Agent {
         }
     }
 
-    async fn end_grant(self: &Arc<Self>, jti: &str, why: &str) {
-        let Some(grant) = lock(&self.grants).remove(jti) else {
+    async fn end_grant(self: &Arc<Self>, id: &GrantId, why: &str) {
+        let Some(grant) = lock(&self.grants).remove(id) else {
             return;
         };
-        audit!("grant_ended", jti = jti, reason = why, login = grant.login(); "grant {jti} ended: {why}");
-        let _ = self.grant_ended.send(jti.to_string());
+        audit!("grant_ended", jti = id.jti.as_str(), iss = id.iss.as_str(), reason = why, login = grant.login(); "grant {id} ended: {why}");
+        let _ = self.grant_ended.send(id.clone());
         // Sessions first say why on their terminals, then everything in them dies.
-        let cgroups = self.sessions.end_grant(jti, why);
+        let cgroups = self.sessions.end_grant(id, why);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let agent = self.clone();
         let login = grant.login().to_string();

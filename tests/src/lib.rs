@@ -545,3 +545,116 @@ impl Drop for TestAgent {
         }
     }
 }
+
+impl TestAgent {
+    /// `claims` signed by the test's issuer under a JOSE header of the caller's making
+    /// (`jsonwebtoken::Header` cannot say everything a hostile issuer could).
+    pub fn sign_with_header(&self, header: &serde_json::Value, claims: &Claims) -> String {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let message = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(serde_json::to_string(claims).unwrap().as_bytes())
+        );
+        let key = jsonwebtoken::EncodingKey::from_ed_pem(self.issuer_key.as_bytes()).unwrap();
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &key, jsonwebtoken::Algorithm::EdDSA)
+                .unwrap();
+        format!("{message}.{signature}")
+    }
+
+    /// An interactive login (`ssh -tt`) typed into through a pipe, as a person would
+    /// type: each line after waiting for what the screen shows.
+    pub fn terminal(&self, login: &str) -> Terminal {
+        let mut child = self
+            .ssh_command(login)
+            .arg("-tt")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = screen.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Terminal {
+            child,
+            screen,
+            seen: 0,
+        }
+    }
+}
+
+/// See `TestAgent::terminal`. Dropping it hangs up.
+pub struct Terminal {
+    child: Child,
+    screen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// How far `expect` has read.
+    seen: usize,
+}
+
+impl Terminal {
+    /// Everything the client has shown so far.
+    pub fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.screen.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until `text` appears after what earlier calls matched.
+    pub fn expect(&mut self, text: &str, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            {
+                let screen = self.screen.lock().unwrap();
+                let rest = &screen[self.seen.min(screen.len())..];
+                if let Some(at) = rest.windows(text.len()).position(|w| w == text.as_bytes()) {
+                    self.seen += at + text.len();
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {text:?}; the screen:\n{}",
+                self.screen()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn send(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for the client to exit.
+    pub fn wait(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            hang_up(&mut self.child);
+        }
+    }
+}

@@ -501,8 +501,8 @@ async fn relay<S: ClientSink>(
             let recorder = recorder.clone();
             tokio::spawn(async move {
                 while let Some(data) = stdin.recv().await {
-                    let echo = m.echo_enabled();
-                    let recorded = Recorder::lock(&recorder).terminal(|r| r.input(&data, echo));
+                    let keys = m.keystrokes();
+                    let recorded = Recorder::lock(&recorder).terminal(|r| r.input(&data, keys));
                     if let Err(stop) = recorded {
                         let _ = input_failed_tx.send(stop);
                         break;

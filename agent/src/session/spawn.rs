@@ -2,6 +2,7 @@
 //! or on pipes, with nothing inherited from the agent. The only `unsafe` of the session
 //! stage lives here, behind `spawn` and `PtyMaster`.
 
+use crate::record::Keystrokes;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
@@ -166,12 +167,25 @@ impl PtyMaster {
         Ok(())
     }
 
-    /// Whether the terminal echoes input. Off while a program reads a password: what is
-    /// typed then is never recorded.
-    pub fn echo_enabled(&self) -> bool {
-        nix::sys::termios::tcgetattr(self.fd.get_ref().as_fd())
-            .map(|t| t.local_flags.contains(nix::sys::termios::LocalFlags::ECHO))
-            .unwrap_or(false)
+    /// What keystrokes arriving now are typed to. A password read (getpass(3), PAM's
+    /// prompts, `read -s`, sudo) is canonical mode with ECHO off. Line editors (readline
+    /// at every bash prompt, zsh's zle, vi) also turn ECHO off but read in non-canonical
+    /// mode, and what is typed to them is what a reviewer wants to see. A terminal whose
+    /// mode cannot be read counts as reading a secret.
+    pub fn keystrokes(&self) -> Keystrokes {
+        match nix::sys::termios::tcgetattr(self.fd.get_ref().as_fd()) {
+            Ok(t) => keystrokes_for(t.local_flags),
+            Err(_) => Keystrokes::Secret,
+        }
+    }
+}
+
+fn keystrokes_for(flags: nix::sys::termios::LocalFlags) -> Keystrokes {
+    use nix::sys::termios::LocalFlags;
+    if flags.contains(LocalFlags::ICANON) && !flags.contains(LocalFlags::ECHO) {
+        Keystrokes::Secret
+    } else {
+        Keystrokes::Recordable
     }
 }
 
@@ -181,4 +195,38 @@ pub fn terminal_size(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u16, u16)> {
     // SAFETY: TIOCGWINSZ writes one winsize into a valid pointer.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
     (r == 0 && size.ws_col > 0 && size.ws_row > 0).then_some((size.ws_col, size.ws_row))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::termios::{self, LocalFlags, SetArg};
+
+    /// The modes set on a real PTY by the programs that read from it.
+    #[tokio::test]
+    async fn only_a_canonical_read_without_echo_is_secret() {
+        let (master, slave) = open_pty(80, 24).unwrap();
+        let set = |f: &dyn Fn(&mut LocalFlags)| {
+            let mut t = termios::tcgetattr(&slave).unwrap();
+            f(&mut t.local_flags);
+            termios::tcsetattr(&slave, SetArg::TCSANOW, &t).unwrap();
+        };
+        // A fresh terminal: cooked, echoing (`cat` reading a line).
+        assert_eq!(master.keystrokes(), Keystrokes::Recordable);
+        // readline at a bash prompt: non-canonical, ECHO off.
+        set(&|l| l.remove(LocalFlags::ICANON | LocalFlags::ECHO));
+        assert_eq!(master.keystrokes(), Keystrokes::Recordable);
+        // getpass(3), PAM, `read -s`: canonical, ECHO off (ECHONL may stay on).
+        set(&|l| {
+            l.insert(LocalFlags::ICANON | LocalFlags::ECHONL);
+            l.remove(LocalFlags::ECHO)
+        });
+        assert_eq!(master.keystrokes(), Keystrokes::Secret);
+        // Raw with echo (rare, but nothing is hidden from the screen).
+        set(&|l| {
+            l.remove(LocalFlags::ICANON);
+            l.insert(LocalFlags::ECHO)
+        });
+        assert_eq!(master.keystrokes(), Keystrokes::Recordable);
+    }
 }

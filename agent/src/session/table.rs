@@ -3,6 +3,7 @@
 
 use super::{Cgroup, SessionKind};
 use crate::fsutil;
+use crate::grant::GrantId;
 use crate::sync::lock;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -14,11 +15,23 @@ use tokio::sync::watch;
 pub struct SessionRecord {
     pub id: String,
     pub jti: String,
+    /// The grant's issuer; empty in records from before grants were keyed by (iss, jti).
+    #[serde(default)]
+    pub iss: String,
     pub login: String,
     pub profile: String,
     pub kind: SessionKind,
     pub cgroup: PathBuf,
     pub started_at: i64,
+}
+
+impl SessionRecord {
+    pub fn grant_id(&self) -> GrantId {
+        GrantId {
+            iss: self.iss.clone(),
+            jti: self.jti.clone(),
+        }
+    }
 }
 
 /// What `usher sessions` shows.
@@ -27,6 +40,7 @@ pub struct SessionInfo {
     pub id: String,
     pub kind: SessionKind,
     pub jti: String,
+    pub iss: String,
     pub login: String,
     pub started_at: i64,
     /// False once the main process ended but processes it left still run.
@@ -86,7 +100,7 @@ impl SessionTable {
     pub fn register(
         &self,
         id: &str,
-        jti: &str,
+        grant: &GrantId,
         login: &str,
         profile: &str,
         kind: SessionKind,
@@ -95,7 +109,8 @@ impl SessionTable {
         let (end, rx) = watch::channel(None);
         let record = SessionRecord {
             id: id.into(),
-            jti: jti.into(),
+            jti: grant.jti.clone(),
+            iss: grant.iss.clone(),
             login: login.into(),
             profile: profile.into(),
             kind,
@@ -157,11 +172,11 @@ impl SessionTable {
         cgroup
     }
 
-    /// Tells every session of `jti` why it ends; returns their cgroups to kill.
-    pub fn end_grant(&self, jti: &str, why: &str) -> Vec<(String, Arc<Cgroup>)> {
+    /// Tells every session of the grant why it ends; returns their cgroups to kill.
+    pub fn end_grant(&self, grant: &GrantId, why: &str) -> Vec<(String, Arc<Cgroup>)> {
         lock(&self.live)
             .values()
-            .filter(|l| l.record.jti == jti)
+            .filter(|l| l.record.grant_id() == *grant)
             .map(|l| {
                 let _ = l.end.send(Some(why.to_string()));
                 (l.record.id.clone(), l.cgroup.clone())
@@ -181,6 +196,7 @@ impl SessionTable {
                 id: l.record.id.clone(),
                 kind: l.record.kind,
                 jti: l.record.jti.clone(),
+                iss: l.record.iss.clone(),
                 login: l.record.login.clone(),
                 started_at: l.record.started_at,
                 attached: l.attached,

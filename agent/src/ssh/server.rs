@@ -2,7 +2,7 @@
 //! `session::run`.
 
 use crate::daemon::Agent;
-use crate::grant::Grant;
+use crate::grant::{Grant, GrantId};
 use crate::session::{
     self, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest, CONTROL_QUEUE,
 };
@@ -48,7 +48,7 @@ pub(super) struct Connection {
     grant: Option<Grant>,
     channels: HashMap<ChannelId, ChannelState>,
     /// Tells the listener which grant this connection authenticated with.
-    authenticated: watch::Sender<Option<String>>,
+    authenticated: watch::Sender<Option<GrantId>>,
 }
 
 #[derive(Default)]
@@ -149,7 +149,7 @@ impl Connection {
     pub(super) fn new(
         agent: Arc<Agent>,
         peer: Option<SocketAddr>,
-        authenticated: watch::Sender<Option<String>>,
+        authenticated: watch::Sender<Option<GrantId>>,
     ) -> Connection {
         Connection {
             agent,
@@ -161,8 +161,7 @@ impl Connection {
     }
 
     fn accept(&mut self, grant: Grant) -> Auth {
-        self.authenticated
-            .send_replace(Some(grant.jti().to_string()));
+        self.authenticated.send_replace(Some(grant.id()));
         self.grant = Some(grant);
         Auth::Accept
     }
@@ -170,7 +169,7 @@ impl Connection {
     /// The connection's grant, if it still lives: checked at every channel open, so
     /// nothing new starts under a grant that is ending.
     fn live_grant(&self) -> Option<&Grant> {
-        self.grant.as_ref().filter(|g| self.agent.is_live(g.jti()))
+        self.grant.as_ref().filter(|g| self.agent.is_live(&g.id()))
     }
 
     fn peer_string(&self) -> String {
