@@ -495,6 +495,8 @@ impl Drop for TestAgent {
                 let _ = Command::new("userdel")
                     .args(["--remove", "--", &name])
                     .output();
+                // The agent lists its accounts in /etc/cron.deny and /etc/at.deny.
+                let _ = usher::account::DenyLists::host().remove(&name);
             }
         }
         if let Ok(text) = std::fs::read_to_string(self.dir.join("state/sessions.json")) {

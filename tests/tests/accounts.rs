@@ -156,18 +156,9 @@ fn an_account_usher_did_not_make_is_left_alone_reported_and_refused() {
 #[test]
 fn uids_are_not_handed_out_again_until_the_range_wraps() {
     let mut agent = TestAgent::start();
-    // Something the range's first UID still owns on the host (a former holder's file).
-    let leftover = std::env::temp_dir().join(format!("usher-uid-leftover-{}", agent.prefix));
-    std::fs::write(&leftover, "").unwrap();
-    std::os::unix::fs::chown(&leftover, Some(agent.uid_min), Some(agent.uid_min)).unwrap();
-
     let a = agent.login("first");
     let jti = grant(&agent, &a);
     let x = login_uid(&agent, &a);
-    assert_ne!(
-        x, agent.uid_min,
-        "a UID that still owns a file on the host was handed out"
-    );
     revoke_and_wait(&agent, &jti, &a);
 
     let b = agent.login("second");
@@ -179,18 +170,29 @@ fn uids_are_not_handed_out_again_until_the_range_wraps() {
     );
     revoke_and_wait(&agent, &jti, &b);
 
-    // The high-water mark is in the state file: a restart does not reset it.
+    // Something the next UID in line still owns on the host (a former holder's file): that
+    // UID is passed over. And the high-water mark is in the state file: a restart does not
+    // reset it.
+    let next = y + 1;
+    assert!(next <= agent.uid_max, "the test's range is too small");
+    let leftover = std::env::temp_dir().join(format!("usher-uid-leftover-{}", agent.prefix));
+    std::fs::write(&leftover, "").unwrap();
+    std::os::unix::fs::chown(&leftover, Some(next), Some(next)).unwrap();
     agent.stop();
     agent.launch();
     let c = agent.login("third");
     grant(&agent, &c);
     let z = login_uid(&agent, &c);
+    let _ = std::fs::remove_file(&leftover);
     assert!(
-        ![x, y, agent.uid_min].contains(&z),
-        "after a restart: {z} again ({x}, {y})"
+        ![x, y].contains(&z),
+        "after a restart, {z} was handed out again ({x}, {y})"
+    );
+    assert_ne!(
+        z, next,
+        "a UID that still owns a file on the host was handed out"
     );
     assert!((agent.uid_min..=agent.uid_max).contains(&z));
-    let _ = std::fs::remove_file(&leftover);
 }
 
 #[test]
