@@ -104,14 +104,37 @@ impl Accounts {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
             Err(e) => return Err(e.into()),
         };
-        Ok(Accounts {
+        let mut accounts = Accounts {
             config: config.clone(),
             login_shell: login_shell.to_owned(),
             state_path,
             state,
             passwd_path: "/etc/passwd".into(),
             deny_lists: DenyLists::host(),
-        })
+        };
+        accounts.disown_adopted()?;
+        Ok(accounts)
+    }
+
+    /// Earlier versions adopted any account in the fence that a live grant named, recording
+    /// it with a creation time of 0; nothing says the agent made it. Such records are
+    /// dropped, so the accounts are reported as not made by usher instead of being managed.
+    fn disown_adopted(&mut self) -> Result<(), AccountError> {
+        let adopted: Vec<String> = self
+            .state
+            .accounts
+            .iter()
+            .filter(|(_, r)| r.created_at == 0)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if adopted.is_empty() {
+            return Ok(());
+        }
+        for name in &adopted {
+            log::warn!(target: "usher::account", "{name} was adopted by an earlier version of usher, not made by it: no longer managed");
+            self.state.accounts.remove(name);
+        }
+        self.save()
     }
 
     /// Whether `entry` is inside the fence: our prefix and our UID range.
@@ -483,6 +506,26 @@ mod tests {
         assert_eq!(next_free_uid(100..=105, 104, |u| u >= 104), Some(100));
         assert_eq!(next_free_uid(100..=105, 102, |u| u != 101), Some(101));
         assert_eq!(next_free_uid(100..=105, 102, |_| true), None);
+    }
+
+    #[test]
+    fn accounts_adopted_by_earlier_versions_are_no_longer_managed() {
+        let dir = std::env::temp_dir().join(format!("usher-adopted-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("accounts.json"),
+            r#"{"accounts": {"jit-made": {"uid": 61000, "created_at": 1700000000, "expire_day": 19000},
+                             "jit-found": {"uid": 61001, "created_at": 0, "expire_day": 0}}}"#,
+        )
+        .unwrap();
+        let accounts =
+            Accounts::open(&AccountsConfig::default(), Path::new("/bin/sh"), &dir).unwrap();
+        assert_eq!(accounts.names(), ["jit-made"]);
+        // The state file was rewritten without it.
+        let again = Accounts::open(&AccountsConfig::default(), Path::new("/bin/sh"), &dir).unwrap();
+        assert_eq!(again.names(), ["jit-made"]);
+        assert_eq!(again.state.next_uid, None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
