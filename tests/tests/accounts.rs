@@ -296,6 +296,17 @@ fn cron_at_and_the_host_sshd_turn_the_accounts_away() {
         assert!(listed_in("/etc/at.deny").contains(&login));
     }
 
+    // Why listing is not enough and the agent also deletes the account's jobs: atd does
+    // not read at.deny when a job runs. A job queued while the name was not listed (an
+    // administrator's choice, say) runs after it is listed again.
+    let deny_lists = usher::account::DenyLists::host();
+    deny_lists.remove(&login).unwrap();
+    let marker = format!("/tmp/{login}-at-ran");
+    let out = agent.ssh(&login, &format!("echo 'touch {marker}' | at now 2>&1"));
+    deny_lists.add(&login).unwrap();
+    assert!(text(&out).contains("job "), "{}", text(&out));
+    assert!(listed_in("/etc/at.deny").contains(&login));
+
     // The real schedulers run while the account tries them.
     let _cron = Daemon::start(
         "cron",
@@ -315,6 +326,9 @@ fn cron_at_and_the_host_sshd_turn_the_accounts_away() {
         },
         &agent.dir.join("atd.log"),
     );
+    agent.wait_for(10, "atd to run the job queued before the listing", || {
+        Path::new(&marker).exists()
+    });
     let out = agent.ssh(
         &login,
         "echo '* * * * * touch /tmp/cron-ran' | crontab - 2>&1; echo crontab=$?; \
