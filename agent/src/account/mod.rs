@@ -144,14 +144,13 @@ impl Accounts {
     }
 
     /// Whether this agent made `entry`: it is in the state file under that name with that
-    /// UID, and inside the fence. Only such accounts are ever modified or removed.
+    /// UID (even if the fence was moved since). Only such accounts are ever modified or
+    /// removed.
     fn made_here(&self, entry: &PasswdEntry) -> bool {
-        self.in_fence(entry)
-            && self
-                .state
-                .accounts
-                .get(&entry.name)
-                .is_some_and(|r| r.uid == entry.uid)
+        self.state
+            .accounts
+            .get(&entry.name)
+            .is_some_and(|r| r.uid == entry.uid)
     }
 
     /// The names of the accounts this agent made.
