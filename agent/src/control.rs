@@ -193,6 +193,13 @@ fn status(agent: &Arc<Agent>) -> serde_json::Value {
         "grants": agent.grants().len(),
         "sessions": agent.sessions.list().len(),
         "accounts": agent.account_names(),
+        // In usher's fence (prefix and UID range) but not made by it: left alone, and no
+        // grant opens them. An administrator should look at each.
+        "unmanaged_accounts": agent
+            .unmanaged_accounts()
+            .iter()
+            .map(|e| serde_json::json!({"name": e.name, "uid": e.uid, "home": e.home}))
+            .collect::<Vec<_>>(),
         "spool": {"bytes": spool_bytes, "sessions": spooled, "max_bytes": agent.config.spool.max_bytes},
         "collector": collector,
         "up_since": agent.started_at,

@@ -173,14 +173,40 @@ impl Agent {
             .map(|g| g.login().to_string())
             .collect();
         let orphans = lock(&self.accounts).orphans(&keep);
-        match orphans {
-            Ok(names) => {
-                for name in names {
-                    self.remove_account(&name, "no live grant at start-up");
-                }
-            }
-            Err(e) => log::error!(target: "usher::account", "reconciliation failed: {e}"),
+        for name in orphans {
+            self.remove_account(&name, "no live grant at start-up");
         }
+        self.report_unmanaged_accounts();
+        if let Some(problem) =
+            crate::account::sshd::drop_in_problem(&self.config.accounts.name_prefix)
+        {
+            log::warn!(target: "usher::account", "{problem}");
+        }
+    }
+
+    /// Accounts inside the fence that this agent did not make are left alone, and said.
+    fn report_unmanaged_accounts(&self) {
+        for e in lock(&self.accounts).unmanaged() {
+            audit!("account_unmanaged", login = e.name.as_str(), uid = e.uid;
+                "account {} (uid {}) has usher's prefix and UID range but was not made by usher: left alone, and no grant opens it", e.name, e.uid);
+        }
+    }
+
+    /// Accounts inside the fence that this agent did not make, for `usher status`.
+    pub fn unmanaged_accounts(&self) -> Vec<crate::account::PasswdEntry> {
+        lock(&self.accounts).unmanaged()
+    }
+
+    /// Refuses a grant for a login whose account exists but was not made by this agent;
+    /// the reason goes to the journal.
+    fn refuse_unmanaged(&self, grant: &Grant, how: &str) -> bool {
+        let Some(why) = lock(&self.accounts).refusal(grant.login()) else {
+            return false;
+        };
+        let reason = why.to_string();
+        audit!("login_refused", jti = grant.jti(), login = grant.login(), via = how, reason = reason.as_str();
+            "grant {} refused ({how}): {why}", grant.jti());
+        true
     }
 
     pub fn profile(&self, name: &str) -> Profile {
@@ -199,6 +225,8 @@ impl Agent {
         let result = verifier.verify(token, now).and_then(|g| {
             if lock(&self.revocations).contains(&g.id()) {
                 Err(Refusal::Revoked(g.id()))
+            } else if self.refuse_unmanaged(&g, how) {
+                Err(Refusal::BadLogin(g.login().to_string()))
             } else {
                 Ok(g)
             }
@@ -225,13 +253,16 @@ impl Agent {
     /// The live grant for `login` bound to `key`, if any.
     pub fn grant_for_key(&self, login: &str, key: &russh::keys::PublicKey) -> Option<Grant> {
         let now = grant::now();
-        let grants = lock(&self.grants);
-        let revoked = lock(&self.revocations);
-        grants
-            .live_for_login(login, now)
-            .into_iter()
-            .find(|g| g.binds_key(key) && !revoked.contains(&g.id()))
-            .cloned()
+        let grant = {
+            let grants = lock(&self.grants);
+            let revoked = lock(&self.revocations);
+            grants
+                .live_for_login(login, now)
+                .into_iter()
+                .find(|g| g.binds_key(key) && !revoked.contains(&g.id()))
+                .cloned()
+        }?;
+        (!self.refuse_unmanaged(&grant, "ssh-publickey")).then_some(grant)
     }
 
     pub fn is_live(&self, id: &GrantId) -> bool {
@@ -345,7 +376,10 @@ impl Agent {
                 Err(e) => {
                     let reason = e.to_string();
                     audit!("account_refused", login = login.as_str(), jti = jti.as_str(), reason = reason.as_str(); "account {login} not made: {e}");
-                    Err(format!("the account {login} could not be prepared"))
+                    Err(match e {
+                        crate::account::AccountError::NameTaken(_) => reason,
+                        _ => format!("the account {login} could not be prepared"),
+                    })
                 }
             }
         })
@@ -372,9 +406,7 @@ impl Agent {
             }
             self.sessions.forget(&rec.id);
         }
-        let orphans = lock(&self.accounts)
-            .orphans(&BTreeSet::new())
-            .unwrap_or_default();
+        let orphans = lock(&self.accounts).orphans(&BTreeSet::new());
         for name in orphans {
             self.remove_account(&name, "usher is being removed");
         }

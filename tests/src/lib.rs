@@ -523,6 +523,8 @@ impl Drop for TestAgent {
                 let _ = Command::new("userdel")
                     .args(["--remove", "--", &name])
                     .output();
+                // The agent lists its accounts in /etc/cron.deny and /etc/at.deny.
+                let _ = usher::account::DenyLists::host().remove(&name);
             }
         }
         if let Ok(text) = std::fs::read_to_string(self.dir.join("state/sessions.json")) {
@@ -655,6 +657,198 @@ impl Drop for Terminal {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
             hang_up(&mut self.child);
+        }
+    }
+}
+
+// ---- Accounts: the host's databases, its daemons, and what a UID owns ----
+
+/// The seven fields of `name`'s line in /etc/passwd.
+pub fn passwd_line(name: &str) -> Option<Vec<String>> {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .map(|l| l.split(':').map(str::to_string).collect::<Vec<_>>())
+        .find(|f| f.len() == 7 && f[0] == name)
+}
+
+/// The members listed for `group` in /etc/group.
+pub fn group_members(group: &str) -> Vec<String> {
+    std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() == 4 && f[0] == group)
+        .map(|f| {
+            f[3].split(',')
+                .filter(|m| !m.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every group that lists `name` as a member in /etc/group.
+pub fn groups_listing(name: &str) -> Vec<String> {
+    std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() == 4 && f[3].split(',').any(|m| m == name))
+        .map(|f| f[0].to_string())
+        .collect()
+}
+
+/// The names listed in a cron/at style list (/etc/cron.deny), one per line.
+pub fn listed_in(path: &str) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+/// How many SysV IPC objects of a kind ("shm", "msg", "sem") `uid` owns or created.
+pub fn sysvipc_of_uid(kind: &str, uid: u32) -> usize {
+    let text = std::fs::read_to_string(format!("/proc/sysvipc/{kind}")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let uid_col = header.iter().position(|c| *c == "uid").unwrap();
+    let cuid_col = header.iter().position(|c| *c == "cuid").unwrap();
+    lines
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            [uid_col, cuid_col]
+                .iter()
+                .any(|&c| f.get(c) == Some(&uid.to_string().as_str()))
+        })
+        .count()
+}
+
+/// Entries directly in `dir` owned by `uid`.
+pub fn files_of_uid(dir: &str, uid: u32) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.metadata().map(|m| m.uid() == uid).unwrap_or(false))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether the POSIX message queue `/name` exists (opened by root, never created).
+pub fn mqueue_exists(name: &str) -> bool {
+    let script = format!(
+        "import ctypes, os, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n\
+         fd = libc.mq_open(b'/{name}', os.O_RDONLY)\nsys.exit(0 if fd >= 0 else 1)\n"
+    );
+    Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// A host daemon the test started in the foreground, in its own process group; dropping
+/// it ends the group (the daemon and whatever it forked).
+pub struct Daemon {
+    pub name: String,
+    child: Child,
+}
+
+impl Daemon {
+    /// Starts `command` (a daemon in its foreground mode) and fails the test if it exits
+    /// within half a second, with what it said.
+    pub fn start(name: &str, mut command: Command, log: &Path) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        let out = std::fs::File::create(log).unwrap();
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name} does not start: {e}"));
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!(
+                "{name} exited at once with {st}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        Daemon {
+            name: name.to_string(),
+            child,
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pgid = self.child.id() as i32;
+        unsafe_kill(-pgid, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        unsafe_kill(-pgid, libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl TestAgent {
+    /// `usher status`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.usher(&["status"]);
+        assert!(
+            out.status.success(),
+            "usher status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `ssh` to this agent as `login` with the private key `key`, running `command`.
+    pub fn ssh_with_key(&self, key: &Path, login: &str, command: &str) -> Output {
+        Command::new("timeout")
+            .arg("60")
+            .arg("ssh")
+            .args(self.ssh_base_args())
+            .args(["-o", "BatchMode=yes", "-i"])
+            .arg(key)
+            .args(["-p", &self.port.to_string()])
+            .arg(format!("{login}@127.0.0.1"))
+            .arg(command)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+/// Removes (`ipcrm`) the SysV IPC objects `uid` owns or created, and only those.
+pub fn remove_sysvipc_of_uid(uid: u32) {
+    for (kind, flag) in [("shm", "-m"), ("msg", "-q"), ("sem", "-s")] {
+        let text = std::fs::read_to_string(format!("/proc/sysvipc/{kind}")).unwrap_or_default();
+        let mut lines = text.lines();
+        let Some(header) = lines.next() else { continue };
+        let header: Vec<&str> = header.split_whitespace().collect();
+        let cols: Vec<usize> = ["uid", "cuid"]
+            .iter()
+            .filter_map(|c| header.iter().position(|h| h == c))
+            .collect();
+        for l in lines {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if cols
+                .iter()
+                .any(|&c| f.get(c) == Some(&uid.to_string().as_str()))
+            {
+                let _ = Command::new("ipcrm").args([flag, f[1]]).output();
+            }
         }
     }
 }

@@ -249,7 +249,19 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Status => {
-            print(&call(&cli.socket, &Request::Status)?);
+            let status = call(&cli.socket, &Request::Status)?;
+            print(&status);
+            for a in status["unmanaged_accounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                eprintln!(
+                    "usher: warning: account {} (uid {}) is in usher's name prefix and UID range but was not made by usher; it is left alone and no grant opens it",
+                    a["name"].as_str().unwrap_or("?"),
+                    a["uid"]
+                );
+            }
             Ok(())
         }
         Command::Sessions => {
