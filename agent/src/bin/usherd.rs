@@ -52,6 +52,7 @@ fn run(args: Args) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("usherd must run as root (it creates accounts and cgroups)".into());
     }
+    protect_from_oom_killer();
     let config_path = args.config.clone();
     let mut config = load_config(args.config)?;
     usher::local_issuer::ensure(&mut config)?;
@@ -150,4 +151,16 @@ fn spawn_sweeper(agent: Arc<Agent>) {
             agent.sweep().await;
         }
     });
+}
+
+/// The agent's own `oom_score_adj`: when the host runs out of memory, the kernel kills
+/// almost anything before the agent (a session's hog first, whose score is set back to 0
+/// when it starts), yet not -1000, so that a runaway agent itself can still be stopped
+/// (the unit restarts it).
+const AGENT_OOM_SCORE_ADJ: i32 = -900;
+
+fn protect_from_oom_killer() {
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", AGENT_OOM_SCORE_ADJ.to_string()) {
+        log::warn!(target: "usher", "cannot lower usherd's OOM score to {AGENT_OOM_SCORE_ADJ}: {e}");
+    }
 }

@@ -24,6 +24,10 @@ pub struct SessionMeta {
     /// The agent died before the session ended; `ended_at` is when it noticed.
     #[serde(default)]
     pub interrupted: bool,
+    /// What the session's cgroup held it to (processes, memory, CPU), and any limit that
+    /// could not be applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::session::AppliedLimits>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -171,6 +171,7 @@ fn start_recording(
         enforced: sg.enforced,
         input_recorded: agent.config.recording.input,
         interrupted: false,
+        limits: Some(sg.cgroup.limits().clone()),
     };
     let records_stream = match &request.command {
         SessionCommand::Subsystem(_) => false,

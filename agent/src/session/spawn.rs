@@ -2,9 +2,10 @@
 //! or on pipes, with nothing inherited from the agent. The only `unsafe` of the session
 //! stage lives here, behind `spawn` and `PtyMaster`.
 
+use super::JoinFiles;
 use std::ffi::OsString;
-use std::fs::File;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -20,8 +21,9 @@ pub struct Launch {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
-    /// `cgroup.procs` of the session's cgroup, opened by the agent.
-    pub cgroup_procs: File,
+    /// `cgroup.procs` of the session's cgroup and of the groups holding its limits,
+    /// opened by the agent.
+    pub cgroup_procs: JoinFiles,
 }
 
 pub enum Streams {
@@ -57,7 +59,13 @@ pub fn spawn(launch: Launch, streams: Streams) -> io::Result<tokio::process::Chi
             false
         }
     };
-    let procs_fd = launch.cgroup_procs.as_raw_fd();
+    let procs_fd = launch.cgroup_procs.identity.as_raw_fd();
+    let limit_fds: Vec<RawFd> = launch
+        .cgroup_procs
+        .limits
+        .iter()
+        .map(|f| f.as_raw_fd())
+        .collect();
     let groups: Vec<libc::gid_t> = launch.groups.clone();
     let (uid, gid) = (launch.uid, launch.gid);
     // SAFETY: the closure runs in the forked child before exec and only makes
@@ -71,11 +79,13 @@ pub fn spawn(launch: Launch, streams: Streams) -> io::Result<tokio::process::Chi
             if pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
+            join_limit_groups(&limit_fds)?;
             // "0" moves the writing process. This happens while still root and before
             // exec, so the session's first exec is already attributed to its cgroup.
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(io::Error::last_os_error());
             }
+            reset_oom_score()?;
             if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setgid(gid) < 0
                 || libc::setuid(uid) < 0
@@ -96,6 +106,44 @@ pub fn spawn(launch: Launch, streams: Streams) -> io::Result<tokio::process::Chi
     let child = cmd.spawn();
     drop(launch.cgroup_procs);
     child
+}
+
+/// Moves the calling process into the cgroup v1 groups that hold the session's limits
+/// (hybrid hosts), before it runs anything of the user's, so no fork escapes them.
+///
+/// # Safety
+/// Runs in a forked child before exec: only `write` on descriptors opened before the fork.
+unsafe fn join_limit_groups(procs_fds: &[RawFd]) -> io::Result<()> {
+    for fd in procs_fds {
+        if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The agent shields itself from the OOM killer (`usherd` lowers its own
+/// `oom_score_adj`), and children inherit the value: a session gets the ordinary 0 back,
+/// so that under memory pressure the kernel picks a session's hog, never the agent. A
+/// session that cannot be given its score is not started.
+///
+/// # Safety
+/// Runs in a forked child before exec: only `open`, `write` and `close` on a constant path.
+unsafe fn reset_oom_score() -> io::Result<()> {
+    let fd = libc::open(
+        c"/proc/self/oom_score_adj".as_ptr(),
+        libc::O_WRONLY | libc::O_CLOEXEC,
+    );
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+    let error = io::Error::last_os_error();
+    libc::close(fd);
+    if written != 1 {
+        return Err(error);
+    }
+    Ok(())
 }
 
 /// The agent's side of a session's terminal.
