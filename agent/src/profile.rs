@@ -163,7 +163,8 @@ impl Limits {
 
     /// Fills in the defaults; `ram_bytes` is the host's RAM (for percentages).
     pub fn resolve(&self, ram_bytes: u64) -> SessionLimits {
-        let percent = |p: u8| ram_bytes / 100 * u64::from(p);
+        // Whole MiB: page-aligned, so the kernel keeps the value as written.
+        let percent = |p: u8| (ram_bytes / 100 * u64::from(p)) & !((1 << 20) - 1);
         SessionLimits {
             pids_max: Resolved {
                 value: match self.pids_max.unwrap_or(Count::At(DEFAULT_PIDS_MAX)) {
@@ -335,6 +336,10 @@ mod tests {
         let r = p.limits.resolve(100 << 30);
         assert_eq!(r.pids_max.value, Some(DEFAULT_PIDS_MAX));
         assert_eq!(r.memory_max.value, Some(25 << 30));
+        assert_eq!(
+            p.limits.resolve(1_000_000_007).memory_max.value,
+            Some(250 << 20)
+        );
         assert_eq!(r.cpu_weight.value, DEFAULT_CPU_WEIGHT);
         assert!(!r.pids_max.explicit && !r.memory_max.explicit && !r.cpu_weight.explicit);
     }

@@ -153,14 +153,11 @@ fn spawn_sweeper(agent: Arc<Agent>) {
     });
 }
 
-/// The agent's own `oom_score_adj`: when the host runs out of memory, the kernel kills
-/// almost anything before the agent (a session's hog first, whose score is set back to 0
-/// when it starts), yet not -1000, so that a runaway agent itself can still be stopped
-/// (the unit restarts it).
-const AGENT_OOM_SCORE_ADJ: i32 = -900;
-
+/// The kernel's OOM killer picks a session before the agent: usherd lowers its own score
+/// (sessions get 0 back, see `session_oom_score_adj`).
 fn protect_from_oom_killer() {
+    use usher::session::spawn::{session_oom_score_adj, AGENT_OOM_SCORE_ADJ};
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", AGENT_OOM_SCORE_ADJ.to_string()) {
-        log::warn!(target: "usher", "cannot lower usherd's OOM score to {AGENT_OOM_SCORE_ADJ}: {e}");
+        log::warn!(target: "usher", "cannot lower usherd's OOM score to {AGENT_OOM_SCORE_ADJ} ({e}; it needs CAP_SYS_RESOURCE): sessions get oom_score_adj {} instead, so that they are still killed first", session_oom_score_adj());
     }
 }

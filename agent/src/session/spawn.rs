@@ -68,6 +68,7 @@ pub fn spawn(launch: Launch, streams: Streams) -> io::Result<tokio::process::Chi
         .collect();
     let groups: Vec<libc::gid_t> = launch.groups.clone();
     let (uid, gid) = (launch.uid, launch.gid);
+    let oom_score: Vec<u8> = session_oom_score_adj().to_string().into_bytes();
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls on values prepared before the fork; it allocates
     // nothing.
@@ -85,7 +86,7 @@ pub fn spawn(launch: Launch, streams: Streams) -> io::Result<tokio::process::Chi
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(io::Error::last_os_error());
             }
-            reset_oom_score()?;
+            set_oom_score(&oom_score)?;
             if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setgid(gid) < 0
                 || libc::setuid(uid) < 0
@@ -122,14 +123,30 @@ unsafe fn join_limit_groups(procs_fds: &[RawFd]) -> io::Result<()> {
     Ok(())
 }
 
-/// The agent shields itself from the OOM killer (`usherd` lowers its own
-/// `oom_score_adj`), and children inherit the value: a session gets the ordinary 0 back,
-/// so that under memory pressure the kernel picks a session's hog, never the agent. A
-/// session that cannot be given its score is not started.
+/// The `oom_score_adj` usherd gives itself: when the host runs out of memory the kernel
+/// kills almost anything before the agent, yet not -1000, so that a runaway agent itself
+/// can still be stopped (the unit restarts it).
+pub const AGENT_OOM_SCORE_ADJ: i32 = -900;
+
+/// A session's `oom_score_adj`: children inherit the agent's, so each session is set back
+/// to the ordinary 0. Where the agent could not lower its own (it lacks
+/// CAP_SYS_RESOURCE), sessions get the same distance above it instead (900), so that under
+/// memory pressure the kernel still picks a session's hog, never the agent.
+pub fn session_oom_score_adj() -> i32 {
+    let agent: i32 = std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    (agent - AGENT_OOM_SCORE_ADJ).clamp(0, 1000)
+}
+
+/// Writes `score` (ASCII) to the calling process's `oom_score_adj`. A session that cannot
+/// be given its score is not started.
 ///
 /// # Safety
-/// Runs in a forked child before exec: only `open`, `write` and `close` on a constant path.
-unsafe fn reset_oom_score() -> io::Result<()> {
+/// Runs in a forked child before exec: only `open`, `write` and `close`, on a constant
+/// path and bytes prepared before the fork.
+unsafe fn set_oom_score(score: &[u8]) -> io::Result<()> {
     let fd = libc::open(
         c"/proc/self/oom_score_adj".as_ptr(),
         libc::O_WRONLY | libc::O_CLOEXEC,
@@ -137,10 +154,10 @@ unsafe fn reset_oom_score() -> io::Result<()> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+    let written = libc::write(fd, score.as_ptr().cast(), score.len());
     let error = io::Error::last_os_error();
     libc::close(fd);
-    if written != 1 {
+    if written != score.len() as isize {
         return Err(error);
     }
     Ok(())
