@@ -338,7 +338,7 @@ mod tests {
         assert_eq!(r.memory_max.value, Some(25 << 30));
         assert_eq!(
             p.limits.resolve(1_000_000_007).memory_max.value,
-            Some(250 << 20)
+            Some(238 << 20)
         );
         assert_eq!(r.cpu_weight.value, DEFAULT_CPU_WEIGHT);
         assert!(!r.pids_max.explicit && !r.memory_max.explicit && !r.cpu_weight.explicit);
