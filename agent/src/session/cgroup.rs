@@ -149,6 +149,8 @@ fn sessions_base(own: &Path) -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct Layout {
     v2_mount: PathBuf,
+    /// The agent's own v2 cgroup when it started.
+    v2_own: PathBuf,
     /// The parent of the session cgroups on the v2 hierarchy.
     v2_sessions: PathBuf,
     /// Controllers of the v2 hierarchy that the sessions' limits use.
@@ -166,7 +168,7 @@ impl Layout {
     pub fn discover() -> io::Result<Layout> {
         let mounts = parse_mounts(&std::fs::read_to_string("/proc/self/mountinfo")?);
         let own = parse_proc_cgroup(&std::fs::read_to_string("/proc/self/cgroup")?);
-        let layout = Self::plan(&mounts, &own, |dir| {
+        let mut layout = Self::plan(&mounts, &own, |dir| {
             std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default()
         })?;
         layout.prepare()?;
@@ -191,10 +193,12 @@ impl Layout {
             .find(|(c, _)| c.is_empty())
             .map(|(_, p)| p.as_str())
             .unwrap_or("/");
-        let v2_base = sessions_base(&dir_of(v2, own_v2));
+        let v2_own = dir_of(v2, own_v2);
+        let v2_base = sessions_base(&v2_own);
         let available = controllers_of(&v2_base);
         let mut layout = Layout {
             v2_mount: v2.point.clone(),
+            v2_own,
             v2_sessions: v2_base.join(SESSIONS_DIR),
             v2_controllers: Vec::new(),
             v1_sessions: Vec::new(),
@@ -241,14 +245,29 @@ impl Layout {
         Ok(layout)
     }
 
-    fn prepare(&self) -> io::Result<()> {
+    /// Makes the parents of the session cgroups. A controller that cannot be handed to them
+    /// joins `missing` (a profile that sets its limit is then refused; its default is
+    /// reported), rather than stopping every session.
+    fn prepare(&mut self) -> io::Result<()> {
         std::fs::create_dir_all(&self.v2_sessions)?;
-        if !self.v2_controllers.is_empty() {
-            self.enable_v2_controllers()?;
+        for c in std::mem::take(&mut self.v2_controllers) {
+            match self.enable_v2_controller(c) {
+                Ok(()) => self.v2_controllers.push(c),
+                Err(e) => self.missing.push((c, e.to_string())),
+            }
         }
-        for (_, dir) in &self.v1_sessions {
-            std::fs::create_dir_all(dir)?;
+        let mut v1 = Vec::new();
+        for (cs, dir) in std::mem::take(&mut self.v1_sessions) {
+            match std::fs::create_dir_all(&dir) {
+                Ok(()) => v1.push((cs, dir)),
+                Err(e) => {
+                    for c in cs {
+                        self.missing.push((c, format!("{}: {e}", dir.display())));
+                    }
+                }
+            }
         }
+        self.v1_sessions = v1;
         for (c, why) in &self.missing {
             log::warn!(target: "usher::session", "session {} limits cannot be applied on this host: {why}", c.name());
         }
@@ -257,7 +276,7 @@ impl Layout {
 
     /// cgroup v2 hands a controller to a cgroup only if every ancestor enables it in
     /// `cgroup.subtree_control`: from the mount's root down to the sessions' parent.
-    fn enable_v2_controllers(&self) -> io::Result<()> {
+    fn enable_v2_controller(&self, c: Controller) -> io::Result<()> {
         let rel = self
             .v2_sessions
             .strip_prefix(&self.v2_mount)
@@ -268,38 +287,31 @@ impl Layout {
             dir = dir.join(part);
             chain.push(dir.clone());
         }
-        let wanted: Vec<&str> = self.v2_controllers.iter().map(|c| c.name()).collect();
+        let name = c.name();
         for dir in chain {
             let control = dir.join("cgroup.subtree_control");
             let enabled = std::fs::read_to_string(&control)?;
-            for name in &wanted {
-                if enabled.split_whitespace().any(|e| e == *name) {
-                    continue;
+            if enabled.split_whitespace().any(|e| e == name) {
+                continue;
+            }
+            let enable = || {
+                std::fs::write(&control, format!("+{name}")).map_err(|e| {
+                    io::Error::new(e.kind(), format!("{}: +{name}: {e}", control.display()))
+                })
+            };
+            match enable() {
+                Ok(()) => {}
+                // The agent itself lives in this cgroup, and a cgroup that enables
+                // controllers may hold no process: it moves into a leaf beside the sessions.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && dir == self.v2_own
+                        && dir != self.v2_mount =>
+                {
+                    move_self_into(&dir.join(AGENT_LEAF))?;
+                    enable()?;
                 }
-                let enable = || std::fs::write(&control, format!("+{name}"));
-                match enable() {
-                    Ok(()) => {}
-                    // The agent itself lives in this cgroup, and a cgroup that enables
-                    // controllers may hold no process: move into a leaf beside the sessions.
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && dir != self.v2_mount => {
-                        move_self_into(&dir.join(AGENT_LEAF))?;
-                        enable().map_err(|e| {
-                            io::Error::new(
-                                e.kind(),
-                                format!(
-                                    "{}: +{name}: {e} (another process lives in this cgroup)",
-                                    control.display()
-                                ),
-                            )
-                        })?;
-                    }
-                    Err(e) => {
-                        return Err(io::Error::new(
-                            e.kind(),
-                            format!("{}: +{name}: {e}", control.display()),
-                        ))
-                    }
-                }
+                Err(e) => return Err(e),
             }
         }
         Ok(())
