@@ -385,3 +385,60 @@ fn a_restarted_agent_removes_the_v1_groups_of_sessions_whose_grant_ended() {
     agent.launch();
     wait_gone(&agent, &cg);
 }
+
+#[test]
+fn a_limit_the_profile_sets_that_the_host_cannot_apply_refuses_the_session() {
+    // pids.max takes at most PID_MAX_LIMIT (4194304): the kernel refuses this one.
+    let agent = TestAgent::start_with(Options {
+        extra_config: "[policy]\nallowed_profiles = [\"default\", \"huge\"]\n".into(),
+        profiles: vec![(
+            "huge.toml".into(),
+            "name = \"huge\"\n[limits]\npids_max = 99999999\n".into(),
+        )],
+        ..Default::default()
+    });
+    let (login, _) = grant(&agent, "huge", Some("huge"));
+    let out = agent.ssh(&login, "echo should-not-run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("should-not-run"));
+    assert!(
+        stderr.contains("limits cannot be applied") && stderr.contains("pids"),
+        "the client is not told why: {stderr}"
+    );
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("the profile's pids limit cannot be applied"))
+        .unwrap_or_else(|| panic!("the journal does not say why:\n{log}"));
+    // Nothing of the refused session is left in any hierarchy.
+    let id = line
+        .split("session ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .expect("the session id in the log line");
+    let found = std::process::Command::new("find")
+        .args([
+            "/sys/fs/cgroup",
+            "-maxdepth",
+            "7",
+            "-type",
+            "d",
+            "-name",
+            id,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        found.stdout.is_empty(),
+        "cgroups of the refused session remain: {}",
+        String::from_utf8_lossy(&found.stdout)
+    );
+    // The defaults are no promise: a default profile's session on the same host runs.
+    let (plain, _) = grant(&agent, "plain", None);
+    assert!(
+        agent.ssh(&plain, "true").status.success(),
+        "{}",
+        agent.log()
+    );
+}
