@@ -141,7 +141,7 @@ impl Agent {
                 rec.iss = g.claims.iss.clone();
             }
             let live = grant.map(|g| g.is_live(now)).unwrap_or(false);
-            let cgroup = match Cgroup::open(&rec.cgroup) {
+            let cgroup = match rec.open_cgroup() {
                 Ok(c) => c,
                 Err(_) => {
                     self.sessions.forget(&rec.id);
@@ -309,10 +309,13 @@ impl Agent {
         self.wait_for_spool_room().await?;
         let account = self.ensure_account(grant).await?;
         let session_id = crate::session::new_session_id();
-        let cgroup = self.sessions.create_cgroup(&session_id).map_err(|e| {
-            log::error!(target: "usher::session", "cannot create a cgroup: {e}");
-            "the session's cgroup could not be created".to_string()
-        })?;
+        let cgroup = self
+            .sessions
+            .create_cgroup(&session_id, &profile.limits)
+            .map_err(|e| {
+                log::error!(target: "usher::session", "cannot create a cgroup: {e}");
+                format!("the session's cgroup could not be created: {e}")
+            })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let enforced = match self.enforcer.attach(cgroup.id(), &profile.exec, tx) {
             Ok(()) => true,
@@ -401,7 +404,7 @@ impl Agent {
     /// For package removal: ends every session and removes every account this agent made.
     pub fn remove_everything(&self) {
         for rec in self.sessions.leftovers() {
-            if let Ok(cg) = Cgroup::open(&rec.cgroup) {
+            if let Ok(cg) = rec.open_cgroup() {
                 let _ = cg.kill_and_remove();
             }
             self.sessions.forget(&rec.id);

@@ -535,6 +535,7 @@ impl Drop for TestAgent {
                         std::thread::sleep(Duration::from_millis(50));
                         let _ = std::fs::remove_dir(cg);
                     }
+                    remove_limit_groups(s);
                 }
             }
         }
@@ -851,4 +852,181 @@ pub fn remove_sysvipc_of_uid(uid: u32) {
             }
         }
     }
+}
+
+/// The cgroup v1 groups (hybrid hosts) of a session left in `sessions.json`: killed and
+/// removed, like its v2 cgroup.
+fn remove_limit_groups(record: &serde_json::Value) {
+    for dir in record["limit_cgroups"].as_array().into_iter().flatten() {
+        let Some(dir) = dir.as_str().map(Path::new) else {
+            continue;
+        };
+        for _ in 0..100 {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                unsafe_kill(pid, libc::SIGKILL);
+            }
+            if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Where a session's cgroups are, as the host sees them, from the `/proc/self/cgroup`
+/// lines a process of the session printed.
+#[derive(Debug, Clone)]
+pub struct SessionCgroups {
+    /// The v2 cgroup: the session's identity.
+    pub v2: PathBuf,
+    /// The directory holding each controller's limit: the v2 cgroup on a pure v2 host, a
+    /// cgroup v1 group on a hybrid one.
+    pub pids: PathBuf,
+    pub memory: PathBuf,
+    pub cpu: PathBuf,
+}
+
+impl SessionCgroups {
+    /// Reads /proc/self/mountinfo (the test shares the agent's mount namespace) to place
+    /// each line of `proc_cgroup` on its hierarchy.
+    pub fn from_proc_cgroup(proc_cgroup: &str) -> SessionCgroups {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        // (root, mount point, fstype, super options) of every cgroup mount.
+        let cgroup_mounts: Vec<(String, PathBuf, String, Vec<String>)> = mounts
+            .lines()
+            .filter_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let left: Vec<&str> = left.split_whitespace().collect();
+                let right: Vec<&str> = right.split_whitespace().collect();
+                let fstype = right.first()?.to_string();
+                fstype.starts_with("cgroup").then(|| {
+                    (
+                        left[3].to_string(),
+                        PathBuf::from(left[4]),
+                        fstype,
+                        right
+                            .get(2)
+                            .unwrap_or(&"")
+                            .split(',')
+                            .map(String::from)
+                            .collect(),
+                    )
+                })
+            })
+            .collect();
+        let place = |mount: &(String, PathBuf, String, Vec<String>), path: &str| {
+            let rel = path
+                .strip_prefix(mount.0.trim_end_matches('/'))
+                .unwrap_or(path);
+            mount.1.join(rel.trim_start_matches('/'))
+        };
+        let lines: Vec<(&str, &str)> = proc_cgroup
+            .lines()
+            .filter_map(|l| {
+                let mut p = l.splitn(3, ':');
+                let _ = p.next()?;
+                Some((p.next()?, p.next()?))
+            })
+            .collect();
+        let v2_mount = cgroup_mounts
+            .iter()
+            .find(|m| m.2 == "cgroup2")
+            .expect("a cgroup2 mount");
+        let v2_path = lines
+            .iter()
+            .find(|(c, _)| c.is_empty())
+            .map(|(_, p)| *p)
+            .expect("a 0:: line in the session's /proc/self/cgroup");
+        let v2 = place(v2_mount, v2_path);
+        let of = |controller: &str| {
+            let v1 = cgroup_mounts
+                .iter()
+                .find(|m| m.2 == "cgroup" && m.3.iter().any(|o| o == controller));
+            let line = lines
+                .iter()
+                .find(|(c, _)| c.split(',').any(|x| x == controller));
+            match (v1, line) {
+                (Some(m), Some((_, path))) => place(m, path),
+                _ => v2.clone(),
+            }
+        };
+        SessionCgroups {
+            pids: of("pids"),
+            memory: of("memory"),
+            cpu: of("cpu"),
+            v2,
+        }
+    }
+
+    /// Whether the limits live in cgroup v1 groups (a hybrid host).
+    pub fn hybrid(&self) -> bool {
+        self.pids != self.v2
+    }
+
+    /// Every directory of the session, v2 and v1.
+    pub fn all(&self) -> Vec<PathBuf> {
+        let mut all = vec![self.v2.clone()];
+        for d in [&self.pids, &self.memory, &self.cpu] {
+            if !all.contains(d) {
+                all.push(d.clone());
+            }
+        }
+        all
+    }
+
+    /// `pids.max`, as a number (`None` for "max").
+    pub fn pids_max(&self) -> Option<u64> {
+        read_trimmed(&self.pids.join("pids.max")).parse().ok()
+    }
+
+    /// The memory limit in bytes (`memory.max` or v1's `memory.limit_in_bytes`).
+    pub fn memory_max(&self) -> Option<u64> {
+        let file = if self.memory == self.v2 {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        read_trimmed(&self.memory.join(file)).parse().ok()
+    }
+
+    /// `cpu.weight` on v2; v1's `cpu.shares` converted back (1024 is weight 100).
+    pub fn cpu_weight(&self) -> Option<u64> {
+        if self.cpu == self.v2 {
+            read_trimmed(&self.cpu.join("cpu.weight")).parse().ok()
+        } else {
+            read_trimmed(&self.cpu.join("cpu.shares"))
+                .parse::<u64>()
+                .ok()
+                .map(|s| s * 100 / 1024)
+        }
+    }
+
+    /// How many processes the pids controller refused (the `max` line of `pids.events`).
+    pub fn pids_refused(&self) -> u64 {
+        event_count(&self.pids.join("pids.events"), "max")
+    }
+
+    /// How many processes the memory controller's OOM killer killed in the session.
+    pub fn oom_kills(&self) -> u64 {
+        if self.memory == self.v2 {
+            event_count(&self.memory.join("memory.events"), "oom_kill")
+        } else {
+            event_count(&self.memory.join("memory.oom_control"), "oom_kill")
+        }
+    }
+}
+
+fn event_count(file: &Path, key: &str) -> u64 {
+    read_trimmed(file)
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A file's text without surrounding white space; empty if it cannot be read.
+pub fn read_trimmed(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }

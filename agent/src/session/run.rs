@@ -291,6 +291,7 @@ fn start_recording(
         input_recorded: agent.config.recording.input,
         interrupted: false,
         truncated: None,
+        limits: Some(sg.cgroup.limits().clone()),
     };
     let records_stream = match &request.command {
         SessionCommand::Subsystem(_) => false,

@@ -1,9 +1,10 @@
 //! The sessions the agent knows, in memory and in `sessions.json`, so that a restarted
 //! agent finds the cgroups its predecessor made.
 
-use super::{Cgroup, SessionKind};
+use super::{Cgroup, Layout, SessionKind};
 use crate::fsutil;
 use crate::grant::GrantId;
+use crate::profile::Limits;
 use crate::sync::lock;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -22,6 +23,9 @@ pub struct SessionRecord {
     pub profile: String,
     pub kind: SessionKind,
     pub cgroup: PathBuf,
+    /// The cgroup v1 groups that hold the session's limits (hybrid hosts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limit_cgroups: Vec<PathBuf>,
     pub started_at: i64,
 }
 
@@ -31,6 +35,11 @@ impl SessionRecord {
             iss: self.iss.clone(),
             jti: self.jti.clone(),
         }
+    }
+
+    /// The session's cgroup with everything that belongs to it, to adopt or remove.
+    pub fn open_cgroup(&self) -> std::io::Result<Cgroup> {
+        Cgroup::open_with_limit_groups(&self.cgroup, &self.limit_cgroups)
     }
 }
 
@@ -58,7 +67,7 @@ struct Live {
 
 pub struct SessionTable {
     path: PathBuf,
-    root: Mutex<Option<PathBuf>>,
+    layout: Mutex<Option<Layout>>,
     live: Mutex<BTreeMap<String, Live>>,
     leftovers: Mutex<Vec<SessionRecord>>,
 }
@@ -77,7 +86,7 @@ impl SessionTable {
         };
         Ok(SessionTable {
             path: path.to_owned(),
-            root: Mutex::new(None),
+            layout: Mutex::new(None),
             live: Mutex::new(BTreeMap::new()),
             leftovers: Mutex::new(leftovers),
         })
@@ -88,12 +97,18 @@ impl SessionTable {
         std::mem::take(&mut *lock(&self.leftovers))
     }
 
-    pub fn create_cgroup(&self, id: &str) -> std::io::Result<Cgroup> {
-        let mut root = lock(&self.root);
-        if root.is_none() {
-            *root = Some(super::sessions_root()?);
-        }
-        Cgroup::create(root.as_ref().expect("set above"), id)
+    /// Makes session `id`'s cgroup, held to `limits` (see `Cgroup::create` for a limit
+    /// that cannot be applied).
+    pub fn create_cgroup(&self, id: &str, limits: &Limits) -> std::io::Result<Cgroup> {
+        let layout = {
+            let mut layout = lock(&self.layout);
+            if layout.is_none() {
+                *layout = Some(Layout::discover()?);
+            }
+            layout.clone().expect("set above")
+        };
+        let limits = limits.resolve(super::cgroup::host_ram_bytes()?);
+        Cgroup::create(&layout, id, &limits)
     }
 
     /// Adds a session; the receiver learns why, if its grant ends while it runs.
@@ -115,6 +130,7 @@ impl SessionTable {
             profile: profile.into(),
             kind,
             cgroup: cgroup.path().to_owned(),
+            limit_cgroups: cgroup.limit_groups().to_vec(),
             started_at: crate::grant::now(),
         };
         lock(&self.live).insert(
