@@ -87,7 +87,8 @@ pub struct PolicyConfig {
 pub struct RecordingConfig {
     /// Refuse the session when its recording cannot be written.
     pub required: bool,
-    /// Record keystrokes (`i` events), never while the terminal has ECHO off.
+    /// Record keystrokes (`i` events), never at a password-style read (canonical mode
+    /// with ECHO off).
     pub input: bool,
     /// Record the output of non-terminal commands (`ssh host cmd`) too.
     pub exec_output: bool,

@@ -151,7 +151,7 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) -> Result<(), String> {
         let file = std::fs::File::from(fd_in);
         std::thread::spawn(move || read_until_stopped(file, stdin_tx, stop))
     };
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (control_tx, control_rx) = mpsc::channel(crate::session::CONTROL_QUEUE);
     let controller = tokio::spawn(async move {
         let mut lines = BufReader::new(read).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -159,7 +159,7 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) -> Result<(), String> {
                 resize: Some((c, r)),
             }) = serde_json::from_str(&line)
             {
-                let _ = control_tx.send(Control::Resize(c.clamp(1, 1000), r.clamp(1, 1000)));
+                let _ = control_tx.try_send(Control::Resize(c.clamp(1, 1000), r.clamp(1, 1000)));
             }
         }
         // The login shell is gone: the session is hung up.

@@ -4,7 +4,7 @@
 use crate::account::{Account, Accounts};
 use crate::config::Config;
 use crate::enforce::{Enforcement, Enforcer, ExecReceiver};
-use crate::grant::{self, Grant, GrantStore, Refusal, Revocations, Verifier};
+use crate::grant::{self, Grant, GrantId, GrantStore, Refusal, Revocations, Verifier};
 use crate::profile::{Profile, Profiles};
 use crate::session::budget::SpoolMeter;
 use crate::session::{Cgroup, SessionKind, SessionTable};
@@ -27,9 +27,9 @@ pub struct Agent {
     pub started_at: i64,
     pub shipper: std::sync::OnceLock<Arc<crate::ship::Shipper>>,
     lost_reported: std::sync::atomic::AtomicU64,
-    /// The jti of every grant that ends, for whatever holds access under it (SSH
+    /// Every grant that ends, for whatever holds access under it (SSH
     /// connections and their forwards) to close.
-    grant_ended: tokio::sync::broadcast::Sender<String>,
+    grant_ended: tokio::sync::broadcast::Sender<GrantId>,
     spool: Arc<SpoolMeter>,
 }
 
@@ -38,6 +38,9 @@ impl crate::ship::LiveSessions for Agent {
         self.sessions.contains(session_id)
     }
 }
+
+/// The spool room a new session needs before it starts.
+const SESSION_FLOOR_BYTES: u64 = 16 << 10;
 
 /// What a new session needs from the agent before its process starts.
 pub struct SessionGrant {
@@ -123,12 +126,25 @@ impl Agent {
     /// lives get their exec profile back; accounts without a live grant are removed.
     fn reconcile(self: &Arc<Self>, now: i64) {
         let mut ended = Vec::new();
-        for rec in self.sessions.leftovers() {
-            let live = lock(&self.grants)
-                .get(&rec.jti)
-                .map(|g| g.is_live(now))
-                .unwrap_or(false);
-            let cgroup = match Cgroup::open(&rec.cgroup) {
+        for mut rec in self.sessions.leftovers() {
+            let grant = {
+                let grants = lock(&self.grants);
+                if rec.iss.is_empty() {
+                    // Written before sessions named their grant's issuer, when one issuer
+                    // owned each jti.
+                    match grants.with_jti(&rec.jti)[..] {
+                        [g] => Some(g.clone()),
+                        _ => None,
+                    }
+                } else {
+                    grants.get(&rec.grant_id()).cloned()
+                }
+            };
+            if let Some(g) = &grant {
+                rec.iss = g.claims.iss.clone();
+            }
+            let live = grant.map(|g| g.is_live(now)).unwrap_or(false);
+            let cgroup = match rec.open_cgroup() {
                 Ok(c) => c,
                 Err(_) => {
                     self.sessions.forget(&rec.id);
@@ -169,14 +185,40 @@ impl Agent {
             .map(|g| g.login().to_string())
             .collect();
         let orphans = lock(&self.accounts).orphans(&keep);
-        match orphans {
-            Ok(names) => {
-                for name in names {
-                    self.remove_account(&name, "no live grant at start-up");
-                }
-            }
-            Err(e) => log::error!(target: "usher::account", "reconciliation failed: {e}"),
+        for name in orphans {
+            self.remove_account(&name, "no live grant at start-up");
         }
+        self.report_unmanaged_accounts();
+        if let Some(problem) =
+            crate::account::sshd::drop_in_problem(&self.config.accounts.name_prefix)
+        {
+            log::warn!(target: "usher::account", "{problem}");
+        }
+    }
+
+    /// Accounts inside the fence that this agent did not make are left alone, and said.
+    fn report_unmanaged_accounts(&self) {
+        for e in lock(&self.accounts).unmanaged() {
+            audit!("account_unmanaged", login = e.name.as_str(), uid = e.uid;
+                "account {} (uid {}) has usher's prefix and UID range but was not made by usher: left alone, and no grant opens it", e.name, e.uid);
+        }
+    }
+
+    /// Accounts inside the fence that this agent did not make, for `usher status`.
+    pub fn unmanaged_accounts(&self) -> Vec<crate::account::PasswdEntry> {
+        lock(&self.accounts).unmanaged()
+    }
+
+    /// Refuses a grant for a login whose account exists but was not made by this agent;
+    /// the reason goes to the journal.
+    fn refuse_unmanaged(&self, grant: &Grant, how: &str) -> bool {
+        let Some(why) = lock(&self.accounts).refusal(grant.login()) else {
+            return false;
+        };
+        let reason = why.to_string();
+        audit!("login_refused", jti = grant.jti(), login = grant.login(), via = how, reason = reason.as_str();
+            "grant {} refused ({how}): {why}", grant.jti());
+        true
     }
 
     pub fn profile(&self, name: &str) -> Profile {
@@ -193,8 +235,10 @@ impl Agent {
         let now = grant::now();
         let verifier = lock(&self.verifier).clone();
         let result = verifier.verify(token, now).and_then(|g| {
-            if lock(&self.revocations).contains(g.jti()) {
-                Err(Refusal::Revoked(g.jti().to_string()))
+            if lock(&self.revocations).contains(&g.id()) {
+                Err(Refusal::Revoked(g.id()))
+            } else if self.refuse_unmanaged(&g, how) {
+                Err(Refusal::BadLogin(g.login().to_string()))
             } else {
                 Ok(g)
             }
@@ -206,8 +250,8 @@ impl Agent {
                     false
                 });
                 if new {
-                    audit!("grant_accepted", jti = g.jti(), sub = g.claims.sub.as_str(), login = g.login(), via = how, expires = g.expires_at();
-                        "grant {} for {} as {} accepted ({how}), ends at {}", g.jti(), g.claims.sub, g.login(), g.expires_at());
+                    audit!("grant_accepted", jti = g.jti(), iss = g.claims.iss.as_str(), sub = g.claims.sub.as_str(), login = g.login(), via = how, expires = g.expires_at();
+                        "grant {} for {} as {} accepted ({how}), ends at {}", g.id(), g.claims.sub, g.login(), g.expires_at());
                 }
             }
             Err(why) => {
@@ -221,26 +265,29 @@ impl Agent {
     /// The live grant for `login` bound to `key`, if any.
     pub fn grant_for_key(&self, login: &str, key: &russh::keys::PublicKey) -> Option<Grant> {
         let now = grant::now();
-        let grants = lock(&self.grants);
-        let revoked = lock(&self.revocations);
-        grants
-            .live_for_login(login, now)
-            .into_iter()
-            .find(|g| g.binds_key(key) && !revoked.contains(g.jti()))
-            .cloned()
+        let grant = {
+            let grants = lock(&self.grants);
+            let revoked = lock(&self.revocations);
+            grants
+                .live_for_login(login, now)
+                .into_iter()
+                .find(|g| g.binds_key(key) && !revoked.contains(&g.id()))
+                .cloned()
+        }?;
+        (!self.refuse_unmanaged(&grant, "ssh-publickey")).then_some(grant)
     }
 
-    pub fn is_live(&self, jti: &str) -> bool {
+    pub fn is_live(&self, id: &GrantId) -> bool {
         let now = grant::now();
-        !lock(&self.revocations).contains(jti)
+        !lock(&self.revocations).contains(id)
             && lock(&self.grants)
-                .get(jti)
+                .get(id)
                 .map(|g| g.is_live(now))
                 .unwrap_or(false)
     }
 
-    /// Subscribes to the end of grants: each message is the jti of a grant that ended.
-    pub fn grant_ends(&self) -> tokio::sync::broadcast::Receiver<String> {
+    /// Subscribes to the end of grants: each message names a grant that ended.
+    pub fn grant_ends(&self) -> tokio::sync::broadcast::Receiver<GrantId> {
         self.grant_ended.subscribe()
     }
 
@@ -260,7 +307,7 @@ impl Agent {
         grant: &Grant,
         kind: SessionKind,
     ) -> Result<SessionGrant, String> {
-        if !self.is_live(grant.jti()) {
+        if !self.is_live(&grant.id()) {
             return Err("the grant has ended".into());
         }
         let profile = self.profile(&grant.profile);
@@ -274,10 +321,13 @@ impl Agent {
         self.wait_for_spool_room().await?;
         let account = self.ensure_account(grant).await?;
         let session_id = crate::session::new_session_id();
-        let cgroup = self.sessions.create_cgroup(&session_id).map_err(|e| {
-            log::error!(target: "usher::session", "cannot create a cgroup: {e}");
-            "the session's cgroup could not be created".to_string()
-        })?;
+        let cgroup = self
+            .sessions
+            .create_cgroup(&session_id, &profile.limits)
+            .map_err(|e| {
+                log::error!(target: "usher::session", "cannot create a cgroup: {e}");
+                format!("the session's cgroup could not be created: {e}")
+            })?;
         let (tx, rx) = crate::enforce::exec_channel();
         let enforced = match self.enforcer.attach(cgroup.id(), &profile.exec, tx) {
             Ok(()) => true,
@@ -291,7 +341,7 @@ impl Agent {
         let cgroup = Arc::new(cgroup);
         let ended = self.sessions.register(
             &session_id,
-            grant.jti(),
+            &grant.id(),
             grant.login(),
             &grant.profile,
             kind,
@@ -299,7 +349,7 @@ impl Agent {
         );
         // A grant that ended while this session was being set up did not see it in the
         // table: look again now that it is there.
-        if !self.is_live(grant.jti()) {
+        if !self.is_live(&grant.id()) {
             self.session_finished(&session_id);
             return Err("the grant has ended".into());
         }
@@ -341,7 +391,10 @@ impl Agent {
                 Err(e) => {
                     let reason = e.to_string();
                     audit!("account_refused", login = login.as_str(), jti = jti.as_str(), reason = reason.as_str(); "account {login} not made: {e}");
-                    Err(format!("the account {login} could not be prepared"))
+                    Err(match e {
+                        crate::account::AccountError::NameTaken(_) => reason,
+                        _ => format!("the account {login} could not be prepared"),
+                    })
                 }
             }
         })
@@ -363,14 +416,12 @@ impl Agent {
     /// For package removal: ends every session and removes every account this agent made.
     pub fn remove_everything(&self) {
         for rec in self.sessions.leftovers() {
-            if let Ok(cg) = Cgroup::open(&rec.cgroup) {
+            if let Ok(cg) = rec.open_cgroup() {
                 let _ = cg.kill_and_remove();
             }
             self.sessions.forget(&rec.id);
         }
-        let orphans = lock(&self.accounts)
-            .orphans(&BTreeSet::new())
-            .unwrap_or_default();
+        let orphans = lock(&self.accounts).orphans(&BTreeSet::new());
         for name in orphans {
             self.remove_account(&name, "usher is being removed");
         }
@@ -388,13 +439,15 @@ impl Agent {
         loop {
             self.spool.rewalk();
             let used = self.spool.used();
-            if used < limit {
+            // Room for a session's own files (metadata, audit stream, cast header) at
+            // least: a session that could not record its first line is not started.
+            if used + SESSION_FLOOR_BYTES <= limit {
                 return Ok(());
             }
             let waiting = self.config.spool.when_full == crate::config::WhenFull::Wait
                 && std::time::Instant::now() < deadline;
             if !waiting {
-                audit!("session_refused", reason = "spool full", spool_bytes = used; "session refused: the recording spool holds {used} bytes, over its limit of {limit}");
+                audit!("session_refused", reason = "spool full", spool_bytes = used; "session refused: the recording spool holds {used} bytes, too near its limit of {limit}");
                 return Err("the recording spool is full (recordings are not reaching the collector); try again later".into());
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -451,7 +504,7 @@ impl Agent {
         grants
             .into_iter()
             .find(|g| {
-                self.profile(&g.profile).console && !lock(&self.revocations).contains(g.jti())
+                self.profile(&g.profile).console && !lock(&self.revocations).contains(&g.id())
             })
             .ok_or_else(|| "the grant does not allow console logins".to_string())
     }
@@ -465,18 +518,64 @@ impl Agent {
         }
     }
 
-    /// Revokes a grant here: recorded durably, then ended at once.
-    pub async fn revoke(self: &Arc<Self>, jti: &str) -> Result<bool, String> {
-        let exp = lock(&self.grants).get(jti).map(|g| g.expires_at());
+    /// Revokes a grant here: recorded durably, then ended at once. Returns which grant,
+    /// and whether it was known here.
+    pub async fn revoke(
+        self: &Arc<Self>,
+        jti: &str,
+        iss: Option<&str>,
+    ) -> Result<(GrantId, bool), String> {
+        let id = self.revocation_target(jti, iss)?;
+        let exp = lock(&self.grants).get(&id).map(|g| g.expires_at());
         lock(&self.revocations)
-            .add(jti, exp, grant::now())
+            .add(&id, exp, grant::now())
             .map_err(|e| format!("cannot record the revocation: {e}"))?;
-        audit!("grant_revoked", jti = jti; "grant {jti} revoked");
+        audit!("grant_revoked", jti = id.jti.as_str(), iss = id.iss.as_str(); "grant {id} revoked");
         let known = exp.is_some();
         if known {
-            self.end_grant(jti, "revoked").await;
+            self.end_grant(&id, "revoked").await;
         }
-        Ok(known)
+        Ok((id, known))
+    }
+
+    /// The grant `usher grant revoke JTI [--iss ISS]` means. Without `--iss` the jti must
+    /// say it alone: one stored grant has it, or (revoking ahead of arrival) one issuer is
+    /// trusted.
+    fn revocation_target(&self, jti: &str, iss: Option<&str>) -> Result<GrantId, String> {
+        if let Some(iss) = iss {
+            return Ok(GrantId {
+                iss: iss.to_string(),
+                jti: jti.to_string(),
+            });
+        }
+        let stored: Vec<GrantId> = lock(&self.grants)
+            .with_jti(jti)
+            .into_iter()
+            .map(|g| g.id())
+            .collect();
+        match &stored[..] {
+            [one] => return Ok(one.clone()),
+            [] => {}
+            several => {
+                let issuers: Vec<&str> = several.iter().map(|id| id.iss.as_str()).collect();
+                return Err(format!(
+                    "jti {jti:?} is used by grants of {} issuers ({}): say which with --iss",
+                    several.len(),
+                    issuers.join(", ")
+                ));
+            }
+        }
+        let trusted = lock(&self.verifier).issuers();
+        match &trusted[..] {
+            [one] => Ok(GrantId {
+                iss: one.clone(),
+                jti: jti.to_string(),
+            }),
+            _ => Err(format!(
+                "no grant with jti {jti:?} is stored here and {} issuers are trusted: say which with --iss",
+                trusted.len()
+            )),
+        }
     }
 
     /// Ends every grant whose time is up, and says so when the kernel dropped exec events.
@@ -492,13 +591,13 @@ impl Agent {
             audit!("exec_events_lost", lost = lost - before, total = lost; "{} exec event(s) lost: the kernel's ring buffer was full ({lost} since start-up)", lost - before);
         }
         let now = grant::now();
-        let ended: Vec<String> = lock(&self.grants)
+        let ended: Vec<GrantId> = lock(&self.grants)
             .iter()
             .filter(|g| !g.is_live(now))
-            .map(|g| g.jti().to_string())
+            .map(|g| g.id())
             .collect();
-        for jti in ended {
-            self.end_grant(&jti, "expired").await;
+        for id in ended {
+            self.end_grant(&id, "expired").await;
         }
         let agent = self.clone();
         let fixed =
@@ -510,14 +609,14 @@ impl Agent {
         }
     }
 
-    async fn end_grant(self: &Arc<Self>, jti: &str, why: &str) {
-        let Some(grant) = lock(&self.grants).remove(jti) else {
+    async fn end_grant(self: &Arc<Self>, id: &GrantId, why: &str) {
+        let Some(grant) = lock(&self.grants).remove(id) else {
             return;
         };
-        audit!("grant_ended", jti = jti, reason = why, login = grant.login(); "grant {jti} ended: {why}");
-        let _ = self.grant_ended.send(jti.to_string());
+        audit!("grant_ended", jti = id.jti.as_str(), iss = id.iss.as_str(), reason = why, login = grant.login(); "grant {id} ended: {why}");
+        let _ = self.grant_ended.send(id.clone());
         // Sessions first say why on their terminals, then everything in them dies.
-        let cgroups = self.sessions.end_grant(jti, why);
+        let cgroups = self.sessions.end_grant(id, why);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let agent = self.clone();
         let login = grant.login().to_string();

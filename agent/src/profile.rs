@@ -24,6 +24,9 @@ pub struct Profile {
     /// How much a session's recording may take, and what happens at the limit.
     #[serde(default)]
     pub recording: RecordingLimits,
+    /// What one session may take from the host (its cgroup's limits).
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -52,6 +55,10 @@ impl Profiles {
                 std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let profile: Profile =
                 toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            profile
+                .limits
+                .validate()
+                .map_err(|e| format!("{}: {e}", path.display()))?;
             by_name.insert(profile.name.clone(), profile);
         }
         Ok(Profiles { by_name })
@@ -75,7 +82,191 @@ impl Profile {
             console: false,
             exec: ExecPolicy::default(),
             recording: RecordingLimits::default(),
+            limits: Limits::default(),
         }
+    }
+}
+
+/// `[limits]`: a session's share of the host, written into its cgroup. A value the
+/// profile leaves out gets a default (`DEFAULT_*`) so that no session is unbounded by
+/// accident; `"max"` lifts a limit on purpose.
+///
+/// A limit the profile sets explicitly is a promise: if the host cannot apply it (no such
+/// controller), the session is refused. A default that cannot be applied is reported
+/// (journal, session metadata) and the session goes on: an access tool that locks every
+/// administrator out of a host whose kernel lacks a controller helps nobody.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Processes and threads in the session (`pids.max`): a number or `"max"`.
+    pub pids_max: Option<Count>,
+    /// Memory of the session, swap included (`memory.max` with `memory.swap.max = 0`;
+    /// `memory.limit_in_bytes` and `memory.memsw.limit_in_bytes` on cgroup v1): bytes as a
+    /// number, or a string `"512M"`, `"2G"` (K, M, G, T are powers of 1024), `"25%"` (of
+    /// the host's RAM) or `"max"`.
+    pub memory_max: Option<MemorySize>,
+    /// CPU share under contention, as cgroup v2's `cpu.weight` (1..=10000, a service's
+    /// default is 100); `cpu.shares = weight * 1024 / 100` on cgroup v1.
+    pub cpu_weight: Option<u32>,
+}
+
+/// A session of a profile without `[limits]` holds at most this many processes and threads.
+pub const DEFAULT_PIDS_MAX: u64 = 4096;
+/// ... this share of the host's RAM, in percent ...
+pub const DEFAULT_MEMORY_PERCENT: u8 = 25;
+/// ... and this CPU weight (that of any service).
+pub const DEFAULT_CPU_WEIGHT: u32 = 100;
+
+/// A count or no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    Max,
+    At(u64),
+}
+
+/// A memory size as a profile writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemorySize {
+    Max,
+    Bytes(u64),
+    /// Percent of the host's RAM (1..=100).
+    Percent(u8),
+}
+
+/// One limit resolved for this host: the value, and whether the profile asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved<T> {
+    pub value: T,
+    pub explicit: bool,
+}
+
+/// The limits a session gets here, defaults filled in and percentages turned into bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// `None`: no limit.
+    pub pids_max: Resolved<Option<u64>>,
+    pub memory_max: Resolved<Option<u64>>,
+    pub cpu_weight: Resolved<u32>,
+}
+
+impl Limits {
+    /// Checks what serde cannot: ranges.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(w) = self.cpu_weight {
+            if !(1..=10000).contains(&w) {
+                return Err(format!("limits.cpu_weight = {w}: it must be 1..=10000"));
+            }
+        }
+        if self.pids_max == Some(Count::At(0)) {
+            return Err("limits.pids_max = 0 would not even allow the shell".into());
+        }
+        if self.memory_max == Some(MemorySize::Bytes(0)) {
+            return Err("limits.memory_max = 0 would not even allow the shell".into());
+        }
+        Ok(())
+    }
+
+    /// Fills in the defaults; `ram_bytes` is the host's RAM (for percentages).
+    pub fn resolve(&self, ram_bytes: u64) -> SessionLimits {
+        // Whole MiB: page-aligned, so the kernel keeps the value as written.
+        let percent = |p: u8| (ram_bytes / 100 * u64::from(p)) & !((1 << 20) - 1);
+        SessionLimits {
+            pids_max: Resolved {
+                value: match self.pids_max.unwrap_or(Count::At(DEFAULT_PIDS_MAX)) {
+                    Count::Max => None,
+                    Count::At(n) => Some(n),
+                },
+                explicit: self.pids_max.is_some(),
+            },
+            memory_max: Resolved {
+                value: match self
+                    .memory_max
+                    .unwrap_or(MemorySize::Percent(DEFAULT_MEMORY_PERCENT))
+                {
+                    MemorySize::Max => None,
+                    MemorySize::Bytes(b) => Some(b),
+                    MemorySize::Percent(p) => Some(percent(p)),
+                },
+                explicit: self.memory_max.is_some(),
+            },
+            cpu_weight: Resolved {
+                value: self.cpu_weight.unwrap_or(DEFAULT_CPU_WEIGHT),
+                explicit: self.cpu_weight.is_some(),
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Count::At(n)),
+            Raw::S(s) if s == "max" => Ok(Count::Max),
+            Raw::S(s) => Err(serde::de::Error::custom(format!(
+                "{s:?} is not a count: write a number or \"max\""
+            ))),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MemorySize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(MemorySize::Bytes(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl std::str::FromStr for MemorySize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "{s:?} is not a memory size: write bytes, a number with K, M, G or T, a percentage of RAM (\"25%\") or \"max\""
+            )
+        };
+        let t = s.trim();
+        if t == "max" {
+            return Ok(MemorySize::Max);
+        }
+        if let Some(p) = t.strip_suffix('%') {
+            let p: u8 = p.trim().parse().map_err(|_| bad())?;
+            if !(1..=100).contains(&p) {
+                return Err(format!("{s:?}: a percentage of RAM must be 1%..=100%"));
+            }
+            return Ok(MemorySize::Percent(p));
+        }
+        let (digits, shift) = match t.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => {
+                let shift = match c.to_ascii_uppercase() {
+                    'K' => 10,
+                    'M' => 20,
+                    'G' => 30,
+                    'T' => 40,
+                    _ => return Err(bad()),
+                };
+                (&t[..i], shift)
+            }
+            _ => (t, 0),
+        };
+        let n: u64 = digits.trim().parse().map_err(|_| bad())?;
+        n.checked_mul(1u64 << shift)
+            .map(MemorySize::Bytes)
+            .ok_or_else(|| format!("{s:?} is too large"))
     }
 }
 
@@ -110,6 +301,68 @@ mod tests {
         .unwrap();
         let err = Profiles::load(&dir).unwrap_err();
         assert!(err.contains("bad.toml"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn limits_parse_with_units_percentages_and_max() {
+        let p: Profile = toml::from_str(
+            "name = \"x\"\n[limits]\npids_max = 64\nmemory_max = \"256M\"\ncpu_weight = 50\n",
+        )
+        .unwrap();
+        assert_eq!(p.limits.pids_max, Some(Count::At(64)));
+        assert_eq!(p.limits.memory_max, Some(MemorySize::Bytes(256 << 20)));
+        let r = p.limits.resolve(1 << 30);
+        assert_eq!(r.pids_max.value, Some(64));
+        assert!(r.pids_max.explicit && r.memory_max.explicit && r.cpu_weight.explicit);
+        assert_eq!(r.cpu_weight.value, 50);
+        for (text, want) in [
+            ("max", MemorySize::Max),
+            ("1073741824", MemorySize::Bytes(1 << 30)),
+            ("2g", MemorySize::Bytes(2 << 30)),
+            ("10%", MemorySize::Percent(10)),
+        ] {
+            assert_eq!(text.parse::<MemorySize>().unwrap(), want, "{text}");
+        }
+        for bad in ["", "12Q", "-1", "0%", "101%", "lots", "99999999999T"] {
+            assert!(bad.parse::<MemorySize>().is_err(), "{bad:?} accepted");
+        }
+        let p: Profile = toml::from_str("name = \"x\"\n[limits]\npids_max = \"max\"\n").unwrap();
+        assert_eq!(p.limits.resolve(0).pids_max.value, None);
+        assert!(
+            toml::from_str::<Profile>("name = \"x\"\n[limits]\npids_max = \"many\"\n").is_err()
+        );
+        assert!(toml::from_str::<Profile>("name = \"x\"\n[limits]\nswap = 1\n").is_err());
+    }
+
+    #[test]
+    fn a_profile_without_limits_gets_the_defaults() {
+        let p: Profile = toml::from_str("name = \"x\"\n").unwrap();
+        let r = p.limits.resolve(100 << 30);
+        assert_eq!(r.pids_max.value, Some(DEFAULT_PIDS_MAX));
+        assert_eq!(r.memory_max.value, Some(25 << 30));
+        assert_eq!(
+            p.limits.resolve(1_000_000_007).memory_max.value,
+            Some(238 << 20)
+        );
+        assert_eq!(r.cpu_weight.value, DEFAULT_CPU_WEIGHT);
+        assert!(!r.pids_max.explicit && !r.memory_max.explicit && !r.cpu_weight.explicit);
+    }
+
+    #[test]
+    fn out_of_range_limits_are_refused_with_the_file_name() {
+        let dir = std::env::temp_dir().join(format!("usher-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("w.toml"),
+            "name = \"w\"\n[limits]\ncpu_weight = 0\n",
+        )
+        .unwrap();
+        let err = Profiles::load(&dir).unwrap_err();
+        assert!(
+            err.contains("w.toml") && err.contains("cpu_weight"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -523,6 +523,8 @@ impl Drop for TestAgent {
                 let _ = Command::new("userdel")
                     .args(["--remove", "--", &name])
                     .output();
+                // The agent lists its accounts in /etc/cron.deny and /etc/at.deny.
+                let _ = usher::account::DenyLists::host().remove(&name);
             }
         }
         if let Ok(text) = std::fs::read_to_string(self.dir.join("state/sessions.json")) {
@@ -533,6 +535,7 @@ impl Drop for TestAgent {
                         std::thread::sleep(Duration::from_millis(50));
                         let _ = std::fs::remove_dir(cg);
                     }
+                    remove_limit_groups(s);
                 }
             }
         }
@@ -588,4 +591,486 @@ pub fn home_of(login: &str) -> PathBuf {
             (f.first() == Some(&login)).then(|| PathBuf::from(f.get(5).unwrap_or(&"")))
         })
         .unwrap_or_else(|| panic!("{login} has no passwd entry"))
+}
+
+impl TestAgent {
+    /// `claims` signed by the test's issuer under a JOSE header of the caller's making
+    /// (`jsonwebtoken::Header` cannot say everything a hostile issuer could).
+    pub fn sign_with_header(&self, header: &serde_json::Value, claims: &Claims) -> String {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let message = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(serde_json::to_string(claims).unwrap().as_bytes())
+        );
+        let key = jsonwebtoken::EncodingKey::from_ed_pem(self.issuer_key.as_bytes()).unwrap();
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &key, jsonwebtoken::Algorithm::EdDSA)
+                .unwrap();
+        format!("{message}.{signature}")
+    }
+
+    /// An interactive login (`ssh -tt`) typed into through a pipe, as a person would
+    /// type: each line after waiting for what the screen shows.
+    pub fn terminal(&self, login: &str) -> Terminal {
+        let mut child = self
+            .ssh_command(login)
+            .arg("-tt")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = screen.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Terminal {
+            child,
+            screen,
+            seen: 0,
+        }
+    }
+}
+
+/// See `TestAgent::terminal`. Dropping it hangs up.
+pub struct Terminal {
+    child: Child,
+    screen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// How far `expect` has read.
+    seen: usize,
+}
+
+impl Terminal {
+    /// Everything the client has shown so far.
+    pub fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.screen.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until `text` appears after what earlier calls matched.
+    pub fn expect(&mut self, text: &str, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            {
+                let screen = self.screen.lock().unwrap();
+                let rest = &screen[self.seen.min(screen.len())..];
+                if let Some(at) = rest.windows(text.len()).position(|w| w == text.as_bytes()) {
+                    self.seen += at + text.len();
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {text:?}; the screen:\n{}",
+                self.screen()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn send(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for the client to exit.
+    pub fn wait(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            hang_up(&mut self.child);
+        }
+    }
+}
+
+// ---- Accounts: the host's databases, its daemons, and what a UID owns ----
+
+/// The seven fields of `name`'s line in /etc/passwd.
+pub fn passwd_line(name: &str) -> Option<Vec<String>> {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .map(|l| l.split(':').map(str::to_string).collect::<Vec<_>>())
+        .find(|f| f.len() == 7 && f[0] == name)
+}
+
+/// The members listed for `group` in /etc/group.
+pub fn group_members(group: &str) -> Vec<String> {
+    std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() == 4 && f[0] == group)
+        .map(|f| {
+            f[3].split(',')
+                .filter(|m| !m.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every group that lists `name` as a member in /etc/group.
+pub fn groups_listing(name: &str) -> Vec<String> {
+    std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() == 4 && f[3].split(',').any(|m| m == name))
+        .map(|f| f[0].to_string())
+        .collect()
+}
+
+/// The names listed in a cron/at style list (/etc/cron.deny), one per line.
+pub fn listed_in(path: &str) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+/// How many SysV IPC objects of a kind ("shm", "msg", "sem") `uid` owns or created.
+pub fn sysvipc_of_uid(kind: &str, uid: u32) -> usize {
+    let text = std::fs::read_to_string(format!("/proc/sysvipc/{kind}")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let uid_col = header.iter().position(|c| *c == "uid").unwrap();
+    let cuid_col = header.iter().position(|c| *c == "cuid").unwrap();
+    lines
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            [uid_col, cuid_col]
+                .iter()
+                .any(|&c| f.get(c) == Some(&uid.to_string().as_str()))
+        })
+        .count()
+}
+
+/// Entries directly in `dir` owned by `uid`.
+pub fn files_of_uid(dir: &str, uid: u32) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.metadata().map(|m| m.uid() == uid).unwrap_or(false))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether the POSIX message queue `/name` exists (opened by root, never created).
+pub fn mqueue_exists(name: &str) -> bool {
+    let script = format!(
+        "import ctypes, os, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n\
+         fd = libc.mq_open(b'/{name}', os.O_RDONLY)\nsys.exit(0 if fd >= 0 else 1)\n"
+    );
+    Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// A host daemon the test started in the foreground, in its own process group; dropping
+/// it ends the group (the daemon and whatever it forked).
+pub struct Daemon {
+    pub name: String,
+    child: Child,
+}
+
+impl Daemon {
+    /// Starts `command` (a daemon in its foreground mode) and fails the test if it exits
+    /// within half a second, with what it said.
+    pub fn start(name: &str, mut command: Command, log: &Path) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        let out = std::fs::File::create(log).unwrap();
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name} does not start: {e}"));
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!(
+                "{name} exited at once with {st}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        Daemon {
+            name: name.to_string(),
+            child,
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pgid = self.child.id() as i32;
+        unsafe_kill(-pgid, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        unsafe_kill(-pgid, libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl TestAgent {
+    /// `usher status`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.usher(&["status"]);
+        assert!(
+            out.status.success(),
+            "usher status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `ssh` to this agent as `login` with the private key `key`, running `command`.
+    pub fn ssh_with_key(&self, key: &Path, login: &str, command: &str) -> Output {
+        Command::new("timeout")
+            .arg("60")
+            .arg("ssh")
+            .args(self.ssh_base_args())
+            .args(["-o", "BatchMode=yes", "-i"])
+            .arg(key)
+            .args(["-p", &self.port.to_string()])
+            .arg(format!("{login}@127.0.0.1"))
+            .arg(command)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+/// Removes (`ipcrm`) the SysV IPC objects `uid` owns or created, and only those.
+pub fn remove_sysvipc_of_uid(uid: u32) {
+    for (kind, flag) in [("shm", "-m"), ("msg", "-q"), ("sem", "-s")] {
+        let text = std::fs::read_to_string(format!("/proc/sysvipc/{kind}")).unwrap_or_default();
+        let mut lines = text.lines();
+        let Some(header) = lines.next() else { continue };
+        let header: Vec<&str> = header.split_whitespace().collect();
+        let cols: Vec<usize> = ["uid", "cuid"]
+            .iter()
+            .filter_map(|c| header.iter().position(|h| h == c))
+            .collect();
+        for l in lines {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if cols
+                .iter()
+                .any(|&c| f.get(c) == Some(&uid.to_string().as_str()))
+            {
+                let _ = Command::new("ipcrm").args([flag, f[1]]).output();
+            }
+        }
+    }
+}
+
+/// The cgroup v1 groups (hybrid hosts) of a session left in `sessions.json`: killed and
+/// removed, like its v2 cgroup.
+fn remove_limit_groups(record: &serde_json::Value) {
+    for dir in record["limit_cgroups"].as_array().into_iter().flatten() {
+        let Some(dir) = dir.as_str().map(Path::new) else {
+            continue;
+        };
+        for _ in 0..100 {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                unsafe_kill(pid, libc::SIGKILL);
+            }
+            if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Where a session's cgroups are, as the host sees them, from the `/proc/self/cgroup`
+/// lines a process of the session printed.
+#[derive(Debug, Clone)]
+pub struct SessionCgroups {
+    /// The v2 cgroup: the session's identity.
+    pub v2: PathBuf,
+    /// The directory holding each controller's limit: the v2 cgroup on a pure v2 host, a
+    /// cgroup v1 group on a hybrid one.
+    pub pids: PathBuf,
+    pub memory: PathBuf,
+    pub cpu: PathBuf,
+}
+
+impl SessionCgroups {
+    /// Reads /proc/self/mountinfo (the test shares the agent's mount namespace) to place
+    /// each line of `proc_cgroup` on its hierarchy.
+    pub fn from_proc_cgroup(proc_cgroup: &str) -> SessionCgroups {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        // (root, mount point, fstype, super options) of every cgroup mount.
+        let cgroup_mounts: Vec<(String, PathBuf, String, Vec<String>)> = mounts
+            .lines()
+            .filter_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let left: Vec<&str> = left.split_whitespace().collect();
+                let right: Vec<&str> = right.split_whitespace().collect();
+                let fstype = right.first()?.to_string();
+                fstype.starts_with("cgroup").then(|| {
+                    (
+                        left[3].to_string(),
+                        PathBuf::from(left[4]),
+                        fstype,
+                        right
+                            .get(2)
+                            .unwrap_or(&"")
+                            .split(',')
+                            .map(String::from)
+                            .collect(),
+                    )
+                })
+            })
+            .collect();
+        let place = |mount: &(String, PathBuf, String, Vec<String>), path: &str| {
+            let rel = path
+                .strip_prefix(mount.0.trim_end_matches('/'))
+                .unwrap_or(path);
+            mount.1.join(rel.trim_start_matches('/'))
+        };
+        let lines: Vec<(&str, &str)> = proc_cgroup
+            .lines()
+            .filter_map(|l| {
+                let mut p = l.splitn(3, ':');
+                let _ = p.next()?;
+                Some((p.next()?, p.next()?))
+            })
+            .collect();
+        let v2_mount = cgroup_mounts
+            .iter()
+            .find(|m| m.2 == "cgroup2")
+            .expect("a cgroup2 mount");
+        let v2_path = lines
+            .iter()
+            .find(|(c, _)| c.is_empty())
+            .map(|(_, p)| *p)
+            .expect("a 0:: line in the session's /proc/self/cgroup");
+        let v2 = place(v2_mount, v2_path);
+        let of = |controller: &str| {
+            let v1 = cgroup_mounts
+                .iter()
+                .find(|m| m.2 == "cgroup" && m.3.iter().any(|o| o == controller));
+            let line = lines
+                .iter()
+                .find(|(c, _)| c.split(',').any(|x| x == controller));
+            match (v1, line) {
+                (Some(m), Some((_, path))) => place(m, path),
+                _ => v2.clone(),
+            }
+        };
+        SessionCgroups {
+            pids: of("pids"),
+            memory: of("memory"),
+            cpu: of("cpu"),
+            v2,
+        }
+    }
+
+    /// Whether the limits live in cgroup v1 groups (a hybrid host).
+    pub fn hybrid(&self) -> bool {
+        self.pids != self.v2
+    }
+
+    /// Every directory of the session, v2 and v1.
+    pub fn all(&self) -> Vec<PathBuf> {
+        let mut all = vec![self.v2.clone()];
+        for d in [&self.pids, &self.memory, &self.cpu] {
+            if !all.contains(d) {
+                all.push(d.clone());
+            }
+        }
+        all
+    }
+
+    /// `pids.max`, as a number (`None` for "max").
+    pub fn pids_max(&self) -> Option<u64> {
+        read_trimmed(&self.pids.join("pids.max")).parse().ok()
+    }
+
+    /// The memory limit in bytes (`memory.max` or v1's `memory.limit_in_bytes`).
+    pub fn memory_max(&self) -> Option<u64> {
+        let file = if self.memory == self.v2 {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        read_trimmed(&self.memory.join(file)).parse().ok()
+    }
+
+    /// `cpu.weight` on v2; v1's `cpu.shares` converted back (1024 is weight 100).
+    pub fn cpu_weight(&self) -> Option<u64> {
+        if self.cpu == self.v2 {
+            read_trimmed(&self.cpu.join("cpu.weight")).parse().ok()
+        } else {
+            read_trimmed(&self.cpu.join("cpu.shares"))
+                .parse::<u64>()
+                .ok()
+                .map(|s| s * 100 / 1024)
+        }
+    }
+
+    /// How many processes the pids controller refused (the `max` line of `pids.events`).
+    pub fn pids_refused(&self) -> u64 {
+        event_count(&self.pids.join("pids.events"), "max")
+    }
+
+    /// How many processes the memory controller's OOM killer killed in the session.
+    pub fn oom_kills(&self) -> u64 {
+        if self.memory == self.v2 {
+            event_count(&self.memory.join("memory.events"), "oom_kill")
+        } else {
+            event_count(&self.memory.join("memory.oom_control"), "oom_kill")
+        }
+    }
+}
+
+fn event_count(file: &Path, key: &str) -> u64 {
+    read_trimmed(file)
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A file's text without surrounding white space; empty if it cannot be read.
+pub fn read_trimmed(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }

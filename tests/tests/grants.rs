@@ -327,3 +327,71 @@ fn after_a_crash_a_live_grant_keeps_its_account() {
     let out = agent.ssh(&login, "ls kept");
     assert!(out.status.success(), "{}", agent.log());
 }
+
+/// State written before grants were keyed by (iss, jti): `grants/JTI.jwt`, a revocation
+/// list keyed by jti, sessions without their grant's issuer. It loads, and means what it
+/// meant then (one issuer per jti).
+#[test]
+fn state_keyed_by_jti_alone_still_loads() {
+    let mut agent = TestAgent::start();
+    let login = agent.login("legacy");
+    let c = agent.claims(&login, 600);
+    assert!(agent.install(&agent.sign(&c)).status.success());
+    let uid = leave_a_process_running(&agent, &login);
+    agent.crash();
+
+    let state = agent.dir.join("state");
+    let grants = state.join("grants");
+    let stored: Vec<std::path::PathBuf> = std::fs::read_dir(&grants)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let name = stored[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(name.starts_with(&format!("{}@", c.jti)), "{name}");
+    std::fs::rename(&stored[0], grants.join(format!("{}.jwt", c.jti))).unwrap();
+    std::fs::write(
+        state.join("revoked.json"),
+        r#"{"revoked": {"jti-revoked-long-ago": 0}}"#,
+    )
+    .unwrap();
+    let sessions = state.join("sessions.json");
+    let mut records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sessions).unwrap()).unwrap();
+    for r in records.as_array_mut().unwrap() {
+        r.as_object_mut().unwrap().remove("iss");
+    }
+    assert_eq!(records.as_array().unwrap().len(), 1, "{records}");
+    std::fs::write(&sessions, records.to_string()).unwrap();
+
+    agent.launch();
+    let list = String::from_utf8_lossy(&agent.usher(&["grant", "list"]).stdout).into_owned();
+    assert!(
+        list.contains(&c.jti),
+        "the old grant file was not loaded: {list}"
+    );
+    assert!(
+        !grants.join(format!("{}.jwt", c.jti)).exists(),
+        "the old grant file was not renamed"
+    );
+    let mut revoked = agent.claims(&login, 600);
+    revoked.jti = "jti-revoked-long-ago".into();
+    let out = agent.install(&agent.sign(&revoked));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("revoked"));
+    // The adopted session knows its grant again: revoking the grant ends what it left.
+    let sessions = String::from_utf8_lossy(&agent.usher(&["sessions"]).stdout).into_owned();
+    assert!(sessions.contains(&agent.iss), "{sessions}");
+    let out = agent.usher(&["grant", "revoke", &c.jti]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.wait_for(10, "the account to go", || !user_exists(&login));
+    assert!(pids_of_uid(uid).is_empty(), "the adopted session survived");
+}

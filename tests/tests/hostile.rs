@@ -17,17 +17,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 fn alive(agent: &mut TestAgent) -> bool {
     Command::new("kill")
         .args(["-0", &agent.pid().to_string()])
@@ -270,7 +259,7 @@ fn a_client_that_reads_nothing_holds_neither_memory_nor_spool() {
         .unwrap();
     std::thread::sleep(Duration::from_secs(8));
     let grown = rss_kib(agent.pid()).saturating_sub(before);
-    let spool = dir_bytes(&agent.spool());
+    let spool = usher::ship::spool_bytes(&agent.spool());
     let _ = Command::new("pkill")
         .args(["-f", &format!("{login}@127.0.0.1")])
         .status();
@@ -311,7 +300,7 @@ fn the_spool_limit_holds_while_a_session_floods_and_the_session_is_told() {
         .status
         .success());
     let out = agent.ssh(&login, "head -c 40000000 /dev/urandom | base64");
-    let spool = dir_bytes(&agent.spool());
+    let spool = usher::ship::spool_bytes(&agent.spool());
     assert!(
         spool <= max + 256 * 1024,
         "spool at {spool} bytes, over its limit of {max}"

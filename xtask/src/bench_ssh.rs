@@ -13,16 +13,16 @@ const SETUP_RUNS: usize = 50;
 const IDLE_SESSIONS: usize = 100;
 const SSHD_USER: &str = "usherbench";
 
-struct Target {
-    name: &'static str,
+pub(crate) struct Target {
+    pub name: &'static str,
     port: u16,
     user: String,
     /// Processes whose memory counts as the server's.
-    server_pids: Box<dyn Fn() -> Vec<u32>>,
+    pub server_pids: Box<dyn Fn() -> Vec<u32>>,
 }
 
-struct Bench {
-    dir: PathBuf,
+pub(crate) struct Bench {
+    pub dir: PathBuf,
     key: PathBuf,
     children: Vec<Child>,
 }
@@ -63,7 +63,7 @@ fn wait_port(port: u16) -> Result<(), String> {
     Err(format!("nothing listens on port {port}"))
 }
 
-fn ssh_args(bench: &Bench, t: &Target) -> Vec<String> {
+pub(crate) fn ssh_args(bench: &Bench, t: &Target) -> Vec<String> {
     vec![
         "-o".into(),
         "StrictHostKeyChecking=no".into(),
@@ -85,7 +85,7 @@ fn ssh_args(bench: &Bench, t: &Target) -> Vec<String> {
 
 /// Proportional set size: shared pages (libraries, sshd's per-connection forks) are
 /// divided among the processes that share them, so sums over processes are honest.
-fn pss_kib(pid: u32) -> u64 {
+pub(crate) fn pss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
         .and_then(|s| {
@@ -154,7 +154,7 @@ fn download(bench: &Bench, t: &Target, bytes: u64) -> Result<f64, String> {
 }
 
 /// Time from starting `ssh host echo x` to the first byte of its output.
-fn first_byte(bench: &Bench, t: &Target) -> Result<f64, String> {
+pub(crate) fn first_byte(bench: &Bench, t: &Target) -> Result<f64, String> {
     let start = Instant::now();
     let mut child = Command::new("ssh")
         .args(ssh_args(bench, t))
@@ -178,7 +178,7 @@ fn first_byte(bench: &Bench, t: &Target) -> Result<f64, String> {
     Ok(elapsed)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
@@ -256,6 +256,13 @@ fn write(path: &Path, text: &str) -> Result<(), String> {
 }
 
 pub fn run() -> Result<(), String> {
+    let (bench, sshd_t, usher_t) = start_servers("")?;
+    measure(&bench, &sshd_t, &usher_t)
+}
+
+/// OpenSSH's sshd and usherd (recording on, `usherd_extra` appended to its config), each
+/// with a user the benchmark's key logs in as.
+pub(crate) fn start_servers(usherd_extra: &str) -> Result<(Bench, Target, Target), String> {
     if !is_root() {
         return Err("the benchmark runs as root (it starts sshd and usherd)".into());
     }
@@ -333,7 +340,7 @@ pub fn run() -> Result<(), String> {
             "host_name = \"bench\"\nstate_dir = \"{d}/state\"\nspool_dir = \"{d}/spool\"\npolicies_dir = \"{d}/policies\"\n\
              control_socket = \"{d}/control.sock\"\nenforcement = \"best-effort\"\n[ssh]\nlisten = [\"127.0.0.1:{usher_port}\"]\n\
              [accounts]\nname_prefix = \"bn-\"\nuid_min = 65000\nuid_max = 65099\n[recording]\nrequired = true\n\
-             [[issuer]]\niss = \"bench\"\njwks = \"{d}/issuer/issuer.jwks.json\"\n",
+             [[issuer]]\niss = \"bench\"\njwks = \"{d}/issuer/issuer.jwks.json\"\n{usherd_extra}\n",
             d = dir.display()
         ),
     )?;
@@ -395,12 +402,15 @@ pub fn run() -> Result<(), String> {
         user: "bn-bench".into(),
         server_pids: Box::new(move || vec![usherd_pid]),
     };
+    Ok((bench, sshd_t, usher_t))
+}
 
+fn measure(bench: &Bench, sshd_t: &Target, usher_t: &Target) -> Result<(), String> {
     println!(
         "usherd (recording on) vs OpenSSH sshd {}, one run on loopback, same ssh client",
         sshd_version()
     );
-    let first_use = first_byte(&bench, &usher_t)?;
+    let first_use = first_byte(bench, usher_t)?;
     println!(
         "first use of a grant (account created): {:.1} ms",
         first_use * 1e3
@@ -408,8 +418,8 @@ pub fn run() -> Result<(), String> {
 
     // Memory first, while both servers are fresh: bulk transfers leave allocator
     // high-water marks behind.
-    let (sb, sa) = idle_memory(&bench, &sshd_t)?;
-    let (ub, ua) = idle_memory(&bench, &usher_t)?;
+    let (sb, sa) = idle_memory(bench, sshd_t)?;
+    let (ub, ua) = idle_memory(bench, usher_t)?;
     let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / IDLE_SESSIONS as f64;
     println!(
         "{IDLE_SESSIONS} idle sessions, server memory (PSS): sshd {} -> {} KiB ({:.0} KiB/session), usherd {} -> {} KiB ({:.0} KiB/session), ratio {:.2}x",
@@ -426,8 +436,8 @@ pub fn run() -> Result<(), String> {
     // Interleave the runs so that a noisy moment hits both.
     let (mut s_setup, mut u_setup) = (vec![], vec![]);
     for _ in 0..SETUP_RUNS {
-        s_setup.push(first_byte(&bench, &sshd_t)?);
-        u_setup.push(first_byte(&bench, &usher_t)?);
+        s_setup.push(first_byte(bench, sshd_t)?);
+        u_setup.push(first_byte(bench, usher_t)?);
     }
     let (s_med, u_med) = (median(s_setup), median(u_setup));
     println!(
@@ -437,8 +447,8 @@ pub fn run() -> Result<(), String> {
         u_med / s_med
     );
 
-    let s_up = upload(&bench, &sshd_t, UPLOAD_BYTES)?;
-    let u_up = upload(&bench, &usher_t, UPLOAD_BYTES)?;
+    let s_up = upload(bench, sshd_t, UPLOAD_BYTES)?;
+    let u_up = upload(bench, usher_t, UPLOAD_BYTES)?;
     let mib = |b: u64, s: f64| b as f64 / (1 << 20) as f64 / s;
     println!(
         "1 GiB into `cat > /dev/null`: sshd {:.0} MiB/s, usherd {:.0} MiB/s, ratio {:.2}x",
@@ -446,8 +456,8 @@ pub fn run() -> Result<(), String> {
         mib(UPLOAD_BYTES, u_up),
         s_up / u_up
     );
-    let s_down = download(&bench, &sshd_t, DOWNLOAD_BYTES)?;
-    let u_down = download(&bench, &usher_t, DOWNLOAD_BYTES)?;
+    let s_down = download(bench, sshd_t, DOWNLOAD_BYTES)?;
+    let u_down = download(bench, usher_t, DOWNLOAD_BYTES)?;
     println!(
         "256 MiB of text out of a command (recorded by usherd): sshd {:.0} MiB/s, usherd {:.0} MiB/s, ratio {:.2}x",
         mib(DOWNLOAD_BYTES, s_down),

@@ -1,6 +1,7 @@
 //! `cargo xtask`: set-up, eBPF build, running the agent, tests and benchmarks.
 
 mod bench_exec;
+mod bench_flood;
 mod bench_ship;
 mod bench_ssh;
 mod ebpf;
@@ -20,7 +21,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   test-package   install, use, reload, upgrade and remove the .deb on a booted systemd
   bench ssh      usherd vs OpenSSH sshd: throughput, set-up latency, memory
   bench exec     exec overhead: no agent, usherd's eBPF, auditd
-  bench ship     collector ingest from N agents; CPU of shipping vs recording";
+  bench ship     collector ingest from N agents; CPU of shipping vs recording
+  bench flood    one session floods: server memory, others' set-up time, spool limit";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,7 +37,10 @@ fn main() -> ExitCode {
             Some("ssh") => bench_ssh::run(),
             Some("exec") => ebpf::bench_exec(),
             Some("ship") => bench_ship::run(),
-            other => Err(format!("unknown benchmark {other:?}; try: ssh, exec, ship")),
+            Some("flood") => bench_flood::run(),
+            other => Err(format!(
+                "unknown benchmark {other:?}; try: ssh, exec, ship, flood"
+            )),
         },
         _ => Err(USAGE.to_string()),
     };

@@ -62,7 +62,16 @@ pub fn run_package() -> Result<(), String> {
         &stage.join("usr/share/doc/usher/copyright"),
         0o644,
     )?;
-    let mut conffiles = vec!["/etc/usher/usherd.toml".to_string()];
+    // Tells the host's own sshd to refuse usher's accounts (DenyUsers jit-*).
+    copy(
+        &p.join("sshd_config.d/usher.conf"),
+        &stage.join("etc/ssh/sshd_config.d/usher.conf"),
+        0o644,
+    )?;
+    let mut conffiles = vec![
+        "/etc/usher/usherd.toml".to_string(),
+        "/etc/ssh/sshd_config.d/usher.conf".to_string(),
+    ];
     std::fs::create_dir_all(stage.join("etc/usher/policies")).map_err(|e| e.to_string())?;
     let mut policies: Vec<PathBuf> = std::fs::read_dir(root.join("policies"))
         .map(|d| {

@@ -22,6 +22,9 @@ const PACKAGES: &[&str] = &[
     "chromium-driver",
     "curl",
     "openssl",
+    // The accounts tests drive the host's own schedulers (cron.deny, at.deny, job removal).
+    "cron",
+    "at",
 ];
 
 pub fn all() -> Result<(), String> {

@@ -1,14 +1,21 @@
 //! Stage 2: ephemeral local accounts, made with the system's own tools.
 //!
-//! The agent only ever touches names that carry its prefix AND whose UID lies in its range,
-//! and it remembers every account it made in a state file so that a crash is followed by
-//! reconciliation rather than by leftovers.
+//! The agent only ever modifies or removes accounts it made: each is in its state file with
+//! the UID it was given. An account inside the fence (the prefix and the UID range) that the
+//! agent did not make is reported and left alone, and no grant opens it.
+//!
+//! UIDs are handed out in order through the range (a high-water mark in the state file), so
+//! a UID comes back only after the range wrapped, and never while anything on the host still
+//! belongs to it. Removing an account removes everything its processes could leave behind.
 
+mod deny_lists;
 mod passwd;
 mod reap;
+pub mod sshd;
 
+pub use deny_lists::DenyLists;
 pub use passwd::{lookup_group, PasswdEntry};
-pub use reap::{kill_uid_processes, remove_uid_files};
+pub use reap::{kill_uid_processes, remove_leftovers, uids_in_use};
 
 use crate::config::AccountsConfig;
 use crate::fsutil;
@@ -32,7 +39,8 @@ pub struct Account {
     pub gid: u32,
     pub home: PathBuf,
     pub shell: PathBuf,
-    /// Supplementary group ids.
+    /// Supplementary group ids of the grant that opens this session; given to the
+    /// session's process, never written to /etc/group.
     pub groups: Vec<u32>,
 }
 
@@ -47,13 +55,16 @@ struct AccountRecord {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StateFile {
     accounts: BTreeMap<String, AccountRecord>,
+    /// Where the search for the next UID starts: one past the last one handed out.
+    #[serde(default)]
+    next_uid: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
     #[error("{0:?} is not a name this agent manages")]
     NotManaged(String),
-    #[error("an account named {0:?} already exists and was not made by usher")]
+    #[error("an account named {0:?} exists on this host and was not made by usher")]
     NameTaken(String),
     #[error("no free UID in {0}..={1}")]
     RangeFull(u32, u32),
@@ -61,6 +72,8 @@ pub enum AccountError {
     NoSuchGroup(String),
     #[error("{tool} failed: {detail}")]
     Tool { tool: &'static str, detail: String },
+    #[error("cannot list the account in the host's cron/at deny lists: {0}")]
+    DenyList(std::io::Error),
     #[error("state file: {0}")]
     State(#[from] std::io::Error),
 }
@@ -71,6 +84,7 @@ pub struct Accounts {
     state_path: PathBuf,
     state: StateFile,
     passwd_path: PathBuf,
+    deny_lists: DenyLists,
 }
 
 impl Accounts {
@@ -90,27 +104,80 @@ impl Accounts {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
             Err(e) => return Err(e.into()),
         };
-        Ok(Accounts {
+        let mut accounts = Accounts {
             config: config.clone(),
             login_shell: login_shell.to_owned(),
             state_path,
             state,
             passwd_path: "/etc/passwd".into(),
-        })
+            deny_lists: DenyLists::host(),
+        };
+        accounts.disown_adopted()?;
+        Ok(accounts)
+    }
+
+    /// Earlier versions adopted any account in the fence that a live grant named, recording
+    /// it with a creation time of 0; nothing says the agent made it. Such records are
+    /// dropped, so the accounts are reported as not made by usher instead of being managed.
+    fn disown_adopted(&mut self) -> Result<(), AccountError> {
+        let adopted: Vec<String> = self
+            .state
+            .accounts
+            .iter()
+            .filter(|(_, r)| r.created_at == 0)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if adopted.is_empty() {
+            return Ok(());
+        }
+        for name in &adopted {
+            log::warn!(target: "usher::account", "{name} was adopted by an earlier version of usher, not made by it: no longer managed");
+            self.state.accounts.remove(name);
+        }
+        self.save()
     }
 
     /// Whether `entry` is inside the fence: our prefix and our UID range.
-    pub fn is_ours(&self, entry: &PasswdEntry) -> bool {
+    fn in_fence(&self, entry: &PasswdEntry) -> bool {
         entry.name.starts_with(&self.config.name_prefix)
             && (self.config.uid_min..=self.config.uid_max).contains(&entry.uid)
     }
 
+    /// Whether this agent made `entry`: it is in the state file under that name with that
+    /// UID (even if the fence was moved since). Only such accounts are ever modified or
+    /// removed.
+    fn made_here(&self, entry: &PasswdEntry) -> bool {
+        self.state
+            .accounts
+            .get(&entry.name)
+            .is_some_and(|r| r.uid == entry.uid)
+    }
+
+    /// The names of the accounts this agent made.
     pub fn names(&self) -> Vec<String> {
         self.state.accounts.keys().cloned().collect()
     }
 
+    /// Accounts inside the fence that this agent did not make: reported, never touched.
+    pub fn unmanaged(&self) -> Vec<PasswdEntry> {
+        passwd::read(&self.passwd_path)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| self.in_fence(e) && !self.made_here(e))
+            .collect()
+    }
+
+    /// Why no grant may open `login`, if one may not: an account of that name exists and
+    /// this agent did not make it.
+    pub fn refusal(&self, login: &str) -> Option<AccountError> {
+        let passwd = passwd::read(&self.passwd_path).ok()?;
+        let entry = passwd.iter().find(|e| e.name == login)?;
+        (!self.made_here(entry)).then(|| AccountError::NameTaken(login.into()))
+    }
+
     /// The account for `login`, made now if it does not exist. `until` is the end of the
-    /// latest live grant for it; the account's expiry date follows it.
+    /// latest live grant for it; the account's expiry date follows it. `groups` are the
+    /// grant's supplementary groups, for its sessions only.
     pub fn ensure(
         &mut self,
         login: &str,
@@ -128,7 +195,7 @@ impl Accounts {
         let passwd = passwd::read(&self.passwd_path)?;
         let expire_day = until.div_euclid(86400) + 1;
         if let Some(entry) = passwd.iter().find(|e| e.name == login) {
-            if !self.is_ours(entry) || !self.state.accounts.contains_key(login) {
+            if !self.made_here(entry) {
                 return Err(AccountError::NameTaken(login.into()));
             }
             let record = self.state.accounts.get_mut(login).expect("checked above");
@@ -142,24 +209,23 @@ impl Accounts {
             }
             return Ok((self.account_of(entry, group_ids), false));
         }
-        let used: BTreeSet<u32> = passwd
-            .iter()
-            .map(|e| e.uid)
-            .chain(self.state.accounts.values().map(|r| r.uid))
-            .collect();
-        let uid = (self.config.uid_min..=self.config.uid_max)
-            .find(|u| !used.contains(u))
-            .ok_or(AccountError::RangeFull(
-                self.config.uid_min,
-                self.config.uid_max,
-            ))?;
+        // A name the state remembers but passwd lost (removed behind our back): what its
+        // UID left goes before the name is used again.
+        if self.state.accounts.contains_key(login) {
+            self.forget_lost(login, &passwd)?;
+        }
+        let uid = self.allocate_uid(&passwd)?;
+        // Listed before it exists: the schedulers read the lists only when a job is
+        // submitted, so there must be no moment when the account could submit one.
+        self.deny_lists.add(login).map_err(AccountError::DenyList)?;
         let home = self.config.home_base.join(login);
         let uid_s = uid.to_string();
         let day = day_string(expire_day);
         let home_s = home.to_string_lossy().into_owned();
         let shell_s = self.login_shell.to_string_lossy().into_owned();
-        let group_list = groups.join(",");
-        let mut args = vec![
+        // No --groups: a grant's groups are given to its sessions' processes, so that no
+        // membership in /etc/group outlives a grant or leaks to another grant's session.
+        let args = [
             "--uid",
             &uid_s,
             "--user-group",
@@ -175,12 +241,13 @@ impl Accounts {
             "!",
             "--comment",
             "usher ephemeral account",
+            "--",
+            login,
         ];
-        if !groups.is_empty() {
-            args.extend(["--groups", &group_list]);
+        if let Err(e) = run("useradd", &args) {
+            let _ = self.deny_lists.remove(login);
+            return Err(e);
         }
-        args.extend(["--", login]);
-        run("useradd", &args)?;
         self.state.accounts.insert(
             login.to_string(),
             AccountRecord {
@@ -189,6 +256,7 @@ impl Accounts {
                 expire_day,
             },
         );
+        self.state.next_uid = Some(uid.wrapping_add(1));
         self.save()?;
         let passwd = passwd::read(&self.passwd_path)?;
         let entry = passwd
@@ -201,20 +269,49 @@ impl Accounts {
         Ok((self.account_of(entry, group_ids), true))
     }
 
-    /// Kills every process of `login`, removes the account, its home and its files in the
-    /// shared temporary directories. Returns false if there was nothing to remove.
+    /// The next UID after the high-water mark that no account has and nothing on the host
+    /// still belongs to, wrapping round the range once.
+    fn allocate_uid(&self, passwd: &[PasswdEntry]) -> Result<u32, AccountError> {
+        let range = self.config.uid_min..=self.config.uid_max;
+        let mut taken: BTreeSet<u32> = passwd
+            .iter()
+            .map(|e| e.uid)
+            .chain(self.state.accounts.values().map(|r| r.uid))
+            .collect();
+        taken.extend(uids_in_use(range.clone()));
+        let start = self.state.next_uid.unwrap_or(self.config.uid_min);
+        next_free_uid(range, start, |u| taken.contains(&u)).ok_or(AccountError::RangeFull(
+            self.config.uid_min,
+            self.config.uid_max,
+        ))
+    }
+
+    /// Kills every process of `login`, removes the account, its home, and everything it
+    /// left in shared places: crontab, at jobs, IPC objects, message queues, mail, systemd
+    /// lingering. Only accounts this agent made: returns false for any other name.
     pub fn remove(&mut self, login: &str) -> Result<bool, AccountError> {
+        if !self.state.accounts.contains_key(login) {
+            return Ok(false);
+        }
         let passwd = passwd::read(&self.passwd_path)?;
         let Some(entry) = passwd.iter().find(|e| e.name == login) else {
-            let known = self.state.accounts.remove(login).is_some();
-            self.save()?;
-            return Ok(known);
+            self.forget_lost(login, &passwd)?;
+            return Ok(true);
         };
-        if !self.is_ours(entry) {
-            return Err(AccountError::NotManaged(login.into()));
+        if !self.made_here(entry) {
+            // The name is someone else's now (our account was removed and another made):
+            // theirs is not ours to touch; ours is forgotten.
+            log::warn!(target: "usher::account", "{login} now has uid {} and was not made by usher; leaving it alone", entry.uid);
+            self.forget_lost(login, &passwd)?;
+            return Ok(false);
+        }
+        if systemd_runs() {
+            // Ends the user's systemd instance and its units, and stops lingering.
+            let _ = run("loginctl", &["terminate-user", "--", login]);
+            let _ = run("loginctl", &["disable-linger", "--", login]);
         }
         kill_uid_processes(entry.uid);
-        remove_uid_files(entry.uid);
+        remove_leftovers(login, entry.uid);
         match run("userdel", &["--remove", "--", login]) {
             Ok(()) => {}
             // 12: the home directory could not be removed (already gone): the account is.
@@ -224,62 +321,48 @@ impl Accounts {
         if entry.home.starts_with(&self.config.home_base) && entry.home.exists() {
             let _ = std::fs::remove_dir_all(&entry.home);
         }
+        if let Err(e) = self.deny_lists.remove(login) {
+            log::warn!(target: "usher::account", "cannot take {login} out of the cron/at deny lists: {e}");
+        }
         self.state.accounts.remove(login);
         self.save()?;
         Ok(true)
     }
 
-    /// Accounts inside the fence (from /etc/passwd and from the state file) whose name is
-    /// not in `keep`; the caller removes them.
-    pub fn orphans(&mut self, keep: &BTreeSet<String>) -> Result<Vec<String>, AccountError> {
-        let passwd = passwd::read(&self.passwd_path)?;
-        let mut orphans: BTreeSet<String> = passwd
-            .iter()
-            .filter(|e| self.is_ours(e) && !keep.contains(&e.name))
-            .map(|e| e.name.clone())
-            .collect();
-        // Remembered accounts that are gone from passwd: forget them.
-        let gone: Vec<String> = self
-            .state
-            .accounts
-            .keys()
-            .filter(|n| !passwd.iter().any(|e| &e.name == *n))
-            .cloned()
-            .collect();
-        for name in gone {
-            self.state.accounts.remove(&name);
+    /// Forgets an account of ours that is gone from passwd, after removing what its UID
+    /// left behind (unless the UID now belongs to another account).
+    fn forget_lost(&mut self, login: &str, passwd: &[PasswdEntry]) -> Result<(), AccountError> {
+        if let Some(record) = self.state.accounts.get(login) {
+            let uid = record.uid;
+            if !passwd.iter().any(|e| e.uid == uid) {
+                kill_uid_processes(uid);
+                remove_leftovers(login, uid);
+            }
         }
-        // Accounts in the fence that a live grant still uses but the state lost: adopt.
-        let adopt: Vec<&PasswdEntry> = passwd
-            .iter()
-            .filter(|e| self.is_ours(e) && keep.contains(&e.name))
-            .collect();
-        for e in adopt {
-            self.state
-                .accounts
-                .entry(e.name.clone())
-                .or_insert(AccountRecord {
-                    uid: e.uid,
-                    created_at: 0,
-                    expire_day: 0,
-                });
+        if let Err(e) = self.deny_lists.remove(login) {
+            log::warn!(target: "usher::account", "cannot take {login} out of the cron/at deny lists: {e}");
         }
-        orphans.extend(
-            self.state
-                .accounts
-                .keys()
-                .filter(|n| !keep.contains(*n))
-                .cloned(),
-        );
-        self.save()?;
-        Ok(orphans.into_iter().collect())
+        self.state.accounts.remove(login);
+        self.save()
     }
 
+    /// The accounts this agent made whose name is not in `keep`; the caller removes them.
+    /// Accounts it did not make are never among them, whatever their name and UID.
+    pub fn orphans(&self, keep: &BTreeSet<String>) -> Vec<String> {
+        self.state
+            .accounts
+            .keys()
+            .filter(|n| !keep.contains(*n))
+            .cloned()
+            .collect()
+    }
+
+    /// The passwd entry of an account this agent made.
     pub fn lookup(&self, login: &str) -> Option<PasswdEntry> {
         passwd::read(&self.passwd_path)
             .ok()?
             .into_iter()
-            .find(|e| e.name == login && self.is_ours(e))
+            .find(|e| e.name == login && self.made_here(e))
     }
 
     /// Sets the account's password hash (a console grant's one-time secret), or locks it.
@@ -291,17 +374,14 @@ impl Accounts {
         run("usermod", &["--password", hash, "--", &entry.name])
     }
 
-    /// Puts back the recording shell of any account whose login shell was changed
-    /// (`chsh`); returns the names it had to fix.
+    /// Puts back the recording shell of any account this agent made whose login shell was
+    /// changed (`chsh`); returns the names it had to fix.
     pub fn restore_login_shells(&self) -> Vec<String> {
         let Ok(passwd) = passwd::read(&self.passwd_path) else {
             return Vec::new();
         };
         let mut fixed = Vec::new();
-        for e in passwd
-            .iter()
-            .filter(|e| self.is_ours(e) && self.state.accounts.contains_key(&e.name))
-        {
+        for e in passwd.iter().filter(|e| self.made_here(e)) {
             if e.shell != self.login_shell {
                 let shell = self.login_shell.to_string_lossy().into_owned();
                 if run("usermod", &["--shell", &shell, "--", &e.name]).is_ok() {
@@ -329,6 +409,24 @@ impl Accounts {
         fsutil::write_atomic(&self.state_path, &bytes, 0o600)?;
         Ok(())
     }
+}
+
+/// The first UID from `start` on (wrapping to the range's start once past its end) for
+/// which `taken` is false. A `start` outside the range (the range was changed) starts over.
+fn next_free_uid(
+    range: std::ops::RangeInclusive<u32>,
+    start: u32,
+    taken: impl Fn(u32) -> bool,
+) -> Option<u32> {
+    let (min, max) = (*range.start(), *range.end());
+    let start = if range.contains(&start) { start } else { min };
+    (start..=max).chain(min..start).find(|u| !taken(*u))
+}
+
+/// Whether systemd is the init system (its runtime directory exists), so that logind
+/// knows the accounts' users.
+fn systemd_runs() -> bool {
+    Path::new("/run/systemd/system").is_dir()
 }
 
 fn day_string(unix_day: i64) -> String {
@@ -393,6 +491,40 @@ mod tests {
         ] {
             assert!(!is_valid_name(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn uids_are_handed_out_in_order_and_wrap() {
+        let none = |_| false;
+        assert_eq!(next_free_uid(100..=105, 100, none), Some(100));
+        assert_eq!(next_free_uid(100..=105, 103, none), Some(103));
+        // Past the end, or a range that changed: from the start.
+        assert_eq!(next_free_uid(100..=105, 106, none), Some(100));
+        assert_eq!(next_free_uid(100..=105, 7, none), Some(100));
+        // Wraps round to what is free before the mark.
+        assert_eq!(next_free_uid(100..=105, 104, |u| u >= 104), Some(100));
+        assert_eq!(next_free_uid(100..=105, 102, |u| u != 101), Some(101));
+        assert_eq!(next_free_uid(100..=105, 102, |_| true), None);
+    }
+
+    #[test]
+    fn accounts_adopted_by_earlier_versions_are_no_longer_managed() {
+        let dir = std::env::temp_dir().join(format!("usher-adopted-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("accounts.json"),
+            r#"{"accounts": {"jit-made": {"uid": 61000, "created_at": 1700000000, "expire_day": 19000},
+                             "jit-found": {"uid": 61001, "created_at": 0, "expire_day": 0}}}"#,
+        )
+        .unwrap();
+        let accounts =
+            Accounts::open(&AccountsConfig::default(), Path::new("/bin/sh"), &dir).unwrap();
+        assert_eq!(accounts.names(), ["jit-made"]);
+        // The state file was rewritten without it.
+        let again = Accounts::open(&AccountsConfig::default(), Path::new("/bin/sh"), &dir).unwrap();
+        assert_eq!(again.names(), ["jit-made"]);
+        assert_eq!(again.state.next_uid, None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -22,6 +22,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of the `sign` variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Make an issuer key pair: DIR/issuer.key (private, 0600) and DIR/issuer.jwks.json.
     Keygen {
@@ -52,6 +54,8 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of the `sign` variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 enum GrantCommand {
     /// Sign a grant and print it (a compact JWT).
     Sign {
@@ -106,7 +110,13 @@ enum GrantCommand {
     /// List the grants this host knows.
     List,
     /// Revoke a grant by jti: its sessions end, its account goes.
-    Revoke { jti: String },
+    Revoke {
+        jti: String,
+        /// The grant's issuer: needed when grants of several issuers use this jti, or
+        /// when revoking a grant not seen yet while several issuers are trusted.
+        #[arg(long)]
+        iss: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -234,12 +244,24 @@ fn run(cli: Cli) -> Result<(), String> {
             print(&call(&cli.socket, &Request::List)?);
             Ok(())
         }
-        Command::Grant(GrantCommand::Revoke { jti }) => {
-            print(&call(&cli.socket, &Request::Revoke { jti })?);
+        Command::Grant(GrantCommand::Revoke { jti, iss }) => {
+            print(&call(&cli.socket, &Request::Revoke { jti, iss })?);
             Ok(())
         }
         Command::Status => {
-            print(&call(&cli.socket, &Request::Status)?);
+            let status = call(&cli.socket, &Request::Status)?;
+            print(&status);
+            for a in status["unmanaged_accounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                eprintln!(
+                    "usher: warning: account {} (uid {}) is in usher's name prefix and UID range but was not made by usher; it is left alone and no grant opens it",
+                    a["name"].as_str().unwrap_or("?"),
+                    a["uid"]
+                );
+            }
             Ok(())
         }
         Command::Sessions => {

@@ -52,6 +52,7 @@ fn run(args: Args) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("usherd must run as root (it creates accounts and cgroups)".into());
     }
+    protect_from_oom_killer();
     let config_path = args.config.clone();
     let mut config = load_config(args.config)?;
     usher::local_issuer::ensure(&mut config)?;
@@ -155,4 +156,13 @@ fn spawn_sweeper(agent: Arc<Agent>) {
             agent.sweep().await;
         }
     });
+}
+
+/// The kernel's OOM killer picks a session before the agent: usherd lowers its own score
+/// (sessions get 0 back, see `session_oom_score_adj`).
+fn protect_from_oom_killer() {
+    use usher::session::spawn::{session_oom_score_adj, AGENT_OOM_SCORE_ADJ};
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", AGENT_OOM_SCORE_ADJ.to_string()) {
+        log::warn!(target: "usher", "cannot lower usherd's OOM score to {AGENT_OOM_SCORE_ADJ} ({e}; it needs CAP_SYS_RESOURCE): sessions get oom_score_adj {} instead, so that they are still killed first", session_oom_score_adj());
+    }
 }

@@ -10,6 +10,23 @@ pub use issue::{console_secret_hash, keygen, sign, KeyAlg};
 pub use store::{GrantStore, Revocations};
 pub use verify::{Refusal, Verifier};
 
+use serde::{Deserialize, Serialize};
+
+/// Which grant: a `jti` is unique only within its issuer (RFC 7519 §4.1.7), so two
+/// trusted issuers may both send "42". Stored grants, revocations and sessions' links to
+/// their grant all use the pair.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct GrantId {
+    pub iss: String,
+    pub jti: String,
+}
+
+impl std::fmt::Display for GrantId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} of issuer {:?}", self.jti, self.iss)
+    }
+}
+
 /// A grant that passed verification and local policy.
 #[derive(Debug, Clone)]
 pub struct Grant {
@@ -22,6 +39,13 @@ pub struct Grant {
 impl Grant {
     pub fn jti(&self) -> &str {
         &self.claims.jti
+    }
+
+    pub fn id(&self) -> GrantId {
+        GrantId {
+            iss: self.claims.iss.clone(),
+            jti: self.claims.jti.clone(),
+        }
     }
 
     pub fn login(&self) -> &str {

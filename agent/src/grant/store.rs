@@ -1,20 +1,32 @@
-//! Grants known to this host, and the jtis revoked on it; both kept in the state directory.
+//! Grants known to this host, and the grants revoked on it; both kept in the state
+//! directory and both keyed by (iss, jti).
 
-use super::{Grant, Refusal, Verifier};
+use super::{Grant, GrantId, Refusal, Verifier};
 use crate::fsutil;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
 pub struct GrantStore {
     dir: PathBuf,
-    grants: BTreeMap<String, Grant>,
+    grants: BTreeMap<GrantId, Grant>,
+}
+
+/// The file that holds a grant: `JTI@ISSUER-TAG.jwt`. The issuer is any string (a URL,
+/// often), so it goes into the name as a digest; `@` never occurs in a jti (verify allows
+/// only `[A-Za-z0-9._-]`), so names of different pairs never meet.
+fn file_stem(id: &GrantId) -> String {
+    let digest = Sha256::digest(id.iss.as_bytes());
+    format!("{}@{}", id.jti, hex::encode(&digest[..16]))
 }
 
 impl GrantStore {
     /// Loads and re-verifies every stored grant. Grants that no longer verify (revoked,
-    /// expired, their key rotated away) are dropped and returned with the reason.
+    /// expired, their key rotated away) are dropped and returned with the reason, named by
+    /// their jti. Files from before grants were keyed by issuer (`JTI.jwt`, written when
+    /// one issuer owned each jti) are loaded and renamed.
     pub fn open(
         dir: &Path,
         verifier: &Verifier,
@@ -32,52 +44,74 @@ impl GrantStore {
             if path.extension().and_then(|e| e.to_str()) != Some("jwt") {
                 continue;
             }
-            let name = path
+            let stem = path
                 .file_stem()
                 .unwrap_or_default()
                 .to_string_lossy()
                 .into_owned();
+            let jti_part = stem.split('@').next().unwrap_or_default().to_string();
             let token = std::fs::read_to_string(&path)?;
             let verdict = verifier.verify(&token, now).and_then(|g| {
-                if revocations.contains(g.jti()) {
-                    Err(Refusal::Revoked(g.jti().to_string()))
+                if revocations.contains(&g.id()) {
+                    Err(Refusal::Revoked(g.id()))
                 } else {
                     Ok(g)
                 }
             });
             match verdict {
-                Ok(grant) if grant.jti() == name => {
-                    store.grants.insert(name, grant);
+                Ok(grant) if file_stem(&grant.id()) == stem => {
+                    store.grants.insert(grant.id(), grant);
                 }
-                Ok(_) => dropped.push((name, Refusal::BadClaim("file name is not its jti".into()))),
+                Ok(grant) if grant.jti() == stem => {
+                    let renamed = store.path_of(&grant.id());
+                    fsutil::write_atomic(&renamed, grant.token.as_bytes(), 0o600)?;
+                    std::fs::remove_file(&path)?;
+                    store.grants.insert(grant.id(), grant);
+                }
+                Ok(_) => dropped.push((
+                    jti_part,
+                    Refusal::BadClaim(format!(
+                        "{}: the file name does not match the grant's (iss, jti)",
+                        path.display()
+                    )),
+                )),
                 Err(why) => {
                     let _ = std::fs::remove_file(&path);
-                    dropped.push((name, why));
+                    dropped.push((jti_part, why));
                 }
             }
         }
         Ok((store, dropped))
     }
 
-    /// Keeps `grant`; a grant already known (same jti) is left as it is.
+    fn path_of(&self, id: &GrantId) -> PathBuf {
+        self.dir.join(format!("{}.jwt", file_stem(id)))
+    }
+
+    /// Keeps `grant`; a grant already known (same issuer and jti) is left as it is.
     pub fn insert(&mut self, grant: Grant) -> io::Result<bool> {
-        if self.grants.contains_key(grant.jti()) {
+        let id = grant.id();
+        if self.grants.contains_key(&id) {
             return Ok(false);
         }
-        let path = self.dir.join(format!("{}.jwt", grant.jti()));
-        fsutil::write_atomic(&path, grant.token.as_bytes(), 0o600)?;
-        self.grants.insert(grant.jti().to_string(), grant);
+        fsutil::write_atomic(&self.path_of(&id), grant.token.as_bytes(), 0o600)?;
+        self.grants.insert(id, grant);
         Ok(true)
     }
 
-    pub fn remove(&mut self, jti: &str) -> Option<Grant> {
-        let grant = self.grants.remove(jti)?;
-        let _ = std::fs::remove_file(self.dir.join(format!("{jti}.jwt")));
+    pub fn remove(&mut self, id: &GrantId) -> Option<Grant> {
+        let grant = self.grants.remove(id)?;
+        let _ = std::fs::remove_file(self.path_of(id));
         Some(grant)
     }
 
-    pub fn get(&self, jti: &str) -> Option<&Grant> {
-        self.grants.get(jti)
+    pub fn get(&self, id: &GrantId) -> Option<&Grant> {
+        self.grants.get(id)
+    }
+
+    /// Every stored grant with this jti, whatever its issuer.
+    pub fn with_jti(&self, jti: &str) -> Vec<&Grant> {
+        self.grants.values().filter(|g| g.jti() == jti).collect()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Grant> {
@@ -96,48 +130,177 @@ impl GrantStore {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct RevocationFile {
-    /// jti → the revoked grant's `exp` (0 when unknown), so old entries can be pruned.
-    revoked: BTreeMap<String, i64>,
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Revoked {
+    /// None for entries from before revocations named their issuer: those revoke the jti
+    /// whatever the issuer (the old meaning, and the one that fails closed).
+    #[serde(default)]
+    iss: Option<String>,
+    jti: String,
+    /// The revoked grant's `exp` (0 when unknown), so old entries can be pruned.
+    exp: i64,
+}
+
+impl Revoked {
+    fn covers(&self, id: &GrantId) -> bool {
+        self.jti == id.jti && self.iss.as_ref().is_none_or(|iss| *iss == id.iss)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RevokedOnDisk {
+    Pairs(Vec<Revoked>),
+    /// The first format: jti → exp.
+    ByJti(BTreeMap<String, i64>),
+}
+
+#[derive(Debug, Deserialize)]
+struct RevocationFileIn {
+    revoked: RevokedOnDisk,
+}
+
+#[derive(Debug, Serialize)]
+struct RevocationFileOut<'a> {
+    revoked: &'a [Revoked],
 }
 
 pub struct Revocations {
     path: PathBuf,
-    file: RevocationFile,
+    revoked: Vec<Revoked>,
 }
 
 impl Revocations {
     pub fn open(path: &Path) -> io::Result<Revocations> {
-        let file = match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+        let revoked = match std::fs::read(path) {
+            Ok(bytes) => Self::parse(&bytes).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("{}: {e}", path.display()),
                 )
             })?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => RevocationFile::default(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),
         };
         Ok(Revocations {
             path: path.to_owned(),
-            file,
+            revoked,
         })
     }
 
-    pub fn contains(&self, jti: &str) -> bool {
-        self.file.revoked.contains_key(jti)
+    fn parse(bytes: &[u8]) -> Result<Vec<Revoked>, String> {
+        let file: RevocationFileIn = serde_json::from_slice(bytes).map_err(|e| {
+            format!("not a revocation list ({{\"revoked\": [{{\"iss\", \"jti\", \"exp\"}}]}}): {e}")
+        })?;
+        Ok(match file.revoked {
+            RevokedOnDisk::Pairs(v) => v,
+            RevokedOnDisk::ByJti(map) => map
+                .into_iter()
+                .map(|(jti, exp)| Revoked {
+                    iss: None,
+                    jti,
+                    exp,
+                })
+                .collect(),
+        })
+    }
+
+    pub fn contains(&self, id: &GrantId) -> bool {
+        self.revoked.iter().any(|r| r.covers(id))
     }
 
     /// Records the revocation durably before it returns.
-    pub fn add(&mut self, jti: &str, exp: Option<i64>, now: i64) -> io::Result<()> {
+    pub fn add(&mut self, id: &GrantId, exp: Option<i64>, now: i64) -> io::Result<()> {
         // Entries for grants a day past their end can go: an expired grant is refused
         // anyway. Entries whose end is unknown stay.
-        self.file
-            .revoked
-            .retain(|_, exp| if *exp == 0 { true } else { *exp + 86400 > now });
-        self.file.revoked.insert(jti.to_string(), exp.unwrap_or(0));
-        let bytes = serde_json::to_vec_pretty(&self.file).map_err(io::Error::other)?;
+        self.revoked.retain(|r| {
+            if r.exp == 0 {
+                true
+            } else {
+                r.exp + 86400 > now
+            }
+        });
+        let entry = Revoked {
+            iss: Some(id.iss.clone()),
+            jti: id.jti.clone(),
+            exp: exp.unwrap_or(0),
+        };
+        self.revoked
+            .retain(|r| !(r.iss == entry.iss && r.jti == entry.jti));
+        self.revoked.push(entry);
+        let bytes = serde_json::to_vec_pretty(&RevocationFileOut {
+            revoked: &self.revoked,
+        })
+        .map_err(io::Error::other)?;
         fsutil::write_atomic(&self.path, &bytes, 0o600)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(iss: &str, jti: &str) -> GrantId {
+        GrantId {
+            iss: iss.into(),
+            jti: jti.into(),
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("usher-rev-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        fsutil::private_dir(&dir, 0o700).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_revocation_names_its_issuer() {
+        let dir = scratch("pair");
+        let path = dir.join("revoked.json");
+        let mut r = Revocations::open(&path).unwrap();
+        r.add(&id("https://a", "42"), Some(2_000_000_000), 1)
+            .unwrap();
+        assert!(r.contains(&id("https://a", "42")));
+        assert!(!r.contains(&id("https://b", "42")));
+        let again = Revocations::open(&path).unwrap();
+        assert!(again.contains(&id("https://a", "42")));
+        assert!(!again.contains(&id("https://b", "42")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_list_keyed_by_jti_alone_still_loads_and_revokes_that_jti_of_any_issuer() {
+        let dir = scratch("legacy");
+        let path = dir.join("revoked.json");
+        std::fs::write(&path, r#"{"revoked": {"old-1": 0, "old-2": 1700000000}}"#).unwrap();
+        let mut r = Revocations::open(&path).unwrap();
+        assert!(r.contains(&id("https://a", "old-1")));
+        assert!(r.contains(&id("https://b", "old-1")));
+        assert!(!r.contains(&id("https://a", "new")));
+        // Writing keeps the old entries in the new form; old-2 is long expired and goes.
+        r.add(&id("https://a", "new"), None, 1_800_000_000).unwrap();
+        let again = Revocations::open(&path).unwrap();
+        assert!(again.contains(&id("https://b", "old-1")));
+        assert!(!again.contains(&id("https://b", "old-2")));
+        assert!(again.contains(&id("https://a", "new")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_broken_list_is_an_error_not_an_empty_list() {
+        let dir = scratch("broken");
+        let path = dir.join("revoked.json");
+        std::fs::write(&path, r#"{"revoked": 7}"#).unwrap();
+        assert!(Revocations::open(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn file_names_differ_per_issuer_and_never_collide_with_old_names() {
+        let a = file_stem(&id("https://a", "42"));
+        let b = file_stem(&id("https://b", "42"));
+        assert_ne!(a, b);
+        assert!(a.starts_with("42@") && a.len() == 3 + 32, "{a}");
     }
 }

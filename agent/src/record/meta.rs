@@ -28,6 +28,10 @@ pub struct SessionMeta {
     /// and the profile says to go on): why, and when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truncated: Option<String>,
+    /// What the session's cgroup held it to (processes, memory, CPU), and any limit that
+    /// could not be applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::session::AppliedLimits>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

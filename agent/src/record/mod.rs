@@ -15,6 +15,15 @@ use std::fs::File;
 use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 
+/// What the terminal was doing with keystrokes when they arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keystrokes {
+    /// Typed to a line editor, a shell, an editor: recorded when input is.
+    Recordable,
+    /// Typed to a password-style read (canonical mode with ECHO off): never recorded.
+    Secret,
+}
+
 /// The files of one session's recording.
 pub struct Recording {
     pub cast: Option<CastWriter>,
@@ -83,10 +92,10 @@ impl Recording {
         }
     }
 
-    /// Keystrokes, if the config records them and the terminal echoes them.
-    pub fn input(&mut self, data: &[u8], echo_on: bool) -> io::Result<()> {
+    /// Keystrokes, if the config records them and they are not a password being typed.
+    pub fn input(&mut self, data: &[u8], keystrokes: Keystrokes) -> io::Result<()> {
         match &mut self.cast {
-            Some(c) if self.record_input && echo_on => c.input(data),
+            Some(c) if self.record_input && keystrokes == Keystrokes::Recordable => c.input(data),
             _ => Ok(()),
         }
     }

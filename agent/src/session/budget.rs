@@ -6,7 +6,7 @@
 use crate::sync::lock;
 use serde::Deserialize;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,7 +70,9 @@ pub struct SpoolMeter {
     dir: PathBuf,
     max_bytes: u64,
     walked: AtomicU64,
-    since_walk: AtomicU64,
+    /// Reserved minus given back since the last walk; below zero when more was given
+    /// back than reserved since (reservations made before the walk, settled after).
+    since_walk: AtomicI64,
 }
 
 impl SpoolMeter {
@@ -79,7 +81,7 @@ impl SpoolMeter {
             dir,
             max_bytes,
             walked: AtomicU64::new(0),
-            since_walk: AtomicU64::new(0),
+            since_walk: AtomicI64::new(0),
         });
         meter.rewalk();
         meter
@@ -90,7 +92,8 @@ impl SpoolMeter {
     }
 
     pub fn used(&self) -> u64 {
-        self.walked.load(Ordering::SeqCst) + self.since_walk.load(Ordering::SeqCst)
+        let walked = self.walked.load(Ordering::SeqCst) as i64;
+        (walked + self.since_walk.load(Ordering::SeqCst)).max(0) as u64
     }
 
     /// Measures the spool again.
@@ -103,35 +106,20 @@ impl SpoolMeter {
         self.since_walk.fetch_sub(reserved, Ordering::SeqCst);
     }
 
-    /// Takes room for `bytes`, or says the spool is full.
-    fn reserve(&self, bytes: u64) -> Result<(), Exhausted> {
-        let mut current = self.since_walk.load(Ordering::SeqCst);
-        loop {
-            let used = self.walked.load(Ordering::SeqCst) + current;
-            if used + bytes > self.max_bytes {
-                return Err(Exhausted::Spool {
-                    max_bytes: self.max_bytes,
-                });
-            }
-            match self.since_walk.compare_exchange(
-                current,
-                current + bytes,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => return Ok(()),
-                Err(now) => current = now,
-            }
+    /// Whether one more write may go in. The write is charged after it is made, at what
+    /// it took: the spool can pass its limit by the last write (at most a 32 KiB read,
+    /// escaped), never by more.
+    fn has_room(&self) -> Result<(), Exhausted> {
+        if self.used() >= self.max_bytes {
+            return Err(Exhausted::Spool {
+                max_bytes: self.max_bytes,
+            });
         }
+        Ok(())
     }
 
-    /// Gives back what a reservation did not use.
-    fn release(&self, bytes: u64) {
-        let _ = self
-            .since_walk
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
-                Some(v.saturating_sub(bytes))
-            });
+    fn charge(&self, bytes: u64) {
+        self.since_walk.fetch_add(bytes as i64, Ordering::SeqCst);
     }
 }
 
@@ -147,12 +135,6 @@ struct BudgetState {
     /// Token bucket for the rate: bytes that may be written now.
     tokens: f64,
     refilled: Instant,
-}
-
-/// Room taken before a write: at most what the write can take, settled after it with
-/// what it did take.
-pub struct Reservation {
-    bytes: u64,
 }
 
 impl RecordingBudget {
@@ -177,28 +159,25 @@ impl RecordingBudget {
         lock(&self.state).used
     }
 
-    /// Room for a write of at most `bytes`.
-    pub fn reserve(&self, bytes: u64) -> Result<Reservation, Exhausted> {
-        let state = lock(&self.state);
-        if state.used + bytes > self.limits.max_bytes {
+    /// Whether terminal data may be written: the session's budget and the spool both
+    /// have room left.
+    pub fn admit(&self) -> Result<(), Exhausted> {
+        if lock(&self.state).used >= self.limits.max_bytes {
             return Err(Exhausted::Session {
                 max_bytes: self.limits.max_bytes,
             });
         }
-        self.spool.reserve(bytes)?;
-        Ok(Reservation { bytes })
+        self.spool.has_room()
     }
 
-    /// Room for a write of at most `bytes` that only the spool bounds (audit lines).
-    pub fn reserve_spool(&self, bytes: u64) -> Result<Reservation, Exhausted> {
-        self.spool.reserve(bytes)?;
-        Ok(Reservation { bytes })
+    /// Whether an audit line may be written: only the spool bounds those.
+    pub fn admit_audit(&self) -> Result<(), Exhausted> {
+        self.spool.has_room()
     }
 
-    /// Settles a reservation with what the write took on disk.
-    pub fn settle(&self, reservation: Reservation, written: u64) {
-        let unused = reservation.bytes.saturating_sub(written);
-        self.spool.release(unused);
+    /// Counts what a write took on disk.
+    pub fn charge(&self, written: u64) {
+        self.spool.charge(written);
         let mut state = lock(&self.state);
         state.used += written;
         if self.limits.max_bytes_per_sec > 0 {
@@ -245,15 +224,29 @@ mod tests {
         let limits = RecordingLimits::default();
         let a = RecordingBudget::new(limits.clone(), spool.clone());
         let b = RecordingBudget::new(limits, spool.clone());
-        let r = a.reserve(3000).unwrap();
+        a.admit().unwrap();
+        a.charge(3000);
+        b.admit().unwrap();
+        b.charge(1500);
+        assert_eq!(spool.used(), 5500);
+        assert_eq!(a.admit().err(), Some(Exhausted::Spool { max_bytes: 5000 }));
         assert_eq!(
-            b.reserve(1500).err(),
+            b.admit_audit().err(),
             Some(Exhausted::Spool { max_bytes: 5000 })
         );
-        a.settle(r, 1000);
-        let r = b.reserve(1500).unwrap();
-        b.settle(r, 1500);
-        assert_eq!(spool.used(), 3500);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_walk_while_writing_counts_each_byte_once() {
+        let (spool, dir) = meter(1 << 20);
+        let a = RecordingBudget::new(RecordingLimits::default(), spool.clone());
+        a.charge(100);
+        std::fs::write(dir.join("new.cast"), vec![b'x'; 100]).unwrap();
+        spool.rewalk();
+        assert_eq!(spool.used(), 1100);
+        a.charge(50);
+        assert_eq!(spool.used(), 1150);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -265,13 +258,15 @@ mod tests {
             ..Default::default()
         };
         let a = RecordingBudget::new(limits, spool);
-        let r = a.reserve(2000).unwrap();
-        a.settle(r, 2000);
+        a.admit().unwrap();
+        a.charge(2000);
+        assert!(a.admit().is_ok());
+        a.charge(100);
         assert_eq!(
-            a.reserve(100).err(),
+            a.admit().err(),
             Some(Exhausted::Session { max_bytes: 2048 })
         );
-        assert!(a.reserve(48).is_ok());
+        assert!(a.admit_audit().is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -284,8 +279,7 @@ mod tests {
         };
         let a = RecordingBudget::new(limits, spool);
         assert_eq!(a.pause(), None);
-        let r = a.reserve(3000).unwrap();
-        a.settle(r, 3000);
+        a.charge(3000);
         let p = a.pause().unwrap();
         assert!(
             p > Duration::from_millis(1900) && p <= Duration::from_secs(2),

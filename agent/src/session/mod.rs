@@ -7,10 +7,10 @@ mod run;
 pub mod spawn;
 mod table;
 
-pub use cgroup::{sessions_root, v2_mount, Cgroup};
+pub use cgroup::{v2_mount, AppliedLimits, Cgroup, JoinFiles, Layout};
 pub use run::{
     run, signal_name, signal_name_owned, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand,
-    SessionRequest,
+    SessionRequest, CONTROL_QUEUE,
 };
 pub use table::{SessionInfo, SessionRecord, SessionTable};
 

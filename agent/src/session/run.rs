@@ -1,7 +1,7 @@
 //! Running one session: start its process, relay its terminal or pipes, record what
 //! happens, and say how it ended.
 
-use super::budget::{AtLimit, Exhausted, RecordingBudget, Reservation};
+use super::budget::{AtLimit, Exhausted, RecordingBudget};
 use super::spawn::{self, Launch, Streams};
 use super::SessionKind;
 use crate::daemon::{Agent, SessionGrant};
@@ -27,6 +27,9 @@ pub enum ExitOutcome {
     Status(i32),
     Signal(i32),
 }
+
+/// Resizes and signals a session may have waiting; more are dropped.
+pub const CONTROL_QUEUE: usize = 16;
 
 #[derive(Debug)]
 pub enum Control {
@@ -83,44 +86,35 @@ impl Recorder {
     /// Ok means the data may go on to the client.
     fn terminal(
         &mut self,
-        len: usize,
         f: impl FnOnce(&mut Recording) -> std::io::Result<()>,
     ) -> Result<(), Stop> {
         if !self.terminal || self.recording.is_none() {
             return Ok(());
         }
-        match self.budget.reserve(worst_case(len)) {
-            Ok(r) => self.write(r, f),
+        match self.budget.admit() {
+            Ok(()) => self.write(f),
             Err(limit) => self.at_limit(limit),
         }
     }
 
     /// Records an audit line (an exec event). These are small and few next to terminal
     /// output, and the audit trail outlives a truncated cast: only the spool bounds them.
-    fn audit(
-        &mut self,
-        len: usize,
-        f: impl FnOnce(&mut Recording) -> std::io::Result<()>,
-    ) -> Result<(), Stop> {
+    fn audit(&mut self, f: impl FnOnce(&mut Recording) -> std::io::Result<()>) -> Result<(), Stop> {
         if self.recording.is_none() {
             return Ok(());
         }
-        match self.budget.reserve_spool(worst_case(len)) {
-            Ok(r) => self.write(r, f),
+        match self.budget.admit_audit() {
+            Ok(()) => self.write(f),
             Err(limit) => self.at_limit(limit),
         }
     }
 
-    fn write(
-        &mut self,
-        reservation: Reservation,
-        f: impl FnOnce(&mut Recording) -> std::io::Result<()>,
-    ) -> Result<(), Stop> {
+    fn write(&mut self, f: impl FnOnce(&mut Recording) -> std::io::Result<()>) -> Result<(), Stop> {
         let rec = self.recording.as_mut().expect("checked by the caller");
         let before = rec.bytes();
         let result = f(rec);
         let written = rec.bytes().saturating_sub(before);
-        self.budget.settle(reservation, written);
+        self.budget.charge(written);
         match result {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -176,12 +170,6 @@ impl Recorder {
     }
 }
 
-/// The most a write of `len` bytes of terminal data can take in a cast: every byte a
-/// `\u00XX` escape, plus the event's frame.
-fn worst_case(len: usize) -> u64 {
-    len as u64 * 6 + 64
-}
-
 /// Runs the session to its end. `stdin` closing means EOF from the client; `control`
 /// closing means the client is gone.
 pub async fn run<S: ClientSink>(
@@ -189,7 +177,7 @@ pub async fn run<S: ClientSink>(
     grant: Grant,
     request: SessionRequest,
     stdin: mpsc::Receiver<Bytes>,
-    control: mpsc::UnboundedReceiver<Control>,
+    control: mpsc::Receiver<Control>,
     sink: Arc<S>,
 ) {
     let sg = match agent.open_session(&grant, request.kind).await {
@@ -303,6 +291,7 @@ fn start_recording(
         input_recorded: agent.config.recording.input,
         interrupted: false,
         truncated: None,
+        limits: Some(sg.cgroup.limits().clone()),
     };
     let records_stream = match &request.command {
         SessionCommand::Subsystem(_) => false,
@@ -430,7 +419,7 @@ async fn deliver<S: ClientSink>(
 ) -> Result<(), Stop> {
     let pause = {
         let mut r = Recorder::lock(recorder);
-        r.terminal(data.len(), |rec| rec.output(data))?;
+        r.terminal(|rec| rec.output(data))?;
         r.pause()
     };
     let bytes = Bytes::copy_from_slice(data);
@@ -458,8 +447,7 @@ async fn exec_event<S: ClientSink>(
     if exec.is_some() {
         agent.sessions.count_command(session_id);
     }
-    let len = line.to_string().len() + marker.len();
-    Recorder::lock(recorder).audit(len, |r| r.audit(&line, Some(&marker)))?;
+    Recorder::lock(recorder).audit(|r| r.audit(&line, Some(&marker)))?;
     if exec.is_some_and(|ev| ev.verdict != crate::enforce::Verdict::Allowed) {
         sink.stderr(Bytes::from(format!("\r\nusher: {marker}\r\n")))
             .await;
@@ -472,7 +460,7 @@ async fn relay<S: ClientSink>(
     request: &SessionRequest,
     mut sg: SessionGrant,
     mut stdin: mpsc::Receiver<Bytes>,
-    mut control: mpsc::UnboundedReceiver<Control>,
+    mut control: mpsc::Receiver<Control>,
     sink: &Arc<S>,
     recorder: &SharedRecorder,
 ) -> Result<ExitOutcome, Stop> {
@@ -519,9 +507,8 @@ async fn relay<S: ClientSink>(
             let recorder = recorder.clone();
             tokio::spawn(async move {
                 while let Some(data) = stdin.recv().await {
-                    let echo = m.echo_enabled();
-                    let recorded =
-                        Recorder::lock(&recorder).terminal(data.len(), |r| r.input(&data, echo));
+                    let keys = m.keystrokes();
+                    let recorded = Recorder::lock(&recorder).terminal(|r| r.input(&data, keys));
                     if let Err(stop) = recorded {
                         let _ = input_failed_tx.send(stop);
                         break;
@@ -603,7 +590,7 @@ async fn relay<S: ClientSink>(
                 Some(Control::Resize(cols, rows)) => match &master {
                     Some(m) => {
                         let _ = m.resize(cols, rows);
-                        Recorder::lock(recorder).terminal(16, |r| r.resize(cols, rows))
+                        Recorder::lock(recorder).terminal(|r| r.resize(cols, rows))
                     }
                     None => Ok(()),
                 },
@@ -660,8 +647,7 @@ async fn relay<S: ClientSink>(
             if exec.is_some() {
                 agent.sessions.count_command(&session_id);
             }
-            let len = line.to_string().len() + marker.len();
-            let _ = Recorder::lock(recorder).audit(len, |r| r.audit(&line, Some(&marker)));
+            let _ = Recorder::lock(recorder).audit(|r| r.audit(&line, Some(&marker)));
         }
     }
     if let Some(rx) = exec_events {

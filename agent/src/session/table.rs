@@ -1,8 +1,10 @@
 //! The sessions the agent knows, in memory and in `sessions.json`, so that a restarted
 //! agent finds the cgroups its predecessor made.
 
-use super::{Cgroup, SessionKind};
+use super::{Cgroup, Layout, SessionKind};
 use crate::fsutil;
+use crate::grant::GrantId;
+use crate::profile::Limits;
 use crate::sync::lock;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -14,11 +16,31 @@ use tokio::sync::watch;
 pub struct SessionRecord {
     pub id: String,
     pub jti: String,
+    /// The grant's issuer; empty in records from before grants were keyed by (iss, jti).
+    #[serde(default)]
+    pub iss: String,
     pub login: String,
     pub profile: String,
     pub kind: SessionKind,
     pub cgroup: PathBuf,
+    /// The cgroup v1 groups that hold the session's limits (hybrid hosts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limit_cgroups: Vec<PathBuf>,
     pub started_at: i64,
+}
+
+impl SessionRecord {
+    pub fn grant_id(&self) -> GrantId {
+        GrantId {
+            iss: self.iss.clone(),
+            jti: self.jti.clone(),
+        }
+    }
+
+    /// The session's cgroup with everything that belongs to it, to adopt or remove.
+    pub fn open_cgroup(&self) -> std::io::Result<Cgroup> {
+        Cgroup::open_with_limit_groups(&self.cgroup, &self.limit_cgroups)
+    }
 }
 
 /// What `usher sessions` shows.
@@ -27,6 +49,7 @@ pub struct SessionInfo {
     pub id: String,
     pub kind: SessionKind,
     pub jti: String,
+    pub iss: String,
     pub login: String,
     pub started_at: i64,
     /// False once the main process ended but processes it left still run.
@@ -44,7 +67,7 @@ struct Live {
 
 pub struct SessionTable {
     path: PathBuf,
-    root: Mutex<Option<PathBuf>>,
+    layout: Mutex<Option<Layout>>,
     live: Mutex<BTreeMap<String, Live>>,
     leftovers: Mutex<Vec<SessionRecord>>,
 }
@@ -63,7 +86,7 @@ impl SessionTable {
         };
         Ok(SessionTable {
             path: path.to_owned(),
-            root: Mutex::new(None),
+            layout: Mutex::new(None),
             live: Mutex::new(BTreeMap::new()),
             leftovers: Mutex::new(leftovers),
         })
@@ -74,19 +97,25 @@ impl SessionTable {
         std::mem::take(&mut *lock(&self.leftovers))
     }
 
-    pub fn create_cgroup(&self, id: &str) -> std::io::Result<Cgroup> {
-        let mut root = lock(&self.root);
-        if root.is_none() {
-            *root = Some(super::sessions_root()?);
-        }
-        Cgroup::create(root.as_ref().expect("set above"), id)
+    /// Makes session `id`'s cgroup, held to `limits` (see `Cgroup::create` for a limit
+    /// that cannot be applied).
+    pub fn create_cgroup(&self, id: &str, limits: &Limits) -> std::io::Result<Cgroup> {
+        let layout = {
+            let mut layout = lock(&self.layout);
+            if layout.is_none() {
+                *layout = Some(Layout::discover()?);
+            }
+            layout.clone().expect("set above")
+        };
+        let limits = limits.resolve(super::cgroup::host_ram_bytes()?);
+        Cgroup::create(&layout, id, &limits)
     }
 
     /// Adds a session; the receiver learns why, if its grant ends while it runs.
     pub fn register(
         &self,
         id: &str,
-        jti: &str,
+        grant: &GrantId,
         login: &str,
         profile: &str,
         kind: SessionKind,
@@ -95,11 +124,13 @@ impl SessionTable {
         let (end, rx) = watch::channel(None);
         let record = SessionRecord {
             id: id.into(),
-            jti: jti.into(),
+            jti: grant.jti.clone(),
+            iss: grant.iss.clone(),
             login: login.into(),
             profile: profile.into(),
             kind,
             cgroup: cgroup.path().to_owned(),
+            limit_cgroups: cgroup.limit_groups().to_vec(),
             started_at: crate::grant::now(),
         };
         lock(&self.live).insert(
@@ -157,11 +188,11 @@ impl SessionTable {
         cgroup
     }
 
-    /// Tells every session of `jti` why it ends; returns their cgroups to kill.
-    pub fn end_grant(&self, jti: &str, why: &str) -> Vec<(String, Arc<Cgroup>)> {
+    /// Tells every session of the grant why it ends; returns their cgroups to kill.
+    pub fn end_grant(&self, grant: &GrantId, why: &str) -> Vec<(String, Arc<Cgroup>)> {
         lock(&self.live)
             .values()
-            .filter(|l| l.record.jti == jti)
+            .filter(|l| l.record.grant_id() == *grant)
             .map(|l| {
                 let _ = l.end.send(Some(why.to_string()));
                 (l.record.id.clone(), l.cgroup.clone())
@@ -181,6 +212,7 @@ impl SessionTable {
                 id: l.record.id.clone(),
                 kind: l.record.kind,
                 jti: l.record.jti.clone(),
+                iss: l.record.iss.clone(),
                 login: l.record.login.clone(),
                 started_at: l.record.started_at,
                 attached: l.attached,

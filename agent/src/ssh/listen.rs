@@ -7,6 +7,7 @@
 use super::server::Connection;
 use crate::admission::{Admission, Refused};
 use crate::daemon::Agent;
+use crate::grant::GrantId;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -136,7 +137,7 @@ async fn connection(
     let deadline = tokio::time::Instant::now() + grace;
     // Subscribed before authentication, so that a grant ending in between is not missed.
     let mut grant_ends = agent.grant_ends();
-    let (authenticated_tx, mut authenticated) = watch::channel(None::<String>);
+    let (authenticated_tx, mut authenticated) = watch::channel(None::<GrantId>);
     let handler = Connection::new(agent.clone(), Some(peer), authenticated_tx);
     // A second descriptor of the socket, to cut it from under a session that will not
     // end by itself (a peer that reads nothing).
@@ -157,7 +158,7 @@ async fn connection(
     tokio::pin!(running);
     let mut startup_slot = Some(startup_slot);
     let mut _connection_slot = None;
-    let mut grant: Option<String> = None;
+    let mut grant: Option<GrantId> = None;
     loop {
         tokio::select! {
             _ = &mut running => return,
@@ -166,9 +167,9 @@ async fn connection(
                 break;
             }
             changed = authenticated.changed(), if grant.is_none() => {
-                let jti = authenticated.borrow().clone();
-                match (changed, jti) {
-                    (Ok(()), Some(jti)) => {
+                let id = authenticated.borrow().clone();
+                match (changed, id) {
+                    (Ok(()), Some(id)) => {
                         startup_slot = None;
                         match connections.try_admit(()) {
                             Ok(s) => _connection_slot = Some(s),
@@ -177,24 +178,24 @@ async fn connection(
                                 break;
                             }
                         }
-                        if !agent.is_live(&jti) {
+                        if !agent.is_live(&id) {
                             break;
                         }
-                        grant = Some(jti);
+                        grant = Some(id);
                     }
                     _ => return,
                 }
             }
             ended = grant_ends.recv(), if grant.is_some() => {
-                let mine = grant.as_deref().unwrap_or_default();
+                let Some(mine) = grant.as_ref() else { continue };
                 let over = match ended {
-                    Ok(jti) => jti == mine,
+                    Ok(id) => &id == mine,
                     // Missed some: ask the agent instead.
                     Err(broadcast::error::RecvError::Lagged(_)) => !agent.is_live(mine),
                     Err(broadcast::error::RecvError::Closed) => false,
                 };
                 if over {
-                    audit!("connection_closed", jti = mine, peer = peer.to_string().as_str(); "connection from {peer} closed: its grant {mine} ended");
+                    audit!("connection_closed", jti = mine.jti.as_str(), iss = mine.iss.as_str(), peer = peer.to_string().as_str(); "connection from {peer} closed: its grant {mine} ended");
                     break;
                 }
             }

@@ -2,9 +2,9 @@
 //! `session::run`.
 
 use crate::daemon::Agent;
-use crate::grant::Grant;
+use crate::grant::{Grant, GrantId};
 use crate::session::{
-    self, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest,
+    self, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest, CONTROL_QUEUE,
 };
 use bytes::Bytes;
 use russh::keys::PublicKey;
@@ -48,7 +48,7 @@ pub(super) struct Connection {
     grant: Option<Grant>,
     channels: HashMap<ChannelId, ChannelState>,
     /// Tells the listener which grant this connection authenticated with.
-    authenticated: watch::Sender<Option<String>>,
+    authenticated: watch::Sender<Option<GrantId>>,
 }
 
 #[derive(Default)]
@@ -60,7 +60,7 @@ struct ChannelState {
     pty: Option<PtySpec>,
     env: Vec<(String, String)>,
     stdin: Option<mpsc::Sender<Bytes>>,
-    control: Option<mpsc::UnboundedSender<Control>>,
+    control: Option<mpsc::Sender<Control>>,
     started: bool,
 }
 
@@ -149,7 +149,7 @@ impl Connection {
     pub(super) fn new(
         agent: Arc<Agent>,
         peer: Option<SocketAddr>,
-        authenticated: watch::Sender<Option<String>>,
+        authenticated: watch::Sender<Option<GrantId>>,
     ) -> Connection {
         Connection {
             agent,
@@ -161,8 +161,7 @@ impl Connection {
     }
 
     fn accept(&mut self, grant: Grant) -> Auth {
-        self.authenticated
-            .send_replace(Some(grant.jti().to_string()));
+        self.authenticated.send_replace(Some(grant.id()));
         self.grant = Some(grant);
         Auth::Accept
     }
@@ -170,7 +169,7 @@ impl Connection {
     /// The connection's grant, if it still lives: checked at every channel open, so
     /// nothing new starts under a grant that is ending.
     fn live_grant(&self) -> Option<&Grant> {
-        self.grant.as_ref().filter(|g| self.agent.is_live(g.jti()))
+        self.grant.as_ref().filter(|g| self.agent.is_live(&g.id()))
     }
 
     fn peer_string(&self) -> String {
@@ -228,7 +227,9 @@ impl Connection {
         };
         state.started = true;
         let (stdin_tx, stdin_rx) = mpsc::channel(64);
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        // Bounded: a client that floods window changes or signals while its session waits
+        // on it loses the surplus instead of growing the agent.
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         state.stdin = Some(stdin_tx);
         state.control = Some(control_tx);
         let request = SessionRequest {
@@ -462,7 +463,7 @@ impl russh::server::Handler for Connection {
         if let Some(state) = self.channels.get_mut(&channel) {
             let (cols, rows) = (cols.clamp(1, 1000) as u16, rows.clamp(1, 1000) as u16);
             if let Some(c) = &state.control {
-                let _ = c.send(Control::Resize(cols, rows));
+                let _ = c.try_send(Control::Resize(cols, rows));
             } else if let Some(p) = &mut state.pty {
                 p.cols = cols;
                 p.rows = rows;
@@ -479,7 +480,7 @@ impl russh::server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         if let (Some(state), Some(sig)) = (self.channels.get(&channel), from_sig(&signal)) {
             if let Some(c) = &state.control {
-                let _ = c.send(Control::Signal(sig));
+                let _ = c.try_send(Control::Signal(sig));
             }
         }
         Ok(())
