@@ -181,9 +181,21 @@ echo CONTROL-end
 fn an_allow_list_runs_only_what_it_lists_and_copies_are_strangers() {
     let agent = enforcing_agent();
     let login = grant(&agent, "allow", Some("few"));
+    // A copy where the session may execute (root's, outside its noexec places): only the
+    // file's identity can refuse it there.
+    let copies = ScratchDir(std::path::PathBuf::from(format!(
+        "/var/lib/usher-allow-test-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&copies.0).unwrap();
+    std::fs::copy("/usr/bin/echo", copies.0.join("root-copy-of-echo")).unwrap();
     let out = agent.ssh(
         &login,
-        "echo listed; cp /usr/bin/echo ~/renamed-echo; ~/renamed-echo copy-ran; echo \"copy:$?\"; /usr/bin/true; echo \"unlisted:$?\"",
+        &format!(
+            "echo listed; cp /usr/bin/echo ~/renamed-echo; ~/renamed-echo copy-ran; echo \"copy:$?\"; \
+             {}/root-copy-of-echo root-copy-ran; echo \"root-copy:$?\"; /usr/bin/true; echo \"unlisted:$?\"",
+            copies.0.display()
+        ),
     );
     let (stdout, stderr) = text(&out);
     assert!(stdout.contains("listed"), "{stdout}{stderr}");
@@ -196,6 +208,8 @@ fn an_allow_list_runs_only_what_it_lists_and_copies_are_strangers() {
         stdout.contains("copy:126") || stdout.contains("copy:137"),
         "{stdout}"
     );
+    assert!(!stdout.contains("root-copy-ran"), "{stdout}");
+    assert!(stdout.contains("root-copy:137"), "{stdout}");
     assert!(stdout.contains("unlisted:137"), "{stdout}");
     let id = agent.recorded_sessions().pop().unwrap();
     assert!(agent
