@@ -391,12 +391,23 @@ impl Cgroup {
         for c in &layout.v2_controllers {
             places.push((*c, self.path.clone(), true));
         }
+        // A v1 group that cannot be made (a read-only hierarchy, as in a container on a
+        // hybrid host) leaves its controllers unapplied, like a missing controller.
+        let mut unavailable: Vec<(Controller, String)> = Vec::new();
         for (cs, parent) in &layout.v1_sessions {
             let dir = parent.join(name);
-            std::fs::create_dir(&dir)?;
-            self.limit_groups.push(dir.clone());
-            for c in cs {
-                places.push((*c, dir.clone(), false));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {
+                    self.limit_groups.push(dir.clone());
+                    for c in cs {
+                        places.push((*c, dir.clone(), false));
+                    }
+                }
+                Err(e) => {
+                    for c in cs {
+                        unavailable.push((*c, format!("{}: {e}", dir.display())));
+                    }
+                }
             }
         }
         self.limits = AppliedLimits {
@@ -414,9 +425,9 @@ impl Cgroup {
             };
             let outcome = match places.iter().find(|(p, _, _)| *p == c) {
                 Some((_, dir, v2)) => write_limit(c, dir, *v2, limits).map_err(|e| e.to_string()),
-                None => Err(layout
-                    .missing
+                None => Err(unavailable
                     .iter()
+                    .chain(&layout.missing)
                     .find(|(m, _)| *m == c)
                     .map(|(_, why)| why.clone())
                     .unwrap_or_else(|| format!("no {} controller", c.name()))),
