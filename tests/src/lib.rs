@@ -313,6 +313,21 @@ jwks = "{d}/issuer.jwks.json"
         self.usher(&["grant", "install", token])
     }
 
+    /// Installs a grant for `login(name)` under `profile`; returns the login and the
+    /// grant's jti.
+    pub fn grant(&self, name: &str, profile: Option<&str>) -> (String, String) {
+        let login = self.login(name);
+        let mut c = self.claims(&login, 600);
+        c.profile = profile.map(String::from);
+        let out = self.install(&self.sign(&c));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (login, c.jti)
+    }
+
     pub fn ssh_base_args(&self) -> Vec<String> {
         [
             "-o",

@@ -21,19 +21,6 @@ fn enforcing_agent() -> TestAgent {
     })
 }
 
-fn grant(agent: &TestAgent, name: &str, profile: Option<&str>) -> String {
-    let login = agent.login(name);
-    let mut c = agent.claims(&login, 600);
-    c.profile = profile.map(String::from);
-    let out = agent.install(&agent.sign(&c));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    login
-}
-
 fn text(out: &std::process::Output) -> (String, String) {
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -53,7 +40,7 @@ impl Drop for ScratchDir {
 #[test]
 fn a_denied_program_does_not_run_however_it_is_started() {
     let agent = enforcing_agent();
-    let login = grant(&agent, "deny", Some("no-id"));
+    let login = agent.grant("deny", Some("no-id")).0;
     // A hard link made by root (users may not link files they do not own), outside the
     // places the session can write (those are noexec in its mount namespace, which would
     // stop it before the kernel program is asked). /var/lib shares /usr's file system here.
@@ -180,7 +167,7 @@ echo CONTROL-end
 #[test]
 fn an_allow_list_runs_only_what_it_lists_and_copies_are_strangers() {
     let agent = enforcing_agent();
-    let login = grant(&agent, "allow", Some("few"));
+    let login = agent.grant("allow", Some("few")).0;
     // A copy where the session may execute (root's, outside its noexec places): only the
     // file's identity can refuse it there.
     let copies = ScratchDir(std::path::PathBuf::from(format!(
@@ -221,8 +208,8 @@ fn an_allow_list_runs_only_what_it_lists_and_copies_are_strangers() {
 #[test]
 fn sessions_do_not_affect_each_other_or_anything_outside() {
     let agent = enforcing_agent();
-    let denied = grant(&agent, "deny2", Some("no-id"));
-    let free = grant(&agent, "free", None);
+    let denied = agent.grant("deny2", Some("no-id")).0;
+    let free = agent.grant("free", None).0;
     // A live restricted session while the others run.
     let live = agent
         .ssh_command(&denied)
@@ -253,7 +240,7 @@ fn sessions_do_not_affect_each_other_or_anything_outside() {
 #[test]
 fn a_restarted_agent_enforces_the_profiles_of_live_sessions_again() {
     let mut agent = enforcing_agent();
-    let login = grant(&agent, "linger", Some("no-id"));
+    let login = agent.grant("linger", Some("no-id")).0;
     // A process left running in the session's cgroup tries id every 200 ms.
     let out = agent.ssh(
         &login,

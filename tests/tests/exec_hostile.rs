@@ -23,19 +23,6 @@ fn enforcing_agent() -> TestAgent {
     })
 }
 
-fn grant(agent: &TestAgent, name: &str, profile: Option<&str>) -> String {
-    let login = agent.login(name);
-    let mut c = agent.claims(&login, 600);
-    c.profile = profile.map(String::from);
-    let out = agent.install(&agent.sign(&c));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    login
-}
-
 /// Files the test makes outside the test's directory, removed however the test ends.
 struct Scratch(Vec<PathBuf>);
 
@@ -111,7 +98,7 @@ fn a_library_the_user_wrote_does_not_run_in_an_enforced_session() {
 
     // The control: with enforcement off for the profile (audit), the library does run
     // everywhere: the test can see it when it happens.
-    let open = grant(&agent, "audit", None);
+    let open = agent.grant("audit", None).0;
     let control = try_library(&agent, &open, &library, &mut scratch);
     assert_eq!(
         control.ran,
@@ -122,7 +109,7 @@ fn a_library_the_user_wrote_does_not_run_in_an_enforced_session() {
     );
 
     for (name, profile) in [("allow", "few"), ("deny", "no-id")] {
-        let login = grant(&agent, name, Some(profile));
+        let login = agent.grant(name, Some(profile)).0;
         let attempt = try_library(&agent, &login, &library, &mut scratch);
         assert!(
             attempt.ran.is_empty(),
@@ -172,7 +159,7 @@ fn wait_for_file(path: &Path, secs: u64) -> Option<String> {
 #[test]
 fn enforcement_does_not_pause_while_the_agent_is_down() {
     let mut agent = enforcing_agent();
-    let login = grant(&agent, "crash", Some("no-id"));
+    let login = agent.grant("crash", Some("no-id")).0;
     // A process that outlives the connection waits in the session's cgroup for the
     // signal, then tries the forbidden program.
     let out = agent.ssh(
@@ -224,7 +211,7 @@ fn a_session_that_outruns_its_recording_loses_events_counted() {
         enforcement: Some("required".into()),
         ..Default::default()
     });
-    let login = grant(&agent, "flood", None);
+    let login = agent.grant("flood", None).0;
     let storm_done = |login: &str| user_exists(login) && home_of(login).join("storm-done").exists();
     const EXECS: usize = 4000;
     // The client reads nothing while the session floods its output: the session's relay

@@ -99,6 +99,7 @@ fn unauthenticated_connections_are_capped_per_source_and_get_a_grace_time() {
     let mut held: Vec<TcpStream> = (0..4)
         .map(|_| TcpStream::connect(("127.0.0.1", agent.port)).unwrap())
         .collect();
+    let opened = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
     let mut fifth = TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
     assert!(
@@ -125,7 +126,6 @@ fn unauthenticated_connections_are_capped_per_source_and_get_a_grace_time() {
         agent.log()
     );
     // The grace time: a silent peer and one that stops after the version line.
-    let start = Instant::now();
     held[1].write_all(b"SSH-2.0-idle\r\n").unwrap();
     for s in held.iter_mut() {
         assert!(
@@ -133,10 +133,10 @@ fn unauthenticated_connections_are_capped_per_source_and_get_a_grace_time() {
             "an unauthenticated connection outlived its grace time"
         );
     }
-    let took = start.elapsed();
+    let took = opened.elapsed();
     assert!(
-        took >= Duration::from_millis(1500),
-        "closed too early: {took:?}"
+        took >= Duration::from_millis(1900),
+        "closed before the grace time: {took:?}"
     );
     // With the slots free again, the first address logs in.
     assert!(logs_in(&agent, &login), "{}", agent.log());
@@ -337,17 +337,10 @@ fn a_sessions_recording_budget_ends_or_truncates_it_as_its_profile_says() {
             .into(),
         ..Default::default()
     });
-    let grant = |name: &str, profile: &str| {
-        let login = agent.login(name);
-        let mut c = agent.claims(&login, 600);
-        c.profile = Some(profile.into());
-        assert!(agent.install(&agent.sign(&c)).status.success());
-        login
-    };
     let flood = "seq 1 1000000";
 
     // End: the client sees the reason, never more than was recorded.
-    let login = grant("capped", "capped");
+    let login = agent.grant("capped", Some("capped")).0;
     let out = agent.ssh(&login, flood);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("reached its limit of 1048576 bytes"), "{err}");
@@ -364,7 +357,7 @@ fn a_sessions_recording_budget_ends_or_truncates_it_as_its_profile_says() {
     );
 
     // Truncate: the session runs to its end; the cast says where it was cut.
-    let login = grant("cut", "cut");
+    let login = agent.grant("cut", Some("cut")).0;
     let out = agent.ssh(&login, flood);
     assert!(
         out.status.success(),
@@ -386,7 +379,7 @@ fn a_sessions_recording_budget_ends_or_truncates_it_as_its_profile_says() {
     assert!(cast.contains("recording truncated"));
 
     // Rate: 1.2 MB of output at 300 kB/s takes seconds, all of it delivered.
-    let login = grant("slow", "slow");
+    let login = agent.grant("slow", Some("slow")).0;
     let start = Instant::now();
     let out = agent.ssh(&login, "head -c 900000 /dev/zero | base64 -w 100");
     let took = start.elapsed();

@@ -20,20 +20,6 @@ fn agent_with_tight_profile() -> TestAgent {
     })
 }
 
-/// Installs a grant for `name` with `profile`; returns the login and the grant's jti.
-fn grant(agent: &TestAgent, name: &str, profile: Option<&str>) -> (String, String) {
-    let login = agent.login(name);
-    let mut c = agent.claims(&login, 600);
-    c.profile = profile.map(String::from);
-    let out = agent.install(&agent.sign(&c));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (login, c.jti)
-}
-
 /// A session driven line by line: the script prints markers, the test answers on stdin.
 struct LiveSession {
     child: Child,
@@ -154,8 +140,8 @@ const PROBE: &str =
 #[test]
 fn the_limits_are_in_the_session_cgroups_with_defaults_and_the_agent_shields_itself_from_oom() {
     let agent = agent_with_tight_profile();
-    let (tight, _) = grant(&agent, "tight", Some("tight"));
-    let (plain, _) = grant(&agent, "plain", None);
+    let (tight, _) = agent.grant("tight", Some("tight"));
+    let (plain, _) = agent.grant("plain", None);
 
     let mut s = LiveSession::start(&agent, &tight, PROBE);
     let lines = s.until(&agent, "ready");
@@ -236,8 +222,8 @@ fn the_limits_are_in_the_session_cgroups_with_defaults_and_the_agent_shields_its
 #[test]
 fn a_fork_bomb_is_held_by_pids_max_while_another_grant_logs_in_and_works() {
     let agent = agent_with_tight_profile();
-    let (bomber, bomber_jti) = grant(&agent, "bomber", Some("tight"));
-    let (other, _) = grant(&agent, "other", None);
+    let (bomber, bomber_jti) = agent.grant("bomber", Some("tight"));
+    let (other, _) = agent.grant("other", None);
 
     let started = Instant::now();
     assert!(agent.ssh(&other, "true").status.success());
@@ -310,8 +296,8 @@ fn a_fork_bomb_is_held_by_pids_max_while_another_grant_logs_in_and_works() {
 #[test]
 fn a_memory_hog_is_oom_killed_in_its_session_and_the_agent_survives() {
     let agent = agent_with_tight_profile();
-    let (hog, _) = grant(&agent, "hog", Some("tight"));
-    let (other, _) = grant(&agent, "calm", None);
+    let (hog, _) = agent.grant("hog", Some("tight"));
+    let (other, _) = agent.grant("calm", None);
 
     // 64 chunks of 16 MiB, each written: 1 GiB at most, even where nothing limits it.
     let script = "cat /proc/self/cgroup; echo ready; read x; \
@@ -397,7 +383,7 @@ fn a_limit_the_profile_sets_that_the_host_cannot_apply_refuses_the_session() {
         )],
         ..Default::default()
     });
-    let (login, _) = grant(&agent, "huge", Some("huge"));
+    let (login, _) = agent.grant("huge", Some("huge"));
     let out = agent.ssh(&login, "echo should-not-run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -435,7 +421,7 @@ fn a_limit_the_profile_sets_that_the_host_cannot_apply_refuses_the_session() {
         String::from_utf8_lossy(&found.stdout)
     );
     // The defaults are no promise: a default profile's session on the same host runs.
-    let (plain, _) = grant(&agent, "plain", None);
+    let (plain, _) = agent.grant("plain", None);
     assert!(
         agent.ssh(&plain, "true").status.success(),
         "{}",

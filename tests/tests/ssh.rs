@@ -516,7 +516,7 @@ fn a_full_spool_refuses_new_sessions_with_the_reason_and_keeps_what_it_has() {
     // The limit holds while the first session writes, not only when the next one starts.
     let first = agent.ssh(
         &login,
-        "for i in $(seq 1 2000); do echo filling-the-spool-$i; done",
+        "for i in $(seq 1 20000); do echo filling-the-spool-$i; done",
     );
     assert!(!first.status.success());
     assert!(
