@@ -25,6 +25,9 @@ pub(crate) struct Bench {
     pub dir: PathBuf,
     key: PathBuf,
     children: Vec<Child>,
+    /// The usherd binary, to end what the killed agent left (its sessions' cgroups, its
+    /// pinned eBPF programs) with `--remove-accounts`.
+    usherd: Option<PathBuf>,
 }
 
 impl Drop for Bench {
@@ -33,8 +36,19 @@ impl Drop for Bench {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(usherd) = &self.usherd {
+            let _ = Command::new(usherd)
+                .arg("--config")
+                .arg(self.dir.join("usherd.toml"))
+                .arg("--remove-accounts")
+                .stderr(Stdio::null())
+                .status();
+        }
         for user in [SSHD_USER, "bn-bench"] {
-            let _ = Command::new("pkill").args(["-KILL", "-u", user]).status();
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-u", user])
+                .stderr(Stdio::null())
+                .status();
             std::thread::sleep(Duration::from_millis(100));
             let _ = Command::new("userdel")
                 .args(["--remove", user])
@@ -276,6 +290,7 @@ pub(crate) fn start_servers(usherd_extra: &str) -> Result<(Bench, Target, Target
         key: dir.join("id_ed25519"),
         dir: dir.clone(),
         children: vec![],
+        usherd: None,
     };
     run_cmd(
         Command::new("ssh-keygen")
@@ -352,6 +367,7 @@ pub(crate) fn start_servers(usherd_extra: &str) -> Result<(Bench, Target, Target
         .map_err(|e| e.to_string())?;
     let usherd_pid = usherd.id();
     bench.children.push(usherd);
+    bench.usherd = Some(bin.join("usherd"));
     wait_port(sshd_port)?;
     wait_port(usher_port)?;
     std::thread::sleep(Duration::from_millis(300));
