@@ -348,12 +348,17 @@ jwks = "{d}/issuer.jwks.json"
 
     /// `ssh` with the test's key, batch mode, on this agent's port.
     pub fn ssh_command(&self, login: &str) -> Command {
+        self.ssh_command_to(login, "127.0.0.1", self.port)
+    }
+
+    /// `ssh` with the test's key, batch mode, to another address or server.
+    pub fn ssh_command_to(&self, login: &str, host: &str, port: u16) -> Command {
         let mut c = Command::new("timeout");
         c.arg("60").arg("ssh").args(self.ssh_base_args());
         c.args(["-o", "BatchMode=yes", "-i"])
             .arg(&self.client_key)
-            .args(["-p", &self.port.to_string()])
-            .arg(format!("{login}@127.0.0.1"));
+            .args(["-p", &port.to_string()])
+            .arg(format!("{login}@{host}"));
         c
     }
 

@@ -405,14 +405,8 @@ fn cron_at_and_the_host_sshd_turn_the_accounts_away() {
         let mut c = Command::new("/usr/sbin/sshd");
         c.args(["-D", "-e", "-f"]).arg(&config);
         let sshd = Daemon::start("sshd", c, &log);
-        let out = Command::new("timeout")
-            .arg("30")
-            .arg("ssh")
-            .args(agent.ssh_base_args())
-            .args(["-o", "BatchMode=yes", "-i"])
-            .arg(&agent.client_key)
-            .args(["-p", &port.to_string()])
-            .arg(format!("{login}@127.0.0.1"))
+        let out = agent
+            .ssh_command_to(&login, "127.0.0.1", port)
             .arg("true")
             .stdin(std::process::Stdio::null())
             .output()

@@ -107,14 +107,8 @@ fn unauthenticated_connections_are_capped_per_source_and_get_a_grace_time() {
         "a fifth unauthenticated connection from one address was kept"
     );
     // Another source address is not starved by the first.
-    let out = Command::new("timeout")
-        .arg("30")
-        .arg("ssh")
-        .args(agent.ssh_base_args())
-        .args(["-o", "BatchMode=yes", "-i"])
-        .arg(&agent.client_key)
-        .args(["-p", &agent.port.to_string()])
-        .arg(format!("{login}@::1"))
+    let out = agent
+        .ssh_command_to(&login, "::1", agent.port)
         .arg("echo from-v6")
         .stdin(Stdio::null())
         .output()

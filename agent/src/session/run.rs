@@ -436,6 +436,24 @@ async fn deliver<S: ClientSink>(
 
 /// One exec event (or a count of lost ones) into the recording, then (for a blocked exec)
 /// a line to the client.
+/// One exec note into the recording (and the session's command count). Returns the
+/// marker of a blocked exec, for the client to be told.
+fn record_exec(
+    agent: &Agent,
+    session_id: &str,
+    recorder: &SharedRecorder,
+    note: &crate::enforce::ExecNote,
+) -> Result<Option<String>, Stop> {
+    let (line, marker, exec) = super::exec_note_audit(session_id, note);
+    if exec.is_some() {
+        agent.sessions.count_command(session_id);
+    }
+    Recorder::lock(recorder).audit(|r| r.audit(&line, Some(&marker)))?;
+    let blocked = exec.is_some_and(|ev| ev.verdict != crate::enforce::Verdict::Allowed);
+    Ok(blocked.then_some(marker))
+}
+
+/// One exec note into the recording, then (for a blocked exec) a line to the client.
 async fn exec_event<S: ClientSink>(
     agent: &Agent,
     session_id: &str,
@@ -443,12 +461,7 @@ async fn exec_event<S: ClientSink>(
     sink: &S,
     note: &crate::enforce::ExecNote,
 ) -> Result<(), Stop> {
-    let (line, marker, exec) = super::exec_note_audit(session_id, note);
-    if exec.is_some() {
-        agent.sessions.count_command(session_id);
-    }
-    Recorder::lock(recorder).audit(|r| r.audit(&line, Some(&marker)))?;
-    if exec.is_some_and(|ev| ev.verdict != crate::enforce::Verdict::Allowed) {
+    if let Some(marker) = record_exec(agent, session_id, recorder, note)? {
         sink.stderr(Bytes::from(format!("\r\nusher: {marker}\r\n")))
             .await;
     }
@@ -643,11 +656,7 @@ async fn relay<S: ClientSink>(
     if let Some(rx) = exec_events.as_mut() {
         while let Ok(Some(note)) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await
         {
-            let (line, marker, exec) = super::exec_note_audit(&session_id, &note);
-            if exec.is_some() {
-                agent.sessions.count_command(&session_id);
-            }
-            let _ = Recorder::lock(recorder).audit(|r| r.audit(&line, Some(&marker)));
+            let _ = record_exec(agent, &session_id, recorder, &note);
         }
     }
     if let Some(rx) = exec_events {
