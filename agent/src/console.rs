@@ -5,9 +5,9 @@
 //! terminal and a PTY of its own. The account's identity comes from SO_PEERCRED, never
 //! from what the client says.
 
-use crate::daemon::Agent;
 use crate::session::{
-    self, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionKind, SessionRequest,
+    self, ClientIo, ClientSink, Control, Core, ExitOutcome, PtySpec, SessionCommand, SessionKind,
+    SessionRequest,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -50,9 +50,12 @@ pub struct ShellControl {
 /// connects here; who it is comes from the kernel. A peer outside the agent's UID range
 /// (root excepted) is dropped before anything is read; each UID holds a few connections
 /// at most, and a request must arrive within seconds.
-pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
+pub async fn serve<C: Core>(
+    core: Arc<C>,
+    range: std::ops::RangeInclusive<u32>,
+    listener: UnixListener,
+) {
     let slots = crate::admission::Admission::new(256, 8);
-    let range = agent.config.accounts.uid_min..=agent.config.accounts.uid_max;
     crate::control::accept_forever(listener, "console", move |stream, uid| {
         if uid != 0 && !range.contains(&uid) {
             return;
@@ -64,9 +67,9 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
                 return;
             }
         };
-        let agent = agent.clone();
+        let core = core.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(agent, stream).await {
+            if let Err(e) = handle(core, stream).await {
                 log::warn!(target: "usher::console", "console request failed: {e}");
             }
             drop(slot);
@@ -75,7 +78,7 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
     .await
 }
 
-async fn handle(agent: Arc<Agent>, stream: UnixStream) -> Result<(), String> {
+async fn handle<C: Core>(core: Arc<C>, stream: UnixStream) -> Result<(), String> {
     let cred = stream.peer_cred().map_err(|e| e.to_string())?;
     let uid = cred.uid();
     let std_stream = stream.into_std().map_err(|e| e.to_string())?;
@@ -102,7 +105,7 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) -> Result<(), String> {
             .await
         }
     };
-    let grant = match agent.console_grant_for_uid(uid) {
+    let grant = match core.console_grant(uid) {
         Ok(g) => g,
         Err(reason) => {
             audit!("console_refused", uid = uid, reason = reason.as_str(); "console login of uid {uid} refused: {reason}");
@@ -169,7 +172,17 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) -> Result<(), String> {
         err: Arc::new(std::fs::File::from(fd_err)),
         socket: write.clone(),
     });
-    session::run(agent, grant, session_request, stdin_rx, control_rx, sink).await;
+    session::run(
+        core,
+        grant,
+        session_request,
+        ClientIo {
+            stdin: stdin_rx,
+            control: control_rx,
+            sink,
+        },
+    )
+    .await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     controller.abort();
     let _ = tokio::task::spawn_blocking(move || reader.join()).await;

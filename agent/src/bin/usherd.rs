@@ -88,12 +88,21 @@ fn run(args: Args) -> Result<(), String> {
             log::info!(target: "usher::ship", "shipping recordings to {}", collector.url);
         }
         tokio::spawn(usher::control::serve(agent.clone(), control_listener));
-        tokio::spawn(usher::console::serve(agent.clone(), console_listener));
+        let console_uids = agent.config.accounts.uid_min..=agent.config.accounts.uid_max;
+        tokio::spawn(usher::console::serve(
+            agent.clone(),
+            console_uids,
+            console_listener,
+        ));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| e.to_string())?;
         spawn_reloader(agent.clone(), config_path);
-        let settings = usher::ssh::settings(&agent, host_key);
-        tokio::spawn(usher::ssh::serve(agent.clone(), settings, listeners));
+        let settings = usher::ssh::settings(&agent.config.ssh, host_key);
+        let ssh = Arc::new(usher::ssh::SshOptions {
+            config: agent.config.ssh.clone(),
+            sftp_server: agent.config.sftp_server(),
+        });
+        tokio::spawn(usher::ssh::serve(agent.clone(), ssh, settings, listeners));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         log::info!(target: "usher", "usherd {} ready; SSH on {}", env!("CARGO_PKG_VERSION"), bound.join(", "));
         tokio::select! {
