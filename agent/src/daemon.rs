@@ -301,10 +301,7 @@ impl Agent {
             ));
         }
         self.wait_for_spool_room().await?;
-        let account = self
-            .ensure_account(grant)
-            .await
-            .map_err(Refused::Account)?;
+        let account = self.ensure_account(grant).await.map_err(Refused::Account)?;
         let session_id = crate::session::new_session_id();
         let cgroup = self
             .sessions

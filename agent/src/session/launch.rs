@@ -75,4 +75,3 @@ pub(super) fn launch_for(sg: &Opened, request: &SessionRequest) -> std::io::Resu
         home: a.home.clone(),
     })
 }
-

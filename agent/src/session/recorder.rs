@@ -48,7 +48,10 @@ impl Recorder {
 
     /// Records an audit line (an exec event). These are small and few next to terminal
     /// output, and the audit trail outlives a truncated cast: only the spool bounds them.
-    pub(super) fn audit(&mut self, f: impl FnOnce(&mut Recording) -> std::io::Result<()>) -> Result<(), Stop> {
+    pub(super) fn audit(
+        &mut self,
+        f: impl FnOnce(&mut Recording) -> std::io::Result<()>,
+    ) -> Result<(), Stop> {
         if self.recording.is_none() {
             return Ok(());
         }
@@ -120,16 +123,17 @@ impl Recorder {
 }
 
 impl Recorder {
+    /// `required`: a failed write ends the session (else the session goes on unrecorded).
     pub(super) fn new(
         recording: Option<Recording>,
-        ctx: &RecordingContext,
-        opened: &Opened,
+        required: bool,
+        budget: RecordingBudget,
     ) -> SharedRecorder {
         Arc::new(Mutex::new(Recorder {
             recording,
             terminal: true,
-            required: ctx.settings.required,
-            budget: RecordingBudget::new(opened.profile.recording.clone(), ctx.spool.clone()),
+            required,
+            budget,
         }))
     }
 

@@ -2,6 +2,7 @@
 //! starts, its process starts, the relay runs, and the recording and the core hear how it
 //! ended.
 
+use super::budget::RecordingBudget;
 use super::core::{Core, Opened};
 use super::exec_notes::append_exec_events;
 use super::launch::launch_for;
@@ -47,7 +48,11 @@ pub async fn run<C: Core, S: ClientSink>(
             None
         }
     };
-    let recorder = Recorder::new(recording, &ctx, &opened);
+    let recorder = Recorder::new(
+        recording,
+        ctx.settings.required,
+        RecordingBudget::new(opened.profile.recording.clone(), ctx.spool.clone()),
+    );
     let command_text = request.command.text();
     audit!("session_started", session = id.as_str(), jti = grant.jti(), sub = grant.claims.sub.as_str(), login = grant.login(), peer = request.peer.as_deref().unwrap_or("-"), command = command_text.as_deref().unwrap_or("(shell)");
         "session {id} started: {} as {} from {}", grant.claims.sub, grant.login(), request.peer.as_deref().unwrap_or("?"));

@@ -5,10 +5,10 @@
 //! source address, and each has a grace time to authenticate.
 
 use super::server::Connection;
-use crate::admission::{Admission, Refused};
 use super::SshOptions;
-use crate::session::Core;
+use crate::admission::{Admission, Refused};
 use crate::grant::GrantId;
+use crate::session::Core;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;

@@ -8,7 +8,6 @@ pub use hostkey::{load_or_create_host_key, signing_key};
 pub use listen::{bind, serve};
 pub use server::settings;
 
-
 /// What the SSH front end takes from the agent's configuration.
 pub struct SshOptions {
     pub config: crate::config::SshConfig,
