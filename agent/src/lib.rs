@@ -1,24 +1,40 @@
 //! Usher: the host agent for just-in-time access.
 //!
-//! One module per stage of a session's journey (see DESIGN.md):
-//! grant → account → session (ssh) → enforce → record. `daemon` wires them together.
+//! The modules follow the journey of one session (DESIGN.md):
+//!
+//! 1. `grant`: a signed, time-bounded grant is verified and capped by local policy
+//!    (`profile` holds the policy's exec profiles, `local_issuer` the embedded default key);
+//! 2. `account`: the grant becomes an ephemeral local account, removed with its last grant;
+//! 3. `session`: the core every front end hands its client to (cgroup, process, relay);
+//!    the front ends are `ssh` (russh) and `console` (`usher-shell` on a local login);
+//! 4. `enforce`: the kernel programs attribute every exec to its session and stop the
+//!    forbidden ones;
+//! 5. `record`: terminal output and exec events become a cast, an audit stream and
+//!    metadata in the spool;
+//! 6. `ship`: the spool goes to the collector in hash-chained chunks, sealed at the end.
+//!
+//! Around them: `daemon` wires the stages into the agent and makes the decisions that span
+//! them (a grant's end ends its sessions and its account); `control` is root's socket for
+//! `usher`; `admission` caps peers that have not proved anything yet; `config` is the
+//! agent's file; `audit` its log; `play` replays a cast safely; `fsutil` writes the agent's
+//! files whole and private.
 
 #[macro_use]
 pub mod audit;
-pub mod account;
-pub mod admission;
-pub mod config;
-pub mod console;
-pub mod control;
-pub mod daemon;
-pub mod enforce;
-pub mod fsutil;
 pub mod grant;
 pub mod local_issuer;
-pub mod play;
 pub mod profile;
-pub mod record;
+pub mod account;
 pub mod session;
-pub mod ship;
 pub mod ssh;
+pub mod console;
+pub mod enforce;
+pub mod record;
+pub mod ship;
+pub mod daemon;
+pub mod control;
+pub mod admission;
+pub mod config;
+pub mod fsutil;
+pub mod play;
 mod sync;
