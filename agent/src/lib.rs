@@ -21,20 +21,31 @@
 
 #[macro_use]
 pub mod audit;
+
+// The journey, stage by stage (blank lines keep rustfmt from sorting them).
 pub mod grant;
-pub mod local_issuer;
-pub mod profile;
+
 pub mod account;
+
 pub mod session;
+
 pub mod ssh;
+
 pub mod console;
+
 pub mod enforce;
+
 pub mod record;
+
 pub mod ship;
-pub mod daemon;
-pub mod control;
+
+// Around the journey.
 pub mod admission;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod fsutil;
+pub mod local_issuer;
 pub mod play;
+pub mod profile;
 mod sync;
