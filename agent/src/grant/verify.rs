@@ -433,6 +433,16 @@ fn shortened(text: &str) -> String {
 fn key_algorithm(jwk: &Jwk) -> Result<Algorithm, UnusableKey> {
     match &jwk.algorithm {
         AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            // Checked here because jsonwebtoken 11 slices the key to 32 bytes unchecked: a
+            // shorter `x` would panic at the first token rather than be refused.
+            let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(&p.x)
+                .map_err(|e| UnusableKey::Invalid(format!("x: {e}")))?;
+            let x: [u8; 32] = x
+                .try_into()
+                .map_err(|_| UnusableKey::Invalid("an Ed25519 public key is 32 bytes".into()))?;
+            ed25519_dalek::VerifyingKey::from_bytes(&x)
+                .map_err(|_| UnusableKey::Invalid("not an Ed25519 public key".into()))?;
             Ok(Algorithm::EdDSA)
         }
         AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => {
@@ -790,6 +800,26 @@ mod tests {
                 why: UnusableKey::Symmetric
             }
         );
+    }
+
+    #[test]
+    fn a_jwks_file_with_a_short_ed25519_key_is_refused_at_load() {
+        let dir = std::env::temp_dir().join(format!("usher-jwks-short-{}", std::process::id()));
+        crate::fsutil::private_dir(&dir, 0o700).unwrap();
+        let path = dir.join("short.json");
+        std::fs::write(
+            &path,
+            r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "AAAA"}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            read_jwks(&path),
+            Err(JwksError::UnusableKey {
+                why: UnusableKey::Invalid(_),
+                ..
+            })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
