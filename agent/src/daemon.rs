@@ -63,8 +63,9 @@ impl Agent {
             .map_err(|e| format!("{}: {e}", config.state_dir.display()))?;
         crate::fsutil::private_dir(&config.spool_dir, 0o700)
             .map_err(|e| format!("{}: {e}", config.spool_dir.display()))?;
-        let profiles = Profiles::load(&config.policies_dir)?;
-        let verifier = Verifier::from_config(&config, profiles.names())?;
+        let profiles = Profiles::load(&config.policies_dir).map_err(|e| e.to_string())?;
+        let verifier =
+            Verifier::from_config(&config, profiles.names()).map_err(|e| e.to_string())?;
         let revocations =
             Revocations::open(&config.state_dir.join("revoked.json")).map_err(|e| e.to_string())?;
         let (grants, dropped) = GrantStore::open(
@@ -387,8 +388,9 @@ impl Agent {
     /// Re-reads issuers, policy and profiles (SIGHUP, `systemctl reload`). Live sessions,
     /// grants and accounts are untouched; listen addresses and directories need a restart.
     pub fn reload(&self, config: &Config) -> Result<(), String> {
-        let profiles = Profiles::load(&config.policies_dir)?;
-        let verifier = Verifier::from_config(config, profiles.names())?;
+        let profiles = Profiles::load(&config.policies_dir).map_err(|e| e.to_string())?;
+        let verifier =
+            Verifier::from_config(config, profiles.names()).map_err(|e| e.to_string())?;
         *lock(&self.verifier) = Arc::new(verifier);
         *lock(&self.profiles) = Arc::new(profiles);
         audit!("config_reloaded", issuers = config.issuers.len(); "configuration reloaded: {} issuer(s), profiles {:?}", config.issuers.len(), lock(&self.profiles).names());

@@ -137,7 +137,7 @@ fn print(v: &serde_json::Value) {
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Keygen { out_dir, kid, alg } => {
-            let (pem, jwks) = usher::grant::keygen(alg, &kid)?;
+            let (pem, jwks) = usher::grant::keygen(alg, &kid).map_err(|e| e.to_string())?;
             usher::fsutil::private_dir(&out_dir, 0o700).map_err(|e| e.to_string())?;
             let key = out_dir.join("issuer.key");
             let pubs = out_dir.join("issuer.jwks.json");
@@ -174,9 +174,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 Some(p) => {
                     let secret =
                         std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-                    Some(usher::grant::console_secret_hash(
-                        secret.trim_end_matches('\n'),
-                    )?)
+                    Some(
+                        usher::grant::console_secret_hash(secret.trim_end_matches('\n'))
+                            .map_err(|e| e.to_string())?,
+                    )
                 }
                 None => None,
             };
@@ -219,7 +220,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 approved_by,
                 reason,
             };
-            println!("{}", usher::grant::sign(&pem, &kid, &claims)?);
+            println!(
+                "{}",
+                usher::grant::sign(&pem, &kid, &claims).map_err(|e| e.to_string())?
+            );
             Ok(())
         }
         Command::Grant(GrantCommand::Install { token }) => {

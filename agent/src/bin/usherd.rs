@@ -55,7 +55,7 @@ fn run(args: Args) -> Result<(), String> {
     protect_from_oom_killer();
     let config_path = args.config.clone();
     let mut config = load_config(args.config)?;
-    usher::local_issuer::ensure(&mut config)?;
+    usher::local_issuer::ensure(&mut config).map_err(|e| e.to_string())?;
     if args.remove_accounts {
         let agent = Agent::start_offline(config)?;
         agent.remove_everything();
@@ -145,7 +145,7 @@ fn spawn_reloader(agent: Arc<Agent>, path: Option<PathBuf>) {
             }
             let _ = sd_notify::notify(false, &states);
             let result = load_config(path.clone()).and_then(|mut c| {
-                usher::local_issuer::ensure(&mut c)?;
+                usher::local_issuer::ensure(&mut c).map_err(|e| e.to_string())?;
                 agent.reload(&c)
             });
             if let Err(e) = result {

@@ -68,13 +68,7 @@ impl GrantStore {
                     std::fs::remove_file(&path)?;
                     store.grants.insert(grant.id(), grant);
                 }
-                Ok(_) => dropped.push((
-                    jti_part,
-                    Refusal::BadClaim(format!(
-                        "{}: the file name does not match the grant's (iss, jti)",
-                        path.display()
-                    )),
-                )),
+                Ok(_) => dropped.push((jti_part, Refusal::Misfiled(path.clone()))),
                 Err(why) => {
                     let _ = std::fs::remove_file(&path);
                     dropped.push((jti_part, why));
@@ -165,22 +159,36 @@ struct RevocationFileOut<'a> {
     revoked: &'a [Revoked],
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RevocationsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{}: not a revocation list ({{\"revoked\": [{{\"iss\", \"jti\", \"exp\"}}]}}): {source}", path.display())]
+    NotAList {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
 pub struct Revocations {
     path: PathBuf,
     revoked: Vec<Revoked>,
 }
 
 impl Revocations {
-    pub fn open(path: &Path) -> io::Result<Revocations> {
+    pub fn open(path: &Path) -> Result<Revocations, RevocationsError> {
         let revoked = match std::fs::read(path) {
-            Ok(bytes) => Self::parse(&bytes).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", path.display()),
-                )
+            Ok(bytes) => Self::parse(&bytes).map_err(|source| RevocationsError::NotAList {
+                path: path.to_owned(),
+                source,
             })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e),
+            Err(source) => {
+                return Err(RevocationsError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
         };
         Ok(Revocations {
             path: path.to_owned(),
@@ -188,10 +196,8 @@ impl Revocations {
         })
     }
 
-    fn parse(bytes: &[u8]) -> Result<Vec<Revoked>, String> {
-        let file: RevocationFileIn = serde_json::from_slice(bytes).map_err(|e| {
-            format!("not a revocation list ({{\"revoked\": [{{\"iss\", \"jti\", \"exp\"}}]}}): {e}")
-        })?;
+    fn parse(bytes: &[u8]) -> Result<Vec<Revoked>, serde_json::Error> {
+        let file: RevocationFileIn = serde_json::from_slice(bytes)?;
         Ok(match file.revoked {
             RevokedOnDisk::Pairs(v) => v,
             RevokedOnDisk::ByJti(map) => map
@@ -292,7 +298,10 @@ mod tests {
         let dir = scratch("broken");
         let path = dir.join("revoked.json");
         std::fs::write(&path, r#"{"revoked": 7}"#).unwrap();
-        assert!(Revocations::open(&path).is_err());
+        assert!(matches!(
+            Revocations::open(&path),
+            Err(RevocationsError::NotAList { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
