@@ -3,6 +3,8 @@
 //! One module per stage of a session's journey (see DESIGN.md):
 //! grant → account → session (ssh) → enforce → record. `daemon` wires them together.
 
+#![deny(unsafe_code)]
+
 #[macro_use]
 pub mod audit;
 pub mod account;
@@ -22,3 +24,5 @@ pub mod session;
 pub mod ship;
 pub mod ssh;
 mod sync;
+#[allow(unsafe_code)]
+pub mod system;

@@ -9,8 +9,7 @@ mod table;
 
 pub use cgroup::{v2_mount, AppliedLimits, Cgroup, JoinFiles, Layout};
 pub use run::{
-    run, signal_name, signal_name_owned, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand,
-    SessionRequest, CONTROL_QUEUE,
+    run, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest, CONTROL_QUEUE,
 };
 pub use table::{SessionInfo, SessionRecord, SessionTable};
 

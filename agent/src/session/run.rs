@@ -230,7 +230,10 @@ pub async fn run<S: ClientSink>(
         meta.ended_at = Some(rfc3339_now());
         match outcome {
             ExitOutcome::Status(s) => meta.exit_status = Some(s),
-            ExitOutcome::Signal(s) => meta.exit_signal = Some(signal_name(s).to_string()),
+            ExitOutcome::Signal(s) => {
+                let name = crate::system::signal::ssh_name(s).unwrap_or("UNKNOWN");
+                meta.exit_signal = Some(name.to_string())
+            }
         }
         let _ = rec.audit(&serde_json::json!({"event": "session_ended", "time": rfc3339_now(), "outcome": format!("{outcome:?}")}), None);
         if let Err(e) = rec.finish() {
@@ -673,30 +676,4 @@ async fn relay<S: ClientSink>(
         (None, Some(s)) => ExitOutcome::Signal(s),
         _ => ExitOutcome::Status(255),
     })
-}
-
-pub fn signal_name_owned(sig: i32) -> String {
-    match signal_name(sig) {
-        "UNKNOWN" => format!("SIG{sig}"),
-        n => n.to_string(),
-    }
-}
-
-pub fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        1 => "HUP",
-        2 => "INT",
-        3 => "QUIT",
-        4 => "ILL",
-        6 => "ABRT",
-        8 => "FPE",
-        9 => "KILL",
-        11 => "SEGV",
-        13 => "PIPE",
-        14 => "ALRM",
-        15 => "TERM",
-        10 => "USR1",
-        12 => "USR2",
-        _ => "UNKNOWN",
-    }
 }
