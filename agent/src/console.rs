@@ -11,8 +11,7 @@ use crate::session::{
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::io::IoSliceMut;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -118,7 +117,7 @@ async fn handle<C: Core>(core: Arc<C>, stream: UnixStream) -> Result<(), String>
         fds.next().unwrap(),
         fds.next().unwrap(),
     );
-    let is_tty = nix::unistd::isatty(fd_in.as_raw_fd()).unwrap_or(false);
+    let is_tty = std::io::IsTerminal::is_terminal(&fd_in);
     let pty = is_tty.then(|| {
         let (cols, rows) = session::spawn::terminal_size(fd_in.as_fd()).unwrap_or((80, 24));
         PtySpec {
@@ -276,33 +275,13 @@ impl ClientSink for ConsoleSink {
 fn receive_with_fds(
     stream: std::os::unix::net::UnixStream,
 ) -> Result<(std::os::unix::net::UnixStream, Vec<u8>, Vec<OwnedFd>), String> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     stream.set_nonblocking(false).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 8192];
-    let mut cmsg = nix::cmsg_space!([RawFd; 3]);
-    let (n, fds) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
+    let (n, fds) = crate::system::socket::receive_with_fds(&stream, &mut buf)
         .map_err(|e| format!("receiving the console request: {e}"))?;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().map_err(|e| e.to_string())? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for fd in raw {
-                    // SAFETY: the kernel just installed these descriptors for us.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-        }
-        (msg.bytes, fds)
-    };
     buf.truncate(n);
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     Ok((stream, buf, fds))

@@ -17,7 +17,10 @@
 //! them (a grant's end ends its sessions and its account); `control` is root's socket for
 //! `usher`; `admission` caps peers that have not proved anything yet; `config` is the
 //! agent's file; `audit` its log; `play` replays a cast safely; `fsutil` writes the agent's
-//! files whole and private.
+//! files whole and private; `system` is the one place that talks to the kernel through
+//! `unsafe` (the sudo-rs pattern): everything else is safe code.
+
+#![deny(unsafe_code)]
 
 #[macro_use]
 pub mod audit;
@@ -49,3 +52,7 @@ pub mod local_issuer;
 pub mod play;
 pub mod profile;
 mod sync;
+
+// Every `unsafe` block of the agent is in here, each with its SAFETY argument.
+#[allow(unsafe_code)]
+pub mod system;

@@ -2,19 +2,15 @@
 //! it hands its terminal to `usherd`, which opens a recorded, enforced session in its own
 //! cgroup, and waits for it to end. Without the agent there is no session (fail closed).
 
-use std::io::{BufRead, BufReader, IoSlice, Write};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+#![deny(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use usher::console::{OpenRequest, ShellControl, ShellEvent};
-
-static WINDOW_CHANGED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_winch(_: libc::c_int) {
-    WINDOW_CHANGED.store(true, Ordering::SeqCst);
-}
+use usher::system::{signal, socket, term};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -61,21 +57,12 @@ fn run(stream: UnixStream, command: Option<String>) -> ExitCode {
         command,
     };
     let payload = serde_json::to_vec(&request).unwrap_or_default();
-    let fds: [RawFd; 3] = [0, 1, 2];
-    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
-    if let Err(e) = nix::sys::socket::sendmsg::<()>(
-        stream.as_raw_fd(),
-        &[IoSlice::new(&payload)],
-        &cmsg,
-        nix::sys::socket::MsgFlags::empty(),
-        None,
-    ) {
+    let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+    let terminal = [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()];
+    if let Err(e) = socket::send_with_fds(&stream, &payload, &terminal) {
         return fail(&format!("cannot hand the terminal to usherd: {e}"));
     }
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGWINCH, on_winch as *const () as libc::sighandler_t);
-    }
+    let _ = signal::notice_window_changes();
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
@@ -84,13 +71,9 @@ fn run(stream: UnixStream, command: Option<String>) -> ExitCode {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     loop {
-        if WINDOW_CHANGED.swap(false, Ordering::SeqCst) {
-            let mut size: libc::winsize = unsafe { std::mem::zeroed() };
-            // SAFETY: TIOCGWINSZ fills a winsize.
-            if unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut size) } == 0 {
-                let msg = ShellControl {
-                    resize: Some((size.ws_col, size.ws_row)),
-                };
+        if signal::window_changed() {
+            if let Ok(size) = term::window_size(std::io::stdin().as_fd()) {
+                let msg = ShellControl { resize: Some(size) };
                 let mut out = serde_json::to_vec(&msg).unwrap_or_default();
                 out.push(b'\n');
                 let _ = writer.write_all(&out);

@@ -1,6 +1,8 @@
 //! `usher`: the command-line tool — a small issuer (keygen, grant sign) and the client of
 //! the local agent (grant install/list/revoke, status, sessions), and a cast player.
 
+#![deny(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 use std::io::Read;
 use std::path::PathBuf;

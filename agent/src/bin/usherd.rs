@@ -1,5 +1,7 @@
 //! `usherd`: the privileged host agent.
 
+#![deny(unsafe_code)]
+
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;

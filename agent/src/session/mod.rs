@@ -23,7 +23,7 @@ pub use request::{
     ClientIo, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest,
     CONTROL_QUEUE,
 };
-pub use run::{run, signal_name, signal_name_owned};
+pub use run::run;
 pub use table::{SessionInfo, SessionRecord, SessionTable};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -147,7 +147,8 @@ impl Recorder {
         match outcome {
             super::ExitOutcome::Status(s) => meta.exit_status = Some(s),
             super::ExitOutcome::Signal(s) => {
-                meta.exit_signal = Some(super::signal_name(s).to_string())
+                let name = crate::system::signal::ssh_name(s).unwrap_or("UNKNOWN");
+                meta.exit_signal = Some(name.to_string())
             }
         }
         let _ = rec.audit(&serde_json::json!({"event": "session_ended", "time": rfc3339_now(), "outcome": format!("{outcome:?}")}), None);

@@ -133,29 +133,3 @@ fn start_process(opened: &Opened, request: &SessionRequest) -> Result<Process, S
         kill_all,
     })
 }
-
-pub fn signal_name_owned(sig: i32) -> String {
-    match signal_name(sig) {
-        "UNKNOWN" => format!("SIG{sig}"),
-        n => n.to_string(),
-    }
-}
-
-pub fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        1 => "HUP",
-        2 => "INT",
-        3 => "QUIT",
-        4 => "ILL",
-        6 => "ABRT",
-        8 => "FPE",
-        9 => "KILL",
-        11 => "SEGV",
-        13 => "PIPE",
-        14 => "ALRM",
-        15 => "TERM",
-        10 => "USR1",
-        12 => "USR2",
-        _ => "UNKNOWN",
-    }
-}

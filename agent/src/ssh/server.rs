@@ -8,6 +8,7 @@ use crate::session::{
     self, ClientIo, ClientSink, Control, Core, ExitOutcome, PtySpec, SessionCommand,
     SessionRequest, CONTROL_QUEUE,
 };
+use crate::system::signal;
 use bytes::Bytes;
 use russh::keys::PublicKey;
 use russh::server::{Auth, Handle, Msg, Response, Session};
@@ -111,41 +112,30 @@ impl ClientSink for SshSink {
     }
 }
 
+/// A signal for an "exit-signal" message. russh writes a custom signal's name as given, so
+/// every name goes out as SSH spells it.
 fn to_sig(s: i32) -> Sig {
-    match s {
-        1 => Sig::HUP,
-        2 => Sig::INT,
-        3 => Sig::QUIT,
-        4 => Sig::ILL,
-        6 => Sig::ABRT,
-        8 => Sig::FPE,
-        9 => Sig::KILL,
-        11 => Sig::SEGV,
-        13 => Sig::PIPE,
-        14 => Sig::ALRM,
-        15 => Sig::TERM,
-        10 => Sig::USR1,
-        other => Sig::Custom(session::signal_name_owned(other)),
-    }
+    Sig::Custom(signal::ssh_name_or_number(s))
 }
 
+/// The number of the signal a "signal" request names, if SSH names it.
 fn from_sig(s: &Sig) -> Option<i32> {
-    Some(match s {
-        Sig::HUP => 1,
-        Sig::INT => 2,
-        Sig::QUIT => 3,
-        Sig::ILL => 4,
-        Sig::ABRT => 6,
-        Sig::FPE => 8,
-        Sig::KILL => 9,
-        Sig::SEGV => 11,
-        Sig::PIPE => 13,
-        Sig::ALRM => 14,
-        Sig::TERM => 15,
-        Sig::USR1 => 10,
-        Sig::Custom(name) if name == "USR2" => 12,
-        Sig::Custom(_) => return None,
-    })
+    let name = match s {
+        Sig::ABRT => "ABRT",
+        Sig::ALRM => "ALRM",
+        Sig::FPE => "FPE",
+        Sig::HUP => "HUP",
+        Sig::ILL => "ILL",
+        Sig::INT => "INT",
+        Sig::KILL => "KILL",
+        Sig::PIPE => "PIPE",
+        Sig::QUIT => "QUIT",
+        Sig::SEGV => "SEGV",
+        Sig::TERM => "TERM",
+        Sig::USR1 => "USR1",
+        Sig::Custom(name) => name,
+    };
+    signal::from_ssh_name(name).map(|s| s as i32)
 }
 
 impl<C: Core> Connection<C> {
