@@ -2,13 +2,15 @@
 //! it hands its terminal to `usherd`, which opens a recorded, enforced session in its own
 //! cgroup, and waits for it to end. Without the agent there is no session (fail closed).
 
-use std::io::{BufRead, BufReader, IoSlice, Write};
+use std::io::{BufRead, BufReader, IoSlice, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use usher::console::{OpenRequest, ShellControl, ShellEvent};
+use usher_wire::console::{
+    OpenRequest, ShellControl, ShellEvent, WindowSize, MAX_EVENT_LINE_BYTES,
+};
 
 static WINDOW_CHANGED: AtomicBool = AtomicBool::new(false);
 
@@ -60,7 +62,10 @@ fn run(stream: UnixStream, command: Option<String>) -> ExitCode {
         term: std::env::var("TERM").ok(),
         command,
     };
-    let payload = serde_json::to_vec(&request).unwrap_or_default();
+    let payload = match request.encode() {
+        Ok(p) => p,
+        Err(e) => return fail(&format!("cannot ask usherd for a session: {e}")),
+    };
     let fds: [RawFd; 3] = [0, 1, 2];
     let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
     if let Err(e) = nix::sys::socket::sendmsg::<()>(
@@ -82,35 +87,39 @@ fn run(stream: UnixStream, command: Option<String>) -> ExitCode {
         Err(e) => return fail(&e.to_string()),
     };
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
+    let mut line = Vec::new();
     loop {
         if WINDOW_CHANGED.swap(false, Ordering::SeqCst) {
             let mut size: libc::winsize = unsafe { std::mem::zeroed() };
             // SAFETY: TIOCGWINSZ fills a winsize.
             if unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut size) } == 0 {
-                let msg = ShellControl {
-                    resize: Some((size.ws_col, size.ws_row)),
-                };
-                let mut out = serde_json::to_vec(&msg).unwrap_or_default();
-                out.push(b'\n');
-                let _ = writer.write_all(&out);
+                let resize = ShellControl::Resize(WindowSize {
+                    cols: size.ws_col,
+                    rows: size.ws_row,
+                });
+                let _ = writer.write_all(&resize.encode());
             }
         }
-        match reader.read_line(&mut line) {
-            Ok(0) => return fail("usherd closed the session"),
+        // A line may arrive in pieces between timeouts: `line` keeps what came so far.
+        let room = (MAX_EVENT_LINE_BYTES + 1).saturating_sub(line.len()) as u64;
+        match (&mut reader).take(room).read_until(b'\n', &mut line) {
+            Ok(0) if line.is_empty() => return fail("usherd closed the session"),
+            // The rest of the line is still on its way.
+            Ok(n) if n > 0 && !line.ends_with(b"\n") && line.len() <= MAX_EVENT_LINE_BYTES => {}
             Ok(_) => {
-                let event: Result<ShellEvent, _> = serde_json::from_str(line.trim());
+                let event = ShellEvent::decode(&line);
                 line.clear();
                 match event {
                     Ok(ShellEvent::Refused { reason }) => {
                         return fail(&format!("console login refused: {reason}"))
                     }
-                    Ok(ShellEvent::Exit {
-                        status: Some(s), ..
-                    }) => return ExitCode::from(s.clamp(0, 255) as u8),
-                    Ok(ShellEvent::Exit { signal, .. }) => {
-                        return ExitCode::from((128 + signal.unwrap_or(1)).clamp(0, 255) as u8)
+                    Ok(ShellEvent::Exited { status }) => {
+                        return ExitCode::from(status.clamp(0, 255) as u8)
                     }
+                    Ok(ShellEvent::Killed { signal }) => {
+                        return ExitCode::from((128 + signal).clamp(0, 255) as u8)
+                    }
+                    // An event of a newer agent: the session goes on.
                     Err(_) => {}
                 }
             }
