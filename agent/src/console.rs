@@ -10,40 +10,17 @@ use crate::session::{
     SessionRequest,
 };
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, Mutex};
-
-/// The first message, sent with the client's stdin, stdout and stderr attached.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct OpenRequest {
-    pub term: Option<String>,
-    pub command: Option<String>,
-}
-
-/// What the agent tells `usher-shell`, one JSON object per line.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum ShellEvent {
-    Refused {
-        reason: String,
-    },
-    Exit {
-        status: Option<i32>,
-        signal: Option<i32>,
-    },
-}
-
-/// What `usher-shell` tells the agent after the start.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ShellControl {
-    pub resize: Option<(u16, u16)>,
-}
+use usher_wire::console::{
+    MessageError, OpenRequest, ShellControl, ShellEvent, MAX_CONTROL_LINE_BYTES,
+    MAX_OPEN_REQUEST_BYTES,
+};
 
 /// Serves console logins for as long as the agent lives. Every account's login shell
 /// connects here; who it is comes from the kernel. A peer outside the agent's UID range
@@ -92,16 +69,19 @@ async fn handle<C: Core>(core: Arc<C>, stream: UnixStream) -> Result<(), String>
     let (read, write) = stream.into_split();
     let write = Arc::new(Mutex::new(write));
 
-    let request: OpenRequest = match serde_json::from_slice(&payload) {
+    let request = match OpenRequest::decode(&payload) {
         Ok(r) if fds.len() == 3 => r,
-        _ => {
+        refused => {
+            if let Err(e) = refused {
+                log::warn!(target: "usher::console", "console request of uid {uid} refused: {e}");
+            }
             return say(
                 &write,
                 &ShellEvent::Refused {
                     reason: "bad request".into(),
                 },
             )
-            .await
+            .await;
         }
     };
     let grant = match core.console_grant(uid) {
@@ -155,16 +135,32 @@ async fn handle<C: Core>(core: Arc<C>, stream: UnixStream) -> Result<(), String>
     };
     let (control_tx, control_rx) = mpsc::channel(crate::session::CONTROL_QUEUE);
     let controller = tokio::spawn(async move {
-        let mut lines = BufReader::new(read).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Ok(ShellControl {
-                resize: Some((c, r)),
-            }) = serde_json::from_str(&line)
-            {
-                let _ = control_tx.try_send(Control::Resize(c.clamp(1, 1000), r.clamp(1, 1000)));
+        let mut reader = BufReader::new(read);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            // One byte over the limit is enough to know a line is too long.
+            let mut limited = (&mut reader).take(MAX_CONTROL_LINE_BYTES as u64 + 1);
+            match limited.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            match ShellControl::decode(&line) {
+                Ok(ShellControl::Resize(size)) => {
+                    let _ = control_tx.try_send(Control::Resize(
+                        size.cols.clamp(1, 1000),
+                        size.rows.clamp(1, 1000),
+                    ));
+                }
+                Err(e @ MessageError::TooLarge { .. }) => {
+                    log::warn!(target: "usher::console", "console session of uid {uid} hung up: {e}");
+                    break;
+                }
+                // A message a newer shell sends: nothing to do with it here.
+                Err(MessageError::Malformed(_)) => {}
             }
         }
-        // The login shell is gone: the session is hung up.
+        // The login shell is gone (or speaks nonsense): the session is hung up.
     });
     let sink = Arc::new(ConsoleSink {
         out: Arc::new(std::fs::File::from(fd_out)),
@@ -220,12 +216,10 @@ fn read_until_stopped(
 }
 
 async fn say(write: &Mutex<OwnedWriteHalf>, event: &ShellEvent) -> Result<(), String> {
-    let mut line = serde_json::to_vec(event).map_err(|e| e.to_string())?;
-    line.push(b'\n');
     write
         .lock()
         .await
-        .write_all(&line)
+        .write_all(&event.encode())
         .await
         .map_err(|e| e.to_string())
 }
@@ -257,14 +251,8 @@ impl ClientSink for ConsoleSink {
 
     async fn finish(&self, outcome: ExitOutcome) {
         let event = match outcome {
-            ExitOutcome::Status(s) => ShellEvent::Exit {
-                status: Some(s),
-                signal: None,
-            },
-            ExitOutcome::Signal(s) => ShellEvent::Exit {
-                status: None,
-                signal: Some(s),
-            },
+            ExitOutcome::Status(status) => ShellEvent::Exited { status },
+            ExitOutcome::Signal(signal) => ShellEvent::Killed { signal },
         };
         let _ = say(&self.socket, &event).await;
     }
@@ -279,7 +267,8 @@ fn receive_with_fds(
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 8192];
+    // One byte more than a request may hold: a longer one is seen, not cut.
+    let mut buf = vec![0u8; MAX_OPEN_REQUEST_BYTES + 1];
     let (n, fds) = crate::system::socket::receive_with_fds(&stream, &mut buf)
         .map_err(|e| format!("receiving the console request: {e}"))?;
     buf.truncate(n);

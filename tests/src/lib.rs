@@ -867,9 +867,9 @@ impl Drop for Daemon {
 }
 
 impl TestAgent {
-    /// `usher status`, parsed.
+    /// `usher status --json`, parsed.
     pub fn status(&self) -> serde_json::Value {
-        let out = self.usher(&["status"]);
+        let out = self.usher(&["status", "--json"]);
         assert!(
             out.status.success(),
             "usher status: {}",

@@ -355,7 +355,7 @@ fn a_session_recorded_while_the_collector_is_down_arrives_whole_once_it_is_up(st
         "nothing may leave the spool while the collector is down"
     );
     let status: serde_json::Value =
-        serde_json::from_slice(&agent.usher(&["status"]).stdout).unwrap();
+        serde_json::from_slice(&agent.usher(&["status", "--json"]).stdout).unwrap();
     assert_eq!(status["collector"]["reachable"], false, "{status}");
 
     // Now the collector comes up, knowing this host.

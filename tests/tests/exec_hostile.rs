@@ -257,7 +257,7 @@ wait"#
         .filter(|e| e["path"] == "/usr/bin/true" || e["filename"] == "/bin/true")
         .count() as u64;
     let lost = lost_total(&agent);
-    let status = agent.usher(&["status"]);
+    let status = agent.usher(&["status", "--json"]);
     let kernel_lost = serde_json::from_slice::<serde_json::Value>(&status.stdout)
         .ok()
         .and_then(|v| v["enforcement"]["lost_events"].as_u64())

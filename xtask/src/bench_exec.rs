@@ -276,7 +276,7 @@ pub fn run() -> Result<(), String> {
     let status = Command::new(bin.join("usher"))
         .arg("--socket")
         .arg(dir.join("control.sock"))
-        .arg("status")
+        .args(["status", "--json"])
         .output()
         .map_err(|e| e.to_string())?;
     let path = String::from_utf8_lossy(&status.stdout)

@@ -414,7 +414,7 @@ pub fn run_test() -> Result<(), String> {
         ok && text.ends_with("-2"),
         || text.clone(),
     );
-    let (ok, text) = c.sh("for i in $(seq 1 50); do systemctl is-active --quiet usherd && break; sleep 0.2; done; systemctl is-active usherd; usher grant list; getent passwd jit-pkg; grep -c 127.0.0.1 /etc/usher/usherd.toml; ls /var/spool/usher | wc -l");
+    let (ok, text) = c.sh("for i in $(seq 1 50); do systemctl is-active --quiet usherd && break; sleep 0.2; done; systemctl is-active usherd; usher grant list --json; getent passwd jit-pkg; grep -c 127.0.0.1 /etc/usher/usherd.toml; ls /var/spool/usher | wc -l");
     checks.check(
         "after the upgrade: running, grant and account kept, config kept",
         ok && text.contains("active") && text.contains("jit-pkg") && text.contains("pkg@test"),
