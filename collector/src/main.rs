@@ -2,6 +2,8 @@
 //! verifies their hash chains and seals, stores them (local directory or S3), indexes them
 //! in SQLite, and serves a page to search and replay them.
 
+#![deny(unsafe_code)]
+
 use usher_collector::{api, config};
 
 use clap::{Parser, Subcommand};

@@ -6,6 +6,9 @@
 //! The binaries come from `target/debug` (or `$USHER_BIN_DIR`): run the tests with
 //! `cargo xtask test`, which builds them first.
 
+#![deny(unsafe_code)]
+
+use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -246,7 +249,7 @@ jwks = "{d}/issuer.jwks.json"
 
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            unsafe_kill(c.id() as i32, libc::SIGTERM);
+            send_signal(c.id() as i32, Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if c.try_wait().ok().flatten().is_some() {
@@ -467,7 +470,7 @@ jwks = "{d}/issuer.jwks.json"
 /// Ends a client started with `ssh_command` as a user's ^C would: `timeout` passes the
 /// SIGTERM on to `ssh`, which drops the connection.
 pub fn hang_up(child: &mut Child) {
-    unsafe_kill(child.id() as i32, libc::SIGTERM);
+    send_signal(child.id() as i32, Signal::SIGTERM);
     let _ = child.wait();
 }
 
@@ -520,15 +523,12 @@ fn letters(mut n: u32) -> String {
 }
 
 fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
-fn unsafe_kill(pid: i32, sig: i32) {
-    // SAFETY: sending a signal to a pid we spawned.
-    unsafe {
-        libc::kill(pid, sig);
-    }
+/// Sends `signal` to `pid` (a negative `pid`: its process group); one already gone is fine.
+fn send_signal(pid: i32, signal: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
 }
 
 impl Drop for TestAgent {
@@ -538,7 +538,7 @@ impl Drop for TestAgent {
         for (name, uid) in self.accounts_in_range() {
             if name.starts_with(&self.prefix) {
                 for pid in pids_of_uid(uid) {
-                    unsafe_kill(pid, libc::SIGKILL);
+                    send_signal(pid, Signal::SIGKILL);
                 }
                 let _ = Command::new("userdel")
                     .args(["--remove", "--", &name])
@@ -853,7 +853,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let pgid = self.child.id() as i32;
-        unsafe_kill(-pgid, libc::SIGTERM);
+        send_signal(-pgid, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if self.child.try_wait().ok().flatten().is_some() {
@@ -861,7 +861,7 @@ impl Drop for Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        unsafe_kill(-pgid, libc::SIGKILL);
+        send_signal(-pgid, Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
@@ -928,7 +928,7 @@ fn remove_limit_groups(record: &serde_json::Value) {
         for _ in 0..100 {
             let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
             for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                unsafe_kill(pid, libc::SIGKILL);
+                send_signal(pid, Signal::SIGKILL);
             }
             if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
                 break;

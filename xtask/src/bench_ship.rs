@@ -68,8 +68,12 @@ fn cpu_secs(pid: u32) -> f64 {
             .get(12)
             .and_then(|s| s.parse::<f64>().ok())
             .unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    // Linux reports CPU times in USER_HZ, 100 wherever sysconf cannot say.
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    ticks / ticks_per_second as f64
 }
 
 fn certs(dir: &Path) -> Result<(), String> {

@@ -40,11 +40,12 @@ impl PtyMaster {
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| Ok(nix::unistd::read(fd.as_raw_fd(), buf))) {
-                Ok(Ok(Ok(n))) => return Ok(n),
+            // A would-block error (EAGAIN) must reach `try_io` as one, to clear readiness.
+            match guard.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from))
+            {
+                Ok(Ok(n)) => return Ok(n),
                 // EIO is how Linux says the slave side is closed.
-                Ok(Ok(Err(Errno::EIO))) => return Ok(0),
-                Ok(Ok(Err(e))) => return Err(e.into()),
+                Ok(Err(e)) if e.raw_os_error() == Some(Errno::EIO as i32) => return Ok(0),
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
             }
@@ -94,4 +95,39 @@ pub fn window_size(fd: BorrowedFd<'_>) -> io::Result<(u16, u16)> {
         return Err(io::Error::last_os_error());
     }
     Ok((size.ws_col, size.ws_row))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A read after the session went quiet waits for more, and ends once the slave side
+    /// is closed.
+    #[tokio::test]
+    async fn reads_wait_for_the_session_and_end_with_it() {
+        let (master, slave) = open_pty(80, 24).unwrap();
+        let mut buf = [0u8; 64];
+        nix::unistd::write(&slave, b"a").unwrap();
+        assert_eq!(master.read(&mut buf).await.unwrap(), 1);
+        let later = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            nix::unistd::write(&slave, b"b").unwrap();
+            slave
+        };
+        let (read, slave) = tokio::join!(master.read(&mut buf), later);
+        assert_eq!(read.unwrap(), 1);
+        assert_eq!(buf[0], b'b');
+        drop(slave);
+        assert_eq!(master.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_resize_is_what_the_terminal_reports() {
+        let (master, slave) = open_pty(80, 24).unwrap();
+        assert_eq!(window_size(slave.as_fd()).unwrap(), (80, 24));
+        master.resize(100, 40).unwrap();
+        assert_eq!(window_size(slave.as_fd()).unwrap(), (100, 40));
+        assert!(window_size(std::fs::File::open("/dev/null").unwrap().as_fd()).is_err());
+    }
 }
