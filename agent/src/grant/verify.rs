@@ -376,7 +376,8 @@ impl Unverified {
             }
         };
         let kid = match header.get("kid") {
-            None => None,
+            // As the JOSE library reads it: a null kid is no kid.
+            None | Some(Value::Null) => None,
             Some(Value::String(kid)) => Some(kid.clone()),
             Some(_) => {
                 return Err(Malformed::Undecodable {
@@ -643,15 +644,19 @@ mod tests {
 
     #[test]
     fn without_kid_the_only_key_is_used_and_several_keys_need_one() {
-        let header = json!({"alg": "EdDSA"});
-        let token = signed_raw(&header, &claims_json());
-        verifier_with(vec![ed().jwk.clone()], policy())
-            .verify(&token, NOW)
-            .unwrap();
-        assert_eq!(
-            refusal(&verifier(), &token),
-            Refusal::MissingKid(ISS.into())
-        );
+        for header in [
+            json!({"alg": "EdDSA"}),
+            json!({"alg": "EdDSA", "kid": null}),
+        ] {
+            let token = signed_raw(&header, &claims_json());
+            verifier_with(vec![ed().jwk.clone()], policy())
+                .verify(&token, NOW)
+                .unwrap();
+            assert_eq!(
+                refusal(&verifier(), &token),
+                Refusal::MissingKid(ISS.into())
+            );
+        }
     }
 
     #[test]
