@@ -79,16 +79,15 @@ fn unix_seconds_or_rfc3339<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Er
     }
     match Stored::deserialize(d)? {
         Stored::UnixSeconds(t) => Ok(t),
-        Stored::Rfc3339(text) => time::OffsetDateTime::parse(
-            &text,
-            &time::format_description::well_known::Rfc3339,
-        )
-        .map(|t| t.unix_timestamp())
-        .map_err(|e| {
-            serde::de::Error::custom(format!(
-                "expires_at {text:?} is neither Unix seconds nor RFC 3339: {e}"
-            ))
-        }),
+        Stored::Rfc3339(text) => {
+            time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+                .map(|t| t.unix_timestamp())
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "expires_at {text:?} is neither Unix seconds nor RFC 3339: {e}"
+                    ))
+                })
+        }
     }
 }
 

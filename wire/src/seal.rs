@@ -67,8 +67,11 @@ impl Seal {
             .map_err(|_| SealError::MalformedSignature)?;
         let signature = ed25519_dalek::Signature::from_slice(&bytes)
             .map_err(|_| SealError::MalformedSignature)?;
-        key.verify(signed_text(session_id, &self.streams).as_bytes(), &signature)
-            .map_err(|_| SealError::BadSignature)
+        key.verify(
+            signed_text(session_id, &self.streams).as_bytes(),
+            &signature,
+        )
+        .map_err(|_| SealError::BadSignature)
     }
 }
 
