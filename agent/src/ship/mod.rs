@@ -434,10 +434,13 @@ mod tests {
     use usher_wire::collector::{ErrorCode, StreamStatus};
     use usher_wire::meta::GrantInfo;
 
-    /// What a collector stores: each stream's chunks with their hashes, metadata, seals.
+    /// A stream's chunks, each with its hash.
+    type Chunks = Vec<(String, Vec<u8>)>;
+
+    /// What a collector stores: each stream's chunks (by session and stream), metadata, seals.
     #[derive(Default)]
     struct Held {
-        chunks: BTreeMap<(String, String), Vec<(String, Vec<u8>)>>,
+        chunks: BTreeMap<(String, String), Chunks>,
         meta: BTreeMap<String, Vec<u8>>,
         seals: BTreeMap<String, Seal>,
     }
