@@ -100,7 +100,7 @@ pub async fn serve(listener: std::net::TcpListener, config: Config) -> Result<()
         axum_server::tls_rustls::RustlsConfig::from_pem_file(&config.tls_cert, &config.tls_key)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
-    let app = Arc::new(crate::api::App::new(config)?);
+    let app = Arc::new(crate::api::App::new(config).map_err(|e| e.to_string())?);
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     axum_server::from_tcp_rustls(listener, tls)
         .serve(crate::api::router(app).into_make_service())
@@ -149,7 +149,8 @@ pub async fn run(p: Params) -> Result<(), String> {
             &ca,
             &format!("bench-token-{i}"),
             key,
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         let recs: Vec<Recording> = (0..p.sessions)
             .map(|s| {
                 Recording::fake(
@@ -178,7 +179,7 @@ pub async fn run(p: Params) -> Result<(), String> {
         .map(|(up, recs)| {
             tokio::spawn(async move {
                 for r in &recs {
-                    up.ship(r).await?;
+                    up.ship(r).await.map_err(|e| e.to_string())?;
                 }
                 Ok::<(), String>(())
             })
