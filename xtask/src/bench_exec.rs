@@ -5,7 +5,8 @@
 use crate::util::{cargo, is_root, run as run_cmd, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use usher_test_support::{free_port, wait_until, SshClient};
 
 const EXECS: u32 = 20_000;
 const ROUNDS: usize = 3;
@@ -168,10 +169,7 @@ pub fn run() -> Result<(), String> {
         "name = \"bench\"\n[exec]\nmode = \"allow\"\npaths = [\"/bin\", \"/usr/bin\"]\n",
     )
     .map_err(|e| e.to_string())?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| e.to_string())?;
+    let port = free_port();
     std::fs::write(
         dir.join("usherd.toml"),
         format!(
@@ -203,15 +201,11 @@ pub fn run() -> Result<(), String> {
             .spawn()
             .map_err(|e| e.to_string())?,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
-        || !dir.join("control.sock").exists()
-    {
-        if Instant::now() > deadline {
-            return Err("usherd did not start".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("usherd to listen", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && dir.join("control.sock").exists()
+    })
+    .map_err(|e| e.to_string())?;
     let token = Command::new(bin.join("usher"))
         .args(["grant", "sign", "--local", "--state-dir"])
         .arg(dir.join("state"))
@@ -245,28 +239,10 @@ pub fn run() -> Result<(), String> {
             .stdout(Stdio::null()),
     )?;
     let in_session = || -> Result<f64, String> {
-        let out = Command::new("ssh")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-i",
-            ])
-            .arg(&key)
+        let out = SshClient::new(&key, port)
+            .command("bx-bench")
             // The same interpreter as the local runs: sh, not the login shell.
-            .args([
-                "-p",
-                &port.to_string(),
-                "bx-bench@127.0.0.1",
-                &format!("exec sh -c '{}'", loop_script()),
-            ])
+            .arg(format!("exec sh -c '{}'", loop_script()))
             .stdin(Stdio::null())
             .output()
             .map_err(|e| e.to_string())?;
