@@ -24,7 +24,7 @@ pub use usher_test_support::{
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// Where the test agents' directories are: `usher-test-<pid of the test process>-<n>`.
+/// Where the test agents' directories are: `usher-test-p<pid of the test process>-<n>`.
 const TEST_DIR_PREFIX: &str = "/tmp/usher-test-";
 /// The UIDs the test agents' accounts get (each agent a slice of 20).
 const TEST_UIDS: std::ops::RangeInclusive<u32> = 64000..=64999;
@@ -80,7 +80,7 @@ impl TestAgent {
         sweep::once();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let tag = std::process::id() % 10000;
-        let dir = PathBuf::from(format!("{TEST_DIR_PREFIX}{}-{n}", std::process::id()));
+        let dir = PathBuf::from(format!("{TEST_DIR_PREFIX}p{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("policies")).unwrap();
         let port = free_port();
@@ -543,8 +543,7 @@ fn remove_what_an_agent_left(dir: &Path, prefix: &str, uids: std::ops::RangeIncl
             for s in v.as_array().into_iter().flatten() {
                 if let Some(cg) = s["cgroup"].as_str() {
                     let _ = std::fs::write(Path::new(cg).join("cgroup.kill"), "1");
-                    std::thread::sleep(Duration::from_millis(50));
-                    let _ = std::fs::remove_dir(cg);
+                    remove_cgroup(Path::new(cg));
                 }
                 remove_limit_groups(s);
             }
@@ -553,13 +552,28 @@ fn remove_what_an_agent_left(dir: &Path, prefix: &str, uids: std::ops::RangeIncl
     // The agent keeps its programs pinned across restarts; the test's agent is gone
     // for good, and so are they.
     let _ = usher::enforce::unpin(&dir.join("state"));
-    let _ = Command::new("umount")
-        .arg(dir.join("spool"))
+    let spool = dir.join("spool");
+    let unmounted = Command::new("umount")
+        .arg(&spool)
         .stderr(Stdio::null())
         .status();
+    if unmounted.is_ok_and(|st| !st.success()) && is_mount_point(&spool) {
+        // Busy (a process of the test still has a file open there): detached now, freed
+        // when the last one closes, so the directory below can go.
+        let _ = Command::new("umount").arg("--lazy").arg(&spool).status();
+    }
     if std::env::var_os("USHER_KEEP_TEST_DIRS").is_none() {
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// Whether `path` is where a file system is mounted.
+fn is_mount_point(path: &Path) -> bool {
+    let wanted = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(&*wanted))
 }
 
 /// Kills the processes of account `name` (`uid`) and removes it, with its home and its
@@ -914,20 +928,26 @@ pub fn remove_sysvipc_of_uid(uid: u32) {
 /// removed, like its v2 cgroup.
 fn remove_limit_groups(record: &serde_json::Value) {
     for dir in record["limit_cgroups"].as_array().into_iter().flatten() {
-        let Some(dir) = dir.as_str().map(Path::new) else {
-            continue;
-        };
-        for _ in 0..100 {
+        if let Some(dir) = dir.as_str() {
+            remove_cgroup(Path::new(dir));
+        }
+    }
+}
+
+/// Kills what is left in cgroup `dir` and removes it, trying again while its processes
+/// die (a cgroup with a process in it cannot be removed); gives up after two seconds.
+fn remove_cgroup(dir: &Path) {
+    let _ = wait_until(
+        &format!("{} to be removed", dir.display()),
+        Duration::from_secs(2),
+        || {
             let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
             for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
                 unsafe_kill(pid, libc::SIGKILL);
             }
-            if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+            std::fs::remove_dir(dir).is_ok() || !dir.exists()
+        },
+    );
 }
 
 /// Where a session's cgroups are, as the host sees them, from the `/proc/self/cgroup`

@@ -1,6 +1,6 @@
 //! What a killed test run left (its agents still running, their accounts, session cgroups,
 //! pinned programs and spool mounts) goes before this run makes its own. Only what carries
-//! the harness's own names is touched: directories `/tmp/usher-test-<pid>-<n>` whose test
+//! the harness's own names is touched: directories `/tmp/usher-test-p<pid>-<n>` whose test
 //! process is gone, and accounts that have a test agent's name and UID but no living test
 //! process that made them.
 
@@ -9,6 +9,8 @@ use crate::{
 };
 use std::path::{Path, PathBuf};
 use std::sync::Once;
+use std::time::Duration;
+use usher_test_support::wait_until;
 
 /// Sweeps once per test process, before its first agent starts.
 pub(crate) fn once() {
@@ -48,15 +50,27 @@ fn sweep() {
 /// A test agent's directory and the test process that made it.
 struct TestDir {
     path: PathBuf,
-    owner: u32,
+    owner: Owner,
+}
+
+/// What a directory's name says of the test process that made it.
+enum Owner {
+    /// `usher-test-p<pid>-<n>`.
+    Pid(u32),
+    /// `usher-test-<pid modulo 10000>-<n>`, as earlier harnesses named it.
+    Tag(u32),
 }
 
 impl TestDir {
-    /// Whether the test process that made it still runs. Earlier runs named directories
-    /// after their pid modulo 10000: a number that is some living process's pid counts as
-    /// alive, so in doubt nothing is swept.
+    /// Whether the test process that made it may still run. In doubt, yes: nothing is swept.
     fn owner_alive(&self) -> bool {
-        self.owner == std::process::id() || Path::new(&format!("/proc/{}", self.owner)).exists()
+        let alive =
+            |pid: u32| pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        match self.owner {
+            Owner::Pid(pid) => alive(pid),
+            // Only a part of the pid: alive while its agent runs, whoever started it.
+            Owner::Tag(tag) => alive(tag) || !agents_of(&self.path).is_empty(),
+        }
     }
 
     /// The account prefix and UIDs its config gave the agent.
@@ -92,9 +106,13 @@ fn test_dirs() -> Vec<TestDir> {
             let name = e.file_name().into_string().ok()?;
             let (owner, n) = name.strip_prefix(stem)?.split_once('-')?;
             n.parse::<u32>().ok()?;
+            let owner = match owner.strip_prefix('p') {
+                Some(pid) => Owner::Pid(pid.parse().ok()?),
+                None => Owner::Tag(owner.parse().ok()?),
+            };
             Some(TestDir {
                 path: e.path(),
-                owner: owner.parse().ok()?,
+                owner,
             })
         })
         .collect()
@@ -113,22 +131,33 @@ fn is_test_login(name: &str) -> bool {
 /// Kills the `usherd` started with `dir`'s config (a killed test does not take its agent
 /// with it), so it makes no more accounts while they are removed.
 fn kill_agents_of(dir: &Path) {
+    for pid in agents_of(dir) {
+        unsafe_kill(pid, libc::SIGKILL);
+    }
+    // Gone, not dying: a dying agent still holds its spool's mount.
+    let _ = wait_until(
+        "the killed agents to be gone",
+        Duration::from_secs(5),
+        || agents_of(dir).is_empty(),
+    );
+}
+
+/// The processes started with `dir`'s config as an argument (`usherd --config ...`).
+fn agents_of(dir: &Path) -> Vec<i32> {
     let config = dir.join("usherd.toml");
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
+        return Vec::new();
     };
-    for pid in procs
+    procs
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-    {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if cmdline
-            .split(|b| *b == 0)
-            .any(|arg| arg == config.as_os_str().as_encoded_bytes())
-        {
-            unsafe_kill(pid, libc::SIGKILL);
-        }
-    }
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .split(|b| *b == 0)
+                .any(|arg| arg == config.as_os_str().as_encoded_bytes())
+        })
+        .collect()
 }
 
 #[cfg(test)]
