@@ -2,7 +2,7 @@
 //! in one run: no agent; usherd's eBPF programs attached with a profile that allows it
 //! (the loop runs in a real SSH session); and auditd with an execve rule, the peer.
 
-use crate::util::{cargo, is_root, run as run_cmd, workspace_root};
+use crate::util::{cargo, install_signed_grant, is_root, run as run_cmd, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -206,37 +206,28 @@ pub fn run() -> Result<(), String> {
             && dir.join("control.sock").exists()
     })
     .map_err(|e| e.to_string())?;
-    let token = Command::new(bin.join("usher"))
-        .args(["grant", "sign", "--local", "--state-dir"])
-        .arg(dir.join("state"))
-        .args([
-            "--aud",
-            "bench",
-            "--iss",
-            "usher-local:bench",
-            "--sub",
-            "bench",
-            "--login",
-            "bx-bench",
-            "--profile",
-            "bench",
-            "--ttl",
-            "3600",
-            "--ssh-key",
-        ])
-        .arg(key.with_extension("pub"))
-        .output()
-        .map_err(|e| e.to_string())?;
-    run_cmd(
+    install_signed_grant(
         Command::new(bin.join("usher"))
-            .arg("--socket")
-            .arg(dir.join("control.sock"))
+            .args(["grant", "sign", "--local", "--state-dir"])
+            .arg(dir.join("state"))
             .args([
-                "grant",
-                "install",
-                String::from_utf8_lossy(&token.stdout).trim(),
+                "--aud",
+                "bench",
+                "--iss",
+                "usher-local:bench",
+                "--sub",
+                "bench",
+                "--login",
+                "bx-bench",
+                "--profile",
+                "bench",
+                "--ttl",
+                "3600",
+                "--ssh-key",
             ])
-            .stdout(Stdio::null()),
+            .arg(key.with_extension("pub")),
+        &bin.join("usher"),
+        &dir.join("control.sock"),
     )?;
     let in_session = || -> Result<f64, String> {
         let out = SshClient::new(&key, port)

@@ -2,7 +2,7 @@
 //! finished recordings) shipping at once over HTTPS on loopback; then, for one agent, the
 //! CPU it spends shipping a recording next to the CPU it spent recording it.
 
-use crate::util::{cargo, is_root, run as run_cmd, workspace_root};
+use crate::util::{cargo, install_signed_grant, is_root, run as run_cmd, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -270,35 +270,26 @@ pub fn run() -> Result<(), String> {
             .args(["-q", "-t", "ed25519", "-N", "", "-f"])
             .arg(&key),
     )?;
-    let token = Command::new(bin.join("usher"))
-        .args(["grant", "sign", "--local", "--state-dir"])
-        .arg(adir.join("state"))
-        .args([
-            "--aud",
-            &format!("bench-host-{AGENTS}"),
-            "--iss",
-            &format!("usher-local:bench-host-{AGENTS}"),
-            "--sub",
-            "bench",
-            "--login",
-            "bs-bench",
-            "--ttl",
-            "3600",
-            "--ssh-key",
-        ])
-        .arg(key.with_extension("pub"))
-        .output()
-        .map_err(|e| e.to_string())?;
-    run_cmd(
+    install_signed_grant(
         Command::new(bin.join("usher"))
-            .arg("--socket")
-            .arg(adir.join("control.sock"))
+            .args(["grant", "sign", "--local", "--state-dir"])
+            .arg(adir.join("state"))
             .args([
-                "grant",
-                "install",
-                String::from_utf8_lossy(&token.stdout).trim(),
+                "--aud",
+                &format!("bench-host-{AGENTS}"),
+                "--iss",
+                &format!("usher-local:bench-host-{AGENTS}"),
+                "--sub",
+                "bench",
+                "--login",
+                "bs-bench",
+                "--ttl",
+                "3600",
+                "--ssh-key",
             ])
-            .stdout(Stdio::null()),
+            .arg(key.with_extension("pub")),
+        &bin.join("usher"),
+        &adir.join("control.sock"),
     )?;
     let cpu0 = cpu_secs(child.id());
     let st = Command::new("sh")

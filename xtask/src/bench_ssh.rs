@@ -1,7 +1,7 @@
 //! `cargo xtask bench ssh`: usherd (recording on) next to OpenSSH's sshd, in one run, on
 //! loopback, with the same client. Prints the numbers and the ratios.
 
-use crate::util::{cargo, is_root, run as run_cmd, workspace_root};
+use crate::util::{cargo, install_signed_grant, is_root, run as run_cmd, workspace_root};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -339,34 +339,28 @@ pub(crate) fn start_servers(usherd_extra: &str) -> Result<(Bench, Target, Target
         wait_for_port(port, Duration::from_secs(20)).map_err(|e| e.to_string())?;
     }
     std::thread::sleep(Duration::from_millis(300));
-    let token = Command::new(bin.join("usher"))
-        .args(["grant", "sign", "--key"])
-        .arg(dir.join("issuer/issuer.key"))
-        .args([
-            "--kid",
-            "b1",
-            "--iss",
-            "bench",
-            "--aud",
-            "bench",
-            "--sub",
-            "bench",
-            "--login",
-            "bn-bench",
-            "--ttl",
-            "7200",
-            "--ssh-key",
-        ])
-        .arg(bench.key.with_extension("pub"))
-        .output()
-        .map_err(|e| e.to_string())?;
-    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
-    run_cmd(
+    install_signed_grant(
         Command::new(bin.join("usher"))
-            .arg("--socket")
-            .arg(dir.join("control.sock"))
-            .args(["grant", "install", &token])
-            .stdout(Stdio::null()),
+            .args(["grant", "sign", "--key"])
+            .arg(dir.join("issuer/issuer.key"))
+            .args([
+                "--kid",
+                "b1",
+                "--iss",
+                "bench",
+                "--aud",
+                "bench",
+                "--sub",
+                "bench",
+                "--login",
+                "bn-bench",
+                "--ttl",
+                "7200",
+                "--ssh-key",
+            ])
+            .arg(bench.key.with_extension("pub")),
+        &bin.join("usher"),
+        &dir.join("control.sock"),
     )?;
 
     let sshd_t = Target {

@@ -8,66 +8,60 @@ use std::process::{Command, ExitStatus, Stdio};
 /// The names the server certificate is valid for.
 const SERVER_NAMES: &str = "IP:127.0.0.1,IP:::1,DNS:localhost";
 
-/// The three `openssl` steps, each with what it makes.
-const STEPS: [(&str, &[&str]); 3] = [
-    (
-        "the CA",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=usher test CA",
-        ],
-    ),
-    (
-        "the server's key and request",
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    ),
-    (
-        "the server certificate",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    ),
+/// `openssl req` options for a new P-256 key, unencrypted.
+const NEW_P256_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
 ];
+
+/// The three `openssl` steps, each with what it makes.
+fn steps() -> [(&'static str, Vec<&'static str>); 3] {
+    [
+        (
+            "the CA",
+            [
+                &["req", "-x509"][..],
+                &NEW_P256_KEY,
+                &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"],
+                &["-subj", "/CN=usher test CA"],
+            ]
+            .concat(),
+        ),
+        (
+            "the server's key and request",
+            [
+                &["req"][..],
+                &NEW_P256_KEY,
+                &["-keyout", "server.key", "-out", "server.csr"],
+                &["-subj", "/CN=localhost"],
+            ]
+            .concat(),
+        ),
+        (
+            "the server certificate",
+            vec![
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        ),
+    ]
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -104,9 +98,9 @@ impl TestCa {
             path: extensions,
             source,
         })?;
-        for (what, args) in STEPS {
+        for (what, args) in steps() {
             let status = Command::new("openssl")
-                .args(args)
+                .args(&args)
                 .current_dir(dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
