@@ -368,7 +368,7 @@ async fn asset(State(app): State<Shared>, Path(file): Path<String>) -> Response 
         Err(_) => error(
             StatusCode::NOT_FOUND,
             ErrorCode::NotFound,
-            "asset missing: run collector/setup.sh",
+            "asset missing: run `cargo xtask setup`",
         ),
     }
 }

@@ -2,10 +2,11 @@
 //! in one run: no agent; usherd's eBPF programs attached with a profile that allows it
 //! (the loop runs in a real SSH session); and auditd with an execve rule, the peer.
 
-use crate::util::{cargo, is_root, run as run_cmd, workspace_root};
+use crate::util::{cargo, install_signed_grant, is_root, run as run_cmd, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use usher_test_support::{free_port, wait_until, SshClient};
 
 const EXECS: u32 = 20_000;
 const ROUNDS: usize = 3;
@@ -188,10 +189,7 @@ pub fn run() -> Result<(), String> {
         "name = \"bench\"\n[exec]\nmode = \"allow\"\npaths = [\"/bin\", \"/usr/bin\"]\n",
     )
     .map_err(|e| e.to_string())?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| e.to_string())?;
+    let port = free_port();
     std::fs::write(
         dir.join("usherd.toml"),
         format!(
@@ -223,70 +221,39 @@ pub fn run() -> Result<(), String> {
             .spawn()
             .map_err(|e| e.to_string())?,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
-        || !dir.join("control.sock").exists()
-    {
-        if Instant::now() > deadline {
-            return Err("usherd did not start".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let token = Command::new(bin.join("usher"))
-        .args(["grant", "sign", "--local", "--state-dir"])
-        .arg(dir.join("state"))
-        .args([
-            "--aud",
-            "bench",
-            "--iss",
-            "usher-local:bench",
-            "--sub",
-            "bench",
-            "--login",
-            "bx-bench",
-            "--profile",
-            "bench",
-            "--ttl",
-            "3600",
-            "--ssh-key",
-        ])
-        .arg(key.with_extension("pub"))
-        .output()
-        .map_err(|e| e.to_string())?;
-    run_cmd(
+    wait_until("usherd to listen", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && dir.join("control.sock").exists()
+    })
+    .map_err(|e| e.to_string())?;
+    install_signed_grant(
         Command::new(bin.join("usher"))
-            .arg("--socket")
-            .arg(dir.join("control.sock"))
+            .args(["grant", "sign", "--local", "--state-dir"])
+            .arg(dir.join("state"))
             .args([
-                "grant",
-                "install",
-                String::from_utf8_lossy(&token.stdout).trim(),
+                "--aud",
+                "bench",
+                "--iss",
+                "usher-local:bench",
+                "--sub",
+                "bench",
+                "--login",
+                "bx-bench",
+                "--profile",
+                "bench",
+                "--ttl",
+                "3600",
+                "--ssh-key",
             ])
-            .stdout(Stdio::null()),
+            .arg(key.with_extension("pub")),
+        &bin.join("usher"),
+        &dir.join("control.sock"),
     )?;
     let in_session = || -> Result<f64, String> {
-        let out = Command::new("ssh")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-i",
-            ])
-            .arg(&key)
+        let out = SshClient::new(&key, port)
+            .command("bx-bench")
             // The same interpreter as the local runs: sh, not the login shell.
-            .args([
-                "-p",
-                &port.to_string(),
-                "bx-bench@127.0.0.1",
-                &format!("exec sh -c '{}'", loop_script()),
-            ])
+            .arg(format!("exec sh -c '{}'", loop_script()))
             .stdin(Stdio::null())
             .output()
             .map_err(|e| e.to_string())?;
