@@ -282,7 +282,7 @@ unsafe fn check_mapping(file: u64, prot: u64) -> i32 {
 pub fn mmap_file(ctx: LsmContext) -> i32 {
     // mmap_file(struct file *file, unsigned long reqprot, unsigned long prot,
     //           unsigned long flags, int ret): an earlier refusal stands.
-    let earlier: i32 = unsafe { ctx.arg(4) };
+    let earlier: i32 = ctx.arg(4);
     if earlier != 0 {
         return earlier;
     }
@@ -293,7 +293,7 @@ pub fn mmap_file(ctx: LsmContext) -> i32 {
 pub fn file_mprotect(ctx: LsmContext) -> i32 {
     // file_mprotect(struct vm_area_struct *vma, unsigned long reqprot, unsigned long prot,
     //               int ret)
-    let earlier: i32 = unsafe { ctx.arg(3) };
+    let earlier: i32 = ctx.arg(3);
     if earlier != 0 {
         return earlier;
     }
