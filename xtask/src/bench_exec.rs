@@ -8,7 +8,7 @@
 //! `USHER_BENCH_SCALE` shrinks the loop for a smoke test.
 
 use crate::bench_ssh::median;
-use crate::util::{bench_scale_note, bench_scaled, cargo, is_root, run as run_cmd, workspace_root};
+use crate::util::{bench_scale_note, bench_scaled, cargo, is_root, release_dir, run as run_cmd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -393,7 +393,7 @@ pub fn run() -> Result<(), String> {
     }
     crate::setup::ensure_packages(&["auditd"])?;
     run_cmd(cargo().args(["build", "--release", "--bins"]))?;
-    let bin = workspace_root().join("target/release");
+    let bin = release_dir();
     let dir = PathBuf::from(format!("/tmp/usher-bench-exec-{}", std::process::id()));
     let cgroup = v2_mount()?.join(format!("usher-bench-exec-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("policies")).map_err(|e| e.to_string())?;

@@ -6,7 +6,7 @@
 //! CPU it spends shipping a recording next to the CPU it spent recording it.
 //! `USHER_BENCH_SCALE` shrinks the sessions for a smoke test.
 
-use crate::util::{bench_scale_note, bench_scaled, cargo, is_root, run as run_cmd, workspace_root};
+use crate::util::{bench_scale_note, bench_scaled, cargo, is_root, release_dir, run as run_cmd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -220,7 +220,7 @@ pub fn run() -> Result<(), String> {
         return Err("the benchmark runs as root".into());
     }
     run_cmd(cargo().args(["build", "--release", "--bins"]))?;
-    let bin = workspace_root().join("target/release");
+    let bin = release_dir();
     let dir = PathBuf::from(format!("/tmp/usher-bench-ship-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;

@@ -4,7 +4,7 @@
 //! curve25519). Prints the numbers and the ratios. `USHER_BENCH_SCALE` shrinks the sizes
 //! and counts for a smoke test.
 
-use crate::util::{bench_scale_note, bench_scaled, cargo, is_root, run as run_cmd, workspace_root};
+use crate::util::{bench_scale_note, bench_scaled, cargo, is_root, release_dir, run as run_cmd};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -323,7 +323,7 @@ pub(crate) fn start_servers(usherd_extra: &str) -> Result<(Bench, Target, Target
     }
     crate::setup::packages()?;
     run_cmd(cargo().args(["build", "--release", "--bins"]))?;
-    let bin = workspace_root().join("target/release");
+    let bin = release_dir();
     let dir = PathBuf::from(format!("/tmp/usher-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;

@@ -55,3 +55,18 @@ pub fn bench_scale_note() -> &'static str {
         _ => "",
     }
 }
+
+/// Where `cargo build --release` puts the binaries (`CARGO_TARGET_DIR` when set).
+pub fn release_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|dir| {
+            if dir.is_relative() {
+                workspace_root().join(dir)
+            } else {
+                dir
+            }
+        })
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("release")
+}
