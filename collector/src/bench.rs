@@ -1,6 +1,8 @@
 //! `usher-collector bench`: one collector (in this process, on loopback, local storage in
 //! a scratch directory) and N simulated agents shipping sessions through the real HTTPS
-//! protocol at once. Prints ingest throughput in MB/s and sessions/s.
+//! protocol at once. Prints ingest throughput in MB/s and sessions/s, in steady state:
+//! each agent ships one warm-up session (its connection, the collector's first writes)
+//! before the clock starts, and all start together.
 
 use crate::config::{AgentConfig, Config, Storage};
 use crate::uploader::{openssh_public_line, Recording, Uploader};
@@ -65,6 +67,20 @@ pub async fn run(p: Params) -> Result<(), String> {
     });
     let ca = std::fs::read(ca.ca_pem()).map_err(|e| e.to_string())?;
     let mut work = Vec::new();
+    let warm_up: Vec<Recording> = (0..p.agents)
+        .map(|i| {
+            Recording::fake(
+                &format!("bench-{i}-warm-up"),
+                &format!("bench-{i}"),
+                "bench@example.org",
+                "usher-bench",
+                &["true"],
+                "BENCH",
+                p.chunk_kib << 10,
+                p.chunk_kib << 10,
+            )
+        })
+        .collect();
     for (i, key) in keys.into_iter().enumerate() {
         let up = Uploader::new(
             &format!("https://127.0.0.1:{port}"),
@@ -95,11 +111,17 @@ pub async fn run(p: Params) -> Result<(), String> {
         .flat_map(|(_, r)| r)
         .map(|r| r.cast.len() + r.audit.len())
         .sum();
-    let start = Instant::now();
+    // Every agent warms up, then waits for the others: the clock starts when all ship.
+    let ready = Arc::new(tokio::sync::Barrier::new(p.agents + 1));
     let tasks: Vec<_> = work
         .into_iter()
-        .map(|(up, recs)| {
+        .zip(warm_up)
+        .map(|((up, recs), warm_up)| {
+            let ready = ready.clone();
             tokio::spawn(async move {
+                let warmed = up.ship(&warm_up).await;
+                ready.wait().await;
+                warmed.map_err(|e| e.to_string())?;
                 for r in &recs {
                     up.ship(r).await.map_err(|e| e.to_string())?;
                 }
@@ -107,6 +129,8 @@ pub async fn run(p: Params) -> Result<(), String> {
             })
         })
         .collect();
+    ready.wait().await;
+    let start = Instant::now();
     for t in tasks {
         t.await.map_err(|e| e.to_string())??;
     }

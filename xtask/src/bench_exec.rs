@@ -1,21 +1,35 @@
 //! `cargo xtask bench exec`: fork+exec of /bin/true in a loop inside a session's cgroup,
-//! in one run: no agent; usherd's eBPF programs attached with a profile that allows it
-//! (the loop runs in a real SSH session); and auditd with an execve rule, the peer.
+//! in rounds that interleave three set-ups: nothing attached (usherd stopped and its
+//! programs unpinned, audit off); usherd's eBPF programs with a profile that allows the
+//! loop (the loop runs in a real SSH session); and auditd with an execve rule, the peer.
+//! Each round checks that every exec was reported (usherd: every event in the session's
+//! audit stream, nothing counted lost by the kernel or the session; auditd: the kernel's
+//! `lost` counter unchanged): a figure that dropped events measured less work.
+//! `USHER_BENCH_SCALE` shrinks the loop for a smoke test.
 
-use crate::util::{cargo, install_signed_grant, is_root, run as run_cmd, workspace_root};
+use crate::bench_ssh::median;
+use crate::util::{
+    bench_scale_note, bench_scaled, cargo, install_signed_grant, is_root, release_dir,
+    run as run_cmd,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use usher_test_support::{free_port, wait_until, SshClient};
 
-const EXECS: u32 = 20_000;
-const ROUNDS: usize = 3;
+const FULL_EXECS: u64 = 20_000;
+const ROUNDS: usize = 5;
+
+fn execs() -> u64 {
+    bench_scaled(FULL_EXECS)
+}
 
 /// A shell loop that prints its own elapsed nanoseconds: the shell's cost is the same in
 /// every scenario, and the SSH session's set-up is not counted.
 fn loop_script() -> String {
     format!(
-        "s=$(date +%s%N); i=0; while [ $i -lt {EXECS} ]; do /bin/true; i=$((i+1)); done; e=$(date +%s%N); echo $((e-s))"
+        "s=$(date +%s%N); i=0; while [ $i -lt {} ]; do /bin/true; i=$((i+1)); done; e=$(date +%s%N); echo $((e-s))",
+        execs()
     )
 }
 
@@ -95,59 +109,264 @@ fn parse_ns(out: &[u8]) -> Result<f64, String> {
         .ok_or_else(|| format!("no timing in {:?}", String::from_utf8_lossy(out)))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+/// auditd's execve rule, after `-a` (add) or `-d` (delete).
+const AUDIT_RULE: [&str; 7] = [
+    "always,exit",
+    "-F",
+    "arch=b64",
+    "-S",
+    "execve",
+    "-k",
+    "usher-bench",
+];
+
+fn audit_rule(op: &str) -> Command {
+    let mut cmd = Command::new("auditctl");
+    cmd.arg(op).args(AUDIT_RULE);
+    cmd
+}
+
+/// The kernel audit's count of records it dropped (`auditctl -s`: "lost N").
+fn audit_lost() -> Result<u64, String> {
+    let out = Command::new("auditctl")
+        .arg("-s")
+        .output()
+        .map_err(|e| format!("auditctl -s: {e}"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("lost ")?.trim().parse().ok())
+        .ok_or_else(|| "auditctl -s shows no lost counter".to_string())
+}
+
+/// usherd for this benchmark: its binaries and config, and the agent while it runs.
+struct Agent {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    key: PathBuf,
+    usherd: Option<Child>,
+}
+
+impl Agent {
+    fn usher(&self) -> Command {
+        let mut cmd = Command::new(self.bin.join("usher"));
+        cmd.arg("--socket").arg(self.dir.join("control.sock"));
+        cmd
+    }
+
+    /// Starts usherd, with a grant for the benchmark's account.
+    fn start(&mut self) -> Result<(), String> {
+        let _ = std::fs::remove_file(self.dir.join("control.sock"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("usherd.log"))
+            .map_err(|e| e.to_string())?;
+        self.usherd = Some(
+            Command::new(self.bin.join("usherd"))
+                .arg("--config")
+                .arg(self.dir.join("usherd.toml"))
+                .stderr(log)
+                .spawn()
+                .map_err(|e| e.to_string())?,
+        );
+        let (port, control) = (self.port, self.dir.join("control.sock"));
+        wait_until("usherd to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && control.exists()
+        })
+        .map_err(|e| e.to_string())?;
+        // Grants outlive the agent (its state); one is enough.
+        let installed = self
+            .status()
+            .ok()
+            .and_then(|s| s["grants"].as_u64().or(find_key(&s, "grants")?.as_u64()))
+            .unwrap_or(0);
+        if installed > 0 {
+            return Ok(());
+        }
+        install_signed_grant(
+            Command::new(self.bin.join("usher"))
+                .args(["grant", "sign", "--local", "--state-dir"])
+                .arg(self.dir.join("state"))
+                .args([
+                    "--aud",
+                    "bench",
+                    "--iss",
+                    "usher-local:bench",
+                    "--sub",
+                    "bench",
+                    "--login",
+                    "bx-bench",
+                    "--profile",
+                    "bench",
+                    "--ttl",
+                    "3600",
+                    "--ssh-key",
+                ])
+                .arg(self.key.with_extension("pub")),
+            &self.bin.join("usher"),
+            &self.dir.join("control.sock"),
+        )
+    }
+
+    /// Stops the agent and detaches its programs (pinned, they would outlive it and
+    /// check every exec of the host), removing its account and sessions' cgroups.
+    fn stop_and_unpin(&mut self) {
+        if let Some(mut u) = self.usherd.take() {
+            let _ = Command::new("kill").arg(u.id().to_string()).status();
+            let _ = u.wait();
+        }
+        let _ = Command::new(self.bin.join("usherd"))
+            .arg("--config")
+            .arg(self.dir.join("usherd.toml"))
+            .arg("--remove-accounts")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// `usher status` as JSON (`--json` where the tool has it).
+    fn status(&self) -> Result<serde_json::Value, String> {
+        for json_flag in [true, false] {
+            let mut cmd = self.usher();
+            cmd.arg("status");
+            if json_flag {
+                cmd.arg("--json");
+            }
+            let out = cmd.output().map_err(|e| e.to_string())?;
+            if let Ok(v) = serde_json::from_slice(&out.stdout) {
+                return Ok(v);
+            }
+        }
+        Err("usher status gave no JSON".into())
+    }
+
+    /// The loop in a real session; returns seconds.
+    fn in_session(&self) -> Result<f64, String> {
+        let out = SshClient::new(&self.key, self.port)
+            .command("bx-bench")
+            // The same interpreter as the local runs: sh, not the login shell.
+            .arg(format!("exec sh -c '{}'", loop_script()))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        parse_ns(&out.stdout)
+    }
+
+    /// The sessions' audit streams in the spool, read once each session has ended; the
+    /// files are removed so that the next round counts its own.
+    fn take_audit_lines(&self) -> Result<Vec<serde_json::Value>, String> {
+        let spool = self.dir.join("spool");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let streams: Vec<PathBuf> = std::fs::read_dir(&spool)
+                .map_err(|e| format!("{}: {e}", spool.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().ends_with(".audit.jsonl"))
+                .collect();
+            let texts: Vec<String> = streams
+                .iter()
+                .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+                .collect();
+            let ended = !texts.is_empty()
+                && texts
+                    .iter()
+                    .all(|t| t.contains("\"event\":\"session_ended\""));
+            if ended || Instant::now() > deadline {
+                if !ended {
+                    return Err("the session's audit stream never said it ended".into());
+                }
+                for entry in std::fs::read_dir(&spool)
+                    .map_err(|e| e.to_string())?
+                    .flatten()
+                {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+                return Ok(texts
+                    .iter()
+                    .flat_map(|t| t.lines())
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Finds `key` anywhere in a JSON document.
+fn find_key<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    match v {
+        serde_json::Value::Object(map) => map
+            .get(key)
+            .or_else(|| map.values().find_map(|inner| find_key(inner, key))),
+        serde_json::Value::Array(items) => items.iter().find_map(|inner| find_key(inner, key)),
+        _ => None,
+    }
+}
+
+/// One usherd round: the loop in a session, and what the agent saw of it.
+struct UsherRound {
+    seconds: f64,
+    /// Exec events of /bin/true in the session's audit stream.
+    reported: u64,
+    /// Counted lost by the kernel's ring buffer (all sessions) and by the session.
+    lost_kernel: u64,
+    lost_session: u64,
+}
+
+fn usher_round(agent: &mut Agent) -> Result<UsherRound, String> {
+    agent.start()?;
+    let seconds = agent.in_session()?;
+    let lost_kernel = find_key(&agent.status()?, "enforcement")
+        .and_then(|e| e["lost_events"].as_u64())
+        .ok_or("usher status shows no enforcement.lost_events")?;
+    let lines = agent.take_audit_lines()?;
+    agent.stop_and_unpin();
+    let reported = lines
+        .iter()
+        .filter(|l| l["event"] == "exec")
+        .filter(|l| {
+            l["exec"]["filename"]
+                .as_str()
+                .is_some_and(|f| f.ends_with("/true"))
+        })
+        .count() as u64;
+    let lost_session = lines
+        .iter()
+        .filter(|l| l["event"] == "exec_events_lost")
+        .filter_map(|l| l["lost"].as_u64())
+        .sum();
+    Ok(UsherRound {
+        seconds,
+        reported,
+        lost_kernel,
+        lost_session,
+    })
 }
 
 struct Cleanup {
     dir: PathBuf,
     cgroup: PathBuf,
-    usherd: Option<Child>,
-    /// `usherd --remove-accounts` for this config: the agent's programs stay pinned (and
-    /// attached) after it stops, until this removes them.
-    remove: Option<Command>,
-    audit_rule: bool,
+    agent: Agent,
     auditd: Option<Child>,
-}
-
-/// Stops the agent and detaches its programs (pinned, they would outlive it).
-fn stop_usherd(usherd: &mut Option<Child>, remove: &mut Option<Command>) {
-    if let Some(mut u) = usherd.take() {
-        let _ = Command::new("kill").arg(u.id().to_string()).status();
-        let _ = u.wait();
-    }
-    if let Some(mut r) = remove.take() {
-        let _ = r.stdout(Stdio::null()).stderr(Stdio::null()).status();
-    }
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        if self.audit_rule {
-            let _ = Command::new("auditctl")
-                .args([
-                    "-d",
-                    "always,exit",
-                    "-F",
-                    "arch=b64",
-                    "-S",
-                    "execve",
-                    "-k",
-                    "usher-bench",
-                ])
-                .stdout(Stdio::null())
-                .status();
-        }
+        let _ = audit_rule("-d")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("auditctl")
+            .args(["-e", "0"])
+            .stdout(Stdio::null())
+            .status();
         if let Some(mut a) = self.auditd.take() {
             let _ = Command::new("kill").arg(a.id().to_string()).status();
             let _ = a.wait();
-            let _ = Command::new("auditctl")
-                .args(["-e", "0"])
-                .stdout(Stdio::null())
-                .status();
         }
-        stop_usherd(&mut self.usherd, &mut self.remove);
+        self.agent.stop_and_unpin();
         // (The account is usually gone already: --remove-accounts took it.)
         let _ = Command::new("pkill")
             .args(["-KILL", "-u", "bx-bench"])
@@ -169,17 +388,22 @@ pub fn run() -> Result<(), String> {
     }
     crate::setup::ensure_packages(&["auditd"])?;
     run_cmd(cargo().args(["build", "--release", "--bins"]))?;
-    let bin = workspace_root().join("target/release");
+    let bin = release_dir();
     let dir = PathBuf::from(format!("/tmp/usher-bench-exec-{}", std::process::id()));
     let cgroup = v2_mount()?.join(format!("usher-bench-exec-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("policies")).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&cgroup).map_err(|e| format!("{}: {e}", cgroup.display()))?;
+    let port = free_port();
     let mut c = Cleanup {
         dir: dir.clone(),
         cgroup: cgroup.clone(),
-        usherd: None,
-        remove: None,
-        audit_rule: false,
+        agent: Agent {
+            bin: bin.clone(),
+            dir: dir.clone(),
+            port,
+            key: dir.join("id_ed25519"),
+            usherd: None,
+        },
         auditd: None,
     };
 
@@ -189,7 +413,6 @@ pub fn run() -> Result<(), String> {
         "name = \"bench\"\n[exec]\nmode = \"allow\"\npaths = [\"/bin\", \"/usr/bin\"]\n",
     )
     .map_err(|e| e.to_string())?;
-    let port = free_port();
     std::fs::write(
         dir.join("usherd.toml"),
         format!(
@@ -201,105 +424,41 @@ pub fn run() -> Result<(), String> {
         ),
     )
     .map_err(|e| e.to_string())?;
-    let key = dir.join("id_ed25519");
     run_cmd(
         Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&key),
+            .arg(&c.agent.key),
     )?;
-    let mut remove = Command::new(bin.join("usherd"));
-    remove
-        .arg("--config")
-        .arg(dir.join("usherd.toml"))
-        .arg("--remove-accounts");
-    c.remove = Some(remove);
-    c.usherd = Some(
-        Command::new(bin.join("usherd"))
-            .arg("--config")
-            .arg(dir.join("usherd.toml"))
-            .stderr(std::fs::File::create(dir.join("usherd.log")).map_err(|e| e.to_string())?)
-            .spawn()
-            .map_err(|e| e.to_string())?,
-    );
-    wait_until("usherd to listen", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            && dir.join("control.sock").exists()
-    })
-    .map_err(|e| e.to_string())?;
-    install_signed_grant(
-        Command::new(bin.join("usher"))
-            .args(["grant", "sign", "--local", "--state-dir"])
-            .arg(dir.join("state"))
-            .args([
-                "--aud",
-                "bench",
-                "--iss",
-                "usher-local:bench",
-                "--sub",
-                "bench",
-                "--login",
-                "bx-bench",
-                "--profile",
-                "bench",
-                "--ttl",
-                "3600",
-                "--ssh-key",
-            ])
-            .arg(key.with_extension("pub")),
-        &bin.join("usher"),
-        &dir.join("control.sock"),
-    )?;
-    let in_session = || -> Result<f64, String> {
-        let out = SshClient::new(&key, port)
-            .command("bx-bench")
-            // The same interpreter as the local runs: sh, not the login shell.
-            .arg(format!("exec sh -c '{}'", loop_script()))
-            .stdin(Stdio::null())
+
+    // A first session makes the account, whose numeric identity the local runs borrow
+    // (after --remove-accounts too), and says which enforcement path this kernel allows.
+    c.agent.start()?;
+    c.agent.in_session()?;
+    let path = c
+        .agent
+        .status()
+        .ok()
+        .and_then(|s| {
+            find_key(&s, "enforcement")
+                .and_then(|e| e["path"].as_str())
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    let id_of = |flag: &str| -> Result<u32, String> {
+        let out = Command::new("id")
+            .args([flag, "bx-bench"])
             .output()
             .map_err(|e| e.to_string())?;
-        parse_ns(&out.stdout)
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| "no bx-bench account".to_string())
     };
+    let (uid, gid) = (id_of("-u")?, id_of("-g")?);
+    c.agent.take_audit_lines()?;
+    c.agent.stop_and_unpin();
 
-    let status = Command::new(bin.join("usher"))
-        .arg("--socket")
-        .arg(dir.join("control.sock"))
-        .args(["status", "--json"])
-        .output()
-        .map_err(|e| e.to_string())?;
-    let path = String::from_utf8_lossy(&status.stdout)
-        .lines()
-        .find(|l| l.contains("\"path\""))
-        .unwrap_or("")
-        .trim()
-        .to_string();
-
-    // A first session makes the account, whose identity the local runs borrow.
-    in_session()?;
-    let ids = Command::new("id")
-        .args(["-u", "bx-bench"])
-        .output()
-        .map_err(|e| e.to_string())?;
-    let uid: u32 = String::from_utf8_lossy(&ids.stdout)
-        .trim()
-        .parse()
-        .map_err(|_| "no bx-bench account")?;
-    let gids = Command::new("id")
-        .args(["-g", "bx-bench"])
-        .output()
-        .map_err(|e| e.to_string())?;
-    let gid: u32 = String::from_utf8_lossy(&gids.stdout)
-        .trim()
-        .parse()
-        .map_err(|_| "no bx-bench group")?;
-    let (mut none, mut usher) = (vec![], vec![]);
-    for _ in 0..ROUNDS {
-        none.push(local_loop(&cgroup, uid, gid)?);
-        usher.push(in_session()?);
-    }
-    // Without the agent's programs in the way: the agent stops and unpins them (the
-    // loops below borrow the account's numeric ids only), the same loop again.
-    stop_usherd(&mut c.usherd, &mut c.remove);
-    // auditd with an execve rule, the peer a user would otherwise pick.
+    // auditd runs throughout; its rule and auditing are on only in its own runs.
     let _ = Command::new("auditctl")
         .args(["-D"])
         .stdout(Stdio::null())
@@ -311,60 +470,92 @@ pub fn run() -> Result<(), String> {
         .spawn()
         .ok();
     std::thread::sleep(Duration::from_secs(1));
-    let rule = Command::new("auditctl")
-        .args([
-            "-a",
-            "always,exit",
-            "-F",
-            "arch=b64",
-            "-S",
-            "execve",
-            "-k",
-            "usher-bench",
-        ])
-        .output()
-        .map_err(|e| e.to_string())?;
-    c.audit_rule = rule.status.success();
-    let mut audit = vec![];
-    if c.audit_rule {
+
+    let execs = execs();
+    let (mut none, mut usher, mut audit) = (vec![], vec![], vec![]);
+    let mut incomplete = Vec::new();
+    let mut audit_refused = None;
+    // Interleaved, so that a noisy moment of the machine hits every set-up.
+    for round in 1..=ROUNDS {
+        none.push(local_loop(&cgroup, uid, gid)?);
+
+        let u = usher_round(&mut c.agent)?;
+        if u.reported != execs || u.lost_kernel != 0 || u.lost_session != 0 {
+            incomplete.push(format!(
+                "round {round}, usherd: {} of {execs} execs reported, {} lost in the kernel's ring buffer, {} lost by the session",
+                u.reported, u.lost_kernel, u.lost_session
+            ));
+        }
+        usher.push(u.seconds);
+
+        let rule = audit_rule("-a").output().map_err(|e| e.to_string())?;
+        if !rule.status.success() {
+            audit_refused = Some(String::from_utf8_lossy(&rule.stderr).trim().to_string());
+            continue;
+        }
         let _ = Command::new("auditctl")
             .args(["-e", "1"])
             .stdout(Stdio::null())
             .status();
-        for _ in 0..ROUNDS {
-            audit.push(local_loop(&cgroup, uid, gid)?);
+        let lost_before = audit_lost()?;
+        audit.push(local_loop(&cgroup, uid, gid)?);
+        let lost = audit_lost()?.saturating_sub(lost_before);
+        let _ = audit_rule("-d").stdout(Stdio::null()).status();
+        let _ = Command::new("auditctl")
+            .args(["-e", "0"])
+            .stdout(Stdio::null())
+            .status();
+        if lost != 0 {
+            incomplete.push(format!(
+                "round {round}, auditd: the kernel's audit lost {lost} records"
+            ));
         }
     }
-    let (n, u) = (median(none), median(usher));
+
+    let n = median(none);
+    let per_exec = |s: f64| s * 1e6 / execs as f64;
+    let over = |s: f64| (s / n - 1.0) * 100.0;
     println!(
-        "{EXECS} fork+exec of /bin/true in a session's cgroup, median of {ROUNDS} rounds, one run"
+        "{execs} fork+exec of /bin/true in a session's cgroup, median of {ROUNDS} interleaved rounds{}",
+        bench_scale_note()
     );
     println!("enforcement path: {path}");
     println!(
-        "no agent:                    {:.3} s ({:.1} µs/exec)",
+        "nothing attached:            {:.3} s ({:.1} µs/exec) (usherd stopped, programs unpinned, audit off)",
         n,
-        n * 1e6 / EXECS as f64
+        per_exec(n)
     );
+    let u = median(usher);
     println!(
-        "usherd, allow-list profile:  {:.3} s ({:.1} µs/exec), {:+.1}% over no agent",
+        "usherd, allow-list profile:  {:.3} s ({:.1} µs/exec), {:+.1}% over nothing attached",
         u,
-        u * 1e6 / EXECS as f64,
-        (u / n - 1.0) * 100.0
+        per_exec(u),
+        over(u)
     );
     if audit.is_empty() {
         println!(
             "auditd: the execve rule could not be added ({})",
-            String::from_utf8_lossy(&rule.stderr).trim()
+            audit_refused.unwrap_or_default()
         );
     } else {
         let a = median(audit);
         println!(
-            "auditd, execve rule:         {:.3} s ({:.1} µs/exec), {:+.1}% over no agent",
+            "auditd, execve rule:         {:.3} s ({:.1} µs/exec), {:+.1}% over nothing attached",
             a,
-            a * 1e6 / EXECS as f64,
-            (a / n - 1.0) * 100.0
+            per_exec(a),
+            over(a)
         );
         println!("ratio usherd/auditd overhead: {:.2}", (u - n) / (a - n));
     }
-    Ok(())
+    if incomplete.is_empty() {
+        println!(
+            "every exec was reported: usherd's events all arrived, nothing lost on either side"
+        );
+        Ok(())
+    } else {
+        for line in &incomplete {
+            println!("INCOMPLETE: {line}");
+        }
+        Err("events were lost: the figures above measured less than every exec".into())
+    }
 }

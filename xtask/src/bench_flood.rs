@@ -4,13 +4,15 @@
 //! that reads nothing (`ssh host 'cat /dev/zero' | sleep`), and a second session's
 //! set-up time during that flood against its idle figure (medians). Then usherd's spool,
 //! sampled while a client that does read floods it, against `spool.max_bytes`.
+//! `USHER_BENCH_SCALE` shortens the floods and the logins for a smoke test.
 
 use crate::bench_ssh::{first_byte, median, pss_kib, ssh_args, start_servers, Bench, Target};
+use crate::util::{bench_scale_note, bench_scaled};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const LOGINS: usize = 10;
+const LOGINS: u64 = 10;
 const SPOOL_MAX: u64 = 32 << 20;
 /// The shipper's chunk: the spool may be past its limit by the write in flight, no more.
 const CHUNK: u64 = 256 << 10;
@@ -18,11 +20,15 @@ const CHUNK: u64 = 256 << 10;
 pub fn run() -> Result<(), String> {
     let extra = format!("[spool]\nmax_bytes = {SPOOL_MAX}\n");
     let (bench, sshd_t, usher_t) = start_servers(&extra)?;
-    println!("one session floods; usherd (recording on) vs OpenSSH sshd, loopback, one run");
+    println!(
+        "one session floods; usherd (recording on) vs OpenSSH sshd, loopback, one run{}",
+        bench_scale_note()
+    );
+    let (logins, flood_secs) = (bench_scaled(LOGINS), bench_scaled(FLOOD_SECS));
 
     // Idle set-up times, interleaved.
     let (mut s_idle, mut u_idle) = (vec![], vec![]);
-    for _ in 0..LOGINS {
+    for _ in 0..logins {
         s_idle.push(first_byte(&bench, &sshd_t)?);
         u_idle.push(first_byte(&bench, &usher_t)?);
     }
@@ -32,11 +38,11 @@ pub fn run() -> Result<(), String> {
     let s = under_flood(&bench, &sshd_t)?;
     let u = under_flood(&bench, &usher_t)?;
     println!(
-        "server memory growth under a non-reading flood of {} s: sshd {} KiB, usherd {} KiB (goal: usherd <= 65536 KiB)",
-        FLOOD_SECS, s.grown_kib, u.grown_kib
+        "server memory growth under a non-reading flood of {flood_secs} s: sshd {} KiB, usherd {} KiB (goal: usherd <= 65536 KiB)",
+        s.grown_kib, u.grown_kib
     );
     println!(
-        "second session's set-up, median of {LOGINS}: sshd idle {:.1} ms, during flood {:.1} ms ({:.2}x); usherd idle {:.1} ms, during flood {:.1} ms ({:.2}x, goal <= 2x)",
+        "second session's set-up, median of {logins}: sshd idle {:.1} ms, during flood {:.1} ms ({:.2}x); usherd idle {:.1} ms, during flood {:.1} ms ({:.2}x, goal <= 2x)",
         s_idle * 1e3,
         s.login * 1e3,
         s.login / s_idle,
@@ -98,14 +104,14 @@ fn under_flood(bench: &Bench, t: &Target) -> Result<Flooded, String> {
         bench,
         t,
         "cat /dev/zero",
-        &format!("sleep {}", FLOOD_SECS + 30),
+        &format!("sleep {}", bench_scaled(FLOOD_SECS) + 30),
     )?;
     std::thread::sleep(Duration::from_secs(3));
     let mut logins = vec![];
-    for _ in 0..LOGINS {
+    for _ in 0..bench_scaled(LOGINS) {
         logins.push(first_byte(bench, t)?);
     }
-    let deadline = Instant::now() + Duration::from_secs(FLOOD_SECS);
+    let deadline = Instant::now() + Duration::from_secs(bench_scaled(FLOOD_SECS));
     let mut peak = 0;
     while Instant::now() < deadline {
         peak = peak.max(memory(t));

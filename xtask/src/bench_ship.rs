@@ -1,17 +1,27 @@
 //! `cargo xtask bench ship`: one collector, N agents (real `usherd`s, each with a spool of
-//! finished recordings) shipping at once over HTTPS on loopback; then, for one agent, the
+//! finished recordings) shipping at once over HTTPS on loopback, timed end to end (the
+//! agents' start-up and their 1 s shipping interval included); the collector's
+//! steady-state ingest measured on its own (`usher-collector bench`: simulated agents
+//! over the same protocol, connections warmed up, no interval); then, for one agent, the
 //! CPU it spends shipping a recording next to the CPU it spent recording it.
+//! `USHER_BENCH_SCALE` shrinks the sessions for a smoke test.
 
-use crate::util::{cargo, install_signed_grant, is_root, run as run_cmd, workspace_root};
+use crate::util::{
+    bench_scale_note, bench_scaled, cargo, install_signed_grant, is_root, release_dir,
+    run as run_cmd,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use usher_test_support::{free_port, wait_for_port, SshClient, TestCa};
 
 const AGENTS: usize = 8;
-const SESSIONS_PER_AGENT: usize = 25;
-const LINES_PER_SESSION: usize = 20_000; // about 1 MB of cast each
-const RECORD_MB: usize = 64;
+const SESSIONS_PER_AGENT: u64 = 25;
+const LINES_PER_SESSION: u64 = 20_000; // about 1 MB of cast each
+const RECORD_MB: u64 = 64;
+/// The agents' chunk size (`[collector] chunk_bytes`'s default), for the collector's
+/// own measurement.
+const AGENT_CHUNK_KIB: u64 = 256;
 
 struct Procs(Vec<Child>, PathBuf);
 
@@ -61,13 +71,14 @@ fn cpu_secs(pid: u32) -> f64 {
 /// A finished session's three files, as an agent's recorder leaves them.
 fn synthetic_session(spool: &Path, host: &str, id: &str) -> Result<u64, String> {
     use std::io::Write;
-    let mut cast = Vec::with_capacity(LINES_PER_SESSION * 50);
+    let lines = bench_scaled(LINES_PER_SESSION);
+    let mut cast = Vec::with_capacity(lines as usize * 50);
     writeln!(
         cast,
         "{{\"version\":2,\"width\":80,\"height\":24,\"timestamp\":1800000000,\"env\":{{}}}}"
     )
     .unwrap();
-    for i in 0..LINES_PER_SESSION {
+    for i in 0..lines {
         writeln!(
             cast,
             "[{:.6},\"o\",\"bench output line {i} of session {id}\\r\\n\"]",
@@ -134,7 +145,7 @@ pub fn run() -> Result<(), String> {
         return Err("the benchmark runs as root".into());
     }
     run_cmd(cargo().args(["build", "--release", "--bins"]))?;
-    let bin = workspace_root().join("target/release");
+    let bin = release_dir();
     let dir = PathBuf::from(format!("/tmp/usher-bench-ship-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -173,7 +184,7 @@ pub fn run() -> Result<(), String> {
         ));
         // Agent AGENTS (the last) is the one whose CPU is measured recording, below.
         if i < AGENTS {
-            for s in 0..SESSIONS_PER_AGENT {
+            for s in 0..bench_scaled(SESSIONS_PER_AGENT) {
                 total_bytes += synthetic_session(
                     &adir.join("spool"),
                     &host,
@@ -218,27 +229,59 @@ pub fn run() -> Result<(), String> {
         pids.push(child.id());
         procs.0.push(child);
     }
-    let want = AGENTS * SESSIONS_PER_AGENT;
+    let sessions_per_agent = bench_scaled(SESSIONS_PER_AGENT);
+    let want = AGENTS * sessions_per_agent as usize;
     let deadline = Instant::now() + Duration::from_secs(600);
-    while complete_count(collector_port, &ca) < want {
+    let mut first_arrival = None;
+    loop {
+        let complete = complete_count(collector_port, &ca);
+        if complete > 0 && first_arrival.is_none() {
+            first_arrival = Some(start.elapsed().as_secs_f64());
+        }
+        if complete >= want {
+            break;
+        }
         if Instant::now() > deadline {
-            return Err(format!(
-                "only {} of {want} sessions arrived",
-                complete_count(collector_port, &ca)
-            ));
+            return Err(format!("only {complete} of {want} sessions arrived"));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let secs = start.elapsed().as_secs_f64();
     let agent_cpu: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
-    println!("one collector, {AGENTS} agents shipping at once, {want} finished sessions of about 1 MB, loopback, one run");
+    let session_bytes = total_bytes / want as u64;
     println!(
-        "ingest: {:.1} MB/s, {:.1} sessions/s ({:.1} MB in {:.2} s; agents' CPU {:.2} s in all)",
-        total_bytes as f64 / 1e6 / secs,
-        want as f64 / secs,
+        "one collector, {AGENTS} agents shipping at once, {want} finished sessions of {:.2} MB, loopback, one run{}",
+        session_bytes as f64 / 1e6,
+        bench_scale_note()
+    );
+    println!(
+        "end to end from the agents' start (their start-up and 1 s shipping interval included, not the collector's ingest): {:.1} MB in {:.2} s, first session complete after {:.2} s; agents' CPU {:.2} s in all",
         total_bytes as f64 / 1e6,
         secs,
+        first_arrival.unwrap_or(secs),
         agent_cpu
+    );
+
+    // The collector alone, in steady state: the same load from simulated agents that
+    // are connected and shipping before the clock starts.
+    let steady = Command::new(bin.join("usher-collector"))
+        .args(["bench", "--agents", &AGENTS.to_string(), "--sessions"])
+        .arg(sessions_per_agent.to_string())
+        .arg("--session-kib")
+        .arg((session_bytes >> 10).max(1).to_string())
+        .arg("--chunk-kib")
+        .arg(AGENT_CHUNK_KIB.to_string())
+        .output()
+        .map_err(|e| format!("usher-collector bench: {e}"))?;
+    if !steady.status.success() {
+        return Err(format!(
+            "usher-collector bench failed: {}",
+            String::from_utf8_lossy(&steady.stderr).trim()
+        ));
+    }
+    println!(
+        "collector steady-state ingest (usher-collector bench): {}",
+        String::from_utf8_lossy(&steady.stdout).trim()
     );
 
     // One agent: CPU to record a session, then CPU to ship it.
@@ -301,7 +344,7 @@ pub fn run() -> Result<(), String> {
         .arg(format!(
             "{} 'yes \"the quick brown fox jumps over the lazy dog 0123456789\" | head -c {}' > /dev/null",
             SshClient::new(&key, ssh_port).shell_line("bs-bench"),
-            RECORD_MB << 20
+            bench_scaled(RECORD_MB << 20)
         ))
         .status()
         .map_err(|e| e.to_string())?;
@@ -332,7 +375,8 @@ pub fn run() -> Result<(), String> {
     }
     let ship_cpu = cpu_secs(pid) - cpu1;
     println!(
-        "one agent, {RECORD_MB} MB session: recording it cost {:.2} s CPU (relaying included), shipping it {:.2} s CPU: shipping/recording = {:.2}",
+        "one agent, {:.1} MB session: recording it cost {:.2} s CPU (relaying included), shipping it {:.2} s CPU: shipping/recording = {:.2}",
+        bench_scaled(RECORD_MB << 20) as f64 / (1 << 20) as f64,
         record_cpu,
         ship_cpu,
         ship_cpu / record_cpu

@@ -1,7 +1,13 @@
 //! `cargo xtask bench ssh`: usherd (recording on) next to OpenSSH's sshd, in one run, on
-//! loopback, with the same client. Prints the numbers and the ratios.
+//! loopback, with the same client and the same key exchange and cipher on both (pinned:
+//! left alone, OpenSSH picks sntrup761x25519 with sshd and russh falls back to
+//! curve25519). Prints the numbers and the ratios. `USHER_BENCH_SCALE` shrinks the sizes
+//! and counts for a smoke test.
 
-use crate::util::{cargo, install_signed_grant, is_root, run as run_cmd, workspace_root};
+use crate::util::{
+    bench_scale_note, bench_scaled, cargo, install_signed_grant, is_root, release_dir,
+    run as run_cmd,
+};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,9 +16,17 @@ use usher_test_support::{free_port, wait_for_port, SshClient};
 
 const UPLOAD_BYTES: u64 = 1 << 30;
 const DOWNLOAD_BYTES: u64 = 256 << 20;
-const SETUP_RUNS: usize = 50;
-const IDLE_SESSIONS: usize = 100;
+const SETUP_RUNS: u64 = 50;
+const IDLE_SESSIONS: u64 = 100;
+/// Transfers of each kind per server, interleaved between the servers.
+const TRANSFER_ROUNDS: usize = 3;
 const SSHD_USER: &str = "usherbench";
+/// The key exchange and cipher both servers are held to (client and sshd_config).
+const KEX: &str = "curve25519-sha256";
+const CIPHER: &str = "chacha20-poly1305@openssh.com";
+/// OpenSSH's server processes: the listener and, from 9.8 on, the per-connection
+/// `sshd-session` (and `sshd-auth` from 10.0) it executes.
+const SSHD_PROCESS_NAMES: [&str; 3] = ["sshd", "sshd-session", "sshd-auth"];
 
 pub(crate) struct Target {
     pub name: &'static str,
@@ -61,7 +75,14 @@ impl Drop for Bench {
 }
 
 pub(crate) fn ssh_args(bench: &Bench, t: &Target) -> Vec<String> {
-    SshClient::new(&bench.key, t.port).args(&t.user)
+    let mut args = vec![
+        "-o".to_string(),
+        format!("KexAlgorithms={KEX}"),
+        "-o".into(),
+        format!("Ciphers={CIPHER}"),
+    ];
+    args.extend(SshClient::new(&bench.key, t.port).args(&t.user));
+    args
 }
 
 /// Proportional set size: shared pages (libraries, sshd's per-connection forks) are
@@ -77,17 +98,42 @@ pub(crate) fn pss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn pids_named(name: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
+fn pids_named(names: &[&str]) -> Vec<u32> {
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    proc.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|c| c.trim() == name)
+                .map(|c| names.contains(&c.trim()))
                 .unwrap_or(false)
         })
         .collect()
+}
+
+/// The key exchange and cipher a connection to `t` negotiates, as the client reports them
+/// (`ssh -v`: the same choice holds at both ends of a connection).
+fn negotiated(bench: &Bench, t: &Target) -> Result<(String, String), String> {
+    let out = Command::new("ssh")
+        .arg("-v")
+        .args(ssh_args(bench, t))
+        .arg("true")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    let after = |prefix: &str| {
+        log.lines().find_map(|l| {
+            l.split_once(prefix)
+                .map(|(_, rest)| rest.trim().to_string())
+        })
+    };
+    let kex = after("kex: algorithm:").ok_or(format!("{}: no key exchange in ssh -v", t.name))?;
+    let cipher = after("kex: server->client cipher:")
+        .map(|c| c.split_whitespace().next().unwrap_or("").to_string())
+        .ok_or(format!("{}: no cipher in ssh -v", t.name))?;
+    Ok((kex, cipher))
 }
 
 /// Seconds to push `bytes` through `cat > /dev/null` on the server.
@@ -160,7 +206,7 @@ pub(crate) fn first_byte(bench: &Bench, t: &Target) -> Result<f64, String> {
 }
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
@@ -168,8 +214,9 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 /// minus the same with none.
 fn idle_memory(bench: &Bench, t: &Target) -> Result<(u64, u64), String> {
     let before: u64 = (t.server_pids)().iter().map(|p| pss_kib(*p)).sum();
+    let idle_sessions = bench_scaled(IDLE_SESSIONS) as usize;
     let mut clients = Vec::new();
-    for _ in 0..IDLE_SESSIONS {
+    for _ in 0..idle_sessions {
         clients.push(
             Command::new("ssh")
                 .args(ssh_args(bench, t))
@@ -184,7 +231,7 @@ fn idle_memory(bench: &Bench, t: &Target) -> Result<(u64, u64), String> {
     let deadline = Instant::now() + Duration::from_secs(90);
     let uid = uid_of(&t.user)?;
     loop {
-        let sleeping = pids_named("sleep")
+        let sleeping = pids_named(&["sleep"])
             .into_iter()
             .filter(|p| {
                 std::fs::read_to_string(format!("/proc/{p}/status"))
@@ -197,12 +244,12 @@ fn idle_memory(bench: &Bench, t: &Target) -> Result<(u64, u64), String> {
                     .unwrap_or(false)
             })
             .count();
-        if sleeping >= IDLE_SESSIONS {
+        if sleeping >= idle_sessions {
             break;
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "{}: only {sleeping} of {IDLE_SESSIONS} sessions started",
+                "{}: only {sleeping} of {idle_sessions} sessions started",
                 t.name
             ));
         }
@@ -249,7 +296,7 @@ pub(crate) fn start_servers(usherd_extra: &str) -> Result<(Bench, Target, Target
     }
     crate::setup::packages()?;
     run_cmd(cargo().args(["build", "--release", "--bins"]))?;
-    let bin = workspace_root().join("target/release");
+    let bin = release_dir();
     let dir = PathBuf::from(format!("/tmp/usher-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -296,7 +343,8 @@ pub(crate) fn start_servers(usherd_extra: &str) -> Result<(Bench, Target, Target
         &format!(
             "Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {d}/sshd_host_key\nPidFile {d}/sshd.pid\n\
              UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-             AuthorizedKeysFile .ssh/authorized_keys\nMaxStartups 200\nMaxSessions 200\nSubsystem sftp internal-sftp\n",
+             AuthorizedKeysFile .ssh/authorized_keys\nMaxStartups 200\nMaxSessions 200\nSubsystem sftp internal-sftp\n\
+             KexAlgorithms {KEX}\nCiphers {CIPHER}\n",
             d = dir.display()
         ),
     )?;
@@ -368,7 +416,7 @@ pub(crate) fn start_servers(usherd_extra: &str) -> Result<(Bench, Target, Target
         port: sshd_port,
         user: SSHD_USER.into(),
         server_pids: Box::new(move || {
-            pids_named("sshd")
+            pids_named(&SSHD_PROCESS_NAMES)
                 .into_iter()
                 .filter(|p| *p == sshd_pid || is_descendant(*p, sshd_pid))
                 .collect()
@@ -385,9 +433,20 @@ pub(crate) fn start_servers(usherd_extra: &str) -> Result<(Bench, Target, Target
 
 fn measure(bench: &Bench, sshd_t: &Target, usher_t: &Target) -> Result<(), String> {
     println!(
-        "usherd (recording on) vs OpenSSH sshd {}, one run on loopback, same ssh client",
-        sshd_version()
+        "usherd (recording on) vs OpenSSH sshd {}, one run on loopback, same ssh client{}",
+        sshd_version(),
+        bench_scale_note()
     );
+    for t in [sshd_t, usher_t] {
+        let (kex, cipher) = negotiated(bench, t)?;
+        println!("{}: key exchange {kex}, cipher {cipher}", t.name);
+        if kex != KEX || cipher != CIPHER {
+            return Err(format!(
+                "{} negotiated {kex}/{cipher}, not the pinned {KEX}/{CIPHER}",
+                t.name
+            ));
+        }
+    }
     let first_use = first_byte(bench, usher_t)?;
     println!(
         "first use of a grant (account created): {:.1} ms",
@@ -396,11 +455,12 @@ fn measure(bench: &Bench, sshd_t: &Target, usher_t: &Target) -> Result<(), Strin
 
     // Memory first, while both servers are fresh: bulk transfers leave allocator
     // high-water marks behind.
+    let idle_sessions = bench_scaled(IDLE_SESSIONS);
     let (sb, sa) = idle_memory(bench, sshd_t)?;
     let (ub, ua) = idle_memory(bench, usher_t)?;
-    let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / IDLE_SESSIONS as f64;
+    let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / idle_sessions as f64;
     println!(
-        "{IDLE_SESSIONS} idle sessions, server memory (PSS): sshd {} -> {} KiB ({:.0} KiB/session), usherd {} -> {} KiB ({:.0} KiB/session), ratio {:.2}x",
+        "{idle_sessions} idle sessions, server memory (PSS): sshd {} -> {} KiB ({:.0} KiB/session), usherd {} -> {} KiB ({:.0} KiB/session), ratio {:.2}x",
         sb,
         sa,
         per(sb, sa),
@@ -409,38 +469,48 @@ fn measure(bench: &Bench, sshd_t: &Target, usher_t: &Target) -> Result<(), Strin
         per(ub, ua),
         per(ub, ua) / per(sb, sa)
     );
-    println!("(sshd's figure sums its listener and per-connection processes; the sessions' own shells are not counted on either side)");
+    println!("(sshd's figure sums its listener and per-connection sshd/sshd-session/sshd-auth processes; the sessions' own shells are not counted on either side)");
 
     // Interleave the runs so that a noisy moment hits both.
+    let setup_runs = bench_scaled(SETUP_RUNS);
     let (mut s_setup, mut u_setup) = (vec![], vec![]);
-    for _ in 0..SETUP_RUNS {
+    for _ in 0..setup_runs {
         s_setup.push(first_byte(bench, sshd_t)?);
         u_setup.push(first_byte(bench, usher_t)?);
     }
     let (s_med, u_med) = (median(s_setup), median(u_setup));
     println!(
-        "set-up to first byte, median of {SETUP_RUNS}: sshd {:.1} ms, usherd {:.1} ms, ratio {:.2}x",
+        "set-up to first byte, median of {setup_runs}: sshd {:.1} ms, usherd {:.1} ms, ratio {:.2}x",
         s_med * 1e3,
         u_med * 1e3,
         u_med / s_med
     );
 
-    let s_up = upload(bench, sshd_t, UPLOAD_BYTES)?;
-    let u_up = upload(bench, usher_t, UPLOAD_BYTES)?;
+    let (download_bytes, upload_bytes) = (bench_scaled(DOWNLOAD_BYTES), bench_scaled(UPLOAD_BYTES));
+    let (mut s_down, mut u_down, mut s_up, mut u_up) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..TRANSFER_ROUNDS {
+        s_down.push(download(bench, sshd_t, download_bytes)?);
+        u_down.push(download(bench, usher_t, download_bytes)?);
+        s_up.push(upload(bench, sshd_t, upload_bytes)?);
+        u_up.push(upload(bench, usher_t, upload_bytes)?);
+    }
     let mib = |b: u64, s: f64| b as f64 / (1 << 20) as f64 / s;
+    let (s_down, u_down) = (median(s_down), median(u_down));
+    // The headline: output is what usherd records (the asciicast of the session).
     println!(
-        "1 GiB into `cat > /dev/null`: sshd {:.0} MiB/s, usherd {:.0} MiB/s, ratio {:.2}x",
-        mib(UPLOAD_BYTES, s_up),
-        mib(UPLOAD_BYTES, u_up),
-        s_up / u_up
-    );
-    let s_down = download(bench, sshd_t, DOWNLOAD_BYTES)?;
-    let u_down = download(bench, usher_t, DOWNLOAD_BYTES)?;
-    println!(
-        "256 MiB of text out of a command (recorded by usherd): sshd {:.0} MiB/s, usherd {:.0} MiB/s, ratio {:.2}x",
-        mib(DOWNLOAD_BYTES, s_down),
-        mib(DOWNLOAD_BYTES, u_down),
+        "{} MiB of text out of a command, recorded by usherd, median of {TRANSFER_ROUNDS}: sshd {:.0} MiB/s, usherd {:.0} MiB/s, ratio {:.2}x",
+        download_bytes >> 20,
+        mib(download_bytes, s_down),
+        mib(download_bytes, u_down),
         s_down / u_down
+    );
+    let (s_up, u_up) = (median(s_up), median(u_up));
+    println!(
+        "{} MiB into `cat > /dev/null`, NOT recorded (usherd does not record the stdin of exec sessions: transport only), median of {TRANSFER_ROUNDS}: sshd {:.0} MiB/s, usherd {:.0} MiB/s, ratio {:.2}x",
+        upload_bytes >> 20,
+        mib(upload_bytes, s_up),
+        mib(upload_bytes, u_up),
+        s_up / u_up
     );
 
     Ok(())

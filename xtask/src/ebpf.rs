@@ -1,7 +1,7 @@
 //! The eBPF toolchain (nightly rust-src, bpf-linker against the nightly's own LLVM), the
 //! programs' build, and the exec benchmark.
 
-use crate::util::{run, workspace_root};
+use crate::util::run;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -95,18 +95,37 @@ pub fn setup() -> Result<(), String> {
         .env("LLVM_PREFIX", &sysroot))
 }
 
-/// Builds the programs (agent/build.rs does the same when the agent is built).
+/// Builds the programs the way every agent build does (agent/build.rs, with aya-build) and
+/// prints where the object is.
 pub fn build_ebpf() -> Result<(), String> {
     setup()?;
-    run(Command::new("cargo")
-        .args(["+nightly", "build", "--release"])
-        .current_dir(workspace_root().join("agent-ebpf/programs")))?;
-    println!(
-        "{}",
-        workspace_root()
-            .join("agent-ebpf/programs/target/bpfel-unknown-none/release/usher-ebpf")
-            .display()
-    );
+    let out = crate::util::cargo()
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "usher-agent",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("building the agent failed: {}", out.status));
+    }
+    // The object is in the agent's build-script OUT_DIR, which only cargo knows.
+    let out_dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "build-script-executed")
+        .filter(|m| {
+            m["package_id"]
+                .as_str()
+                .is_some_and(|id| id.contains("#usher-agent@") || id.starts_with("usher-agent "))
+        })
+        .find_map(|m| m["out_dir"].as_str().map(PathBuf::from))
+        .ok_or("cargo did not report the agent's build script")?;
+    println!("{}", out_dir.join("usher-ebpf").display());
     Ok(())
 }
 

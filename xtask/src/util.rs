@@ -60,3 +60,40 @@ pub fn install_signed_grant(
         ])
         .stdout(Stdio::null()))
 }
+
+/// A benchmark's size or count times `USHER_BENCH_SCALE` (default 1, at least 1): a run
+/// with a small scale (e.g. 0.01) proves the benchmark works, not what it measures.
+pub fn bench_scaled(n: u64) -> u64 {
+    let scale = std::env::var("USHER_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .unwrap_or(1.0);
+    ((n as f64 * scale) as u64).max(1)
+}
+
+/// Whether `USHER_BENCH_SCALE` shrinks this run (its figures are then only a smoke test).
+pub fn bench_scale_note() -> &'static str {
+    match std::env::var("USHER_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+    {
+        Some(s) if s != 1.0 => " [USHER_BENCH_SCALE set: a smoke test, not a measurement]",
+        _ => "",
+    }
+}
+
+/// Where `cargo build --release` puts the binaries (`CARGO_TARGET_DIR` when set).
+pub fn release_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|dir| {
+            if dir.is_relative() {
+                workspace_root().join(dir)
+            } else {
+                dir
+            }
+        })
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("release")
+}

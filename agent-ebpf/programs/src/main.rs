@@ -13,12 +13,17 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::helpers::generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_send_signal};
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_buf};
+use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+use aya_ebpf::helpers::generated::{
+    bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_send_signal,
+};
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
+    bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_buf,
+};
 use aya_ebpf::macros::{lsm, map, tracepoint};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{LsmContext, TracePointContext};
-use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::info;
 use usher_ebpf_common::*;
@@ -87,7 +92,11 @@ unsafe fn image_of(o: &Offsets, file: u64) -> Option<Image> {
     let parent_dentry: u64 = read(dentry, o.dentry_parent)?;
     let parent_inode: u64 = read(parent_dentry, o.dentry_inode)?;
     let parent = file_key(o, parent_inode).unwrap_or_default();
-    Some(Image { file: key, parent, nlink })
+    Some(Image {
+        file: key,
+        parent,
+        nlink,
+    })
 }
 
 /// The verdict for `image` under `policy`, and the rule that decided it.
@@ -106,8 +115,18 @@ unsafe fn decide(cgroup_id: u64, policy: &SessionPolicy, image: &Image) -> (bool
     if policy.flags & FLAG_DENY_LOADER != 0 && LOADERS.get(&image.file).is_some() {
         return (false, RULE_LOADER);
     }
-    let by_file = RULES.get(&RuleKey { cgroup_id, file: image.file }).copied();
-    let by_dir = RULES.get(&RuleKey { cgroup_id, file: image.parent }).copied();
+    let by_file = RULES
+        .get(&RuleKey {
+            cgroup_id,
+            file: image.file,
+        })
+        .copied();
+    let by_dir = RULES
+        .get(&RuleKey {
+            cgroup_id,
+            file: image.parent,
+        })
+        .copied();
     let hit = by_file.or(by_dir);
     if policy.mode == MODE_ALLOW {
         match hit {
@@ -130,7 +149,14 @@ unsafe fn decide(cgroup_id: u64, policy: &SessionPolicy, image: &Image) -> (bool
 /// ours until submitted) and to this CPU's `LOST` slot (per CPU: nothing else writes it
 /// while this program runs).
 #[inline(always)]
-unsafe fn report(o: &Offsets, cgroup_id: u64, image: &Image, verdict: u32, rule: u32, filename: Option<(*const u8, usize)>) {
+unsafe fn report(
+    o: &Offsets,
+    cgroup_id: u64,
+    image: &Image,
+    verdict: u32,
+    rule: u32,
+    filename: Option<(*const u8, usize)>,
+) {
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         if let Some(lost) = LOST.get_ptr_mut(0) {
             *lost += 1;
@@ -175,11 +201,12 @@ unsafe fn report(o: &Offsets, cgroup_id: u64, image: &Image, verdict: u32, rule:
     // Waking the agent for every exec of an exec storm costs more than the exec: wake it
     // at once for a block, otherwise only when a good amount has piled up (the agent also
     // drains the ring on a short timer).
-    let wake = if verdict != VERDICT_ALLOWED || EVENTS.query(BPF_RB_AVAIL_DATA as u64) > WAKE_AT_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
+    let wake =
+        if verdict != VERDICT_ALLOWED || EVENTS.query(BPF_RB_AVAIL_DATA as u64) > WAKE_AT_BYTES {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
     entry.submit(wake as u64);
 }
 
@@ -202,9 +229,15 @@ unsafe fn on_exec(ctx: &TracePointContext) -> u32 {
     };
     let Some(o) = OFFSETS.get(0) else { return 0 };
     let task = bpf_get_current_task();
-    let Some(mm) = read::<u64>(task, o.task_mm) else { return 0 };
-    let Some(exe) = read::<u64>(mm, o.mm_exe_file) else { return 0 };
-    let Some(image) = image_of(o, exe) else { return 0 };
+    let Some(mm) = read::<u64>(task, o.task_mm) else {
+        return 0;
+    };
+    let Some(exe) = read::<u64>(mm, o.mm_exe_file) else {
+        return 0;
+    };
+    let Some(image) = image_of(o, exe) else {
+        return 0;
+    };
     let (allowed, rule) = decide(cgroup_id, policy, &image);
     let lsm_active = CONFIG.get(CONFIG_LSM_ACTIVE).copied().unwrap_or(0) != 0;
     let verdict = if allowed || lsm_active {
@@ -212,13 +245,26 @@ unsafe fn on_exec(ctx: &TracePointContext) -> u32 {
     } else {
         // The new image has not run a single instruction of its own yet.
         bpf_send_signal(9);
-        info!(ctx, "usher: killed pid {} in cgroup {} (rule {})", (bpf_get_current_pid_tgid() >> 32) as u32, cgroup_id, rule);
+        info!(
+            ctx,
+            "usher: killed pid {} in cgroup {} (rule {})",
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+            cgroup_id,
+            rule
+        );
         VERDICT_KILLED
     };
     // The tracepoint record's `filename` is a __data_loc field at offset 8.
     let loc: u32 = ctx.read_at(8).unwrap_or(0);
     let name = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
-    report(o, cgroup_id, &image, verdict, rule, Some((name, (loc >> 16) as usize)));
+    report(
+        o,
+        cgroup_id,
+        &image,
+        verdict,
+        rule,
+        Some((name, (loc >> 16) as usize)),
+    );
     0
 }
 
@@ -239,13 +285,20 @@ unsafe fn on_bprm_check(ctx: &LsmContext) -> i32 {
     };
     let Some(o) = OFFSETS.get(0) else { return 0 };
     let bprm: u64 = ctx.arg(0);
-    let Some(file) = read::<u64>(bprm, o.binprm_file) else { return 0 };
-    let Some(image) = image_of(o, file) else { return 0 };
+    let Some(file) = read::<u64>(bprm, o.binprm_file) else {
+        return 0;
+    };
+    let Some(image) = image_of(o, file) else {
+        return 0;
+    };
     let (allowed, rule) = decide(cgroup_id, policy, &image);
     if allowed {
         return 0;
     }
-    info!(ctx, "usher: refused an exec in cgroup {} (rule {})", cgroup_id, rule);
+    info!(
+        ctx,
+        "usher: refused an exec in cgroup {} (rule {})", cgroup_id, rule
+    );
     report(o, cgroup_id, &image, VERDICT_DENIED, rule, None);
     -1 // -EPERM
 }
@@ -257,12 +310,28 @@ unsafe fn on_bprm_check(ctx: &LsmContext) -> i32 {
 /// # Safety
 /// As `decide`: map values are copied at once; `file` is read only through probe reads.
 #[inline(always)]
-unsafe fn decide_mapping(o: &Offsets, cgroup_id: u64, policy: &SessionPolicy, file: u64, image: &Image) -> (bool, u32) {
+unsafe fn decide_mapping(
+    o: &Offsets,
+    cgroup_id: u64,
+    policy: &SessionPolicy,
+    file: u64,
+    image: &Image,
+) -> (bool, u32) {
     if policy.flags & FLAG_DENY_UNLINKED != 0 && image.nlink == 0 {
         return (false, RULE_UNLINKED);
     }
-    let by_file = RULES.get(&RuleKey { cgroup_id, file: image.file }).copied();
-    let by_dir = RULES.get(&RuleKey { cgroup_id, file: image.parent }).copied();
+    let by_file = RULES
+        .get(&RuleKey {
+            cgroup_id,
+            file: image.file,
+        })
+        .copied();
+    let by_dir = RULES
+        .get(&RuleKey {
+            cgroup_id,
+            file: image.parent,
+        })
+        .copied();
     let hit = by_file.or(by_dir);
     if policy.mode == MODE_DENY {
         return match hit {
@@ -304,7 +373,9 @@ unsafe fn check_mapping(file: u64, prot: u64) -> i32 {
         return 0;
     }
     let Some(o) = OFFSETS.get(0) else { return 0 };
-    let Some(image) = image_of(o, file) else { return 0 };
+    let Some(image) = image_of(o, file) else {
+        return 0;
+    };
     let (allowed, rule) = decide_mapping(o, cgroup_id, policy, file, &image);
     if allowed {
         return 0;
@@ -317,8 +388,7 @@ unsafe fn check_mapping(file: u64, prot: u64) -> i32 {
 pub fn mmap_file(ctx: LsmContext) -> i32 {
     // mmap_file(struct file *file, unsigned long reqprot, unsigned long prot,
     //           unsigned long flags, int ret): an earlier refusal stands.
-    // SAFETY: the hook has five arguments, as above; argument 4 is an int.
-    let earlier: i32 = unsafe { ctx.arg(4) };
+    let earlier: i32 = ctx.arg(4);
     if earlier != 0 {
         return earlier;
     }
@@ -330,8 +400,7 @@ pub fn mmap_file(ctx: LsmContext) -> i32 {
 pub fn file_mprotect(ctx: LsmContext) -> i32 {
     // file_mprotect(struct vm_area_struct *vma, unsigned long reqprot, unsigned long prot,
     //               int ret)
-    // SAFETY: the hook has four arguments, as above; argument 3 is an int.
-    let earlier: i32 = unsafe { ctx.arg(3) };
+    let earlier: i32 = ctx.arg(3);
     if earlier != 0 {
         return earlier;
     }

@@ -1,8 +1,52 @@
 //! Just enough of BTF (the kernel's own type information, /sys/kernel/btf/vmlinux) to find
 //! where a struct field lives in the running kernel, so the programs read the right bytes
 //! on any kernel version without CO-RE relocations.
+//!
+//! The file is read once at load ([`KernelBtf`]) for both readers that need it: aya (the
+//! LSM programs' attach points) and this module's walk, which gives the field offsets aya
+//! 0.14 does not expose (its BTF types are crate-private).
 
 use std::collections::HashMap;
+use usher_ebpf_common::Offsets;
+
+const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("{VMLINUX}: {0} (the kernel has no BTF)")]
+    Unreadable(#[source] std::io::Error),
+    #[error("not little-endian BTF")]
+    NotLittleEndian,
+    #[error("BTF is truncated")]
+    Truncated,
+    #[error("BTF {0} section out of bounds")]
+    SectionOutOfBounds(&'static str),
+    #[error("the kernel's BTF as aya reads it: {0}")]
+    Aya(#[source] aya::BtfError),
+    #[error("no struct {0} in BTF")]
+    NoStruct(String),
+    #[error("no field {field} in struct {name}")]
+    NoField { name: String, field: String },
+}
+
+/// The running kernel's BTF, read once, in the two forms the load needs.
+pub struct KernelBtf {
+    /// aya's parse: the attach points of the LSM programs. Without it only BPF-LSM is
+    /// unavailable, so its failure is kept as the reason.
+    pub aya: Result<aya::Btf, BtfError>,
+    /// Where the programs find the kernel fields they read.
+    pub offsets: Offsets,
+}
+
+impl KernelBtf {
+    pub fn from_sys_fs() -> Result<KernelBtf, BtfError> {
+        let data = std::fs::read(VMLINUX).map_err(BtfError::Unreadable)?;
+        Ok(KernelBtf {
+            offsets: Btf::parse(&data)?.offsets()?,
+            aya: aya::Btf::parse(&data, aya::Endianness::default()).map_err(BtfError::Aya),
+        })
+    }
+}
 
 const KIND_INT: u32 = 1;
 const KIND_ARRAY: u32 = 3;
@@ -44,32 +88,31 @@ pub struct Btf {
     structs: HashMap<String, u32>,
 }
 
-fn u32_at(b: &[u8], at: usize) -> Result<u32, String> {
+fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
     b.get(at..at + 4)
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        .ok_or_else(|| "BTF is truncated".to_string())
+        .ok_or(BtfError::Truncated)
 }
 
 impl Btf {
-    pub fn from_sys_fs() -> Result<Btf, String> {
-        let data = std::fs::read("/sys/kernel/btf/vmlinux")
-            .map_err(|e| format!("/sys/kernel/btf/vmlinux: {e} (the kernel has no BTF)"))?;
-        Btf::parse(&data)
+    #[cfg(test)]
+    fn from_sys_fs() -> Result<Btf, BtfError> {
+        Btf::parse(&std::fs::read(VMLINUX).map_err(BtfError::Unreadable)?)
     }
 
-    pub fn parse(b: &[u8]) -> Result<Btf, String> {
+    fn parse(b: &[u8]) -> Result<Btf, BtfError> {
         if b.len() < 24 || b[0..2] != [0x9f, 0xeb] {
-            return Err("not little-endian BTF".into());
+            return Err(BtfError::NotLittleEndian);
         }
         let hdr_len = u32_at(b, 4)? as usize;
         let (type_off, type_len) = (u32_at(b, 8)? as usize, u32_at(b, 12)? as usize);
         let (str_off, str_len) = (u32_at(b, 16)? as usize, u32_at(b, 20)? as usize);
         let types_bytes = b
             .get(hdr_len + type_off..hdr_len + type_off + type_len)
-            .ok_or("BTF type section out of bounds")?;
+            .ok_or(BtfError::SectionOutOfBounds("type"))?;
         let strings = b
             .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or("BTF string section out of bounds")?
+            .ok_or(BtfError::SectionOutOfBounds("string"))?
             .to_vec();
         let mut types = vec![Type {
             name: 0,
@@ -151,14 +194,43 @@ impl Btf {
 
     /// Byte offset of `field` in `struct name`, looking through anonymous structs and
     /// unions (as the kernel nests many fields).
-    pub fn field_offset(&self, name: &str, field: &str) -> Result<u32, String> {
+    fn field_offset(&self, name: &str, field: &str) -> Result<u32, BtfError> {
         let id = *self
             .structs
             .get(name)
-            .ok_or_else(|| format!("no struct {name} in BTF"))?;
+            .ok_or_else(|| BtfError::NoStruct(name.to_string()))?;
         self.find_in(id, field)
             .map(|bits| bits / 8)
-            .ok_or_else(|| format!("no field {field} in struct {name}"))
+            .ok_or_else(|| BtfError::NoField {
+                name: name.to_string(),
+                field: field.to_string(),
+            })
+    }
+
+    /// Every field the programs read (see `usher_ebpf_common::Offsets`).
+    fn offsets(&self) -> Result<Offsets, BtfError> {
+        Ok(Offsets {
+            task_mm: self.field_offset("task_struct", "mm")?,
+            task_real_parent: self.field_offset("task_struct", "real_parent")?,
+            task_tgid: self.field_offset("task_struct", "tgid")?,
+            mm_exe_file: self.field_offset("mm_struct", "exe_file")?,
+            mm_arg_start: self.field_offset("mm_struct", "arg_start")?,
+            mm_arg_end: self.field_offset("mm_struct", "arg_end")?,
+            file_inode: self.field_offset("file", "f_inode")?,
+            file_path_dentry: self.field_offset("file", "f_path")?
+                + self.field_offset("path", "dentry")?,
+            dentry_parent: self.field_offset("dentry", "d_parent")?,
+            dentry_inode: self.field_offset("dentry", "d_inode")?,
+            inode_ino: self.field_offset("inode", "i_ino")?,
+            inode_sb: self.field_offset("inode", "i_sb")?,
+            inode_nlink: self.field_offset("inode", "i_nlink")?,
+            sb_dev: self.field_offset("super_block", "s_dev")?,
+            binprm_file: self.field_offset("linux_binprm", "file")?,
+            vma_file: self.field_offset("vm_area_struct", "vm_file")?,
+            inode_mode: self.field_offset("inode", "i_mode")?,
+            inode_uid: self.field_offset("inode", "i_uid")?,
+            _pad: 0,
+        })
     }
 
     fn find_in(&self, id: u32, field: &str) -> Option<u32> {
@@ -200,16 +272,29 @@ mod tests {
         assert!(btf.field_offset("vm_area_struct", "vm_file").is_ok());
         assert!(btf.field_offset("inode", "i_mode").is_ok());
         assert!(btf.field_offset("inode", "i_uid").is_ok());
-        assert!(btf.field_offset("task_struct", "no_such_field").is_err());
-        assert!(btf.field_offset("no_such_struct", "x").is_err());
+        assert!(matches!(
+            btf.field_offset("task_struct", "no_such_field"),
+            Err(BtfError::NoField { .. })
+        ));
+        assert!(matches!(
+            btf.field_offset("no_such_struct", "x"),
+            Err(BtfError::NoStruct(_))
+        ));
+        // Every field the programs read is there, and the shared load agrees.
+        let offsets = btf.offsets().unwrap();
+        let kernel = KernelBtf::from_sys_fs().unwrap();
+        assert_eq!(kernel.offsets, offsets);
+        assert!(kernel.aya.is_ok());
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(Btf::parse(b"").is_err());
-        assert!(Btf::parse(&[
-            0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0, 0, 0, 0, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
-        ])
-        .is_err());
+        assert!(matches!(Btf::parse(b""), Err(BtfError::NotLittleEndian)));
+        assert!(matches!(
+            Btf::parse(&[
+                0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0, 0, 0, 0, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+            ]),
+            Err(BtfError::SectionOutOfBounds("type"))
+        ));
     }
 }

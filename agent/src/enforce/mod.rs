@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use usher_ebpf_common as common;
 
 /// The programs, built by agent/build.rs; empty when the agent was built without them.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/usher-ebpf.o"));
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/usher-ebpf"));
 
 /// `enforcement = "required" | "best-effort" | "off"` in the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -407,31 +407,6 @@ impl Enforcer {
     }
 }
 
-fn offsets(btf: &btf::Btf) -> Result<common::Offsets, String> {
-    Ok(common::Offsets {
-        task_mm: btf.field_offset("task_struct", "mm")?,
-        task_real_parent: btf.field_offset("task_struct", "real_parent")?,
-        task_tgid: btf.field_offset("task_struct", "tgid")?,
-        mm_exe_file: btf.field_offset("mm_struct", "exe_file")?,
-        mm_arg_start: btf.field_offset("mm_struct", "arg_start")?,
-        mm_arg_end: btf.field_offset("mm_struct", "arg_end")?,
-        file_inode: btf.field_offset("file", "f_inode")?,
-        file_path_dentry: btf.field_offset("file", "f_path")?
-            + btf.field_offset("path", "dentry")?,
-        dentry_parent: btf.field_offset("dentry", "d_parent")?,
-        dentry_inode: btf.field_offset("dentry", "d_inode")?,
-        inode_ino: btf.field_offset("inode", "i_ino")?,
-        inode_sb: btf.field_offset("inode", "i_sb")?,
-        inode_nlink: btf.field_offset("inode", "i_nlink")?,
-        sb_dev: btf.field_offset("super_block", "s_dev")?,
-        binprm_file: btf.field_offset("linux_binprm", "file")?,
-        vma_file: btf.field_offset("vm_area_struct", "vm_file")?,
-        inode_mode: btf.field_offset("inode", "i_mode")?,
-        inode_uid: btf.field_offset("inode", "i_uid")?,
-        _pad: 0,
-    })
-}
-
 /// The maps that outlive the agent (pinned): everything but the programs' log.
 const PINNED_MAPS: [&str; 7] = [
     "SESSIONS", "RULES", "LOADERS", "OFFSETS", "CONFIG", "LOST", "EVENTS",
@@ -472,13 +447,12 @@ fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
         Ok(logger) => spawn_logger(logger),
         Err(e) => log::debug!(target: "usher::enforce", "eBPF log unavailable: {e}"),
     }
-    let kernel_btf = btf::Btf::from_sys_fs()?;
-    let offsets = offsets(&kernel_btf)?;
+    let kernel_btf = btf::KernelBtf::from_sys_fs().map_err(|e| e.to_string())?;
     let mut offsets_map: Array<_, common::Offsets> =
         Array::try_from(ebpf.map_mut("OFFSETS").ok_or("no OFFSETS map")?)
             .map_err(|e| e.to_string())?;
     offsets_map
-        .set(0, offsets, 0)
+        .set(0, kernel_btf.offsets, 0)
         .map_err(|e| format!("OFFSETS: {e}"))?;
     let mut loaders: BpfHashMap<_, common::FileKey, u32> =
         BpfHashMap::try_from(ebpf.map_mut("LOADERS").ok_or("no LOADERS map")?)
@@ -492,13 +466,12 @@ fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
     let mut links = Vec::new();
     // BPF-LSM where the kernel allows it (lsm=...,bpf and CONFIG_BPF_LSM, and the BPF
     // trampolines LSM programs attach through).
-    let aya_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string());
+    let aya_btf = kernel_btf.aya.as_ref().map_err(|e| e.to_string());
     let lsm = aya_btf
-        .as_ref()
-        .map_err(|e| e.clone())
+        .clone()
         .and_then(|btf| attach_lsm(&mut ebpf, "bprm_check", "bprm_check_security", btf))
         .and_then(|link| pins::replace_link(pin_dir, "bprm_check", link));
-    let mappings = match (&lsm, &aya_btf) {
+    let mappings = match (&lsm, aya_btf) {
         (Ok(_), Ok(btf)) => ["mmap_file", "file_mprotect"]
             .iter()
             .map(|hook| {
@@ -508,7 +481,7 @@ fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
             })
             .collect::<Result<Vec<_>, String>>(),
         (Err(why), _) => Err(why.clone()),
-        (_, Err(why)) => Err(why.clone()),
+        (_, Err(why)) => Err(why),
     };
     let mut config: Array<_, u32> = Array::try_from(ebpf.map_mut("CONFIG").ok_or("no CONFIG map")?)
         .map_err(|e| e.to_string())?;
