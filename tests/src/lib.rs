@@ -100,21 +100,6 @@ impl TestAgent {
             .status()
             .unwrap();
         assert!(st.success());
-        if let Some(kib) = options.spool_tmpfs_kib {
-            std::fs::create_dir_all(dir.join("spool")).unwrap();
-            let st = Command::new("mount")
-                .args([
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &format!("size={kib}k,mode=0700"),
-                    "usher-test-spool",
-                ])
-                .arg(dir.join("spool"))
-                .status()
-                .unwrap();
-            assert!(st.success(), "mount tmpfs");
-        }
         for (name, text) in &options.profiles {
             std::fs::write(dir.join("policies").join(name), text).unwrap();
         }
@@ -189,6 +174,11 @@ jwks = "{d}/issuer.jwks.json"
             nofile: options.nofile,
             child: None,
         };
+        // Mounted once the agent exists: a start that fails from here on still unmounts it
+        // (on drop).
+        if let Some(kib) = options.spool_tmpfs_kib {
+            mount_spool_tmpfs(&agent.spool(), kib);
+        }
         agent.launch();
         agent
     }
@@ -551,9 +541,7 @@ impl Drop for TestAgent {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                 for s in v.as_array().into_iter().flatten() {
                     if let Some(cg) = s["cgroup"].as_str() {
-                        let _ = std::fs::write(Path::new(cg).join("cgroup.kill"), "1");
-                        std::thread::sleep(Duration::from_millis(50));
-                        let _ = std::fs::remove_dir(cg);
+                        kill_and_remove_cgroup(Path::new(cg));
                     }
                     remove_limit_groups(s);
                 }
@@ -1093,4 +1081,33 @@ pub fn read_trimmed(path: &Path) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+/// Puts a tmpfs of `kib` KiB on `spool` (a disk that fills up).
+fn mount_spool_tmpfs(spool: &Path, kib: u32) {
+    std::fs::create_dir_all(spool).unwrap();
+    let st = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={kib}k,mode=0700"),
+            "usher-test-spool",
+        ])
+        .arg(spool)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+}
+
+/// Kills what is left in the v2 cgroup `dir` and removes it, trying until it is gone (its
+/// processes take a moment to die) for up to two seconds.
+fn kill_and_remove_cgroup(dir: &Path) {
+    for _ in 0..100 {
+        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -698,24 +698,40 @@ fn the_s3_backend_keeps_the_objects_in_the_bucket() {
     assert!(!collector.dir.join("data/objects/sessions").exists());
 }
 
-#[test]
-fn the_page_finds_a_session_and_plays_it_in_chromium() {
-    let mut collector = Collector::new(&[], "");
-    let (agent, token, key) = shipping_agent(collector.port, &collector.dir.join("ca.pem"), 65536);
-    trust(&collector, &agent, &token, &key);
-    collector.start();
-    let login = login(&agent, "page");
-    assert!(agent
-        .ssh(&login, "echo PLAYED-IN-THE-BROWSER; id")
-        .status
-        .success());
-    let id = agent.recorded_sessions().pop().unwrap();
-    collector.wait_complete(&id, 60, &agent);
-    let profile = collector.dir.join("chromium-profile");
-    let out = Command::new("timeout")
-        .args([
-            "60",
-            "chromium",
+/// Headless Chromium driven over WebDriver (chromedriver, spoken to with `curl`), in its own
+/// process group: dropping it ends the driver and every browser it started.
+struct Browser {
+    child: Child,
+    base: String,
+    session: String,
+    profile: PathBuf,
+}
+
+impl Browser {
+    fn start(profile: PathBuf) -> Browser {
+        use std::os::unix::process::CommandExt;
+        let port = free_port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "chromedriver is missing: `cargo xtask setup` installs it (apt chromium-driver)",
+            );
+        let mut browser = Browser {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            session: String::new(),
+            profile,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let args = [
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
@@ -724,34 +740,197 @@ fn the_page_finds_a_session_and_plays_it_in_chromium() {
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
-            "--ignore-certificate-errors",
-            "--virtual-time-budget=15000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!(
-            "{}/?token={VIEWER}&login={login}&play={id}",
-            collector.url()
-        ))
-        .stderr(Stdio::null())
-        .output()
+            "--window-size=1280,1024",
+            "--disable-breakpad",
+            &format!("--user-data-dir={}", browser.profile.display()),
+        ];
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "acceptInsecureCerts": true,
+            "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args}
+        }}});
+        let v = browser.call("POST", "/session", &caps);
+        browser.session = v["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no WebDriver session: {v}"))
+            .to_string();
+        browser
+    }
+
+    /// One WebDriver command; its `value`.
+    fn call(&self, method: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let url = if path == "/session" {
+            format!("{}{path}", self.base)
+        } else {
+            format!("{}/session/{}{path}", self.base, self.session)
+        };
+        let out = Command::new("curl")
+            .args(["-s", "-X", method, "-H", "Content-Type: application/json"])
+            .args(["--data-binary", &body.to_string(), &url])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("WebDriver: {}", String::from_utf8_lossy(&out.stdout)));
+        v["value"].clone()
+    }
+
+    fn open(&self, url: &str) {
+        self.call("POST", "/url", &serde_json::json!({ "url": url }));
+    }
+
+    /// Polls `script` (a function body) until `ok` holds for what it returns.
+    fn wait_for(
+        &self,
+        what: &str,
+        script: &str,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.call(
+                "POST",
+                "/execute/sync",
+                &serde_json::json!({"script": script, "args": []}),
+            );
+            if ok(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{what}: last saw {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = self.call("DELETE", "", &serde_json::json!({}));
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// The text the replay page's player has rendered (its terminal, not the page's HTML).
+const PLAYER_TEXT: &str = "const p = document.querySelector('#player .ap-player, #player .ap-wrapper'); return p ? p.innerText : ''";
+
+#[test]
+fn the_page_finds_a_session_and_plays_it_in_chromium() {
+    let mut collector = Collector::new(&[], "");
+    let (agent, token, key) = shipping_agent(collector.port, &collector.dir.join("ca.pem"), 65536);
+    trust(&collector, &agent, &token, &key);
+    collector.start();
+    let login = login(&agent, "page");
+    // The marker is computed by the shell: it is in the recorded output, and nowhere in
+    // the commands' argv that the timeline lists.
+    assert!(agent
+        .ssh(&login, "echo PLAYED-IN-THE-$((6*7))-BROWSER; id")
+        .status
+        .success());
+    let id = agent.recorded_sessions().pop().unwrap();
+    collector.wait_complete(&id, 60, &agent);
+    let browser = Browser::start(collector.dir.join("chromium-profile"));
+    browser.open(&format!(
+        "{}/?token={VIEWER}&login={login}&play={id}",
+        collector.url()
+    ));
+    // The search found it.
+    let rows = browser.wait_for(
+        "search results",
+        "return document.body.dataset.found ? [...document.querySelectorAll('#sessions tr')].map(r => r.dataset.id) : null",
+        |v| v.is_array(),
+    );
+    assert!(
+        rows.as_array().unwrap().iter().any(|r| r == id.as_str()),
+        "session not listed: {rows}"
+    );
+    // The player rendered the recorded terminal text.
+    browser.wait_for("the player rendering the recording", PLAYER_TEXT, |v| {
+        v.as_str()
+            .unwrap_or("")
+            .contains("PLAYED-IN-THE-42-BROWSER")
+    });
+    // The timeline lists the exec of `id` ("0.1s allowed id").
+    browser.wait_for(
+        "the timeline listing id",
+        "return [...document.querySelectorAll('#timeline div')].map(e => e.textContent)",
+        |v| {
+            v.as_array().is_some_and(|rows| {
+                rows.iter()
+                    .any(|r| r.as_str().is_some_and(|r| r.ends_with(" allowed id")))
+            })
+        },
+    );
+}
+
+/// A session still running is shipped as it grows: its output reaches the collector (and
+/// the page) before it ends, and it is complete once it has.
+#[test]
+fn a_live_session_reaches_the_collector_while_it_runs() {
+    let mut collector = Collector::new(&[], "");
+    let (agent, token, key) = shipping_agent(collector.port, &collector.dir.join("ca.pem"), 4096);
+    trust(&collector, &agent, &token, &key);
+    collector.start();
+    let login = login(&agent, "live");
+    let mut client = agent
+        .ssh_command(&login)
+        // More than a chunk of output first: what the claim needs is a chunk that is
+        // complete while the session runs.
+        .arg("echo LIVE-OUTPUT-$((6*7)); seq 1 3000; while [ ! -e \"$HOME/go\" ]; do sleep 0.2; done; echo LIVE-END-$((6*7))")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
-    // The search found it, the player rendered its terminal, the timeline lists the exec.
+    agent.wait_for(20, "the session's recording in the spool", || {
+        !agent.recorded_sessions().is_empty()
+    });
+    let id = agent.recorded_sessions().pop().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, cast) = collector.view(&format!("/api/v1/sessions/{id}/cast"));
+        if cast.contains("LIVE-OUTPUT-42") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the live session's output did not reach the collector: {cast:?}\n--- agent ---\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(
-        dom.contains(&format!("data-id=\"{id}\"")),
-        "session not listed:\n{dom}"
+        client.try_wait().unwrap().is_none(),
+        "the session ended before its output was shipped"
     );
+    assert_eq!(collector.session(&id)["status"], "live");
+    let (_, cast) = collector.view(&format!("/api/v1/sessions/{id}/cast"));
+    assert!(!cast.contains("LIVE-END-42"), "{cast}");
+    // The page plays it while it runs.
+    let browser = Browser::start(collector.dir.join("chromium-profile"));
+    browser.open(&format!("{}/?token={VIEWER}&play={id}", collector.url()));
+    browser.wait_for(
+        "a live session's status",
+        "return document.body.dataset.status || ''",
+        |v| v == "live",
+    );
+    browser.wait_for("the live output in the player", PLAYER_TEXT, |v| {
+        v.as_str().unwrap_or("").contains("LIVE-OUTPUT-42")
+    });
+    drop(browser);
+    // The session ends: the rest arrives and the session is sealed.
+    std::fs::write(home_of(&login).join("go"), "").unwrap();
+    let out = client.wait_with_output().unwrap();
     assert!(
-        dom.contains("ap-player") || dom.contains("ap-wrapper"),
-        "no player:\n{dom}"
+        String::from_utf8_lossy(&out.stdout).contains("LIVE-END-42"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        dom.contains("PLAYED-IN-THE-BROWSER"),
-        "the recording did not play:\n{dom}"
-    );
-    assert!(
-        dom.contains("/usr/bin/id") || dom.contains(">id<") || dom.contains(" id"),
-        "no timeline:\n{dom}"
-    );
+    collector.wait_complete(&id, 60, &agent);
+    let (_, cast) = collector.view(&format!("/api/v1/sessions/{id}/cast"));
+    assert!(cast.contains("LIVE-OUTPUT-42") && cast.contains("LIVE-END-42"));
 }
