@@ -878,9 +878,9 @@ fn a_live_session_reaches_the_collector_while_it_runs() {
     let login = login(&agent, "live");
     let mut client = agent
         .ssh_command(&login)
-        // More than a chunk of output first: what the claim needs is a chunk that is
-        // complete while the session runs.
-        .arg("echo LIVE-OUTPUT-$((6*7)); seq 1 3000; while [ ! -e \"$HOME/go\" ]; do sleep 0.2; done; echo LIVE-END-$((6*7))")
+        // Several chunks of output, the marker last (on the player's screen), then the
+        // session waits.
+        .arg("seq 1 3000; echo LIVE-OUTPUT-$((6*7)); while [ ! -e \"$HOME/go\" ]; do sleep 0.2; done; echo LIVE-END-$((6*7))")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
