@@ -319,7 +319,7 @@ fn revocation_ends_a_live_session_and_removes_the_account() {
     // A live session, blocked in a long command, listed by the agent before the
     // revocation: the revocation must end a session that really started.
     let listed = || {
-        String::from_utf8_lossy(&agent.usher(&["sessions"]).stdout)
+        String::from_utf8_lossy(&agent.usher(&["sessions", "--json"]).stdout)
             .matches(login.as_str())
             .count()
     };
@@ -348,11 +348,11 @@ fn revocation_ends_a_live_session_and_removes_the_account() {
     // The client's terminal says why.
     let told = String::from_utf8_lossy(&ended.stderr);
     assert!(
-        told.contains("usher: the grant revoked; the session is closed"),
+        told.contains("usher: the grant") && told.contains("revoked; the session is closed"),
         "the client was not told: {told:?}"
     );
     assert!(pids_of_uid(uid).is_empty());
-    let out = agent.usher(&["grant", "list"]);
+    let out = agent.usher(&["grant", "list", "--json"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&c.jti));
     // A revoked grant stays refused after a restart.
     let mut agent = agent;
@@ -450,7 +450,8 @@ fn state_keyed_by_jti_alone_still_loads() {
     std::fs::write(&sessions, records.to_string()).unwrap();
 
     agent.launch();
-    let list = String::from_utf8_lossy(&agent.usher(&["grant", "list"]).stdout).into_owned();
+    let list =
+        String::from_utf8_lossy(&agent.usher(&["grant", "list", "--json"]).stdout).into_owned();
     assert!(
         list.contains(&c.jti),
         "the old grant file was not loaded: {list}"
@@ -464,7 +465,8 @@ fn state_keyed_by_jti_alone_still_loads() {
     let out = agent.install(&agent.sign(&revoked));
     assert!(String::from_utf8_lossy(&out.stderr).contains("revoked"));
     // The adopted session knows its grant again: revoking the grant ends what it left.
-    let sessions = String::from_utf8_lossy(&agent.usher(&["sessions"]).stdout).into_owned();
+    let sessions =
+        String::from_utf8_lossy(&agent.usher(&["sessions", "--json"]).stdout).into_owned();
     assert!(sessions.contains(&agent.iss), "{sessions}");
     let out = agent.usher(&["grant", "revoke", &c.jti]);
     assert!(

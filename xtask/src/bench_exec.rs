@@ -2,10 +2,11 @@
 //! in one run: no agent; usherd's eBPF programs attached with a profile that allows it
 //! (the loop runs in a real SSH session); and auditd with an execve rule, the peer.
 
-use crate::util::{cargo, is_root, run as run_cmd, workspace_root};
+use crate::util::{cargo, install_signed_grant, is_root, run as run_cmd, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use usher_test_support::{free_port, wait_until, SshClient};
 
 const EXECS: u32 = 20_000;
 const ROUNDS: usize = 3;
@@ -33,7 +34,6 @@ fn v2_mount() -> Result<PathBuf, String> {
 /// session's (exec copies the environment, so its size counts); returns seconds.
 fn local_loop(cgroup: &Path, uid: u32, gid: u32) -> Result<f64, String> {
     use std::os::unix::process::CommandExt;
-    let procs = cgroup.join("cgroup.procs");
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(loop_script());
     cmd.env_clear()
@@ -45,23 +45,44 @@ fn local_loop(cgroup: &Path, uid: u32, gid: u32) -> Result<f64, String> {
         .env("MAIL", "/var/mail/bx-bench")
         .env("USHER_SESSION", "00000000T000000Z-00000000")
         .env("SSH_CLIENT", "127.0.0.1:40000")
-        .current_dir("/");
-    // SAFETY: the child only writes its pid to a file before exec.
-    // Into the cgroup while still root, then become the user.
-    unsafe {
-        cmd.pre_exec(move || {
-            std::fs::write(&procs, "0")?;
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cmd.output().map_err(|e| e.to_string())?;
+        .current_dir("/")
+        // Become the user (with no supplementary groups: std drops them) before exec.
+        .uid(uid)
+        .gid(gid)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = spawn_in_cgroup(&mut cmd, cgroup)?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
     parse_ns(&out.stdout)
+}
+
+/// Starts `cmd` inside `cgroup`: it is forked while this process stands in the cgroup, so
+/// the child is there from its first exec on, and this process goes back where it was.
+fn spawn_in_cgroup(cmd: &mut Command, cgroup: &Path) -> Result<Child, String> {
+    let home = own_cgroup()?;
+    let join = |dir: &Path| {
+        std::fs::write(dir.join("cgroup.procs"), "0")
+            .map_err(|e| format!("joining {}: {e}", dir.display()))
+    };
+    join(cgroup)?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("{:?}: {e}", cmd.get_program()));
+    let back = join(&home);
+    let child = child?;
+    back?;
+    Ok(child)
+}
+
+/// The cgroup (v2) this process is in.
+fn own_cgroup() -> Result<PathBuf, String> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let relative = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
+    Ok(v2_mount()?.join(relative.trim_start_matches('/')))
 }
 
 fn parse_ns(out: &[u8]) -> Result<f64, String> {
@@ -168,10 +189,7 @@ pub fn run() -> Result<(), String> {
         "name = \"bench\"\n[exec]\nmode = \"allow\"\npaths = [\"/bin\", \"/usr/bin\"]\n",
     )
     .map_err(|e| e.to_string())?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| e.to_string())?;
+    let port = free_port();
     std::fs::write(
         dir.join("usherd.toml"),
         format!(
@@ -203,70 +221,39 @@ pub fn run() -> Result<(), String> {
             .spawn()
             .map_err(|e| e.to_string())?,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
-        || !dir.join("control.sock").exists()
-    {
-        if Instant::now() > deadline {
-            return Err("usherd did not start".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let token = Command::new(bin.join("usher"))
-        .args(["grant", "sign", "--local", "--state-dir"])
-        .arg(dir.join("state"))
-        .args([
-            "--aud",
-            "bench",
-            "--iss",
-            "usher-local:bench",
-            "--sub",
-            "bench",
-            "--login",
-            "bx-bench",
-            "--profile",
-            "bench",
-            "--ttl",
-            "3600",
-            "--ssh-key",
-        ])
-        .arg(key.with_extension("pub"))
-        .output()
-        .map_err(|e| e.to_string())?;
-    run_cmd(
+    wait_until("usherd to listen", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && dir.join("control.sock").exists()
+    })
+    .map_err(|e| e.to_string())?;
+    install_signed_grant(
         Command::new(bin.join("usher"))
-            .arg("--socket")
-            .arg(dir.join("control.sock"))
+            .args(["grant", "sign", "--local", "--state-dir"])
+            .arg(dir.join("state"))
             .args([
-                "grant",
-                "install",
-                String::from_utf8_lossy(&token.stdout).trim(),
+                "--aud",
+                "bench",
+                "--iss",
+                "usher-local:bench",
+                "--sub",
+                "bench",
+                "--login",
+                "bx-bench",
+                "--profile",
+                "bench",
+                "--ttl",
+                "3600",
+                "--ssh-key",
             ])
-            .stdout(Stdio::null()),
+            .arg(key.with_extension("pub")),
+        &bin.join("usher"),
+        &dir.join("control.sock"),
     )?;
     let in_session = || -> Result<f64, String> {
-        let out = Command::new("ssh")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-i",
-            ])
-            .arg(&key)
+        let out = SshClient::new(&key, port)
+            .command("bx-bench")
             // The same interpreter as the local runs: sh, not the login shell.
-            .args([
-                "-p",
-                &port.to_string(),
-                "bx-bench@127.0.0.1",
-                &format!("exec sh -c '{}'", loop_script()),
-            ])
+            .arg(format!("exec sh -c '{}'", loop_script()))
             .stdin(Stdio::null())
             .output()
             .map_err(|e| e.to_string())?;
@@ -276,7 +263,7 @@ pub fn run() -> Result<(), String> {
     let status = Command::new(bin.join("usher"))
         .arg("--socket")
         .arg(dir.join("control.sock"))
-        .arg("status")
+        .args(["status", "--json"])
         .output()
         .map_err(|e| e.to_string())?;
     let path = String::from_utf8_lossy(&status.stdout)
