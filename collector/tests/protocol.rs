@@ -395,21 +395,46 @@ async fn a_collector_killed_and_restarted_keeps_everything_acknowledged(backend:
     let r = rec("k1", "zeta", "zoe", &["ls"], 400);
     let up = c.uploader(&h);
     up.put_meta(&r.id, &r.meta).await.unwrap();
-    // Upload from another task and kill -9 the collector in the middle of it.
-    let (r2, up2) = (r.clone(), c.uploader(&h));
-    let upload = tokio::spawn(async move { up2.ship_stream(&r2, "cast", usize::MAX).await });
-    loop {
-        let (n, _) = up.status("k1", "cast").await.unwrap();
-        if n >= 5 {
-            break;
+    // Upload chunk by chunk from another task, counting each chunk the collector
+    // acknowledged, and kill -9 the collector in the middle of it.
+    let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (r2, up2, acked) = (r.clone(), c.uploader(&h), acknowledged.clone());
+    let upload = tokio::spawn(async move {
+        let hashes = r2.hashes("cast");
+        let mut prev = hex::encode(genesis(&r2.id, "cast"));
+        for (seq, chunk) in r2.cast.iter().enumerate() {
+            let hash = hex::encode(hashes[seq]);
+            match up2
+                .put_chunk(&r2.id, "cast", seq as u64, &prev, &hash, chunk.clone())
+                .await
+            {
+                Ok(a) if a.status == 201 => {
+                    acked.store(seq as u64 + 1, std::sync::atomic::Ordering::SeqCst)
+                }
+                _ => return,
+            }
+            prev = hash;
         }
+    });
+    while acknowledged.load(std::sync::atomic::Ordering::SeqCst) < 5 && !upload.is_finished() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     c.kill();
-    let _ = upload.await.unwrap();
+    upload.await.unwrap();
+    let acked = acknowledged.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        acked >= 5,
+        "the upload stopped after {acked} chunks:\n{}",
+        c.log()
+    );
     c.start();
+    // Every chunk acknowledged before the kill is there (one more may be, stored but not
+    // yet acknowledged when the collector died).
     let (n, last) = up.status("k1", "cast").await.unwrap();
-    assert!(n >= 5, "acknowledged chunks were lost: {n}");
+    assert!(
+        n >= acked,
+        "{acked} chunks were acknowledged before the kill, {n} are there after the restart"
+    );
     assert_eq!(
         last,
         hex::encode(r.hashes("cast")[n as usize - 1]),

@@ -100,21 +100,6 @@ impl TestAgent {
             .status()
             .unwrap();
         assert!(st.success());
-        if let Some(kib) = options.spool_tmpfs_kib {
-            std::fs::create_dir_all(dir.join("spool")).unwrap();
-            let st = Command::new("mount")
-                .args([
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &format!("size={kib}k,mode=0700"),
-                    "usher-test-spool",
-                ])
-                .arg(dir.join("spool"))
-                .status()
-                .unwrap();
-            assert!(st.success(), "mount tmpfs");
-        }
         for (name, text) in &options.profiles {
             std::fs::write(dir.join("policies").join(name), text).unwrap();
         }
@@ -189,6 +174,11 @@ jwks = "{d}/issuer.jwks.json"
             nofile: options.nofile,
             child: None,
         };
+        // Mounted once the agent exists: a start that fails from here on still unmounts it
+        // (on drop).
+        if let Some(kib) = options.spool_tmpfs_kib {
+            mount_spool_tmpfs(&agent.spool(), kib);
+        }
         agent.launch();
         agent
     }
@@ -1105,4 +1095,21 @@ pub fn read_trimmed(path: &Path) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+/// Puts a tmpfs of `kib` KiB on `spool` (a disk that fills up).
+fn mount_spool_tmpfs(spool: &Path, kib: u32) {
+    std::fs::create_dir_all(spool).unwrap();
+    let st = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={kib}k,mode=0700"),
+            "usher-test-spool",
+        ])
+        .arg(spool)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
 }

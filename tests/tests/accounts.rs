@@ -214,7 +214,8 @@ fn removal_takes_crontabs_at_jobs_ipc_objects_queues_mail_and_lingering() {
          ipcmk -S 1 >/dev/null\n\
          python3 -c \"import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); \
          assert libc.mq_open(b'/{queue}', os.O_CREAT | os.O_RDWR, 0o600, None) >= 0, ctypes.get_errno()\"\n\
-         touch /tmp/{login}-left\n\
+         touch /tmp/{login}-left /var/tmp/{login}-left /dev/shm/{login}-left\n\
+         mkdir -p /var/tmp/{login}-dir/deeper && touch /var/tmp/{login}-dir/deeper/file\n\
          echo made\n"
     );
     let out = agent.ssh(&login, &script);
@@ -250,6 +251,18 @@ fn removal_takes_crontabs_at_jobs_ipc_objects_queues_mail_and_lingering() {
                 "temporary file",
                 Path::new(&format!("/tmp/{login}-left")).exists(),
             ),
+            (
+                "file in /var/tmp",
+                Path::new(&format!("/var/tmp/{login}-left")).exists(),
+            ),
+            (
+                "directory in /var/tmp",
+                Path::new(&format!("/var/tmp/{login}-dir")).exists(),
+            ),
+            (
+                "file in /dev/shm",
+                Path::new(&format!("/dev/shm/{login}-left")).exists(),
+            ),
         ]
     };
     for (what, there) in present() {
@@ -267,6 +280,10 @@ fn removal_takes_crontabs_at_jobs_ipc_objects_queues_mail_and_lingering() {
         let _ = std::fs::remove_file(&crontab);
         let _ = std::fs::remove_file(&mail);
         let _ = std::fs::remove_file(&linger);
+        for dir in ["/tmp", "/var/tmp", "/dev/shm"] {
+            let _ = std::fs::remove_file(format!("{dir}/{login}-left"));
+        }
+        let _ = std::fs::remove_dir_all(format!("/var/tmp/{login}-dir"));
         for f in files_of_uid("/var/spool/cron/atjobs", uid) {
             let _ = std::fs::remove_file(f);
         }
@@ -492,5 +509,58 @@ fn granted_groups_are_given_per_session_not_written_to_etc_group() {
     assert!(
         !groups.split_whitespace().any(|g| g == group),
         "a grant without the group got it: {groups}"
+    );
+}
+
+/// The account's expiry day (days since 1970, the eighth field of its shadow line), by
+/// `getent shadow`.
+fn shadow_expiry_day(login: &str) -> Option<i64> {
+    let out = Command::new("getent")
+        .args(["shadow", login])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split(':')
+        .nth(7)
+        .and_then(|f| f.parse().ok())
+}
+
+#[test]
+fn the_account_expires_with_its_grant_and_a_longer_grant_moves_the_date() {
+    let agent = TestAgent::start_with(Options {
+        extra_config: "[policy]\nmax_lifetime_secs = 864000\n".into(),
+        ..Default::default()
+    });
+    let login = agent.login("expiring");
+    let first = agent.claims(&login, 600);
+    assert!(agent.install(&agent.sign(&first)).status.success());
+    login_uid(&agent, &login);
+    // The fence: the day after the one the grant ends in, the account no longer opens
+    // (the date is a whole day; the agent removes the account at `exp` itself).
+    let day = shadow_expiry_day(&login).expect("an expiry date in the account's shadow line");
+    assert_eq!(
+        day,
+        first.exp.div_euclid(86400) + 1,
+        "the expiry day does not follow the grant's exp {}",
+        first.exp
+    );
+    let chage = Command::new("chage").args(["-l", &login]).output().unwrap();
+    let chage = String::from_utf8_lossy(&chage.stdout).into_owned();
+    let expires = chage
+        .lines()
+        .find(|l| l.starts_with("Account expires"))
+        .unwrap_or_else(|| panic!("chage -l says nothing of expiry: {chage}"));
+    assert!(!expires.contains("never"), "{chage}");
+    // A second grant for the account, ending five days later: the fence moves with it.
+    let mut second = agent.claims(&login, 5 * 86400);
+    second.jti = format!("{}-longer", first.jti);
+    assert!(agent.install(&agent.sign(&second)).status.success());
+    login_uid(&agent, &login);
+    assert_eq!(
+        shadow_expiry_day(&login),
+        Some(second.exp.div_euclid(86400) + 1),
+        "the expiry day did not follow the longer grant's exp {}",
+        second.exp
     );
 }

@@ -435,6 +435,9 @@ fn the_s3_backend_keeps_the_objects_in_the_bucket() {
     assert!(!collector.dir.join("data/objects/sessions").exists());
 }
 
+/// The text the replay page's player has rendered (its terminal, not the page's HTML).
+const PLAYER_TEXT: &str = "const p = document.querySelector('#player .ap-player, #player .ap-wrapper'); return p ? p.innerText : ''";
+
 #[test]
 fn the_page_finds_a_session_and_plays_it_in_chromium() {
     let mut collector = Collector::new(&[], "");
@@ -442,8 +445,10 @@ fn the_page_finds_a_session_and_plays_it_in_chromium() {
     trust(&collector, &agent, &token, &key);
     collector.start();
     let login = login(&agent, "page");
+    // The marker is computed by the shell: it is in the recorded output, and nowhere in
+    // the commands' argv that the timeline lists.
     assert!(agent
-        .ssh(&login, "echo PLAYED-IN-THE-BROWSER; id")
+        .ssh(&login, "echo PLAYED-IN-THE-$((6*7))-BROWSER; id")
         .status
         .success());
     let id = agent.recorded_sessions().pop().unwrap();
@@ -453,39 +458,102 @@ fn the_page_finds_a_session_and_plays_it_in_chromium() {
         "{}/?token={VIEWER_TOKEN}&login={login}&play={id}",
         collector.url()
     ));
-    let page = || {
-        browser
-            .js("return document.documentElement.outerHTML")
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
-    let _ = wait_until(
-        "the page to list the session and play it",
-        Duration::from_secs(30),
-        || {
-            let dom = page();
-            dom.contains(&format!("data-id=\"{id}\""))
-                && dom.contains("PLAYED-IN-THE-BROWSER")
-                && dom.contains("/usr/bin/id")
+    // The search found it.
+    let rows = browser.wait_for(
+        "search results",
+        "return document.body.dataset.found ? [...document.querySelectorAll('#sessions tr')].map(r => r.dataset.id) : null",
+        |v| v.is_array(),
+    );
+    assert!(
+        rows.as_array().unwrap().iter().any(|r| r == id.as_str()),
+        "session not listed: {rows}"
+    );
+    // The player rendered the recorded terminal text.
+    browser.wait_for("the player rendering the recording", PLAYER_TEXT, |v| {
+        v.as_str()
+            .unwrap_or("")
+            .contains("PLAYED-IN-THE-42-BROWSER")
+    });
+    // The timeline lists the exec of `id` ("0.1s allowed id").
+    browser.wait_for(
+        "the timeline listing id",
+        "return [...document.querySelectorAll('#timeline div')].map(e => e.textContent)",
+        |v| {
+            v.as_array().is_some_and(|rows| {
+                rows.iter()
+                    .any(|r| r.as_str().is_some_and(|r| r.ends_with(" allowed id")))
+            })
         },
     );
-    let dom = page();
-    // The search found it, the player rendered its terminal, the timeline lists the exec.
+}
+
+/// A session still running is shipped as it grows: its output reaches the collector (and
+/// the page) before it ends, and it is complete once it has.
+#[test]
+fn a_live_session_reaches_the_collector_while_it_runs() {
+    let mut collector = Collector::new(&[], "");
+    let (agent, token, key) = shipping_agent(collector.port, &collector.dir.join("ca.pem"), 4096);
+    trust(&collector, &agent, &token, &key);
+    collector.start();
+    let login = login(&agent, "live");
+    let mut client = agent
+        .ssh_command(&login)
+        // Several chunks of output, the marker last (on the player's screen), then the
+        // session waits.
+        .arg("seq 1 3000; echo LIVE-OUTPUT-$((6*7)); while [ ! -e \"$HOME/go\" ]; do sleep 0.2; done; echo LIVE-END-$((6*7))")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    agent.wait_for(20, "the session's recording in the spool", || {
+        !agent.recorded_sessions().is_empty()
+    });
+    let id = agent.recorded_sessions().pop().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, cast) = collector.view(&format!("/api/v1/sessions/{id}/cast"));
+        if cast.contains("LIVE-OUTPUT-42") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the live session's output did not reach the collector: {cast:?}\n--- agent ---\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(
-        dom.contains(&format!("data-id=\"{id}\"")),
-        "session not listed:\n{dom}"
+        client.try_wait().unwrap().is_none(),
+        "the session ended before its output was shipped"
     );
+    assert_eq!(collector.session(&id)["status"], "live");
+    let (_, cast) = collector.view(&format!("/api/v1/sessions/{id}/cast"));
+    assert!(!cast.contains("LIVE-END-42"), "{cast}");
+    // The page plays it while it runs.
+    let browser = Browser::start();
+    browser.open(&format!(
+        "{}/?token={VIEWER_TOKEN}&play={id}",
+        collector.url()
+    ));
+    browser.wait_for(
+        "a live session's status",
+        "return document.body.dataset.status || ''",
+        |v| v == "live",
+    );
+    browser.wait_for("the live output in the player", PLAYER_TEXT, |v| {
+        v.as_str().unwrap_or("").contains("LIVE-OUTPUT-42")
+    });
+    drop(browser);
+    // The session ends: the rest arrives and the session is sealed.
+    std::fs::write(home_of(&login).join("go"), "").unwrap();
+    let out = client.wait_with_output().unwrap();
     assert!(
-        dom.contains("ap-player") || dom.contains("ap-wrapper"),
-        "no player:\n{dom}"
+        String::from_utf8_lossy(&out.stdout).contains("LIVE-END-42"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        dom.contains("PLAYED-IN-THE-BROWSER"),
-        "the recording did not play:\n{dom}"
-    );
-    assert!(
-        dom.contains("/usr/bin/id") || dom.contains(">id<") || dom.contains(" id"),
-        "no timeline:\n{dom}"
-    );
+    collector.wait_complete(&id, 60, &agent);
+    let (_, cast) = collector.view(&format!("/api/v1/sessions/{id}/cast"));
+    assert!(cast.contains("LIVE-OUTPUT-42") && cast.contains("LIVE-END-42"));
 }

@@ -33,7 +33,8 @@ fn console_grant(agent: &TestAgent, login: &str, secret: &str, ttl: i64) -> ushe
 }
 
 /// Drives the real /bin/login on a fresh pseudo-terminal: name, password, then each
-/// command; returns everything the terminal showed.
+/// command (or, for `@wait:TEXT`, waits until the terminal shows TEXT); returns everything
+/// the terminal showed.
 const LOGIN_DRIVER: &str = r#"
 import os, pty, sys, time, select
 user, secret, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
@@ -64,6 +65,9 @@ until("assword:", 15)
 os.write(fd, (secret + "\n").encode())
 until(None, 2.0)
 for c in cmds:
+    if c.startswith("@wait:"):
+        until(c[len("@wait:"):], 15)
+        continue
     os.write(fd, (c + "\r").encode())
     until(None, 1.0)
 until(None, hold)
@@ -97,21 +101,40 @@ fn su(login: &str, cmd: &str) -> Output {
 
 #[test]
 fn login_with_the_one_time_secret_is_a_recorded_session_in_its_own_cgroup() {
-    let agent = console_agent();
+    // Input recorded: what is typed at ECHO off must still stay out of the recording.
+    let agent = TestAgent::start_with(Options {
+        enforcement: Some("required".into()),
+        extra_config:
+            "[policy]\nallowed_profiles = [\"default\", \"console\"]\n[recording]\ninput = true\n"
+                .into(),
+        profiles: vec![("console.toml".into(), CONSOLE_PROFILE.into())],
+        ..Default::default()
+    });
     let name = agent.login("con");
     console_grant(&agent, &name, "correct-horse-battery", 600);
+    // Inside the session, a secret typed at getpass(3)'s prompt (canonical mode, ECHO
+    // off); the answer comes back reversed, so that the secret itself never reaches the
+    // screen. The prompt is spelt so that the echo of the command line does not show it.
     let shown = login(
         &name,
         "correct-horse-battery",
         0.5,
         &[
             "echo CONSOLE-$((6*7)); grep 0:: /proc/self/cgroup; id",
+            "/usr/bin/python3 -c 'import getpass; print(\"got-\" + getpass.getpass(\"Sec\" + \"ret: \")[::-1])'",
+            "@wait:Secret: ",
+            "echo-off-secret-31",
+            "@wait:got-13-terces-ffo-ohce",
             "exit",
         ],
     );
     assert!(shown.contains("usher: blocked /usr/bin/id"), "{shown}");
     assert!(shown.contains("CONSOLE-42"), "{shown}\n{}", agent.log());
     assert!(shown.contains("/usher-sessions/"), "{shown}");
+    assert!(
+        shown.contains("got-13-terces-ffo-ohce"),
+        "the session did not read the secret: {shown}"
+    );
     let ids = agent.recorded_sessions();
     let id = ids.last().expect("a recording");
     let meta = agent.meta(id);
@@ -124,9 +147,28 @@ fn login_with_the_one_time_secret_is_a_recorded_session_in_its_own_cgroup() {
             .starts_with("console /dev/pts/"),
         "{meta}"
     );
+    agent.wait_for(10, "the session's end in its metadata", || {
+        agent.meta(id)["ended_at"].is_string()
+    });
     let cast = std::fs::read_to_string(agent.spool().join(format!("{id}.cast"))).unwrap();
     assert!(cast.contains("CONSOLE-42"), "{cast}");
-    // The secret typed at login never reaches the recording.
+    // Input is recorded: what was typed at the shell is there...
+    let input: String = cast
+        .lines()
+        .skip(1)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e[1] == "i")
+        .filter_map(|e| e[2].as_str().map(String::from))
+        .collect();
+    assert!(
+        input.contains("echo CONSOLE-$((6*7))") && input.contains("getpass.getpass"),
+        "the typed commands are not in the cast's input: {input:?}"
+    );
+    // ...and neither the secret typed at ECHO off nor the one typed at login is.
+    assert!(
+        !cast.contains("echo-off-secret-31"),
+        "a secret typed with ECHO off was recorded: {input:?}"
+    );
     assert!(!cast.contains("correct-horse-battery"));
 }
 

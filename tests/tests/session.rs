@@ -218,3 +218,128 @@ fn port_forwarding_only_when_the_profile_allows_it() {
         Some("hello through the tunnel\n")
     );
 }
+
+/// `ssh` as `login`, like `TestAgent::ssh_command` but saying what the server refused
+/// (LogLevel INFO), with the command's arguments still to add before the login.
+fn ssh_telling_info(agent: &TestAgent, login: &str) -> Command {
+    let mut base = agent.ssh_base_args();
+    for arg in base.iter_mut() {
+        if arg.starts_with("LogLevel=") {
+            *arg = "LogLevel=INFO".into();
+        }
+    }
+    let mut c = Command::new("timeout");
+    c.arg("60").arg("ssh").args(base);
+    c.args(["-o", "BatchMode=yes", "-i"])
+        .arg(&agent.client_key)
+        .args(["-p", &agent.port.to_string()])
+        .arg(format!("{login}@127.0.0.1"));
+    c
+}
+
+/// Whether something accepts connections on the loopback `port`.
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn remote_forwarding_agent_forwarding_and_x11_are_refused_even_when_the_profile_forwards() {
+    // A profile that allows local forwarding: the others must still be refused.
+    let agent = TestAgent::start_with(Options {
+        extra_config: "[policy]\nallowed_profiles = [\"default\", \"tunnel\"]\n".into(),
+        profiles: vec![(
+            "tunnel.toml".into(),
+            "name = \"tunnel\"\nport_forwarding = true\n".into(),
+        )],
+        ..Default::default()
+    });
+    let login = agent.login("nofwd");
+    let mut c = agent.claims(&login, 600);
+    c.profile = Some("tunnel".into());
+    assert!(agent.install(&agent.sign(&c)).status.success());
+
+    // -R: the agent would listen on the host's loopback for the client.
+    let remote_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = agent
+        .ssh_command(&login)
+        .args([
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("127.0.0.1:{remote_port}:127.0.0.1:9"),
+        ])
+        .arg("echo SHOULD-NOT-RUN-$((40+2))")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (out_text, err_text) = (
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        err_text.contains("remote port forwarding failed"),
+        "-R was not refused: {out_text}{err_text}"
+    );
+    assert!(!out_text.contains("SHOULD-NOT-RUN-42"), "{out_text}");
+    assert!(
+        !listening(remote_port),
+        "the agent listens for a -R forward"
+    );
+
+    // Agent forwarding: a running ssh-agent on the client's side, asked for with -A.
+    let agent_socket = agent.dir.join("client-agent.sock");
+    let mut ssh_agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&agent_socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    agent.wait_for(10, "the client's ssh-agent", || agent_socket.exists());
+    let out = agent
+        .ssh_command(&login)
+        .args(["-o", "ForwardAgent=yes"])
+        .arg("echo \"sock:${SSH_AUTH_SOCK:-none}\"; ssh-add -l >/dev/null 2>&1; echo \"add:$?\"")
+        .env("SSH_AUTH_SOCK", &agent_socket)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = ssh_agent.kill();
+    let _ = ssh_agent.wait();
+    let shown = stdout(&out);
+    assert!(
+        shown.contains("sock:none"),
+        "agent forwarding was set up: {shown}"
+    );
+    // 2: no agent to reach (1 would be an agent with no keys).
+    assert!(shown.contains("add:2"), "an agent was reachable: {shown}");
+
+    // X11: a display on the client's side, asked for with -X (trusted, so that no xauth
+    // run on the client can stop the request from being sent). The client says it sent it;
+    // the session has no display. (The agent answers the request with nothing at all,
+    // neither success nor failure: the client is not told, so its stderr is not checked.)
+    let out = ssh_telling_info(&agent, &login)
+        .args(["-o", "ForwardX11=yes", "-o", "ForwardX11Trusted=yes"])
+        .arg("echo \"display:${DISPLAY:-none}\"")
+        .env("DISPLAY", ":93")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (shown, said) = (
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        said.contains("X11 forwarding"),
+        "the client did not ask for X11 forwarding: {said}"
+    );
+    assert!(
+        shown.contains("display:none"),
+        "X11 forwarding was set up: {shown}{said}"
+    );
+}

@@ -422,12 +422,30 @@ fn a_key_not_bound_to_a_live_grant_is_refused() {
 fn an_existing_account_with_the_name_is_never_taken_over() {
     let agent = TestAgent::start();
     let login = agent.login("taken");
-    // A local account with that name, outside the agent's UID range.
+    // A local account with that name, outside the agent's UID range: useradd picks its
+    // UID among the host's regular ones (no fixed number another run could hold), and it
+    // goes however the test ends.
+    struct HostAccount(String);
+    impl Drop for HostAccount {
+        fn drop(&mut self) {
+            let _ = Command::new("userdel").args(["--", &self.0]).output();
+        }
+    }
     let st = Command::new("useradd")
-        .args(["--uid", "63990", "--no-create-home", "--", &login])
+        .args(["--no-create-home", "--", &login])
         .status()
         .unwrap();
     assert!(st.success());
+    let _cleanup = HostAccount(login.clone());
+    let uid = passwd()
+        .into_iter()
+        .find(|(name, _)| *name == login)
+        .map(|(_, uid)| uid)
+        .unwrap();
+    assert!(
+        !(agent.uid_min..=agent.uid_max).contains(&uid),
+        "useradd gave {uid}, inside the agent's range"
+    );
     let before = std::fs::read_to_string("/etc/passwd").unwrap();
     // A grant naming an account usher did not make is refused, and the journal says why.
     let out = agent.install(&agent.sign(&agent.claims(&login, 600)));
@@ -446,7 +464,6 @@ fn an_existing_account_with_the_name_is_never_taken_over() {
             .map(String::from)
     };
     assert_eq!(line(&before), line(&after));
-    let _ = Command::new("userdel").args(["--", &login]).status();
 }
 
 #[test]

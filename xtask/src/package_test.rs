@@ -294,7 +294,7 @@ pub fn run_test() -> Result<(), String> {
     let (ok, text) = c.sh("for i in $(seq 1 50); do systemctl is-active --quiet usherd && break; sleep 0.2; done; systemctl show usherd -p ActiveState -p SubState -p Type -p NotifyAccess");
     checks.check(
         "usherd is active (Type=notify: it said READY)",
-        ok && text.contains("ActiveState=active") && text.contains("Type=notify"),
+        ok && has_line(&text, "ActiveState=active") && has_line(&text, "Type=notify"),
         || text.clone(),
     );
     let (_, modes) =
@@ -352,10 +352,11 @@ pub fn run_test() -> Result<(), String> {
         .spawn()
         .map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_secs(2));
-    let (ok, text) = c.sh("systemctl reload usherd && systemctl is-active usherd && journalctl -u usherd --no-pager -o cat | grep -c 'configuration reloaded'");
+    let (ok, text) = c.sh("systemctl reload usherd && echo \"state=$(systemctl is-active usherd)\" && echo \"reloaded=$(journalctl -u usherd --no-pager -o cat | grep -c 'configuration reloaded')\"");
     checks.check(
         "systemctl reload re-reads the configuration",
-        ok && text.contains("active"),
+        ok && has_line(&text, "state=active")
+            && labelled_number(&text, "reloaded").is_some_and(|n| n >= 1),
         || text.clone(),
     );
     let live_out = live.wait_with_output().map_err(|e| e.to_string())?;
@@ -374,10 +375,15 @@ pub fn run_test() -> Result<(), String> {
         ok && text.ends_with("-2"),
         || text.clone(),
     );
-    let (ok, text) = c.sh("for i in $(seq 1 50); do systemctl is-active --quiet usherd && break; sleep 0.2; done; systemctl is-active usherd; usher grant list --json; getent passwd jit-pkg; grep -c 127.0.0.1 /etc/usher/usherd.toml; ls /var/spool/usher | wc -l");
+    // The administrator's edit (the listen line) is what says the config was kept.
+    let (ok, text) = c.sh(&format!("for i in $(seq 1 50); do systemctl is-active --quiet usherd && break; sleep 0.2; done; echo \"state=$(systemctl is-active usherd)\"; usher grant list --json; getent passwd jit-pkg; echo \"edited-listen=$(grep -c -F 'listen = [\"127.0.0.1:{port}\"]' /etc/usher/usherd.toml)\"; echo \"default-listen=$(grep -c -F '0.0.0.0:2222' /etc/usher/usherd.toml)\""));
     checks.check(
         "after the upgrade: running, grant and account kept, config kept",
-        ok && text.contains("active") && text.contains("jit-pkg") && text.contains("pkg@test"),
+        ok && has_line(&text, "state=active")
+            && text.contains("jit-pkg")
+            && text.contains("pkg@test")
+            && labelled_number(&text, "edited-listen") == Some(1)
+            && labelled_number(&text, "default-listen") == Some(0),
         || text.clone(),
     );
     let (_, spool_after) = c.sh("ls /var/spool/usher | wc -l");
@@ -395,10 +401,12 @@ pub fn run_test() -> Result<(), String> {
     );
 
     // Removal takes the accounts with it; purge takes the state.
-    let (ok, text) = c.sh("dpkg -r usher; getent passwd jit-pkg || echo no-account; systemctl is-active usherd || true; test -d /var/lib/usher && echo state-kept");
+    let (ok, text) = c.sh("dpkg -r usher; getent passwd jit-pkg || echo no-account; echo \"state=$(systemctl is-active usherd)\"; test -d /var/lib/usher && echo state-kept");
     checks.check(
         "dpkg -r stops the service and removes the ephemeral accounts",
-        ok && text.contains("no-account") && !text.contains("\nactive"),
+        ok && has_line(&text, "no-account")
+            && text.lines().any(|l| l.starts_with("state="))
+            && !has_line(&text, "state=active"),
         || text.clone(),
     );
     checks.check(
@@ -421,4 +429,20 @@ pub fn run_test() -> Result<(), String> {
     } else {
         Err(format!("package test failed: {:?}", checks.failed))
     }
+}
+
+/// Whether `text` has `line` as a whole line (`active` must not match `inactive`).
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l.trim() == line)
+}
+
+/// The number on the `label=N` line of `text`.
+fn labelled_number(text: &str, label: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix(label)?
+            .strip_prefix('=')?
+            .parse()
+            .ok()
+    })
 }
