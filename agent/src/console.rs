@@ -18,7 +18,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, Mutex};
 use usher_wire::console::{
-    MessageError, OpenRequest, ShellControl, ShellEvent, MAX_CONTROL_LINE_BYTES,
+    LineError, OpenRequest, ShellControl, ShellEvent, MAX_CONTROL_LINE_BYTES,
     MAX_OPEN_REQUEST_BYTES,
 };
 
@@ -152,12 +152,12 @@ async fn handle<C: Core>(core: Arc<C>, stream: UnixStream) -> Result<(), String>
                         size.rows.clamp(1, 1000),
                     ));
                 }
-                Err(e @ MessageError::TooLarge { .. }) => {
+                Err(e @ LineError::TooLarge { .. }) => {
                     log::warn!(target: "usher::console", "console session of uid {uid} hung up: {e}");
                     break;
                 }
                 // A message a newer shell sends: nothing to do with it here.
-                Err(MessageError::Malformed(_)) => {}
+                Err(LineError::Malformed(_)) => {}
             }
         }
         // The login shell is gone (or speaks nonsense): the session is hung up.

@@ -102,7 +102,7 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()> {
         let (answer, more) = match Request::decode(&line) {
             Ok(request) => (answer(&agent, request).await, true),
             // The rest of an oversized line is unread: what follows is not a request.
-            Err(e @ wire::DecodeError::TooLarge { .. }) => (Err(Refusal::bad_request(&e)), false),
+            Err(e @ wire::LineError::TooLarge { .. }) => (Err(Refusal::bad_request(&e)), false),
             Err(e) => (Err(Refusal::bad_request(&e)), true),
         };
         write.write_all(&wire::encode_answer(&answer)).await?;
@@ -166,25 +166,7 @@ fn grants(agent: &Arc<Agent>) -> Vec<wire::GrantSummary> {
 }
 
 fn sessions(agent: &Arc<Agent>) -> Vec<wire::SessionSummary> {
-    use crate::session::SessionKind;
-    agent
-        .sessions
-        .list()
-        .into_iter()
-        .map(|s| wire::SessionSummary {
-            id: s.id,
-            kind: match s.kind {
-                SessionKind::Ssh => wire::SessionKind::Ssh,
-                SessionKind::Console => wire::SessionKind::Console,
-            },
-            jti: s.jti,
-            iss: s.iss,
-            login: s.login,
-            started_at: s.started_at,
-            attached: s.attached,
-            commands: s.commands,
-        })
-        .collect()
+    agent.sessions.list()
 }
 
 fn status(agent: &Arc<Agent>) -> wire::Status {
@@ -253,7 +235,7 @@ pub enum CallError {
     #[error("lost usherd: {0}")]
     Read(std::io::Error),
     #[error("bad answer from usherd: {0}")]
-    BadAnswer(#[from] wire::DecodeError),
+    BadAnswer(#[from] wire::LineError),
     #[error(transparent)]
     Refused(#[from] Refusal),
 }

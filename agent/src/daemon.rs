@@ -597,10 +597,12 @@ impl Agent {
             return;
         };
         audit!("grant_ended", jti = id.jti.as_str(), iss = id.iss.as_str(), reason = why, login = grant.login(); "grant {id} ended: {why}");
-        let _ = self.grant_ended.send(id.clone());
-        // Sessions first say why on their terminals, then everything in them dies.
+        // Sessions first say why on their terminals, then their connections close (with
+        // every forward), then everything in them dies. Nothing new starts meanwhile: the
+        // grant is no longer live.
         let cgroups = self.sessions.end_grant(id, why);
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = self.grant_ended.send(id.clone());
         let agent = self.clone();
         let login = grant.login().to_string();
         let _ = tokio::task::spawn_blocking(move || {

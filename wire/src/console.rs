@@ -3,7 +3,8 @@
 //! attached (SCM_RIGHTS), then [`ShellControl`] lines; the agent answers with
 //! [`ShellEvent`] lines. One JSON object per line.
 
-use serde::de::DeserializeOwned;
+use crate::line::{from_line, to_line};
+pub use crate::line::LineError;
 use serde::{Deserialize, Serialize};
 
 /// The largest open request. It arrives in one `recvmsg` with the descriptors: the agent
@@ -29,18 +30,18 @@ pub struct OpenRequest {
 
 impl OpenRequest {
     /// The request as sent: no newline (it is the only thing in its `sendmsg`).
-    /// [`MessageError::TooLarge`] when the command is too long to hand over.
-    pub fn encode(&self) -> Result<Vec<u8>, MessageError> {
-        let bytes = serde_json::to_vec(self).map_err(MessageError::Malformed)?;
+    /// [`LineError::TooLarge`] when the command is too long to hand over.
+    pub fn encode(&self) -> Result<Vec<u8>, LineError> {
+        let bytes = serde_json::to_vec(self).map_err(LineError::Malformed)?;
         if bytes.len() > MAX_OPEN_REQUEST_BYTES {
-            return Err(MessageError::TooLarge {
+            return Err(LineError::TooLarge {
                 limit: MAX_OPEN_REQUEST_BYTES,
             });
         }
         Ok(bytes)
     }
 
-    pub fn decode(payload: &[u8]) -> Result<OpenRequest, MessageError> {
+    pub fn decode(payload: &[u8]) -> Result<OpenRequest, LineError> {
         from_line(payload, MAX_OPEN_REQUEST_BYTES)
     }
 }
@@ -59,7 +60,7 @@ impl ShellControl {
         to_line(self)
     }
 
-    pub fn decode(line: &[u8]) -> Result<ShellControl, MessageError> {
+    pub fn decode(line: &[u8]) -> Result<ShellControl, LineError> {
         from_line(line, MAX_CONTROL_LINE_BYTES)
     }
 }
@@ -102,7 +103,7 @@ impl ShellEvent {
         to_line(self)
     }
 
-    pub fn decode(line: &[u8]) -> Result<ShellEvent, MessageError> {
+    pub fn decode(line: &[u8]) -> Result<ShellEvent, LineError> {
         from_line(line, MAX_EVENT_LINE_BYTES)
     }
 }
@@ -154,29 +155,6 @@ impl From<ShellEvent> for EventOnWire {
             },
         }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum MessageError {
-    #[error("the message is larger than the {limit} bytes allowed")]
-    TooLarge { limit: usize },
-    #[error("the message is not understood: {0}")]
-    Malformed(#[source] serde_json::Error),
-}
-
-fn to_line(message: &impl Serialize) -> Vec<u8> {
-    // These messages hold numbers and strings only: serialising them cannot fail.
-    let mut line = serde_json::to_vec(message).unwrap_or_default();
-    line.push(b'\n');
-    line
-}
-
-fn from_line<T: DeserializeOwned>(line: &[u8], limit: usize) -> Result<T, MessageError> {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    if line.len() > limit {
-        return Err(MessageError::TooLarge { limit });
-    }
-    serde_json::from_slice(line).map_err(MessageError::Malformed)
 }
 
 #[cfg(test)]
@@ -258,7 +236,7 @@ mod tests {
             assert!(
                 matches!(
                     ShellControl::decode(garbage),
-                    Err(MessageError::Malformed(_))
+                    Err(LineError::Malformed(_))
                 ),
                 "{garbage:?}"
             );
@@ -272,12 +250,12 @@ mod tests {
             b"\xff",
         ] {
             let err = ShellEvent::decode(garbage).unwrap_err();
-            assert!(matches!(err, MessageError::Malformed(_)), "{garbage:?}");
+            assert!(matches!(err, LineError::Malformed(_)), "{garbage:?}");
             assert!(err.to_string().starts_with("the message is not understood"));
         }
         assert!(matches!(
             OpenRequest::decode(b"{\"term\":5}"),
-            Err(MessageError::Malformed(_))
+            Err(LineError::Malformed(_))
         ));
     }
 
@@ -289,13 +267,13 @@ mod tests {
         };
         assert!(matches!(
             long.encode(),
-            Err(MessageError::TooLarge { limit }) if limit == MAX_OPEN_REQUEST_BYTES
+            Err(LineError::TooLarge { limit }) if limit == MAX_OPEN_REQUEST_BYTES
         ));
         let mut payload = br#"{"term":null,"command":""#.to_vec();
         payload.resize(MAX_OPEN_REQUEST_BYTES + 1, b'x');
         assert!(matches!(
             OpenRequest::decode(&payload),
-            Err(MessageError::TooLarge { .. })
+            Err(LineError::TooLarge { .. })
         ));
         // The longest command that fits is handed over whole.
         let overhead = br#"{"term":null,"command":""}"#.len();
@@ -310,12 +288,12 @@ mod tests {
         let mut line = b"{\"resize\":[".to_vec();
         line.resize(MAX_CONTROL_LINE_BYTES + 1, b' ');
         let err = ShellControl::decode(&line).unwrap_err();
-        assert!(matches!(err, MessageError::TooLarge { .. }), "{err}");
+        assert!(matches!(err, LineError::TooLarge { .. }), "{err}");
         let mut line = b"{\"event\":\"refused\",\"reason\":\"".to_vec();
         line.resize(MAX_EVENT_LINE_BYTES + 1, b'x');
         assert!(matches!(
             ShellEvent::decode(&line),
-            Err(MessageError::TooLarge { .. })
+            Err(LineError::TooLarge { .. })
         ));
     }
 }

@@ -4,7 +4,9 @@
 //! fixed by the request (see [`Reply`]). Only root may use the socket: any other peer is
 //! sent [`Refusal::not_root`] and dropped.
 
+use crate::line::{from_line, to_line};
 use serde::de::DeserializeOwned;
+pub use crate::line::LineError;
 use serde::{Deserialize, Serialize};
 
 /// The longest request line the agent reads. A grant token is a few KiB; a line longer
@@ -41,9 +43,9 @@ impl Request {
     }
 
     /// One request line (its newline optional). Unknown operations and garbage are
-    /// [`DecodeError::Malformed`]; a line over [`MAX_REQUEST_BYTES`] is
-    /// [`DecodeError::TooLarge`].
-    pub fn decode(line: &[u8]) -> Result<Request, DecodeError> {
+    /// [`LineError::Malformed`]; a line over [`MAX_REQUEST_BYTES`] is
+    /// [`LineError::TooLarge`].
+    pub fn decode(line: &[u8]) -> Result<Request, LineError> {
         from_line(line, MAX_REQUEST_BYTES)
     }
 }
@@ -238,10 +240,10 @@ impl Refusal {
     }
 
     /// The answer to a request line that did not decode.
-    pub fn bad_request(why: &DecodeError) -> Refusal {
+    pub fn bad_request(why: &LineError) -> Refusal {
         match why {
-            DecodeError::TooLarge { .. } => Refusal::new(RefusalKind::TooLarge, why.to_string()),
-            DecodeError::Malformed(e) => {
+            LineError::TooLarge { .. } => Refusal::new(RefusalKind::TooLarge, why.to_string()),
+            LineError::Malformed(e) => {
                 Refusal::new(RefusalKind::BadRequest, format!("bad request: {e}"))
             }
         }
@@ -282,12 +284,12 @@ pub fn encode_answer(answer: &Answer) -> Vec<u8> {
 
 /// One answer line, its data read as the answer to the request the client sent (`T` is
 /// that request's answer type: [`Installed`], `Vec<GrantSummary>`, …).
-pub fn decode_answer<T: DeserializeOwned>(line: &[u8]) -> Result<Result<T, Refusal>, DecodeError> {
+pub fn decode_answer<T: DeserializeOwned>(line: &[u8]) -> Result<Result<T, Refusal>, LineError> {
     let envelope: Envelope<serde_json::Value> = from_line(line, MAX_ANSWER_BYTES)?;
     if envelope.ok {
         let data = envelope.data.unwrap_or(serde_json::Value::Null);
         return Ok(Ok(
-            serde_json::from_value(data).map_err(DecodeError::Malformed)?
+            serde_json::from_value(data).map_err(LineError::Malformed)?
         ));
     }
     Ok(Err(Refusal {
@@ -307,29 +309,6 @@ struct Envelope<D> {
     code: Option<RefusalKind>,
     #[serde(default)]
     data: Option<D>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    #[error("the message is larger than the {limit} bytes allowed")]
-    TooLarge { limit: usize },
-    #[error("the message is not understood: {0}")]
-    Malformed(#[source] serde_json::Error),
-}
-
-fn to_line(message: &impl Serialize) -> Vec<u8> {
-    // Requests hold strings and options only: serialising them cannot fail.
-    let mut line = serde_json::to_vec(message).unwrap_or_default();
-    line.push(b'\n');
-    line
-}
-
-fn from_line<T: DeserializeOwned>(line: &[u8], limit: usize) -> Result<T, DecodeError> {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    if line.len() > limit {
-        return Err(DecodeError::TooLarge { limit });
-    }
-    serde_json::from_slice(line).map_err(DecodeError::Malformed)
 }
 
 #[cfg(test)]
@@ -540,7 +519,7 @@ mod tests {
         ] {
             let err = Request::decode(garbage).unwrap_err();
             assert!(
-                matches!(err, DecodeError::Malformed(_)),
+                matches!(err, LineError::Malformed(_)),
                 "{garbage:?}: {err}"
             );
             let refusal = Refusal::bad_request(&err);
@@ -551,11 +530,11 @@ mod tests {
         let line = encode_answer(&Ok(Reply::Grants(vec![])));
         assert!(matches!(
             decode_answer::<Status>(&line),
-            Err(DecodeError::Malformed(_))
+            Err(LineError::Malformed(_))
         ));
         assert!(matches!(
             decode_answer::<Status>(b"garbage"),
-            Err(DecodeError::Malformed(_))
+            Err(LineError::Malformed(_))
         ));
     }
 
@@ -565,7 +544,7 @@ mod tests {
         line.resize(MAX_REQUEST_BYTES + 1, b'a');
         let err = Request::decode(&line).unwrap_err();
         assert!(
-            matches!(err, DecodeError::TooLarge { limit } if limit == MAX_REQUEST_BYTES),
+            matches!(err, LineError::TooLarge { limit } if limit == MAX_REQUEST_BYTES),
             "{err}"
         );
         assert_eq!(Refusal::bad_request(&err).kind, RefusalKind::TooLarge);
@@ -583,7 +562,7 @@ mod tests {
         answer.resize(MAX_ANSWER_BYTES + 1, b'a');
         assert!(matches!(
             decode_answer::<String>(&answer),
-            Err(DecodeError::TooLarge { .. })
+            Err(LineError::TooLarge { .. })
         ));
     }
 }

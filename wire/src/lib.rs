@@ -12,5 +12,6 @@ pub mod chain;
 pub mod collector;
 pub mod console;
 pub mod control;
+pub mod line;
 pub mod meta;
 pub mod seal;

@@ -24,14 +24,9 @@ pub use request::{
     CONTROL_QUEUE,
 };
 pub use run::run;
-pub use table::{SessionInfo, SessionRecord, SessionTable};
+pub use table::{SessionRecord, SessionTable};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SessionKind {
-    Ssh,
-    Console,
-}
+pub use usher_wire::control::SessionKind;
 
 /// A session id that sorts by start time and names its files and cgroup.
 pub fn new_session_id() -> String {

@@ -1,6 +1,7 @@
 //! The sessions the agent knows, in memory and in `sessions.json`, so that a restarted
 //! agent finds the cgroups its predecessor made.
 
+use usher_wire::control::SessionSummary;
 use super::{Cgroup, Layout, SessionKind};
 use crate::fsutil;
 use crate::grant::GrantId;
@@ -41,20 +42,6 @@ impl SessionRecord {
     pub fn open_cgroup(&self) -> std::io::Result<Cgroup> {
         Cgroup::open_with_limit_groups(&self.cgroup, &self.limit_cgroups)
     }
-}
-
-/// What `usher sessions` shows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionInfo {
-    pub id: String,
-    pub kind: SessionKind,
-    pub jti: String,
-    pub iss: String,
-    pub login: String,
-    pub started_at: i64,
-    /// False once the main process ended but processes it left still run.
-    pub attached: bool,
-    pub commands: u64,
 }
 
 struct Live {
@@ -205,10 +192,10 @@ impl SessionTable {
         self.save();
     }
 
-    pub fn list(&self) -> Vec<SessionInfo> {
+    pub fn list(&self) -> Vec<SessionSummary> {
         lock(&self.live)
             .values()
-            .map(|l| SessionInfo {
+            .map(|l| SessionSummary {
                 id: l.record.id.clone(),
                 kind: l.record.kind,
                 jti: l.record.jti.clone(),
