@@ -113,9 +113,15 @@ pub struct ExecEvent {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: plain `repr(C)` data with every byte initialised (explicit padding fields).
+    // SAFETY: `repr(C)`, two u32: no padding, and any bytes are a valid value.
     unsafe impl aya::Pod for super::SessionPolicy {}
+    // SAFETY: `repr(C)`, u32 + explicit u32 padding field + u64: every byte is a field, and
+    // any bytes are a valid value.
     unsafe impl aya::Pod for super::FileKey {}
+    // SAFETY: `repr(C)`, u64 + FileKey (16 bytes, 8-aligned): no padding, and any bytes are
+    // a valid value.
     unsafe impl aya::Pod for super::RuleKey {}
+    // SAFETY: `repr(C)`, nineteen u32 (the last an explicit padding field): no padding, and
+    // any bytes are a valid value.
     unsafe impl aya::Pod for super::Offsets {}
 }

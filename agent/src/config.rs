@@ -3,6 +3,7 @@
 //! Every field has a default so that an empty file (or no file) gives a working agent that
 //! needs no external service: grants signed by a local issuer key, recordings in a local spool.
 
+use crate::account::{AccountsConfig, AccountsConfigError};
 use crate::enforce::Enforcement;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -51,21 +52,6 @@ pub struct SshConfig {
     pub max_startups_per_source: usize,
     /// Authenticated connections in all.
     pub max_connections: usize,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AccountsConfig {
-    /// Every account the agent makes starts with this; it never touches other names.
-    pub name_prefix: String,
-    pub uid_min: u32,
-    pub uid_max: u32,
-    /// The shell sessions run (SSH, and console sessions once the agent opened them).
-    pub shell: PathBuf,
-    /// The login shell in /etc/passwd: Usher's recording shell, so that a console or `su`
-    /// login also goes through the agent. Default: `usher-shell` beside `usherd`.
-    pub login_shell: Option<PathBuf>,
-    pub home_base: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -195,19 +181,6 @@ impl Default for SshConfig {
     }
 }
 
-impl Default for AccountsConfig {
-    fn default() -> Self {
-        AccountsConfig {
-            name_prefix: "jit-".into(),
-            uid_min: 61000,
-            uid_max: 61999,
-            shell: "/bin/bash".into(),
-            login_shell: None,
-            home_base: "/home".into(),
-        }
-    }
-}
-
 impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
@@ -242,8 +215,14 @@ pub enum ConfigError {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Accounts(#[from] AccountsConfigError),
+    #[error("ssh.listen is empty")]
+    NoListenAddress,
+    #[error("ssh.listen: {0:?} is not an address and port (\"0.0.0.0:2222\", \"[::]:2222\")")]
+    ListenAddress(String),
+    #[error("ssh.login_grace_secs, max_startups, max_startups_per_source and max_connections must be above 0")]
+    ZeroConnectionLimit,
 }
 
 impl Config {
@@ -271,28 +250,13 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let a = &self.accounts;
-        if a.uid_min < 1000 || a.uid_min > a.uid_max {
-            return Err(ConfigError::Invalid(format!(
-                "accounts.uid_min..uid_max ({}..{}) must be a non-empty range at or above 1000",
-                a.uid_min, a.uid_max
-            )));
-        }
-        if !crate::account::is_valid_name(&a.name_prefix) || a.name_prefix.len() > 16 {
-            return Err(ConfigError::Invalid(format!(
-                "accounts.name_prefix {:?} must be a short valid user name start",
-                a.name_prefix
-            )));
-        }
+        self.accounts.validate()?;
         if self.ssh.listen.is_empty() {
-            return Err(ConfigError::Invalid("ssh.listen is empty".into()));
+            return Err(ConfigError::NoListenAddress);
         }
         for addr in &self.ssh.listen {
-            addr.parse::<std::net::SocketAddr>().map_err(|_| {
-                ConfigError::Invalid(format!(
-                    "ssh.listen: {addr:?} is not an address and port (\"0.0.0.0:2222\", \"[::]:2222\")"
-                ))
-            })?;
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|_| ConfigError::ListenAddress(addr.clone()))?;
         }
         let s = &self.ssh;
         if s.login_grace_secs == 0
@@ -300,9 +264,7 @@ impl Config {
             || s.max_startups_per_source == 0
             || s.max_connections == 0
         {
-            return Err(ConfigError::Invalid(
-                "ssh.login_grace_secs, max_startups, max_startups_per_source and max_connections must be above 0".into(),
-            ));
+            return Err(ConfigError::ZeroConnectionLimit);
         }
         Ok(())
     }
@@ -362,11 +324,42 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_and_bad_ranges_are_refused() {
-        assert!(Config::parse("nonsense = 1").is_err());
-        assert!(Config::parse("[accounts]\nuid_min = 0\nuid_max = 10").is_err());
-        assert!(Config::parse("[accounts]\nuid_min = 70000\nuid_max = 60000").is_err());
-        assert!(Config::parse("[accounts]\nname_prefix = \"a b\"").is_err());
+    fn unknown_keys_and_bad_values_are_refused_each_by_its_kind() {
+        assert!(matches!(
+            Config::parse("nonsense = 1"),
+            Err(ConfigError::Parse { .. })
+        ));
+        for (text, min, max) in [
+            ("[accounts]\nuid_min = 0\nuid_max = 10", 0, 10),
+            ("[accounts]\nuid_min = 70000\nuid_max = 60000", 70000, 60000),
+        ] {
+            assert!(matches!(
+                Config::parse(text),
+                Err(ConfigError::Accounts(AccountsConfigError::UidRange { min: a, max: b })) if a == min && b == max
+            ));
+        }
+        for prefix in ["a b", "-x", "averyveryverylongprefix-"] {
+            assert!(matches!(
+                Config::parse(&format!("[accounts]\nname_prefix = \"{prefix}\"")),
+                Err(ConfigError::Accounts(AccountsConfigError::NamePrefix(p))) if p == prefix
+            ));
+        }
+        assert!(matches!(
+            Config::parse("[ssh]\nlisten = []"),
+            Err(ConfigError::NoListenAddress)
+        ));
+        assert!(matches!(
+            Config::parse("[ssh]\nlisten = [\"2222\"]"),
+            Err(ConfigError::ListenAddress(a)) if a == "2222"
+        ));
+        assert!(matches!(
+            Config::parse("[ssh]\nmax_startups = 0"),
+            Err(ConfigError::ZeroConnectionLimit)
+        ));
+        assert!(matches!(
+            Config::load(Path::new("/nonexistent/usherd.toml")),
+            Err(ConfigError::Read { .. })
+        ));
     }
 
     #[test]

@@ -5,54 +5,33 @@
 //! terminal and a PTY of its own. The account's identity comes from SO_PEERCRED, never
 //! from what the client says.
 
-use crate::daemon::Agent;
 use crate::session::{
-    self, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionKind, SessionRequest,
+    self, ClientIo, ClientSink, Control, Core, ExitOutcome, PtySpec, SessionCommand, SessionKind,
+    SessionRequest,
 };
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use std::io::IoSliceMut;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, Mutex};
-
-/// The first message, sent with the client's stdin, stdout and stderr attached.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct OpenRequest {
-    pub term: Option<String>,
-    pub command: Option<String>,
-}
-
-/// What the agent tells `usher-shell`, one JSON object per line.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum ShellEvent {
-    Refused {
-        reason: String,
-    },
-    Exit {
-        status: Option<i32>,
-        signal: Option<i32>,
-    },
-}
-
-/// What `usher-shell` tells the agent after the start.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ShellControl {
-    pub resize: Option<(u16, u16)>,
-}
+use usher_wire::console::{
+    MessageError, OpenRequest, ShellControl, ShellEvent, MAX_CONTROL_LINE_BYTES,
+    MAX_OPEN_REQUEST_BYTES,
+};
 
 /// Serves console logins for as long as the agent lives. Every account's login shell
 /// connects here; who it is comes from the kernel. A peer outside the agent's UID range
 /// (root excepted) is dropped before anything is read; each UID holds a few connections
 /// at most, and a request must arrive within seconds.
-pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
+pub async fn serve<C: Core>(
+    core: Arc<C>,
+    range: std::ops::RangeInclusive<u32>,
+    listener: UnixListener,
+) {
     let slots = crate::admission::Admission::new(256, 8);
-    let range = agent.config.accounts.uid_min..=agent.config.accounts.uid_max;
     crate::control::accept_forever(listener, "console", move |stream, uid| {
         if uid != 0 && !range.contains(&uid) {
             return;
@@ -64,9 +43,9 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
                 return;
             }
         };
-        let agent = agent.clone();
+        let core = core.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(agent, stream).await {
+            if let Err(e) = handle(core, stream).await {
                 log::warn!(target: "usher::console", "console request failed: {e}");
             }
             drop(slot);
@@ -75,7 +54,7 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
     .await
 }
 
-async fn handle(agent: Arc<Agent>, stream: UnixStream) -> Result<(), String> {
+async fn handle<C: Core>(core: Arc<C>, stream: UnixStream) -> Result<(), String> {
     let cred = stream.peer_cred().map_err(|e| e.to_string())?;
     let uid = cred.uid();
     let std_stream = stream.into_std().map_err(|e| e.to_string())?;
@@ -90,19 +69,22 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) -> Result<(), String> {
     let (read, write) = stream.into_split();
     let write = Arc::new(Mutex::new(write));
 
-    let request: OpenRequest = match serde_json::from_slice(&payload) {
+    let request = match OpenRequest::decode(&payload) {
         Ok(r) if fds.len() == 3 => r,
-        _ => {
+        refused => {
+            if let Err(e) = refused {
+                log::warn!(target: "usher::console", "console request of uid {uid} refused: {e}");
+            }
             return say(
                 &write,
                 &ShellEvent::Refused {
                     reason: "bad request".into(),
                 },
             )
-            .await
+            .await;
         }
     };
-    let grant = match agent.console_grant_for_uid(uid) {
+    let grant = match core.console_grant(uid) {
         Ok(g) => g,
         Err(reason) => {
             audit!("console_refused", uid = uid, reason = reason.as_str(); "console login of uid {uid} refused: {reason}");
@@ -115,7 +97,7 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) -> Result<(), String> {
         fds.next().unwrap(),
         fds.next().unwrap(),
     );
-    let is_tty = nix::unistd::isatty(fd_in.as_raw_fd()).unwrap_or(false);
+    let is_tty = std::io::IsTerminal::is_terminal(&fd_in);
     let pty = is_tty.then(|| {
         let (cols, rows) = session::spawn::terminal_size(fd_in.as_fd()).unwrap_or((80, 24));
         PtySpec {
@@ -153,23 +135,49 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) -> Result<(), String> {
     };
     let (control_tx, control_rx) = mpsc::channel(crate::session::CONTROL_QUEUE);
     let controller = tokio::spawn(async move {
-        let mut lines = BufReader::new(read).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Ok(ShellControl {
-                resize: Some((c, r)),
-            }) = serde_json::from_str(&line)
-            {
-                let _ = control_tx.try_send(Control::Resize(c.clamp(1, 1000), r.clamp(1, 1000)));
+        let mut reader = BufReader::new(read);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            // One byte over the limit is enough to know a line is too long.
+            let mut limited = (&mut reader).take(MAX_CONTROL_LINE_BYTES as u64 + 1);
+            match limited.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            match ShellControl::decode(&line) {
+                Ok(ShellControl::Resize(size)) => {
+                    let _ = control_tx.try_send(Control::Resize(
+                        size.cols.clamp(1, 1000),
+                        size.rows.clamp(1, 1000),
+                    ));
+                }
+                Err(e @ MessageError::TooLarge { .. }) => {
+                    log::warn!(target: "usher::console", "console session of uid {uid} hung up: {e}");
+                    break;
+                }
+                // A message a newer shell sends: nothing to do with it here.
+                Err(MessageError::Malformed(_)) => {}
             }
         }
-        // The login shell is gone: the session is hung up.
+        // The login shell is gone (or speaks nonsense): the session is hung up.
     });
     let sink = Arc::new(ConsoleSink {
         out: Arc::new(std::fs::File::from(fd_out)),
         err: Arc::new(std::fs::File::from(fd_err)),
         socket: write.clone(),
     });
-    session::run(agent, grant, session_request, stdin_rx, control_rx, sink).await;
+    session::run(
+        core,
+        grant,
+        session_request,
+        ClientIo {
+            stdin: stdin_rx,
+            control: control_rx,
+            sink,
+        },
+    )
+    .await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     controller.abort();
     let _ = tokio::task::spawn_blocking(move || reader.join()).await;
@@ -208,12 +216,10 @@ fn read_until_stopped(
 }
 
 async fn say(write: &Mutex<OwnedWriteHalf>, event: &ShellEvent) -> Result<(), String> {
-    let mut line = serde_json::to_vec(event).map_err(|e| e.to_string())?;
-    line.push(b'\n');
     write
         .lock()
         .await
-        .write_all(&line)
+        .write_all(&event.encode())
         .await
         .map_err(|e| e.to_string())
 }
@@ -245,14 +251,8 @@ impl ClientSink for ConsoleSink {
 
     async fn finish(&self, outcome: ExitOutcome) {
         let event = match outcome {
-            ExitOutcome::Status(s) => ShellEvent::Exit {
-                status: Some(s),
-                signal: None,
-            },
-            ExitOutcome::Signal(s) => ShellEvent::Exit {
-                status: None,
-                signal: Some(s),
-            },
+            ExitOutcome::Status(status) => ShellEvent::Exited { status },
+            ExitOutcome::Signal(signal) => ShellEvent::Killed { signal },
         };
         let _ = say(&self.socket, &event).await;
     }
@@ -263,33 +263,14 @@ impl ClientSink for ConsoleSink {
 fn receive_with_fds(
     stream: std::os::unix::net::UnixStream,
 ) -> Result<(std::os::unix::net::UnixStream, Vec<u8>, Vec<OwnedFd>), String> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     stream.set_nonblocking(false).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 8192];
-    let mut cmsg = nix::cmsg_space!([RawFd; 3]);
-    let (n, fds) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
+    // One byte more than a request may hold: a longer one is seen, not cut.
+    let mut buf = vec![0u8; MAX_OPEN_REQUEST_BYTES + 1];
+    let (n, fds) = crate::system::socket::receive_with_fds(&stream, &mut buf)
         .map_err(|e| format!("receiving the console request: {e}"))?;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().map_err(|e| e.to_string())? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for fd in raw {
-                    // SAFETY: the kernel just installed these descriptors for us.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-        }
-        (msg.bytes, fds)
-    };
     buf.truncate(n);
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     Ok((stream, buf, fds))

@@ -1,66 +1,35 @@
 //! The local control socket: `usher grant install|list|revoke`, `usher status`,
-//! `usher sessions`. One JSON request per line, one JSON answer per line. Only root
+//! `usher sessions`. The messages are [`usher_wire::control`]'s, one per line. Only root
 //! (checked with SO_PEERCRED, not with file modes) may use it.
 
 use crate::daemon::Agent;
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use usher_wire::control::{self as wire, Answer, Refusal, RefusalKind, Reply, Request};
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
-    Install {
-        token: String,
-    },
-    List,
-    /// `iss` picks among grants of several issuers that share the jti.
-    Revoke {
-        jti: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        iss: Option<String>,
-    },
-    Status,
-    Sessions,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Answer {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default)]
-    pub data: serde_json::Value,
-}
-
-impl Answer {
-    fn ok(data: serde_json::Value) -> Answer {
-        Answer {
-            ok: true,
-            error: None,
-            data,
-        }
-    }
-    fn err(e: impl Into<String>) -> Answer {
-        Answer {
-            ok: false,
-            error: Some(e.into()),
-            data: serde_json::Value::Null,
-        }
-    }
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct BindError {
+    path: PathBuf,
+    source: std::io::Error,
 }
 
 /// A Unix socket anyone may connect to: who the peer is comes from SO_PEERCRED, checked
 /// per request, not from the file's mode.
-pub fn bind_open_socket(path: &Path) -> Result<UnixListener, String> {
+pub fn bind_open_socket(path: &Path) -> Result<UnixListener, BindError> {
+    let at = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BindError { path, source }
+    };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(at(dir))?;
     }
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let listener = UnixListener::bind(path).map_err(at(path))?;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666));
     Ok(listener)
 }
@@ -70,10 +39,10 @@ pub fn bind_open_socket(path: &Path) -> Result<UnixListener, String> {
 /// connections are capped and must send a request within [`IDLE`].
 pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
     let slots = crate::admission::Admission::new(32, 32);
+    let not_root = wire::encode_answer(&Err(Refusal::not_root()));
     accept_forever(listener, "control", move |stream, uid| {
         if uid != 0 {
-            let _ = stream
-                .try_write(b"{\"ok\":false,\"error\":\"only root may use the control socket\"}\n");
+            let _ = stream.try_write(&not_root);
             return;
         }
         let Ok(slot) = slots.try_admit(uid) else {
@@ -120,114 +89,227 @@ pub async fn accept_forever(
 
 async fn handle(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read.take(1024 * 1024)).lines();
-    while let Ok(Some(line)) = tokio::time::timeout(IDLE, lines.next_line()).await? {
-        let answer = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(&agent, req).await,
-            Err(e) => Answer::err(format!("bad request: {e}")),
-        };
-        let mut out = serde_json::to_vec(&answer).unwrap_or_default();
-        out.push(b'\n');
-        write.write_all(&out).await?;
-    }
-    Ok(())
-}
-
-use tokio::io::AsyncReadExt as _;
-
-async fn answer(agent: &Arc<Agent>, req: Request) -> Answer {
-    match req {
-        Request::Install { token } => match agent.admit(&token, "usher grant install") {
-            Ok(g) => match agent.prepare_console(&g).await {
-                Ok(()) => Answer::ok(
-                    serde_json::json!({"jti": g.jti(), "iss": g.claims.iss, "login": g.login(), "expires_at": g.expires_at()}),
-                ),
-                Err(e) => Answer::err(format!(
-                    "grant accepted, but its console account is not ready: {e}"
-                )),
-            },
-            Err(why) => Answer::err(format!("grant refused: {why}")),
-        },
-        Request::List => {
-            let now = crate::grant::now();
-            let grants: Vec<_> = agent
-                .grants()
-                .iter()
-                .map(|g| {
-                    serde_json::json!({
-                        "jti": g.jti(), "iss": g.claims.iss, "sub": g.claims.sub, "login": g.login(),
-                        "profile": g.profile, "expires_at": g.expires_at(),
-                        "remaining_secs": (g.expires_at() - now).max(0),
-                        "ssh_keys": g.claims.ssh_keys.len(),
-                    })
-                })
-                .collect();
-            Answer::ok(serde_json::json!(grants))
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // One byte over the limit is enough to know a line is too long.
+        let mut limited = (&mut reader).take(wire::MAX_REQUEST_BYTES as u64 + 1);
+        match tokio::time::timeout(IDLE, limited.read_until(b'\n', &mut line)).await? {
+            Ok(0) | Err(_) => return Ok(()),
+            Ok(_) => {}
         }
-        Request::Revoke { jti, iss } => match agent.revoke(&jti, iss.as_deref()).await {
-            Ok((id, known)) => {
-                Answer::ok(serde_json::json!({"jti": id.jti, "iss": id.iss, "was_live": known}))
-            }
-            Err(e) => Answer::err(e),
-        },
-        Request::Status => Answer::ok(status(agent)),
-        Request::Sessions => Answer::ok(serde_json::json!(agent.sessions.list())),
+        let (answer, more) = match Request::decode(&line) {
+            Ok(request) => (answer(&agent, request).await, true),
+            // The rest of an oversized line is unread: what follows is not a request.
+            Err(e @ wire::DecodeError::TooLarge { .. }) => (Err(Refusal::bad_request(&e)), false),
+            Err(e) => (Err(Refusal::bad_request(&e)), true),
+        };
+        write.write_all(&wire::encode_answer(&answer)).await?;
+        if !more {
+            return Ok(());
+        }
     }
 }
 
-fn status(agent: &Arc<Agent>) -> serde_json::Value {
-    let spool_bytes = crate::ship::spool_bytes(&agent.spool_dir());
-    let spooled = crate::ship::spooled_sessions(&agent.spool_dir()).len();
-    let collector = match agent.shipper.get() {
-        Some(s) => serde_json::json!(s.status()),
-        None => serde_json::json!({"configured": false}),
-    };
-    serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "host": agent.host,
-        "enforcement": {
-            "mode": agent.config.enforcement,
-            "path": agent.enforcer.path().to_string(),
-            "lost_events": agent.enforcer.lost_events(),
+async fn answer(agent: &Arc<Agent>, request: Request) -> Answer {
+    match request {
+        Request::Install { token } => install(agent, &token).await.map(Reply::Installed),
+        Request::List => Ok(Reply::Grants(grants(agent))),
+        Request::Revoke { jti, iss } => match agent.revoke(&jti, iss.as_deref()).await {
+            Ok((id, was_live)) => Ok(Reply::Revoked(wire::Revoked {
+                jti: id.jti,
+                iss: id.iss,
+                was_live,
+            })),
+            Err(e) => Err(Refusal::new(RefusalKind::RevokeFailed, e.to_string())),
         },
-        "grants": agent.grants().len(),
-        "sessions": agent.sessions.list().len(),
-        "accounts": agent.account_names(),
-        // In usher's fence (prefix and UID range) but not made by it: left alone, and no
-        // grant opens them. An administrator should look at each.
-        "unmanaged_accounts": agent
-            .unmanaged_accounts()
-            .iter()
-            .map(|e| serde_json::json!({"name": e.name, "uid": e.uid, "home": e.home}))
-            .collect::<Vec<_>>(),
-        "spool": {"bytes": spool_bytes, "sessions": spooled, "max_bytes": agent.config.spool.max_bytes},
-        "collector": collector,
-        "up_since": agent.started_at,
+        Request::Status => Ok(Reply::Status(Box::new(status(agent)))),
+        Request::Sessions => Ok(Reply::Sessions(sessions(agent))),
+    }
+}
+
+async fn install(agent: &Arc<Agent>, token: &str) -> Result<wire::Installed, Refusal> {
+    let grant = agent
+        .admit(token, "usher grant install")
+        .map_err(|why| Refusal::new(RefusalKind::GrantRefused, format!("grant refused: {why}")))?;
+    agent.prepare_console(&grant).await.map_err(|e| {
+        Refusal::new(
+            RefusalKind::ConsoleNotReady,
+            format!("grant accepted, but its console account is not ready: {e}"),
+        )
+    })?;
+    Ok(wire::Installed {
+        jti: grant.jti().to_string(),
+        iss: grant.claims.iss.clone(),
+        login: grant.login().to_string(),
+        expires_at: grant.expires_at(),
     })
 }
 
-/// The client side, for the `usher` tool.
-pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
-    use std::io::{BufRead, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket)
-        .map_err(|e| format!("cannot reach usherd at {}: {e}", socket.display()))?;
-    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    line.push(b'\n');
-    // The agent answers a peer it refuses before reading, and closes: the refusal may be
-    // waiting even when the request could not be written.
-    let written = stream.write_all(&line);
-    let mut reader = std::io::BufReader::new(stream);
-    let mut answer = String::new();
-    let read = reader.read_line(&mut answer);
-    if answer.is_empty() {
-        written.map_err(|e| format!("usherd closed the connection: {e}"))?;
-        read.map_err(|e| e.to_string())?;
+fn grants(agent: &Arc<Agent>) -> Vec<wire::GrantSummary> {
+    let now = crate::grant::now();
+    agent
+        .grants()
+        .into_iter()
+        .map(|g| wire::GrantSummary {
+            jti: g.jti().to_string(),
+            iss: g.claims.iss.clone(),
+            sub: g.claims.sub.clone(),
+            login: g.login().to_string(),
+            expires_at: g.expires_at(),
+            remaining_secs: (g.expires_at() - now).max(0),
+            ssh_keys: g.claims.ssh_keys.len(),
+            profile: g.profile,
+        })
+        .collect()
+}
+
+fn sessions(agent: &Arc<Agent>) -> Vec<wire::SessionSummary> {
+    use crate::session::SessionKind;
+    agent
+        .sessions
+        .list()
+        .into_iter()
+        .map(|s| wire::SessionSummary {
+            id: s.id,
+            kind: match s.kind {
+                SessionKind::Ssh => wire::SessionKind::Ssh,
+                SessionKind::Console => wire::SessionKind::Console,
+            },
+            jti: s.jti,
+            iss: s.iss,
+            login: s.login,
+            started_at: s.started_at,
+            attached: s.attached,
+            commands: s.commands,
+        })
+        .collect()
+}
+
+fn status(agent: &Arc<Agent>) -> wire::Status {
+    use crate::enforce::Enforcement;
+    let collector = match agent.shipper.get() {
+        Some(shipper) => {
+            let shipping = shipper.status();
+            wire::CollectorStatus {
+                configured: shipping.configured,
+                shipping: Some(wire::Shipping {
+                    reachable: shipping.reachable,
+                    backlog_sessions: shipping.backlog_sessions,
+                    last_error: shipping.last_error,
+                }),
+            }
+        }
+        None => wire::CollectorStatus {
+            configured: false,
+            shipping: None,
+        },
+    };
+    wire::Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        host: agent.host.clone(),
+        enforcement: wire::EnforcementStatus {
+            mode: match agent.config.enforcement {
+                Enforcement::Required => wire::EnforcementMode::Required,
+                Enforcement::BestEffort => wire::EnforcementMode::BestEffort,
+                Enforcement::Off => wire::EnforcementMode::Off,
+            },
+            path: agent.enforcer.path().to_string(),
+            lost_events: agent.enforcer.lost_events(),
+        },
+        grants: agent.grants().len(),
+        sessions: agent.sessions.list().len(),
+        accounts: agent.account_names(),
+        unmanaged_accounts: agent
+            .unmanaged_accounts()
+            .into_iter()
+            .map(|e| wire::UnmanagedAccount {
+                name: e.name,
+                uid: e.uid,
+                home: e.home.display().to_string(),
+            })
+            .collect(),
+        spool: wire::SpoolStatus {
+            bytes: crate::ship::spool_bytes(&agent.spool_dir()),
+            sessions: crate::ship::spooled_sessions(&agent.spool_dir()).len(),
+            max_bytes: agent.config.spool.max_bytes,
+        },
+        collector,
+        up_since: agent.started_at,
     }
-    let answer: Answer =
-        serde_json::from_str(&answer).map_err(|e| format!("bad answer from usherd: {e}"))?;
-    if answer.ok {
-        Ok(answer.data)
-    } else {
-        Err(answer.error.unwrap_or_else(|| "usherd refused".into()))
+}
+
+/// Why `usher` got no answer it can use.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("cannot reach usherd at {}: {source}", socket.display())]
+    Unreachable {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("usherd closed the connection: {0}")]
+    Closed(std::io::Error),
+    #[error("lost usherd: {0}")]
+    Read(std::io::Error),
+    #[error("bad answer from usherd: {0}")]
+    BadAnswer(#[from] wire::DecodeError),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+}
+
+/// The client side, for the `usher` tool: one method per request, each returning that
+/// request's answer.
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Client {
+        Client {
+            socket: socket.to_owned(),
+        }
+    }
+
+    pub fn install(&self, token: String) -> Result<wire::Installed, CallError> {
+        self.call(&Request::Install { token })
+    }
+
+    pub fn list(&self) -> Result<Vec<wire::GrantSummary>, CallError> {
+        self.call(&Request::List)
+    }
+
+    pub fn revoke(&self, jti: String, iss: Option<String>) -> Result<wire::Revoked, CallError> {
+        self.call(&Request::Revoke { jti, iss })
+    }
+
+    pub fn status(&self) -> Result<wire::Status, CallError> {
+        self.call(&Request::Status)
+    }
+
+    pub fn sessions(&self) -> Result<Vec<wire::SessionSummary>, CallError> {
+        self.call(&Request::Sessions)
+    }
+
+    fn call<T: DeserializeOwned>(&self, request: &Request) -> Result<T, CallError> {
+        use std::io::{BufRead, Read, Write};
+        let mut stream =
+            std::os::unix::net::UnixStream::connect(&self.socket).map_err(|source| {
+                CallError::Unreachable {
+                    socket: self.socket.clone(),
+                    source,
+                }
+            })?;
+        // The agent answers a peer it refuses before reading, and closes: the refusal may be
+        // waiting even when the request could not be written.
+        let written = stream.write_all(&request.encode());
+        let mut reader = std::io::BufReader::new(stream).take(wire::MAX_ANSWER_BYTES as u64 + 1);
+        let mut answer = Vec::new();
+        let read = reader.read_until(b'\n', &mut answer);
+        if answer.is_empty() {
+            written.map_err(CallError::Closed)?;
+            read.map_err(CallError::Read)?;
+        }
+        Ok(wire::decode_answer::<T>(&answer)??)
     }
 }

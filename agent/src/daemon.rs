@@ -3,11 +3,11 @@
 
 use crate::account::{Account, Accounts};
 use crate::config::Config;
-use crate::enforce::{Enforcement, Enforcer, ExecReceiver};
+use crate::enforce::{Enforcement, Enforcer};
 use crate::grant::{self, Grant, GrantId, GrantStore, Refusal, Revocations, Verifier};
 use crate::profile::{Profile, Profiles};
 use crate::session::budget::SpoolMeter;
-use crate::session::{Cgroup, SessionKind, SessionTable};
+use crate::session::{Core, Opened, RecordingContext, Refused, SessionKind, SessionTable};
 use crate::sync::lock;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -42,18 +42,6 @@ impl crate::ship::LiveSessions for Agent {
 /// The spool room a new session needs before it starts.
 const SESSION_FLOOR_BYTES: u64 = 16 << 10;
 
-/// What a new session needs from the agent before its process starts.
-pub struct SessionGrant {
-    pub session_id: String,
-    pub account: Account,
-    pub cgroup: Arc<Cgroup>,
-    pub profile: Profile,
-    pub exec_events: Option<ExecReceiver>,
-    pub enforced: bool,
-    /// Says why, when the grant ends while the session runs.
-    pub ended: tokio::sync::watch::Receiver<Option<String>>,
-}
-
 impl Agent {
     /// Loads state, reconciles accounts and sessions with the live grants, starts the
     /// enforcement programs.
@@ -75,8 +63,9 @@ impl Agent {
             .map_err(|e| format!("{}: {e}", config.state_dir.display()))?;
         crate::fsutil::private_dir(&config.spool_dir, 0o700)
             .map_err(|e| format!("{}: {e}", config.spool_dir.display()))?;
-        let profiles = Profiles::load(&config.policies_dir)?;
-        let verifier = Verifier::from_config(&config, profiles.names())?;
+        let profiles = Profiles::load(&config.policies_dir).map_err(|e| e.to_string())?;
+        let verifier =
+            Verifier::from_config(&config, profiles.names()).map_err(|e| e.to_string())?;
         let revocations =
             Revocations::open(&config.state_dir.join("revoked.json")).map_err(|e| e.to_string())?;
         let (grants, dropped) = GrantStore::open(
@@ -262,8 +251,7 @@ impl Agent {
         result
     }
 
-    /// The live grant for `login` bound to `key`, if any.
-    pub fn grant_for_key(&self, login: &str, key: &russh::keys::PublicKey) -> Option<Grant> {
+    fn key_grant(&self, login: &str, key: &russh::keys::PublicKey) -> Option<Grant> {
         let now = grant::now();
         let grant = {
             let grants = lock(&self.grants);
@@ -286,8 +274,7 @@ impl Agent {
                 .unwrap_or(false)
     }
 
-    /// Subscribes to the end of grants: each message names a grant that ended.
-    pub fn grant_ends(&self) -> tokio::sync::broadcast::Receiver<GrantId> {
+    fn subscribe_grant_ends(&self) -> tokio::sync::broadcast::Receiver<GrantId> {
         self.grant_ended.subscribe()
     }
 
@@ -299,34 +286,30 @@ impl Agent {
         lock(&self.accounts).names()
     }
 
-    /// Everything a session needs before its process starts: the account (made on first
-    /// use), a cgroup, and the exec profile loaded in the kernel. Errors are said to the
-    /// client as they are.
-    pub async fn open_session(
+    async fn open_session(
         self: &Arc<Self>,
         grant: &Grant,
         kind: SessionKind,
-    ) -> Result<SessionGrant, String> {
+    ) -> Result<Opened, Refused> {
         if !self.is_live(&grant.id()) {
-            return Err("the grant has ended".into());
+            return Err(Refused::GrantEnded);
         }
         let profile = self.profile(&grant.profile);
         if self.config.enforcement == Enforcement::Required && !self.enforcer.is_enforcing() {
             log::error!(target: "usher::enforce", "session refused: enforcement is required but {}", self.enforcer.path());
-            return Err(format!(
-                "exec enforcement is required on this host but is {}",
-                self.enforcer.path()
+            return Err(Refused::EnforcementUnavailable(
+                self.enforcer.path().to_string(),
             ));
         }
         self.wait_for_spool_room().await?;
-        let account = self.ensure_account(grant).await?;
+        let account = self.ensure_account(grant).await.map_err(Refused::Account)?;
         let session_id = crate::session::new_session_id();
         let cgroup = self
             .sessions
             .create_cgroup(&session_id, &profile.limits)
             .map_err(|e| {
                 log::error!(target: "usher::session", "cannot create a cgroup: {e}");
-                format!("the session's cgroup could not be created: {e}")
+                Refused::Cgroup(e.to_string())
             })?;
         let (tx, rx) = crate::enforce::exec_channel();
         let enforced = match self.enforcer.attach(cgroup.id(), &profile.exec, tx) {
@@ -334,7 +317,7 @@ impl Agent {
             Err(e) if self.config.enforcement == Enforcement::Required => {
                 let _ = cgroup.kill_and_remove();
                 log::error!(target: "usher::enforce", "session refused: {e}");
-                return Err(format!("exec enforcement could not be set up: {e}"));
+                return Err(Refused::EnforcementFailed(e.to_string()));
             }
             Err(_) => false,
         };
@@ -351,9 +334,9 @@ impl Agent {
         // table: look again now that it is there.
         if !self.is_live(&grant.id()) {
             self.session_finished(&session_id);
-            return Err("the grant has ended".into());
+            return Err(Refused::GrantEnded);
         }
-        Ok(SessionGrant {
+        Ok(Opened {
             session_id,
             account,
             cgroup,
@@ -405,8 +388,9 @@ impl Agent {
     /// Re-reads issuers, policy and profiles (SIGHUP, `systemctl reload`). Live sessions,
     /// grants and accounts are untouched; listen addresses and directories need a restart.
     pub fn reload(&self, config: &Config) -> Result<(), String> {
-        let profiles = Profiles::load(&config.policies_dir)?;
-        let verifier = Verifier::from_config(config, profiles.names())?;
+        let profiles = Profiles::load(&config.policies_dir).map_err(|e| e.to_string())?;
+        let verifier =
+            Verifier::from_config(config, profiles.names()).map_err(|e| e.to_string())?;
         *lock(&self.verifier) = Arc::new(verifier);
         *lock(&self.profiles) = Arc::new(profiles);
         audit!("config_reloaded", issuers = config.issuers.len(); "configuration reloaded: {} issuer(s), profiles {:?}", config.issuers.len(), lock(&self.profiles).names());
@@ -433,7 +417,7 @@ impl Agent {
 
     /// A spool over its size means recordings are not leaving the host: new sessions wait
     /// or are refused (config), and the reason is said; nothing already spooled is dropped.
-    async fn wait_for_spool_room(&self) -> Result<(), String> {
+    async fn wait_for_spool_room(&self) -> Result<(), Refused> {
         let limit = self.config.spool.max_bytes;
         let deadline = std::time::Instant::now() + Duration::from_secs(self.config.spool.wait_secs);
         loop {
@@ -448,7 +432,7 @@ impl Agent {
                 && std::time::Instant::now() < deadline;
             if !waiting {
                 audit!("session_refused", reason = "spool full", spool_bytes = used; "session refused: the recording spool holds {used} bytes, too near its limit of {limit}");
-                return Err("the recording spool is full (recordings are not reaching the collector); try again later".into());
+                return Err(Refused::SpoolFull);
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -479,8 +463,7 @@ impl Agent {
         .map_err(|e| e.to_string())?
     }
 
-    /// The live grant that lets the account with this UID open a console session.
-    pub fn console_grant_for_uid(&self, uid: u32) -> Result<Grant, String> {
+    fn console_grant_for_uid(&self, uid: u32) -> Result<Grant, String> {
         let entry = {
             let accounts = lock(&self.accounts);
             let names = accounts.names();
@@ -654,5 +637,54 @@ impl Agent {
 
     pub fn spool_dir(&self) -> PathBuf {
         self.config.spool_dir.clone()
+    }
+}
+
+/// The agent as the session core its front ends and sessions see.
+impl Core for Agent {
+    fn admit(&self, token: &str, how: &str) -> Result<Grant, Refusal> {
+        Agent::admit(self, token, how)
+    }
+
+    fn grant_for_key(&self, login: &str, key: &russh::keys::PublicKey) -> Option<Grant> {
+        self.key_grant(login, key)
+    }
+
+    fn console_grant(&self, uid: u32) -> Result<Grant, String> {
+        self.console_grant_for_uid(uid)
+    }
+
+    fn is_live(&self, grant: &GrantId) -> bool {
+        Agent::is_live(self, grant)
+    }
+
+    fn grant_ends(&self) -> tokio::sync::broadcast::Receiver<GrantId> {
+        self.subscribe_grant_ends()
+    }
+
+    fn profile(&self, name: &str) -> Profile {
+        Agent::profile(self, name)
+    }
+
+    async fn open(self: &Arc<Self>, grant: &Grant, kind: SessionKind) -> Result<Opened, Refused> {
+        self.open_session(grant, kind).await
+    }
+
+    fn finished(&self, session_id: &str) {
+        self.session_finished(session_id)
+    }
+
+    fn count_command(&self, session_id: &str) {
+        self.sessions.count_command(session_id)
+    }
+
+    fn recording(&self) -> RecordingContext {
+        RecordingContext {
+            host: self.host.clone(),
+            spool_dir: self.config.spool_dir.clone(),
+            settings: self.config.recording.clone(),
+            enforcement: self.enforcer.path().to_string(),
+            spool: self.spool.clone(),
+        }
     }
 }

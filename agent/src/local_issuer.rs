@@ -3,7 +3,7 @@
 //! read the private key, so only root can sign grants with it (`usher grant sign --local`).
 
 use crate::config::{Config, IssuerConfig};
-use crate::grant::{keygen, KeyAlg};
+use crate::grant::{keygen, IssueError, KeyAlg};
 use std::path::{Path, PathBuf};
 
 pub const KID: &str = "local";
@@ -16,8 +16,19 @@ pub fn iss(config: &Config) -> String {
     format!("usher-local:{}", config.host_name())
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum LocalIssuerError {
+    #[error("{}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot make the local issuer key: {0}")]
+    Key(#[from] IssueError),
+}
+
 /// Adds the local issuer to `config` when none is configured, making its key on first use.
-pub fn ensure(config: &mut Config) -> Result<(), String> {
+pub fn ensure(config: &mut Config) -> Result<(), LocalIssuerError> {
     if !config.issuers.is_empty() {
         return Ok(());
     }
@@ -25,11 +36,16 @@ pub fn ensure(config: &mut Config) -> Result<(), String> {
     let key_path = dir.join("issuer.key");
     let jwks_path = dir.join("issuer.jwks.json");
     if !key_path.exists() || !jwks_path.exists() {
-        crate::fsutil::private_dir(&dir, 0o700).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let write_error = |path: &Path| {
+            let path = path.to_owned();
+            move |source| LocalIssuerError::Write { path, source }
+        };
+        crate::fsutil::private_dir(&dir, 0o700).map_err(write_error(&dir))?;
         let (pem, jwks) = keygen(KeyAlg::Ed25519, KID)?;
-        crate::fsutil::write_atomic(&key_path, pem.as_bytes(), 0o600).map_err(|e| e.to_string())?;
+        crate::fsutil::write_atomic(&key_path, pem.as_bytes(), 0o600)
+            .map_err(write_error(&key_path))?;
         crate::fsutil::write_atomic(&jwks_path, jwks.as_bytes(), 0o644)
-            .map_err(|e| e.to_string())?;
+            .map_err(write_error(&jwks_path))?;
         log::info!(target: "usher::grant", "made the local issuer key {}", key_path.display());
     }
     config.issuers.push(IssuerConfig {

@@ -2,10 +2,9 @@
 //! forwarding, the console, and the exec rules enforced in the kernel.
 
 use crate::enforce::ExecPolicy;
-use crate::session::budget::RecordingLimits;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +28,45 @@ pub struct Profile {
     pub limits: Limits,
 }
 
+/// A profile file the agent cannot use; the agent does not start (or reload) with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{}: {source}", path.display())]
+    Limits { path: PathBuf, source: LimitsError },
+}
+
+/// `[limits]` values that parse but cannot be meant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitsError {
+    #[error("limits.cpu_weight = {0}: it must be 1..=10000")]
+    CpuWeight(u32),
+    #[error("limits.pids_max = 0 would not even allow the shell")]
+    NoProcesses,
+    #[error("limits.memory_max = 0 would not even allow the shell")]
+    NoMemory,
+}
+
+/// A memory size that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemorySizeError {
+    #[error("{0:?} is not a memory size: write bytes, a number with K, M, G or T, a percentage of RAM (\"25%\") or \"max\"")]
+    NotASize(String),
+    #[error("{0:?}: a percentage of RAM must be 1%..=100%")]
+    PercentOutOfRange(String),
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Profiles {
     by_name: BTreeMap<String, Profile>,
@@ -37,13 +75,18 @@ pub struct Profiles {
 impl Profiles {
     /// Reads every `*.toml` of `dir`. Without the directory, only the built-in `default`
     /// profile (a shell, no forwarding, no exec restriction) exists.
-    pub fn load(dir: &Path) -> Result<Profiles, String> {
+    pub fn load(dir: &Path) -> Result<Profiles, ProfileError> {
         let mut by_name = BTreeMap::new();
         by_name.insert("default".to_string(), Profile::builtin_default());
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Profiles { by_name }),
-            Err(e) => return Err(format!("{}: {e}", dir.display())),
+            Err(source) => {
+                return Err(ProfileError::Read {
+                    path: dir.to_owned(),
+                    source,
+                })
+            }
         };
         let mut paths: Vec<_> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -51,14 +94,21 @@ impl Profiles {
             .collect();
         paths.sort();
         for path in paths {
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let profile: Profile =
-                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(&path).map_err(|source| ProfileError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let profile: Profile = toml::from_str(&text).map_err(|source| ProfileError::Parse {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
             profile
                 .limits
                 .validate()
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+                .map_err(|source| ProfileError::Limits {
+                    path: path.clone(),
+                    source,
+                })?;
             by_name.insert(profile.name.clone(), profile);
         }
         Ok(Profiles { by_name })
@@ -151,17 +201,17 @@ pub struct SessionLimits {
 
 impl Limits {
     /// Checks what serde cannot: ranges.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LimitsError> {
         if let Some(w) = self.cpu_weight {
             if !(1..=10000).contains(&w) {
-                return Err(format!("limits.cpu_weight = {w}: it must be 1..=10000"));
+                return Err(LimitsError::CpuWeight(w));
             }
         }
         if self.pids_max == Some(Count::At(0)) {
-            return Err("limits.pids_max = 0 would not even allow the shell".into());
+            return Err(LimitsError::NoProcesses);
         }
         if self.memory_max == Some(MemorySize::Bytes(0)) {
-            return Err("limits.memory_max = 0 would not even allow the shell".into());
+            return Err(LimitsError::NoMemory);
         }
         Ok(())
     }
@@ -231,14 +281,10 @@ impl<'de> Deserialize<'de> for MemorySize {
 }
 
 impl std::str::FromStr for MemorySize {
-    type Err = String;
+    type Err = MemorySizeError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "{s:?} is not a memory size: write bytes, a number with K, M, G or T, a percentage of RAM (\"25%\") or \"max\""
-            )
-        };
+    fn from_str(s: &str) -> Result<Self, MemorySizeError> {
+        let bad = || MemorySizeError::NotASize(s.to_string());
         let t = s.trim();
         if t == "max" {
             return Ok(MemorySize::Max);
@@ -246,7 +292,7 @@ impl std::str::FromStr for MemorySize {
         if let Some(p) = t.strip_suffix('%') {
             let p: u8 = p.trim().parse().map_err(|_| bad())?;
             if !(1..=100).contains(&p) {
-                return Err(format!("{s:?}: a percentage of RAM must be 1%..=100%"));
+                return Err(MemorySizeError::PercentOutOfRange(s.to_string()));
             }
             return Ok(MemorySize::Percent(p));
         }
@@ -266,7 +312,40 @@ impl std::str::FromStr for MemorySize {
         let n: u64 = digits.trim().parse().map_err(|_| bad())?;
         n.checked_mul(1u64 << shift)
             .map(MemorySize::Bytes)
-            .ok_or_else(|| format!("{s:?} is too large"))
+            .ok_or_else(|| MemorySizeError::TooLarge(s.to_string()))
+    }
+}
+
+/// A profile's `[recording]` section.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordingLimits {
+    /// Bytes one session's recording may take on disk (cast and audit stream).
+    pub max_bytes: u64,
+    /// Bytes per second the recording may grow by; past it the session's output is
+    /// slowed down (its terminal is read more slowly), not dropped. 0: no limit.
+    pub max_bytes_per_sec: u64,
+    /// What happens when `max_bytes` or the spool's limit is reached.
+    pub at_limit: AtLimit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AtLimit {
+    /// The session is closed, with the reason on its terminal and in the recording.
+    End,
+    /// The session goes on unrecorded from there; the cast and its metadata say where
+    /// and why it was cut.
+    Truncate,
+}
+
+impl Default for RecordingLimits {
+    fn default() -> Self {
+        RecordingLimits {
+            max_bytes: 1 << 30,
+            max_bytes_per_sec: 0,
+            at_limit: AtLimit::End,
+        }
     }
 }
 
@@ -299,8 +378,10 @@ mod tests {
             "name = \"x\"\n[exec]\nmode = \"sometimes\"\n",
         )
         .unwrap();
-        let err = Profiles::load(&dir).unwrap_err();
-        assert!(err.contains("bad.toml"), "{err}");
+        match Profiles::load(&dir) {
+            Err(ProfileError::Parse { path, .. }) => assert!(path.ends_with("bad.toml")),
+            other => panic!("{other:?}"),
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -324,9 +405,22 @@ mod tests {
         ] {
             assert_eq!(text.parse::<MemorySize>().unwrap(), want, "{text}");
         }
-        for bad in ["", "12Q", "-1", "0%", "101%", "lots", "99999999999T"] {
-            assert!(bad.parse::<MemorySize>().is_err(), "{bad:?} accepted");
+        for bad in ["", "12Q", "-1", "lots", "%", "x%"] {
+            assert_eq!(
+                bad.parse::<MemorySize>(),
+                Err(MemorySizeError::NotASize(bad.into()))
+            );
         }
+        for bad in ["0%", "101%"] {
+            assert_eq!(
+                bad.parse::<MemorySize>(),
+                Err(MemorySizeError::PercentOutOfRange(bad.into()))
+            );
+        }
+        assert_eq!(
+            "99999999999T".parse::<MemorySize>(),
+            Err(MemorySizeError::TooLarge("99999999999T".into()))
+        );
         let p: Profile = toml::from_str("name = \"x\"\n[limits]\npids_max = \"max\"\n").unwrap();
         assert_eq!(p.limits.resolve(0).pids_max.value, None);
         assert!(
@@ -358,11 +452,13 @@ mod tests {
             "name = \"w\"\n[limits]\ncpu_weight = 0\n",
         )
         .unwrap();
-        let err = Profiles::load(&dir).unwrap_err();
-        assert!(
-            err.contains("w.toml") && err.contains("cpu_weight"),
-            "{err}"
-        );
+        match Profiles::load(&dir) {
+            Err(ProfileError::Limits {
+                path,
+                source: LimitsError::CpuWeight(0),
+            }) => assert!(path.ends_with("w.toml")),
+            other => panic!("{other:?}"),
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

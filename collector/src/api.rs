@@ -5,7 +5,7 @@
 #![allow(clippy::result_large_err)]
 
 use crate::config::Config;
-use crate::store::{valid_id, Refused, Search, Store, MAX_CHUNK, STREAMS};
+use crate::store::{valid_id, OpenError, ReceivedMeta, Refused, Search, Store, MAX_CHUNK, STREAMS};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -13,6 +13,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use std::collections::HashMap;
 use std::sync::Arc;
+use usher_wire::collector::{ErrorCode, Refusal};
+use usher_wire::seal::Seal;
 
 pub struct App {
     pub store: Store,
@@ -22,12 +24,28 @@ pub struct App {
 
 type Shared = Arc<App>;
 
+/// Why the collector cannot start serving its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("agent {host}: {source}")]
+    HostKey {
+        host: String,
+        source: crate::keys::KeyError,
+    },
+    #[error(transparent)]
+    Store(#[from] OpenError),
+}
+
 impl App {
-    pub fn new(config: Config) -> Result<App, String> {
+    pub fn new(config: Config) -> Result<App, AppError> {
         let mut agents = HashMap::new();
         for a in &config.agents {
-            let key = crate::keys::parse_openssh_ed25519(&a.host_key)
-                .map_err(|e| format!("agent {}: {e}", a.host))?;
+            let key = crate::keys::parse_openssh_ed25519(&a.host_key).map_err(|source| {
+                AppError::HostKey {
+                    host: a.host.clone(),
+                    source,
+                }
+            })?;
             agents.insert(a.token.clone(), (a.host.clone(), key));
         }
         Ok(App {
@@ -38,22 +56,39 @@ impl App {
     }
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({"error": msg.into()}))).into_response()
+/// A refusal's answer: its status, and a body with the code a program decides on and
+/// the words a person reads.
+fn error(status: StatusCode, code: ErrorCode, msg: impl Into<String>) -> Response {
+    let body = Refusal {
+        code,
+        error: msg.into(),
+        next_seq: None,
+    };
+    (status, Json(body)).into_response()
 }
 
 fn refused(r: Refused) -> Response {
-    match r {
-        Refused::BadRequest(m) => error(StatusCode::BAD_REQUEST, m),
-        Refused::Forbidden(m) => error(StatusCode::FORBIDDEN, m),
-        Refused::NotFound(m) => error(StatusCode::NOT_FOUND, m),
-        Refused::Tampered(m) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("tampered: {m}")),
-        Refused::Conflict(v) => (StatusCode::CONFLICT, Json(v)).into_response(),
+    let status = match &r {
+        Refused::BadRequest(_) => StatusCode::BAD_REQUEST,
+        Refused::Forbidden(_) => StatusCode::FORBIDDEN,
+        Refused::NotFound(_) => StatusCode::NOT_FOUND,
+        Refused::Tampered(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Refused::Gap { .. } | Refused::Rewritten { .. } => StatusCode::CONFLICT,
+        Refused::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let error = match &r {
         Refused::Internal(m) => {
             log::error!("internal error: {m}");
-            error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            "internal error".to_string()
         }
-    }
+        other => other.to_string(),
+    };
+    let body = Refusal {
+        code: r.code(),
+        error,
+        next_seq: r.next_seq(),
+    };
+    (status, Json(body)).into_response()
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -71,27 +106,41 @@ fn agent<'a>(
 ) -> Result<&'a (String, ed25519_dalek::VerifyingKey), Response> {
     bearer(headers)
         .and_then(|t| app.agents.get(t))
-        .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "unknown agent token"))
+        .ok_or_else(|| {
+            error(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "unknown agent token",
+            )
+        })
 }
 
 fn viewer(app: &App, headers: &HeaderMap, query: &HashMap<String, String>) -> Result<(), Response> {
     let token = bearer(headers).or(query.get("token").map(String::as_str));
     match token {
         Some(t) if app.config.viewer_tokens.iter().any(|v| v == t) => Ok(()),
-        _ => Err(error(StatusCode::UNAUTHORIZED, "a viewer token is needed")),
+        _ => Err(error(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "a viewer token is needed",
+        )),
     }
 }
 
 fn check_ids(id: &str, stream: Option<&str>) -> Result<(), Response> {
     if !valid_id(id) {
-        return Err(error(StatusCode::BAD_REQUEST, "bad session id"));
+        return Err(bad_request("bad session id"));
     }
     if let Some(s) = stream {
         if !STREAMS.contains(&s) {
-            return Err(error(StatusCode::BAD_REQUEST, "unknown stream"));
+            return Err(bad_request("unknown stream"));
         }
     }
     Ok(())
+}
+
+fn bad_request(msg: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, msg)
 }
 
 pub fn router(app: Shared) -> Router {
@@ -150,21 +199,22 @@ async fn put_chunk(
             .map(String::from)
     };
     let (Some(prev), Some(hash)) = (hdr("x-usher-prev-hash"), hdr("x-usher-hash")) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "X-Usher-Prev-Hash and X-Usher-Hash are required",
-        );
+        return bad_request("X-Usher-Prev-Hash and X-Usher-Hash are required");
     };
     if body.len() > MAX_CHUNK {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "a chunk is at most 4 MiB");
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            "a chunk is at most 4 MiB",
+        );
     }
     match app
         .store
         .put_chunk(host, &id, &stream, seq, &prev, &hash, body)
         .await
     {
-        Ok(v) if v["stored"] == true => (StatusCode::CREATED, Json(v)).into_response(),
-        Ok(v) => Json(v).into_response(),
+        Ok(a) if a.stored => (StatusCode::CREATED, Json(a)).into_response(),
+        Ok(a) => Json(a).into_response(),
         Err(e) => refused(e),
     }
 }
@@ -182,8 +232,9 @@ async fn put_meta(
     if let Err(r) = check_ids(&id, None) {
         return r;
     }
-    let Ok(meta) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "the metadata is not JSON");
+    let meta = match serde_json::from_slice::<ReceivedMeta>(&body) {
+        Ok(m) => m,
+        Err(e) => return bad_request(format!("the metadata is not session metadata: {e}")),
     };
     match app.store.put_meta(host, &id, meta).await {
         Ok(()) => Json(serde_json::json!({"ok": true})).into_response(),
@@ -204,10 +255,11 @@ async fn seal(
     if let Err(r) = check_ids(&id, None) {
         return r;
     }
-    let Ok(seal) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "the seal is not JSON");
+    let seal = match serde_json::from_slice::<Seal>(&body) {
+        Ok(s) => s,
+        Err(e) => return bad_request(format!("the seal is not a seal: {e}")),
     };
-    match app.store.seal(host, key, &id, seal).await {
+    match app.store.seal(host, key, &id, &seal).await {
         Ok(()) => Json(serde_json::json!({"ok": true, "status": "complete"})).into_response(),
         Err(e) => refused(e),
     }
@@ -295,10 +347,14 @@ async fn asset(State(app): State<Shared>, Path(file): Path<String>) -> Response 
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c));
     if !allowed {
-        return error(StatusCode::NOT_FOUND, "no such asset");
+        return error(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such asset");
     }
     let Some(dir) = &app.config.assets_dir else {
-        return error(StatusCode::NOT_FOUND, "assets_dir is not configured");
+        return error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "assets_dir is not configured",
+        );
     };
     match tokio::fs::read(dir.join(&file)).await {
         Ok(bytes) => {
@@ -311,7 +367,8 @@ async fn asset(State(app): State<Shared>, Path(file): Path<String>) -> Response 
         }
         Err(_) => error(
             StatusCode::NOT_FOUND,
-            "asset missing: run collector/setup.sh",
+            ErrorCode::NotFound,
+            "asset missing: run `cargo xtask setup`",
         ),
     }
 }

@@ -7,8 +7,6 @@
 use crate::config::{AgentConfig, Config, Storage};
 use crate::uploader::{openssh_public_line, Recording, Uploader};
 use ed25519_dalek::SigningKey;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,90 +17,13 @@ pub struct Params {
     pub chunk_kib: usize,
 }
 
-/// A CA (`ca.pem`) and a certificate for 127.0.0.1 and localhost it signed
-/// (`server.pem`, `server.key`), made with the `openssl` command.
-pub fn make_certs(dir: &Path) -> Result<(), String> {
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .map_err(|e| e.to_string())?;
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let steps: Vec<Vec<&str>> = vec![
-        [
-            &["req", "-x509"][..],
-            &ec,
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=usher test CA",
-            ],
-        ]
-        .concat(),
-        [
-            &["req"][..],
-            &ec,
-            &[
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=localhost",
-            ],
-        ]
-        .concat(),
-        vec![
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    ];
-    for args in steps {
-        let st = Command::new("openssl")
-            .args(&args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|e| format!("openssl: {e}"))?;
-        if !st.success() {
-            return Err(format!("openssl {args:?} failed"));
-        }
-    }
-    Ok(())
-}
-
 /// Serves `config` on an already bound listener until the process ends.
 pub async fn serve(listener: std::net::TcpListener, config: Config) -> Result<(), String> {
     let tls =
         axum_server::tls_rustls::RustlsConfig::from_pem_file(&config.tls_cert, &config.tls_key)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
-    let app = Arc::new(crate::api::App::new(config)?);
+    let app = Arc::new(crate::api::App::new(config).map_err(|e| e.to_string())?);
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     axum_server::from_tcp_rustls(listener, tls)
         .serve(crate::api::router(app).into_make_service())
@@ -114,14 +35,15 @@ pub async fn run(p: Params) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("usher-collector-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    make_certs(&dir)?;
+    // The benchmark's TLS is the tests' throwaway CA.
+    let ca = usher_test_support::TestCa::create(&dir).map_err(|e| e.to_string())?;
     let keys: Vec<SigningKey> = (0..p.agents)
         .map(|i| SigningKey::from_bytes(&[i as u8 + 1; 32]))
         .collect();
     let config = Config {
         listen: "127.0.0.1:0".into(),
-        tls_cert: dir.join("server.pem"),
-        tls_key: dir.join("server.key"),
+        tls_cert: ca.server_cert(),
+        tls_key: ca.server_key(),
         data_dir: dir.join("data"),
         storage: Storage::Local,
         viewer_tokens: vec![],
@@ -143,7 +65,7 @@ pub async fn run(p: Params) -> Result<(), String> {
             eprintln!("collector: {e}");
         }
     });
-    let ca = std::fs::read(dir.join("ca.pem")).map_err(|e| e.to_string())?;
+    let ca = std::fs::read(ca.ca_pem()).map_err(|e| e.to_string())?;
     let mut work = Vec::new();
     let warm_up: Vec<Recording> = (0..p.agents)
         .map(|i| {
@@ -165,7 +87,8 @@ pub async fn run(p: Params) -> Result<(), String> {
             &ca,
             &format!("bench-token-{i}"),
             key,
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         let recs: Vec<Recording> = (0..p.sessions)
             .map(|s| {
                 Recording::fake(
@@ -198,9 +121,9 @@ pub async fn run(p: Params) -> Result<(), String> {
             tokio::spawn(async move {
                 let warmed = up.ship(&warm_up).await;
                 ready.wait().await;
-                warmed?;
+                warmed.map_err(|e| e.to_string())?;
                 for r in &recs {
-                    up.ship(r).await?;
+                    up.ship(r).await.map_err(|e| e.to_string())?;
                 }
                 Ok::<(), String>(())
             })

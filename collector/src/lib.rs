@@ -1,6 +1,8 @@
 //! The collector as a library: the binary `usher-collector` serves it, and the tests and
 //! the benchmark drive it with [`uploader`], a client of the agents' protocol.
 
+#![deny(unsafe_code)]
+
 pub mod api;
 pub mod bench;
 pub mod config;

@@ -2,6 +2,8 @@
 //! verifies their hash chains and seals, stores them (local directory or S3), indexes them
 //! in SQLite, and serves a page to search and replay them.
 
+#![deny(unsafe_code)]
+
 use usher_collector::{api, config};
 
 use clap::{Parser, Subcommand};
@@ -37,6 +39,22 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         chunk_kib: usize,
     },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("tokio: {0}")]
+    Runtime(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    #[error("listen: {0}")]
+    Listen(#[from] std::net::AddrParseError),
+    #[error(transparent)]
+    App(#[from] api::AppError),
+    #[error("{0}")]
+    Serve(std::io::Error),
 }
 
 struct StderrLog;
@@ -83,24 +101,23 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let result = (|| -> Result<(), String> {
+    let result = (|| -> Result<(), StartError> {
         let config = config::Config::load(&args.config)?;
-        let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Runtime::new().map_err(StartError::Runtime)?;
         rt.block_on(async move {
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(
                 &config.tls_cert,
                 &config.tls_key,
             )
             .await
-            .map_err(|e| format!("TLS: {e}"))?;
-            let addr: std::net::SocketAddr =
-                config.listen.parse().map_err(|e| format!("listen: {e}"))?;
+            .map_err(StartError::Tls)?;
+            let addr: std::net::SocketAddr = config.listen.parse()?;
             let app = Arc::new(api::App::new(config)?);
             log::info!(target: "usher", "usher-collector listening on https://{addr}");
             axum_server::bind_rustls(addr, tls)
                 .serve(api::router(app).into_make_service())
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(StartError::Serve)
         })
     })();
     match result {

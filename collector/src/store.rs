@@ -7,10 +7,14 @@ use crate::config::{Config, Storage};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
-use sha2::{Digest, Sha256};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use usher_wire::chain;
+use usher_wire::collector::{ChunkAccepted, ErrorCode, StreamStatus};
+use usher_wire::meta::SessionMeta;
+use usher_wire::seal::Seal;
 
 pub const STREAMS: [&str; 2] = ["audit", "cast"];
 pub const MAX_CHUNK: usize = 4 << 20;
@@ -50,21 +54,73 @@ impl Drop for SessionTurn<'_> {
     }
 }
 
-#[derive(Debug)]
+/// Why a request is refused; its text is what the requester reads.
+#[derive(Debug, thiserror::Error)]
 pub enum Refused {
+    #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
     NotFound(String),
-    /// The chain does not hold: the session is flagged.
+    /// The chain does not hold, or the seal does not match: the session is flagged.
+    #[error("tampered: {0}")]
     Tampered(String),
-    Conflict(serde_json::Value),
+    /// A chunk number past the stored end of its stream.
+    #[error("gap")]
+    Gap { next_seq: u64 },
+    /// A chunk number already taken (with other content), or any chunk once the session
+    /// is sealed: the session is flagged.
+    #[error("tampered: {why}")]
+    Rewritten { why: String, next_seq: u64 },
+    #[error("internal error: {0}")]
     Internal(String),
 }
 
-#[derive(Debug, Serialize)]
-pub struct StreamStatus {
-    pub next_seq: u64,
-    pub last_hash: String,
+impl Refused {
+    /// What the answer's `code` says.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Refused::BadRequest(_) => ErrorCode::BadRequest,
+            Refused::Forbidden(_) => ErrorCode::Forbidden,
+            Refused::NotFound(_) => ErrorCode::NotFound,
+            Refused::Tampered(_) | Refused::Rewritten { .. } => ErrorCode::Tampered,
+            Refused::Gap { .. } => ErrorCode::Gap,
+            Refused::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// Where the stored stream ends, when the refusal is about a chunk's number.
+    pub fn next_seq(&self) -> Option<u64> {
+        match self {
+            Refused::Gap { next_seq } | Refused::Rewritten { next_seq, .. } => Some(*next_seq),
+            _ => None,
+        }
+    }
+}
+
+/// Why the store cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: {source}")]
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("object store: {0}")]
+    Objects(#[from] object_store::Error),
+    #[error("index: {0}")]
+    Index(#[from] rusqlite::Error),
+}
+
+/// Session metadata as a sender sent it: the fields Usher defines, typed, and any other
+/// top-level field kept as it came (a newer agent's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReceivedMeta {
+    #[serde(flatten)]
+    pub meta: SessionMeta,
+    #[serde(flatten)]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,12 +149,6 @@ pub struct Search {
     pub command: Option<String>,
 }
 
-pub fn genesis(session: &str, stream: &str) -> String {
-    hex::encode(Sha256::digest(
-        format!("usher-chain-v1\n{session}\n{stream}").as_bytes(),
-    ))
-}
-
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
@@ -114,19 +164,18 @@ fn internal(e: impl std::fmt::Display) -> Refused {
 }
 
 impl Store {
-    pub fn open(config: &Config) -> Result<Store, String> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
+    pub fn open(config: &Config) -> Result<Store, OpenError> {
+        let create = |path: PathBuf| {
+            std::fs::create_dir_all(&path).map_err(|source| OpenError::Directory { path, source })
+        };
+        create(config.data_dir.clone())?;
         let local_root =
             matches!(config.storage, Storage::Local).then(|| config.data_dir.join("objects"));
         let objects: Arc<dyn ObjectStore> = match &config.storage {
             Storage::Local => {
                 let dir = config.data_dir.join("objects");
-                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-                Arc::new(
-                    object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                        .map_err(|e| e.to_string())?,
-                )
+                create(dir.clone())?;
+                Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&dir)?)
             }
             Storage::S3 {
                 bucket,
@@ -145,11 +194,10 @@ impl Store {
                 if let Some(e) = endpoint {
                     b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
                 }
-                Arc::new(b.build().map_err(|e| e.to_string())?)
+                Arc::new(b.build()?)
             }
         };
-        let db =
-            Connection::open(config.data_dir.join("index.sqlite")).map_err(|e| e.to_string())?;
+        let db = Connection::open(config.data_dir.join("index.sqlite"))?;
         db.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
              CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, host TEXT NOT NULL, login TEXT, sub TEXT,
@@ -160,8 +208,7 @@ impl Store {
                  verdict TEXT, rule TEXT);
              CREATE INDEX IF NOT EXISTS commands_session ON commands(session);
              CREATE INDEX IF NOT EXISTS sessions_started ON sessions(started_at);",
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         Ok(Store {
             objects,
             local_root,
@@ -270,7 +317,7 @@ impl Store {
             },
             None => StreamStatus {
                 next_seq: 0,
-                last_hash: genesis(id, stream),
+                last_hash: chain::genesis(id, stream),
             },
         })
     }
@@ -285,7 +332,7 @@ impl Store {
         prev: &str,
         hash: &str,
         body: bytes::Bytes,
-    ) -> Result<serde_json::Value, Refused> {
+    ) -> Result<ChunkAccepted, Refused> {
         let _turn = self.session_turn(id).await;
         self.claim(id, host)?;
         let status = self.stream_status(id, stream)?;
@@ -300,15 +347,19 @@ impl Store {
                 .optional()
                 .map_err(internal)?;
             return match stored {
-                Some(h) if h == hash => Ok(serde_json::json!({"stored": false, "duplicate": true})),
+                Some(h) if h == hash => Ok(ChunkAccepted {
+                    stored: false,
+                    duplicate: true,
+                    next_seq: None,
+                }),
                 _ => {
                     // The protocol answers 409 here (not 422): the number is already taken.
                     let why = format!("{stream} chunk {seq} sent again with different content");
                     self.flag(id, &why);
-                    Err(Refused::Conflict(serde_json::json!({
-                        "error": format!("tampered: {why}"),
-                        "next_seq": status.next_seq,
-                    })))
+                    Err(Refused::Rewritten {
+                        why,
+                        next_seq: status.next_seq,
+                    })
                 }
             };
         }
@@ -316,27 +367,24 @@ impl Store {
             // A sealed session's chains end where the host signed them.
             let why = format!("{stream} chunk {seq} sent after the seal");
             self.flag(id, &why);
-            return Err(Refused::Conflict(serde_json::json!({
-                "error": format!("tampered: {why}"),
-                "next_seq": status.next_seq,
-            })));
+            return Err(Refused::Rewritten {
+                why,
+                next_seq: status.next_seq,
+            });
         }
         if seq > status.next_seq {
-            return Err(Refused::Conflict(
-                serde_json::json!({"error": "gap", "next_seq": status.next_seq}),
-            ));
+            return Err(Refused::Gap {
+                next_seq: status.next_seq,
+            });
         }
         if prev != status.last_hash {
             let why = format!("{stream} chunk {seq} does not continue the chain");
             self.flag(id, &why);
             return Err(Refused::Tampered(why));
         }
-        let mut h = Sha256::new();
-        h.update(
-            hex::decode(prev).map_err(|_| Refused::BadRequest("bad X-Usher-Prev-Hash".into()))?,
-        );
-        h.update(&body);
-        if hex::encode(h.finalize()) != hash {
+        let link = chain::next(prev, &body)
+            .map_err(|_| Refused::BadRequest("bad X-Usher-Prev-Hash".into()))?;
+        if link != hash {
             let why = format!("{stream} chunk {seq} does not match its hash");
             self.flag(id, &why);
             return Err(Refused::Tampered(why));
@@ -375,29 +423,34 @@ impl Store {
             }
         }
         tx.commit().map_err(internal)?;
-        Ok(serde_json::json!({"stored": true, "next_seq": seq + 1}))
+        Ok(ChunkAccepted {
+            stored: true,
+            duplicate: false,
+            next_seq: Some(seq + 1),
+        })
     }
 
     pub async fn put_meta(
         &self,
         host: &str,
         id: &str,
-        meta: serde_json::Value,
+        received: ReceivedMeta,
     ) -> Result<(), Refused> {
-        if meta["host"].as_str() != Some(host) {
+        let meta = &received.meta;
+        if meta.host != host {
             return Err(Refused::Forbidden("the metadata names another host".into()));
         }
-        if meta["session_id"].as_str() != Some(id) {
+        if meta.session_id != id {
             return Err(Refused::BadRequest(
                 "the metadata names another session".into(),
             ));
         }
         let _turn = self.session_turn(id).await;
         self.claim(id, host)?;
-        let bytes = serde_json::to_vec(&meta).map_err(internal)?;
+        let text = serde_json::to_string(&received).map_err(internal)?;
         self.put_durably(
             &ObjectPath::from(format!("sessions/{id}/meta.json")),
-            PutPayload::from(bytes),
+            PutPayload::from(text.clone().into_bytes()),
         )
         .await?;
         self.db()
@@ -405,11 +458,11 @@ impl Store {
                 "UPDATE sessions SET login = ?2, sub = ?3, started_at = ?4, ended_at = ?5, meta = ?6 WHERE id = ?1",
                 params![
                     id,
-                    meta["login"].as_str(),
-                    meta["grant"]["sub"].as_str(),
-                    meta["started_at"].as_str(),
-                    meta["ended_at"].as_str(),
-                    meta.to_string()
+                    meta.login,
+                    meta.grant.sub,
+                    meta.started_at,
+                    meta.ended_at,
+                    text
                 ],
             )
             .map_err(internal)?;
@@ -423,33 +476,19 @@ impl Store {
         host: &str,
         key: &ed25519_dalek::VerifyingKey,
         id: &str,
-        seal: serde_json::Value,
+        seal: &Seal,
     ) -> Result<(), Refused> {
         let _turn = self.session_turn(id).await;
         self.claim(id, host)?;
-        let streams = seal["streams"]
-            .as_object()
-            .ok_or_else(|| Refused::BadRequest("no streams".into()))?;
-        let mut message = format!("usher-seal-v1\n{id}\n");
-        let mut names: Vec<&String> = streams.keys().collect();
-        names.sort();
-        for name in &names {
-            let s = &streams[name.as_str()];
-            let chunks = s["chunks"]
-                .as_u64()
-                .ok_or_else(|| Refused::BadRequest("chunks".into()))?;
-            let last = s["last_hash"]
-                .as_str()
-                .ok_or_else(|| Refused::BadRequest("last_hash".into()))?;
+        for (name, end) in &seal.streams {
             if !STREAMS.contains(&name.as_str()) {
                 return Err(Refused::BadRequest(format!("unknown stream {name}")));
             }
-            message.push_str(&format!("{name} {chunks} {last}\n"));
             let have = self.stream_status(id, name)?;
-            if have.next_seq != chunks || have.last_hash != last {
+            if have.next_seq != end.chunks || have.last_hash != end.last_hash {
                 let why = format!(
-                    "sealed {name} has {chunks} chunks ending {last}; stored: {} ending {}",
-                    have.next_seq, have.last_hash
+                    "sealed {name} has {} chunks ending {}; stored: {} ending {}",
+                    end.chunks, end.last_hash, have.next_seq, have.last_hash
                 );
                 self.flag(id, &why);
                 return Err(Refused::Tampered(why));
@@ -457,22 +496,20 @@ impl Store {
         }
         // Every stream the collector holds must be under the signature.
         for name in STREAMS {
-            if !streams.contains_key(name) && self.stream_status(id, name)?.next_seq > 0 {
+            if !seal.streams.contains_key(name) && self.stream_status(id, name)?.next_seq > 0 {
                 let why = format!("the seal leaves out the {name} stream");
                 self.flag(id, &why);
                 return Err(Refused::Tampered(why));
             }
         }
-        let signature = seal["signature"]
-            .as_str()
-            .ok_or_else(|| Refused::BadRequest("no signature".into()))?;
-        if let Err(why) = crate::keys::verify_seal(key, &message, signature) {
+        if let Err(e) = seal.verify(id, key) {
+            let why = e.to_string();
             self.flag(id, &why);
             return Err(Refused::Tampered(why));
         }
         self.put_durably(
             &ObjectPath::from(format!("sessions/{id}/seal.json")),
-            PutPayload::from(seal.to_string().into_bytes()),
+            PutPayload::from(serde_json::to_vec(seal).map_err(internal)?),
         )
         .await?;
         self.db()
@@ -553,11 +590,7 @@ impl Store {
             .map_err(internal)?
             .filter_map(Result::ok)
             .collect();
-        let meta: serde_json::Value = row
-            .3
-            .as_deref()
-            .and_then(|m| serde_json::from_str(m).ok())
-            .unwrap_or_default();
+        let meta = row.3.as_deref().map(read_stored_meta).unwrap_or_default();
         Ok(
             serde_json::json!({"id": id, "host": row.0, "status": row.1, "problem": row.2, "meta": meta, "commands": commands}),
         )
@@ -580,5 +613,149 @@ impl Store {
             out.extend_from_slice(&bytes);
         }
         Ok(out)
+    }
+}
+
+/// Stored metadata as the viewer API answers it: typed when it reads as session metadata
+/// (which turns an older sender's RFC 3339 `expires_at` into Unix seconds), else as stored,
+/// so that no stored session becomes unreadable.
+fn read_stored_meta(text: &str) -> serde_json::Value {
+    match serde_json::from_str::<ReceivedMeta>(text) {
+        Ok(meta) => serde_json::to_value(meta).unwrap_or_default(),
+        Err(e) => {
+            log::warn!("stored metadata is not session metadata ({e}); shown as stored");
+            serde_json::from_str(text).unwrap_or_default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metadata as stores hold it from senders before the wire crate: the expiry as RFC
+    /// 3339 text, the enforcement as a bare `tracepoint`, and a field of a newer agent.
+    fn older_form(id: &str, host: &str) -> serde_json::Value {
+        serde_json::json!({
+            "session_id": id, "kind": "ssh", "host": host, "login": "usher-zoe", "uid": 61000,
+            "grant": {"iss": "test-issuer", "sub": "zoe@example.org", "jti": "j", "profile": "default",
+                      "approved_by": "lead", "reason": "test", "expires_at": "2030-01-01T00:00:00Z"},
+            "peer": "127.0.0.1:50000", "command": null, "term": "xterm",
+            "started_at": "2026-11-22T12:00:00Z", "ended_at": "2026-11-22T12:05:00Z",
+            "exit_status": 0, "exit_signal": null, "enforcement": "tracepoint", "enforced": true,
+            "input_recorded": false, "interrupted": false, "extra_field_kept": "yes",
+        })
+    }
+
+    fn scratch_store(name: &str) -> (Store, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "usher-collector-unit-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = Config {
+            listen: "127.0.0.1:0".into(),
+            tls_cert: dir.join("unused.pem"),
+            tls_key: dir.join("unused.key"),
+            data_dir: dir.clone(),
+            storage: Storage::Local,
+            viewer_tokens: vec![],
+            agents: vec![],
+            assets_dir: None,
+        };
+        (Store::open(&config).unwrap(), dir)
+    }
+
+    #[test]
+    fn older_stored_metadata_reads_typed_in_the_agents_form() {
+        let read = read_stored_meta(&older_form("s1", "h").to_string());
+        assert_eq!(read["grant"]["expires_at"], 1893456000);
+        assert_eq!(read["enforcement"], "tracepoint");
+        assert_eq!(read["extra_field_kept"], "yes");
+        assert_eq!(read["login"], "usher-zoe");
+    }
+
+    #[test]
+    fn stored_metadata_that_is_not_session_metadata_is_shown_as_stored() {
+        let odd = serde_json::json!({"session_id": "s1", "grant": {"expires_at": "soon"}});
+        assert_eq!(read_stored_meta(&odd.to_string()), odd);
+        assert_eq!(read_stored_meta("{not json"), serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_session_stored_in_the_older_form_is_answered_in_the_agents_form() {
+        let (store, dir) = scratch_store("older-row");
+        store.claim("old-1", "h").unwrap();
+        // As an older collector wrote it: the metadata verbatim.
+        store
+            .db()
+            .execute(
+                "UPDATE sessions SET login = 'usher-zoe', meta = ?2 WHERE id = ?1",
+                params!["old-1", older_form("old-1", "h").to_string()],
+            )
+            .unwrap();
+        let answer = store.session("old-1").unwrap();
+        assert_eq!(answer["meta"]["grant"]["expires_at"], 1893456000);
+        assert_eq!(answer["meta"]["grant"]["sub"], "zoe@example.org");
+        assert_eq!(answer["meta"]["extra_field_kept"], "yes");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn metadata_received_in_the_older_form_is_stored_and_indexed_typed() {
+        let (store, dir) = scratch_store("older-put");
+        let received: ReceivedMeta = serde_json::from_value(older_form("old-2", "h")).unwrap();
+        store.put_meta("h", "old-2", received).await.unwrap();
+        let stored: String = store
+            .db()
+            .query_row("SELECT meta FROM sessions WHERE id = 'old-2'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+        assert_eq!(stored["grant"]["expires_at"], 1893456000);
+        assert_eq!(stored["extra_field_kept"], "yes");
+        let rows = store
+            .search(&Search {
+                sub: Some("zoe@example.org".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].login.as_deref(), Some("usher-zoe"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn metadata_naming_another_host_or_session_is_refused() {
+        let (store, dir) = scratch_store("wrong-owner");
+        let received: ReceivedMeta = serde_json::from_value(older_form("s", "h")).unwrap();
+        assert!(matches!(
+            store.put_meta("other", "s", received.clone()).await,
+            Err(Refused::Forbidden(_))
+        ));
+        assert!(matches!(
+            store.put_meta("h", "t", received).await,
+            Err(Refused::BadRequest(_))
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn refusals_carry_the_code_the_shipper_decides_on() {
+        assert_eq!(Refused::Gap { next_seq: 3 }.code(), ErrorCode::Gap);
+        assert_eq!(Refused::Gap { next_seq: 3 }.next_seq(), Some(3));
+        assert_eq!(Refused::Gap { next_seq: 3 }.to_string(), "gap");
+        let rewritten = Refused::Rewritten {
+            why: "cast chunk 1 sent again with different content".into(),
+            next_seq: 4,
+        };
+        assert_eq!(rewritten.code(), ErrorCode::Tampered);
+        assert_eq!(
+            rewritten.to_string(),
+            "tampered: cast chunk 1 sent again with different content"
+        );
+        assert_eq!(Refused::Tampered("x".into()).code(), ErrorCode::Tampered);
+        assert_eq!(Refused::Tampered("x".into()).next_seq(), None);
     }
 }

@@ -3,32 +3,36 @@
 //! seal exactly as an agent does, and resumes from what the collector says it has.
 
 use base64::Engine;
-use ed25519_dalek::{Signer, SigningKey};
-use sha2::{Digest, Sha256};
+use ed25519_dalek::SigningKey;
+use std::collections::BTreeMap;
+use usher_wire::chain::{self, Link};
+use usher_wire::collector::{ChunkAccepted, StreamStatus};
+use usher_wire::meta::{GrantInfo, SessionMeta};
+use usher_wire::seal::{Seal, StreamEnd};
 
-/// The chain's starting point for one stream of one session.
-pub fn genesis(session: &str, stream: &str) -> [u8; 32] {
-    Sha256::digest(format!("usher-chain-v1\n{session}\n{stream}").as_bytes()).into()
-}
-
-/// `h_n = sha256(h_{n-1} || chunk_n)`.
-pub fn next_hash(prev: &[u8; 32], chunk: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(prev);
-    h.update(chunk);
-    h.finalize().into()
-}
-
-/// The text the host key signs: `usher-seal-v1\n<id>\n` and `<stream> <chunks> <hash>\n`
-/// per stream, in name order.
-pub fn seal_message(session: &str, streams: &[(String, u64, String)]) -> String {
-    let mut sorted: Vec<&(String, u64, String)> = streams.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut m = format!("usher-seal-v1\n{session}\n");
-    for (name, chunks, last) in sorted {
-        m.push_str(&format!("{name} {chunks} {last}\n"));
-    }
-    m
+/// What went wrong for the uploader; tests read the variant, people the text.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("the collector's CA certificate: {0}")]
+    Ca(reqwest::Error),
+    #[error("HTTP client: {0}")]
+    Client(reqwest::Error),
+    #[error("collector unreachable: {0:?}")]
+    Transport(reqwest::Error),
+    #[error("{what}: {status} {body}")]
+    Refused {
+        what: String,
+        status: u16,
+        body: serde_json::Value,
+    },
+    #[error("{what}: unreadable answer {text:?}")]
+    Unreadable { what: String, text: String },
+    #[error("{session} {stream}: the collector's chain differs from ours at {next_seq}")]
+    Diverged {
+        session: String,
+        stream: String,
+        next_seq: u64,
+    },
 }
 
 /// The OpenSSH public key line of `key`, as the collector's config wants it.
@@ -73,15 +77,39 @@ impl Recording {
         cast_bytes: usize,
         chunk_bytes: usize,
     ) -> Recording {
-        let meta = serde_json::json!({
-            "session_id": id, "kind": "ssh", "host": host, "login": login, "uid": 61000,
-            "grant": {"iss": "test-issuer", "sub": sub, "jti": format!("jti-{id}"), "profile": "default",
-                      "approved_by": "lead", "reason": "test", "expires_at": "2030-01-01T00:00:00Z"},
-            "peer": "127.0.0.1:50000", "command": null, "term": "xterm",
-            "started_at": "2026-11-22T12:00:00Z", "ended_at": "2026-11-22T12:05:00Z",
-            "exit_status": 0, "exit_signal": null, "enforcement": "tracepoint", "enforced": true,
-            "input_recorded": false, "interrupted": false, "extra_field_kept": "yes",
-        });
+        let typed = SessionMeta {
+            session_id: id.into(),
+            kind: "ssh".into(),
+            host: host.into(),
+            login: login.into(),
+            uid: 61000,
+            grant: GrantInfo {
+                iss: "test-issuer".into(),
+                sub: sub.into(),
+                jti: format!("jti-{id}"),
+                profile: "default".into(),
+                approved_by: Some("lead".into()),
+                reason: Some("test".into()),
+                // 2030-01-01T00:00:00Z
+                expires_at: 1893456000,
+            },
+            peer: Some("127.0.0.1:50000".into()),
+            command: None,
+            term: Some("xterm".into()),
+            started_at: "2026-11-22T12:00:00Z".into(),
+            ended_at: Some("2026-11-22T12:05:00Z".into()),
+            exit_status: Some(0),
+            exit_signal: None,
+            enforcement: "tracepoint-sigkill (no BPF-LSM: test)".into(),
+            enforced: true,
+            input_recorded: false,
+            interrupted: false,
+            truncated: None,
+            limits: None,
+        };
+        let mut meta = serde_json::to_value(typed).unwrap_or_default();
+        // A field a newer agent might send: the collector keeps it.
+        meta["extra_field_kept"] = "yes".into();
         let mut lines: Vec<Vec<u8>> = vec![serde_json::json!({
             "version": 2, "width": 80, "height": 24, "timestamp": START
         })
@@ -140,12 +168,12 @@ impl Recording {
     }
 
     /// The hashes of a stream's chunks, `h_0 ..`.
-    pub fn hashes(&self, stream: &str) -> Vec<[u8; 32]> {
-        let mut prev = genesis(&self.id, stream);
+    pub fn hashes(&self, stream: &str) -> Vec<Link> {
+        let mut prev = chain::genesis_bytes(&self.id, stream);
         self.stream(stream)
             .iter()
             .map(|c| {
-                prev = next_hash(&prev, c);
+                prev = chain::next_bytes(&prev, c);
                 prev
             })
             .collect()
@@ -178,6 +206,16 @@ pub struct Answer {
     pub text: String,
 }
 
+impl Answer {
+    fn refused(self, what: String) -> UploadError {
+        UploadError::Refused {
+            what,
+            status: self.status,
+            body: self.body,
+        }
+    }
+}
+
 pub struct Uploader {
     pub client: reqwest::Client,
     pub base: String,
@@ -193,15 +231,15 @@ impl Uploader {
         ca_pem: &[u8],
         token: &str,
         key: SigningKey,
-    ) -> Result<Uploader, String> {
-        let ca = reqwest::Certificate::from_pem(ca_pem).map_err(|e| e.to_string())?;
+    ) -> Result<Uploader, UploadError> {
+        let ca = reqwest::Certificate::from_pem(ca_pem).map_err(UploadError::Ca)?;
         let client = reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
             .add_root_certificate(ca)
             .timeout(std::time::Duration::from_secs(60))
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(UploadError::Client)?;
         Ok(Uploader {
             client,
             base: base.trim_end_matches('/').to_string(),
@@ -210,14 +248,14 @@ impl Uploader {
         })
     }
 
-    pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<Answer, String> {
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<Answer, UploadError> {
         let resp = req
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(UploadError::Transport)?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.map_err(|e| e.to_string())?;
+        let text = resp.text().await.map_err(UploadError::Transport)?;
         let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text.clone()));
         Ok(Answer { status, body, text })
     }
@@ -227,7 +265,8 @@ impl Uploader {
     }
 
     /// What the collector has of a stream: `(next_seq, last_hash)`.
-    pub async fn status(&self, id: &str, stream: &str) -> Result<(u64, String), String> {
+    pub async fn status(&self, id: &str, stream: &str) -> Result<(u64, String), UploadError> {
+        let what = || format!("status of {id}/{stream}");
         let a = self
             .send(
                 self.client
@@ -235,15 +274,14 @@ impl Uploader {
             )
             .await?;
         if a.status != 200 {
-            return Err(format!("status of {id}/{stream}: {} {}", a.status, a.body));
+            return Err(a.refused(what()));
         }
-        Ok((
-            a.body["next_seq"].as_u64().ok_or("no next_seq")?,
-            a.body["last_hash"]
-                .as_str()
-                .ok_or("no last_hash")?
-                .to_string(),
-        ))
+        let status: StreamStatus =
+            serde_json::from_value(a.body).map_err(|_| UploadError::Unreadable {
+                what: what(),
+                text: a.text,
+            })?;
+        Ok((status.next_seq, status.last_hash))
     }
 
     /// One chunk with the given chain headers (not checked here: tests send wrong ones).
@@ -255,7 +293,7 @@ impl Uploader {
         prev_hex: &str,
         hash_hex: &str,
         body: Vec<u8>,
-    ) -> Result<Answer, String> {
+    ) -> Result<Answer, UploadError> {
         self.send(
             self.client
                 .put(self.url(&format!(
@@ -268,7 +306,11 @@ impl Uploader {
         .await
     }
 
-    pub async fn put_meta(&self, id: &str, meta: &serde_json::Value) -> Result<Answer, String> {
+    pub async fn put_meta(
+        &self,
+        id: &str,
+        meta: &serde_json::Value,
+    ) -> Result<Answer, UploadError> {
         self.send(
             self.client
                 .put(self.url(&format!("/api/v1/sessions/{id}/meta")))
@@ -283,24 +325,23 @@ impl Uploader {
         &self,
         id: &str,
         streams: &[(String, u64, String)],
-    ) -> Result<Answer, String> {
-        let signature = self.key.sign(seal_message(id, streams).as_bytes());
-        let mut map = serde_json::Map::new();
-        for (name, chunks, last) in streams {
-            map.insert(
-                name.clone(),
-                serde_json::json!({"chunks": chunks, "last_hash": last}),
-            );
-        }
-        let body = serde_json::json!({
-            "streams": map,
-            "signature": base64::engine::general_purpose::STANDARD.encode(signature.to_bytes()),
-        });
+    ) -> Result<Answer, UploadError> {
+        let ends: BTreeMap<String, StreamEnd> = streams
+            .iter()
+            .map(|(name, chunks, last)| {
+                let end = StreamEnd {
+                    chunks: *chunks,
+                    last_hash: last.clone(),
+                };
+                (name.clone(), end)
+            })
+            .collect();
+        let body = serde_json::to_string(&Seal::sign(id, ends, &self.key)).unwrap_or_default();
         self.send(
             self.client
                 .post(self.url(&format!("/api/v1/sessions/{id}/seal")))
                 .header("Content-Type", "application/json")
-                .body(body.to_string()),
+                .body(body),
         )
         .await
     }
@@ -312,16 +353,19 @@ impl Uploader {
         rec: &Recording,
         stream: &str,
         upto: usize,
-    ) -> Result<String, String> {
+    ) -> Result<String, UploadError> {
         let (next, last) = self.status(&rec.id, stream).await?;
         let hashes = rec.hashes(stream);
-        let expected = if next == 0 {
-            hex::encode(genesis(&rec.id, stream))
-        } else {
-            hex::encode(hashes[next as usize - 1])
+        let expected = match next.checked_sub(1) {
+            None => Some(chain::genesis(&rec.id, stream)),
+            Some(i) => hashes.get(i as usize).map(hex::encode),
         };
-        if last != expected {
-            return Err(format!("the collector's chain differs from ours at {next}"));
+        if expected.as_deref() != Some(last.as_str()) {
+            return Err(UploadError::Diverged {
+                session: rec.id.clone(),
+                stream: stream.into(),
+                next_seq: next,
+            });
         }
         let mut prev = last;
         #[allow(clippy::needless_range_loop)] // seq is the protocol's number, not only an index
@@ -337,11 +381,10 @@ impl Uploader {
                     rec.stream(stream)[seq].clone(),
                 )
                 .await?;
-            if a.status != 201 && !(a.status == 200 && a.body["duplicate"] == true) {
-                return Err(format!(
-                    "{}/{stream}/{seq}: {} {}",
-                    rec.id, a.status, a.body
-                ));
+            let accepted = serde_json::from_value::<ChunkAccepted>(a.body.clone()).ok();
+            let duplicate = a.status == 200 && accepted.is_some_and(|c| c.duplicate);
+            if a.status != 201 && !duplicate {
+                return Err(a.refused(format!("{}/{stream}/{seq}", rec.id)));
             }
             prev = hash;
         }
@@ -349,10 +392,10 @@ impl Uploader {
     }
 
     /// The whole session: metadata, both streams, the seal.
-    pub async fn ship(&self, rec: &Recording) -> Result<(), String> {
+    pub async fn ship(&self, rec: &Recording) -> Result<(), UploadError> {
         let a = self.put_meta(&rec.id, &rec.meta).await?;
         if a.status != 200 {
-            return Err(format!("meta: {} {}", a.status, a.body));
+            return Err(a.refused("meta".into()));
         }
         let mut streams = Vec::new();
         for stream in ["audit", "cast"] {
@@ -361,7 +404,7 @@ impl Uploader {
         }
         let a = self.seal(&rec.id, &streams).await?;
         if a.status != 200 {
-            return Err(format!("seal: {} {}", a.status, a.body));
+            return Err(a.refused("seal".into()));
         }
         Ok(())
     }
@@ -372,32 +415,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_uploaders_chain_and_seal_are_what_the_collector_checks() {
-        assert_eq!(
-            hex::encode(genesis("s", "cast")),
-            crate::store::genesis("s", "cast")
-        );
+    fn the_uploaders_host_key_line_is_what_the_collector_reads() {
         let key = SigningKey::from_bytes(&[5; 32]);
         let parsed = crate::keys::parse_openssh_ed25519(&openssh_public_line(&key)).unwrap();
         assert_eq!(parsed, key.verifying_key());
-        let streams = vec![
-            ("cast".to_string(), 2, "ab".repeat(32)),
-            ("audit".to_string(), 1, "cd".repeat(32)),
-        ];
-        let message = seal_message("s", &streams);
-        assert_eq!(
-            message,
-            format!(
-                "usher-seal-v1\ns\naudit 1 {}\ncast 2 {}\n",
-                "cd".repeat(32),
-                "ab".repeat(32)
-            )
-        );
-        let sig = base64::engine::general_purpose::STANDARD
-            .encode(key.sign(message.as_bytes()).to_bytes());
-        assert!(crate::keys::verify_seal(&parsed, &message, &sig).is_ok());
-        assert!(crate::keys::verify_seal(&parsed, &message.replace("2", "3"), &sig).is_err());
-        assert!(crate::keys::verify_seal(&parsed, &message, "not base64!").is_err());
     }
 
     #[test]
@@ -426,5 +447,14 @@ mod tests {
         for c in &r.cast {
             assert!(c.ends_with(b"\n") && c.len() <= 4 << 10);
         }
+    }
+
+    #[test]
+    fn fake_metadata_is_what_an_agent_writes_plus_one_unknown_field() {
+        let r = Recording::fake("f", "h", "s", "l", &["ls"], "M", 1 << 10, 4 << 10);
+        let received: crate::store::ReceivedMeta = serde_json::from_value(r.meta).unwrap();
+        assert_eq!(received.meta.grant.expires_at, 1893456000);
+        assert_eq!(received.unknown.len(), 1);
+        assert_eq!(received.unknown["extra_field_kept"], "yes");
     }
 }

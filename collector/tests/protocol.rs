@@ -5,7 +5,8 @@
 mod support;
 
 use support::{host, Backend, Collector};
-use usher_collector::uploader::{genesis, next_hash, Recording};
+use usher_collector::uploader::{Recording, UploadError};
+use usher_wire::chain::{genesis_bytes as genesis, next_bytes as next_hash};
 
 fn rec(id: &str, host: &str, sub: &str, commands: &[&str], cast_kib: usize) -> Recording {
     Recording::fake(
@@ -376,7 +377,10 @@ async fn a_resumed_upload_arrives_whole(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(gap.status, 409);
-    assert_eq!(gap.body, serde_json::json!({"error": "gap", "next_seq": 7}));
+    assert_eq!(
+        gap.body,
+        serde_json::json!({"code": "gap", "error": "gap", "next_seq": 7})
+    );
     // ...and continues.
     assert_eq!(status_of(&c, "r1").await, "live");
     up.ship(&r).await.unwrap();
@@ -435,7 +439,10 @@ async fn bad_input_gets_a_clear_error(backend: Backend) {
     let mut stranger = c.uploader(&h);
     stranger.token = "not-a-token".into();
     let a = stranger.status("b1", "cast").await.unwrap_err();
-    assert!(a.contains("401"), "{a}");
+    assert!(
+        matches!(a, UploadError::Refused { status: 401, .. }),
+        "{a}"
+    );
     let a = up
         .send(up.client.get(url("/api/v1/sessions")))
         .await

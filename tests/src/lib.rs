@@ -5,27 +5,32 @@
 //!
 //! The binaries come from `target/debug` (or `$USHER_BIN_DIR`): run the tests with
 //! `cargo xtask test`, which builds them first.
+//!
+//! What does not need the agent (ports, the test CA, the collector and moto, ssh client
+//! options, waiting, the browser) is `usher-test-support`'s, re-exported here.
 
+#![deny(unsafe_code)]
+
+mod sweep;
+
+use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use usher::grant::{Audience, Claims, KeyAlg};
+pub use usher_test_support::{
+    built_binary as bin, client_options, free_port, poll_until, wait_for_file, wait_for_log_line,
+    wait_for_port, wait_until, Backend, Browser, Collector, LogSource, Moto, SshClient,
+    TrustedAgent, VIEWER_TOKEN,
+};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-pub fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("USHER_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo xtask test` (it builds the binaries)",
-        path.display()
-    );
-    path
-}
+/// Where the test agents' directories are: `usher-test-p<pid of the test process>-<n>`.
+const TEST_DIR_PREFIX: &str = "/tmp/usher-test-";
+/// The UIDs the test agents' accounts get (each agent a slice of 20).
+const TEST_UIDS: std::ops::RangeInclusive<u32> = 64000..=64999;
 
 pub fn now() -> i64 {
     usher::grant::now()
@@ -64,13 +69,6 @@ pub struct TestAgent {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 impl TestAgent {
     pub fn start() -> TestAgent {
         Self::start_with(Options::default())
@@ -81,15 +79,17 @@ impl TestAgent {
             nix_is_root(),
             "the end-to-end tests run as root (they create accounts and cgroups)"
         );
+        // A killed run left its accounts, cgroups and mounts: gone before this run makes its own.
+        sweep::once();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let tag = std::process::id() % 10000;
-        let dir = PathBuf::from(format!("/tmp/usher-test-{tag}-{n}"));
+        let dir = PathBuf::from(format!("{TEST_DIR_PREFIX}p{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("policies")).unwrap();
         let port = free_port();
         // Letters only, so one test's prefix is never the start of another's.
         let prefix = format!("t{}{}-", (b'a' + (tag % 26) as u8) as char, letters(n));
-        let uid_min = 64000 + (n % 50) * 20;
+        let uid_min = TEST_UIDS.start() + (n % 50) * 20;
         let uid_max = uid_min + 19;
         let (issuer_key, jwks) = usher::grant::keygen(KeyAlg::Ed25519, "k1").unwrap();
         std::fs::write(dir.join("issuer.jwks.json"), jwks).unwrap();
@@ -217,19 +217,28 @@ jwks = "{d}/issuer.jwks.json"
             .spawn()
             .expect("usherd starts");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        let listening = || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
                 && self.dir.join("control.sock").exists()
-            {
-                return;
-            }
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("usherd exited with {st}:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        };
+        let child = self.child.as_mut().unwrap();
+        // Listening (None), or the exit status of an agent that did not get that far.
+        let started = poll_until(
+            "usherd to listen",
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || {
+                if listening() {
+                    return Some(None);
+                }
+                child.try_wait().unwrap().map(Some)
+            },
+        );
+        match started {
+            Ok(None) => {}
+            Ok(Some(st)) => panic!("usherd exited with {st}:\n{}", self.log()),
+            Err(e) => panic!("usherd did not start listening ({e}):\n{}", self.log()),
         }
-        panic!("usherd did not start listening:\n{}", self.log());
     }
 
     pub fn pid(&self) -> u32 {
@@ -246,16 +255,14 @@ jwks = "{d}/issuer.jwks.json"
 
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            unsafe_kill(c.id() as i32, libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if c.try_wait().ok().flatten().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            send_signal(c.id() as i32, Signal::SIGTERM);
+            let exited = wait_until("usherd to exit", Duration::from_secs(5), || {
+                c.try_wait().ok().flatten().is_some()
+            });
+            if exited.is_err() {
+                let _ = c.kill();
+                let _ = c.wait();
             }
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 
@@ -328,22 +335,9 @@ jwks = "{d}/issuer.jwks.json"
         (login, c.jti)
     }
 
+    /// The options of every test client (`ssh`, `scp`, `sftp`, `sshpass ssh`).
     pub fn ssh_base_args(&self) -> Vec<String> {
-        [
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "ConnectTimeout=10",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        client_options()
     }
 
     /// `ssh` with the test's key, batch mode, on this agent's port.
@@ -353,13 +347,9 @@ jwks = "{d}/issuer.jwks.json"
 
     /// `ssh` with the test's key, batch mode, to another address or server.
     pub fn ssh_command_to(&self, login: &str, host: &str, port: u16) -> Command {
-        let mut c = Command::new("timeout");
-        c.arg("60").arg("ssh").args(self.ssh_base_args());
-        c.args(["-o", "BatchMode=yes", "-i"])
-            .arg(&self.client_key)
-            .args(["-p", &port.to_string()])
-            .arg(format!("{login}@{host}"));
-        c
+        SshClient::new(&self.client_key, port)
+            .to_host(host)
+            .command_within(60, login)
     }
 
     pub fn ssh(&self, login: &str, command: &str) -> Output {
@@ -443,17 +433,15 @@ jwks = "{d}/issuer.jwks.json"
 
     /// Waits for `cond`, polling, up to `secs`.
     pub fn wait_for(&self, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < deadline {
-            if cond() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "timed out waiting for {what}\n--- usherd log ---\n{}",
-            self.log()
+        let held = poll_until(
+            what,
+            Duration::from_secs(secs),
+            Duration::from_millis(100),
+            || cond().then_some(()),
         );
+        if let Err(e) = held {
+            panic!("{e}\n--- usherd log ---\n{}", self.log());
+        }
     }
 
     pub fn accounts_in_range(&self) -> Vec<(String, u32)> {
@@ -467,7 +455,7 @@ jwks = "{d}/issuer.jwks.json"
 /// Ends a client started with `ssh_command` as a user's ^C would: `timeout` passes the
 /// SIGTERM on to `ssh`, which drops the connection.
 pub fn hang_up(child: &mut Child) {
-    unsafe_kill(child.id() as i32, libc::SIGTERM);
+    send_signal(child.id() as i32, Signal::SIGTERM);
     let _ = child.wait();
 }
 
@@ -520,56 +508,85 @@ fn letters(mut n: u32) -> String {
 }
 
 fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
-fn unsafe_kill(pid: i32, sig: i32) {
-    // SAFETY: sending a signal to a pid we spawned.
-    unsafe {
-        libc::kill(pid, sig);
-    }
+/// Sends `signal` to `pid` (a negative `pid`: its process group); one already gone is fine.
+pub(crate) fn send_signal(pid: i32, signal: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
 }
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
         self.stop();
-        // Whatever the test left: accounts in our fence, their processes, session cgroups.
-        for (name, uid) in self.accounts_in_range() {
-            if name.starts_with(&self.prefix) {
-                for pid in pids_of_uid(uid) {
-                    unsafe_kill(pid, libc::SIGKILL);
-                }
-                let _ = Command::new("userdel")
-                    .args(["--remove", "--", &name])
-                    .output();
-                // The agent lists its accounts in /etc/cron.deny and /etc/at.deny.
-                let _ = usher::account::DenyLists::host().remove(&name);
-            }
-        }
-        if let Ok(text) = std::fs::read_to_string(self.dir.join("state/sessions.json")) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                for s in v.as_array().into_iter().flatten() {
-                    if let Some(cg) = s["cgroup"].as_str() {
-                        let _ = std::fs::write(Path::new(cg).join("cgroup.kill"), "1");
-                        std::thread::sleep(Duration::from_millis(50));
-                        let _ = std::fs::remove_dir(cg);
-                    }
-                    remove_limit_groups(s);
-                }
-            }
-        }
-        // The agent keeps its programs pinned across restarts; the test's agent is gone
-        // for good, and so are they.
-        let _ = usher::enforce::unpin(&self.dir.join("state"));
-        let _ = Command::new("umount")
-            .arg(self.dir.join("spool"))
-            .stderr(Stdio::null())
-            .status();
-        if std::env::var_os("USHER_KEEP_TEST_DIRS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
+        remove_what_an_agent_left(&self.dir, &self.prefix, self.uid_min..=self.uid_max);
+    }
+}
+
+impl LogSource for TestAgent {
+    fn log(&self) -> String {
+        TestAgent::log(self)
+    }
+}
+
+/// Whatever a test agent in `dir` and its test left: the accounts in its fence (`prefix`,
+/// `uids`) and their processes, its session cgroups, its pinned programs, its spool's
+/// tmpfs, and the directory (unless `$USHER_KEEP_TEST_DIRS` is set).
+fn remove_what_an_agent_left(dir: &Path, prefix: &str, uids: std::ops::RangeInclusive<u32>) {
+    for (name, uid) in passwd() {
+        if uids.contains(&uid) && name.starts_with(prefix) {
+            remove_account(&name, uid);
         }
     }
+    if let Ok(text) = std::fs::read_to_string(dir.join("state/sessions.json")) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            for s in v.as_array().into_iter().flatten() {
+                if let Some(cg) = s["cgroup"].as_str() {
+                    let _ = std::fs::write(Path::new(cg).join("cgroup.kill"), "1");
+                    remove_cgroup(Path::new(cg));
+                }
+                remove_limit_groups(s);
+            }
+        }
+    }
+    // The agent keeps its programs pinned across restarts; the test's agent is gone
+    // for good, and so are they.
+    let _ = usher::enforce::unpin(&dir.join("state"));
+    let spool = dir.join("spool");
+    let unmounted = Command::new("umount")
+        .arg(&spool)
+        .stderr(Stdio::null())
+        .status();
+    if unmounted.is_ok_and(|st| !st.success()) && is_mount_point(&spool) {
+        // Busy (a process of the test still has a file open there): detached now, freed
+        // when the last one closes, so the directory below can go.
+        let _ = Command::new("umount").arg("--lazy").arg(&spool).status();
+    }
+    if std::env::var_os("USHER_KEEP_TEST_DIRS").is_none() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Whether `path` is where a file system is mounted.
+fn is_mount_point(path: &Path) -> bool {
+    let wanted = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(&*wanted))
+}
+
+/// Kills the processes of account `name` (`uid`) and removes it, with its home and its
+/// lines in the host's deny lists.
+fn remove_account(name: &str, uid: u32) {
+    for pid in pids_of_uid(uid) {
+        send_signal(pid, Signal::SIGKILL);
+    }
+    let _ = Command::new("userdel")
+        .args(["--remove", "--", name])
+        .output();
+    // The agent lists its accounts in /etc/cron.deny and /etc/at.deny.
+    let _ = usher::account::DenyLists::host().remove(name);
 }
 
 /// A shared object whose constructor appends "ran" to the file named by `$USHER_MARKER`
@@ -679,22 +696,20 @@ impl Terminal {
 
     /// Waits until `text` appears after what earlier calls matched.
     pub fn expect(&mut self, text: &str, secs: u64) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            {
+        let seen = self.seen;
+        let found = poll_until(
+            &format!("{text:?}"),
+            Duration::from_secs(secs),
+            Duration::from_millis(50),
+            || {
                 let screen = self.screen.lock().unwrap();
-                let rest = &screen[self.seen.min(screen.len())..];
-                if let Some(at) = rest.windows(text.len()).position(|w| w == text.as_bytes()) {
-                    self.seen += at + text.len();
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {text:?}; the screen:\n{}",
-                self.screen()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+                let rest = &screen[seen.min(screen.len())..];
+                rest.windows(text.len()).position(|w| w == text.as_bytes())
+            },
+        );
+        match found {
+            Ok(at) => self.seen += at + text.len(),
+            Err(e) => panic!("{e}; the screen:\n{}", self.screen()),
         }
     }
 
@@ -707,14 +722,13 @@ impl Terminal {
 
     /// Waits for the client to exit.
     pub fn wait(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        poll_until(
+            "the client to exit",
+            Duration::from_secs(secs),
+            Duration::from_millis(50),
+            || self.child.try_wait().unwrap(),
+        )
+        .ok()
     }
 }
 
@@ -853,23 +867,21 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let pgid = self.child.id() as i32;
-        unsafe_kill(-pgid, libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        unsafe_kill(-pgid, libc::SIGKILL);
+        send_signal(-pgid, Signal::SIGTERM);
+        let _ = wait_until(
+            &format!("{} to exit", self.name),
+            Duration::from_secs(5),
+            || self.child.try_wait().ok().flatten().is_some(),
+        );
+        send_signal(-pgid, Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
 
 impl TestAgent {
-    /// `usher status`, parsed.
+    /// `usher status --json`, parsed.
     pub fn status(&self) -> serde_json::Value {
-        let out = self.usher(&["status"]);
+        let out = self.usher(&["status", "--json"]);
         assert!(
             out.status.success(),
             "usher status: {}",
@@ -880,14 +892,8 @@ impl TestAgent {
 
     /// `ssh` to this agent as `login` with the private key `key`, running `command`.
     pub fn ssh_with_key(&self, key: &Path, login: &str, command: &str) -> Output {
-        Command::new("timeout")
-            .arg("60")
-            .arg("ssh")
-            .args(self.ssh_base_args())
-            .args(["-o", "BatchMode=yes", "-i"])
-            .arg(key)
-            .args(["-p", &self.port.to_string()])
-            .arg(format!("{login}@127.0.0.1"))
+        SshClient::new(key, self.port)
+            .command_within(60, login)
             .arg(command)
             .stdin(Stdio::null())
             .output()
@@ -922,20 +928,26 @@ pub fn remove_sysvipc_of_uid(uid: u32) {
 /// removed, like its v2 cgroup.
 fn remove_limit_groups(record: &serde_json::Value) {
     for dir in record["limit_cgroups"].as_array().into_iter().flatten() {
-        let Some(dir) = dir.as_str().map(Path::new) else {
-            continue;
-        };
-        for _ in 0..100 {
-            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                unsafe_kill(pid, libc::SIGKILL);
-            }
-            if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(dir) = dir.as_str() {
+            remove_cgroup(Path::new(dir));
         }
     }
+}
+
+/// Kills what is left in cgroup `dir` and removes it, trying again while its processes
+/// die (a cgroup with a process in it cannot be removed); gives up after two seconds.
+fn remove_cgroup(dir: &Path) {
+    let _ = wait_until(
+        &format!("{} to be removed", dir.display()),
+        Duration::from_secs(2),
+        || {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                send_signal(pid, Signal::SIGKILL);
+            }
+            std::fs::remove_dir(dir).is_ok() || !dir.exists()
+        },
+    );
 }
 
 /// Where a session's cgroups are, as the host sees them, from the `/proc/self/cgroup`

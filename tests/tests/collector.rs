@@ -2,279 +2,10 @@
 //! the middle of an upload, a tampered chunk, two agents at once, the local and S3
 //! backends, and the replay page in a real browser.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use usher_tests::*;
-
-const VIEWER: &str = "viewer-secret-token";
-
-/// A CA and a certificate for 127.0.0.1 it signed (the agent trusts the CA).
-fn certs(dir: &Path) {
-    let run = |args: &[&str]| {
-        let st = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success(), "openssl {args:?}");
-    };
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=usher test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-}
-
-struct Collector {
-    dir: PathBuf,
-    port: u16,
-    child: Option<Child>,
-    config: PathBuf,
-}
-
-impl Collector {
-    /// `agents`: (host, token, host key line). `storage`: extra TOML for [storage].
-    fn new(agents: &[(String, String, String)], storage: &str) -> Collector {
-        Self::new_on(free_port(), agents, storage)
-    }
-
-    fn new_on(port: u16, agents: &[(String, String, String)], storage: &str) -> Collector {
-        let dir = PathBuf::from(format!(
-            "/tmp/usher-collector-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        certs(&dir);
-        let mut config = format!(
-            "listen = \"127.0.0.1:{port}\"\ntls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\"\ndata_dir = \"{d}/data\"\n\
-             viewer_tokens = [\"{VIEWER}\"]\nassets_dir = \"{a}\"\n{storage}\n",
-            d = dir.display(),
-            a = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/web-assets").display()
-        );
-        for (host, token, key) in agents {
-            config.push_str(&format!(
-                "[[agent]]\nhost = \"{host}\"\ntoken = \"{token}\"\nhost_key = \"{key}\"\n"
-            ));
-        }
-        let config_path = dir.join("collector.toml");
-        std::fs::write(&config_path, config).unwrap();
-        Collector {
-            dir,
-            port,
-            child: None,
-            config: config_path,
-        }
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("collector.log"))
-            .unwrap();
-        self.child = Some(
-            Command::new(bin("usher-collector"))
-                .arg("--config")
-                .arg(&self.config)
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the collector did not start: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("collector.log")).unwrap_or_default()
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
-    }
-
-    /// `curl` against the collector with the test CA.
-    fn curl(&self, args: &[&str]) -> (u16, String) {
-        let out = Command::new("curl")
-            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--cacert"])
-            .arg(self.dir.join("ca.pem"))
-            .args(args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
-    }
-
-    fn view(&self, path: &str) -> (u16, String) {
-        self.curl(&[
-            "-H",
-            &format!("Authorization: Bearer {VIEWER}"),
-            &format!("{}{path}", self.url()),
-        ])
-    }
-
-    fn session(&self, id: &str) -> serde_json::Value {
-        serde_json::from_str(&self.view(&format!("/api/v1/sessions/{id}")).1).unwrap_or_default()
-    }
-
-    fn wait_complete(&self, id: &str, secs: u64, agent: &TestAgent) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if self.session(id)["status"] == "complete" {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "session {id} not complete: {}\n--- collector ---\n{}\n--- agent ---\n{}",
-                self.session(id),
-                self.log(),
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// moto's S3-compatible server on a loopback port, with a bucket per test.
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg("command -v moto_server")
-            .output()
-            .unwrap();
-        assert!(
-            found.status.success(),
-            "moto_server is missing: `cargo xtask setup` installs it (pip install 'moto[server]')"
-        );
-        let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Moto { child, port }
-    }
-
-    /// Makes `bucket` (a PUT on its name, as any S3 client would) and returns the
-    /// collector's [storage] section for it.
-    fn storage(&self, bucket: &str) -> String {
-        let st = Command::new("curl")
-            .args([
-                "-s",
-                "-X",
-                "PUT",
-                &format!("http://127.0.0.1:{}/{bucket}", self.port),
-            ])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        format!(
-            "[storage]\nbackend = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n",
-            self.port
-        )
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// An agent that ships to `port` (whether or not a collector runs there yet), with its
 /// token, and its host key line for the collector's config.
@@ -302,12 +33,11 @@ fn shipping_agent(port: u16, ca: &Path, chunk_bytes: usize) -> (TestAgent, Strin
 
 /// Tells the collector about `agent` (before it starts).
 fn trust(collector: &Collector, agent: &TestAgent, token: &str, key: &str) {
-    let config = std::fs::read_to_string(&collector.config).unwrap();
-    let entry = format!(
-        "[[agent]]\nhost = \"{}\"\ntoken = \"{token}\"\nhost_key = \"{key}\"\n",
-        agent.host
-    );
-    std::fs::write(&collector.config, config + &entry).unwrap();
+    collector.trust(&TrustedAgent {
+        host: agent.host.clone(),
+        token: token.into(),
+        host_key: key.into(),
+    });
 }
 
 fn login(agent: &TestAgent, name: &str) -> String {
@@ -355,7 +85,7 @@ fn a_session_recorded_while_the_collector_is_down_arrives_whole_once_it_is_up(st
         "nothing may leave the spool while the collector is down"
     );
     let status: serde_json::Value =
-        serde_json::from_slice(&agent.usher(&["status"]).stdout).unwrap();
+        serde_json::from_slice(&agent.usher(&["status", "--json"]).stdout).unwrap();
     assert_eq!(status["collector"]["reachable"], false, "{status}");
 
     // Now the collector comes up, knowing this host.
@@ -506,7 +236,14 @@ fn a_tampered_chunk_is_refused_and_the_session_flagged(storage: &str) {
         .to_string();
     let _ = std::fs::remove_file(&keyfile);
     let _ = std::fs::remove_file(keyfile.with_extension("pub"));
-    let mut collector = Collector::new(&[("host-t".into(), "tok-t".into(), host_key)], storage);
+    let mut collector = Collector::new(
+        &[TrustedAgent {
+            host: "host-t".into(),
+            token: "tok-t".into(),
+            host_key,
+        }],
+        storage,
+    );
     collector.start();
     let put = |seq: u64, prev: &str, hash: &str, body: &str| {
         collector.curl(&[
@@ -631,12 +368,12 @@ fn two_agents_ship_at_once(storage: &str) {
     let (a, ta, ka) = shipping_agent(collector.port, &ca, 4096);
     let (b, tb, kb) = shipping_agent(collector.port, &ca, 4096);
     // Both are "usher-test-host" in their own config: give the second its own name.
-    let config = std::fs::read_to_string(&collector.config).unwrap();
-    std::fs::write(
-        &collector.config,
-        format!("{config}[[agent]]\nhost = \"{}\"\ntoken = \"{ta}\"\nhost_key = \"{ka}\"\n[[agent]]\nhost = \"{}-b\"\ntoken = \"{tb}\"\nhost_key = \"{kb}\"\n", a.host, b.host),
-    )
-    .unwrap();
+    trust(&collector, &a, &ta, &ka);
+    collector.trust(&TrustedAgent {
+        host: format!("{}-b", b.host),
+        token: tb,
+        host_key: kb,
+    });
     // The second agent names itself differently.
     let mut b = b;
     let cfg = std::fs::read_to_string(&b.config_path).unwrap().replacen(
@@ -711,32 +448,29 @@ fn the_page_finds_a_session_and_plays_it_in_chromium() {
         .success());
     let id = agent.recorded_sessions().pop().unwrap();
     collector.wait_complete(&id, 60, &agent);
-    let profile = collector.dir.join("chromium-profile");
-    let out = Command::new("timeout")
-        .args([
-            "60",
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--ignore-certificate-errors",
-            "--virtual-time-budget=15000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!(
-            "{}/?token={VIEWER}&login={login}&play={id}",
-            collector.url()
-        ))
-        .stderr(Stdio::null())
-        .output()
-        .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let browser = Browser::start();
+    browser.open(&format!(
+        "{}/?token={VIEWER_TOKEN}&login={login}&play={id}",
+        collector.url()
+    ));
+    let page = || {
+        browser
+            .js("return document.documentElement.outerHTML")
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let _ = wait_until(
+        "the page to list the session and play it",
+        Duration::from_secs(30),
+        || {
+            let dom = page();
+            dom.contains(&format!("data-id=\"{id}\""))
+                && dom.contains("PLAYED-IN-THE-BROWSER")
+                && dom.contains("/usr/bin/id")
+        },
+    );
+    let dom = page();
     // The search found it, the player rendered its terminal, the timeline lists the exec.
     assert!(
         dom.contains(&format!("data-id=\"{id}\"")),

@@ -247,14 +247,14 @@ fn the_grant_ending_ends_the_console_session_and_a_changed_shell_is_put_back() {
         move || login(&name, "bye", 8.0, &["sleep 300"])
     });
     agent.wait_for(15, "the console session to start", || {
-        String::from_utf8_lossy(&agent.usher(&["sessions"]).stdout).contains("\"console\"")
+        String::from_utf8_lossy(&agent.usher(&["sessions", "--json"]).stdout).contains("\"console\"")
     });
     assert!(agent.usher(&["grant", "revoke", &c.jti]).status.success());
     agent.wait_for(15, "the account to go", || !user_exists(&name));
     let shown = handle.join().unwrap();
     assert!(shown.contains("the session is closed"), "{shown}");
     std::thread::sleep(Duration::from_millis(200));
-    assert!(String::from_utf8_lossy(&agent.usher(&["sessions"]).stdout).trim() == "[]");
+    assert!(String::from_utf8_lossy(&agent.usher(&["sessions", "--json"]).stdout).trim() == "[]");
 }
 
 fn passwd_shell(name: &str) -> String {

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use usher_tests::*;
 
 const ALLOW_FEW: &str = "name = \"few\"\n[exec]\nmode = \"allow\"\npaths = [\"/usr/bin/bash\", \"/usr/bin/ls\", \"/usr/bin/cat\"]\n";
@@ -142,20 +142,6 @@ fn a_library_the_user_wrote_does_not_run_in_an_enforced_session() {
     }
 }
 
-/// Waits up to `secs` for `path` to exist and returns its contents.
-fn wait_for_file(path: &Path, secs: u64) -> Option<String> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if text.ends_with('\n') {
-                return Some(text);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
-}
-
 #[test]
 fn enforcement_does_not_pause_while_the_agent_is_down() {
     let mut agent = enforcing_agent();
@@ -178,8 +164,8 @@ echo started"#,
 
     agent.crash();
     std::fs::write(home.join("go"), "").unwrap();
-    let result =
-        wait_for_file(&home.join("result"), 20).expect("the waiting process reported nothing");
+    let result = wait_for_file(&home.join("result"), Duration::from_secs(20))
+        .expect("the waiting process reported nothing");
     assert_eq!(
         result.trim(),
         "status:137",
@@ -257,7 +243,7 @@ wait"#
         .filter(|e| e["path"] == "/usr/bin/true" || e["filename"] == "/bin/true")
         .count() as u64;
     let lost = lost_total(&agent);
-    let status = agent.usher(&["status"]);
+    let status = agent.usher(&["status", "--json"]);
     let kernel_lost = serde_json::from_slice::<serde_json::Value>(&status.stdout)
         .ok()
         .and_then(|v| v["enforcement"]["lost_events"].as_u64())

@@ -272,7 +272,7 @@ fn revocation_ends_a_live_session_and_removes_the_account() {
     let status = live.wait().unwrap();
     assert!(!status.success(), "the live session outlived its grant");
     assert!(pids_of_uid(uid).is_empty());
-    let out = agent.usher(&["grant", "list"]);
+    let out = agent.usher(&["grant", "list", "--json"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&c.jti));
     // A revoked grant stays refused after a restart.
     let mut agent = agent;
@@ -370,7 +370,7 @@ fn state_keyed_by_jti_alone_still_loads() {
     std::fs::write(&sessions, records.to_string()).unwrap();
 
     agent.launch();
-    let list = String::from_utf8_lossy(&agent.usher(&["grant", "list"]).stdout).into_owned();
+    let list = String::from_utf8_lossy(&agent.usher(&["grant", "list", "--json"]).stdout).into_owned();
     assert!(
         list.contains(&c.jti),
         "the old grant file was not loaded: {list}"
@@ -384,7 +384,7 @@ fn state_keyed_by_jti_alone_still_loads() {
     let out = agent.install(&agent.sign(&revoked));
     assert!(String::from_utf8_lossy(&out.stderr).contains("revoked"));
     // The adopted session knows its grant again: revoking the grant ends what it left.
-    let sessions = String::from_utf8_lossy(&agent.usher(&["sessions"]).stdout).into_owned();
+    let sessions = String::from_utf8_lossy(&agent.usher(&["sessions", "--json"]).stdout).into_owned();
     assert!(sessions.contains(&agent.iss), "{sessions}");
     let out = agent.usher(&["grant", "revoke", &c.jti]);
     assert!(

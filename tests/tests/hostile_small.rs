@@ -92,7 +92,7 @@ fn hold_session(agent: &TestAgent, login: &str) -> std::process::Child {
 }
 
 fn sessions_of(agent: &TestAgent, login: &str) -> usize {
-    let out = agent.usher(&["sessions"]);
+    let out = agent.usher(&["sessions", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     list.as_array()
         .into_iter()
@@ -131,7 +131,7 @@ fn two_issuers_may_use_the_same_jti_and_revoking_one_leaves_the_other() {
         );
     }
     let list: serde_json::Value =
-        serde_json::from_slice(&agent.usher(&["grant", "list"]).stdout).unwrap();
+        serde_json::from_slice(&agent.usher(&["grant", "list", "--json"]).stdout).unwrap();
     assert_eq!(
         list.as_array().unwrap().len(),
         2,

@@ -68,10 +68,10 @@ fn each_session_runs_in_its_own_cgroup_as_the_account_with_a_clean_environment()
         .spawn()
         .unwrap();
     agent.wait_for(10, "the session to be listed", || {
-        stdout(&agent.usher(&["sessions"])).contains(&login)
+        stdout(&agent.usher(&["sessions", "--json"])).contains(&login)
     });
     let status: serde_json::Value =
-        serde_json::from_slice(&agent.usher(&["status"]).stdout).unwrap();
+        serde_json::from_slice(&agent.usher(&["status", "--json"]).stdout).unwrap();
     assert_eq!(status["sessions"], 1, "{status}");
     assert!(
         status["accounts"]
@@ -85,7 +85,7 @@ fn each_session_runs_in_its_own_cgroup_as_the_account_with_a_clean_environment()
     hang_up(&mut live);
     // The client hung up: the session's process gets SIGHUP and the cgroup goes.
     agent.wait_for(10, "the session to end after the client hung up", || {
-        !stdout(&agent.usher(&["sessions"])).contains(&login)
+        !stdout(&agent.usher(&["sessions", "--json"])).contains(&login)
     });
 }
 

@@ -542,7 +542,7 @@ fn a_full_spool_refuses_new_sessions_with_the_reason_and_keeps_what_it_has() {
     );
     assert_eq!(agent.recorded_sessions(), kept, "the spool changed");
     let status: serde_json::Value =
-        serde_json::from_slice(&agent.usher(&["status"]).stdout).unwrap();
+        serde_json::from_slice(&agent.usher(&["status", "--json"]).stdout).unwrap();
     assert!(
         status["spool"]["bytes"].as_u64().unwrap() >= 40000 - 16384,
         "{status}"

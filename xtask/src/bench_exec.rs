@@ -12,6 +12,7 @@ use crate::util::{bench_scale_note, bench_scaled, cargo, is_root, release_dir, r
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use usher_test_support::free_port;
 
 const FULL_EXECS: u64 = 20_000;
 const ROUNDS: usize = 5;
@@ -44,7 +45,6 @@ fn v2_mount() -> Result<PathBuf, String> {
 /// session's (exec copies the environment, so its size counts); returns seconds.
 fn local_loop(cgroup: &Path, uid: u32, gid: u32) -> Result<f64, String> {
     use std::os::unix::process::CommandExt;
-    let procs = cgroup.join("cgroup.procs");
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(loop_script());
     cmd.env_clear()
@@ -56,23 +56,44 @@ fn local_loop(cgroup: &Path, uid: u32, gid: u32) -> Result<f64, String> {
         .env("MAIL", "/var/mail/bx-bench")
         .env("USHER_SESSION", "00000000T000000Z-00000000")
         .env("SSH_CLIENT", "127.0.0.1:40000")
-        .current_dir("/");
-    // SAFETY: the child only writes its pid to a file before exec.
-    // Into the cgroup while still root, then become the user.
-    unsafe {
-        cmd.pre_exec(move || {
-            std::fs::write(&procs, "0")?;
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cmd.output().map_err(|e| e.to_string())?;
+        .current_dir("/")
+        // Become the user (with no supplementary groups: std drops them) before exec.
+        .uid(uid)
+        .gid(gid)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = spawn_in_cgroup(&mut cmd, cgroup)?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
     parse_ns(&out.stdout)
+}
+
+/// Starts `cmd` inside `cgroup`: it is forked while this process stands in the cgroup, so
+/// the child is there from its first exec on, and this process goes back where it was.
+fn spawn_in_cgroup(cmd: &mut Command, cgroup: &Path) -> Result<Child, String> {
+    let home = own_cgroup()?;
+    let join = |dir: &Path| {
+        std::fs::write(dir.join("cgroup.procs"), "0")
+            .map_err(|e| format!("joining {}: {e}", dir.display()))
+    };
+    join(cgroup)?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("{:?}: {e}", cmd.get_program()));
+    let back = join(&home);
+    let child = child?;
+    back?;
+    Ok(child)
+}
+
+/// The cgroup (v2) this process is in.
+fn own_cgroup() -> Result<PathBuf, String> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let relative = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
+    Ok(v2_mount()?.join(relative.trim_start_matches('/')))
 }
 
 fn parse_ns(out: &[u8]) -> Result<f64, String> {
@@ -398,10 +419,7 @@ pub fn run() -> Result<(), String> {
     let cgroup = v2_mount()?.join(format!("usher-bench-exec-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("policies")).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&cgroup).map_err(|e| format!("{}: {e}", cgroup.display()))?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| e.to_string())?;
+    let port = free_port();
     let mut c = Cleanup {
         dir: dir.clone(),
         cgroup: cgroup.clone(),

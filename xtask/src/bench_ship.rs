@@ -6,10 +6,14 @@
 //! CPU it spends shipping a recording next to the CPU it spent recording it.
 //! `USHER_BENCH_SCALE` shrinks the sessions for a smoke test.
 
-use crate::util::{bench_scale_note, bench_scaled, cargo, is_root, release_dir, run as run_cmd};
+use crate::util::{
+    bench_scale_note, bench_scaled, cargo, install_signed_grant, is_root, release_dir,
+    run as run_cmd,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use usher_test_support::{free_port, wait_for_port, SshClient, TestCa};
 
 const AGENTS: usize = 8;
 const SESSIONS_PER_AGENT: u64 = 25;
@@ -39,25 +43,6 @@ impl Drop for Procs {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_port(port: u16) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            return Err(format!("nothing on port {port}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
 /// CPU seconds (user + system) a process has used.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -75,72 +60,12 @@ fn cpu_secs(pid: u32) -> f64 {
             .get(12)
             .and_then(|s| s.parse::<f64>().ok())
             .unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-fn certs(dir: &Path) -> Result<(), String> {
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .map_err(|e| e.to_string())?;
-    let ossl = |args: &[&str]| {
-        run_cmd(
-            Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .stderr(Stdio::null()),
-        )
-    };
-    ossl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=bench CA",
-    ])?;
-    ossl(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ])?;
-    ossl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ])
+    // Linux reports CPU times in USER_HZ, 100 wherever sysconf cannot say.
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    ticks / ticks_per_second as f64
 }
 
 /// A finished session's three files, as an agent's recorder leaves them.
@@ -225,14 +150,16 @@ pub fn run() -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let mut procs = Procs(vec![], dir.clone());
-    certs(&dir)?;
-    let ca = dir.join("ca.pem");
+    let certs = TestCa::create(&dir).map_err(|e| e.to_string())?;
+    let ca = certs.ca_pem();
     let collector_port = free_port();
 
     // Agents' identities first (host keys, tokens), so the collector knows them all.
     let mut agents = Vec::new();
     let mut collector_cfg = format!(
-        "listen = \"127.0.0.1:{collector_port}\"\ntls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\"\ndata_dir = \"{d}/collector\"\nviewer_tokens = [\"bench-viewer\"]\n",
+        "listen = \"127.0.0.1:{collector_port}\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\ndata_dir = \"{d}/collector\"\nviewer_tokens = [\"bench-viewer\"]\n",
+        cert = certs.server_cert().display(),
+        key = certs.server_key().display(),
         d = dir.display()
     );
     let mut total_bytes = 0u64;
@@ -288,7 +215,7 @@ pub fn run() -> Result<(), String> {
         .spawn()
         .map_err(|e| e.to_string())?;
     procs.0.push(collector);
-    wait_port(collector_port)?;
+    wait_for_port(collector_port, Duration::from_secs(20)).map_err(|e| e.to_string())?;
 
     let start = Instant::now();
     let mut pids = Vec::new();
@@ -382,7 +309,7 @@ pub fn run() -> Result<(), String> {
         .and_then(|r| r.split('"').next())
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
-    wait_port(ssh_port)?;
+    wait_for_port(ssh_port, Duration::from_secs(20)).map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_millis(300));
     let key = adir.join("id_ed25519");
     run_cmd(
@@ -390,42 +317,33 @@ pub fn run() -> Result<(), String> {
             .args(["-q", "-t", "ed25519", "-N", "", "-f"])
             .arg(&key),
     )?;
-    let token = Command::new(bin.join("usher"))
-        .args(["grant", "sign", "--local", "--state-dir"])
-        .arg(adir.join("state"))
-        .args([
-            "--aud",
-            &format!("bench-host-{AGENTS}"),
-            "--iss",
-            &format!("usher-local:bench-host-{AGENTS}"),
-            "--sub",
-            "bench",
-            "--login",
-            "bs-bench",
-            "--ttl",
-            "3600",
-            "--ssh-key",
-        ])
-        .arg(key.with_extension("pub"))
-        .output()
-        .map_err(|e| e.to_string())?;
-    run_cmd(
+    install_signed_grant(
         Command::new(bin.join("usher"))
-            .arg("--socket")
-            .arg(adir.join("control.sock"))
+            .args(["grant", "sign", "--local", "--state-dir"])
+            .arg(adir.join("state"))
             .args([
-                "grant",
-                "install",
-                String::from_utf8_lossy(&token.stdout).trim(),
+                "--aud",
+                &format!("bench-host-{AGENTS}"),
+                "--iss",
+                &format!("usher-local:bench-host-{AGENTS}"),
+                "--sub",
+                "bench",
+                "--login",
+                "bs-bench",
+                "--ttl",
+                "3600",
+                "--ssh-key",
             ])
-            .stdout(Stdio::null()),
+            .arg(key.with_extension("pub")),
+        &bin.join("usher"),
+        &adir.join("control.sock"),
     )?;
     let cpu0 = cpu_secs(child.id());
     let st = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes -o IdentitiesOnly=yes -i {} -p {ssh_port} bs-bench@127.0.0.1 'yes \"the quick brown fox jumps over the lazy dog 0123456789\" | head -c {}' > /dev/null",
-            key.display(),
+            "{} 'yes \"the quick brown fox jumps over the lazy dog 0123456789\" | head -c {}' > /dev/null",
+            SshClient::new(&key, ssh_port).shell_line("bs-bench"),
             bench_scaled(RECORD_MB << 20)
         ))
         .status()

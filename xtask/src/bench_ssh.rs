@@ -4,11 +4,15 @@
 //! curve25519). Prints the numbers and the ratios. `USHER_BENCH_SCALE` shrinks the sizes
 //! and counts for a smoke test.
 
-use crate::util::{bench_scale_note, bench_scaled, cargo, is_root, release_dir, run as run_cmd};
+use crate::util::{
+    bench_scale_note, bench_scaled, cargo, install_signed_grant, is_root, release_dir,
+    run as run_cmd,
+};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use usher_test_support::{free_port, wait_for_port, SshClient};
 
 const UPLOAD_BYTES: u64 = 1 << 30;
 const DOWNLOAD_BYTES: u64 = 256 << 20;
@@ -70,46 +74,17 @@ impl Drop for Bench {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn wait_port(port: u16) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err(format!("nothing listens on port {port}"))
-}
-
 pub(crate) fn ssh_args(bench: &Bench, t: &Target) -> Vec<String> {
-    vec![
-        "-o".into(),
-        "StrictHostKeyChecking=no".into(),
-        "-o".into(),
-        "UserKnownHostsFile=/dev/null".into(),
-        "-o".into(),
-        "LogLevel=ERROR".into(),
-        "-o".into(),
-        "BatchMode=yes".into(),
-        "-o".into(),
-        "IdentitiesOnly=yes".into(),
-        "-o".into(),
+    // The pinned key exchange and cipher first: ssh takes the first value it is given.
+    [
+        "-o".to_string(),
         format!("KexAlgorithms={KEX}"),
         "-o".into(),
         format!("Ciphers={CIPHER}"),
-        "-i".into(),
-        bench.key.display().to_string(),
-        "-p".into(),
-        t.port.to_string(),
-        format!("{}@127.0.0.1", t.user),
     ]
+    .into_iter()
+    .chain(SshClient::new(&bench.key, t.port).args(&t.user))
+    .collect()
 }
 
 /// Proportional set size: shared pages (libraries, sshd's per-connection forks) are
@@ -410,37 +385,32 @@ pub(crate) fn start_servers(usherd_extra: &str) -> Result<(Bench, Target, Target
     let usherd_pid = usherd.id();
     bench.children.push(usherd);
     bench.usherd = Some(bin.join("usherd"));
-    wait_port(sshd_port)?;
-    wait_port(usher_port)?;
+    for port in [sshd_port, usher_port] {
+        wait_for_port(port, Duration::from_secs(20)).map_err(|e| e.to_string())?;
+    }
     std::thread::sleep(Duration::from_millis(300));
-    let token = Command::new(bin.join("usher"))
-        .args(["grant", "sign", "--key"])
-        .arg(dir.join("issuer/issuer.key"))
-        .args([
-            "--kid",
-            "b1",
-            "--iss",
-            "bench",
-            "--aud",
-            "bench",
-            "--sub",
-            "bench",
-            "--login",
-            "bn-bench",
-            "--ttl",
-            "7200",
-            "--ssh-key",
-        ])
-        .arg(bench.key.with_extension("pub"))
-        .output()
-        .map_err(|e| e.to_string())?;
-    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
-    run_cmd(
+    install_signed_grant(
         Command::new(bin.join("usher"))
-            .arg("--socket")
-            .arg(dir.join("control.sock"))
-            .args(["grant", "install", &token])
-            .stdout(Stdio::null()),
+            .args(["grant", "sign", "--key"])
+            .arg(dir.join("issuer/issuer.key"))
+            .args([
+                "--kid",
+                "b1",
+                "--iss",
+                "bench",
+                "--aud",
+                "bench",
+                "--sub",
+                "bench",
+                "--login",
+                "bn-bench",
+                "--ttl",
+                "7200",
+                "--ssh-key",
+            ])
+            .arg(bench.key.with_extension("pub")),
+        &bin.join("usher"),
+        &dir.join("control.sock"),
     )?;
 
     let sshd_t = Target {

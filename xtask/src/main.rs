@@ -1,5 +1,7 @@
 //! `cargo xtask`: set-up, eBPF build, running the agent, tests and benchmarks.
 
+#![deny(unsafe_code)]
+
 mod bench_exec;
 mod bench_flood;
 mod bench_ship;

@@ -7,6 +7,7 @@ use crate::util::{is_root, run, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use usher_test_support::{free_port, SshClient};
 
 const CACHE: &str = "/var/tmp/usher-nspawn";
 
@@ -195,13 +196,6 @@ fn boot(base: &Path, name: &str) -> Result<Container, String> {
     Ok(container)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(22222)
-}
-
 pub fn run_test() -> Result<(), String> {
     if !is_root() {
         return Err("the package test runs as root (it boots a container)".into());
@@ -320,25 +314,11 @@ pub fn run_test() -> Result<(), String> {
         ok && text.contains("jit-pkg"),
         || text.clone(),
     );
+    let client = SshClient::new(&key, port);
     let ssh = |cmd: &str| {
-        Command::new("timeout")
-            .args([
-                "60",
-                "ssh",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-i",
-            ])
-            .arg(&key)
-            .args(["-p", &port.to_string(), "jit-pkg@127.0.0.1", cmd])
+        client
+            .command_within(60, "jit-pkg")
+            .arg(cmd)
             .stdin(Stdio::null())
             .output()
     };
@@ -364,29 +344,9 @@ pub fn run_test() -> Result<(), String> {
     );
 
     // A live session across a reload.
-    let live = Command::new("timeout")
-        .args([
-            "120",
-            "ssh",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-i",
-        ])
-        .arg(&key)
-        .args([
-            "-p",
-            &port.to_string(),
-            "jit-pkg@127.0.0.1",
-            "sleep 20; echo still-here",
-        ])
+    let live = client
+        .command_within(120, "jit-pkg")
+        .arg("sleep 20; echo still-here")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -414,7 +374,7 @@ pub fn run_test() -> Result<(), String> {
         ok && text.ends_with("-2"),
         || text.clone(),
     );
-    let (ok, text) = c.sh("for i in $(seq 1 50); do systemctl is-active --quiet usherd && break; sleep 0.2; done; systemctl is-active usherd; usher grant list; getent passwd jit-pkg; grep -c 127.0.0.1 /etc/usher/usherd.toml; ls /var/spool/usher | wc -l");
+    let (ok, text) = c.sh("for i in $(seq 1 50); do systemctl is-active --quiet usherd && break; sleep 0.2; done; systemctl is-active usherd; usher grant list --json; getent passwd jit-pkg; grep -c 127.0.0.1 /etc/usher/usherd.toml; ls /var/spool/usher | wc -l");
     checks.check(
         "after the upgrade: running, grant and account kept, config kept",
         ok && text.contains("active") && text.contains("jit-pkg") && text.contains("pkg@test"),

@@ -34,24 +34,41 @@ pub fn all() -> Result<(), String> {
     moto()
 }
 
-/// moto's S3-compatible server (PyPI), for the collector's S3 tests.
-pub fn moto() -> Result<(), String> {
-    if Command::new("sh")
-        .args(["-c", "command -v moto_server"])
+/// Whether `sh -c script` succeeds.
+fn shell_succeeds(script: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", script])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
-    {
+}
+
+/// moto's S3-compatible server (PyPI), for the collector's S3 tests.
+pub fn moto() -> Result<(), String> {
+    if shell_succeeds("command -v moto_server") {
         return Ok(());
     }
-    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "moto[server]"]))
+    // pip may come from elsewhere than Debian's packages; it only has to run.
+    if !shell_succeeds("python3 -m pip --version") {
+        ensure_packages(&["python3-pip"])?;
+    }
+    let pip_install = || {
+        let mut c = Command::new("python3");
+        c.args(["-m", "pip", "install", "--quiet", "moto[server]"]);
+        c
+    };
+    // Debian 12's own Python refuses pip into the system (PEP 668) unless told otherwise.
+    run(&mut pip_install()).or_else(|_| run(pip_install().arg("--break-system-packages")))
 }
 
 /// asciinema-player (from the npm registry) for the collector's replay page, in
 /// target/web-assets; the collector serves it from there (`assets_dir`).
 pub fn player_assets() -> Result<(), String> {
     let dest = workspace_root().join("target/web-assets");
-    if dest.join("asciinema-player.min.js").exists() {
+    if ["asciinema-player.min.js", "asciinema-player.css"]
+        .iter()
+        .all(|f| dest.join(f).exists())
+    {
         return Ok(());
     }
     // Node may come from elsewhere than Debian's packages; it only has to run.

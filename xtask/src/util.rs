@@ -1,5 +1,5 @@
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -69,4 +69,31 @@ pub fn release_dir() -> PathBuf {
         })
         .unwrap_or_else(|| workspace_root().join("target"))
         .join("release")
+}
+
+/// Runs `sign` (an `usher grant sign ...`) and installs the grant it prints with `usher`
+/// through the agent's `control_socket`.
+pub fn install_signed_grant(
+    sign: &mut Command,
+    usher: &Path,
+    control_socket: &Path,
+) -> Result<(), String> {
+    let signed = sign
+        .output()
+        .map_err(|e| format!("{:?}: {e}", sign.get_program()))?;
+    if !signed.status.success() {
+        return Err(format!(
+            "{sign:?} failed: {}",
+            String::from_utf8_lossy(&signed.stderr).trim()
+        ));
+    }
+    run(Command::new(usher)
+        .arg("--socket")
+        .arg(control_socket)
+        .args([
+            "grant",
+            "install",
+            String::from_utf8_lossy(&signed.stdout).trim(),
+        ])
+        .stdout(Stdio::null()))
 }

@@ -54,12 +54,18 @@ struct Image {
     nlink: u32,
 }
 
+/// # Safety
+/// `T` must be valid for any bytes (integers, kernel pointers as `u64`): the probe read
+/// copies whatever is at `base + offset`, and fails instead of faulting on a bad address.
 #[inline(always)]
 unsafe fn read<T>(base: u64, offset: u32) -> Option<T> {
     bpf_probe_read_kernel((base + offset as u64) as *const T).ok()
 }
 
 /// Device and inode of an inode pointer.
+///
+/// # Safety
+/// Only probe reads (`read`) at the offsets the agent took from this kernel's BTF.
 #[inline(always)]
 unsafe fn file_key(o: &Offsets, inode: u64) -> Option<FileKey> {
     let ino: u64 = read(inode, o.inode_ino)?;
@@ -69,6 +75,9 @@ unsafe fn file_key(o: &Offsets, inode: u64) -> Option<FileKey> {
 }
 
 /// The file behind a `struct file *`, and the directory it was opened through.
+///
+/// # Safety
+/// Only probe reads (`read`) at the offsets the agent took from this kernel's BTF.
 #[inline(always)]
 unsafe fn image_of(o: &Offsets, file: u64) -> Option<Image> {
     let inode: u64 = read(file, o.file_inode)?;
@@ -82,6 +91,10 @@ unsafe fn image_of(o: &Offsets, file: u64) -> Option<Image> {
 }
 
 /// The verdict for `image` under `policy`, and the rule that decided it.
+///
+/// # Safety
+/// Map values are copied as soon as they are looked up: the agent may change the maps at
+/// any time, which only gives this exec the verdict of the policy before or after.
 #[inline(always)]
 unsafe fn decide(cgroup_id: u64, policy: &SessionPolicy, image: &Image) -> (bool, u32) {
     if policy.mode == MODE_AUDIT {
@@ -109,6 +122,13 @@ unsafe fn decide(cgroup_id: u64, policy: &SessionPolicy, image: &Image) -> (bool
     }
 }
 
+/// Writes one `ExecEvent` into the ring buffer (or counts it lost).
+///
+/// # Safety
+/// `filename`, if given, points at the tracepoint record's NUL-terminated name (read with a
+/// bounded probe read). Writes go only to the entry reserved here (sized for an ExecEvent,
+/// ours until submitted) and to this CPU's `LOST` slot (per CPU: nothing else writes it
+/// while this program runs).
 #[inline(always)]
 unsafe fn report(o: &Offsets, cgroup_id: u64, image: &Image, verdict: u32, rule: u32, filename: Option<(*const u8, usize)>) {
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
@@ -167,9 +187,13 @@ const WAKE_AT_BYTES: u64 = 128 * 1024;
 
 #[tracepoint]
 pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    // SAFETY: the kernel runs this program with the sched_process_exec record as context.
     unsafe { on_exec(&ctx) }
 }
 
+/// # Safety
+/// `ctx` is a sched_process_exec record: `filename` is its `__data_loc` field at offset 8,
+/// whose offset and length stay within the record.
 unsafe fn on_exec(ctx: &TracePointContext) -> u32 {
     let cgroup_id = bpf_get_current_cgroup_id();
     // Programs outside every session are not looked at further.
@@ -200,9 +224,14 @@ unsafe fn on_exec(ctx: &TracePointContext) -> u32 {
 
 #[lsm(hook = "bprm_check_security")]
 pub fn bprm_check(ctx: LsmContext) -> i32 {
+    // SAFETY: the kernel runs this program at bprm_check_security, whose first argument
+    // is the `struct linux_binprm *`.
     unsafe { on_bprm_check(&ctx) }
 }
 
+/// # Safety
+/// `ctx` is bprm_check_security's: argument 0 is the `struct linux_binprm *` (read only
+/// through probe reads).
 unsafe fn on_bprm_check(ctx: &LsmContext) -> i32 {
     let cgroup_id = bpf_get_current_cgroup_id();
     let Some(policy) = SESSIONS.get(&cgroup_id) else {
@@ -224,6 +253,9 @@ unsafe fn on_bprm_check(ctx: &LsmContext) -> i32 {
 /// Whether a file may be mapped executable in a session under `policy`: what the profile's
 /// rules name decides as for an exec; in an allow list, shared libraries (files owned by
 /// root that nobody else may write) are covered too, since every dynamic program maps them.
+///
+/// # Safety
+/// As `decide`: map values are copied at once; `file` is read only through probe reads.
 #[inline(always)]
 unsafe fn decide_mapping(o: &Offsets, cgroup_id: u64, policy: &SessionPolicy, file: u64, image: &Image) -> (bool, u32) {
     if policy.flags & FLAG_DENY_UNLINKED != 0 && image.nlink == 0 {
@@ -255,6 +287,9 @@ unsafe fn decide_mapping(o: &Offsets, cgroup_id: u64, policy: &SessionPolicy, fi
 }
 
 /// The shared part of `mmap_file` and `file_mprotect`: 0 lets the mapping be, -EPERM refuses.
+///
+/// # Safety
+/// `file` is a `struct file *` or 0, read only through probe reads.
 #[inline(always)]
 unsafe fn check_mapping(file: u64, prot: u64) -> i32 {
     // Anonymous memory and mappings that do not execute are not the policy's business.
@@ -286,6 +321,7 @@ pub fn mmap_file(ctx: LsmContext) -> i32 {
     if earlier != 0 {
         return earlier;
     }
+    // SAFETY: arguments 0 (the file, or 0 for anonymous memory) and 2 (prot) as above.
     unsafe { check_mapping(ctx.arg(0), ctx.arg(2)) }
 }
 
@@ -297,6 +333,8 @@ pub fn file_mprotect(ctx: LsmContext) -> i32 {
     if earlier != 0 {
         return earlier;
     }
+    // SAFETY: argument 0 is the vma (read only through probe reads), argument 2 is prot;
+    // the OFFSETS value is copied from the map at once.
     unsafe {
         let Some(o) = OFFSETS.get(0) else { return 0 };
         let vma: u64 = ctx.arg(0);

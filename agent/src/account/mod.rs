@@ -11,13 +11,14 @@
 mod deny_lists;
 mod passwd;
 mod reap;
+mod settings;
 pub mod sshd;
 
 pub use deny_lists::DenyLists;
 pub use passwd::{lookup_group, PasswdEntry};
 pub use reap::{kill_uid_processes, remove_leftovers, uids_in_use};
+pub use settings::{AccountsConfig, AccountsConfigError};
 
-use crate::config::AccountsConfig;
 use crate::fsutil;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -70,12 +71,82 @@ pub enum AccountError {
     RangeFull(u32, u32),
     #[error("group {0:?} does not exist on this host")]
     NoSuchGroup(String),
-    #[error("{tool} failed: {detail}")]
-    Tool { tool: &'static str, detail: String },
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("useradd succeeded but {0} is not in /etc/passwd")]
+    MissingAfterUseradd(String),
     #[error("cannot list the account in the host's cron/at deny lists: {0}")]
     DenyList(std::io::Error),
+    #[error("state file {}: {source}", path.display())]
+    StateCorrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("state file: {0}")]
     State(#[from] std::io::Error),
+}
+
+/// A shadow-utils tool (useradd, usermod, userdel, loginctl) that did not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("{tool} failed: {source}")]
+    NotRun {
+        tool: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{tool} failed: {status}: {stderr}")]
+    Failed {
+        tool: &'static str,
+        status: std::process::ExitStatus,
+        failure: ToolFailure,
+        stderr: String,
+    },
+}
+
+/// What a failed shadow-utils tool reported, by the exit codes useradd(8), usermod(8)
+/// and userdel(8) share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFailure {
+    /// Another process held the passwd or group files' lock (exit 10, "cannot update the
+    /// group file", or exit 1 with "cannot lock" in its message).
+    Locked,
+    /// Exit 4: the UID is taken.
+    UidInUse,
+    /// Exit 6: the user or a group does not exist.
+    NoSuchUserOrGroup,
+    /// Exit 8: the user is logged in (userdel, usermod).
+    InUse,
+    /// Exit 9: the name is taken (useradd, usermod).
+    NameInUse,
+    /// Exit 12: the home directory could not be created, moved or removed.
+    HomeDirectory,
+    Other,
+}
+
+impl ToolFailure {
+    /// The tools say that a lock is held only in words for most of their lock files; the
+    /// words are read here, once, and nowhere else.
+    fn of(code: Option<i32>, stderr: &str) -> ToolFailure {
+        match code {
+            Some(10) => ToolFailure::Locked,
+            _ if stderr.contains("lock") => ToolFailure::Locked,
+            Some(4) => ToolFailure::UidInUse,
+            Some(6) => ToolFailure::NoSuchUserOrGroup,
+            Some(8) => ToolFailure::InUse,
+            Some(9) => ToolFailure::NameInUse,
+            Some(12) => ToolFailure::HomeDirectory,
+            _ => ToolFailure::Other,
+        }
+    }
+}
+
+impl ToolError {
+    pub fn failure(&self) -> Option<ToolFailure> {
+        match self {
+            ToolError::NotRun { .. } => None,
+            ToolError::Failed { failure, .. } => Some(*failure),
+        }
+    }
 }
 
 pub struct Accounts {
@@ -95,11 +166,9 @@ impl Accounts {
     ) -> Result<Accounts, AccountError> {
         let state_path = state_dir.join("accounts.json");
         let state = match std::fs::read(&state_path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{}: {e}", state_path.display()),
-                )
+            Ok(b) => serde_json::from_slice(&b).map_err(|source| AccountError::StateCorrupt {
+                path: state_path.clone(),
+                source,
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
             Err(e) => return Err(e.into()),
@@ -246,7 +315,7 @@ impl Accounts {
         ];
         if let Err(e) = run("useradd", &args) {
             let _ = self.deny_lists.remove(login);
-            return Err(e);
+            return Err(e.into());
         }
         self.state.accounts.insert(
             login.to_string(),
@@ -262,10 +331,7 @@ impl Accounts {
         let entry = passwd
             .iter()
             .find(|e| e.name == login)
-            .ok_or_else(|| AccountError::Tool {
-                tool: "useradd",
-                detail: "account missing from /etc/passwd after useradd".into(),
-            })?;
+            .ok_or_else(|| AccountError::MissingAfterUseradd(login.to_string()))?;
         Ok((self.account_of(entry, group_ids), true))
     }
 
@@ -314,9 +380,9 @@ impl Accounts {
         remove_leftovers(login, entry.uid);
         match run("userdel", &["--remove", "--", login]) {
             Ok(()) => {}
-            // 12: the home directory could not be removed (already gone): the account is.
-            Err(AccountError::Tool { detail, .. }) if detail.contains("exit status: 12") => {}
-            Err(e) => return Err(e),
+            // The home directory could not be removed (already gone): the account is.
+            Err(e) if e.failure() == Some(ToolFailure::HomeDirectory) => {}
+            Err(e) => return Err(e.into()),
         }
         if entry.home.starts_with(&self.config.home_base) && entry.home.exists() {
             let _ = std::fs::remove_dir_all(&entry.home);
@@ -371,7 +437,8 @@ impl Accounts {
             .lookup(login)
             .ok_or_else(|| AccountError::NotManaged(login.into()))?;
         let hash = crypt_hash.unwrap_or("!");
-        run("usermod", &["--password", hash, "--", &entry.name])
+        run("usermod", &["--password", hash, "--", &entry.name])?;
+        Ok(())
     }
 
     /// Puts back the recording shell of any account this agent made whose login shell was
@@ -441,33 +508,31 @@ fn day_string(unix_day: i64) -> String {
 
 /// Runs a shadow-utils tool with arguments (never through a shell). Retries while another
 /// process holds the passwd lock.
-fn run(tool: &'static str, args: &[&str]) -> Result<(), AccountError> {
-    let mut last = String::new();
-    for attempt in 0..20 {
+fn run(tool: &'static str, args: &[&str]) -> Result<(), ToolError> {
+    let mut attempt = 0;
+    loop {
         let out = Command::new(tool)
             .args(args)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .output()
-            .map_err(|e| AccountError::Tool {
-                tool,
-                detail: e.to_string(),
-            })?;
+            .map_err(|source| ToolError::NotRun { tool, source })?;
         if out.status.success() {
             return Ok(());
         }
-        last = format!(
-            "{}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        let locked = last.contains("lock") || out.status.code() == Some(10);
-        if !locked {
-            break;
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let failure = ToolFailure::of(out.status.code(), &stderr);
+        attempt += 1;
+        if failure != ToolFailure::Locked || attempt == 20 {
+            return Err(ToolError::Failed {
+                tool,
+                status: out.status,
+                failure,
+                stderr,
+            });
         }
-        std::thread::sleep(std::time::Duration::from_millis(50 * (attempt + 1)));
+        std::thread::sleep(std::time::Duration::from_millis(50 * attempt));
     }
-    Err(AccountError::Tool { tool, detail: last })
 }
 
 #[cfg(test)]
@@ -524,6 +589,61 @@ mod tests {
         let again = Accounts::open(&AccountsConfig::default(), Path::new("/bin/sh"), &dir).unwrap();
         assert_eq!(again.names(), ["jit-made"]);
         assert_eq!(again.state.next_uid, None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tool_failures_are_classified_by_exit_code() {
+        assert_eq!(
+            ToolFailure::of(Some(12), "userdel: /home/jit-a not found"),
+            ToolFailure::HomeDirectory
+        );
+        assert_eq!(
+            ToolFailure::of(
+                Some(8),
+                "userdel: user jit-a is currently used by process 7"
+            ),
+            ToolFailure::InUse
+        );
+        assert_eq!(ToolFailure::of(Some(10), ""), ToolFailure::Locked);
+        assert_eq!(
+            ToolFailure::of(
+                Some(1),
+                "useradd: cannot lock /etc/passwd; try again later."
+            ),
+            ToolFailure::Locked
+        );
+        assert_eq!(
+            ToolFailure::of(Some(9), "useradd: user 'jit-a' already exists"),
+            ToolFailure::NameInUse
+        );
+        assert_eq!(ToolFailure::of(Some(4), ""), ToolFailure::UidInUse);
+        assert_eq!(ToolFailure::of(Some(6), ""), ToolFailure::NoSuchUserOrGroup);
+        assert_eq!(ToolFailure::of(None, "killed"), ToolFailure::Other);
+    }
+
+    #[test]
+    fn a_missing_tool_is_not_run_and_says_which() {
+        let e = run("usher-no-such-tool", &[]).unwrap_err();
+        assert!(matches!(
+            e,
+            ToolError::NotRun {
+                tool: "usher-no-such-tool",
+                ..
+            }
+        ));
+        assert_eq!(e.failure(), None);
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_an_error_not_an_empty_state() {
+        let dir = std::env::temp_dir().join(format!("usher-corrupt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("accounts.json"), "{").unwrap();
+        assert!(matches!(
+            Accounts::open(&AccountsConfig::default(), Path::new("/bin/sh"), &dir),
+            Err(AccountError::StateCorrupt { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

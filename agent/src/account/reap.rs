@@ -2,6 +2,7 @@
 //! IPC objects, mail, and files in the places every user may write. The same places answer
 //! whether a UID still owns anything on the host, so that it is not handed out again.
 
+use crate::system::ipc::{self, IpcKind};
 use std::collections::BTreeSet;
 use std::fs::Metadata;
 use std::ops::RangeInclusive;
@@ -224,13 +225,6 @@ pub fn ensure_mqueue_mounted() -> std::io::Result<()> {
     .map_err(std::io::Error::from)
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum IpcKind {
-    SharedMemory,
-    MessageQueue,
-    Semaphores,
-}
-
 struct IpcTable {
     kind: IpcKind,
     proc_file: &'static str,
@@ -297,7 +291,7 @@ fn remove_ipc_objects(uid: u32) -> usize {
     for table in &IPC_KINDS {
         for obj in ipc_objects(table.proc_file) {
             if obj.uid == uid || obj.creator_uid == uid {
-                match ipc_remove(table.kind, obj.id) {
+                match ipc::remove(table.kind, obj.id) {
                     Ok(()) => removed += 1,
                     Err(e) => {
                         log::warn!(target: "usher::account", "cannot remove {:?} {} of uid {uid}: {e}", table.kind, obj.id)
@@ -307,27 +301,6 @@ fn remove_ipc_objects(uid: u32) -> usize {
         }
     }
     removed
-}
-
-fn ipc_remove(kind: IpcKind, id: i32) -> std::io::Result<()> {
-    // SAFETY: IPC_RMID takes no buffer (a null pointer is what the man pages prescribe) and
-    // touches no memory of ours; a stale id only makes the call fail.
-    let rc = unsafe {
-        match kind {
-            IpcKind::SharedMemory => libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()),
-            IpcKind::MessageQueue => libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()),
-            IpcKind::Semaphores => libc::semctl(id, 0, libc::IPC_RMID),
-        }
-    };
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        // Gone already (removed meanwhile, or a segment marked for removal): fine.
-        if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EIDRM) {
-            return Ok(());
-        }
-        return Err(e);
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -21,20 +21,33 @@ pub fn denies_prefix(config: &str, prefix: &str) -> bool {
     })
 }
 
+/// Why the host's sshd may let the agent's accounts in.
+#[derive(Debug, thiserror::Error)]
+pub enum DropInProblem {
+    #[error("{drop_in} does not deny \"{prefix}*\": the host's sshd may let usher's accounts in; add `DenyUsers {prefix}*` there and reload sshd", drop_in = DROP_IN)]
+    DoesNotDeny { prefix: String },
+    #[error("{drop_in}: {source}: the host's sshd may let usher's accounts in; add `DenyUsers {prefix}*` there and reload sshd", drop_in = DROP_IN)]
+    Unreadable {
+        prefix: String,
+        source: std::io::Error,
+    },
+}
+
 /// What to tell the journal about the system sshd, if anything: None when no sshd is
 /// configured on this host or when the drop-in denies `prefix`.
-pub fn drop_in_problem(prefix: &str) -> Option<String> {
+pub fn drop_in_problem(prefix: &str) -> Option<DropInProblem> {
     if !Path::new("/etc/ssh/sshd_config").exists() {
         return None;
     }
     match std::fs::read_to_string(DROP_IN) {
         Ok(text) if denies_prefix(&text, prefix) => None,
-        Ok(_) => Some(format!(
-            "{DROP_IN} does not deny \"{prefix}*\": the host's sshd may let usher's accounts in; add `DenyUsers {prefix}*` there and reload sshd"
-        )),
-        Err(e) => Some(format!(
-            "{DROP_IN}: {e}: the host's sshd may let usher's accounts in; add `DenyUsers {prefix}*` there and reload sshd"
-        )),
+        Ok(_) => Some(DropInProblem::DoesNotDeny {
+            prefix: prefix.to_string(),
+        }),
+        Err(source) => Some(DropInProblem::Unreadable {
+            prefix: prefix.to_string(),
+            source,
+        }),
     }
 }
 

@@ -2,19 +2,17 @@
 //! it hands its terminal to `usherd`, which opens a recorded, enforced session in its own
 //! cgroup, and waits for it to end. Without the agent there is no session (fail closed).
 
-use std::io::{BufRead, BufReader, IoSlice, Write};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+#![deny(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use usher::console::{OpenRequest, ShellControl, ShellEvent};
-
-static WINDOW_CHANGED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_winch(_: libc::c_int) {
-    WINDOW_CHANGED.store(true, Ordering::SeqCst);
-}
+use usher::system::{signal, socket, term};
+use usher_wire::console::{
+    OpenRequest, ShellControl, ShellEvent, WindowSize, MAX_EVENT_LINE_BYTES,
+};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -60,57 +58,50 @@ fn run(stream: UnixStream, command: Option<String>) -> ExitCode {
         term: std::env::var("TERM").ok(),
         command,
     };
-    let payload = serde_json::to_vec(&request).unwrap_or_default();
-    let fds: [RawFd; 3] = [0, 1, 2];
-    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
-    if let Err(e) = nix::sys::socket::sendmsg::<()>(
-        stream.as_raw_fd(),
-        &[IoSlice::new(&payload)],
-        &cmsg,
-        nix::sys::socket::MsgFlags::empty(),
-        None,
-    ) {
+    let payload = match request.encode() {
+        Ok(p) => p,
+        Err(e) => return fail(&format!("cannot ask usherd for a session: {e}")),
+    };
+    let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+    let terminal = [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()];
+    if let Err(e) = socket::send_with_fds(&stream, &payload, &terminal) {
         return fail(&format!("cannot hand the terminal to usherd: {e}"));
     }
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGWINCH, on_winch as *const () as libc::sighandler_t);
-    }
+    let _ = signal::notice_window_changes();
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => return fail(&e.to_string()),
     };
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
+    let mut line = Vec::new();
     loop {
-        if WINDOW_CHANGED.swap(false, Ordering::SeqCst) {
-            let mut size: libc::winsize = unsafe { std::mem::zeroed() };
-            // SAFETY: TIOCGWINSZ fills a winsize.
-            if unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut size) } == 0 {
-                let msg = ShellControl {
-                    resize: Some((size.ws_col, size.ws_row)),
-                };
-                let mut out = serde_json::to_vec(&msg).unwrap_or_default();
-                out.push(b'\n');
-                let _ = writer.write_all(&out);
+        if signal::window_changed() {
+            if let Ok((cols, rows)) = term::window_size(std::io::stdin().as_fd()) {
+                let resize = ShellControl::Resize(WindowSize { cols, rows });
+                let _ = writer.write_all(&resize.encode());
             }
         }
-        match reader.read_line(&mut line) {
-            Ok(0) => return fail("usherd closed the session"),
+        // A line may arrive in pieces between timeouts: `line` keeps what came so far.
+        let room = (MAX_EVENT_LINE_BYTES + 1).saturating_sub(line.len()) as u64;
+        match (&mut reader).take(room).read_until(b'\n', &mut line) {
+            Ok(0) if line.is_empty() => return fail("usherd closed the session"),
+            // The rest of the line is still on its way.
+            Ok(n) if n > 0 && !line.ends_with(b"\n") && line.len() <= MAX_EVENT_LINE_BYTES => {}
             Ok(_) => {
-                let event: Result<ShellEvent, _> = serde_json::from_str(line.trim());
+                let event = ShellEvent::decode(&line);
                 line.clear();
                 match event {
                     Ok(ShellEvent::Refused { reason }) => {
                         return fail(&format!("console login refused: {reason}"))
                     }
-                    Ok(ShellEvent::Exit {
-                        status: Some(s), ..
-                    }) => return ExitCode::from(s.clamp(0, 255) as u8),
-                    Ok(ShellEvent::Exit { signal, .. }) => {
-                        return ExitCode::from((128 + signal.unwrap_or(1)).clamp(0, 255) as u8)
+                    Ok(ShellEvent::Exited { status }) => {
+                        return ExitCode::from(status.clamp(0, 255) as u8)
                     }
+                    Ok(ShellEvent::Killed { signal }) => {
+                        return ExitCode::from((128 + signal).clamp(0, 255) as u8)
+                    }
+                    // An event of a newer agent: the session goes on.
                     Err(_) => {}
                 }
             }

@@ -1,12 +1,15 @@
 //! `usher`: the command-line tool — a small issuer (keygen, grant sign) and the client of
 //! the local agent (grant install/list/revoke, status, sessions), and a cast player.
 
+#![deny(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use usher::control::{call, Request};
+use usher::control::{CallError, Client};
 use usher::grant::{Audience, Claims, KeyAlg};
+use usher_wire::control as wire;
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +20,10 @@ struct Cli {
     /// The agent's control socket.
     #[arg(long, global = true, default_value = "/run/usher/control.sock")]
     socket: PathBuf,
+    /// The agent's answer as JSON, for scripts (grant install/list/revoke, status,
+    /// sessions); aligned text without it.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -130,14 +137,47 @@ fn main() -> ExitCode {
     }
 }
 
-fn print(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+/// What went wrong, for the one line `usher` prints before it fails.
+#[derive(Debug, thiserror::Error)]
+enum UsherError {
+    #[error(transparent)]
+    Agent(#[from] CallError),
+    #[error("{0}")]
+    Other(String),
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+impl From<String> for UsherError {
+    fn from(message: String) -> UsherError {
+        UsherError::Other(message)
+    }
+}
+
+impl From<&str> for UsherError {
+    fn from(message: &str) -> UsherError {
+        UsherError::Other(message.to_string())
+    }
+}
+
+/// Prints the agent's answer: pretty JSON with `--json`, else as `as_text` words it.
+fn show<T: serde::Serialize + ?Sized>(
+    json: bool,
+    answer: &T,
+    as_text: fn(&T) -> String,
+) -> Result<(), UsherError> {
+    if json {
+        let text = serde_json::to_string_pretty(answer).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        print!("{}", as_text(answer));
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<(), UsherError> {
+    let agent = Client::new(&cli.socket);
     match cli.command {
         Command::Keygen { out_dir, kid, alg } => {
-            let (pem, jwks) = usher::grant::keygen(alg, &kid)?;
+            let (pem, jwks) = usher::grant::keygen(alg, &kid).map_err(|e| e.to_string())?;
             usher::fsutil::private_dir(&out_dir, 0o700).map_err(|e| e.to_string())?;
             let key = out_dir.join("issuer.key");
             let pubs = out_dir.join("issuer.jwks.json");
@@ -174,9 +214,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 Some(p) => {
                     let secret =
                         std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-                    Some(usher::grant::console_secret_hash(
-                        secret.trim_end_matches('\n'),
-                    )?)
+                    Some(
+                        usher::grant::console_secret_hash(secret.trim_end_matches('\n'))
+                            .map_err(|e| e.to_string())?,
+                    )
                 }
                 None => None,
             };
@@ -219,7 +260,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 approved_by,
                 reason,
             };
-            println!("{}", usher::grant::sign(&pem, &kid, &claims)?);
+            println!(
+                "{}",
+                usher::grant::sign(&pem, &kid, &claims).map_err(|e| e.to_string())?
+            );
             Ok(())
         }
         Command::Grant(GrantCommand::Install { token }) => {
@@ -232,46 +276,335 @@ fn run(cli: Cli) -> Result<(), String> {
             } else {
                 token
             };
-            print(&call(
-                &cli.socket,
-                &Request::Install {
-                    token: token.trim().to_string(),
-                },
-            )?);
-            Ok(())
+            let installed = agent.install(token.trim().to_string())?;
+            show(cli.json, &installed, text::installed)
         }
-        Command::Grant(GrantCommand::List) => {
-            print(&call(&cli.socket, &Request::List)?);
-            Ok(())
-        }
+        Command::Grant(GrantCommand::List) => show(cli.json, &agent.list()?[..], text::grants),
         Command::Grant(GrantCommand::Revoke { jti, iss }) => {
-            print(&call(&cli.socket, &Request::Revoke { jti, iss })?);
-            Ok(())
+            show(cli.json, &agent.revoke(jti, iss)?, text::revoked)
         }
         Command::Status => {
-            let status = call(&cli.socket, &Request::Status)?;
-            print(&status);
-            for a in status["unmanaged_accounts"]
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
+            let status = agent.status()?;
+            show(cli.json, &status, text::status)?;
+            for a in &status.unmanaged_accounts {
                 eprintln!(
                     "usher: warning: account {} (uid {}) is in usher's name prefix and UID range but was not made by usher; it is left alone and no grant opens it",
-                    a["name"].as_str().unwrap_or("?"),
-                    a["uid"]
+                    a.name, a.uid
                 );
             }
             Ok(())
         }
-        Command::Sessions => {
-            print(&call(&cli.socket, &Request::Sessions)?);
-            Ok(())
-        }
+        Command::Sessions => show(cli.json, &agent.sessions()?[..], text::sessions),
         Command::Play {
             file,
             speed,
             idle_limit,
-        } => usher::play::play(&file, speed, idle_limit),
+        } => Ok(usher::play::play(&file, speed, idle_limit)?),
+    }
+}
+
+/// The agent's answers as a person reads them: aligned columns, times in UTC, durations
+/// and sizes rounded.
+mod text {
+    use super::wire;
+
+    pub fn installed(g: &wire::Installed) -> String {
+        format!(
+            "installed grant {} of {} for {}, until {} ({} left)\n",
+            g.jti,
+            g.iss,
+            g.login,
+            time(g.expires_at),
+            duration(g.expires_at - usher::grant::now())
+        )
+    }
+
+    pub fn revoked(r: &wire::Revoked) -> String {
+        if r.was_live {
+            format!(
+                "revoked grant {} of {}: its sessions and account are ended\n",
+                r.jti, r.iss
+            )
+        } else {
+            format!(
+                "revoked grant {} of {} ahead of its arrival (this host does not hold it)\n",
+                r.jti, r.iss
+            )
+        }
+    }
+
+    pub fn grants(grants: &[wire::GrantSummary]) -> String {
+        if grants.is_empty() {
+            return "no grants\n".into();
+        }
+        table(
+            &[
+                "JTI", "LOGIN", "SUBJECT", "ISSUER", "PROFILE", "EXPIRES", "LEFT", "SSH KEYS",
+            ],
+            grants
+                .iter()
+                .map(|g| {
+                    vec![
+                        g.jti.clone(),
+                        g.login.clone(),
+                        g.sub.clone(),
+                        g.iss.clone(),
+                        g.profile.clone(),
+                        time(g.expires_at),
+                        duration(g.remaining_secs),
+                        g.ssh_keys.to_string(),
+                    ]
+                })
+                .collect(),
+        )
+    }
+
+    pub fn sessions(sessions: &[wire::SessionSummary]) -> String {
+        if sessions.is_empty() {
+            return "no live sessions\n".into();
+        }
+        table(
+            &[
+                "ID", "KIND", "LOGIN", "STARTED", "STATE", "COMMANDS", "GRANT", "ISSUER",
+            ],
+            sessions
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        match s.kind {
+                            wire::SessionKind::Ssh => "ssh".into(),
+                            wire::SessionKind::Console => "console".into(),
+                        },
+                        s.login.clone(),
+                        time(s.started_at),
+                        if s.attached {
+                            "attached".into()
+                        } else {
+                            "detached (left processes)".into()
+                        },
+                        s.commands.to_string(),
+                        s.jti.clone(),
+                        s.iss.clone(),
+                    ]
+                })
+                .collect(),
+        )
+    }
+
+    pub fn status(s: &wire::Status) -> String {
+        let mode = match s.enforcement.mode {
+            wire::EnforcementMode::Required => "required",
+            wire::EnforcementMode::BestEffort => "best-effort",
+            wire::EnforcementMode::Off => "off",
+        };
+        let collector = match &s.collector.shipping {
+            _ if !s.collector.configured => "not configured".to_string(),
+            None => "configured".to_string(),
+            Some(shipping) => {
+                let state = match (shipping.reachable, &shipping.last_error) {
+                    (None, _) => "not contacted yet".to_string(),
+                    (Some(_), Some(error)) => format!("failing: {error}"),
+                    (Some(true), None) => "reachable".to_string(),
+                    (Some(false), None) => "unreachable".to_string(),
+                };
+                format!(
+                    "{state}; {} waiting to ship",
+                    count(shipping.backlog_sessions as u64, "session")
+                )
+            }
+        };
+        let mut rows = vec![
+            vec!["host".to_string(), s.host.clone()],
+            vec!["version".into(), s.version.clone()],
+            vec![
+                "up since".into(),
+                format!(
+                    "{} ({})",
+                    time(s.up_since),
+                    duration(usher::grant::now() - s.up_since)
+                ),
+            ],
+            vec![
+                "enforcement".into(),
+                format!(
+                    "{mode}: {}; {} lost",
+                    s.enforcement.path,
+                    count(s.enforcement.lost_events, "exec event")
+                ),
+            ],
+            vec!["grants".into(), s.grants.to_string()],
+            vec!["sessions".into(), s.sessions.to_string()],
+            vec![
+                "accounts".into(),
+                if s.accounts.is_empty() {
+                    "none".into()
+                } else {
+                    s.accounts.join(", ")
+                },
+            ],
+            vec![
+                "spool".into(),
+                format!(
+                    "{} in {} (limit {})",
+                    bytes(s.spool.bytes),
+                    count(s.spool.sessions as u64, "session"),
+                    bytes(s.spool.max_bytes)
+                ),
+            ],
+            vec!["collector".into(), collector],
+        ];
+        for a in &s.unmanaged_accounts {
+            rows.push(vec![
+                "unmanaged".into(),
+                format!(
+                    "{} (uid {}, home {}): not made by usher",
+                    a.name, a.uid, a.home
+                ),
+            ]);
+        }
+        columns(&rows)
+    }
+
+    /// A header and rows, each column as wide as its widest cell.
+    fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+        let mut all = vec![header.iter().map(|h| h.to_string()).collect()];
+        all.extend(rows);
+        columns(&all)
+    }
+
+    /// Cells two spaces apart, padded to their column's width; no trailing blanks.
+    fn columns(rows: &[Vec<String>]) -> String {
+        let mut widths: Vec<usize> = Vec::new();
+        for row in rows {
+            for (i, cell) in row.iter().enumerate() {
+                let width = cell.chars().count();
+                match widths.get_mut(i) {
+                    Some(w) => *w = (*w).max(width),
+                    None => widths.push(width),
+                }
+            }
+        }
+        let mut out = String::new();
+        for row in rows {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                line.push_str(cell);
+                let pad = widths[i] - cell.chars().count();
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Unix seconds as `2026-12-03 01:49:49 UTC`.
+    fn time(unix: i64) -> String {
+        let format =
+            time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+        time::OffsetDateTime::from_unix_timestamp(unix)
+            .ok()
+            .and_then(|t| t.format(&format).ok())
+            .unwrap_or_else(|| format!("{unix} (unix time)"))
+    }
+
+    /// Seconds as the two largest units: `45s`, `12m 05s`, `3h 20m`, `2d 04h`.
+    fn duration(secs: i64) -> String {
+        let secs = secs.max(0);
+        let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+        match (d, h, m) {
+            (0, 0, 0) => format!("{s}s"),
+            (0, 0, _) => format!("{m}m {s:02}s"),
+            (0, _, _) => format!("{h}h {m:02}m"),
+            _ => format!("{d}d {h:02}h"),
+        }
+    }
+
+    /// Bytes in the largest binary unit that keeps a number of at least 1.
+    fn bytes(n: u64) -> String {
+        const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+        if n < 1024 {
+            return format!("{n} B");
+        }
+        let mut value = n as f64 / 1024.0;
+        let mut unit = 0;
+        while value >= 1024.0 && unit + 1 < UNITS.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        format!("{value:.1} {}", UNITS[unit])
+    }
+
+    fn count(n: u64, what: &str) -> String {
+        if n == 1 {
+            format!("1 {what}")
+        } else {
+            format!("{n} {what}s")
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn columns_line_up_whatever_the_cells_hold() {
+            let out = table(
+                &["JTI", "LOGIN"],
+                vec![
+                    vec!["a-long-jti".into(), "jit-é".into()],
+                    vec!["j".into(), "jit-alice".into()],
+                ],
+            );
+            assert_eq!(
+                out,
+                "JTI         LOGIN\na-long-jti  jit-é\nj           jit-alice\n"
+            );
+        }
+
+        #[test]
+        fn durations_sizes_and_times_read_at_a_glance() {
+            assert_eq!(duration(-5), "0s");
+            assert_eq!(duration(45), "45s");
+            assert_eq!(duration(725), "12m 05s");
+            assert_eq!(duration(3 * 3600 + 20 * 60 + 9), "3h 20m");
+            assert_eq!(duration(2 * 86400 + 4 * 3600), "2d 04h");
+            assert_eq!(bytes(512), "512 B");
+            assert_eq!(bytes(12 * 1024 + 100), "12.1 KiB");
+            assert_eq!(bytes(1 << 30), "1.0 GiB");
+            assert_eq!(time(0), "1970-01-01 00:00:00 UTC");
+            assert_eq!(count(1, "session"), "1 session");
+            assert_eq!(count(0, "session"), "0 sessions");
+        }
+
+        #[test]
+        fn an_empty_list_says_so() {
+            assert_eq!(grants(&[]), "no grants\n");
+            assert_eq!(sessions(&[]), "no live sessions\n");
+        }
+
+        #[test]
+        fn a_session_list_is_a_table_with_a_header() {
+            let list = vec![wire::SessionSummary {
+                id: "20261203T014949Z-0000002a".into(),
+                kind: wire::SessionKind::Console,
+                jti: "j1".into(),
+                iss: "https://idp".into(),
+                login: "jit-alice".into(),
+                started_at: 0,
+                attached: true,
+                commands: 3,
+            }];
+            let out = sessions(&list);
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines.len(), 2, "{out}");
+            assert!(lines[0].starts_with("ID  "), "{out}");
+            assert_eq!(lines[0].find("KIND"), lines[1].find("console"), "{out}");
+            assert_eq!(lines[0].find("LOGIN"), lines[1].find("jit-alice"), "{out}");
+        }
     }
 }

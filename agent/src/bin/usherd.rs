@@ -1,5 +1,7 @@
 //! `usherd`: the privileged host agent.
 
+#![deny(unsafe_code)]
+
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,7 +57,7 @@ fn run(args: Args) -> Result<(), String> {
     protect_from_oom_killer();
     let config_path = args.config.clone();
     let mut config = load_config(args.config)?;
-    usher::local_issuer::ensure(&mut config)?;
+    usher::local_issuer::ensure(&mut config).map_err(|e| e.to_string())?;
     if args.remove_accounts {
         let agent = Agent::start_offline(config)?;
         agent.remove_everything();
@@ -66,43 +68,106 @@ fn run(args: Args) -> Result<(), String> {
     runtime.block_on(async move {
         let agent = Agent::start(config)?;
         let host_key = usher::ssh::load_or_create_host_key(&agent.config.state_dir)?;
-        // Every socket is bound before anything is served or READY is said.
-        let listeners = usher::ssh::bind(&agent.config.ssh.listen)?;
-        let bound: Vec<String> = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .map(|a| a.to_string())
-            .collect();
-        let control_listener = usher::control::bind_open_socket(&agent.config.control_socket)?;
-        let console_listener = usher::control::bind_open_socket(&agent.config.console_socket)?;
+        // From here on a signal is handled, never left to its default (the end of the
+        // agent): a reload right after READY re-reads the configuration.
+        let mut signals = Signals::install()?;
+        let sockets = Sockets::bind(&agent.config)?;
+        let ssh_addresses = sockets.ssh_addresses();
+        let shipper = match &agent.config.collector {
+            Some(collector) => {
+                let signing = usher::ssh::signing_key(&host_key)?;
+                let shipper = Arc::new(
+                    usher::ship::Shipper::new(collector, &agent.config.spool_dir, signing)
+                        .map_err(|e| format!("collector: {e}"))?,
+                );
+                let _ = agent.shipper.set(shipper.clone());
+                log::info!(target: "usher::ship", "shipping recordings to {}", collector.url);
+                Some(shipper)
+            }
+            None => None,
+        };
+
+        // Serving: every socket is already bound, so nothing below can fail.
         spawn_sweeper(agent.clone());
-        if let Some(collector) = &agent.config.collector {
-            let signing = usher::ssh::signing_key(&host_key)?;
-            let shipper = Arc::new(
-                usher::ship::Shipper::new(collector, &agent.config.spool_dir, signing)
-                    .map_err(|e| format!("collector: {e}"))?,
-            );
-            let _ = agent.shipper.set(shipper.clone());
+        if let Some(shipper) = shipper {
             let live: Arc<dyn usher::ship::LiveSessions> = agent.clone();
             tokio::spawn(shipper.run(live));
-            log::info!(target: "usher::ship", "shipping recordings to {}", collector.url);
         }
-        tokio::spawn(usher::control::serve(agent.clone(), control_listener));
-        tokio::spawn(usher::console::serve(agent.clone(), console_listener));
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| e.to_string())?;
-        spawn_reloader(agent.clone(), config_path);
-        let settings = usher::ssh::settings(&agent, host_key);
-        tokio::spawn(usher::ssh::serve(agent.clone(), settings, listeners));
+        tokio::spawn(usher::control::serve(agent.clone(), sockets.control));
+        let console_uids = agent.config.accounts.uid_min..=agent.config.accounts.uid_max;
+        tokio::spawn(usher::console::serve(
+            agent.clone(),
+            console_uids,
+            sockets.console,
+        ));
+        spawn_reloader(agent.clone(), config_path, signals.hangup);
+        let settings = usher::ssh::settings(&agent.config.ssh, host_key);
+        let ssh = Arc::new(usher::ssh::SshOptions {
+            config: agent.config.ssh.clone(),
+            sftp_server: agent.config.sftp_server(),
+        });
+        tokio::spawn(usher::ssh::serve(agent.clone(), ssh, settings, sockets.ssh));
+
+        // A client that connects from here on is answered: queued by the kernel on the
+        // bound sockets until the tasks above accept it.
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        log::info!(target: "usher", "usherd {} ready; SSH on {}", env!("CARGO_PKG_VERSION"), bound.join(", "));
+        log::info!(target: "usher", "usherd {} ready; SSH on {}", env!("CARGO_PKG_VERSION"), ssh_addresses.join(", "));
         tokio::select! {
-            _ = term.recv() => log::info!(target: "usher", "usherd stopping (SIGTERM)"),
-            _ = tokio::signal::ctrl_c() => log::info!(target: "usher", "usherd stopping (SIGINT)"),
+            _ = signals.terminate.recv() => log::info!(target: "usher", "usherd stopping (SIGTERM)"),
+            _ = signals.interrupt.recv() => log::info!(target: "usher", "usherd stopping (SIGINT)"),
         }
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         Ok(())
     })
+}
+
+/// Every socket the agent serves, bound before any is served: READY means each one
+/// takes connections, and a socket that cannot be bound stops the start before any
+/// client is answered.
+struct Sockets {
+    ssh: Vec<tokio::net::TcpListener>,
+    control: tokio::net::UnixListener,
+    console: tokio::net::UnixListener,
+}
+
+impl Sockets {
+    fn bind(config: &Config) -> Result<Sockets, String> {
+        Ok(Sockets {
+            ssh: usher::ssh::bind(&config.ssh.listen)?,
+            control: usher::control::bind_open_socket(&config.control_socket)
+                .map_err(|e| format!("control socket: {e}"))?,
+            console: usher::control::bind_open_socket(&config.console_socket)
+                .map_err(|e| format!("console socket: {e}"))?,
+        })
+    }
+
+    fn ssh_addresses(&self) -> Vec<String> {
+        self.ssh
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect()
+    }
+}
+
+/// The signals usherd answers, registered at once so that none arrives unhandled (whose
+/// default would end the agent) while it starts.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let install = |kind: SignalKind| signal(kind).map_err(|e| format!("signal handler: {e}"));
+        Ok(Signals {
+            terminate: install(SignalKind::terminate())?,
+            interrupt: install(SignalKind::interrupt())?,
+            hangup: install(SignalKind::hangup())?,
+        })
+    }
 }
 
 /// Every connection and session costs descriptors; the soft limit a service starts with
@@ -123,20 +188,20 @@ fn raise_open_file_limit() {
 }
 
 /// SIGHUP (`systemctl reload usherd`) re-reads issuers, policy and profiles.
-fn spawn_reloader(agent: Arc<Agent>, path: Option<PathBuf>) {
+fn spawn_reloader(
+    agent: Arc<Agent>,
+    path: Option<PathBuf>,
+    mut hangup: tokio::signal::unix::Signal,
+) {
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
-        while hup.recv().await.is_some() {
+        while hangup.recv().await.is_some() {
             let mut states = vec![sd_notify::NotifyState::Reloading];
             if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
                 states.push(now);
             }
             let _ = sd_notify::notify(false, &states);
             let result = load_config(path.clone()).and_then(|mut c| {
-                usher::local_issuer::ensure(&mut c)?;
+                usher::local_issuer::ensure(&mut c).map_err(|e| e.to_string())?;
                 agent.reload(&c)
             });
             if let Err(e) = result {

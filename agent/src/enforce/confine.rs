@@ -6,11 +6,11 @@
 //! loader's variables are not passed on.
 //!
 //! The plan is made in the agent (it reads the mount table and the file system); the
-//! child applies it between fork and exec with system calls only (`enter`).
+//! child enters it between fork and exec with system calls only (`system::mount`).
 
 use super::ExecMode;
+use crate::system::mount::NoexecMounts;
 use std::collections::BTreeSet;
-use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -91,8 +91,8 @@ pub struct SessionUser<'a> {
 
 /// The mount set-up of one confined session, prepared before the fork.
 pub struct NoexecPlan {
-    /// Each bound onto itself and remounted noexec, parents first.
-    places: Vec<CString>,
+    /// Each place bound onto itself and remounted noexec, parents first.
+    mounts: NoexecMounts,
 }
 
 impl NoexecPlan {
@@ -131,91 +131,20 @@ impl NoexecPlan {
         // Parents before children: a child's bind is made inside its parent's copy.
         let mut ordered: Vec<PathBuf> = places.into_iter().collect();
         ordered.sort_by_key(|p| p.components().count());
-        let places = ordered
-            .iter()
-            .map(|p| {
-                CString::new(p.as_os_str().as_bytes())
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))
-            })
-            .collect::<io::Result<Vec<_>>>()?;
-        Ok(Some(NoexecPlan { places }))
+        let mounts = NoexecMounts::new(&ordered)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Ok(Some(NoexecPlan { mounts }))
     }
 
     /// The places made noexec, for the journal and the tests.
     pub fn places(&self) -> impl Iterator<Item = &Path> {
-        self.places
-            .iter()
-            .map(|c| Path::new(std::ffi::OsStr::from_bytes(c.as_bytes())))
+        self.mounts.places()
     }
 
-    /// In the forked child, still root: a mount namespace of its own, whose changes never
-    /// reach the host (everything slave), with every planned place noexec (and nosuid).
-    /// Only system calls on memory prepared before the fork; nothing is allocated.
-    pub fn enter(&self) -> io::Result<()> {
-        // SAFETY: unshare, mount and statvfs read the NUL-terminated strings and the
-        // statvfs buffer they are given, all valid for the duration of the calls.
-        unsafe {
-            if libc::unshare(libc::CLONE_NEWNS) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let root = c"/";
-            if libc::mount(
-                std::ptr::null(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_SLAVE,
-                std::ptr::null(),
-            ) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            for place in &self.places {
-                if libc::mount(
-                    place.as_ptr(),
-                    place.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REC,
-                    std::ptr::null(),
-                ) < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                // A bind remount sets the mount's flags as given: keep those it had.
-                // (glibc's statvfs is statfs(2) plus a copy: the kernel reports the flags.)
-                let mut st: libc::statvfs = std::mem::zeroed();
-                if libc::statvfs(place.as_ptr(), &mut st) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let kept = kept_flags(st.f_flag);
-                if libc::mount(
-                    std::ptr::null(),
-                    place.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOEXEC | libc::MS_NOSUID | kept,
-                    std::ptr::null(),
-                ) < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-        }
-        Ok(())
+    /// What the session's child enters between fork and exec.
+    pub fn into_mounts(self) -> NoexecMounts {
+        self.mounts
     }
-}
-
-/// The mount flags (as statvfs reports them) a bind remount must repeat to keep them.
-fn kept_flags(st_flags: u64) -> libc::c_ulong {
-    const KEPT: [(u64, libc::c_ulong); 6] = [
-        (libc::ST_RDONLY, libc::MS_RDONLY),
-        (libc::ST_NODEV, libc::MS_NODEV),
-        (libc::ST_NOATIME, libc::MS_NOATIME),
-        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
-        (libc::ST_RELATIME, libc::MS_RELATIME),
-        (libc::ST_SYNCHRONOUS, libc::MS_SYNCHRONOUS),
-    ];
-    KEPT.iter()
-        .filter(|(st, _)| st_flags & st != 0)
-        .fold(0, |acc, (_, ms)| acc | ms)
 }
 
 /// Mount points of read-write mounts of real file systems, but the root.
@@ -365,14 +294,5 @@ mod tests {
         let mut deny = env.clone();
         strip_loader_env(ExecMode::Deny, &mut deny);
         assert_eq!(deny, env);
-    }
-
-    #[test]
-    fn remounts_keep_the_flags_a_mount_had() {
-        assert_eq!(kept_flags(0), 0);
-        assert_eq!(
-            kept_flags(libc::ST_NODEV | libc::ST_RELATIME),
-            libc::MS_NODEV | libc::MS_RELATIME
-        );
     }
 }

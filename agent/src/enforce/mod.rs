@@ -28,7 +28,6 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use usher_ebpf_common as common;
 
@@ -418,12 +417,10 @@ fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
         return Err("this agent was built without its eBPF programs".into());
     }
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads one rlimit struct.
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    {
+        use nix::sys::resource::{setrlimit, Resource, RLIM_INFINITY};
+        let _ = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY);
+    }
     pins::prepare(pin_dir)?;
     let taking_over = pins::holds_links(pin_dir);
     // Maps already pinned (a previous agent's) are reused as they are: the sessions'
@@ -633,8 +630,7 @@ fn ensure_tracefs() {
 
 fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     tokio::spawn(async move {
-        // SAFETY: the AsyncFd owns the logger and with it the descriptor.
-        let Ok(mut fd) = (unsafe { AsyncFd::register(logger) }) else {
+        let Ok(mut fd) = crate::system::async_fd::register(logger) else {
             return;
         };
         loop {
@@ -649,13 +645,9 @@ fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 
 /// Wall-clock seconds at boot: adds to the programs' CLOCK_BOOTTIME stamps.
 fn boot_epoch() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    let boot = ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9;
+    let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|ts| ts.tv_sec() as f64 + ts.tv_nsec() as f64 / 1e9)
+        .unwrap_or(0.0);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -668,9 +660,8 @@ fn spawn_reader(
     routes: Arc<Mutex<HashMap<u64, Route>>>,
     gate: oneshot::Receiver<()>,
 ) -> Result<(), String> {
-    // SAFETY: the AsyncFd owns the ring buffer and with it the descriptor.
     let mut fd =
-        unsafe { AsyncFd::register(ring) }.map_err(|e| format!("events ring buffer: {e}"))?;
+        crate::system::async_fd::register(ring).map_err(|e| format!("events ring buffer: {e}"))?;
     let epoch = boot_epoch();
     tokio::spawn(async move {
         // Events a previous agent left in the ring belong to sessions that get their
@@ -701,14 +692,8 @@ fn spawn_reader(
 /// The next event in the ring, if any.
 fn next_event(ring: &mut RingBuf<MapData>) -> Option<Option<common::ExecEvent>> {
     let item = ring.next()?;
-    if item.len() < std::mem::size_of::<common::ExecEvent>() {
-        return Some(None);
-    }
-    // SAFETY: the programs write exactly one ExecEvent per record; read it unaligned from
-    // the ring's memory.
-    Some(Some(unsafe {
-        std::ptr::read_unaligned(item.as_ptr() as *const common::ExecEvent)
-    }))
+    // The programs write exactly one ExecEvent per record.
+    Some(crate::system::bpf::exec_event(&item))
 }
 
 /// Everything waiting in the ring (at most its 1 MiB of events).

@@ -6,9 +6,9 @@ mod store;
 mod verify;
 
 pub use claims::{Audience, Claims};
-pub use issue::{console_secret_hash, keygen, sign, KeyAlg};
-pub use store::{GrantStore, Revocations};
-pub use verify::{Refusal, Verifier};
+pub use issue::{console_secret_hash, keygen, sign, IssueError, KeyAlg};
+pub use store::{GrantStore, Revocations, RevocationsError};
+pub use verify::{InvalidClaim, JwksError, Malformed, Part, Refusal, UnusableKey, Verifier};
 
 use serde::{Deserialize, Serialize};
 

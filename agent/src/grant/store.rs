@@ -68,13 +68,7 @@ impl GrantStore {
                     std::fs::remove_file(&path)?;
                     store.grants.insert(grant.id(), grant);
                 }
-                Ok(_) => dropped.push((
-                    jti_part,
-                    Refusal::BadClaim(format!(
-                        "{}: the file name does not match the grant's (iss, jti)",
-                        path.display()
-                    )),
-                )),
+                Ok(_) => dropped.push((jti_part, Refusal::Misfiled(path.clone()))),
                 Err(why) => {
                     let _ = std::fs::remove_file(&path);
                     dropped.push((jti_part, why));
@@ -165,22 +159,36 @@ struct RevocationFileOut<'a> {
     revoked: &'a [Revoked],
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RevocationsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{}: not a revocation list ({{\"revoked\": [{{\"iss\", \"jti\", \"exp\"}}]}}): {source}", path.display())]
+    NotAList {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
 pub struct Revocations {
     path: PathBuf,
     revoked: Vec<Revoked>,
 }
 
 impl Revocations {
-    pub fn open(path: &Path) -> io::Result<Revocations> {
+    pub fn open(path: &Path) -> Result<Revocations, RevocationsError> {
         let revoked = match std::fs::read(path) {
-            Ok(bytes) => Self::parse(&bytes).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", path.display()),
-                )
+            Ok(bytes) => Self::parse(&bytes).map_err(|source| RevocationsError::NotAList {
+                path: path.to_owned(),
+                source,
             })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e),
+            Err(source) => {
+                return Err(RevocationsError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
         };
         Ok(Revocations {
             path: path.to_owned(),
@@ -188,10 +196,8 @@ impl Revocations {
         })
     }
 
-    fn parse(bytes: &[u8]) -> Result<Vec<Revoked>, String> {
-        let file: RevocationFileIn = serde_json::from_slice(bytes).map_err(|e| {
-            format!("not a revocation list ({{\"revoked\": [{{\"iss\", \"jti\", \"exp\"}}]}}): {e}")
-        })?;
+    fn parse(bytes: &[u8]) -> Result<Vec<Revoked>, serde_json::Error> {
+        let file: RevocationFileIn = serde_json::from_slice(bytes)?;
         Ok(match file.revoked {
             RevokedOnDisk::Pairs(v) => v,
             RevokedOnDisk::ByJti(map) => map
@@ -292,7 +298,94 @@ mod tests {
         let dir = scratch("broken");
         let path = dir.join("revoked.json");
         std::fs::write(&path, r#"{"revoked": 7}"#).unwrap();
-        assert!(Revocations::open(&path).is_err());
+        assert!(matches!(
+            Revocations::open(&path),
+            Err(RevocationsError::NotAList { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A verifier trusting one Ed25519 key, its private key, and a grant's claims.
+    fn trusting_one_key(dir: &Path) -> (Verifier, String, crate::grant::Claims) {
+        let (key, jwks) = crate::grant::keygen(crate::grant::KeyAlg::Ed25519, "k1").unwrap();
+        std::fs::write(dir.join("jwks.json"), jwks).unwrap();
+        let config = crate::config::Config::parse(&format!(
+            "host_name = \"h\"\n[[issuer]]\niss = \"https://i\"\njwks = \"{}/jwks.json\"\n",
+            dir.display()
+        ))
+        .unwrap();
+        let verifier = Verifier::from_config(&config, ["default".to_string()].into()).unwrap();
+        let now = crate::grant::now();
+        let claims = crate::grant::Claims {
+            iss: "https://i".into(),
+            sub: "alice".into(),
+            aud: crate::grant::Audience::One("h".into()),
+            jti: "j-1".into(),
+            iat: now,
+            nbf: None,
+            exp: now + 600,
+            login: "jit-alice".into(),
+            groups: vec![],
+            ssh_keys: vec![],
+            secret_hash: None,
+            profile: None,
+            approved_by: None,
+            reason: None,
+        };
+        (verifier, key, claims)
+    }
+
+    #[test]
+    fn at_open_stored_grants_are_verified_again_and_dropped_with_their_refusal() {
+        let dir = scratch("open");
+        let grants = dir.join("grants");
+        let (verifier, key, claims) = trusting_one_key(&dir);
+        let now = crate::grant::now();
+        let token = |jti: &str, exp: i64| {
+            let mut c = claims.clone();
+            c.jti = jti.into();
+            c.exp = exp;
+            crate::grant::sign(&key, "k1", &c).unwrap()
+        };
+        let id_of = |jti: &str| id("https://i", jti);
+        fsutil::private_dir(&grants, 0o700).unwrap();
+        let write = |name: String, token: String| std::fs::write(grants.join(name), token).unwrap();
+        write(
+            format!("{}.jwt", file_stem(&id_of("live"))),
+            token("live", now + 600),
+        );
+        // From before grants were keyed by issuer: loaded and renamed.
+        write("old.jwt".into(), token("old", now + 600));
+        write(
+            format!("{}.jwt", file_stem(&id_of("gone"))),
+            token("gone", now - 3600),
+        );
+        write(
+            format!("{}.jwt", file_stem(&id_of("revoked"))),
+            token("revoked", now + 600),
+        );
+        write(
+            format!("{}.jwt", file_stem(&id_of("other"))),
+            token("misfiled", now + 600),
+        );
+        let mut revocations = Revocations::open(&dir.join("revoked.json")).unwrap();
+        revocations.add(&id_of("revoked"), None, now).unwrap();
+
+        let (store, mut dropped) = GrantStore::open(&grants, &verifier, &revocations, now).unwrap();
+        let mut kept: Vec<&str> = store.iter().map(|g| g.jti()).collect();
+        kept.sort();
+        assert_eq!(kept, ["live", "old"]);
+        assert!(grants
+            .join(format!("{}.jwt", file_stem(&id_of("old"))))
+            .exists());
+        assert!(!grants.join("old.jwt").exists());
+        dropped.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(dropped.len(), 3, "{dropped:?}");
+        assert_eq!(dropped[0].1, Refusal::Expired);
+        assert!(
+            matches!(&dropped[1].1, Refusal::Misfiled(path) if path.ends_with(format!("{}.jwt", file_stem(&id_of("other")))))
+        );
+        assert_eq!(dropped[2].1, Refusal::Revoked(id_of("revoked")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

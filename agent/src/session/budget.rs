@@ -4,44 +4,12 @@
 //! terminal meets the limit while it floods, not at its next login.
 
 use crate::sync::lock;
-use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A profile's `[recording]` section.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RecordingLimits {
-    /// Bytes one session's recording may take on disk (cast and audit stream).
-    pub max_bytes: u64,
-    /// Bytes per second the recording may grow by; past it the session's output is
-    /// slowed down (its terminal is read more slowly), not dropped. 0: no limit.
-    pub max_bytes_per_sec: u64,
-    /// What happens when `max_bytes` or the spool's limit is reached.
-    pub at_limit: AtLimit,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AtLimit {
-    /// The session is closed, with the reason on its terminal and in the recording.
-    End,
-    /// The session goes on unrecorded from there; the cast and its metadata say where
-    /// and why it was cut.
-    Truncate,
-}
-
-impl Default for RecordingLimits {
-    fn default() -> Self {
-        RecordingLimits {
-            max_bytes: 1 << 30,
-            max_bytes_per_sec: 0,
-            at_limit: AtLimit::End,
-        }
-    }
-}
+pub use crate::profile::{AtLimit, RecordingLimits};
 
 /// Why a write was not let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,6 @@
 //! /proc/self/mountinfo and /proc/self/cgroup, never assumed.
 
 use crate::profile::SessionLimits;
-use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -337,17 +336,9 @@ pub fn host_ram_bytes() -> io::Result<u64> {
         .ok_or_else(|| io::Error::other("/proc/meminfo has no MemTotal"))
 }
 
-/// What a session's cgroup holds it to, as its metadata records it. `null` is no limit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppliedLimits {
-    pub pids_max: Option<u64>,
-    pub memory_max: Option<u64>,
-    pub cpu_weight: Option<u32>,
-    /// The limits that could not be applied, each with its reason (the value beside it
-    /// was asked for, not enforced).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub not_applied: Vec<String>,
-}
+/// What a session's cgroup holds it to: part of the session's metadata, so its format
+/// lives in the wire crate.
+pub use usher_wire::meta::AppliedLimits;
 
 #[derive(Debug)]
 pub struct Cgroup {

@@ -1,18 +1,18 @@
 //! Starting a session's process: as the session's user, in the session's cgroup, on a PTY
-//! or on pipes, with nothing inherited from the agent. The only `unsafe` of the session
-//! stage lives here, behind `spawn` and `PtyMaster`.
+//! or on pipes, with nothing inherited from the agent. The system calls between fork and
+//! exec are `system::process`'s; the PTY is `system::term`'s.
 
 use super::JoinFiles;
 use crate::enforce::confine::{self, NoexecPlan, SessionUser};
 use crate::enforce::ExecMode;
 use crate::record::Keystrokes;
+use crate::system::process::{prepare_child, ChildSetup};
+use crate::system::term;
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::RawFd;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::Stdio;
-use tokio::io::unix::AsyncFd;
 
 /// Everything about the process but its standard streams.
 pub struct Launch {
@@ -65,61 +65,33 @@ pub fn spawn(launch: Launch, streams: Streams) -> io::Result<tokio::process::Chi
             false
         }
     };
-    let procs_fd = launch.cgroup_procs.identity.as_raw_fd();
-    let limit_fds: Vec<RawFd> = launch
-        .cgroup_procs
-        .limits
-        .iter()
-        .map(|f| f.as_raw_fd())
-        .collect();
-    let groups: Vec<libc::gid_t> = launch.groups.clone();
-    let (uid, gid) = (launch.uid, launch.gid);
-    let oom_score: Vec<u8> = session_oom_score_adj().to_string().into_bytes();
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls on values prepared before the fork; it allocates
-    // nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            join_limit_groups(&limit_fds)?;
-            // "0" moves the writing process. This happens while still root and before
-            // exec, so the session's first exec is already attributed to its cgroup.
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(io::Error::last_os_error());
-            }
-            set_oom_score(&oom_score)?;
-            enter_confinement(noexec.as_ref())?;
-            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
-                || libc::setgid(gid) < 0
-                || libc::setuid(uid) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            // Belt and braces: whatever descriptor the agent leaked without CLOEXEC does
-            // not reach the session. (close_range, Linux 5.11.)
-            libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
-            Ok(())
-        });
-    }
-    let child = cmd.spawn();
-    drop(launch.cgroup_procs);
-    child
+    // The v1 groups holding the limits first (hybrid hosts), then the session's own
+    // cgroup, before anything of the user's runs, so no fork escapes them.
+    let JoinFiles {
+        mut limits,
+        identity,
+    } = launch.cgroup_procs;
+    limits.push(identity);
+    prepare_child(
+        &mut cmd,
+        ChildSetup {
+            controlling_terminal: pty,
+            join_cgroups: limits,
+            oom_score_adj: session_oom_score_adj(),
+            noexec: noexec.map(NoexecPlan::into_mounts),
+            uid: launch.uid,
+            gid: launch.gid,
+            groups: launch.groups,
+        },
+    );
+    // The cgroup files close with `cmd`, once the child has them.
+    cmd.spawn()
 }
 
 type Environment = Vec<(String, String)>;
 
 /// The session's environment and mount plan under its exec profile (see
-/// `enforce::confine`): made before the fork, applied by `enter_confinement` after it.
+/// `enforce::confine`): made before the fork, entered by the child (`system::process`).
 fn exec_confinement(launch: &Launch) -> io::Result<(Environment, Option<NoexecPlan>)> {
     let mut env = launch.env.clone();
     confine::strip_loader_env(launch.exec_mode, &mut env);
@@ -134,29 +106,6 @@ fn exec_confinement(launch: &Launch) -> io::Result<(Environment, Option<NoexecPl
         log::debug!(target: "usher::session", "noexec in the session's mount namespace: {}", places.join(" "));
     }
     Ok((env, plan))
-}
-
-/// In the child, still root, after joining the cgroup: the session's own mount namespace
-/// with its writable places noexec. Fails the spawn (no session) if it cannot be made.
-fn enter_confinement(plan: Option<&NoexecPlan>) -> io::Result<()> {
-    match plan {
-        Some(plan) => plan.enter(),
-        None => Ok(()),
-    }
-}
-
-/// Moves the calling process into the cgroup v1 groups that hold the session's limits
-/// (hybrid hosts), before it runs anything of the user's, so no fork escapes them.
-///
-/// # Safety
-/// Runs in a forked child before exec: only `write` on descriptors opened before the fork.
-unsafe fn join_limit_groups(procs_fds: &[RawFd]) -> io::Result<()> {
-    for fd in procs_fds {
-        if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 /// The `oom_score_adj` usherd gives itself: when the host runs out of memory the kernel
@@ -176,95 +125,28 @@ pub fn session_oom_score_adj() -> i32 {
     (agent - AGENT_OOM_SCORE_ADJ).clamp(0, 1000)
 }
 
-/// Writes `score` (ASCII) to the calling process's `oom_score_adj`. A session that cannot
-/// be given its score is not started.
-///
-/// # Safety
-/// Runs in a forked child before exec: only `open`, `write` and `close`, on a constant
-/// path and bytes prepared before the fork.
-unsafe fn set_oom_score(score: &[u8]) -> io::Result<()> {
-    let fd = libc::open(
-        c"/proc/self/oom_score_adj".as_ptr(),
-        libc::O_WRONLY | libc::O_CLOEXEC,
-    );
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let written = libc::write(fd, score.as_ptr().cast(), score.len());
-    let error = io::Error::last_os_error();
-    libc::close(fd);
-    if written != score.len() as isize {
-        return Err(error);
-    }
-    Ok(())
-}
-
 /// The agent's side of a session's terminal.
 pub struct PtyMaster {
-    fd: AsyncFd<OwnedFd>,
+    terminal: term::PtyMaster,
 }
 
 pub fn open_pty(cols: u16, rows: u16) -> io::Result<(PtyMaster, OwnedFd)> {
-    let size = winsize(cols, rows);
-    let pair = nix::pty::openpty(Some(&size), None).map_err(io::Error::from)?;
-    let flags = nix::fcntl::fcntl(pair.master.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
-    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-    nix::fcntl::fcntl(
-        pair.master.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFL(flags),
-    )?;
-    // SAFETY: the AsyncFd owns the descriptor, so it stays open for as long as it is
-    // registered and is deregistered before it is closed.
-    let fd = unsafe { AsyncFd::register(pair.master)? };
-    Ok((PtyMaster { fd }, pair.slave))
-}
-
-fn winsize(cols: u16, rows: u16) -> nix::pty::Winsize {
-    nix::pty::Winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    }
+    let (terminal, slave) = term::open_pty(cols, rows)?;
+    Ok((PtyMaster { terminal }, slave))
 }
 
 impl PtyMaster {
     /// Reads what the session wrote; `Ok(0)` once every slave descriptor is closed.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from))
-            {
-                Ok(Ok(n)) => return Ok(n),
-                // EIO is how Linux says the slave side is closed.
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
-        }
+        self.terminal.read(buf).await
     }
 
-    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            let mut guard = self.fd.writable().await?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
-            {
-                Ok(Ok(n)) => data = &data[n..],
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
-        }
-        Ok(())
+    pub async fn write_all(&self, data: &[u8]) -> io::Result<()> {
+        self.terminal.write_all(data).await
     }
 
     pub fn resize(&self, cols: u16, rows: u16) -> io::Result<()> {
-        let size = winsize(cols, rows);
-        // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
-        let r = unsafe { libc::ioctl(self.fd.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &size) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.terminal.resize(cols, rows)
     }
 
     /// What keystrokes arriving now are typed to. A password read (getpass(3), PAM's
@@ -273,8 +155,8 @@ impl PtyMaster {
     /// mode, and what is typed to them is what a reviewer wants to see. A terminal whose
     /// mode cannot be read counts as reading a secret.
     pub fn keystrokes(&self) -> Keystrokes {
-        match nix::sys::termios::tcgetattr(self.fd.get_ref().as_fd()) {
-            Ok(t) => keystrokes_for(t.local_flags),
+        match self.terminal.local_flags() {
+            Ok(flags) => keystrokes_for(flags),
             Err(_) => Keystrokes::Secret,
         }
     }
@@ -289,12 +171,11 @@ fn keystrokes_for(flags: nix::sys::termios::LocalFlags) -> Keystrokes {
     }
 }
 
-/// The window size of the terminal behind `fd`, if it is one.
+/// The window size of the terminal behind `fd`, if it is one and has a size.
 pub fn terminal_size(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u16, u16)> {
-    let mut size = winsize(0, 0);
-    // SAFETY: TIOCGWINSZ writes one winsize into a valid pointer.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
-    (r == 0 && size.ws_col > 0 && size.ws_row > 0).then_some((size.ws_col, size.ws_row))
+    term::window_size(fd)
+        .ok()
+        .filter(|(cols, rows)| *cols > 0 && *rows > 0)
 }
 
 #[cfg(test)]

@@ -2,8 +2,112 @@
 
 use crate::config::CollectorConfig;
 use reqwest::StatusCode;
-use serde::Deserialize;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+use usher_wire::collector::{ErrorCode, Refusal, StreamStatus};
+use usher_wire::seal::Seal;
+
+/// What the shipper asks of a collector. [`Client`] asks over HTTPS; the shipper's tests
+/// answer from memory.
+pub trait Collector: Send + Sync + 'static {
+    /// What the collector has of a stream, durably.
+    fn stream_status(
+        &self,
+        session: &str,
+        stream: &str,
+    ) -> impl Future<Output = Result<StreamStatus, ClientError>> + Send;
+
+    /// Sends chunk `seq` of a stream; `prev` and `hash` are its chain links.
+    fn put_chunk(
+        &self,
+        session: &str,
+        stream: &str,
+        seq: u64,
+        prev: &str,
+        hash: &str,
+        body: Vec<u8>,
+    ) -> impl Future<Output = Result<PutOutcome, ClientError>> + Send;
+
+    /// Sends the session's metadata, as the spool holds it.
+    fn put_meta(
+        &self,
+        session: &str,
+        meta: Vec<u8>,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send;
+
+    fn seal(
+        &self,
+        session: &str,
+        seal: &Seal,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send;
+}
+
+/// What the collector did with a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    Stored,
+    /// Stored before, with this hash: it was acknowledged once already.
+    Duplicate,
+    /// The collector expects another sequence number (`next_seq`, when it said): resynchronise.
+    OutOfStep {
+        next_seq: Option<u64>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No answer: the collector is down or unreachable.
+    #[error("collector unreachable: {0}")]
+    Transport(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// An answer that refuses; `code` when the collector said one.
+    #[error("collector refused ({status}): {message}")]
+    Refused {
+        status: u16,
+        code: Option<ErrorCode>,
+        message: String,
+    },
+    #[error("collector answered {status} with something unreadable: {detail}")]
+    Unreadable { status: u16, detail: String },
+    #[error("configuration: {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration: {path}: {source}")]
+    Certificate {
+        path: PathBuf,
+        source: reqwest::Error,
+    },
+    #[error("configuration: client certificate: {0}")]
+    ClientIdentity(#[source] reqwest::Error),
+    #[error("configuration: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
+impl ClientError {
+    /// Whether the collector did not answer at all (as opposed to answering no).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Transport(_))
+    }
+
+    /// A refusal from its status and body: the body's code when it is the collector's
+    /// error body, else the body as text.
+    fn refusal(status: StatusCode, body: String) -> ClientError {
+        match serde_json::from_str::<Refusal>(&body) {
+            Ok(r) => ClientError::Refused {
+                status: status.as_u16(),
+                code: Some(r.code),
+                message: r.error,
+            },
+            Err(_) => ClientError::Refused {
+                status: status.as_u16(),
+                code: None,
+                message: body,
+            },
+        }
+    }
+}
 
 pub struct Client {
     http: reqwest::Client,
@@ -11,34 +115,13 @@ pub struct Client {
     token: String,
 }
 
-#[derive(Debug, Deserialize)]
-pub struct StreamStatus {
-    pub next_seq: u64,
-    pub last_hash: String,
-}
-
-#[derive(Debug)]
-pub enum PutOutcome {
-    Stored,
-    Duplicate,
-    /// The collector expects another sequence number: resynchronise.
-    OutOfStep(String),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("collector unreachable: {0}")]
-    Transport(String),
-    #[error("collector refused ({status}): {body}")]
-    Refused { status: u16, body: String },
-    #[error("configuration: {0}")]
-    Config(String),
-}
-
 impl Client {
     pub fn new(config: &CollectorConfig) -> Result<Client, ClientError> {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| ClientError::Config(format!("{}: {e}", p.display())))
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| ClientError::ReadFile {
+                path: path.to_owned(),
+                source,
+            })
         };
         let token = String::from_utf8_lossy(&read(&config.token_file)?)
             .trim()
@@ -50,22 +133,23 @@ impl Client {
             .timeout(Duration::from_secs(60));
         if let Some(ca) = &config.ca_file {
             builder = builder.tls_built_in_root_certs(false);
-            for cert in reqwest::Certificate::from_pem_bundle(&read(ca)?)
-                .map_err(|e| ClientError::Config(format!("{}: {e}", ca.display())))?
-            {
+            let certs = reqwest::Certificate::from_pem_bundle(&read(ca)?).map_err(|source| {
+                ClientError::Certificate {
+                    path: ca.clone(),
+                    source,
+                }
+            })?;
+            for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
         }
         if let (Some(cert), Some(key)) = (&config.client_cert, &config.client_key) {
             let mut pem = read(cert)?;
             pem.extend(read(key)?);
-            let id = reqwest::Identity::from_pem(&pem)
-                .map_err(|e| ClientError::Config(format!("client certificate: {e}")))?;
+            let id = reqwest::Identity::from_pem(&pem).map_err(ClientError::ClientIdentity)?;
             builder = builder.identity(id);
         }
-        let http = builder
-            .build()
-            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let http = builder.build().map_err(ClientError::Build)?;
         Ok(Client {
             http,
             base: config.url.trim_end_matches('/').to_string(),
@@ -81,43 +165,52 @@ impl Client {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, String), ClientError> {
+        let unreachable = |e: reqwest::Error| ClientError::Transport(Box::new(e));
         let resp = req
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+            .map_err(unreachable)?;
         let status = resp.status();
-        let body = resp
-            .text()
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let body = resp.text().await.map_err(unreachable)?;
         Ok((status, body))
     }
 
-    pub async fn stream_status(
+    /// Sends `req`; any answer but a success is a refusal.
+    async fn expect_success(&self, req: reqwest::RequestBuilder) -> Result<String, ClientError> {
+        let (status, body) = self.send(req).await?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(ClientError::refusal(status, body))
+        }
+    }
+
+    /// Whether the collector answers at all (for `usher status`).
+    pub async fn reachable(&self) -> bool {
+        self.stream_status("usher-status-probe", "audit")
+            .await
+            .is_ok()
+    }
+}
+
+impl Collector for Client {
+    async fn stream_status(
         &self,
         session: &str,
         stream: &str,
     ) -> Result<StreamStatus, ClientError> {
-        let (status, body) = self
-            .send(
-                self.http
-                    .get(self.url(&format!("sessions/{session}/streams/{stream}"))),
-            )
-            .await?;
-        if !status.is_success() {
-            return Err(ClientError::Refused {
-                status: status.as_u16(),
-                body,
-            });
-        }
-        serde_json::from_str(&body).map_err(|e| ClientError::Refused {
-            status: status.as_u16(),
-            body: format!("unreadable answer {body:?}: {e}"),
+        let req = self
+            .http
+            .get(self.url(&format!("sessions/{session}/streams/{stream}")));
+        let body = self.expect_success(req).await?;
+        serde_json::from_str(&body).map_err(|e| ClientError::Unreadable {
+            status: 200,
+            detail: format!("{body:?}: {e}"),
         })
     }
 
-    pub async fn put_chunk(
+    async fn put_chunk(
         &self,
         session: &str,
         stream: &str,
@@ -136,48 +229,31 @@ impl Client {
         match status.as_u16() {
             201 => Ok(PutOutcome::Stored),
             200 => Ok(PutOutcome::Duplicate),
-            409 if body.contains("gap") => Ok(PutOutcome::OutOfStep(body)),
-            s => Err(ClientError::Refused { status: s, body }),
+            _ => match serde_json::from_str::<Refusal>(&body) {
+                Ok(Refusal {
+                    code: ErrorCode::Gap,
+                    next_seq,
+                    ..
+                }) => Ok(PutOutcome::OutOfStep { next_seq }),
+                _ => Err(ClientError::refusal(status, body)),
+            },
         }
     }
 
-    pub async fn put_meta(&self, session: &str, meta: Vec<u8>) -> Result<(), ClientError> {
+    async fn put_meta(&self, session: &str, meta: Vec<u8>) -> Result<(), ClientError> {
         let req = self
             .http
             .put(self.url(&format!("sessions/{session}/meta")))
             .header("Content-Type", "application/json")
             .body(meta);
-        let (status, body) = self.send(req).await?;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(ClientError::Refused {
-                status: status.as_u16(),
-                body,
-            })
-        }
+        self.expect_success(req).await.map(drop)
     }
 
-    pub async fn seal(&self, session: &str, seal: &serde_json::Value) -> Result<(), ClientError> {
+    async fn seal(&self, session: &str, seal: &Seal) -> Result<(), ClientError> {
         let req = self
             .http
             .post(self.url(&format!("sessions/{session}/seal")))
             .json(seal);
-        let (status, body) = self.send(req).await?;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(ClientError::Refused {
-                status: status.as_u16(),
-                body,
-            })
-        }
-    }
-
-    /// Whether the collector answers at all (for `usher status`).
-    pub async fn reachable(&self) -> bool {
-        self.stream_status("usher-status-probe", "audit")
-            .await
-            .is_ok()
+        self.expect_success(req).await.map(drop)
     }
 }

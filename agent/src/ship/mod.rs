@@ -6,52 +6,77 @@
 //! Crash safety: a chunk is planned (its offset, length and hash written to the session's
 //! `.ship.json`) before it is sent, so after a crash the same bytes are sent again under
 //! the same sequence number, and the collector, which stores a chunk once, says so.
+//! `state` holds those decisions; this module does the reading, writing and asking.
 
-pub mod chain;
 mod client;
+mod state;
 
-pub use client::{Client, ClientError, PutOutcome};
+pub use client::{Client, ClientError, Collector, PutOutcome};
+/// The chain's format lives in the wire crate; here for the agent's users of it.
+pub use usher_wire::chain;
 
 use crate::fsutil;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use state::{Agreement, Diverged, ShipState, MAX_CHUNK};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The collector refuses larger chunks.
-const MAX_CHUNK: usize = 4 << 20;
+use usher_wire::meta::SessionMeta;
+use usher_wire::seal::Seal;
 
 /// The streams of a session, by the collector's name and the spool file's suffix.
 const STREAMS: [(&str, &str); 2] = [("audit", "audit.jsonl"), ("cast", "cast")];
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct StreamState {
-    next_seq: u64,
-    /// Bytes of the spool file already acknowledged.
-    offset: u64,
-    last_hash: String,
-    /// Cut and hashed, maybe sent, not yet acknowledged.
-    pending: Option<Pending>,
-    /// Agreed with the collector since this agent started.
-    #[serde(skip)]
-    synced: bool,
+/// Why a round of shipping stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    #[error(transparent)]
+    Collector(#[from] ClientError),
+    #[error("spool: {path}: {source}")]
+    Spool {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not session metadata: {source}")]
+    Meta {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("session {session} {stream}: spool state: {source}")]
+    State {
+        session: String,
+        stream: String,
+        source: chain::ChainError,
+    },
+    #[error("session {session} {stream}: collector out of step: it expects chunk {}", expected.map_or("another".to_string(), |n| n.to_string()))]
+    OutOfStep {
+        session: String,
+        stream: String,
+        expected: Option<u64>,
+    },
+    #[error("session {session} {stream}: collector has {remote_chunks} chunks, this host {local_chunks}; not sending until resolved")]
+    Diverged {
+        session: String,
+        stream: String,
+        remote_chunks: u64,
+        local_chunks: u64,
+    },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Pending {
-    seq: u64,
-    offset: u64,
-    len: u64,
-    hash: String,
-}
+impl ShipError {
+    /// Whether the collector did not answer at all (`usher status` says unreachable).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ShipError::Collector(e) if e.is_unreachable())
+    }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct ShipState {
-    streams: BTreeMap<String, StreamState>,
-    /// The metadata as last acknowledged.
-    meta_sent: Option<String>,
+    fn spool(path: &Path) -> impl FnOnce(std::io::Error) -> ShipError + '_ {
+        move |source| ShipError::Spool {
+            path: path.to_owned(),
+            source,
+        }
+    }
 }
 
 /// What `usher status` shows of shipping.
@@ -63,9 +88,9 @@ pub struct ShipStatus {
     pub last_error: Option<String>,
 }
 
-pub struct Shipper {
+pub struct Shipper<C: Collector = Client> {
     spool: PathBuf,
-    client: Client,
+    client: C,
     signing: ed25519_dalek::SigningKey,
     chunk_bytes: usize,
     interval: Duration,
@@ -77,23 +102,41 @@ pub trait LiveSessions: Send + Sync {
     fn is_live(&self, session_id: &str) -> bool;
 }
 
-impl Shipper {
+impl Shipper<Client> {
     pub fn new(
         config: &crate::config::CollectorConfig,
         spool: &Path,
         signing: ed25519_dalek::SigningKey,
-    ) -> Result<Shipper, ClientError> {
-        Ok(Shipper {
-            spool: spool.to_owned(),
-            client: Client::new(config)?,
+    ) -> Result<Shipper<Client>, ClientError> {
+        Ok(Shipper::with_collector(
+            Client::new(config)?,
+            spool,
             signing,
-            chunk_bytes: config.chunk_bytes.clamp(1024, MAX_CHUNK),
-            interval: Duration::from_secs(config.interval_secs.max(1)),
+            config.chunk_bytes,
+            Duration::from_secs(config.interval_secs.max(1)),
+        ))
+    }
+}
+
+impl<C: Collector> Shipper<C> {
+    pub fn with_collector(
+        client: C,
+        spool: &Path,
+        signing: ed25519_dalek::SigningKey,
+        chunk_bytes: usize,
+        interval: Duration,
+    ) -> Shipper<C> {
+        Shipper {
+            spool: spool.to_owned(),
+            client,
+            signing,
+            chunk_bytes: chunk_bytes.clamp(1024, MAX_CHUNK),
+            interval,
             status: std::sync::Mutex::new(ShipStatus {
                 configured: true,
                 ..Default::default()
             }),
-        })
+        }
     }
 
     pub fn status(&self) -> ShipStatus {
@@ -119,16 +162,15 @@ impl Shipper {
                         backoff = self.interval;
                     }
                     Err(e) => {
-                        if st.last_error.as_deref() != Some(&e) {
-                            log::warn!(target: "usher::ship", "shipping paused: {e}; retrying with backoff");
+                        let text = e.to_string();
+                        if st.last_error.as_deref() != Some(&text) {
+                            log::warn!(target: "usher::ship", "shipping paused: {text}; retrying with backoff");
                         }
-                        st.reachable = Some(!e.starts_with("collector unreachable"));
-                        st.last_error = Some(e);
+                        st.reachable = Some(!e.is_unreachable());
+                        st.last_error = Some(text);
                         // Every synced flag is suspect after a failure: ask the collector again.
                         for s in states.values_mut() {
-                            for stream in s.streams.values_mut() {
-                                stream.synced = false;
-                            }
+                            s.forget_agreement();
                         }
                         backoff = (backoff * 2).min(Duration::from_secs(60));
                     }
@@ -143,7 +185,7 @@ impl Shipper {
         &self,
         states: &mut BTreeMap<String, ShipState>,
         live: &dyn LiveSessions,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, ShipError> {
         let ids = spooled_sessions(&self.spool);
         states.retain(|id, _| ids.contains(id));
         let mut remaining = 0;
@@ -170,16 +212,16 @@ impl Shipper {
     }
 
     fn load_state(&self, id: &str) -> ShipState {
-        std::fs::read(self.file(id, "ship.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+        ShipState::from_saved(std::fs::read(self.file(id, "ship.json")).ok().as_deref())
     }
 
-    fn save_state(&self, id: &str, state: &ShipState) -> Result<(), String> {
-        let bytes = serde_json::to_vec(state).map_err(|e| e.to_string())?;
-        fsutil::write_atomic(&self.file(id, "ship.json"), &bytes, 0o600)
-            .map_err(|e| format!("spool: {e}"))
+    fn save_state(&self, id: &str, state: &ShipState) -> Result<(), ShipError> {
+        let path = self.file(id, "ship.json");
+        let bytes = serde_json::to_vec(state).map_err(|e| ShipError::Spool {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        fsutil::write_atomic(&path, &bytes, 0o600).map_err(ShipError::spool(&path))
     }
 
     /// Ships what there is of one session; true once it is sealed and gone from the spool.
@@ -188,7 +230,7 @@ impl Shipper {
         id: &str,
         state: &mut ShipState,
         live: bool,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, ShipError> {
         let mut fully_shipped = true;
         for (stream, suffix) in STREAMS {
             let path = self.file(id, suffix);
@@ -196,29 +238,29 @@ impl Shipper {
                 continue;
             }
             self.ship_stream(id, stream, &path, state).await?;
-            if file_len(&path) != state.streams[stream].offset {
+            if !state.acknowledged_to(stream, file_len(&path)) {
                 fully_shipped = false;
             }
         }
 
         let meta_path = self.file(id, "json");
-        let meta = std::fs::read_to_string(&meta_path)
-            .map_err(|e| format!("{}: {e}", meta_path.display()))?;
+        let meta = std::fs::read_to_string(&meta_path).map_err(ShipError::spool(&meta_path))?;
+        let typed: SessionMeta = serde_json::from_str(&meta).map_err(|source| ShipError::Meta {
+            path: meta_path.clone(),
+            source,
+        })?;
         if state.meta_sent.as_deref() != Some(&meta) {
-            self.client
-                .put_meta(id, meta.clone().into_bytes())
-                .await
-                .map_err(|e| e.to_string())?;
+            self.client.put_meta(id, meta.clone().into_bytes()).await?;
             state.meta_sent = Some(meta.clone());
             self.save_state(id, state)?;
         }
-        let ended = serde_json::from_str::<serde_json::Value>(&meta)
-            .map(|m| !m["ended_at"].is_null())
-            .unwrap_or(false);
+        let ended = typed.ended_at.is_some();
         if !ended || live || !fully_shipped {
             return Ok(false);
         }
-        self.seal(id, state).await?;
+        self.client
+            .seal(id, &Seal::sign(id, state.stream_ends(), &self.signing))
+            .await?;
         for (_, suffix) in STREAMS {
             let _ = std::fs::remove_file(self.file(id, suffix));
         }
@@ -235,144 +277,100 @@ impl Shipper {
         stream: &str,
         path: &Path,
         state: &mut ShipState,
-    ) -> Result<(), String> {
-        let st = state
-            .streams
-            .entry(stream.to_string())
-            .or_insert_with(|| StreamState {
-                last_hash: chain::genesis(id, stream),
-                ..Default::default()
-            });
-        if !st.synced {
-            self.resync(id, stream, st).await?;
+    ) -> Result<(), ShipError> {
+        if !state.stream(id, stream).synced {
+            let remote = self.client.stream_status(id, stream).await?;
+            let agreed = state.stream(id, stream).agree_with(id, stream, &remote);
+            match agreed {
+                Ok(Agreement::InStep) => {}
+                Ok(Agreement::FromTheStart) => {
+                    log::warn!(target: "usher::ship", "session {id} {stream}: collector has nothing; re-sending from the start");
+                }
+                Err(Diverged {
+                    remote_chunks,
+                    local_chunks,
+                }) => {
+                    return Err(ShipError::Diverged {
+                        session: id.into(),
+                        stream: stream.into(),
+                        remote_chunks,
+                        local_chunks,
+                    })
+                }
+            }
             self.save_state(id, state)?;
         }
         loop {
-            let st = &state.streams[stream];
-            let (p, bytes) = match &st.pending {
-                Some(p) => (p.clone(), read_range(path, p.offset, p.len as usize)?),
-                None => match self.cut(path, st)? {
-                    Some((p, bytes)) => {
-                        // Written down before it is sent: after a crash, the same bytes go
-                        // again under the same number.
-                        state.streams.get_mut(stream).expect("present").pending = Some(p.clone());
-                        self.save_state(id, state)?;
-                        (p, bytes)
-                    }
-                    None => return Ok(()),
-                },
+            let st = state.stream(id, stream);
+            let (p, bytes) = match st.pending.clone() {
+                Some(p) => {
+                    let bytes = read_range(path, p.offset, p.len as usize)?;
+                    (p, bytes)
+                }
+                None => {
+                    let Some((p, bytes)) = self.cut(id, stream, path, st)? else {
+                        return Ok(());
+                    };
+                    // Written down before it is sent: after a crash, the same bytes go
+                    // again under the same number.
+                    st.pending = Some(p.clone());
+                    self.save_state(id, state)?;
+                    (p, bytes)
+                }
             };
-            let prev = state.streams[stream].last_hash.clone();
+            let prev = state.stream(id, stream).last_hash.clone();
             let outcome = self
                 .client
                 .put_chunk(id, stream, p.seq, &prev, &p.hash, bytes)
-                .await
-                .map_err(|e| e.to_string())?;
-            let st = state.streams.get_mut(stream).expect("present");
+                .await?;
+            let st = state.stream(id, stream);
             match outcome {
                 PutOutcome::Stored | PutOutcome::Duplicate => {
-                    st.next_seq = p.seq + 1;
-                    st.offset = p.offset + p.len;
-                    st.last_hash = p.hash;
-                    st.pending = None;
+                    st.acknowledge(&p);
                     self.save_state(id, state)?;
                 }
-                PutOutcome::OutOfStep(why) => {
+                PutOutcome::OutOfStep { next_seq } => {
                     st.synced = false;
-                    return Err(format!(
-                        "session {id} {stream}: collector out of step: {why}"
-                    ));
+                    return Err(ShipError::OutOfStep {
+                        session: id.into(),
+                        stream: stream.into(),
+                        expected: next_seq,
+                    });
                 }
             }
         }
     }
 
-    async fn resync(&self, id: &str, stream: &str, st: &mut StreamState) -> Result<(), String> {
-        let remote = self
-            .client
-            .stream_status(id, stream)
-            .await
-            .map_err(|e| e.to_string())?;
-        // A planned chunk the collector already has: it was acknowledged, we crashed
-        // before writing that down.
-        if let Some(p) = &st.pending {
-            if remote.next_seq == p.seq + 1 && remote.last_hash == p.hash {
-                st.next_seq = p.seq + 1;
-                st.offset = p.offset + p.len;
-                st.last_hash = p.hash.clone();
-                st.pending = None;
-            }
-        }
-        if remote.next_seq == st.next_seq && remote.last_hash == st.last_hash {
-            st.synced = true;
-            return Ok(());
-        }
-        if remote.next_seq == 0 {
-            // The collector has nothing (a new or wiped store): the spool still holds the
-            // whole stream, send it again from the start.
-            log::warn!(target: "usher::ship", "session {id} {stream}: collector has nothing; re-sending from the start");
-            *st = StreamState {
-                last_hash: chain::genesis(id, stream),
-                synced: true,
-                ..Default::default()
-            };
-            return Ok(());
-        }
-        Err(format!(
-            "session {id} {stream}: collector has {} chunks, this host {}; not sending until resolved",
-            remote.next_seq, st.next_seq
-        ))
-    }
-
-    /// The next chunk: whole lines from the acknowledged offset, at most `chunk_bytes`
-    /// unless one line is longer. Made durable before it is hashed.
-    fn cut(&self, path: &Path, st: &StreamState) -> Result<Option<(Pending, Vec<u8>)>, String> {
+    /// The next chunk of a stream's file and its bytes (see [`state::StreamState::plan`]),
+    /// made durable before it is written down as planned.
+    fn cut(
+        &self,
+        id: &str,
+        stream: &str,
+        path: &Path,
+        st: &state::StreamState,
+    ) -> Result<Option<(state::Pending, Vec<u8>)>, ShipError> {
         let len = file_len(path);
         if len <= st.offset {
             return Ok(None);
         }
         let want = ((len - st.offset) as usize).min(MAX_CHUNK);
-        let data = read_range(path, st.offset, want)?;
-        let window = &data[..data.len().min(self.chunk_bytes)];
-        let end = match window.iter().rposition(|b| *b == b'\n') {
-            Some(i) => i + 1,
-            // One line longer than a chunk: take it whole, up to the collector's limit.
-            None => match data.iter().position(|b| *b == b'\n') {
-                Some(i) => i + 1,
-                None => return Ok(None),
-            },
+        let unsent = read_range(path, st.offset, want)?;
+        let planned = st
+            .plan(&unsent, self.chunk_bytes)
+            .map_err(|source| ShipError::State {
+                session: id.into(),
+                stream: stream.into(),
+                source,
+            })?;
+        let Some(p) = planned else {
+            return Ok(None);
         };
-        let bytes = data[..end].to_vec();
         std::fs::File::open(path)
             .and_then(|f| f.sync_data())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        let hash = chain::next(&st.last_hash, &bytes)?;
-        Ok(Some((
-            Pending {
-                seq: st.next_seq,
-                offset: st.offset,
-                len: bytes.len() as u64,
-                hash,
-            },
-            bytes,
-        )))
-    }
-
-    async fn seal(&self, id: &str, state: &ShipState) -> Result<(), String> {
-        use ed25519_dalek::Signer;
-        let streams: BTreeMap<String, (u64, String)> = state
-            .streams
-            .iter()
-            .map(|(k, v)| (k.clone(), (v.next_seq, v.last_hash.clone())))
-            .collect();
-        let message = chain::seal_message(id, &streams);
-        let signature = self.signing.sign(message.as_bytes());
-        use base64::Engine;
-        let body = serde_json::json!({
-            "streams": streams.iter().map(|(k, (n, h))| (k.clone(), serde_json::json!({"chunks": n, "last_hash": h}))).collect::<serde_json::Map<_, _>>(),
-            "signature": base64::engine::general_purpose::STANDARD.encode(signature.to_bytes()),
-        });
-        self.client.seal(id, &body).await.map_err(|e| e.to_string())
+            .map_err(ShipError::spool(path))?;
+        let bytes = unsent[..p.len as usize].to_vec();
+        Ok(Some((p, bytes)))
     }
 }
 
@@ -380,13 +378,14 @@ fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-fn read_range(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, String> {
-    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+fn read_range(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, ShipError> {
+    let mut f = std::fs::File::open(path).map_err(ShipError::spool(path))?;
+    f.seek(SeekFrom::Start(offset))
+        .map_err(ShipError::spool(path))?;
     let mut buf = vec![0u8; len];
     let mut got = 0;
     while got < len {
-        let n = f.read(&mut buf[got..]).map_err(|e| e.to_string())?;
+        let n = f.read(&mut buf[got..]).map_err(ShipError::spool(path))?;
         if n == 0 {
             break;
         }
@@ -423,4 +422,500 @@ pub fn spool_bytes(spool: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// The shipper against a collector held in memory, on a spool in a scratch directory: what
+/// it sends, and how it resumes after a crash at each step. No root, no network.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use usher_wire::collector::{ErrorCode, StreamStatus};
+    use usher_wire::meta::GrantInfo;
+
+    /// A stream's chunks, each with its hash.
+    type Chunks = Vec<(String, Vec<u8>)>;
+
+    /// What a collector stores: each stream's chunks (by session and stream), metadata, seals.
+    #[derive(Default)]
+    struct Held {
+        chunks: BTreeMap<(String, String), Chunks>,
+        meta: BTreeMap<String, Vec<u8>>,
+        seals: BTreeMap<String, Seal>,
+    }
+
+    /// A collector that checks what the real one checks, and can fail on request.
+    struct Fake {
+        held: Mutex<Held>,
+        host_key: ed25519_dalek::VerifyingKey,
+        /// Store the next chunk, then answer as if the connection dropped.
+        lose_next_answer: AtomicBool,
+        unreachable: AtomicBool,
+        chunk_puts: AtomicUsize,
+    }
+
+    fn dropped() -> ClientError {
+        ClientError::Transport("connection reset by peer".into())
+    }
+
+    fn refused(status: u16, code: ErrorCode, message: &str) -> ClientError {
+        ClientError::Refused {
+            status,
+            code: Some(code),
+            message: message.into(),
+        }
+    }
+
+    impl Fake {
+        fn new(host_key: ed25519_dalek::VerifyingKey) -> Arc<Fake> {
+            Arc::new(Fake {
+                held: Mutex::default(),
+                host_key,
+                lose_next_answer: AtomicBool::new(false),
+                unreachable: AtomicBool::new(false),
+                chunk_puts: AtomicUsize::new(0),
+            })
+        }
+
+        fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+            self.held.lock().unwrap()
+        }
+
+        fn status_of(&self, session: &str, stream: &str) -> StreamStatus {
+            let held = self.held();
+            let chunks = held.chunks.get(&(session.into(), stream.into()));
+            StreamStatus {
+                next_seq: chunks.map_or(0, |c| c.len() as u64),
+                last_hash: chunks
+                    .and_then(|c| c.last())
+                    .map_or_else(|| chain::genesis(session, stream), |(h, _)| h.clone()),
+            }
+        }
+
+        /// A stream as stored: its chunks, joined.
+        fn stream(&self, session: &str, stream: &str) -> Vec<u8> {
+            self.chunks(session, stream).concat()
+        }
+
+        fn chunks(&self, session: &str, stream: &str) -> Vec<Vec<u8>> {
+            self.held()
+                .chunks
+                .get(&(session.into(), stream.into()))
+                .map(|c| c.iter().map(|(_, b)| b.clone()).collect())
+                .unwrap_or_default()
+        }
+
+        fn reachable(&self) -> Result<(), ClientError> {
+            match self.unreachable.load(Ordering::SeqCst) {
+                true => Err(dropped()),
+                false => Ok(()),
+            }
+        }
+    }
+
+    impl Collector for Arc<Fake> {
+        async fn stream_status(
+            &self,
+            session: &str,
+            stream: &str,
+        ) -> Result<StreamStatus, ClientError> {
+            self.reachable()?;
+            Ok(self.status_of(session, stream))
+        }
+
+        async fn put_chunk(
+            &self,
+            session: &str,
+            stream: &str,
+            seq: u64,
+            prev: &str,
+            hash: &str,
+            body: Vec<u8>,
+        ) -> Result<PutOutcome, ClientError> {
+            self.reachable()?;
+            self.chunk_puts.fetch_add(1, Ordering::SeqCst);
+            let status = self.status_of(session, stream);
+            let mut held = self.held();
+            let chunks = held
+                .chunks
+                .entry((session.into(), stream.into()))
+                .or_default();
+            if seq < status.next_seq {
+                return match chunks[seq as usize].0 == hash {
+                    true => Ok(PutOutcome::Duplicate),
+                    false => Err(refused(409, ErrorCode::Tampered, "tampered")),
+                };
+            }
+            if seq > status.next_seq {
+                return Ok(PutOutcome::OutOfStep {
+                    next_seq: Some(status.next_seq),
+                });
+            }
+            if prev != status.last_hash || chain::next(prev, &body).ok().as_deref() != Some(hash) {
+                return Err(refused(422, ErrorCode::Tampered, "tampered"));
+            }
+            chunks.push((hash.to_string(), body));
+            match self.lose_next_answer.swap(false, Ordering::SeqCst) {
+                true => Err(dropped()),
+                false => Ok(PutOutcome::Stored),
+            }
+        }
+
+        async fn put_meta(&self, session: &str, meta: Vec<u8>) -> Result<(), ClientError> {
+            self.reachable()?;
+            self.held().meta.insert(session.into(), meta);
+            Ok(())
+        }
+
+        async fn seal(&self, session: &str, seal: &Seal) -> Result<(), ClientError> {
+            self.reachable()?;
+            seal.verify(session, &self.host_key)
+                .map_err(|e| refused(422, ErrorCode::Tampered, &e.to_string()))?;
+            for (stream, end) in &seal.streams {
+                let have = self.status_of(session, stream);
+                if (have.next_seq, &have.last_hash) != (end.chunks, &end.last_hash) {
+                    return Err(refused(
+                        422,
+                        ErrorCode::Tampered,
+                        "the chains end elsewhere",
+                    ));
+                }
+            }
+            self.held().seals.insert(session.into(), seal.clone());
+            Ok(())
+        }
+    }
+
+    struct Nothing;
+    impl LiveSessions for Nothing {
+        fn is_live(&self, _: &str) -> bool {
+            false
+        }
+    }
+
+    /// A spool in a scratch directory, removed at the end.
+    struct Spool(PathBuf);
+
+    impl Spool {
+        fn new(name: &str) -> Spool {
+            let dir =
+                std::env::temp_dir().join(format!("usher-ship-unit-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Spool(dir)
+        }
+
+        fn path(&self, id: &str, suffix: &str) -> PathBuf {
+            self.0.join(format!("{id}.{suffix}"))
+        }
+
+        fn append(&self, id: &str, suffix: &str, bytes: &[u8]) {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.path(id, suffix))
+                .unwrap()
+                .write_all(bytes)
+                .unwrap();
+        }
+
+        fn write_meta(&self, id: &str, ended: bool) {
+            let meta = SessionMeta {
+                session_id: id.into(),
+                kind: "ssh".into(),
+                host: "h".into(),
+                login: "usher-t".into(),
+                uid: 61000,
+                grant: GrantInfo {
+                    iss: "i".into(),
+                    sub: "t@example.org".into(),
+                    jti: "j".into(),
+                    profile: "default".into(),
+                    approved_by: None,
+                    reason: None,
+                    expires_at: 1893456000,
+                },
+                peer: None,
+                command: None,
+                term: None,
+                started_at: "2026-11-22T12:00:00Z".into(),
+                ended_at: ended.then(|| "2026-11-22T12:05:00Z".into()),
+                exit_status: None,
+                exit_signal: None,
+                enforcement: "off".into(),
+                enforced: false,
+                input_recorded: false,
+                interrupted: false,
+                truncated: None,
+                limits: None,
+            };
+            std::fs::write(
+                self.path(id, "json"),
+                serde_json::to_vec_pretty(&meta).unwrap(),
+            )
+            .unwrap();
+        }
+
+        fn holds(&self, id: &str) -> bool {
+            ["cast", "audit.jsonl", "json", "ship.json"]
+                .iter()
+                .any(|s| self.path(id, s).exists())
+        }
+
+        fn saved_state(&self, id: &str) -> ShipState {
+            ShipState::from_saved(std::fs::read(self.path(id, "ship.json")).ok().as_deref())
+        }
+    }
+
+    impl Drop for Spool {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// `n` cast lines of about 300 bytes: at the smallest chunk size (1 KiB), three a chunk.
+    fn lines(from: usize, n: usize) -> Vec<u8> {
+        (from..from + n)
+            .flat_map(|i| format!("[{i}.0, \"o\", \"{}\"]\n", "x".repeat(280)).into_bytes())
+            .collect()
+    }
+
+    fn setup(name: &str) -> (Spool, Arc<Fake>, Shipper<Arc<Fake>>) {
+        let spool = Spool::new(name);
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let fake = Fake::new(key.verifying_key());
+        let shipper =
+            Shipper::with_collector(fake.clone(), &spool.0, key, 1024, Duration::from_secs(1));
+        (spool, fake, shipper)
+    }
+
+    /// A round as `run` does it: a failure makes every stream ask the collector again.
+    async fn round(
+        shipper: &Shipper<Arc<Fake>>,
+        states: &mut BTreeMap<String, ShipState>,
+    ) -> Result<usize, ShipError> {
+        let result = shipper.round(states, &Nothing).await;
+        if result.is_err() {
+            states.values_mut().for_each(ShipState::forget_agreement);
+        }
+        result
+    }
+
+    #[tokio::test]
+    async fn an_ended_session_is_shipped_in_whole_line_chunks_sealed_and_removed() {
+        let (spool, fake, shipper) = setup("ended");
+        let cast = lines(0, 10);
+        spool.append("s1", "cast", &cast);
+        spool.append("s1", "audit.jsonl", b"{\"event\":\"session_started\"}\n");
+        spool.write_meta("s1", true);
+        let mut states = BTreeMap::new();
+        assert_eq!(round(&shipper, &mut states).await.unwrap(), 0);
+        assert_eq!(fake.stream("s1", "cast"), cast);
+        let chunks = fake.chunks("s1", "cast");
+        assert_eq!(chunks.len(), 4);
+        assert!(chunks.iter().all(|c| c.len() <= 1024 && c.ends_with(b"\n")));
+        let seal = fake.held().seals["s1"].clone();
+        assert_eq!(seal.streams["cast"].chunks, 4);
+        assert_eq!(seal.streams["audit"].chunks, 1);
+        assert!(fake.held().meta.contains_key("s1"));
+        assert!(!spool.holds("s1"), "gone from the spool once sealed");
+    }
+
+    #[tokio::test]
+    async fn a_live_session_ships_its_whole_lines_and_waits_for_the_rest() {
+        let (spool, fake, shipper) = setup("live");
+        let first = lines(0, 2);
+        spool.append("s1", "cast", &first);
+        spool.append("s1", "cast", b"[2.0, \"o\", \"half a li");
+        spool.write_meta("s1", false);
+        let mut states = BTreeMap::new();
+        assert_eq!(round(&shipper, &mut states).await.unwrap(), 1);
+        assert_eq!(fake.stream("s1", "cast"), first, "the partial line waits");
+        let saved = spool.saved_state("s1");
+        assert_eq!(saved.streams["cast"].offset, first.len() as u64);
+        assert_eq!(saved.streams["cast"].pending, None);
+        // The line is finished and the session ends.
+        spool.append("s1", "cast", b"ne\"]\n");
+        spool.write_meta("s1", true);
+        assert_eq!(round(&shipper, &mut states).await.unwrap(), 0);
+        assert_eq!(
+            fake.stream("s1", "cast"),
+            [&first[..], b"[2.0, \"o\", \"half a line\"]\n"].concat()
+        );
+        assert!(fake.held().seals.contains_key("s1"));
+    }
+
+    #[tokio::test]
+    async fn a_session_with_a_partial_last_line_is_not_sealed() {
+        let (spool, fake, shipper) = setup("partial");
+        spool.append("s1", "cast", &lines(0, 1));
+        spool.append("s1", "cast", b"[1.0, \"o\", \"cut");
+        spool.write_meta("s1", true);
+        let mut states = BTreeMap::new();
+        assert_eq!(round(&shipper, &mut states).await.unwrap(), 1);
+        assert!(fake.held().seals.is_empty());
+        assert!(spool.holds("s1"));
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_that_lost_the_collectors_answer_the_chunk_is_not_sent_again() {
+        let (spool, fake, shipper) = setup("lost-answer");
+        let cast = lines(0, 9);
+        spool.append("s1", "cast", &cast);
+        spool.write_meta("s1", true);
+        fake.lose_next_answer.store(true, Ordering::SeqCst);
+        let error = round(&shipper, &mut BTreeMap::new()).await.unwrap_err();
+        assert!(error.is_unreachable(), "{error}");
+        let saved = spool.saved_state("s1");
+        assert_eq!(saved.streams["cast"].next_seq, 0);
+        assert!(
+            saved.streams["cast"].pending.is_some(),
+            "planned, not acknowledged"
+        );
+        // A new agent process: only what .ship.json says.
+        assert_eq!(round(&shipper, &mut BTreeMap::new()).await.unwrap(), 0);
+        assert_eq!(fake.stream("s1", "cast"), cast);
+        assert_eq!(
+            fake.chunk_puts.load(Ordering::SeqCst),
+            3,
+            "the collector said it held chunk 0: it was not sent again"
+        );
+        assert!(fake.held().seals.contains_key("s1"));
+    }
+
+    #[tokio::test]
+    async fn a_chunk_resent_without_asking_first_is_acknowledged_as_a_duplicate() {
+        let (spool, fake, shipper) = setup("duplicate");
+        let cast = lines(0, 6);
+        spool.append("s1", "cast", &cast);
+        spool.write_meta("s1", true);
+        let mut states = BTreeMap::new();
+        fake.lose_next_answer.store(true, Ordering::SeqCst);
+        assert!(shipper.round(&mut states, &Nothing).await.is_err());
+        // Still agreed with the collector: the plan goes again as it was.
+        assert_eq!(shipper.round(&mut states, &Nothing).await.unwrap(), 0);
+        assert_eq!(fake.stream("s1", "cast"), cast);
+        assert_eq!(fake.chunk_puts.load(Ordering::SeqCst), 3, "chunk 0 twice");
+    }
+
+    #[tokio::test]
+    async fn a_plan_written_down_before_a_crash_is_sent_as_planned() {
+        let (spool, fake, shipper) = setup("planned");
+        let first = lines(0, 1);
+        spool.append("s1", "cast", &first);
+        spool.write_meta("s1", false);
+        // The state a crash between planning chunk 0 and sending it leaves.
+        let mut planned = ShipState::default();
+        let st = planned.stream("s1", "cast");
+        st.pending = st.plan(&first, 1024).unwrap();
+        std::fs::write(
+            spool.path("s1", "ship.json"),
+            serde_json::to_vec(&planned).unwrap(),
+        )
+        .unwrap();
+        // More was recorded since: it would fit in chunk 0, but chunk 0 is planned.
+        let second = lines(1, 1);
+        spool.append("s1", "cast", &second);
+        assert_eq!(round(&shipper, &mut BTreeMap::new()).await.unwrap(), 1);
+        assert_eq!(fake.chunks("s1", "cast"), vec![first, second]);
+    }
+
+    #[tokio::test]
+    async fn a_wiped_collector_gets_every_stream_again_from_the_start() {
+        let (spool, fake, shipper) = setup("wiped");
+        let cast = lines(0, 6);
+        spool.append("s1", "cast", &cast);
+        spool.write_meta("s1", false);
+        let mut states = BTreeMap::new();
+        assert_eq!(round(&shipper, &mut states).await.unwrap(), 1);
+        *fake.held() = Held::default();
+        spool.write_meta("s1", true);
+        // A new agent process asks where each stream stands.
+        assert_eq!(round(&shipper, &mut BTreeMap::new()).await.unwrap(), 0);
+        assert_eq!(fake.stream("s1", "cast"), cast);
+        assert_eq!(fake.held().seals["s1"].streams["cast"].chunks, 2);
+    }
+
+    #[tokio::test]
+    async fn a_collector_holding_another_chain_is_sent_nothing() {
+        let (spool, fake, shipper) = setup("diverged");
+        spool.append("s1", "cast", &lines(0, 3));
+        spool.write_meta("s1", true);
+        let forged = b"forged\n".to_vec();
+        let hash = chain::next(&chain::genesis("s1", "cast"), &forged).unwrap();
+        fake.held()
+            .chunks
+            .insert(("s1".into(), "cast".into()), vec![(hash, forged)]);
+        let error = round(&shipper, &mut BTreeMap::new()).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ShipError::Diverged {
+                    remote_chunks: 1,
+                    local_chunks: 0,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(!error.is_unreachable());
+        assert_eq!(fake.chunk_puts.load(Ordering::SeqCst), 0);
+        assert!(spool.holds("s1"));
+    }
+
+    #[tokio::test]
+    async fn a_gap_stops_the_stream_until_the_collector_is_asked_again() {
+        let (spool, fake, shipper) = setup("gap");
+        spool.append("s1", "cast", &lines(0, 6));
+        spool.write_meta("s1", false);
+        let mut states = BTreeMap::new();
+        assert_eq!(round(&shipper, &mut states).await.unwrap(), 1);
+        // The collector lost its last chunk (restored from a backup); this agent, still
+        // agreed with it, sends the next one.
+        fake.held()
+            .chunks
+            .get_mut(&("s1".to_string(), "cast".to_string()))
+            .unwrap()
+            .pop();
+        spool.append("s1", "cast", &lines(6, 3));
+        let error = round(&shipper, &mut states).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ShipError::OutOfStep {
+                    expected: Some(1),
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        // Asked again, the collector's stream is shorter than this host's: a person decides.
+        let error = round(&shipper, &mut states).await.unwrap_err();
+        assert!(matches!(error, ShipError::Diverged { .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_collector_is_told_apart_from_a_refusal() {
+        let (spool, fake, shipper) = setup("unreachable");
+        spool.append("s1", "cast", &lines(0, 1));
+        spool.write_meta("s1", true);
+        fake.unreachable.store(true, Ordering::SeqCst);
+        let error = round(&shipper, &mut BTreeMap::new()).await.unwrap_err();
+        assert!(error.is_unreachable());
+        assert!(error.to_string().starts_with("collector unreachable"));
+        fake.unreachable.store(false, Ordering::SeqCst);
+        assert_eq!(round(&shipper, &mut BTreeMap::new()).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn metadata_that_is_not_session_metadata_stops_the_session() {
+        let (spool, fake, shipper) = setup("bad-meta");
+        spool.append("s1", "cast", &lines(0, 1));
+        std::fs::write(spool.path("s1", "json"), b"{\"session_id\": \"s1\"}").unwrap();
+        let error = round(&shipper, &mut BTreeMap::new()).await.unwrap_err();
+        assert!(matches!(error, ShipError::Meta { .. }), "{error}");
+        assert!(fake.held().meta.is_empty());
+    }
 }

@@ -5,9 +5,10 @@
 //! source address, and each has a grace time to authenticate.
 
 use super::server::Connection;
+use super::SshOptions;
 use crate::admission::{Admission, Refused};
-use crate::daemon::Agent;
 use crate::grant::GrantId;
+use crate::session::Core;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -52,17 +53,19 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves every listener until the process ends; never returns.
-pub async fn serve(
-    agent: Arc<Agent>,
+pub async fn serve<C: Core>(
+    core: Arc<C>,
+    options: Arc<SshOptions>,
     config: Arc<russh::server::Config>,
     listeners: Vec<TcpListener>,
 ) -> ! {
-    let ssh = &agent.config.ssh;
+    let ssh = &options.config;
     let startups = Admission::new(ssh.max_startups, ssh.max_startups_per_source);
     let connections = Admission::new(ssh.max_connections, ssh.max_connections);
     for listener in listeners {
         tokio::spawn(accept_loop(
-            agent.clone(),
+            core.clone(),
+            options.clone(),
             config.clone(),
             listener,
             startups.clone(),
@@ -72,8 +75,9 @@ pub async fn serve(
     std::future::pending().await
 }
 
-async fn accept_loop(
-    agent: Arc<Agent>,
+async fn accept_loop<C: Core>(
+    core: Arc<C>,
+    options: Arc<SshOptions>,
     config: Arc<russh::server::Config>,
     listener: TcpListener,
     startups: Arc<Admission<IpAddr>>,
@@ -105,11 +109,12 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let agent = agent.clone();
+        let core = core.clone();
+        let options = options.clone();
         let config = config.clone();
         let connections = connections.clone();
         tokio::spawn(async move {
-            connection(agent, config, stream, peer, slot, connections).await;
+            connection(core, options, config, stream, peer, slot, connections).await;
         });
     }
 }
@@ -125,20 +130,21 @@ fn refuse(peer: SocketAddr, why: Refused) {
 
 /// One connection from accept to its end: the login grace time until it authenticates,
 /// then the life of its grant.
-async fn connection(
-    agent: Arc<Agent>,
+async fn connection<C: Core>(
+    core: Arc<C>,
+    options: Arc<SshOptions>,
     config: Arc<russh::server::Config>,
     stream: TcpStream,
     peer: SocketAddr,
     startup_slot: crate::admission::Slot<IpAddr>,
     connections: Arc<Admission<()>>,
 ) {
-    let grace = Duration::from_secs(agent.config.ssh.login_grace_secs);
+    let grace = Duration::from_secs(options.config.login_grace_secs);
     let deadline = tokio::time::Instant::now() + grace;
     // Subscribed before authentication, so that a grant ending in between is not missed.
-    let mut grant_ends = agent.grant_ends();
+    let mut grant_ends = core.grant_ends();
     let (authenticated_tx, mut authenticated) = watch::channel(None::<GrantId>);
-    let handler = Connection::new(agent.clone(), Some(peer), authenticated_tx);
+    let handler = Connection::new(core.clone(), options, Some(peer), authenticated_tx);
     // A second descriptor of the socket, to cut it from under a session that will not
     // end by itself (a peer that reads nothing).
     let socket = stream
@@ -178,7 +184,7 @@ async fn connection(
                                 break;
                             }
                         }
-                        if !agent.is_live(&id) {
+                        if !core.is_live(&id) {
                             break;
                         }
                         grant = Some(id);
@@ -191,7 +197,7 @@ async fn connection(
                 let over = match ended {
                     Ok(id) => &id == mine,
                     // Missed some: ask the agent instead.
-                    Err(broadcast::error::RecvError::Lagged(_)) => !agent.is_live(mine),
+                    Err(broadcast::error::RecvError::Lagged(_)) => !core.is_live(mine),
                     Err(broadcast::error::RecvError::Closed) => false,
                 };
                 if over {

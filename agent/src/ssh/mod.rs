@@ -7,3 +7,10 @@ mod server;
 pub use hostkey::{load_or_create_host_key, signing_key};
 pub use listen::{bind, serve};
 pub use server::settings;
+
+/// What the SSH front end takes from the agent's configuration.
+pub struct SshOptions {
+    pub config: crate::config::SshConfig,
+    /// The program the `sftp` subsystem runs, if this host has one.
+    pub sftp_server: Option<std::path::PathBuf>,
+}

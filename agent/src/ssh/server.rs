@@ -1,11 +1,14 @@
 //! The SSH server: authentication from grants, and session channels handed to
 //! `session::run`.
 
-use crate::daemon::Agent;
+use super::SshOptions;
+use crate::config::SshConfig;
 use crate::grant::{Grant, GrantId};
 use crate::session::{
-    self, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest, CONTROL_QUEUE,
+    self, ClientIo, ClientSink, Control, Core, ExitOutcome, PtySpec, SessionCommand,
+    SessionRequest, CONTROL_QUEUE,
 };
+use crate::system::signal;
 use bytes::Bytes;
 use russh::keys::PublicKey;
 use russh::server::{Auth, Handle, Msg, Response, Session};
@@ -19,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
 /// The russh server settings every connection shares.
-pub fn settings(agent: &Agent, host_key: russh::keys::PrivateKey) -> Arc<russh::server::Config> {
+pub fn settings(ssh: &SshConfig, host_key: russh::keys::PrivateKey) -> Arc<russh::server::Config> {
     let mut methods = MethodSet::empty();
     methods.push(MethodKind::PublicKey);
     methods.push(MethodKind::KeyboardInteractive);
@@ -33,7 +36,7 @@ pub fn settings(agent: &Agent, host_key: russh::keys::PrivateKey) -> Arc<russh::
         auth_rejection_time: Duration::from_millis(500),
         auth_rejection_time_initial: Some(Duration::ZERO),
         keys: vec![host_key],
-        inactivity_timeout: Some(Duration::from_secs(agent.config.ssh.idle_timeout_secs)),
+        inactivity_timeout: Some(Duration::from_secs(ssh.idle_timeout_secs)),
         keepalive_interval: Some(Duration::from_secs(60)),
         max_auth_attempts: 6,
         nodelay: true,
@@ -42,8 +45,9 @@ pub fn settings(agent: &Agent, host_key: russh::keys::PrivateKey) -> Arc<russh::
     })
 }
 
-pub(super) struct Connection {
-    agent: Arc<Agent>,
+pub(super) struct Connection<C> {
+    core: Arc<C>,
+    options: Arc<SshOptions>,
     peer: Option<SocketAddr>,
     grant: Option<Grant>,
     channels: HashMap<ChannelId, ChannelState>,
@@ -108,51 +112,42 @@ impl ClientSink for SshSink {
     }
 }
 
+/// A signal for an "exit-signal" message. russh writes a custom signal's name as given, so
+/// every name goes out as SSH spells it.
 fn to_sig(s: i32) -> Sig {
-    match s {
-        1 => Sig::HUP,
-        2 => Sig::INT,
-        3 => Sig::QUIT,
-        4 => Sig::ILL,
-        6 => Sig::ABRT,
-        8 => Sig::FPE,
-        9 => Sig::KILL,
-        11 => Sig::SEGV,
-        13 => Sig::PIPE,
-        14 => Sig::ALRM,
-        15 => Sig::TERM,
-        10 => Sig::USR1,
-        other => Sig::Custom(session::signal_name_owned(other)),
-    }
+    Sig::Custom(signal::ssh_name_or_number(s))
 }
 
+/// The number of the signal a "signal" request names, if SSH names it.
 fn from_sig(s: &Sig) -> Option<i32> {
-    Some(match s {
-        Sig::HUP => 1,
-        Sig::INT => 2,
-        Sig::QUIT => 3,
-        Sig::ILL => 4,
-        Sig::ABRT => 6,
-        Sig::FPE => 8,
-        Sig::KILL => 9,
-        Sig::SEGV => 11,
-        Sig::PIPE => 13,
-        Sig::ALRM => 14,
-        Sig::TERM => 15,
-        Sig::USR1 => 10,
-        Sig::Custom(name) if name == "USR2" => 12,
-        Sig::Custom(_) => return None,
-    })
+    let name = match s {
+        Sig::ABRT => "ABRT",
+        Sig::ALRM => "ALRM",
+        Sig::FPE => "FPE",
+        Sig::HUP => "HUP",
+        Sig::ILL => "ILL",
+        Sig::INT => "INT",
+        Sig::KILL => "KILL",
+        Sig::PIPE => "PIPE",
+        Sig::QUIT => "QUIT",
+        Sig::SEGV => "SEGV",
+        Sig::TERM => "TERM",
+        Sig::USR1 => "USR1",
+        Sig::Custom(name) => name,
+    };
+    signal::from_ssh_name(name).map(|s| s as i32)
 }
 
-impl Connection {
+impl<C: Core> Connection<C> {
     pub(super) fn new(
-        agent: Arc<Agent>,
+        core: Arc<C>,
+        options: Arc<SshOptions>,
         peer: Option<SocketAddr>,
         authenticated: watch::Sender<Option<GrantId>>,
-    ) -> Connection {
+    ) -> Connection<C> {
         Connection {
-            agent,
+            core,
+            options,
             peer,
             grant: None,
             channels: HashMap::new(),
@@ -169,7 +164,7 @@ impl Connection {
     /// The connection's grant, if it still lives: checked at every channel open, so
     /// nothing new starts under a grant that is ending.
     fn live_grant(&self) -> Option<&Grant> {
-        self.grant.as_ref().filter(|g| self.agent.is_live(&g.id()))
+        self.grant.as_ref().filter(|g| self.core.is_live(&g.id()))
     }
 
     fn peer_string(&self) -> String {
@@ -181,7 +176,7 @@ impl Connection {
     /// A grant presented at the password or keyboard-interactive prompt.
     fn presented(&mut self, user: &str, token: &str) -> Auth {
         let how = format!("ssh-password from {}", self.peer_string());
-        match self.agent.admit(token, &how) {
+        match self.core.admit(token, &how) {
             Ok(g) if g.login() == user => self.accept(g),
             Ok(g) => {
                 log::warn!(target: "usher::audit", usher_event = "grant_refused", jti = g.jti(); "grant {} is for {}, not {user}", g.jti(), g.login());
@@ -192,9 +187,8 @@ impl Connection {
     }
 
     fn accepts_env(&self, name: &str) -> bool {
-        self.agent
+        self.options
             .config
-            .ssh
             .accept_env
             .iter()
             .any(|pat| match pat.strip_suffix('*') {
@@ -247,18 +241,20 @@ impl Connection {
             stderr: tokio::sync::Mutex::new(Box::new(writer.make_writer_ext(Some(1)))),
         });
         tokio::spawn(session::run(
-            self.agent.clone(),
+            self.core.clone(),
             grant,
             request,
-            stdin_rx,
-            control_rx,
-            sink,
+            ClientIo {
+                stdin: stdin_rx,
+                control: control_rx,
+                sink,
+            },
         ));
         Ok(())
     }
 }
 
-impl russh::server::Handler for Connection {
+impl<C: Core> russh::server::Handler for Connection<C> {
     type Error = russh::Error;
 
     async fn auth_publickey_offered(
@@ -266,7 +262,7 @@ impl russh::server::Handler for Connection {
         user: &str,
         key: &PublicKey,
     ) -> Result<Auth, Self::Error> {
-        Ok(match self.agent.grant_for_key(user, key) {
+        Ok(match self.core.grant_for_key(user, key) {
             Some(_) => Auth::Accept,
             None => Auth::reject(),
         })
@@ -274,7 +270,7 @@ impl russh::server::Handler for Connection {
 
     async fn auth_publickey(&mut self, user: &str, key: &PublicKey) -> Result<Auth, Self::Error> {
         // Called after the client proved it holds the key.
-        match self.agent.grant_for_key(user, key) {
+        match self.core.grant_for_key(user, key) {
             Some(g) => {
                 log::info!(target: "usher::audit", usher_event = "login", jti = g.jti(), login = user, method = "publickey"; "{user} logged in with a key bound to grant {} from {}", g.jti(), self.peer_string());
                 Ok(self.accept(g))
@@ -346,7 +342,7 @@ impl russh::server::Handler for Connection {
         let Some(grant) = self.live_grant() else {
             return Ok(false);
         };
-        let profile = self.agent.profile(&grant.profile);
+        let profile = self.core.profile(&grant.profile);
         if !profile.port_forwarding || port > 65535 {
             log::info!(target: "usher::audit", usher_event = "forward_refused", jti = grant.jti(), target = format!("{host}:{port}").as_str(); "port forwarding to {host}:{port} refused by profile {}", profile.name);
             return Ok(false);
@@ -439,7 +435,7 @@ impl russh::server::Handler for Connection {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        match (name, self.agent.config.sftp_server()) {
+        match (name, self.options.sftp_server.clone()) {
             ("sftp", Some(program)) => {
                 self.start(channel, SessionCommand::Subsystem(program), session)
                     .await

@@ -1,0 +1,758 @@
+//! The I/O relay of a running session: the process's output to the client (recorded
+//! first), the client's input to the process, resizes and signals, the kernel's exec
+//! notes, and the end of the grant. Waiting (`next_event`) is kept apart from acting
+//! (`handle`), and every way of ending goes through one `Stop`.
+
+use super::exec_notes::{exec_event, record_exec};
+use super::recorder::{Recorder, SharedRecorder, Stop};
+use super::request::{ClientSink, Control, ExitOutcome};
+use super::spawn::PtyMaster;
+use crate::enforce::{ExecNote, ExecReceiver};
+use bytes::Bytes;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStderr, ChildStdout};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How much of the process's output is read at a time.
+const READ_BYTES: usize = 32 * 1024;
+
+/// How long a terminal may stay quiet after the session's process exited before the
+/// relay stops reading it (something the shell started still holds it), as sshd does.
+const QUIET_AFTER_EXIT: Duration = Duration::from_millis(100);
+
+/// How long the last exec notes get to arrive after the process is gone (bash execs its
+/// last command just before it exits).
+const LAST_EXECS: Duration = Duration::from_millis(50);
+
+/// The session's process as the relay sees it.
+pub(super) struct Process {
+    pub child: Child,
+    /// The terminal's master side, for a session with a PTY.
+    pub terminal: Option<Arc<PtyMaster>>,
+    /// Kills everything the session started (its cgroup), when the relay is stopped.
+    pub kill_all: Box<dyn Fn() + Send + Sync>,
+}
+
+/// What the relay watches besides the process and the client.
+pub(super) struct Watched {
+    pub session_id: String,
+    pub exec_notes: Option<ExecReceiver>,
+    /// Says why when the grant ends.
+    pub grant_end: watch::Receiver<Option<String>>,
+    /// Told of every exec the session makes.
+    pub counted: Box<dyn Fn() + Send + Sync>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Terminal,
+    Stdout,
+    Stderr,
+}
+
+/// One thing that happened, for `handle` to act on.
+enum Event {
+    Output(Source, Bytes),
+    Closed(Source),
+    Exited(std::io::Result<ExitStatus>),
+    TerminalQuiet,
+    InputFailed(Stop),
+    InputDone,
+    Control(Option<Control>),
+    Exec(Option<ExecNote>),
+    GrantEnded(String),
+    GrantWatchGone,
+}
+
+struct Relay<'a, S> {
+    recorder: &'a SharedRecorder,
+    sink: &'a S,
+    session_id: String,
+    counted: Box<dyn Fn() + Send + Sync>,
+    child: Child,
+    pid: Option<i32>,
+    status: Option<ExitStatus>,
+    // Each stream is `None` once it is closed (or was never there).
+    terminal: Option<Arc<PtyMaster>>,
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+    control: Option<mpsc::Receiver<Control>>,
+    input_failed: Option<oneshot::Receiver<Stop>>,
+    exec_notes: Option<ExecReceiver>,
+    grant_end: Option<watch::Receiver<Option<String>>>,
+    buffers: [Vec<u8>; 3],
+}
+
+/// Relays until the process has exited and its output is drained, or until something
+/// stops the session. Returns how it ended and the exec notes still to come (processes the
+/// session left behind), for the audit stream.
+pub(super) async fn relay<S: ClientSink>(
+    mut process: Process,
+    stdin: mpsc::Receiver<Bytes>,
+    control: mpsc::Receiver<Control>,
+    watched: Watched,
+    recorder: &SharedRecorder,
+    sink: &S,
+) -> (Result<ExitOutcome, Stop>, Option<ExecReceiver>) {
+    let (input, input_failed) = spawn_input(&mut process, stdin, recorder);
+    let mut relay = Relay {
+        recorder,
+        sink,
+        session_id: watched.session_id,
+        counted: watched.counted,
+        pid: process.child.id().map(|p| p as i32),
+        stdout: process.child.stdout.take(),
+        stderr: process.child.stderr.take(),
+        child: process.child,
+        status: None,
+        terminal: process.terminal,
+        control: Some(control),
+        input_failed: Some(input_failed),
+        exec_notes: watched.exec_notes,
+        grant_end: Some(watched.grant_end),
+        buffers: [
+            vec![0; READ_BYTES],
+            vec![0; READ_BYTES],
+            vec![0; READ_BYTES],
+        ],
+    };
+    let stopped = loop {
+        if relay.status.is_some()
+            && relay.terminal.is_none()
+            && relay.stdout.is_none()
+            && relay.stderr.is_none()
+        {
+            break None;
+        }
+        let event = relay.next_event().await;
+        if let Err(stop) = relay.handle(event).await {
+            break Some(stop);
+        }
+    };
+    input.abort();
+    if stopped.is_some() {
+        (process.kill_all)();
+        // Reap the process; what it still writes goes nowhere.
+        if relay.status.is_none() {
+            relay.status = tokio::time::timeout(Duration::from_secs(5), relay.child.wait())
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+    }
+    relay.record_last_execs().await;
+    let outcome = match (stopped, relay.status) {
+        (Some(stop), _) => Err(stop),
+        (None, Some(status)) => Ok(ExitOutcome::of(status)),
+        (None, None) => unreachable!("the relay ends on its own only after the process"),
+    };
+    (outcome, relay.exec_notes)
+}
+
+/// Client → process, in a task of its own so that a process that does not read cannot
+/// stall its output. Terminal input is recorded (as the terminal's mode allows) before it
+/// is written; a recording that must stop the session says so through the receiver.
+fn spawn_input(
+    process: &mut Process,
+    mut stdin: mpsc::Receiver<Bytes>,
+    recorder: &SharedRecorder,
+) -> (tokio::task::JoinHandle<()>, oneshot::Receiver<Stop>) {
+    let (failed_tx, failed_rx) = oneshot::channel::<Stop>();
+    let task = match &process.terminal {
+        Some(terminal) => {
+            let terminal = terminal.clone();
+            let recorder = recorder.clone();
+            tokio::spawn(async move {
+                while let Some(data) = stdin.recv().await {
+                    let keys = terminal.keystrokes();
+                    let recorded = Recorder::lock(&recorder).terminal(|r| r.input(&data, keys));
+                    if let Err(stop) = recorded {
+                        let _ = failed_tx.send(stop);
+                        break;
+                    }
+                    if terminal.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        }
+        None => {
+            let mut child_stdin = process.child.stdin.take();
+            tokio::spawn(async move {
+                while let Some(data) = stdin.recv().await {
+                    let Some(w) = child_stdin.as_mut() else { break };
+                    if w.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                // EOF from the client closes the process's stdin.
+                drop(child_stdin);
+            })
+        }
+    };
+    (task, failed_rx)
+}
+
+/// Reads into `buf` from a stream that may be closed.
+async fn read_from(
+    stream: &mut Option<impl tokio::io::AsyncRead + Unpin>,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    stream.as_mut().expect("guarded by is_some").read(buf).await
+}
+
+impl<S: ClientSink> Relay<'_, S> {
+    async fn next_event(&mut self) -> Event {
+        let Relay {
+            child,
+            status,
+            terminal,
+            stdout,
+            stderr,
+            control,
+            input_failed,
+            exec_notes,
+            grant_end,
+            buffers: [term_buf, out_buf, err_buf],
+            ..
+        } = self;
+        let read = |source, n: std::io::Result<usize>, buf: &[u8]| match n {
+            Ok(0) | Err(_) => Event::Closed(source),
+            Ok(n) => Event::Output(source, Bytes::copy_from_slice(&buf[..n])),
+        };
+        tokio::select! {
+            n = async { terminal.as_ref().expect("guarded").read(term_buf).await }, if terminal.is_some() =>
+                read(Source::Terminal, n, term_buf),
+            n = read_from(stdout, out_buf), if stdout.is_some() => read(Source::Stdout, n, out_buf),
+            n = read_from(stderr, err_buf), if stderr.is_some() => read(Source::Stderr, n, err_buf),
+            s = child.wait(), if status.is_none() => Event::Exited(s),
+            _ = tokio::time::sleep(QUIET_AFTER_EXIT), if status.is_some() && terminal.is_some() =>
+                Event::TerminalQuiet,
+            r = async { input_failed.as_mut().expect("guarded").await }, if input_failed.is_some() =>
+                match r {
+                    Ok(stop) => Event::InputFailed(stop),
+                    Err(_) => Event::InputDone,
+                },
+            c = async { control.as_mut().expect("guarded").recv().await }, if control.is_some() =>
+                Event::Control(c),
+            n = async { exec_notes.as_mut().expect("guarded").recv().await }, if exec_notes.is_some() =>
+                Event::Exec(n),
+            r = async { grant_end.as_mut().expect("guarded").changed().await }, if grant_end.is_some() =>
+                match r {
+                    Ok(()) => Event::GrantEnded(
+                        grant_end.as_ref().and_then(|g| g.borrow().clone()).unwrap_or_else(|| "ended".into()),
+                    ),
+                    Err(_) => Event::GrantWatchGone,
+                },
+        }
+    }
+
+    /// Acts on one event. Output is recorded before it is sent; an `Err` ends the relay at
+    /// once, so nothing unrecorded (or past the end of the grant) reaches the client.
+    async fn handle(&mut self, event: Event) -> Result<(), Stop> {
+        match event {
+            Event::Output(source, data) => self.deliver(source, data).await,
+            Event::Closed(Source::Terminal) | Event::TerminalQuiet => {
+                self.terminal = None;
+                Ok(())
+            }
+            Event::Closed(Source::Stdout) => {
+                self.stdout = None;
+                Ok(())
+            }
+            Event::Closed(Source::Stderr) => {
+                self.stderr = None;
+                Ok(())
+            }
+            Event::Exited(Ok(status)) => {
+                self.status = Some(status);
+                Ok(())
+            }
+            Event::Exited(Err(e)) => Err(Stop(format!("lost the session's process: {e}"))),
+            Event::InputFailed(stop) => Err(stop),
+            Event::InputDone => {
+                self.input_failed = None;
+                Ok(())
+            }
+            Event::Control(Some(c)) => self.control(c),
+            Event::Control(None) => {
+                // The client hung up: like a modem line dropping, the session gets SIGHUP.
+                self.control = None;
+                if let Some(pid) = self.pid {
+                    let hup = nix::sys::signal::Signal::SIGHUP;
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), hup);
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), hup);
+                }
+                Ok(())
+            }
+            Event::Exec(Some(note)) => {
+                exec_event(
+                    &self.session_id,
+                    self.recorder,
+                    self.sink,
+                    &note,
+                    &*self.counted,
+                )
+                .await
+            }
+            Event::Exec(None) => {
+                self.exec_notes = None;
+                Ok(())
+            }
+            Event::GrantEnded(why) => Err(Stop(format!("the grant {why}; the session is closed"))),
+            // The table dropped its end of the watch: the session is being forgotten.
+            Event::GrantWatchGone => {
+                self.grant_end = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends what the session wrote to the client, once it is recorded; then waits if the
+    /// recording's rate says so. While the client's window is full this waits too, and the
+    /// session's output is not read meanwhile.
+    async fn deliver(&mut self, source: Source, data: Bytes) -> Result<(), Stop> {
+        let pause = {
+            let mut r = Recorder::lock(self.recorder);
+            r.terminal(|rec| rec.output(&data))?;
+            r.pause()
+        };
+        match source {
+            Source::Stderr => self.sink.stderr(data).await,
+            Source::Terminal | Source::Stdout => self.sink.stdout(data).await,
+        };
+        if let Some(p) = pause {
+            tokio::time::sleep(p).await;
+        }
+        Ok(())
+    }
+
+    fn control(&mut self, control: Control) -> Result<(), Stop> {
+        match control {
+            Control::Resize(cols, rows) => match &self.terminal {
+                Some(t) => {
+                    let _ = t.resize(cols, rows);
+                    Recorder::lock(self.recorder).terminal(|r| r.resize(cols, rows))
+                }
+                None => Ok(()),
+            },
+            Control::Signal(sig) => {
+                if let (Some(pid), Ok(sig)) = (self.pid, nix::sys::signal::Signal::try_from(sig)) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The last execs of a session can reach the agent just after its process is reaped:
+    /// they get a moment to land in the recording.
+    async fn record_last_execs(&mut self) {
+        let Some(rx) = self.exec_notes.as_mut() else {
+            return;
+        };
+        while let Ok(Some(note)) = tokio::time::timeout(LAST_EXECS, rx.recv()).await {
+            let _ = record_exec(&self.session_id, self.recorder, &note, &*self.counted);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The relay with real processes (as the test's own user: no root), a real recording
+    //! in a scratch spool, and a client that keeps what it is sent.
+    use super::*;
+    use crate::enforce::{ExecEvent, Verdict};
+    use crate::record::{GrantInfo, Recording, SessionMeta};
+    use crate::session::budget::{AtLimit, RecordingBudget, RecordingLimits, SpoolMeter};
+    use std::process::Stdio;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Client {
+        stdout: Mutex<Vec<u8>>,
+        stderr: Mutex<Vec<u8>>,
+    }
+
+    impl ClientSink for Client {
+        async fn stdout(&self, data: Bytes) -> bool {
+            self.stdout.lock().unwrap().extend_from_slice(&data);
+            true
+        }
+        async fn stderr(&self, data: Bytes) -> bool {
+            self.stderr.lock().unwrap().extend_from_slice(&data);
+            true
+        }
+        async fn finish(&self, _: ExitOutcome) {}
+    }
+
+    impl Client {
+        fn stdout(&self) -> String {
+            String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+        }
+        fn stderr(&self) -> String {
+            String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+        }
+    }
+
+    struct Scratch {
+        dir: PathBuf,
+    }
+
+    use std::path::PathBuf;
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!(
+                "usher-relay-{name}-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch { dir }
+        }
+
+        fn recorder(&self, limits: RecordingLimits) -> SharedRecorder {
+            let meta = SessionMeta {
+                session_id: "s1".into(),
+                kind: "ssh".into(),
+                host: "h".into(),
+                login: "jit-test".into(),
+                uid: 0,
+                grant: GrantInfo {
+                    iss: "i".into(),
+                    sub: "s".into(),
+                    jti: "j".into(),
+                    profile: "default".into(),
+                    approved_by: None,
+                    reason: None,
+                    expires_at: 0,
+                },
+                peer: None,
+                command: None,
+                term: None,
+                started_at: String::new(),
+                ended_at: None,
+                exit_status: None,
+                exit_signal: None,
+                enforcement: "off".into(),
+                enforced: false,
+                input_recorded: false,
+                interrupted: false,
+                truncated: None,
+                limits: None,
+            };
+            let header = crate::record::CastHeader {
+                version: 2,
+                width: 80,
+                height: 24,
+                timestamp: 0,
+                command: None,
+                title: None,
+                env: Default::default(),
+            };
+            let recording = Recording::create(&self.dir, meta, Some(header), false).unwrap();
+            let spool = SpoolMeter::new(self.dir.clone(), 1 << 40);
+            Recorder::new(Some(recording), true, RecordingBudget::new(limits, spool))
+        }
+
+        /// The output the cast holds, joined.
+        fn cast_output(&self) -> String {
+            let text = std::fs::read_to_string(self.dir.join("s1.cast")).unwrap();
+            text.lines()
+                .skip(1)
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v[1] == "o")
+                .map(|v| v[2].as_str().unwrap_or_default().to_string())
+                .collect()
+        }
+
+        fn audit(&self) -> String {
+            std::fs::read_to_string(self.dir.join("s1.audit.jsonl")).unwrap()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn piped(script: &str) -> Child {
+        tokio::process::Command::new("/bin/sh")
+            .args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    /// A process on pipes; `killed` says whether the relay asked for everything to die.
+    fn process(child: Child) -> (Process, Arc<AtomicBool>) {
+        let killed = Arc::new(AtomicBool::new(false));
+        let pid = child.id().unwrap() as i32;
+        let flag = killed.clone();
+        let kill_all = Box::new(move || {
+            flag.store(true, Ordering::SeqCst);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        });
+        let p = Process {
+            child,
+            terminal: None,
+            kill_all,
+        };
+        (p, killed)
+    }
+
+    struct Wires {
+        stdin: mpsc::Sender<Bytes>,
+        control: mpsc::Sender<Control>,
+        exec: mpsc::Sender<ExecNote>,
+        grant_end: watch::Sender<Option<String>>,
+    }
+
+    async fn run_relay(
+        process: Process,
+        recorder: &SharedRecorder,
+        client: &Client,
+        wired: impl FnOnce(Wires) + Send + 'static,
+    ) -> Result<ExitOutcome, Stop> {
+        let (stdin_tx, stdin) = mpsc::channel(4);
+        let (control_tx, control) = mpsc::channel(4);
+        let (exec_tx, exec_notes) = mpsc::channel(4);
+        let (end_tx, grant_end) = watch::channel(None);
+        wired(Wires {
+            stdin: stdin_tx,
+            control: control_tx,
+            exec: exec_tx,
+            grant_end: end_tx,
+        });
+        let watched = Watched {
+            session_id: "s1".into(),
+            exec_notes: Some(exec_notes),
+            grant_end,
+            counted: Box::new(|| {}),
+        };
+        let relayed = relay(process, stdin, control, watched, recorder, client);
+        tokio::time::timeout(Duration::from_secs(20), relayed)
+            .await
+            .expect("the relay ends")
+            .0
+    }
+
+    /// Keeps the wires alive for a while (a client that stays connected).
+    fn hold(w: Wires) {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(w);
+        });
+    }
+
+    #[tokio::test]
+    async fn output_reaches_the_client_after_the_recording_and_the_status_is_returned() {
+        let scratch = Scratch::new("out");
+        let recorder = scratch.recorder(RecordingLimits::default());
+        let client = Client::default();
+        let (p, killed) = process(piped("printf hello; printf oops >&2; exit 3"));
+        let outcome = run_relay(p, &recorder, &client, hold).await;
+        assert_eq!(outcome.unwrap(), ExitOutcome::Status(3));
+        assert_eq!(client.stdout(), "hello");
+        assert_eq!(client.stderr(), "oops");
+        let cast = scratch.cast_output();
+        assert!(cast.contains("hello") && cast.contains("oops"), "{cast}");
+        assert!(!killed.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn client_input_reaches_the_process_and_eof_closes_its_stdin() {
+        let scratch = Scratch::new("in");
+        let recorder = scratch.recorder(RecordingLimits::default());
+        let client = Client::default();
+        let (p, _) = process(piped("tr a-z A-Z"));
+        let outcome = run_relay(p, &recorder, &client, |w| {
+            tokio::spawn(async move {
+                w.stdin.send(Bytes::from_static(b"shout\n")).await.unwrap();
+                let Wires {
+                    stdin,
+                    control,
+                    exec,
+                    grant_end,
+                } = w;
+                // Dropping stdin is the client's EOF; the rest stays connected.
+                drop(stdin);
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop((control, exec, grant_end));
+            });
+        })
+        .await;
+        assert_eq!(outcome.unwrap(), ExitOutcome::Status(0));
+        assert_eq!(client.stdout(), "SHOUT\n");
+    }
+
+    #[tokio::test]
+    async fn the_grant_ending_stops_the_session_at_once_and_kills_what_it_started() {
+        let scratch = Scratch::new("end");
+        let recorder = scratch.recorder(RecordingLimits::default());
+        let client = Client::default();
+        let (p, killed) = process(piped("echo started; exec sleep 30"));
+        let started = std::time::Instant::now();
+        let outcome = run_relay(p, &recorder, &client, |w| {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                w.grant_end.send_replace(Some("was revoked".into()));
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(w);
+            });
+        })
+        .await;
+        let Err(Stop(why)) = outcome else {
+            panic!("the relay went on after the grant's end: {outcome:?}")
+        };
+        assert_eq!(why, "the grant was revoked; the session is closed");
+        assert!(killed.load(Ordering::SeqCst), "kill_all was not called");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(client.stdout(), "started\n");
+    }
+
+    #[tokio::test]
+    async fn a_session_at_its_recording_limit_ends_and_the_client_saw_nothing_unrecorded() {
+        let scratch = Scratch::new("limit");
+        let limits = RecordingLimits {
+            max_bytes: 64 << 10,
+            max_bytes_per_sec: 0,
+            at_limit: AtLimit::End,
+        };
+        let recorder = scratch.recorder(limits);
+        let client = Client::default();
+        let (p, killed) = process(piped("exec yes usher-line"));
+        let outcome = run_relay(p, &recorder, &client, hold).await;
+        let Err(Stop(why)) = outcome else {
+            panic!("no stop at the limit: {outcome:?}")
+        };
+        assert!(why.contains("the session is closed"), "{why}");
+        assert!(killed.load(Ordering::SeqCst));
+        let seen = client.stdout();
+        let recorded = scratch.cast_output();
+        assert!(!seen.is_empty());
+        assert!(
+            recorded.starts_with(&seen),
+            "the client saw {} bytes, of which some were not recorded ({} recorded)",
+            seen.len(),
+            recorded.len()
+        );
+        assert!(scratch.audit().contains("recording_limit"));
+    }
+
+    #[tokio::test]
+    async fn a_blocked_exec_is_recorded_and_said_on_the_clients_terminal() {
+        let scratch = Scratch::new("exec");
+        let recorder = scratch.recorder(RecordingLimits::default());
+        let client = Client::default();
+        let (p, _) = process(piped("sleep 0.5"));
+        let event = |path: &str, verdict| ExecEvent {
+            time: 0.0,
+            cgroup_id: 1,
+            pid: 2,
+            ppid: 1,
+            uid: 61000,
+            path: path.into(),
+            filename: path.into(),
+            dev: "0:1".into(),
+            ino: 3,
+            argv: vec![path.into()],
+            argv_truncated: false,
+            verdict,
+            rule: Some("deny /usr/bin/nc".into()),
+        };
+        let allowed = event("/usr/bin/id", Verdict::Allowed);
+        let blocked = event("/usr/bin/nc", Verdict::Killed);
+        let outcome = run_relay(p, &recorder, &client, move |w| {
+            tokio::spawn(async move {
+                w.exec.send(ExecNote::Exec(allowed)).await.unwrap();
+                w.exec.send(ExecNote::Exec(blocked)).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(w);
+            });
+        })
+        .await;
+        assert_eq!(outcome.unwrap(), ExitOutcome::Status(0));
+        assert_eq!(
+            client.stderr(),
+            "\r\nusher: blocked /usr/bin/nc (deny /usr/bin/nc)\r\n"
+        );
+        let audit = scratch.audit();
+        assert!(
+            audit.contains("/usr/bin/id") && audit.contains("/usr/bin/nc"),
+            "{audit}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_hangs_up_sends_the_session_sighup() {
+        let scratch = Scratch::new("hup");
+        let recorder = scratch.recorder(RecordingLimits::default());
+        let client = Client::default();
+        let (p, _) = process(piped(
+            "trap 'echo hangup; exit 7' HUP; echo ready; while :; do sleep 0.05; done",
+        ));
+        let outcome = run_relay(p, &recorder, &client, |w| {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let Wires {
+                    stdin,
+                    control,
+                    exec,
+                    grant_end,
+                } = w;
+                // The control channel closing is the client going away.
+                drop(control);
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop((stdin, exec, grant_end));
+            });
+        })
+        .await;
+        assert_eq!(outcome.unwrap(), ExitOutcome::Status(7));
+        assert_eq!(client.stdout(), "ready\nhangup\n");
+    }
+
+    #[tokio::test]
+    async fn a_terminal_session_is_relayed_and_resized() {
+        let scratch = Scratch::new("pty");
+        let recorder = scratch.recorder(RecordingLimits::default());
+        let client = Client::default();
+        let (master, slave) = crate::session::spawn::open_pty(80, 24).unwrap();
+        let io = |fd: &std::os::fd::OwnedFd| Stdio::from(fd.try_clone().unwrap());
+        let child = tokio::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 0.3; stty size"])
+            .stdin(io(&slave))
+            .stdout(io(&slave))
+            .stderr(io(&slave))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        drop(slave);
+        let (mut p, _) = process(child);
+        p.terminal = Some(Arc::new(master));
+        let outcome = run_relay(p, &recorder, &client, |w| {
+            tokio::spawn(async move {
+                w.control.send(Control::Resize(100, 40)).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(w);
+            });
+        })
+        .await;
+        assert_eq!(outcome.unwrap(), ExitOutcome::Status(0));
+        assert_eq!(client.stdout().trim(), "40 100");
+        let cast = std::fs::read_to_string(scratch.dir.join("s1.cast")).unwrap();
+        assert!(cast.contains(r#""r","100x40""#), "{cast}");
+    }
+}

@@ -1,0 +1,84 @@
+//! What a front end (SSH, console, RDP) hands the session core: the request, the client's
+//! input and control messages, and a sink for what the session writes.
+
+use bytes::Bytes;
+use std::future::Future;
+use std::path::PathBuf;
+
+use super::SessionKind;
+
+/// Where a session's output goes: an SSH channel, a console's terminal.
+pub trait ClientSink: Send + Sync + 'static {
+    fn stdout(&self, data: Bytes) -> impl Future<Output = bool> + Send;
+    fn stderr(&self, data: Bytes) -> impl Future<Output = bool> + Send;
+    fn finish(&self, outcome: ExitOutcome) -> impl Future<Output = ()> + Send;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitOutcome {
+    Status(i32),
+    Signal(i32),
+}
+
+impl ExitOutcome {
+    pub fn of(status: std::process::ExitStatus) -> ExitOutcome {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(c), _) => ExitOutcome::Status(c),
+            (None, Some(s)) => ExitOutcome::Signal(s),
+            _ => ExitOutcome::Status(255),
+        }
+    }
+}
+
+/// Resizes and signals a session may have waiting; more are dropped.
+pub const CONTROL_QUEUE: usize = 16;
+
+#[derive(Debug)]
+pub enum Control {
+    Resize(u16, u16),
+    Signal(i32),
+}
+
+#[derive(Debug, Clone)]
+pub struct PtySpec {
+    pub term: String,
+    pub cols: u16,
+    pub rows: u16,
+}
+
+#[derive(Debug, Clone)]
+pub enum SessionCommand {
+    Shell,
+    Exec(String),
+    /// A subsystem program (sftp-server): audited, its binary stream not recorded.
+    Subsystem(PathBuf),
+}
+
+impl SessionCommand {
+    /// The command line as the audit trail shows it; None for an interactive shell.
+    pub fn text(&self) -> Option<String> {
+        match self {
+            SessionCommand::Shell => None,
+            SessionCommand::Exec(c) => Some(c.clone()),
+            SessionCommand::Subsystem(p) => Some(p.display().to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionRequest {
+    pub kind: SessionKind,
+    pub command: SessionCommand,
+    pub pty: Option<PtySpec>,
+    pub env: Vec<(String, String)>,
+    pub peer: Option<String>,
+}
+
+/// The client's side of a session: `stdin` closing means EOF from the client, `control`
+/// closing means the client is gone.
+pub struct ClientIo<S> {
+    pub stdin: tokio::sync::mpsc::Receiver<Bytes>,
+    pub control: tokio::sync::mpsc::Receiver<Control>,
+    pub sink: std::sync::Arc<S>,
+}
