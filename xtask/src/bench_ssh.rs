@@ -75,14 +75,16 @@ impl Drop for Bench {
 }
 
 pub(crate) fn ssh_args(bench: &Bench, t: &Target) -> Vec<String> {
-    let mut args = vec![
+    // The pinned key exchange and cipher first: ssh takes the first value it is given.
+    [
         "-o".to_string(),
         format!("KexAlgorithms={KEX}"),
         "-o".into(),
         format!("Ciphers={CIPHER}"),
-    ];
-    args.extend(SshClient::new(&bench.key, t.port).args(&t.user));
-    args
+    ]
+    .into_iter()
+    .chain(SshClient::new(&bench.key, t.port).args(&t.user))
+    .collect()
 }
 
 /// Proportional set size: shared pages (libraries, sshd's per-connection forks) are

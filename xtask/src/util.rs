@@ -34,33 +34,6 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Runs `sign` (an `usher grant sign ...`) and installs the grant it prints with `usher`
-/// through the agent's `control_socket`.
-pub fn install_signed_grant(
-    sign: &mut Command,
-    usher: &Path,
-    control_socket: &Path,
-) -> Result<(), String> {
-    let signed = sign
-        .output()
-        .map_err(|e| format!("{:?}: {e}", sign.get_program()))?;
-    if !signed.status.success() {
-        return Err(format!(
-            "{sign:?} failed: {}",
-            String::from_utf8_lossy(&signed.stderr).trim()
-        ));
-    }
-    run(Command::new(usher)
-        .arg("--socket")
-        .arg(control_socket)
-        .args([
-            "grant",
-            "install",
-            String::from_utf8_lossy(&signed.stdout).trim(),
-        ])
-        .stdout(Stdio::null()))
-}
-
 /// A benchmark's size or count times `USHER_BENCH_SCALE` (default 1, at least 1): a run
 /// with a small scale (e.g. 0.01) proves the benchmark works, not what it measures.
 pub fn bench_scaled(n: u64) -> u64 {
@@ -96,4 +69,31 @@ pub fn release_dir() -> PathBuf {
         })
         .unwrap_or_else(|| workspace_root().join("target"))
         .join("release")
+}
+
+/// Runs `sign` (an `usher grant sign ...`) and installs the grant it prints with `usher`
+/// through the agent's `control_socket`.
+pub fn install_signed_grant(
+    sign: &mut Command,
+    usher: &Path,
+    control_socket: &Path,
+) -> Result<(), String> {
+    let signed = sign
+        .output()
+        .map_err(|e| format!("{:?}: {e}", sign.get_program()))?;
+    if !signed.status.success() {
+        return Err(format!(
+            "{sign:?} failed: {}",
+            String::from_utf8_lossy(&signed.stderr).trim()
+        ));
+    }
+    run(Command::new(usher)
+        .arg("--socket")
+        .arg(control_socket)
+        .args([
+            "grant",
+            "install",
+            String::from_utf8_lossy(&signed.stdout).trim(),
+        ])
+        .stdout(Stdio::null()))
 }
