@@ -321,8 +321,7 @@ fn remote_forwarding_agent_forwarding_and_x11_are_refused_even_when_the_profile_
 
     // X11: a display on the client's side, asked for with -X (trusted, so that no xauth
     // run on the client can stop the request from being sent). The client says it sent it;
-    // the session has no display. (The agent answers the request with nothing at all,
-    // neither success nor failure: the client is not told, so its stderr is not checked.)
+    // the session has no display, and the client is told its request failed.
     let out = ssh_telling_info(&agent, &login)
         .args(["-o", "ForwardX11=yes", "-o", "ForwardX11Trusted=yes"])
         .arg("echo \"display:${DISPLAY:-none}\"")
@@ -341,5 +340,9 @@ fn remote_forwarding_agent_forwarding_and_x11_are_refused_even_when_the_profile_
     assert!(
         shown.contains("display:none"),
         "X11 forwarding was set up: {shown}{said}"
+    );
+    assert!(
+        said.contains("X11 forwarding request failed"),
+        "the client was not told X11 forwarding was refused: {said}"
     );
 }

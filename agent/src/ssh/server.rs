@@ -447,6 +447,24 @@ impl<C: Core> russh::server::Handler for Connection<C> {
         }
     }
 
+    /// X11 forwarding is never set up: the client is told so (russh's default sends no
+    /// answer at all, and OpenSSH would take the next reply for this one).
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(grant) = self.grant.as_ref() {
+            log::info!(target: "usher::audit", usher_event = "forward_refused", jti = grant.jti(), target = "x11"; "X11 forwarding refused for grant {}", grant.jti());
+        }
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
     async fn window_change_request(
         &mut self,
         channel: ChannelId,
