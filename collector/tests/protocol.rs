@@ -464,10 +464,7 @@ async fn bad_input_gets_a_clear_error(backend: Backend) {
     let mut stranger = c.uploader(&h);
     stranger.token = "not-a-token".into();
     let a = stranger.status("b1", "cast").await.unwrap_err();
-    assert!(
-        matches!(a, UploadError::Refused { status: 401, .. }),
-        "{a}"
-    );
+    assert!(matches!(a, UploadError::Refused { status: 401, .. }), "{a}");
     let a = up
         .send(up.client.get(url("/api/v1/sessions")))
         .await

@@ -289,7 +289,8 @@ fn the_grant_ending_ends_the_console_session_and_a_changed_shell_is_put_back() {
         move || login(&name, "bye", 8.0, &["sleep 300"])
     });
     agent.wait_for(15, "the console session to start", || {
-        String::from_utf8_lossy(&agent.usher(&["sessions", "--json"]).stdout).contains("\"console\"")
+        String::from_utf8_lossy(&agent.usher(&["sessions", "--json"]).stdout)
+            .contains("\"console\"")
     });
     assert!(agent.usher(&["grant", "revoke", &c.jti]).status.success());
     agent.wait_for(15, "the account to go", || !user_exists(&name));

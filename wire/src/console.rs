@@ -3,8 +3,8 @@
 //! attached (SCM_RIGHTS), then [`ShellControl`] lines; the agent answers with
 //! [`ShellEvent`] lines. One JSON object per line.
 
-use crate::line::{from_line, to_line};
 pub use crate::line::LineError;
+use crate::line::{from_line, to_line};
 use serde::{Deserialize, Serialize};
 
 /// The largest open request. It arrives in one `recvmsg` with the descriptors: the agent
@@ -234,10 +234,7 @@ mod tests {
             b"{\"format\":\"disk\"}",
         ] {
             assert!(
-                matches!(
-                    ShellControl::decode(garbage),
-                    Err(LineError::Malformed(_))
-                ),
+                matches!(ShellControl::decode(garbage), Err(LineError::Malformed(_))),
                 "{garbage:?}"
             );
         }

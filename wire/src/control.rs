@@ -4,9 +4,9 @@
 //! fixed by the request (see [`Reply`]). Only root may use the socket: any other peer is
 //! sent [`Refusal::not_root`] and dropped.
 
+pub use crate::line::LineError;
 use crate::line::{from_line, to_line};
 use serde::de::DeserializeOwned;
-pub use crate::line::LineError;
 use serde::{Deserialize, Serialize};
 
 /// The longest request line the agent reads. A grant token is a few KiB; a line longer
@@ -518,10 +518,7 @@ mod tests {
             b"\xff\xfe",
         ] {
             let err = Request::decode(garbage).unwrap_err();
-            assert!(
-                matches!(err, LineError::Malformed(_)),
-                "{garbage:?}: {err}"
-            );
+            assert!(matches!(err, LineError::Malformed(_)), "{garbage:?}: {err}");
             let refusal = Refusal::bad_request(&err);
             assert_eq!(refusal.kind, RefusalKind::BadRequest);
             assert!(refusal.message.starts_with("bad request: "), "{refusal}");

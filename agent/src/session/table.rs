@@ -1,7 +1,6 @@
 //! The sessions the agent knows, in memory and in `sessions.json`, so that a restarted
 //! agent finds the cgroups its predecessor made.
 
-use usher_wire::control::SessionSummary;
 use super::{Cgroup, Layout, SessionKind};
 use crate::fsutil;
 use crate::grant::GrantId;
@@ -12,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
+use usher_wire::control::SessionSummary;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionRecord {
