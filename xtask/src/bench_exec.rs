@@ -8,11 +8,14 @@
 //! `USHER_BENCH_SCALE` shrinks the loop for a smoke test.
 
 use crate::bench_ssh::median;
-use crate::util::{bench_scale_note, bench_scaled, cargo, is_root, release_dir, run as run_cmd};
+use crate::util::{
+    bench_scale_note, bench_scaled, cargo, install_signed_grant, is_root, release_dir,
+    run as run_cmd,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use usher_test_support::free_port;
+use usher_test_support::{free_port, wait_until, SshClient};
 
 const FULL_EXECS: u64 = 20_000;
 const ROUNDS: usize = 5;
@@ -167,15 +170,11 @@ impl Agent {
                 .spawn()
                 .map_err(|e| e.to_string())?,
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
-            || !self.dir.join("control.sock").exists()
-        {
-            if Instant::now() > deadline {
-                return Err("usherd did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (port, control) = (self.port, self.dir.join("control.sock"));
+        wait_until("usherd to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && control.exists()
+        })
+        .map_err(|e| e.to_string())?;
         // Grants outlive the agent (its state); one is enough.
         let installed = self
             .status()
@@ -185,35 +184,28 @@ impl Agent {
         if installed > 0 {
             return Ok(());
         }
-        let token = Command::new(self.bin.join("usher"))
-            .args(["grant", "sign", "--local", "--state-dir"])
-            .arg(self.dir.join("state"))
-            .args([
-                "--aud",
-                "bench",
-                "--iss",
-                "usher-local:bench",
-                "--sub",
-                "bench",
-                "--login",
-                "bx-bench",
-                "--profile",
-                "bench",
-                "--ttl",
-                "3600",
-                "--ssh-key",
-            ])
-            .arg(self.key.with_extension("pub"))
-            .output()
-            .map_err(|e| e.to_string())?;
-        run_cmd(
-            self.usher()
+        install_signed_grant(
+            Command::new(self.bin.join("usher"))
+                .args(["grant", "sign", "--local", "--state-dir"])
+                .arg(self.dir.join("state"))
                 .args([
-                    "grant",
-                    "install",
-                    String::from_utf8_lossy(&token.stdout).trim(),
+                    "--aud",
+                    "bench",
+                    "--iss",
+                    "usher-local:bench",
+                    "--sub",
+                    "bench",
+                    "--login",
+                    "bx-bench",
+                    "--profile",
+                    "bench",
+                    "--ttl",
+                    "3600",
+                    "--ssh-key",
                 ])
-                .stdout(Stdio::null()),
+                .arg(self.key.with_extension("pub")),
+            &self.bin.join("usher"),
+            &self.dir.join("control.sock"),
         )
     }
 
@@ -251,28 +243,10 @@ impl Agent {
 
     /// The loop in a real session; returns seconds.
     fn in_session(&self) -> Result<f64, String> {
-        let out = Command::new("ssh")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-i",
-            ])
-            .arg(&self.key)
+        let out = SshClient::new(&self.key, self.port)
+            .command("bx-bench")
             // The same interpreter as the local runs: sh, not the login shell.
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "bx-bench@127.0.0.1",
-                &format!("exec sh -c '{}'", loop_script()),
-            ])
+            .arg(format!("exec sh -c '{}'", loop_script()))
             .stdin(Stdio::null())
             .output()
             .map_err(|e| e.to_string())?;
