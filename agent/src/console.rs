@@ -86,7 +86,8 @@ async fn handle<C: Core>(core: Arc<C>, stream: UnixStream) -> Result<(), String>
     };
     let grant = match core.console_grant(uid) {
         Ok(g) => g,
-        Err(reason) => {
+        Err(why) => {
+            let reason = why.to_string();
             audit!("console_refused", uid = uid, reason = reason.as_str(); "console login of uid {uid} refused: {reason}");
             return say(&write, &ShellEvent::Refused { reason }).await;
         }

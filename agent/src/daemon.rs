@@ -7,7 +7,9 @@ use crate::enforce::{Enforcement, Enforcer};
 use crate::grant::{self, Grant, GrantId, GrantStore, Refusal, Revocations, Verifier};
 use crate::profile::{Profile, Profiles};
 use crate::session::budget::SpoolMeter;
-use crate::session::{Core, Opened, RecordingContext, Refused, SessionKind, SessionTable};
+use crate::session::{
+    ConsoleRefused, Core, Opened, RecordingContext, Refused, SessionKind, SessionTable,
+};
 use crate::sync::lock;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -45,7 +47,7 @@ const SESSION_FLOOR_BYTES: u64 = 16 << 10;
 impl Agent {
     /// Loads state, reconciles accounts and sessions with the live grants, starts the
     /// enforcement programs.
-    pub fn start(config: Config) -> Result<Arc<Agent>, String> {
+    pub fn start(config: Config) -> Result<Arc<Agent>, StartError> {
         let agent = Self::build(config, true)?;
         agent.reconcile(agent.started_at);
         Ok(agent)
@@ -53,34 +55,33 @@ impl Agent {
 
     /// The agent's state without its kernel programs or reconciliation, for one-shot
     /// maintenance (`usherd --remove-accounts`).
-    pub fn start_offline(config: Config) -> Result<Arc<Agent>, String> {
+    pub fn start_offline(config: Config) -> Result<Arc<Agent>, StartError> {
         Self::build(config, false)
     }
 
-    fn build(config: Config, online: bool) -> Result<Arc<Agent>, String> {
+    fn build(config: Config, online: bool) -> Result<Arc<Agent>, StartError> {
         let now = grant::now();
-        crate::fsutil::private_dir(&config.state_dir, 0o700)
-            .map_err(|e| format!("{}: {e}", config.state_dir.display()))?;
-        crate::fsutil::private_dir(&config.spool_dir, 0o700)
-            .map_err(|e| format!("{}: {e}", config.spool_dir.display()))?;
-        let profiles = Profiles::load(&config.policies_dir).map_err(|e| e.to_string())?;
-        let verifier =
-            Verifier::from_config(&config, profiles.names()).map_err(|e| e.to_string())?;
-        let revocations =
-            Revocations::open(&config.state_dir.join("revoked.json")).map_err(|e| e.to_string())?;
+        for dir in [&config.state_dir, &config.spool_dir] {
+            crate::fsutil::private_dir(dir, 0o700).map_err(|source| StartError::Directory {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let profiles = Profiles::load(&config.policies_dir)?;
+        let verifier = Verifier::from_config(&config, profiles.names())?;
+        let revocations = Revocations::open(&config.state_dir.join("revoked.json"))?;
         let (grants, dropped) = GrantStore::open(
             &config.state_dir.join("grants"),
             &verifier,
             &revocations,
             now,
         )
-        .map_err(|e| format!("grant store: {e}"))?;
+        .map_err(StartError::GrantStore)?;
         for (jti, why) in dropped {
             let reason = why.to_string();
             audit!("grant_ended", jti = jti.as_str(), reason = reason.as_str(); "grant {jti} dropped at start-up: {why}");
         }
-        let accounts = Accounts::open(&config.accounts, &config.login_shell(), &config.state_dir)
-            .map_err(|e| e.to_string())?;
+        let accounts = Accounts::open(&config.accounts, &config.login_shell(), &config.state_dir)?;
         let enforcer = if online {
             Enforcer::start(
                 config.enforcement,
@@ -91,7 +92,7 @@ impl Agent {
         };
         log::info!(target: "usher::enforce", enforcement_path = enforcer.path().to_string().as_str(); "exec enforcement: {} (mode {:?})", enforcer.path(), config.enforcement);
         let sessions = SessionTable::open(&config.state_dir.join("sessions.json"))
-            .map_err(|e| format!("session table: {e}"))?;
+            .map_err(StartError::SessionTable)?;
         let agent = Arc::new(Agent {
             host: config.host_name(),
             verifier: Mutex::new(Arc::new(verifier)),
@@ -387,10 +388,9 @@ impl Agent {
 
     /// Re-reads issuers, policy and profiles (SIGHUP, `systemctl reload`). Live sessions,
     /// grants and accounts are untouched; listen addresses and directories need a restart.
-    pub fn reload(&self, config: &Config) -> Result<(), String> {
-        let profiles = Profiles::load(&config.policies_dir).map_err(|e| e.to_string())?;
-        let verifier =
-            Verifier::from_config(config, profiles.names()).map_err(|e| e.to_string())?;
+    pub fn reload(&self, config: &Config) -> Result<(), StartError> {
+        let profiles = Profiles::load(&config.policies_dir)?;
+        let verifier = Verifier::from_config(config, profiles.names())?;
         *lock(&self.verifier) = Arc::new(verifier);
         *lock(&self.profiles) = Arc::new(profiles);
         audit!("config_reloaded", issuers = config.issuers.len(); "configuration reloaded: {} issuer(s), profiles {:?}", config.issuers.len(), lock(&self.profiles).names());
@@ -463,7 +463,7 @@ impl Agent {
         .map_err(|e| e.to_string())?
     }
 
-    fn console_grant_for_uid(&self, uid: u32) -> Result<Grant, String> {
+    fn console_grant_for_uid(&self, uid: u32) -> Result<Grant, ConsoleRefused> {
         let entry = {
             let accounts = lock(&self.accounts);
             let names = accounts.names();
@@ -473,7 +473,7 @@ impl Agent {
                 .find(|e| e.uid == uid)
         };
         let Some(entry) = entry else {
-            return Err("this account is not managed by usher".into());
+            return Err(ConsoleRefused::NotManaged);
         };
         let now = grant::now();
         let grants = lock(&self.grants)
@@ -482,14 +482,14 @@ impl Agent {
             .cloned()
             .collect::<Vec<_>>();
         if grants.is_empty() {
-            return Err("no live grant for this account".into());
+            return Err(ConsoleRefused::NoLiveGrant);
         }
         grants
             .into_iter()
             .find(|g| {
                 self.profile(&g.profile).console && !lock(&self.revocations).contains(&g.id())
             })
-            .ok_or_else(|| "the grant does not allow console logins".to_string())
+            .ok_or(ConsoleRefused::NotAllowed)
     }
 
     /// Called when a session's main process has ended. A cgroup still holding processes
@@ -507,12 +507,12 @@ impl Agent {
         self: &Arc<Self>,
         jti: &str,
         iss: Option<&str>,
-    ) -> Result<(GrantId, bool), String> {
+    ) -> Result<(GrantId, bool), RevokeError> {
         let id = self.revocation_target(jti, iss)?;
         let exp = lock(&self.grants).get(&id).map(|g| g.expires_at());
         lock(&self.revocations)
             .add(&id, exp, grant::now())
-            .map_err(|e| format!("cannot record the revocation: {e}"))?;
+            .map_err(RevokeError::Record)?;
         audit!("grant_revoked", jti = id.jti.as_str(), iss = id.iss.as_str(); "grant {id} revoked");
         let known = exp.is_some();
         if known {
@@ -524,7 +524,7 @@ impl Agent {
     /// The grant `usher grant revoke JTI [--iss ISS]` means. Without `--iss` the jti must
     /// say it alone: one stored grant has it, or (revoking ahead of arrival) one issuer is
     /// trusted.
-    fn revocation_target(&self, jti: &str, iss: Option<&str>) -> Result<GrantId, String> {
+    fn revocation_target(&self, jti: &str, iss: Option<&str>) -> Result<GrantId, RevokeError> {
         if let Some(iss) = iss {
             return Ok(GrantId {
                 iss: iss.to_string(),
@@ -540,12 +540,10 @@ impl Agent {
             [one] => return Ok(one.clone()),
             [] => {}
             several => {
-                let issuers: Vec<&str> = several.iter().map(|id| id.iss.as_str()).collect();
-                return Err(format!(
-                    "jti {jti:?} is used by grants of {} issuers ({}): say which with --iss",
-                    several.len(),
-                    issuers.join(", ")
-                ));
+                return Err(RevokeError::Ambiguous {
+                    jti: jti.to_string(),
+                    issuers: several.iter().map(|id| id.iss.clone()).collect(),
+                });
             }
         }
         let trusted = lock(&self.verifier).issuers();
@@ -554,10 +552,10 @@ impl Agent {
                 iss: one.clone(),
                 jti: jti.to_string(),
             }),
-            _ => Err(format!(
-                "no grant with jti {jti:?} is stored here and {} issuers are trusted: say which with --iss",
-                trusted.len()
-            )),
+            _ => Err(RevokeError::UnknownIssuer {
+                jti: jti.to_string(),
+                trusted: trusted.len(),
+            }),
         }
     }
 
@@ -652,7 +650,7 @@ impl Core for Agent {
         self.key_grant(login, key)
     }
 
-    fn console_grant(&self, uid: u32) -> Result<Grant, String> {
+    fn console_grant(&self, uid: u32) -> Result<Grant, ConsoleRefused> {
         self.console_grant_for_uid(uid)
     }
 
@@ -689,4 +687,37 @@ impl Core for Agent {
             spool: self.spool.clone(),
         }
     }
+}
+
+/// Why the agent could not start (or reload): each says which file or directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{}: {source}", path.display())]
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Profiles(#[from] crate::profile::ProfileError),
+    #[error(transparent)]
+    Issuers(#[from] crate::grant::JwksError),
+    #[error(transparent)]
+    Revocations(#[from] crate::grant::RevocationsError),
+    #[error("grant store: {0}")]
+    GrantStore(std::io::Error),
+    #[error(transparent)]
+    Accounts(#[from] crate::account::AccountError),
+    #[error("session table: {0}")]
+    SessionTable(std::io::Error),
+}
+
+/// Why `usher grant revoke` did not revoke; the text tells root what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    #[error("jti {jti:?} is used by grants of {} issuers ({}): say which with --iss", issuers.len(), issuers.join(", "))]
+    Ambiguous { jti: String, issuers: Vec<String> },
+    #[error("no grant with jti {jti:?} is stored here and {trusted} issuers are trusted: say which with --iss")]
+    UnknownIssuer { jti: String, trusted: usize },
+    #[error("cannot record the revocation: {0}")]
+    Record(#[source] std::io::Error),
 }

@@ -59,14 +59,14 @@ fn run(args: Args) -> Result<(), String> {
     let mut config = load_config(args.config)?;
     usher::local_issuer::ensure(&mut config).map_err(|e| e.to_string())?;
     if args.remove_accounts {
-        let agent = Agent::start_offline(config)?;
+        let agent = Agent::start_offline(config).map_err(|e| e.to_string())?;
         agent.remove_everything();
         return Ok(());
     }
     raise_open_file_limit();
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        let agent = Agent::start(config)?;
+        let agent = Agent::start(config).map_err(|e| e.to_string())?;
         let host_key = usher::ssh::load_or_create_host_key(&agent.config.state_dir)?;
         // From here on a signal is handled, never left to its default (the end of the
         // agent): a reload right after READY re-reads the configuration.
@@ -202,7 +202,7 @@ fn spawn_reloader(
             let _ = sd_notify::notify(false, &states);
             let result = load_config(path.clone()).and_then(|mut c| {
                 usher::local_issuer::ensure(&mut c).map_err(|e| e.to_string())?;
-                agent.reload(&c)
+                agent.reload(&c).map_err(|e| e.to_string())
             });
             if let Err(e) = result {
                 log::error!(target: "usher", "reload failed, keeping the previous configuration: {e}");

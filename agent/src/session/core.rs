@@ -24,7 +24,7 @@ pub trait Core: Send + Sync + 'static {
     fn grant_for_key(&self, login: &str, key: &russh::keys::PublicKey) -> Option<Grant>;
 
     /// The live grant that lets the account with this UID open a console session.
-    fn console_grant(&self, uid: u32) -> Result<Grant, String>;
+    fn console_grant(&self, uid: u32) -> Result<Grant, ConsoleRefused>;
 
     fn is_live(&self, grant: &GrantId) -> bool;
 
@@ -93,4 +93,15 @@ pub enum Refused {
     Account(String),
     #[error("the session's cgroup could not be created: {0}")]
     Cgroup(String),
+}
+
+/// Why a console login gets no session. The text is said on the login's terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConsoleRefused {
+    #[error("this account is not managed by usher")]
+    NotManaged,
+    #[error("no live grant for this account")]
+    NoLiveGrant,
+    #[error("the grant does not allow console logins")]
+    NotAllowed,
 }

@@ -15,7 +15,7 @@ mod run;
 pub mod spawn;
 mod table;
 
-pub use self::core::{Core, Opened, RecordingContext, Refused};
+pub use self::core::{ConsoleRefused, Core, Opened, RecordingContext, Refused};
 pub use cgroup::{v2_mount, AppliedLimits, Cgroup, JoinFiles, Layout};
 pub use exec_notes::append_exec_events;
 pub use recorder::mark_interrupted;
