@@ -352,15 +352,40 @@ jwks = "{d}/issuer.jwks.json"
 
     /// Logs in by presenting `token` at the password prompt (sshpass).
     pub fn ssh_with_password(&self, login: &str, token: &str, command: &str) -> Output {
-        Command::new("timeout")
-            .arg("60")
-            .arg("sshpass")
-            .arg("-e")
-            .arg("ssh")
+        self.ssh_presenting(login, token, command, "password", None)
+    }
+
+    /// Logs in by presenting `token` at the keyboard-interactive "Grant:" prompt (sshpass).
+    pub fn ssh_with_keyboard_interactive(&self, login: &str, token: &str, command: &str) -> Output {
+        self.ssh_presenting(
+            login,
+            token,
+            command,
+            "keyboard-interactive",
+            Some("Grant:"),
+        )
+    }
+
+    /// `token` answers the one prompt of `method`; `prompt` is the text sshpass waits for
+    /// (its default: a password prompt).
+    fn ssh_presenting(
+        &self,
+        login: &str,
+        token: &str,
+        command: &str,
+        method: &str,
+        prompt: Option<&str>,
+    ) -> Output {
+        let mut cmd = Command::new("timeout");
+        cmd.arg("60").arg("sshpass").arg("-e");
+        if let Some(p) = prompt {
+            cmd.args(["-P", p]);
+        }
+        cmd.arg("ssh")
             .args(self.ssh_base_args())
             .args([
                 "-o",
-                "PreferredAuthentications=password",
+                &format!("PreferredAuthentications={method}"),
                 "-o",
                 "PubkeyAuthentication=no",
                 "-o",

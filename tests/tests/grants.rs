@@ -1,7 +1,7 @@
 //! Grants that must be refused, and the end of a grant: expiry, revocation, an agent crash.
 
 use base64::Engine;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use usher::grant::{Claims, KeyAlg};
 use usher_tests::*;
@@ -16,37 +16,6 @@ fn unsigned(header: serde_json::Value, claims: &Claims) -> String {
         b64(header.to_string().as_bytes()),
         b64(serde_json::to_string(claims).unwrap().as_bytes())
     )
-}
-
-/// Logs in by presenting `token` at the keyboard-interactive "Grant:" prompt (sshpass).
-fn ssh_with_keyboard_interactive(
-    agent: &TestAgent,
-    login: &str,
-    token: &str,
-    command: &str,
-) -> Output {
-    Command::new("timeout")
-        .arg("60")
-        .arg("sshpass")
-        .args(["-e", "-P", "Grant:"])
-        .arg("ssh")
-        .args(agent.ssh_base_args())
-        .args([
-            "-o",
-            "PreferredAuthentications=keyboard-interactive",
-            "-o",
-            "PubkeyAuthentication=no",
-            "-o",
-            "NumberOfPasswordPrompts=1",
-            "-p",
-            &agent.port.to_string(),
-        ])
-        .arg(format!("{login}@127.0.0.1"))
-        .arg(command)
-        .env("SSHPASS", token)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
 }
 
 #[test]
@@ -191,7 +160,7 @@ fn every_kind_of_bad_grant_is_refused_with_its_reason() {
         let out = if prompt == "ssh-password" {
             agent.ssh_with_password(&login, token, "true")
         } else {
-            ssh_with_keyboard_interactive(&agent, &login, token, "true")
+            agent.ssh_with_keyboard_interactive(&login, token, "true")
         };
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(255), "{what} ({prompt}): {stderr}");

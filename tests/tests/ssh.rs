@@ -370,26 +370,7 @@ fn a_grant_presented_at_the_password_prompt_logs_in_without_a_key() {
     assert!(!out.status.success());
     assert!(!user_exists(&other));
     // Keyboard-interactive: the same grant at the "Grant:" prompt.
-    let out = Command::new("timeout")
-        .arg("60")
-        .arg("sshpass")
-        .args(["-e", "-P", "Grant:"])
-        .arg("ssh")
-        .args(agent.ssh_base_args())
-        .args([
-            "-o",
-            "PreferredAuthentications=keyboard-interactive",
-            "-o",
-            "PubkeyAuthentication=no",
-            "-p",
-            &agent.port.to_string(),
-        ])
-        .arg(format!("{login}@127.0.0.1"))
-        .arg("echo via-kbd")
-        .env("SSHPASS", &token)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = agent.ssh_with_keyboard_interactive(&login, &token, "echo via-kbd");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("via-kbd"),
         "{}",
