@@ -57,7 +57,7 @@ pub async fn run<C: Core, S: ClientSink>(
     audit!("session_started", session = id.as_str(), jti = grant.jti(), sub = grant.claims.sub.as_str(), login = grant.login(), peer = request.peer.as_deref().unwrap_or("-"), command = command_text.as_deref().unwrap_or("(shell)");
         "session {id} started: {} as {} from {}", grant.claims.sub, grant.login(), request.peer.as_deref().unwrap_or("?"));
 
-    let exec_notes = {
+    let (outcome, leftover_notes) = {
         let mut opened = opened;
         let notes = opened.exec_events.take();
         match start_process(&opened, &request) {
@@ -75,7 +75,6 @@ pub async fn run<C: Core, S: ClientSink>(
             Err(stop) => (Err(stop), notes),
         }
     };
-    let (outcome, leftover_notes) = exec_notes;
     // Processes the session left behind (`sleep 1000 &`) still have their execs audited.
     if let Some(rx) = leftover_notes {
         let path = ctx.spool_dir.join(format!("{id}.audit.jsonl"));
