@@ -9,3 +9,4 @@ pub mod config;
 pub mod keys;
 pub mod store;
 pub mod uploader;
+pub mod workflow;
