@@ -16,7 +16,7 @@ pub mod wait;
 
 pub use browser::Browser;
 pub use ca::{CaError, TestCa};
-pub use collector::{Backend, Collector, LogSource, Moto, TrustedAgent, VIEWER_TOKEN};
+pub use collector::{Backend, Collector, LogSource, Moto, TrustedAgent};
 pub use ports::free_port;
 pub use ssh::{client_options, SshClient};
 pub use wait::{poll_until, wait_for_file, wait_for_log_line, wait_for_port, wait_until, TimedOut};
