@@ -12,7 +12,7 @@ use crate::workflow::ratelimit::RateLimit;
 use crate::workflow::{Policy, Workflow, WorkflowError};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use std::collections::HashMap;
@@ -233,7 +233,7 @@ fn bad_request(msg: impl Into<String>) -> Response {
 
 pub fn router(app: Shared) -> Router {
     crate::workflow::routes::routes()
-        .route("/", get(page))
+        .merge(crate::web::routes())
         .route("/assets/{file}", get(asset))
         .route("/api/v1/sessions", get(search))
         .route("/api/v1/sessions/{id}", get(session))
@@ -405,10 +405,6 @@ async fn cast(State(app): State<Shared>, Path(id): Path<String>, headers: Header
 
 async fn audit(State(app): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     raw_stream(app, id, "audit", headers).await
-}
-
-async fn page() -> Html<&'static str> {
-    Html(include_str!("../web/index.html"))
 }
 
 async fn asset(State(app): State<Shared>, Path(file): Path<String>) -> Response {

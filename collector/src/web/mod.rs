@@ -6,7 +6,6 @@
 //! code is `/web/app.js`, and the CSRF token reaches it as a `<meta>` tag, rendered only
 //! for a signed-in person.
 
-pub mod limit;
 pub mod oidc;
 pub mod signin;
 
@@ -14,6 +13,7 @@ use crate::api::App;
 use crate::auth;
 use crate::config::OidcConfig;
 use crate::workflow::issuer::Issuer;
+use crate::workflow::ratelimit::RateLimit;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,9 +24,10 @@ use std::time::Duration;
 
 pub type Shared = Arc<App>;
 
-/// Sign-in attempts allowed per client address per minute (`/login`, `/callback` and
-/// `/api/v1/login` together).
-const SIGN_INS_PER_MINUTE: u32 = 30;
+/// Sign-in attempts per client address (`/login`, `/callback` and `/api/v1/login`
+/// together): 20 at once, then one every 2 s.
+const SIGN_IN_BURST: u32 = 20;
+const SIGN_INS_PER_SECOND: f64 = 0.5;
 /// After a failed discovery, the provider is asked again at most this often.
 const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
 
@@ -38,14 +39,15 @@ const CSRF_SLOT: &str = "<!-- usher:csrf -->";
 
 /// The page's script is a file, never inline; asciinema-player compiles its terminal
 /// emulator from WebAssembly and sets style attributes.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; \
+pub const CONTENT_SECURITY_POLICY: &str =
+    "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; \
      style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; \
      connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 /// What the sign-in keeps between requests: the discovered provider and the limiter.
 pub struct Web {
     provider: tokio::sync::Mutex<ProviderSlot>,
-    pub limiter: limit::RateLimiter,
+    pub limiter: RateLimit,
 }
 
 #[derive(Default)]
@@ -58,13 +60,16 @@ impl Web {
     pub fn new() -> Web {
         Web {
             provider: tokio::sync::Mutex::new(ProviderSlot::default()),
-            limiter: limit::RateLimiter::new(SIGN_INS_PER_MINUTE, Duration::from_secs(60)),
+            limiter: RateLimit::new(SIGN_IN_BURST, SIGN_INS_PER_SECOND),
         }
     }
 
     /// The provider, discovered on first use (so the service starts while the provider is
     /// down) and kept.
-    pub async fn provider(&self, config: &OidcConfig) -> Result<Arc<oidc::Provider>, oidc::OidcError> {
+    pub async fn provider(
+        &self,
+        config: &OidcConfig,
+    ) -> Result<Arc<oidc::Provider>, oidc::OidcError> {
         let mut slot = self.provider.lock().await;
         if let Some(p) = &slot.provider {
             return Ok(p.clone());
@@ -155,8 +160,14 @@ fn protect(headers: &mut HeaderMap) {
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CONTENT_SECURITY_POLICY),
     );
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
@@ -173,18 +184,30 @@ pub(crate) fn html_page(status: StatusCode, title: &str, body: &str) -> Response
         },
         t = escape_html(title),
     );
-    let mut response = (status, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response();
+    let mut response = (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        html,
+    )
+        .into_response();
     protect(response.headers_mut());
     response
 }
 
 /// An API refusal, `{"code", "error"}` as everywhere in the API.
 pub(crate) fn json_error(status: StatusCode, code: &str, error: &str) -> Response {
-    (status, axum::Json(serde_json::json!({"code": code, "error": error}))).into_response()
+    (
+        status,
+        axum::Json(serde_json::json!({"code": code, "error": error})),
+    )
+        .into_response()
 }
 
 /// `GET /`: the page, with the CSRF token when the visitor is signed in.
-async fn page(axum::extract::State(app): axum::extract::State<Shared>, headers: HeaderMap) -> Response {
+async fn page(
+    axum::extract::State(app): axum::extract::State<Shared>,
+    headers: HeaderMap,
+) -> Response {
     let now = crate::workflow::now();
     let csrf = auth::cookie(&headers, auth::SESSION_COOKIE)
         .filter(|token| issuer(&app).principal(token, now).is_ok())
@@ -230,9 +253,15 @@ mod tests {
 
     #[test]
     fn html_is_escaped_and_the_page_has_its_csrf_slot() {
-        assert_eq!(escape_html("<a href=\"x\">'&"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;");
+        assert_eq!(
+            escape_html("<a href=\"x\">'&"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;"
+        );
         assert!(INDEX_HTML.contains(CSRF_SLOT));
-        assert!(!INDEX_HTML.contains("<script>"), "no inline script in the page");
+        assert!(
+            !INDEX_HTML.contains("<script>"),
+            "no inline script in the page"
+        );
         let script_src = CONTENT_SECURITY_POLICY
             .split(';')
             .find(|d| d.trim().starts_with("script-src"))

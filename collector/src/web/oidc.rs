@@ -228,7 +228,9 @@ impl Provider {
         match client_secret {
             // client_secret_basic (RFC 6749 2.3.1: each part form-encoded first).
             Some(secret) => {
-                let encode = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                let encode = |s: &str| {
+                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+                };
                 request = request.basic_auth(encode(client_id), Some(encode(secret)));
             }
             None => form.push(("client_id", client_id)),
@@ -248,12 +250,17 @@ impl Provider {
         if !status.is_success() {
             let error = body["error"].as_str().unwrap_or("unknown error");
             let description = body["error_description"].as_str().unwrap_or("");
-            return Err(OidcError::CodeRefused(format!("{error} {description}").trim().to_string()));
+            return Err(OidcError::CodeRefused(
+                format!("{error} {description}").trim().to_string(),
+            ));
         }
         let id_token = body["id_token"]
             .as_str()
             .ok_or_else(|| OidcError::CodeRefused("no id_token in the answer".into()))?;
-        Ok((id_token.to_string(), body["access_token"].as_str().map(String::from)))
+        Ok((
+            id_token.to_string(),
+            body["access_token"].as_str().map(String::from),
+        ))
     }
 
     /// The userinfo endpoint's claims for an access token, when the ID token lacks the
@@ -262,7 +269,9 @@ impl Provider {
         let Some(url) = &self.userinfo_endpoint else {
             return Ok(None);
         };
-        get_json(&self.http, url, Some(access_token)).await.map(Some)
+        get_json(&self.http, url, Some(access_token))
+            .await
+            .map(Some)
     }
 
     /// The key `kid` names, fetching the JWKS again (rate-limited) when it is unknown.
@@ -373,7 +382,10 @@ pub fn verify_with_key(
             _ => IdTokenRefused::Invalid(e.to_string()),
         })?
         .claims;
-    let exp = claims.get("exp").and_then(Value::as_i64).ok_or(IdTokenRefused::Missing("exp"))?;
+    let exp = claims
+        .get("exp")
+        .and_then(Value::as_i64)
+        .ok_or(IdTokenRefused::Missing("exp"))?;
     if now > exp + LEEWAY_SECS as i64 {
         return Err(IdTokenRefused::Expired);
     }
@@ -401,7 +413,12 @@ pub fn identity(claims: &Value, groups_claim: &str) -> Result<Identity, IdTokenR
         .ok_or(IdTokenRefused::Missing("sub"))?;
     let name = ["preferred_username", "email", "name"]
         .iter()
-        .find_map(|c| claims.get(*c).and_then(Value::as_str).filter(|s| !s.is_empty()))
+        .find_map(|c| {
+            claims
+                .get(*c)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+        })
         .unwrap_or(sub);
     Ok(Identity {
         sub: sub.to_string(),
@@ -526,9 +543,15 @@ mod tests {
     fn groups_come_as_a_list_or_one_string_and_a_name_falls_back_to_sub() {
         let c = json!({"sub": "s1", "roles": "ops"});
         let who = identity(&c, "roles").unwrap();
-        assert_eq!((who.name.as_str(), who.groups), ("s1", vec!["ops".to_string()]));
+        assert_eq!(
+            (who.name.as_str(), who.groups),
+            ("s1", vec!["ops".to_string()])
+        );
         assert_eq!(identity(&c, "groups").unwrap().groups, Vec::<String>::new());
-        assert_eq!(identity(&json!({"sub": ""}), "g"), Err(IdTokenRefused::Missing("sub")));
+        assert_eq!(
+            identity(&json!({"sub": ""}), "g"),
+            Err(IdTokenRefused::Missing("sub"))
+        );
     }
 
     #[test]

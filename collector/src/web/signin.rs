@@ -105,21 +105,21 @@ fn scopes(groups_claim: &str) -> Vec<String> {
 }
 
 /// The principal an identity is, with roles from `[roles]`.
-pub fn principal_of(config: &crate::config::Config, who: Identity) -> Principal {
-    let roles = config.roles_of(&who.groups);
-    Principal {
+pub fn principal_of(app: &crate::api::App, who: Identity) -> Principal {
+    // The workflow maps groups to roles with the current (reloadable) `[roles]`; a
+    // person without groups gets no role.
+    app.workflow.effective(Principal {
         sub: who.sub,
         name: who.name,
         groups: who.groups,
-        roles,
-    }
+        roles: Default::default(),
+    })
 }
 
 fn rate_limit(web: &Web, extensions: &axum::http::Extensions) -> Result<(), SignInRefused> {
-    if web
-        .limiter
-        .allow(client_ip(extensions), std::time::Instant::now())
-    {
+    // A request whose address is unknown counts against one shared bucket.
+    let key = client_ip(extensions).map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+    if web.limiter.allow(&key) {
         Ok(())
     } else {
         Err(SignInRefused::RateLimited)
@@ -135,7 +135,11 @@ fn refused_page(r: &SignInRefused) -> Response {
 }
 
 async fn provider(app: &crate::api::App, web: &Web) -> Result<Arc<Provider>, SignInRefused> {
-    let config = app.config.oidc.as_ref().ok_or(SignInRefused::NotConfigured)?;
+    let config = app
+        .config
+        .oidc
+        .as_ref()
+        .ok_or(SignInRefused::NotConfigured)?;
     web.provider(config).await.map_err(SignInRefused::from)
 }
 
@@ -161,7 +165,11 @@ async fn start(
 ) -> Result<Response, SignInRefused> {
     rate_limit(web, extensions)?;
     let provider = provider(app, web).await?;
-    let config = app.config.oidc.as_ref().ok_or(SignInRefused::NotConfigured)?;
+    let config = app
+        .config
+        .oidc
+        .as_ref()
+        .ok_or(SignInRefused::NotConfigured)?;
     let issuer = issuer(app);
     let secrets = LoginState {
         iss: issuer.iss.clone(),
@@ -213,8 +221,13 @@ pub async fn callback(
     let result = finish(&app, &web, &extensions, &headers, q).await;
     let mut response = match result {
         Ok(principal) => {
-            audit(&app, "login", &principal.name, json!({"via": "web", "sub": principal.sub,
-                "groups": principal.groups, "roles": principal.roles}))
+            audit(
+                &app,
+                "login",
+                &principal.name,
+                json!({"via": "web", "sub": principal.sub,
+                "groups": principal.groups, "roles": principal.roles}),
+            )
             .await;
             match issuer(&app).api_token(&principal, crate::workflow::now(), SESSION_TTL_SECS) {
                 Ok(token) => signed_in_page(&token),
@@ -224,8 +237,13 @@ pub async fn callback(
         Err(e) => {
             log::warn!(target: "usher", "sign-in refused: {e}");
             if !matches!(e, SignInRefused::RateLimited) {
-                audit(&app, "login.refused", "unknown", json!({"via": "web", "reason": e.to_string()}))
-                    .await;
+                audit(
+                    &app,
+                    "login.refused",
+                    "unknown",
+                    json!({"via": "web", "reason": e.to_string()}),
+                )
+                .await;
             }
             refused_page(&e)
         }
@@ -245,7 +263,11 @@ async fn finish(
     q: CallbackQuery,
 ) -> Result<Principal, SignInRefused> {
     rate_limit(web, extensions)?;
-    let config = app.config.oidc.as_ref().ok_or(SignInRefused::NotConfigured)?;
+    let config = app
+        .config
+        .oidc
+        .as_ref()
+        .ok_or(SignInRefused::NotConfigured)?;
     let issuer = issuer(app);
     let now = crate::workflow::now();
     let secrets: LoginState = auth::cookie(headers, LOGIN_COOKIE)
@@ -263,7 +285,10 @@ async fn finish(
             format!("{error} {description}").trim().to_string(),
         ));
     }
-    let code = q.code.filter(|c| !c.is_empty()).ok_or(SignInRefused::NoCode)?;
+    let code = q
+        .code
+        .filter(|c| !c.is_empty())
+        .ok_or(SignInRefused::NoCode)?;
     let provider = provider(app, web).await?;
     let (id_token, access_token) = provider
         .exchange_code(
@@ -293,7 +318,7 @@ async fn finish(
             }
         }
     }
-    Ok(principal_of(&app.config, who))
+    Ok(principal_of(app, who))
 }
 
 /// The callback's answer: the session cookie, and a page that moves on to `/` by itself
@@ -319,7 +344,11 @@ pub async fn logout(State(app): State<Shared>, method: Method, headers: HeaderMa
     match auth::principal(issuer(&app), &headers, &method, now) {
         Ok(p) => audit(&app, "logout", &p.name, json!({"sub": p.sub})).await,
         Err(auth::AuthError::Csrf) => {
-            return json_error(StatusCode::FORBIDDEN, "forbidden", "missing or wrong CSRF token")
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "missing or wrong CSRF token",
+            )
         }
         // Nothing valid to end: the cookie is cleared all the same.
         Err(_) => {}
@@ -336,11 +365,18 @@ pub async fn login_config(State(app): State<Shared>) -> Response {
     match &app.config.oidc {
         Some(c) => Json(LoginConfig {
             issuer: c.issuer.trim_end_matches('/').to_string(),
-            client_id: c.cli_client_id.clone().unwrap_or_else(|| c.client_id.clone()),
+            client_id: c
+                .cli_client_id
+                .clone()
+                .unwrap_or_else(|| c.client_id.clone()),
             scopes: scopes(&c.roles_claim),
         })
         .into_response(),
-        None => json_error(StatusCode::NOT_FOUND, "not_found", "sign-in is not configured"),
+        None => json_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "sign-in is not configured",
+        ),
     }
 }
 
@@ -355,17 +391,27 @@ pub async fn login_with_id_token(
     let result = exchange(&app, &web, &extensions, &body).await;
     match result {
         Ok(answer) => {
-            audit(&app, "login", &answer.principal.name, json!({"via": "cli",
+            audit(
+                &app,
+                "login",
+                &answer.principal.name,
+                json!({"via": "cli",
                 "sub": answer.principal.sub, "groups": answer.principal.groups,
-                "roles": answer.principal.roles}))
+                "roles": answer.principal.roles}),
+            )
             .await;
             Json(answer).into_response()
         }
         Err(e) => {
             log::warn!(target: "usher", "CLI sign-in refused: {e}");
             if !matches!(e, SignInRefused::RateLimited) {
-                audit(&app, "login.refused", "unknown", json!({"via": "cli", "reason": e.to_string()}))
-                    .await;
+                audit(
+                    &app,
+                    "login.refused",
+                    "unknown",
+                    json!({"via": "cli", "reason": e.to_string()}),
+                )
+                .await;
             }
             json_error(e.status(), e.code(), &e.to_string())
         }
@@ -379,16 +425,20 @@ async fn exchange(
     body: &[u8],
 ) -> Result<ApiToken, SignInRefused> {
     rate_limit(web, extensions)?;
-    let config = app.config.oidc.as_ref().ok_or(SignInRefused::NotConfigured)?;
-    let IdToken { id_token } = serde_json::from_slice(body)
-        .map_err(|e| SignInRefused::BadBody(e.to_string()))?;
+    let config = app
+        .config
+        .oidc
+        .as_ref()
+        .ok_or(SignInRefused::NotConfigured)?;
+    let IdToken { id_token } =
+        serde_json::from_slice(body).map_err(|e| SignInRefused::BadBody(e.to_string()))?;
     let provider = provider(app, web).await?;
     let client_id = config.cli_client_id.as_deref().unwrap_or(&config.client_id);
     let now = crate::workflow::now();
     let (who, _) = provider
         .verify_id_token(&id_token, client_id, None, &config.roles_claim, now)
         .await?;
-    let principal = principal_of(&app.config, who);
+    let principal = principal_of(app, who);
     let token = issuer(app)
         .api_token(&principal, now, SESSION_TTL_SECS)
         .map_err(|e| SignInRefused::Issuer(e.to_string()))?;
@@ -402,7 +452,7 @@ async fn exchange(
 /// `GET /api/v1/me`: who the caller is.
 pub async fn me(State(app): State<Shared>, method: Method, headers: HeaderMap) -> Response {
     match auth::principal(issuer(&app), &headers, &method, crate::workflow::now()) {
-        Ok(p) => Json(p).into_response(),
+        Ok(p) => Json(app.workflow.effective(p)).into_response(),
         Err(e) => json_error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
     }
 }
