@@ -198,12 +198,14 @@ pub(crate) fn principal(
         crate::workflow::now(),
     )
     .map(|p| app.workflow.effective(p))
-    .map_err(|e| {
-        error(
+    .map_err(|e| match e {
+        // Signed in, but the write did not come from the page: refused, not unknown.
+        auth::AuthError::Csrf => error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, e.to_string()),
+        _ => error(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
             e.to_string(),
-        )
+        ),
     })
 }
 

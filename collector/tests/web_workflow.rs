@@ -661,7 +661,7 @@ fn bob_signs_in_in_chromium_approves_alices_request_and_the_replay_shows_who_and
         "jit-alice",
         &["df -h", "rm /var/log/old.log"],
         "RECORDED-UNDER-THE-GRANT",
-        8 << 10,
+        256,
         4 << 10,
     );
     recording.meta["grant"]["jti"] = json!(grant_id);
