@@ -592,25 +592,8 @@ fn bob_signs_in_in_chromium_approves_alices_request_and_the_replay_shows_who_and
     let id = request["id"].as_str().unwrap().to_string();
 
     let browser = Browser::start();
-    browser.open(&s.url("/"));
-    browser.wait_for(
-        "the sign-in link",
-        &shown("#signed-out:not([hidden]) #sign-in"),
-        |v| v == "Sign in",
-    );
-    browser.click("#sign-in");
-    // The provider's own sign-in page.
-    browser.wait_for("the provider's sign-in page", "return location.href", |v| {
-        v.as_str().is_some_and(|u| u.contains("/interaction/"))
-    });
-    browser.js("document.getElementById('username').value = 'bob'; return true");
-    browser.click("#sign-in");
-    // Back on the page, signed in.
-    browser.wait_for(
-        "bob signed in",
-        "return document.body.dataset.me || ''",
-        |v| v == "bob",
-    );
+    // Through the provider's own sign-in page, and back.
+    sign_in_in_browser(&browser, &s, "bob");
     let url = browser.js("return location.href");
     assert_eq!(
         url,
@@ -717,5 +700,86 @@ fn bob_signs_in_in_chromium_approves_alices_request_and_the_replay_shows_who_and
         "signed out",
         &shown("#signed-out:not([hidden]) #sign-in"),
         |v| v == "Sign in",
+    );
+    drop(browser);
+
+    // alice, in a browser of her own: her grant is on the page to paste at the password
+    // prompt; she asks again through the form, and revokes the first grant.
+    let browser = Browser::start();
+    sign_in_in_browser(&browser, &s, "alice");
+    let mine = format!("#mine tr[data-id='{id}']");
+    browser.wait_for(
+        "alice's grant on the page",
+        &format!(
+            "const t = document.querySelector(\"{mine} textarea.grant\"); return t ? t.value : ''"
+        ),
+        |v| *v == approved["grant"],
+    );
+    assert_eq!(
+        browser.js(&shown(&format!("{mine} td.state"))),
+        json!("approved")
+    );
+    assert_eq!(
+        browser.js("return document.getElementById('recordings-section').hidden"),
+        json!(true),
+        "a requester has no recordings to read"
+    );
+    let key = openssh_public_line(&ed25519_dalek::SigningKey::from_bytes(&[8; 32]));
+    browser.js(&format!(
+        "const f = document.getElementById('request-form');\n\
+         f.host.value = 'web-1'; f.login.value = 'jit-alice'; f.profile.value = 'restricted';\n\
+         f.duration.value = '30m'; f.reason.value = 'INC-99'; f.ssh_key.value = {};\n\
+         return true",
+        serde_json::to_string(&key).unwrap()
+    ));
+    browser.click("#request-submit");
+    let second = browser.wait_for(
+        "the second request",
+        "return document.body.dataset.requested || ''",
+        |v| v.as_str().is_some_and(|v| !v.is_empty()),
+    );
+    let second = second.as_str().unwrap().to_string();
+    let asked: Value = s
+        .bearer_get(&alice, &format!("/api/v1/requests/{second}"))
+        .json()
+        .unwrap();
+    assert_eq!(asked["state"], "pending", "{asked}");
+    assert_eq!(asked["duration_secs"], 1800);
+    assert_eq!(asked["reason"], "INC-99");
+    browser.click(&format!("{mine} button.revoke"));
+    browser.wait_for(
+        "the grant revoked",
+        &shown(&format!("{mine} td.state")),
+        |v| v == "revoked",
+    );
+    let revoked: Value = s
+        .bearer_get(&alice, &format!("/api/v1/requests/{id}"))
+        .json()
+        .unwrap();
+    assert_eq!(revoked["state"], "revoked", "{revoked}");
+    assert_eq!(revoked["revoked"]["by"]["name"], "alice");
+}
+
+/// Signs `username` in on the page through the provider's own sign-in page.
+fn sign_in_in_browser(browser: &Browser, s: &Service, username: &str) {
+    browser.open(&s.url("/"));
+    browser.wait_for(
+        "the sign-in link",
+        &shown("#signed-out:not([hidden]) #sign-in"),
+        |v| v == "Sign in",
+    );
+    browser.click("#sign-in");
+    browser.wait_for("the provider's sign-in page", "return location.href", |v| {
+        v.as_str().is_some_and(|u| u.contains("/interaction/"))
+    });
+    browser.js(&format!(
+        "document.getElementById('username').value = {}; return true",
+        serde_json::to_string(username).unwrap()
+    ));
+    browser.click("#sign-in");
+    browser.wait_for(
+        &format!("{username} signed in"),
+        "return document.body.dataset.me || ''",
+        |v| v == username,
     );
 }
