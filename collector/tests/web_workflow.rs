@@ -212,8 +212,7 @@ fn set_cookie(response: &Response, name: &str) -> Option<String> {
         .get_all(SET_COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .filter(|v| v.starts_with(&format!("{name}=")))
-        .next_back()
+        .rfind(|v| v.starts_with(&format!("{name}=")))
         .map(String::from)
 }
 
