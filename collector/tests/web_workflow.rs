@@ -584,7 +584,7 @@ fn shown(selector: &str) -> String {
 }
 
 #[test]
-fn bob_signs_in_in_chromium_approves_alices_request_and_the_replay_shows_who_and_why() {
+fn in_chromium_bob_approves_the_replay_shows_who_and_why_alice_revokes_carol_denies() {
     let s = Service::start();
     let alice = s.cli_token("alice");
     let request = s.alice_requests(&alice, "INC-1234: the disk is full");
@@ -757,6 +757,34 @@ fn bob_signs_in_in_chromium_approves_alices_request_and_the_replay_shows_who_and
         .unwrap();
     assert_eq!(revoked["state"], "revoked", "{revoked}");
     assert_eq!(revoked["revoked"]["by"]["name"], "alice");
+    drop(browser);
+
+    // carol denies the second request from the page, saying why.
+    let browser = Browser::start();
+    sign_in_in_browser(&browser, &s, "carol");
+    let row = format!("#pending tr[data-id='{second}']");
+    browser.wait_for(
+        "the second request among the pending",
+        &shown(&format!("{row} td:nth-child(7)")),
+        |v| v == "INC-99",
+    );
+    browser.js(&format!(
+        "document.querySelector(\"{row} input.comment\").value = 'not during the freeze'; return true"
+    ));
+    browser.click(&format!("{row} button.deny"));
+    browser.wait_for(
+        "the denial",
+        "return document.body.dataset.reviewed || ''",
+        |v| *v == json!(format!("{second} denied")),
+    );
+    let denied: Value = s
+        .bearer_get(&alice, &format!("/api/v1/requests/{second}"))
+        .json()
+        .unwrap();
+    assert_eq!(denied["state"], "denied", "{denied}");
+    assert_eq!(denied["reviews"][0]["name"], "carol");
+    assert_eq!(denied["reviews"][0]["comment"], "not during the freeze");
+    assert!(denied.get("grant").is_none(), "{denied}");
 }
 
 /// Signs `username` in on the page through the provider's own sign-in page.
