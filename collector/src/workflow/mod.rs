@@ -1073,6 +1073,3 @@ fn insert_grant(tx: &mut dyn Tx, s: &StoredRequest, token: &str) -> Result<(), W
         Err(WorkflowError::Retry)
     }
 }
-
-#[cfg(test)]
-mod tests;
