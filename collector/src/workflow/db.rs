@@ -143,6 +143,21 @@ enum Backend {
     },
 }
 
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Backend::Postgres { client, .. } = self {
+            // The blocking client ends its connection with its own runtime, which must not
+            // happen on an async thread: let it go on a thread of its own.
+            let client = client.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(client) = client {
+                let _ = std::thread::Builder::new()
+                    .name("usher-pg-close".into())
+                    .spawn(move || drop(client));
+            }
+        }
+    }
+}
+
 impl Db {
     /// Opens (and if need be creates) the store `config` names; blocking.
     pub fn open(config: &StateConfig, data_dir: &Path) -> Result<Db, DbError> {
