@@ -518,7 +518,8 @@ fn check_service_rpm(rpm: &Path, checks: &mut Checks) {
     checks.check(
         "service rpm scripts make the user and the TLS pair and enable the unit",
         scripts.contains("useradd --system")
-            && scripts.contains("usher-collector init")
+            && scripts.contains("runuser -u usher-collector -- /usr/bin/usher-collector")
+            && scripts.contains("collector.toml init")
             && scripts.contains("enable --now usher-collector"),
         || scripts.clone(),
     );
@@ -624,6 +625,12 @@ fn install_service(
         "the service serves HTTPS with the certificate its install made",
         ok,
         || text.clone(),
+    );
+    // For the record, not a check: how exposed systemd thinks the unit is.
+    let (_, exposure) = c.sh("systemd-analyze security usher-collector --no-pager | tail -1");
+    println!(
+        "package test: info systemd-analyze security usher-collector: {}",
+        exposure.trim()
     );
     let (_, journal) = c.sh("journalctl --no-pager -o verbose SYSLOG_IDENTIFIER=usher-collector USHER_EVENT=service_ready");
     checks.check(
