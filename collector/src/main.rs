@@ -304,12 +304,20 @@ impl Reloader {
 /// Hands a reloaded configuration to the running app; answers the changed sections that
 /// still need a restart.
 ///
-/// INTEGRATION: `api::App` has no `reload` yet. Once it has
-/// `fn reload(&self, config: config::Config) -> Vec<String>` (it swaps what it can hold
-/// behind a lock: agents and their tokens, roles, request policy, workload rules, webhooks,
-/// issuer sources; and answers the names of the changed sections it cannot swap, such as
-/// `data_dir`, `storage`, `state`), call it here. Until then every changed section other
-/// than the TLS files (swapped by the reloader itself) waits for a restart.
+/// INTEGRATION: `api::App` on main has no `reload` yet. The jit-service branch adds
+/// `App::reload(&self, Config) -> Result<(), AppError>` (request policy, roles, webhooks,
+/// workload rules, hosts' labels; listen, TLS, storage, state and agents' tokens stay as
+/// started). Once merged, this body becomes:
+///
+/// ```ignore
+/// if let Err(e) = app.reload(config) {
+///     log::error!(target: "usher", usher_event = "config_reload_failed", error = e.to_string(); "reload: the service refused the new configuration: {e}");
+/// }
+/// changed.iter().filter(|s| matches!(s.as_str(), "data_dir" | "storage" | "state" | "agent" | "oidc")).cloned().collect()
+/// ```
+///
+/// (`oidc` only if the app does not swap its provider at reload.) Until then every changed
+/// section other than the TLS files (swapped by the reloader itself) waits for a restart.
 fn hand_to_app(_app: &api::App, _config: config::Config, changed: &[String]) -> Vec<String> {
     changed
         .iter()
