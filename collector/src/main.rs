@@ -68,6 +68,57 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         chunk_kib: usize,
     },
+    /// Prints an API token signed with the service's issuer key (from its state store),
+    /// e.g. for an auditor's script or a test: `token --sub S --name N --roles auditor`.
+    Token {
+        #[arg(long)]
+        sub: String,
+        #[arg(long)]
+        name: String,
+        /// requester, approver, auditor, admin (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Groups (comma-separated); a token with groups gets its roles from `[roles]`.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// How long it is valid: 90s, 15m, 12h, 30d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+/// `usher-collector token`: an API token from the issuer key in the state store.
+fn mint_token(
+    config: &std::path::Path,
+    sub: String,
+    name: String,
+    roles: Vec<String>,
+    groups: Vec<String>,
+    ttl: &str,
+) -> Result<String, String> {
+    let config = config::Config::load(config).map_err(|e| e.to_string())?;
+    let ttl =
+        config::parse_duration(ttl).ok_or_else(|| format!("--ttl {ttl:?}: not a duration"))?;
+    let roles = roles
+        .iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            serde_json::from_value::<usher_wire::jit::Role>(serde_json::Value::String(r.clone()))
+                .map_err(|_| format!("--roles: unknown role {r:?}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let workflow =
+        usher_collector::workflow::Workflow::open_blocking(&config).map_err(|e| e.to_string())?;
+    let principal = usher_wire::jit::Principal {
+        sub,
+        name,
+        groups: groups.into_iter().filter(|g| !g.is_empty()).collect(),
+        roles,
+    };
+    workflow
+        .issuer
+        .api_token(&principal, usher_collector::workflow::now(), ttl as i64)
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +177,22 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("usher-collector init: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Cmd::Token {
+            sub,
+            name,
+            roles,
+            groups,
+            ttl,
+        }) => match mint_token(&args.config, sub, name, roles, groups, &ttl) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("usher-collector token: {e}");
                 ExitCode::FAILURE
             }
         },
@@ -191,12 +258,12 @@ async fn serve(config_path: &Path, config: config::Config) -> Result<(), StartEr
         listen: config.listen.clone(),
         tls: tls.clone(),
     };
-    let app = Arc::new(api::App::new(config)?);
+    let app = Arc::new(api::App::new(config).await?);
     let handle = axum_server::Handle::new();
     let mut server = tokio::spawn(
         axum_server::bind_rustls(addr, tls)
             .handle(handle.clone())
-            .serve(api::router(app.clone()).into_make_service()),
+            .serve(api::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>()),
     );
     let server_ended = |joined: Result<std::io::Result<()>, tokio::task::JoinError>| match joined {
         Ok(Ok(())) => Ok(()),
@@ -302,26 +369,21 @@ impl Reloader {
 }
 
 /// Hands a reloaded configuration to the running app; answers the changed sections that
-/// still need a restart.
-///
-/// INTEGRATION: `api::App` on main has no `reload` yet. The jit-service branch adds
-/// `App::reload(&self, Config) -> Result<(), AppError>` (request policy, roles, webhooks,
-/// workload rules, hosts' labels; listen, TLS, storage, state and agents' tokens stay as
-/// started). Once merged, this body becomes:
-///
-/// ```ignore
-/// if let Err(e) = app.reload(config) {
-///     log::error!(target: "usher", usher_event = "config_reload_failed", error = e.to_string(); "reload: the service refused the new configuration: {e}");
-/// }
-/// changed.iter().filter(|s| matches!(s.as_str(), "data_dir" | "storage" | "state" | "agent" | "oidc")).cloned().collect()
-/// ```
-///
-/// (`oidc` only if the app does not swap its provider at reload.) Until then every changed
-/// section other than the TLS files (swapped by the reloader itself) waits for a restart.
-fn hand_to_app(_app: &api::App, _config: config::Config, changed: &[String]) -> Vec<String> {
+/// still need a restart (the app swaps request policy, roles, webhooks, workload rules and
+/// hosts' labels; listen, TLS files are the reloader's; the rest waits for a restart).
+fn hand_to_app(app: &api::App, config: config::Config, changed: &[String]) -> Vec<String> {
+    if let Err(e) = app.reload(config) {
+        log::error!(target: "usher", usher_event = "config_reload_failed", error = e.to_string(); "reload: the service refused the new configuration: {e}");
+        return changed.to_vec();
+    }
     changed
         .iter()
-        .filter(|s| !matches!(s.as_str(), "tls_cert" | "tls_key" | "listen"))
+        .filter(|s| {
+            matches!(
+                s.as_str(),
+                "data_dir" | "storage" | "state" | "agent" | "oidc" | "public_url"
+            )
+        })
         .cloned()
         .collect()
 }
