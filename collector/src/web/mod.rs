@@ -83,7 +83,7 @@ impl Web {
             ));
         }
         let http = oidc::http_client(config.ca.as_deref())?;
-        match oidc::Provider::discover(&config.issuer, http).await {
+        match oidc::Provider::discover(&config.issuer, config.ca.as_deref(), http).await {
             Ok(p) => {
                 let p = Arc::new(p);
                 slot.provider = Some(p.clone());

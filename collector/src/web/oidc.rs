@@ -3,24 +3,21 @@
 //! exchange, and the ID token's checks (signature by a key of the provider's JWKS, `iss`,
 //! `aud`, `azp`, `exp`, `nonce`).
 //!
-//! Written on reqwest and jsonwebtoken (both already in the tree) rather than with the
-//! `openidconnect` crate: adding that crate made cargo re-resolve the workspace (russh and
-//! the RustCrypto release candidates moved), which the russh/ironrdp pins cannot afford.
+//! Written on reqwest and usher-trust's key cache (the provider's JWKS by discovery,
+//! refreshed on an unknown `kid`, the key's type deciding the algorithm) rather than with
+//! the `openidconnect` crate: adding that crate made cargo re-resolve the workspace (russh
+//! and the RustCrypto release candidates moved), which the russh/ironrdp pins cannot afford.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::Digest;
-use std::time::{Duration, Instant};
-use tokio::sync::RwLock;
+use std::time::Duration;
+use usher_trust::{Expect, IssuerConfig, IssuerKeys, Refusal};
 
 /// How long a request to the provider may take.
 const PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
-/// An unknown `kid` makes the keys be fetched again, at most this often.
-const KEY_REFRESH_MIN: Duration = Duration::from_secs(30);
 /// Clock difference tolerated on `exp` and `iat`.
 const LEEWAY_SECS: u64 = 60;
 
@@ -43,26 +40,29 @@ pub enum OidcError {
 }
 
 /// Why an ID token is not accepted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum IdTokenRefused {
-    #[error("not a JWT: {0}")]
-    Malformed(String),
-    #[error("signed with algorithm {0:?}, which is not accepted")]
-    Algorithm(String),
-    #[error("signed by an unknown key {0:?}")]
-    UnknownKey(String),
-    #[error("the key {kid:?} does not sign with {alg:?}")]
-    KeyAlgorithm { kid: String, alg: String },
-    #[error("the signature or a registered claim does not hold: {0}")]
-    Invalid(String),
-    #[error("expired")]
-    Expired,
+    /// Its form, key, algorithm, signature, issuer or time (usher-trust's checks).
+    #[error(transparent)]
+    Trust(Refusal),
     #[error("issued to another client")]
     Audience,
+    #[error("expired")]
+    Expired,
     #[error("not this sign-in's nonce")]
     Nonce,
     #[error("the claim {0} is missing")]
     Missing(&'static str),
+}
+
+impl From<Refusal> for IdTokenRefused {
+    fn from(r: Refusal) -> IdTokenRefused {
+        match r {
+            Refusal::WrongAudience { .. } => IdTokenRefused::Audience,
+            Refusal::Expired { .. } => IdTokenRefused::Expired,
+            other => IdTokenRefused::Trust(other),
+        }
+    }
 }
 
 /// Who the provider says signed in.
@@ -79,12 +79,6 @@ struct Discovery {
     authorization_endpoint: String,
     token_endpoint: String,
     userinfo_endpoint: Option<String>,
-    jwks_uri: String,
-}
-
-struct Keys {
-    set: JwkSet,
-    fetched: Instant,
 }
 
 /// One provider, discovered.
@@ -93,9 +87,8 @@ pub struct Provider {
     authorization_endpoint: url::Url,
     token_endpoint: String,
     userinfo_endpoint: Option<String>,
-    jwks_uri: String,
     http: reqwest::Client,
-    keys: RwLock<Keys>,
+    keys: IssuerKeys,
 }
 
 /// A fresh PKCE verifier, state or nonce: 32 random bytes, base64url.
@@ -157,8 +150,13 @@ async fn get_json<T: serde::de::DeserializeOwned>(
 }
 
 impl Provider {
-    /// Discovers `issuer` (its `/.well-known/openid-configuration`) and fetches its keys.
-    pub async fn discover(issuer: &str, http: reqwest::Client) -> Result<Provider, OidcError> {
+    /// Discovers `issuer` (its `/.well-known/openid-configuration`) and fetches its keys;
+    /// `ca` is an extra root for its HTTPS.
+    pub async fn discover(
+        issuer: &str,
+        ca: Option<&std::path::Path>,
+        http: reqwest::Client,
+    ) -> Result<Provider, OidcError> {
         let issuer = issuer.trim_end_matches('/');
         let url = format!("{issuer}/.well-known/openid-configuration");
         let doc: Discovery = get_json(&http, &url, None).await?;
@@ -171,18 +169,21 @@ impl Provider {
         }
         let authorization_endpoint = url::Url::parse(&doc.authorization_endpoint)
             .map_err(|e| OidcError::Discovery(format!("authorization_endpoint: {e}")))?;
-        let set: JwkSet = get_json(&http, &doc.jwks_uri, None).await?;
+        let keys = IssuerKeys::new(&IssuerConfig {
+            ca: ca.map(std::path::Path::to_path_buf),
+            ..IssuerConfig::discovery(&doc.issuer)
+        })
+        .map_err(|e| OidcError::Keys(e.to_string()))?;
+        keys.refresh()
+            .await
+            .map_err(|e| OidcError::Keys(e.to_string()))?;
         Ok(Provider {
             issuer: doc.issuer,
             authorization_endpoint,
             token_endpoint: doc.token_endpoint,
             userinfo_endpoint: doc.userinfo_endpoint,
-            jwks_uri: doc.jwks_uri,
             http,
-            keys: RwLock::new(Keys {
-                set,
-                fetched: Instant::now(),
-            }),
+            keys,
         })
     }
 
@@ -274,26 +275,6 @@ impl Provider {
             .map(Some)
     }
 
-    /// The key `kid` names, fetching the JWKS again (rate-limited) when it is unknown.
-    async fn key(&self, kid: Option<&str>) -> Result<Jwk, OidcError> {
-        if let Some(jwk) = find_key(&self.keys.read().await.set, kid) {
-            return Ok(jwk);
-        }
-        let mut keys = self.keys.write().await;
-        if keys.fetched.elapsed() >= KEY_REFRESH_MIN {
-            // The clock starts now whatever the outcome, so a flood of unknown kids is
-            // one fetch per interval.
-            keys.fetched = Instant::now();
-            match get_json::<JwkSet>(&self.http, &self.jwks_uri, None).await {
-                Ok(set) => keys.set = set,
-                Err(e) => log::warn!(target: "usher", "the identity provider's keys: {e}"),
-            }
-        }
-        find_key(&keys.set, kid).ok_or_else(|| {
-            OidcError::IdToken(IdTokenRefused::UnknownKey(kid.unwrap_or("").to_string()))
-        })
-    }
-
     /// Checks an ID token issued by this provider to `client_id` (with `nonce`, when the
     /// sign-in sent one) and says who it names; `groups_claim` names the groups.
     pub async fn verify_id_token(
@@ -304,91 +285,27 @@ impl Provider {
         groups_claim: &str,
         now: i64,
     ) -> Result<(Identity, Value), OidcError> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| IdTokenRefused::Malformed(e.to_string()))?;
-        let jwk = self.key(header.kid.as_deref()).await?;
-        let claims = verify_with_key(token, &header, &jwk, &self.issuer, client_id, now)?;
-        if let Some(expected) = nonce {
-            if claims.get("nonce").and_then(Value::as_str) != Some(expected) {
-                return Err(IdTokenRefused::Nonce.into());
-            }
-        }
-        Ok((identity(&claims, groups_claim)?, claims))
+        Ok(verify_id_token(&self.keys, token, client_id, nonce, groups_claim, now).await?)
     }
 }
 
-fn find_key(set: &JwkSet, kid: Option<&str>) -> Option<Jwk> {
-    match kid {
-        Some(kid) => set.find(kid).cloned(),
-        // Without a kid only an unambiguous set will do.
-        None if set.keys.len() == 1 => set.keys.first().cloned(),
-        None => None,
-    }
-}
-
-/// The algorithms a key may sign with: its type decides, never the token's header alone.
-fn key_allows(jwk: &Jwk, alg: Algorithm) -> bool {
-    use Algorithm::*;
-    let family_ok = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
-        AlgorithmParameters::EllipticCurve(ec) => matches!(
-            (&ec.curve, alg),
-            (EllipticCurve::P256, ES256) | (EllipticCurve::P384, ES384)
-        ),
-        AlgorithmParameters::OctetKeyPair(okp) => {
-            okp.curve == EllipticCurve::Ed25519 && alg == EdDSA
-        }
-        // Symmetric keys are never accepted (the provider's secret would be ours too),
-        // nor key types this code does not know.
-        _ => false,
-    };
-    let declared_ok = match jwk.common.key_algorithm {
-        Some(declared) => format!("{declared:?}") == format!("{alg:?}"),
-        None => true,
-    };
-    family_ok && declared_ok
-}
-
-/// The signature and the registered claims (`iss`, `aud`, `exp`, `azp`); the claims.
-pub fn verify_with_key(
+/// The ID token's checks against an issuer's keys: usher-trust's (form, key, algorithm,
+/// signature, `iss`, `aud`, time), then OpenID Connect's own (`azp`, `nonce`, `sub`).
+pub async fn verify_id_token(
+    keys: &IssuerKeys,
     token: &str,
-    header: &jsonwebtoken::Header,
-    jwk: &Jwk,
-    issuer: &str,
     client_id: &str,
+    nonce: Option<&str>,
+    groups_claim: &str,
     now: i64,
-) -> Result<Value, IdTokenRefused> {
-    let alg = header.alg;
-    let kid = header.kid.clone().unwrap_or_default();
-    if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
-        return Err(IdTokenRefused::Algorithm(format!("{alg:?}")));
-    }
-    if !key_allows(jwk, alg) {
-        return Err(IdTokenRefused::KeyAlgorithm {
-            kid,
-            alg: format!("{alg:?}"),
-        });
-    }
-    let key = DecodingKey::from_jwk(jwk).map_err(|e| IdTokenRefused::Invalid(e.to_string()))?;
-    let mut validation = Validation::new(alg);
-    validation.set_issuer(&[issuer]);
-    validation.set_audience(&[client_id]);
-    validation.set_required_spec_claims(&["iss", "aud", "exp", "sub"]);
-    // Expiry is checked below against the caller's clock.
-    validation.validate_exp = false;
-    let claims: Value = jsonwebtoken::decode::<Value>(token, &key, &validation)
-        .map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::InvalidAudience => IdTokenRefused::Audience,
-            _ => IdTokenRefused::Invalid(e.to_string()),
-        })?
-        .claims;
-    let exp = claims
-        .get("exp")
-        .and_then(Value::as_i64)
-        .ok_or(IdTokenRefused::Missing("exp"))?;
-    if now > exp + LEEWAY_SECS as i64 {
-        return Err(IdTokenRefused::Expired);
-    }
+) -> Result<(Identity, Value), IdTokenRefused> {
+    let audiences = [client_id.to_string()];
+    let expect = Expect {
+        audiences: &audiences,
+        leeway_secs: LEEWAY_SECS,
+        now,
+    };
+    let claims = Value::Object(keys.verify(token, &expect).await?);
     // OpenID Connect Core 3.1.3.7: with several audiences, `azp` must name this client;
     // when present it must name this client anyway.
     let several_audiences = claims
@@ -400,7 +317,15 @@ pub fn verify_with_key(
         None if several_audiences => return Err(IdTokenRefused::Missing("azp")),
         _ => {}
     }
-    Ok(claims)
+    if claims.get("exp").and_then(Value::as_i64).is_none() {
+        return Err(IdTokenRefused::Missing("exp"));
+    }
+    if let Some(expected) = nonce {
+        if claims.get("nonce").and_then(Value::as_str) != Some(expected) {
+            return Err(IdTokenRefused::Nonce);
+        }
+    }
+    Ok((identity(&claims, groups_claim)?, claims))
 }
 
 /// Who the claims name: `sub`, a readable name, and the groups from `groups_claim` (an
@@ -446,7 +371,8 @@ pub fn groups(claims: &Value, groups_claim: &str) -> Option<Vec<String>> {
 mod tests {
     use super::*;
     use ed25519_dalek::pkcs8::EncodePrivateKey;
-    use jsonwebtoken::{EncodingKey, Header};
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
     use serde_json::json;
 
     const ISS: &str = "https://idp.test";
@@ -464,11 +390,14 @@ mod tests {
         (encoding, jwk)
     }
 
-    fn token(encoding: &EncodingKey, kid: &str, claims: Value) -> (String, jsonwebtoken::Header) {
+    fn keys(jwk: Jwk) -> IssuerKeys {
+        IssuerKeys::fixed(ISS, JwkSet { keys: vec![jwk] })
+    }
+
+    fn token(encoding: &EncodingKey, kid: &str, claims: Value) -> String {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(kid.into());
-        let t = jsonwebtoken::encode(&header, &claims, encoding).unwrap();
-        (t, header)
+        jsonwebtoken::encode(&header, &claims, encoding).unwrap()
     }
 
     fn claims(aud: Value) -> Value {
@@ -476,67 +405,69 @@ mod tests {
                "preferred_username": "bob", "groups": ["sre", "eng"], "nonce": "n1"})
     }
 
-    #[test]
-    fn a_token_for_this_client_names_its_person_and_groups() {
+    #[tokio::test]
+    async fn a_token_for_this_client_names_its_person_and_groups() {
         let (enc, jwk) = key(1, "k1");
-        let (t, h) = token(&enc, "k1", claims(json!("web")));
-        let c = verify_with_key(&t, &h, &jwk, ISS, "web", 1500).unwrap();
-        let who = identity(&c, "groups").unwrap();
+        let t = token(&enc, "k1", claims(json!("web")));
+        let (who, _) = verify_id_token(&keys(jwk), &t, "web", Some("n1"), "groups", 1500)
+            .await
+            .unwrap();
         assert_eq!(who.sub, "s-bob");
         assert_eq!(who.name, "bob");
         assert_eq!(who.groups, vec!["sre", "eng"]);
     }
 
-    #[test]
-    fn another_client_issuer_key_or_time_is_refused() {
+    #[tokio::test]
+    async fn another_client_issuer_key_nonce_or_time_is_refused() {
         let (enc, jwk) = key(1, "k1");
-        let (t, h) = token(&enc, "k1", claims(json!("cli")));
+        let k = keys(jwk);
+        let t = token(&enc, "k1", claims(json!("cli")));
+        let check = |t: String, client: &'static str, nonce: Option<&'static str>, now: i64| {
+            let k = &k;
+            async move { verify_id_token(k, &t, client, nonce, "groups", now).await }
+        };
         assert_eq!(
-            verify_with_key(&t, &h, &jwk, ISS, "web", 1500),
+            check(t.clone(), "web", None, 1500).await,
             Err(IdTokenRefused::Audience)
         );
-        assert!(matches!(
-            verify_with_key(&t, &h, &jwk, "https://other.test", "cli", 1500),
-            Err(IdTokenRefused::Invalid(_))
-        ));
         assert_eq!(
-            verify_with_key(&t, &h, &jwk, ISS, "cli", 2100),
+            check(t.clone(), "cli", None, 2100).await,
             Err(IdTokenRefused::Expired)
         );
-        let (_, other) = key(2, "k1");
+        assert_eq!(
+            check(t.clone(), "cli", Some("n2"), 1500).await,
+            Err(IdTokenRefused::Nonce)
+        );
+        assert!(check(t.clone(), "cli", Some("n1"), 1500).await.is_ok());
+        let mut other_iss = claims(json!("cli"));
+        other_iss["iss"] = "https://other.test".into();
         assert!(matches!(
-            verify_with_key(&t, &h, &other, ISS, "cli", 1500),
-            Err(IdTokenRefused::Invalid(_))
+            check(token(&enc, "k1", other_iss), "cli", None, 1500).await,
+            Err(IdTokenRefused::Trust(_))
+        ));
+        // Another key under the same kid: the signature does not hold.
+        let (other, _) = key(2, "k1");
+        assert!(matches!(
+            check(token(&other, "k1", claims(json!("cli"))), "cli", None, 1500).await,
+            Err(IdTokenRefused::Trust(Refusal::BadSignature))
         ));
         // Several audiences: azp must name this client.
-        let (t, h) = token(&enc, "k1", claims(json!(["web", "cli"])));
         assert_eq!(
-            verify_with_key(&t, &h, &jwk, ISS, "web", 1500),
+            check(
+                token(&enc, "k1", claims(json!(["web", "cli"]))),
+                "web",
+                None,
+                1500
+            )
+            .await,
             Err(IdTokenRefused::Missing("azp"))
         );
         let mut c = claims(json!(["web", "cli"]));
         c["azp"] = "cli".into();
-        let (t, h) = token(&enc, "k1", c);
         assert_eq!(
-            verify_with_key(&t, &h, &jwk, ISS, "web", 1500),
+            check(token(&enc, "k1", c), "web", None, 1500).await,
             Err(IdTokenRefused::Audience)
         );
-    }
-
-    #[test]
-    fn the_key_type_decides_the_algorithm() {
-        let (enc, jwk) = key(1, "k1");
-        let (t, mut h) = token(&enc, "k1", claims(json!("web")));
-        h.alg = Algorithm::RS256;
-        assert!(matches!(
-            verify_with_key(&t, &h, &jwk, ISS, "web", 1500),
-            Err(IdTokenRefused::KeyAlgorithm { .. })
-        ));
-        h.alg = Algorithm::HS256;
-        assert!(matches!(
-            verify_with_key(&t, &h, &jwk, ISS, "web", 1500),
-            Err(IdTokenRefused::Algorithm(_))
-        ));
     }
 
     #[test]
