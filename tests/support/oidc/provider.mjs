@@ -34,6 +34,7 @@ if (!configPath) {
 }
 const config = JSON.parse(fs.readFileSync(configPath, 'utf8'));
 
+console.log(`${new Date().toISOString()} provider.mjs ${process.pid} starting`);
 const modules = process.env.USHER_OIDC_PROVIDER_MODULES;
 if (!modules) {
   console.error('USHER_OIDC_PROVIDER_MODULES is not set (the node_modules holding oidc-provider)');
@@ -68,8 +69,9 @@ function signingKeys() {
   return keys;
 }
 
+console.log(`${new Date().toISOString()} oidc-provider loaded`);
 const keys = signingKeys();
-console.log(`signing key ${keys[0].kid} (${keys.length} published)`);
+console.log(`${new Date().toISOString()} signing key ${keys[0].kid} (${keys.length} published)`);
 
 // ---- accounts ------------------------------------------------------------------------
 
@@ -380,7 +382,7 @@ provider.on('server_error', (_ctx, err) => console.log(`server_error: ${err.stac
 provider.on('grant.error', (_ctx, err) => console.log(`grant.error: ${err.message} ${err.error_description ?? ''}`));
 
 server.listen(config.port, '127.0.0.1', () => {
-  console.log(`listening on ${config.issuer}`);
+  console.log(`${new Date().toISOString()} listening on ${config.issuer}`);
 });
 
 for (const signal of ['SIGTERM', 'SIGINT']) {

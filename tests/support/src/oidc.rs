@@ -29,7 +29,7 @@ use crate::ca::{CaError, TestCa};
 use crate::ports::free_port;
 use crate::wait::{poll_until, TimedOut};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
+use base64::Engine as _;
 use reqwest::blocking::{Client, Response};
 use reqwest::{StatusCode, Url};
 use serde_json::{json, Value};
@@ -243,6 +243,8 @@ pub struct OidcOptions {
     /// Where the web client may be sent back to (the service's callback).
     pub web_redirect_uris: Vec<String>,
     pub web_post_logout_redirect_uris: Vec<String>,
+    /// How the web client authenticates at the token endpoint.
+    pub web_client_auth: ClientAuth,
     /// Where the CLI client may be sent back to; loopback `http://127.0.0.1/...` URIs
     /// match any port (RFC 8252).
     pub cli_redirect_uris: Vec<String>,
@@ -259,10 +261,29 @@ impl Default for OidcOptions {
             accounts: default_accounts(),
             web_redirect_uris: vec!["https://127.0.0.1/callback".to_string()],
             web_post_logout_redirect_uris: Vec::new(),
+            web_client_auth: ClientAuth::SecretBasic,
             cli_redirect_uris: vec!["http://127.0.0.1/callback".to_string()],
             workloads: Vec::new(),
             alg: SigningAlg::RS256,
             id_token_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A confidential client's authentication at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_secret_basic`: HTTP Basic with the id and secret.
+    SecretBasic,
+    /// `client_secret_post`: `client_id` and `client_secret` in the form.
+    SecretPost,
+}
+
+impl ClientAuth {
+    fn name(self) -> &'static str {
+        match self {
+            ClientAuth::SecretBasic => "client_secret_basic",
+            ClientAuth::SecretPost => "client_secret_post",
         }
     }
 }
@@ -321,6 +342,7 @@ pub struct OidcProvider {
     config: PathBuf,
     log: PathBuf,
     modules: PathBuf,
+    web_client_auth: ClientAuth,
     child: Option<Child>,
 }
 
@@ -355,7 +377,7 @@ impl OidcProvider {
                 "client_secret": WEB_CLIENT_SECRET,
                 "redirect_uris": options.web_redirect_uris,
                 "post_logout_redirect_uris": options.web_post_logout_redirect_uris,
-                "token_endpoint_auth_method": "client_secret_basic",
+                "token_endpoint_auth_method": options.web_client_auth.name(),
             },
             "cli_client": { "client_id": CLI_CLIENT_ID, "redirect_uris": options.cli_redirect_uris },
             "workloads": options.workloads.iter().map(|w| json!({
@@ -377,6 +399,7 @@ impl OidcProvider {
             ca,
             config,
             modules,
+            web_client_auth: options.web_client_auth,
             child: None,
         };
         provider.spawn(None)?;
@@ -624,7 +647,7 @@ impl OidcProvider {
         ])
     }
 
-    /// Redeems `code` as the web client (with its secret, `client_secret_basic`): the
+    /// Redeems `code` as the web client (with its secret, as `web_client_auth` says): the
     /// token response (`id_token`, `access_token`, ...).
     pub fn redeem_code(
         &self,
@@ -633,20 +656,42 @@ impl OidcProvider {
         code_verifier: &str,
     ) -> Result<Value, OidcError> {
         let url = format!("{}/token", self.issuer());
+        let basic = self.web_client_auth == ClientAuth::SecretBasic;
         blocking(|| {
-            let response = self
-                .client()?
-                .post(&url)
-                .basic_auth(WEB_CLIENT_ID, Some(WEB_CLIENT_SECRET))
-                .form(&[
-                    ("grant_type", "authorization_code"),
-                    ("code", code),
-                    ("redirect_uri", redirect_uri),
-                    ("code_verifier", code_verifier),
-                ])
-                .send()?;
-            json_of(response, &url)
+            let mut form = vec![
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", redirect_uri),
+                ("code_verifier", code_verifier),
+            ];
+            let mut request = self.client()?.post(&url);
+            if basic {
+                request = request.basic_auth(WEB_CLIENT_ID, Some(WEB_CLIENT_SECRET));
+            } else {
+                form.extend([
+                    ("client_id", WEB_CLIENT_ID),
+                    ("client_secret", WEB_CLIENT_SECRET),
+                ]);
+            }
+            json_of(request.form(&form).send()?, &url)
         })
+    }
+
+    /// The userinfo endpoint's answer for `access_token`.
+    pub fn userinfo(&self, access_token: &str) -> Result<Value, OidcError> {
+        let url = format!("{}/me", self.issuer());
+        blocking(|| {
+            json_of(
+                self.client()?.get(&url).bearer_auth(access_token).send()?,
+                &url,
+            )
+        })
+    }
+
+    /// The base64 SHA-256 of its certificate's public key: for Chromium's
+    /// `--ignore-certificate-errors-spki-list`, which makes it trust this certificate.
+    pub fn certificate_spki_sha256(&self) -> Result<String, OidcError> {
+        spki_sha256(&self.ca.server_cert())
     }
 
     /// Restarts it on the same port with a new signing key (a new `kid`) first in its JWKS.
@@ -758,7 +803,9 @@ impl OidcProvider {
             })
     }
 
-    fn token_request(&self, form: &[(&str, &str)]) -> Result<Value, OidcError> {
+    /// POSTs `form` to the token endpoint as is (no client authentication added): the
+    /// JSON answer, or `OidcError::Status` with the provider's error body.
+    pub fn token_request(&self, form: &[(&str, &str)]) -> Result<Value, OidcError> {
         let url = format!("{}/token", self.issuer());
         blocking(|| json_of(self.client()?.post(&url).form(form).send()?, &url))
     }
@@ -947,6 +994,33 @@ fn hidden_field(page: &str, name: &str) -> Option<String> {
     let start = page.find(&format!("name=\"{name}\" value=\""))? + name.len() + 15;
     let end = page[start..].find('"')?;
     Some(page[start..start + end].to_string())
+}
+
+/// The base64 SHA-256 of the public key (SubjectPublicKeyInfo, DER) of the PEM certificate
+/// at `cert`, with the `openssl` command.
+pub fn spki_sha256(cert: &Path) -> Result<String, OidcError> {
+    use sha2::Digest;
+    let io = |source| OidcError::Io {
+        path: cert.to_path_buf(),
+        source,
+    };
+    let output = Command::new("openssl")
+        .args(["x509", "-noout", "-pubkey", "-in"])
+        .arg(cert)
+        .output()
+        .map_err(io)?;
+    let pem = String::from_utf8_lossy(&output.stdout);
+    let der: String = pem
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(der.trim())
+        .map_err(|_| OidcError::Missing {
+            what: "a public key in the certificate",
+            answer: pem.to_string(),
+        })?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&der)))
 }
 
 /// The query parameter `name` of `url`.
