@@ -295,3 +295,125 @@ fn a_grants_request_id_reaches_the_sessions_metadata() {
         .expect("the second session's metadata");
     assert!(plain["grant"].get("request").is_none(), "{plain}");
 }
+
+/// An issuer of grants (as the central service is) published as files by a real HTTP
+/// server on loopback: its discovery document and its JWKS.
+struct IssuerSite {
+    dir: std::path::PathBuf,
+    iss: String,
+    _server: Daemon,
+}
+
+impl IssuerSite {
+    fn start() -> IssuerSite {
+        let port = usher_test_support::free_port();
+        let dir =
+            std::env::temp_dir().join(format!("usher-issuer-site-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(dir.join(".well-known")).unwrap();
+        let iss = format!("http://127.0.0.1:{port}");
+        std::fs::write(
+            dir.join(".well-known/openid-configuration"),
+            json!({"issuer": iss, "jwks_uri": format!("{iss}/jwks.json")}).to_string(),
+        )
+        .unwrap();
+        std::fs::write(dir.join("jwks.json"), r#"{"keys": []}"#).unwrap();
+        let mut command = std::process::Command::new("python3");
+        command
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(&dir);
+        let server = Daemon::start("python3 -m http.server", command, &dir.join("server.log"));
+        usher_test_support::wait_for_port(port, Duration::from_secs(10)).unwrap();
+        IssuerSite {
+            dir,
+            iss,
+            _server: server,
+        }
+    }
+
+    /// Publishes the public halves of `jwks` (each a JWKS text from `keygen`).
+    fn publish(&self, jwks: &[&str]) {
+        let keys: Vec<serde_json::Value> = jwks
+            .iter()
+            .flat_map(|text| {
+                serde_json::from_str::<serde_json::Value>(text).unwrap()["keys"]
+                    .as_array()
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        std::fs::write(
+            self.dir.join("jwks.json"),
+            json!({ "keys": keys }).to_string(),
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for IssuerSite {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn grants_of_an_issuer_found_by_discovery_are_accepted_and_its_key_rotation_followed() {
+    let site = IssuerSite::start();
+    let (first_pem, first_jwks) = usher::grant::keygen(KeyAlg::Ed25519, "svc-1").unwrap();
+    site.publish(&[&first_jwks]);
+    let agent = TestAgent::start_with(Options {
+        extra_config: format!(
+            "[[issuer]]\niss = \"{}\"\ndiscovery = true\nrefresh_min_secs = 1\nrefresh_secs = 2\n",
+            site.iss
+        ),
+        ..Options::default()
+    });
+    let signed = |pem: &str, kid: &str, name: &str| {
+        let mut claims = agent.claims(&agent.login(name), 600);
+        claims.iss = site.iss.clone();
+        usher::grant::sign(pem, kid, &claims).unwrap()
+    };
+    let installed = |token: &str| {
+        let out = agent.install(token);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The keys were fetched at start.
+    let (ok, why) = installed(&signed(&first_pem, "svc-1", "one"));
+    assert!(ok, "{why}\n{}", agent.log());
+    assert!(agent.ssh(&agent.login("one"), "true").status.success());
+
+    // The issuer rotates: a grant under the new kid is accepted after one refresh.
+    let (second_pem, second_jwks) = usher::grant::keygen(KeyAlg::Es256, "svc-2").unwrap();
+    site.publish(&[&second_jwks, &first_jwks]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let (ok, why) = installed(&signed(&second_pem, "svc-2", "two"));
+    assert!(ok, "{why}\n{}", agent.log());
+
+    // A kid the issuer never published: refused with the reason, after a refresh.
+    let (stranger_pem, _) = usher::grant::keygen(KeyAlg::Ed25519, "svc-9").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let (ok, why) = installed(&signed(&stranger_pem, "svc-9", "three"));
+    assert!(!ok);
+    assert!(
+        why.contains(&format!(
+            "unknown kid \"svc-9\" for issuer {:?} (keys refreshed",
+            site.iss
+        )),
+        "{why}"
+    );
+    // The first key dropped by the issuer: known kids cause no fetch, but the routine
+    // refresh (every refresh_secs) sees it gone, and its grants are no longer accepted.
+    site.publish(&[&second_jwks]);
+    std::thread::sleep(Duration::from_millis(3500));
+    let (ok, why) = installed(&signed(&first_pem, "svc-1", "four"));
+    assert!(!ok && why.contains("unknown kid \"svc-1\""), "{why}");
+}
