@@ -406,6 +406,11 @@ impl OidcProvider {
             alg: options.alg,
             child: None,
         };
+        let script = provider.dir.join("provider.mjs");
+        std::fs::write(&script, PROVIDER_SCRIPT).map_err(|source| OidcError::Io {
+            path: script,
+            source,
+        })?;
         provider.write_keys(&[new_signing_key(options.alg)?])?;
         provider.spawn()?;
         Ok(provider)
@@ -788,7 +793,7 @@ impl OidcProvider {
         })?;
         let mut command = Command::new("node");
         command
-            .arg(provider_script())
+            .arg(self.dir.join("provider.mjs"))
             .arg(&self.config)
             .env("USHER_OIDC_PROVIDER_MODULES", &self.modules)
             .env("NODE_ENV", "test")
@@ -970,10 +975,10 @@ fn new_signing_key(alg: SigningAlg) -> Result<Value, OidcError> {
     Ok(json!({ "kid": random_token()[..22].to_string(), "alg": alg.name(), "pem": pem }))
 }
 
-/// tests/support/oidc/provider.mjs.
-pub fn provider_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("oidc/provider.mjs")
-}
+/// tests/support/oidc/provider.mjs, built in: the script node runs is always the one this
+/// Rust code was built with (cargo rebuilds when it changes), whatever tree the build came
+/// from.
+const PROVIDER_SCRIPT: &str = include_str!("../oidc/provider.mjs");
 
 /// The node_modules holding oidc-provider: `$USHER_OIDC_PROVIDER_MODULES`, else
 /// `$CARGO_TARGET_DIR/oidc-provider/node_modules`, else the workspace's
