@@ -93,6 +93,13 @@ enum Command {
         #[arg(long, default_value = "10m", requires = "wait")]
         timeout: String,
     },
+    /// Wait for the decision on a request made earlier and print its grant (exit status
+    /// as `request --wait`).
+    Wait {
+        id: String,
+        #[arg(long, default_value = "10m")]
+        timeout: String,
+    },
     /// Access requests: your own, or all of them for approvers and auditors.
     Requests {
         /// Only those waiting for a decision.
@@ -376,6 +383,7 @@ fn run(cli: Cli) -> Result<(), UsherError> {
         Command::Login { .. }
         | Command::Whoami
         | Command::Request { .. }
+        | Command::Wait { .. }
         | Command::Requests { .. }
         | Command::Review { .. }
         | Command::Revoke { .. } => {
@@ -476,6 +484,12 @@ mod service {
                     request = cli::wait_for_decision(&client, &request.id, timeout).await?;
                 }
                 print_request(json, &request, made.console_secret.as_deref(), wait)
+            }
+            Command::Wait { id, timeout } => {
+                let timeout = std::time::Duration::from_secs(cli::parse_duration(&timeout)?);
+                let (client, _) = cli::signed_in(&path)?;
+                let request = cli::wait_for_decision(&client, &id, timeout).await?;
+                print_request(json, &request, None, true)
             }
             Command::Requests { pending } => {
                 let (client, _) = cli::signed_in(&path)?;
