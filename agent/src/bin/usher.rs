@@ -481,7 +481,18 @@ mod service {
                         eprintln!("{}", text::request_line(&request));
                         eprintln!("waiting for a decision...");
                     }
-                    request = cli::wait_for_decision(&client, &request.id, timeout).await?;
+                    request = match cli::wait_for_decision(&client, &request.id, timeout).await {
+                        Ok(decided) => decided,
+                        // Still open: the secret is needed if it is approved later, and
+                        // exists nowhere else.
+                        Err(e @ CliError::StillPending { .. }) => {
+                            if let Some(secret) = &made.console_secret {
+                                eprintln!("console secret (shown once, not stored; it works once the request is approved): {secret}");
+                            }
+                            return Err(e.into());
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                 }
                 print_request(json, &request, made.console_secret.as_deref(), wait)
             }
