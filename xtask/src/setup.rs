@@ -25,12 +25,16 @@ const PACKAGES: &[&str] = &[
     // The accounts tests drive the host's own schedulers (cron.deny, at.deny, job removal).
     "cron",
     "at",
+    // The service's PostgreSQL tests start a server of their own in a scratch directory
+    // (from /usr/lib/postgresql/<version>/bin).
+    "postgresql",
 ];
 
 pub fn all() -> Result<(), String> {
     packages()?;
     crate::ebpf::setup()?;
     player_assets()?;
+    oidc_provider()?;
     moto()
 }
 
@@ -90,6 +94,45 @@ pub fn player_assets() -> Result<(), String> {
         std::fs::copy(entry.path(), dest.join(entry.file_name())).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// The npm `oidc-provider` package, at the version tests/support/oidc pins (package.json and
+/// its lock), in `<target dir>/oidc-provider/node_modules`: the OpenID provider the tests
+/// run (tests/support/src/oidc.rs looks for it there). The target dir is `CARGO_TARGET_DIR`
+/// when set, so worktrees sharing one find one copy.
+pub fn oidc_provider() -> Result<(), String> {
+    let pinned = workspace_root().join("tests/support/oidc");
+    let dest = target_dir().join("oidc-provider");
+    let lock = std::fs::read(pinned.join("package-lock.json"))
+        .map_err(|e| format!("{}: {e}", pinned.display()))?;
+    let installed_lock = std::fs::read(dest.join("package-lock.json")).ok();
+    if installed_lock.as_deref() == Some(&lock[..])
+        && dest
+            .join("node_modules/oidc-provider/package.json")
+            .exists()
+    {
+        return Ok(());
+    }
+    if Command::new("npm").arg("--version").output().is_err() {
+        ensure_packages(&["nodejs", "npm"])?;
+    }
+    std::fs::create_dir_all(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    for file in ["package.json", "package-lock.json"] {
+        std::fs::copy(pinned.join(file), dest.join(file))
+            .map_err(|e| format!("{file} to {}: {e}", dest.display()))?;
+    }
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--silent", "--prefix"])
+        .arg(&dest))
+}
+
+/// Where cargo builds: `CARGO_TARGET_DIR` when set (relative to the workspace), else target/.
+fn target_dir() -> std::path::PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir,
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
 }
 
 fn installed(pkg: &str) -> bool {

@@ -10,16 +10,22 @@
 pub mod browser;
 pub mod ca;
 pub mod collector;
+pub mod oidc;
 pub mod ports;
+pub mod postgres;
 pub mod ssh;
 pub mod wait;
+pub mod webhook;
 
 pub use browser::Browser;
 pub use ca::{CaError, TestCa};
 pub use collector::{Backend, Collector, LogSource, Moto, TrustedAgent, VIEWER_TOKEN};
+pub use oidc::{Account, OidcError, OidcOptions, OidcProvider, Workload};
 pub use ports::free_port;
+pub use postgres::{Postgres, PostgresError};
 pub use ssh::{client_options, SshClient};
 pub use wait::{poll_until, wait_for_file, wait_for_log_line, wait_for_port, wait_until, TimedOut};
+pub use webhook::WebhookSink;
 
 use std::path::{Path, PathBuf};
 
