@@ -1,25 +1,38 @@
-//! The HTTP API (see collector/API.md): agents ship with their token; viewers search and
-//! replay with theirs.
+//! The HTTP API (see collector/API.md and WORKFLOW.md): agents ship with their token;
+//! auditors search and replay with their API token; the workflow's routes are in
+//! `workflow/routes.rs`.
 
 // A refused request is answered with its Response: the handlers' idiom, on a cold path.
 #![allow(clippy::result_large_err)]
 
+use crate::auth;
 use crate::config::Config;
 use crate::store::{valid_id, OpenError, ReceivedMeta, Refused, Search, Store, MAX_CHUNK, STREAMS};
+use crate::workflow::ratelimit::RateLimit;
+use crate::workflow::{Policy, Workflow, WorkflowError};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use std::collections::HashMap;
 use std::sync::Arc;
 use usher_wire::collector::{ErrorCode, Refusal};
+use usher_wire::jit::{Principal, Role};
 use usher_wire::seal::Seal;
 
 pub struct App {
     pub store: Store,
+    /// The configuration the service started with (the listen address, TLS and storage are
+    /// not reloadable; the workflow's policy is, through `reload`).
     pub config: Config,
     agents: HashMap<String, (String, ed25519_dalek::VerifyingKey)>,
+    /// The access workflow: its state store, issuer key and (reloadable) policy.
+    pub workflow: Arc<Workflow>,
+    /// New requests per principal: 10 at once, then one every 6 s.
+    pub request_limit: RateLimit,
+    /// Token exchanges per client address: 30 at once, then 10 a second.
+    pub exchange_limit: RateLimit,
 }
 
 type Shared = Arc<App>;
@@ -34,31 +47,88 @@ pub enum AppError {
     },
     #[error(transparent)]
     Store(#[from] OpenError),
+    #[error("workflow state: {0}")]
+    Workflow(#[from] WorkflowError),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// How often an instance reads the shared revision counter (so long-polls notice what
+/// other instances changed), and how often it marks what ran out as expired.
+const REVISION_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+const EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn agent_map(
+    config: &Config,
+) -> Result<HashMap<String, (String, ed25519_dalek::VerifyingKey)>, AppError> {
+    let mut agents = HashMap::new();
+    for a in &config.agents {
+        let key = crate::keys::parse_openssh_ed25519(&a.host_key).map_err(|source| {
+            AppError::HostKey {
+                host: a.host.clone(),
+                source,
+            }
+        })?;
+        agents.insert(a.token.clone(), (a.host.clone(), key));
+    }
+    Ok(agents)
 }
 
 impl App {
-    pub fn new(config: Config) -> Result<App, AppError> {
-        let mut agents = HashMap::new();
-        for a in &config.agents {
-            let key = crate::keys::parse_openssh_ed25519(&a.host_key).map_err(|source| {
-                AppError::HostKey {
-                    host: a.host.clone(),
-                    source,
-                }
-            })?;
-            agents.insert(a.token.clone(), (a.host.clone(), key));
-        }
+    /// Opens the recordings store and the workflow's state, and starts the workflow's
+    /// background work (revision polling, expiry, webhooks). Needs a tokio runtime.
+    pub async fn new(config: Config) -> Result<App, AppError> {
+        config.check().map_err(AppError::Config)?;
+        let agents = agent_map(&config)?;
+        let workflow = Arc::new(Workflow::open(&config).await?);
+        crate::workflow::webhook::spawn(&workflow, config.public_url(), None);
+        spawn_background(&workflow);
         Ok(App {
             store: Store::open(&config)?,
             config,
             agents,
+            workflow,
+            request_limit: RateLimit::new(10, 1.0 / 6.0),
+            exchange_limit: RateLimit::new(30, 10.0),
         })
     }
+
+    /// Takes a changed configuration's request policy, roles, webhooks, workload rules and
+    /// hosts' labels. The listen address, TLS, storage, state store and agent tokens stay
+    /// as they were started.
+    pub fn reload(&self, config: Config) -> Result<(), AppError> {
+        config.check().map_err(AppError::Config)?;
+        self.workflow.reload(Policy::from_config(&config));
+        log::info!(target: "usher", "workflow policy reloaded");
+        Ok(())
+    }
+}
+
+fn spawn_background(workflow: &Arc<Workflow>) {
+    let weak = Arc::downgrade(workflow);
+    tokio::spawn(async move {
+        let mut last_sweep = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(REVISION_POLL).await;
+            let Some(workflow) = weak.upgrade() else {
+                return;
+            };
+            if let Err(e) = workflow.poll_revision().await {
+                log::warn!(target: "usher", "state store: {e}");
+            }
+            if last_sweep.elapsed() >= EXPIRY_SWEEP {
+                last_sweep = std::time::Instant::now();
+                if let Err(e) = workflow.expire_due(crate::workflow::now()).await {
+                    log::warn!(target: "usher", "expiry: {e}");
+                }
+            }
+        }
+    });
 }
 
 /// A refusal's answer: its status, and a body with the code a program decides on and
 /// the words a person reads.
-fn error(status: StatusCode, code: ErrorCode, msg: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, code: ErrorCode, msg: impl Into<String>) -> Response {
     let body = Refusal {
         code,
         error: msg.into(),
@@ -100,7 +170,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The host a request speaks for, from its token.
-fn agent<'a>(
+pub(crate) fn agent<'a>(
     app: &'a App,
     headers: &HeaderMap,
 ) -> Result<&'a (String, ed25519_dalek::VerifyingKey), Response> {
@@ -115,16 +185,34 @@ fn agent<'a>(
         })
 }
 
-fn viewer(app: &App, headers: &HeaderMap, query: &HashMap<String, String>) -> Result<(), Response> {
-    let token = bearer(headers).or(query.get("token").map(String::as_str));
-    match token {
-        Some(t) if app.config.viewer_tokens.iter().any(|v| v == t) => Ok(()),
-        _ => Err(error(
+/// The person behind a request, with the roles the current configuration gives them.
+pub(crate) fn principal(
+    app: &App,
+    headers: &HeaderMap,
+    method: &Method,
+) -> Result<Principal, Response> {
+    auth::principal(
+        &app.workflow.issuer,
+        headers,
+        method,
+        crate::workflow::now(),
+    )
+    .map(|p| app.workflow.effective(p))
+    .map_err(|e| {
+        error(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
-            "a viewer token is needed",
-        )),
-    }
+            e.to_string(),
+        )
+    })
+}
+
+/// Reading recordings needs the auditor role (admins hold it too).
+fn auditor(app: &App, headers: &HeaderMap) -> Result<Principal, Response> {
+    let p = principal(app, headers, &Method::GET)?;
+    auth::require(&p, Role::Auditor)
+        .map_err(|e| error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, e.to_string()))?;
+    Ok(p)
 }
 
 fn check_ids(id: &str, stream: Option<&str>) -> Result<(), Response> {
@@ -144,7 +232,7 @@ fn bad_request(msg: impl Into<String>) -> Response {
 }
 
 pub fn router(app: Shared) -> Router {
-    Router::new()
+    crate::workflow::routes::routes()
         .route("/", get(page))
         .route("/assets/{file}", get(asset))
         .route("/api/v1/sessions", get(search))
@@ -270,7 +358,7 @@ async fn search(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = viewer(&app, &headers, &q) {
+    if let Err(r) = auditor(&app, &headers) {
         return r;
     }
     let s = Search {
@@ -291,9 +379,8 @@ async fn session(
     State(app): State<Shared>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = viewer(&app, &headers, &q).and_then(|_| check_ids(&id, None)) {
+    if let Err(r) = auditor(&app, &headers).and_then(|_| check_ids(&id, None)) {
         return r;
     }
     match app.store.session(&id) {
@@ -302,14 +389,8 @@ async fn session(
     }
 }
 
-async fn raw_stream(
-    app: Shared,
-    id: String,
-    stream: &str,
-    headers: HeaderMap,
-    q: HashMap<String, String>,
-) -> Response {
-    if let Err(r) = viewer(&app, &headers, &q).and_then(|_| check_ids(&id, None)) {
+async fn raw_stream(app: Shared, id: String, stream: &str, headers: HeaderMap) -> Response {
+    if let Err(r) = auditor(&app, &headers).and_then(|_| check_ids(&id, None)) {
         return r;
     }
     match app.store.stream(&id, stream).await {
@@ -318,22 +399,12 @@ async fn raw_stream(
     }
 }
 
-async fn cast(
-    State(app): State<Shared>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    raw_stream(app, id, "cast", headers, q).await
+async fn cast(State(app): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    raw_stream(app, id, "cast", headers).await
 }
 
-async fn audit(
-    State(app): State<Shared>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    raw_stream(app, id, "audit", headers, q).await
+async fn audit(State(app): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    raw_stream(app, id, "audit", headers).await
 }
 
 async fn page() -> Html<&'static str> {

@@ -23,7 +23,11 @@ pub async fn serve(listener: std::net::TcpListener, config: Config) -> Result<()
         axum_server::tls_rustls::RustlsConfig::from_pem_file(&config.tls_cert, &config.tls_key)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
-    let app = Arc::new(crate::api::App::new(config).map_err(|e| e.to_string())?);
+    let app = Arc::new(
+        crate::api::App::new(config)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     axum_server::from_tcp_rustls(listener, tls)
         .serve(crate::api::router(app).into_make_service())
@@ -46,7 +50,6 @@ pub async fn run(p: Params) -> Result<(), String> {
         tls_key: ca.server_key(),
         data_dir: dir.join("data"),
         storage: Storage::Local,
-        viewer_tokens: vec![],
         agents: keys
             .iter()
             .enumerate()
@@ -54,9 +57,11 @@ pub async fn run(p: Params) -> Result<(), String> {
                 host: format!("bench-{i}"),
                 token: format!("bench-token-{i}"),
                 host_key: openssh_public_line(k),
+                labels: vec![],
             })
             .collect(),
         assets_dir: None,
+        ..Config::default()
     };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();

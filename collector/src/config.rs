@@ -1,27 +1,120 @@
-//! `usher-collector.toml`.
+//! `usher-collector.toml`: the recordings part (listen, TLS, storage, agents) and the
+//! just-in-time workflow's part (public URL, state, roles, request policy, webhooks,
+//! workload rules, the OpenID provider). See API.md and WORKFLOW.md.
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use usher_wire::jit::Role;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `127.0.0.1:8443`
     pub listen: String,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
-    /// The index (SQLite) and, with the local backend, the recordings.
+    /// The index (SQLite), the workflow's SQLite state, and, with the local backend, the
+    /// recordings.
     pub data_dir: PathBuf,
     #[serde(default)]
     pub storage: Storage,
-    /// Tokens that may read (the web page and the search API).
-    #[serde(default)]
-    pub viewer_tokens: Vec<String>,
-    /// The hosts that may ship, each bound to a token and to its host key.
+    /// The hosts that may ship and fetch grants, each bound to a token and to its host key.
     #[serde(rename = "agent", default)]
     pub agents: Vec<AgentConfig>,
     /// asciinema-player's files (`asciinema-player.min.js`, `asciinema-player.css`).
     pub assets_dir: Option<PathBuf>,
+    /// The service's address as its users and agents reach it: the `iss` of every grant and
+    /// API token it signs. Default `https://<listen>`.
+    pub public_url: Option<String>,
+    #[serde(default)]
+    pub state: StateConfig,
+    /// Role → the groups whose members hold it.
+    #[serde(default)]
+    pub roles: BTreeMap<Role, Vec<String>>,
+    #[serde(rename = "request_policy", default)]
+    pub request_policies: Vec<RequestPolicy>,
+    #[serde(rename = "webhook", default)]
+    pub webhooks: Vec<Webhook>,
+    /// Token-exchange rules for workloads (`[[workload]]`), as `toml::Value`s until
+    /// usher-trust's `WorkloadRule` type is merged in.
+    #[serde(rename = "workload", default)]
+    pub workloads: Vec<toml::Value>,
+    pub oidc: Option<OidcConfig>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.check().map_err(|problem| ConfigError::Invalid {
+            path: path.to_owned(),
+            problem,
+        })?;
+        Ok(config)
+    }
+
+    /// What the service calls itself (`iss`), without a trailing slash.
+    pub fn public_url(&self) -> String {
+        match &self.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!("https://{}", self.listen),
+        }
+    }
+
+    /// The roles `groups` confer.
+    pub fn roles_of(&self, groups: &[String]) -> std::collections::BTreeSet<Role> {
+        self.roles
+            .iter()
+            .filter(|(_, role_groups)| role_groups.iter().any(|g| groups.contains(g)))
+            .map(|(role, _)| *role)
+            .collect()
+    }
+
+    /// Checks what serde cannot: unique policy names, sane numbers, parsable windows.
+    pub fn check(&self) -> Result<(), String> {
+        let mut names = std::collections::BTreeSet::new();
+        for p in &self.request_policies {
+            if !names.insert(&p.name) {
+                return Err(format!("request_policy {:?} is defined twice", p.name));
+            }
+            if p.approvals == 0 && p.auto_approve_groups.is_empty() {
+                return Err(format!(
+                    "request_policy {:?}: approvals must be at least 1",
+                    p.name
+                ));
+            }
+            if p.approvals > 0 && p.approver_groups.is_empty() {
+                return Err(format!(
+                    "request_policy {:?}: approvals need approver_groups",
+                    p.name
+                ));
+            }
+        }
+        for w in &self.webhooks {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(format!("webhook {:?}: not an http(s) URL", w.url));
+            }
+        }
+        let mut hosts = std::collections::BTreeSet::new();
+        for a in &self.agents {
+            if !hosts.insert(&a.host) {
+                return Err(format!("agent {:?} is defined twice", a.host));
+            }
+            for l in &a.labels {
+                if !l.contains('=') {
+                    return Err(format!("agent {:?}: label {l:?} is not key=value", a.host));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -49,6 +142,97 @@ pub struct AgentConfig {
     pub token: String,
     /// The host's SSH host key (`ssh-ed25519 AAAA…`): it signs each session's seal.
     pub host_key: String,
+    /// `key=value` labels request policies select hosts by (`host_labels`).
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+/// Where the workflow's state lives (`[state]`).
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StateConfig {
+    /// `data_dir/workflow.sqlite`: one instance.
+    #[default]
+    Sqlite,
+    /// One PostgreSQL database shared by every instance (`postgres://user@host:port/db`).
+    Postgres { url: String },
+}
+
+/// `[[request_policy]]`: who may request what, and who approves it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RequestPolicy {
+    pub name: String,
+    /// Who may request under this rule.
+    pub groups: Vec<String>,
+    /// Host names (globs) ...
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// ... or hosts carrying one of these `key=value` labels.
+    #[serde(default)]
+    pub host_labels: Vec<String>,
+    /// Login patterns: `{user}` is the requester's name, sanitised; globs allowed.
+    pub logins: Vec<String>,
+    /// Profiles that may be asked for; empty: only a request without a profile.
+    #[serde(default)]
+    pub profiles: Vec<String>,
+    #[serde(deserialize_with = "duration_secs")]
+    pub max_duration: u64,
+    #[serde(default = "yes")]
+    pub reason_required: bool,
+    #[serde(default = "one")]
+    pub approvals: u32,
+    #[serde(default)]
+    pub approver_groups: Vec<String>,
+    #[serde(default)]
+    pub auto_approve_groups: Vec<String>,
+    /// `HH:MM-HH:MM`, UTC; may wrap past midnight.
+    #[serde(default, deserialize_with = "optional_window")]
+    pub auto_approve_hours: Option<(u32, u32)>,
+    #[serde(default = "one_hour", deserialize_with = "duration_secs")]
+    pub pending_ttl: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> u32 {
+    1
+}
+fn one_hour() -> u64 {
+    3600
+}
+
+/// `[[webhook]]`: who hears about requests.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: String,
+    /// `request.created`, `request.decided`, `grant.revoked`; empty: all.
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+/// `[oidc]`: the people's identity provider (sign-in on the page, `usher login`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's issuer URL (discovery from `/.well-known/openid-configuration`).
+    pub issuer: String,
+    /// The page's client (authorization code + PKCE).
+    pub client_id: String,
+    pub client_secret: Option<String>,
+    /// The CLI's public client (device authorization grant); default `client_id`.
+    pub cli_client_id: Option<String>,
+    /// The ID-token claim that lists the person's groups.
+    #[serde(default = "groups_claim")]
+    pub roles_claim: String,
+    /// An extra root certificate (PEM) for the provider's HTTPS.
+    pub ca: Option<PathBuf>,
+}
+
+fn groups_claim() -> String {
+    "groups".into()
 }
 
 /// Why the configuration cannot be read.
@@ -64,17 +248,124 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error("{path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
 }
 
-impl Config {
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })
+/// `"90s"`, `"15m"`, `"4h"`, `"2d"`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = digits.parse().ok()?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return None,
+    };
+    n.checked_mul(scale)
+}
+
+/// `"08:00-18:00"` as minutes after midnight.
+pub fn parse_window(text: &str) -> Option<(u32, u32)> {
+    let minutes = |hm: &str| -> Option<u32> {
+        let (h, m) = hm.trim().split_once(':')?;
+        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+        (h <= 24 && m < 60 && h * 60 + m <= 24 * 60).then_some(h * 60 + m)
+    };
+    let (from, to) = text.split_once('-')?;
+    Some((minutes(from)?, minutes(to)?))
+}
+
+fn duration_secs<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Secs(u64),
+        Text(String),
+    }
+    match Either::deserialize(d)? {
+        Either::Secs(n) => Ok(n),
+        Either::Text(t) => parse_duration(&t)
+            .ok_or_else(|| serde::de::Error::custom(format!("{t:?} is not a duration (15m, 4h)"))),
+    }
+}
+
+fn optional_window<'de, D: Deserializer<'de>>(d: D) -> Result<Option<(u32, u32)>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_window(&text)
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not HH:MM-HH:MM")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_policy_reads() {
+        let c: Config = toml::from_str(
+            r#"
+listen = "127.0.0.1:8443"
+tls_cert = "c"
+tls_key = "k"
+data_dir = "d"
+public_url = "https://usher.example:8443/"
+[state]
+backend = "postgres"
+url = "postgres://u@127.0.0.1:5432/usher"
+[roles]
+requester = ["eng"]
+approver = ["sre-leads"]
+[[request_policy]]
+name = "engineers"
+groups = ["eng"]
+hosts = ["web-*"]
+host_labels = ["env=staging"]
+logins = ["jit-{user}"]
+profiles = ["restricted"]
+max_duration = "4h"
+approvals = 2
+approver_groups = ["sre-leads"]
+auto_approve_groups = ["oncall"]
+auto_approve_hours = "08:00-18:00"
+pending_ttl = "1h"
+[[webhook]]
+url = "http://127.0.0.1:9/hook"
+events = ["request.created"]
+[oidc]
+issuer = "https://idp"
+client_id = "usher"
+"#,
+        )
+        .unwrap();
+        c.check().unwrap();
+        assert_eq!(c.public_url(), "https://usher.example:8443");
+        let p = &c.request_policies[0];
+        assert_eq!(p.max_duration, 4 * 3600);
+        assert_eq!(p.auto_approve_hours, Some((8 * 60, 18 * 60)));
+        assert!(p.reason_required);
+        assert_eq!(
+            c.state,
+            StateConfig::Postgres {
+                url: "postgres://u@127.0.0.1:5432/usher".into()
+            }
+        );
+        assert_eq!(c.oidc.as_ref().unwrap().roles_claim, "groups");
+        assert_eq!(c.roles_of(&["sre-leads".into()]), [Role::Approver].into());
+    }
+
+    #[test]
+    fn durations_and_windows() {
+        assert_eq!(parse_duration("15m"), Some(900));
+        assert_eq!(parse_duration("30"), Some(30));
+        assert_eq!(parse_duration("1x"), None);
+        assert_eq!(parse_duration("h"), None);
+        assert_eq!(parse_window("22:00-06:00"), Some((1320, 360)));
+        assert_eq!(parse_window("25:00-06:00"), None);
     }
 }

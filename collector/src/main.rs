@@ -39,6 +39,57 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         chunk_kib: usize,
     },
+    /// Prints an API token signed with the service's issuer key (from its state store),
+    /// e.g. for an auditor's script or a test: `token --sub S --name N --roles auditor`.
+    Token {
+        #[arg(long)]
+        sub: String,
+        #[arg(long)]
+        name: String,
+        /// requester, approver, auditor, admin (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Groups (comma-separated); a token with groups gets its roles from `[roles]`.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// How long it is valid: 90s, 15m, 12h, 30d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+/// `usher-collector token`: an API token from the issuer key in the state store.
+fn mint_token(
+    config: &std::path::Path,
+    sub: String,
+    name: String,
+    roles: Vec<String>,
+    groups: Vec<String>,
+    ttl: &str,
+) -> Result<String, String> {
+    let config = config::Config::load(config).map_err(|e| e.to_string())?;
+    let ttl =
+        config::parse_duration(ttl).ok_or_else(|| format!("--ttl {ttl:?}: not a duration"))?;
+    let roles = roles
+        .iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            serde_json::from_value::<usher_wire::jit::Role>(serde_json::Value::String(r.clone()))
+                .map_err(|_| format!("--roles: unknown role {r:?}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let workflow =
+        usher_collector::workflow::Workflow::open_blocking(&config).map_err(|e| e.to_string())?;
+    let principal = usher_wire::jit::Principal {
+        sub,
+        name,
+        groups: groups.into_iter().filter(|g| !g.is_empty()).collect(),
+        roles,
+    };
+    workflow
+        .issuer
+        .api_token(&principal, usher_collector::workflow::now(), ttl as i64)
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +128,25 @@ fn main() -> std::process::ExitCode {
         .map(|()| log::set_max_level(log::LevelFilter::Info));
     // Two TLS stacks are linked in (the server's and the S3 client's); say which provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(Cmd::Token {
+        sub,
+        name,
+        roles,
+        groups,
+        ttl,
+    }) = args.command
+    {
+        return match mint_token(&args.config, sub, name, roles, groups, &ttl) {
+            Ok(token) => {
+                println!("{token}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("usher-collector token: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Cmd::Bench {
         agents,
         sessions,
@@ -112,10 +182,12 @@ fn main() -> std::process::ExitCode {
             .await
             .map_err(StartError::Tls)?;
             let addr: std::net::SocketAddr = config.listen.parse()?;
-            let app = Arc::new(api::App::new(config)?);
+            let app = Arc::new(api::App::new(config).await?);
             log::info!(target: "usher", "usher-collector listening on https://{addr}");
             axum_server::bind_rustls(addr, tls)
-                .serve(api::router(app).into_make_service())
+                .serve(
+                    api::router(app).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                )
                 .await
                 .map_err(StartError::Serve)
         })

@@ -659,9 +659,9 @@ mod tests {
             tls_key: dir.join("unused.key"),
             data_dir: dir.clone(),
             storage: Storage::Local,
-            viewer_tokens: vec![],
             agents: vec![],
             assets_dir: None,
+            ..Config::default()
         };
         (Store::open(&config).unwrap(), dir)
     }

@@ -5,7 +5,7 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{host, Backend, Collector, VIEWER};
+use support::{host, Backend, Collector};
 use usher_collector::uploader::Recording;
 use usher_test_support::Browser;
 
@@ -40,8 +40,9 @@ async fn the_page_finds_a_session_plays_it_and_the_timeline_seeks() {
 
     let d = Browser::start();
     d.open(&format!(
-        "{}/?token={VIEWER}&command=terraform&play=page-1",
-        c.url()
+        "{}/?token={}&command=terraform&play=page-1",
+        c.url(),
+        c.viewer_token()
     ));
     // The search found exactly the session that ran the command.
     let rows = d
@@ -102,7 +103,7 @@ async fn a_live_session_is_watched_as_it_grows() {
     up.ship_stream(&live, "cast", n / 2).await.unwrap();
 
     let d = Browser::start();
-    d.open(&format!("{}/?token={VIEWER}&play=live-1", c.url()));
+    d.open(&format!("{}/?token={}&play=live-1", c.url(), c.viewer_token()));
     d.wait_for(
         "a live session's status",
         "return document.body.dataset.status || ''",

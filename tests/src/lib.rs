@@ -22,7 +22,7 @@ use usher::grant::{Audience, Claims, KeyAlg};
 pub use usher_test_support::{
     built_binary as bin, client_options, free_port, poll_until, wait_for_file, wait_for_log_line,
     wait_for_port, wait_until, Backend, Browser, Collector, LogSource, Moto, SshClient,
-    TrustedAgent, VIEWER_TOKEN,
+    TrustedAgent,
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);

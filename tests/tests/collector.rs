@@ -337,7 +337,7 @@ fn a_tampered_chunk_is_refused_and_the_session_flagged(storage: &str) {
             .curl(&[&format!("{}/api/v1/sessions", collector.url())])
             .0,
         401,
-        "the search needs a viewer token"
+        "the search needs an auditor's token"
     );
 }
 
@@ -455,8 +455,9 @@ fn the_page_finds_a_session_and_plays_it_in_chromium() {
     collector.wait_complete(&id, 60, &agent);
     let browser = Browser::start();
     browser.open(&format!(
-        "{}/?token={VIEWER_TOKEN}&login={login}&play={id}",
-        collector.url()
+        "{}/?token={}&login={login}&play={id}",
+        collector.url(),
+        collector.viewer_token()
     ));
     // The search found it.
     let rows = browser.wait_for(
@@ -533,8 +534,9 @@ fn a_live_session_reaches_the_collector_while_it_runs() {
     // The page plays it while it runs.
     let browser = Browser::start();
     browser.open(&format!(
-        "{}/?token={VIEWER_TOKEN}&play={id}",
-        collector.url()
+        "{}/?token={}&play={id}",
+        collector.url(),
+        collector.viewer_token()
     ));
     browser.wait_for(
         "a live session's status",

@@ -54,6 +54,10 @@ pub enum ErrorCode {
     Tampered,
     /// 413: a chunk over 4 MiB.
     TooLarge,
+    /// 409 (workflow): the request is no longer pending, or already reviewed by this person.
+    Conflict,
+    /// 429: too many requests from this principal or address; try again later.
+    RateLimited,
     /// 500.
     Internal,
     /// A code this side does not know (a newer collector).

@@ -100,13 +100,13 @@ fn synthetic_session(spool: &Path, host: &str, id: &str) -> Result<u64, String> 
     Ok((cast.len() + audit.len()) as u64)
 }
 
-fn complete_count(collector: u16, ca: &Path) -> usize {
+fn complete_count(collector: u16, ca: &Path, token: &str) -> usize {
     let out = Command::new("curl")
         .args(["-s", "--cacert"])
         .arg(ca)
         .args([
             "-H",
-            "Authorization: Bearer bench-viewer",
+            &format!("Authorization: Bearer {token}"),
             &format!("https://127.0.0.1:{collector}/api/v1/sessions"),
         ])
         .output();
@@ -157,7 +157,7 @@ pub fn run() -> Result<(), String> {
     // Agents' identities first (host keys, tokens), so the collector knows them all.
     let mut agents = Vec::new();
     let mut collector_cfg = format!(
-        "listen = \"127.0.0.1:{collector_port}\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\ndata_dir = \"{d}/collector\"\nviewer_tokens = [\"bench-viewer\"]\n",
+        "listen = \"127.0.0.1:{collector_port}\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\ndata_dir = \"{d}/collector\"\n",
         cert = certs.server_cert().display(),
         key = certs.server_key().display(),
         d = dir.display()
@@ -208,6 +208,20 @@ pub fn run() -> Result<(), String> {
         agents.push(adir);
     }
     std::fs::write(dir.join("collector.toml"), collector_cfg).map_err(|e| e.to_string())?;
+    // Reading the sessions needs an auditor's API token, signed by the collector's key.
+    let minted = Command::new(bin.join("usher-collector"))
+        .arg("--config")
+        .arg(dir.join("collector.toml"))
+        .args(["token", "--sub", "bench", "--name", "bench", "--roles", "auditor"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !minted.status.success() {
+        return Err(format!(
+            "usher-collector token: {}",
+            String::from_utf8_lossy(&minted.stderr)
+        ));
+    }
+    let token = String::from_utf8_lossy(&minted.stdout).trim().to_string();
     let collector = Command::new(bin.join("usher-collector"))
         .arg("--config")
         .arg(dir.join("collector.toml"))
@@ -234,7 +248,7 @@ pub fn run() -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first_arrival = None;
     loop {
-        let complete = complete_count(collector_port, &ca);
+        let complete = complete_count(collector_port, &ca, &token);
         if complete > 0 && first_arrival.is_none() {
             first_arrival = Some(start.elapsed().as_secs_f64());
         }
@@ -356,7 +370,7 @@ pub fn run() -> Result<(), String> {
     let _ = child.wait();
     // Now ship what was recorded.
     std::fs::write(adir.join("usherd.toml"), &cfg).map_err(|e| e.to_string())?;
-    let before = complete_count(collector_port, &ca);
+    let before = complete_count(collector_port, &ca, &token);
     let child = Command::new(bin.join("usherd"))
         .arg("--config")
         .arg(adir.join("usherd.toml"))
@@ -367,7 +381,7 @@ pub fn run() -> Result<(), String> {
     procs.0.push(child);
     let cpu1 = cpu_secs(pid);
     let deadline = Instant::now() + Duration::from_secs(300);
-    while complete_count(collector_port, &ca) <= before {
+    while complete_count(collector_port, &ca, &token) <= before {
         if Instant::now() > deadline {
             return Err("the recorded session was not shipped".into());
         }

@@ -7,7 +7,7 @@ use ed25519_dalek::SigningKey;
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 use usher_collector::uploader::{openssh_public_line, Answer, Uploader};
-pub use usher_test_support::{Backend, VIEWER_TOKEN as VIEWER};
+pub use usher_test_support::Backend;
 
 /// One simulated host: its name, token and host key.
 pub struct Host {
@@ -71,12 +71,12 @@ impl Collector {
         Uploader::new(&self.url(), &self.ca, &h.token, h.key.clone()).unwrap()
     }
 
-    /// A client with the viewer token.
+    /// A client with an auditor's API token.
     pub fn viewer(&self) -> Uploader {
         Uploader::new(
             &self.url(),
             &self.ca,
-            VIEWER,
+            &self.viewer_token(),
             SigningKey::from_bytes(&[0; 32]),
         )
         .unwrap()

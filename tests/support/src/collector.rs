@@ -1,6 +1,6 @@
 //! A real `usher-collector` process on a loopback port with a test CA, storing in a local
-//! directory or in moto's S3-compatible server, and `curl` to ask it things as a viewer or
-//! as an agent.
+//! directory or in moto's S3-compatible server, and `curl` to ask it things as an auditor
+//! (with an API token minted by `usher-collector token`) or as an agent.
 
 use crate::ca::TestCa;
 use crate::ports::free_port;
@@ -8,9 +8,6 @@ use crate::wait::{poll_until, wait_for_port};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-/// The bearer token the collector's viewers present.
-pub const VIEWER_TOKEN: &str = "viewer-secret-token";
 
 /// The bucket a collector started with `Backend::S3` stores in (its moto is its own).
 const BUCKET: &str = "usher-test";
@@ -118,6 +115,8 @@ pub struct Collector {
     /// The `usher-collector` binary to run: the built one unless a test says otherwise.
     pub binary: PathBuf,
     child: Option<Child>,
+    /// An auditor's API token, minted on first use.
+    viewer_token: std::sync::OnceLock<String>,
 }
 
 impl Collector {
@@ -142,7 +141,7 @@ impl Collector {
             &config,
             format!(
                 "listen = \"127.0.0.1:{port}\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\
-                 data_dir = \"{d}/data\"\nviewer_tokens = [\"{VIEWER_TOKEN}\"]\nassets_dir = \"{a}\"\n{storage}\n",
+                 data_dir = \"{d}/data\"\nassets_dir = \"{a}\"\n{storage}\n",
                 cert = ca.server_cert().display(),
                 key = ca.server_key().display(),
                 d = dir.display(),
@@ -158,6 +157,7 @@ impl Collector {
             moto: None,
             binary: PathBuf::new(),
             child: None,
+            viewer_token: std::sync::OnceLock::new(),
         };
         for agent in agents {
             collector.trust(agent);
@@ -245,11 +245,40 @@ impl Collector {
         (code.trim().parse().unwrap_or(0), body.to_string())
     }
 
-    /// GET `path` as a viewer.
+    /// `usher-collector token …` with this collector's config: an API token signed by its
+    /// issuer key (the state store makes the key if the collector has not run yet).
+    pub fn mint_token(&self, sub: &str, name: &str, roles: &str) -> String {
+        let binary = if self.binary.as_os_str().is_empty() {
+            crate::built_binary("usher-collector")
+        } else {
+            self.binary.clone()
+        };
+        let out = Command::new(&binary)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["token", "--sub", sub, "--name", name, "--roles", roles, "--ttl", "12h"])
+            .output()
+            .expect("usher-collector token runs");
+        assert!(
+            out.status.success(),
+            "usher-collector token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// An auditor's API token (what reading recordings needs).
+    pub fn viewer_token(&self) -> String {
+        self.viewer_token
+            .get_or_init(|| self.mint_token("test-auditor", "auditor", "auditor"))
+            .clone()
+    }
+
+    /// GET `path` as an auditor.
     pub fn view(&self, path: &str) -> (u16, String) {
         self.curl(&[
             "-H",
-            &format!("Authorization: Bearer {VIEWER_TOKEN}"),
+            &format!("Authorization: Bearer {}", self.viewer_token()),
             &format!("{}{path}", self.url()),
         ])
     }

@@ -19,7 +19,7 @@ pub mod webhook;
 
 pub use browser::Browser;
 pub use ca::{CaError, TestCa};
-pub use collector::{Backend, Collector, LogSource, Moto, TrustedAgent, VIEWER_TOKEN};
+pub use collector::{Backend, Collector, LogSource, Moto, TrustedAgent};
 pub use oidc::{Account, OidcError, OidcOptions, OidcProvider, Workload};
 pub use ports::free_port;
 pub use postgres::{Postgres, PostgresError};

@@ -1,0 +1,378 @@
+//! The workflow's state: SQLite (one instance) or PostgreSQL (several instances behind one
+//! address), behind one small transaction interface. The SQL is shared where the dialects
+//! agree: parameters are written `$1, $2, …` in order of first use (SQLite numbers named
+//! parameters that way), and only the schema differs.
+//!
+//! Both backends are blocking clients called from `spawn_blocking` (the PostgreSQL one is
+//! tokio-postgres underneath). Decisions that must hold across instances are made inside one
+//! transaction with conditional updates; nothing relies on an in-memory lock.
+
+use crate::config::StateConfig;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// A column's value, in the few types the schema uses.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Value {
+        Value::Int(v)
+    }
+}
+impl From<&str> for Value {
+    fn from(v: &str) -> Value {
+        Value::Text(v.to_string())
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Value {
+        Value::Text(v)
+    }
+}
+impl From<&String> for Value {
+    fn from(v: &String) -> Value {
+        Value::Text(v.clone())
+    }
+}
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Value {
+        v.map(Into::into).unwrap_or(Value::Null)
+    }
+}
+
+impl Value {
+    pub fn int(&self) -> Option<i64> {
+        match self {
+            Value::Int(v) => Some(*v),
+            _ => None,
+        }
+    }
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            Value::Text(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+pub type Row = Vec<Value>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("postgres: {0}")]
+    Postgres(#[from] postgres::Error),
+    #[error("stored data: {0}")]
+    Corrupt(String),
+    #[error("the state store's worker stopped: {0}")]
+    Join(String),
+}
+
+/// One transaction: statements run in it, and it commits when the closure that holds it
+/// returns `Ok`.
+pub trait Tx {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, DbError>;
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError>;
+}
+
+const SQLITE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, text_value TEXT, int_value INTEGER);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY, requester_sub TEXT NOT NULL, host TEXT NOT NULL, state TEXT NOT NULL,
+    created_at INTEGER NOT NULL, pending_until INTEGER NOT NULL, version INTEGER NOT NULL,
+    data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS requests_state ON requests (state);
+CREATE TABLE IF NOT EXISTS reviews (
+    request_id TEXT NOT NULL, sub TEXT NOT NULL, decision TEXT NOT NULL, at INTEGER NOT NULL,
+    signature TEXT NOT NULL, PRIMARY KEY (request_id, sub));
+CREATE TABLE IF NOT EXISTS grants (
+    jti TEXT PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, host TEXT NOT NULL, sub TEXT NOT NULL,
+    exp INTEGER NOT NULL, token TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS grants_host ON grants (host, exp);
+CREATE TABLE IF NOT EXISTS revocations (
+    jti TEXT PRIMARY KEY, host TEXT NOT NULL, exp INTEGER NOT NULL, at INTEGER NOT NULL,
+    by_sub TEXT NOT NULL, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, event TEXT NOT NULL,
+    actor TEXT NOT NULL, request_id TEXT, grant_id TEXT, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
+INSERT INTO meta (key, int_value) VALUES ('revision', 0) ON CONFLICT (key) DO NOTHING;
+";
+
+const POSTGRES_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, text_value TEXT, int_value BIGINT);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY, requester_sub TEXT NOT NULL, host TEXT NOT NULL, state TEXT NOT NULL,
+    created_at BIGINT NOT NULL, pending_until BIGINT NOT NULL, version BIGINT NOT NULL,
+    data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS requests_state ON requests (state);
+CREATE TABLE IF NOT EXISTS reviews (
+    request_id TEXT NOT NULL, sub TEXT NOT NULL, decision TEXT NOT NULL, at BIGINT NOT NULL,
+    signature TEXT NOT NULL, PRIMARY KEY (request_id, sub));
+CREATE TABLE IF NOT EXISTS grants (
+    jti TEXT PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, host TEXT NOT NULL, sub TEXT NOT NULL,
+    exp BIGINT NOT NULL, token TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS grants_host ON grants (host, exp);
+CREATE TABLE IF NOT EXISTS revocations (
+    jti TEXT PRIMARY KEY, host TEXT NOT NULL, exp BIGINT NOT NULL, at BIGINT NOT NULL,
+    by_sub TEXT NOT NULL, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (
+    seq BIGSERIAL PRIMARY KEY, at BIGINT NOT NULL, event TEXT NOT NULL,
+    actor TEXT NOT NULL, request_id TEXT, grant_id TEXT, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
+INSERT INTO meta (key, int_value) VALUES ('revision', 0) ON CONFLICT (key) DO NOTHING;
+";
+
+/// The state store: cheap to clone, shared by every request handler.
+#[derive(Clone)]
+pub struct Db {
+    backend: Arc<Backend>,
+}
+
+enum Backend {
+    Sqlite(Mutex<rusqlite::Connection>),
+    Postgres {
+        url: String,
+        client: Mutex<Option<postgres::Client>>,
+    },
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Backend::Postgres { client, .. } = self {
+            // The blocking client ends its connection with its own runtime, which must not
+            // happen on an async thread: let it go on a thread of its own.
+            let client = client.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(client) = client {
+                let _ = std::thread::Builder::new()
+                    .name("usher-pg-close".into())
+                    .spawn(move || drop(client));
+            }
+        }
+    }
+}
+
+impl Db {
+    /// Opens (and if need be creates) the store `config` names; blocking.
+    pub fn open(config: &StateConfig, data_dir: &Path) -> Result<Db, DbError> {
+        let backend = match config {
+            StateConfig::Sqlite => {
+                let _ = std::fs::create_dir_all(data_dir);
+                let conn = rusqlite::Connection::open(data_dir.join("workflow.sqlite"))?;
+                conn.busy_timeout(std::time::Duration::from_secs(10))?;
+                conn.pragma_update(None, "journal_mode", "WAL")?;
+                conn.pragma_update(None, "synchronous", "FULL")?;
+                conn.execute_batch(SQLITE_SCHEMA)?;
+                Backend::Sqlite(Mutex::new(conn))
+            }
+            StateConfig::Postgres { url } => {
+                let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+                // Two instances starting at once both run the schema: serialise them.
+                let mut tx = client.transaction()?;
+                tx.execute("SELECT pg_advisory_xact_lock(7715001)", &[])?;
+                tx.batch_execute(POSTGRES_SCHEMA)?;
+                tx.commit()?;
+                Backend::Postgres {
+                    url: url.clone(),
+                    client: Mutex::new(Some(client)),
+                }
+            }
+        };
+        Ok(Db {
+            backend: Arc::new(backend),
+        })
+    }
+
+    /// Runs `work` in one transaction (blocking). With PostgreSQL a broken connection is
+    /// replaced, and the work is tried once more on the new one.
+    pub fn transaction_blocking<T, E>(
+        &self,
+        mut work: impl FnMut(&mut dyn Tx) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<DbError>,
+    {
+        match &*self.backend {
+            Backend::Sqlite(conn) => {
+                let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(DbError::from)?;
+                let mut handle = SqliteTx(&tx);
+                let out = work(&mut handle)?;
+                tx.commit().map_err(DbError::from)?;
+                Ok(out)
+            }
+            Backend::Postgres { url, client } => {
+                let mut slot = client.lock().unwrap_or_else(|e| e.into_inner());
+                for attempt in 0..2 {
+                    if slot.as_ref().map(|c| c.is_closed()).unwrap_or(true) {
+                        *slot = None;
+                        match postgres::Client::connect(url, postgres::NoTls) {
+                            Ok(c) => *slot = Some(c),
+                            Err(e) if attempt == 0 => {
+                                log::warn!(target: "usher", "state store: reconnecting: {e}");
+                                std::thread::sleep(std::time::Duration::from_millis(200));
+                                continue;
+                            }
+                            Err(e) => return Err(DbError::from(e).into()),
+                        }
+                    }
+                    let Some(c) = slot.as_mut() else { continue };
+                    if attempt == 0 {
+                        // A connection the server dropped shows only when used: probe it
+                        // cheaply, and reconnect once if it is gone.
+                        if let Err(e) = c.simple_query("") {
+                            log::warn!(target: "usher", "state store: connection lost: {e}");
+                            *slot = None;
+                            continue;
+                        }
+                    }
+                    let tx = c.transaction().map_err(DbError::from)?;
+                    let mut handle = PostgresTx(Some(tx));
+                    let out = work(&mut handle)?;
+                    if let Some(tx) = handle.0.take() {
+                        tx.commit().map_err(DbError::from)?;
+                    }
+                    return Ok(out);
+                }
+                Err(DbError::Corrupt("no connection to PostgreSQL".into()).into())
+            }
+        }
+    }
+
+    /// `transaction_blocking` off the async threads.
+    pub async fn transaction<T, E>(
+        &self,
+        work: impl FnMut(&mut dyn Tx) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || db.transaction_blocking(work))
+            .await
+            .map_err(|e| E::from(DbError::Join(e.to_string())))?
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(&*self.backend, Backend::Postgres { .. })
+    }
+}
+
+struct SqliteTx<'a>(&'a rusqlite::Transaction<'a>);
+
+fn to_sqlite(v: &Value) -> rusqlite::types::Value {
+    match v {
+        Value::Null => rusqlite::types::Value::Null,
+        Value::Int(i) => rusqlite::types::Value::Integer(*i),
+        Value::Text(t) => rusqlite::types::Value::Text(t.clone()),
+    }
+}
+
+impl Tx for SqliteTx<'_> {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
+        let mut stmt = self.0.prepare_cached(sql)?;
+        let n = stmt.execute(rusqlite::params_from_iter(params.iter().map(to_sqlite)))?;
+        Ok(n as u64)
+    }
+
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+        let mut stmt = self.0.prepare_cached(sql)?;
+        let columns = stmt.column_count();
+        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter().map(to_sqlite)))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let mut values = Vec::with_capacity(columns);
+            for i in 0..columns {
+                values.push(match row.get_ref(i)? {
+                    rusqlite::types::ValueRef::Null => Value::Null,
+                    rusqlite::types::ValueRef::Integer(v) => Value::Int(v),
+                    rusqlite::types::ValueRef::Text(t) => {
+                        Value::Text(String::from_utf8_lossy(t).into_owned())
+                    }
+                    other => {
+                        return Err(DbError::Corrupt(format!(
+                            "unexpected column type {:?}",
+                            other.data_type()
+                        )))
+                    }
+                });
+            }
+            out.push(values);
+        }
+        Ok(out)
+    }
+}
+
+struct PostgresTx<'a>(Option<postgres::Transaction<'a>>);
+
+fn to_postgres(params: &[Value]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
+    params
+        .iter()
+        .map(|v| -> Box<dyn postgres::types::ToSql + Sync> {
+            match v {
+                Value::Null => Box::new(Option::<String>::None),
+                Value::Int(i) => Box::new(*i),
+                Value::Text(t) => Box::new(t.clone()),
+            }
+        })
+        .collect()
+}
+
+impl<'a> PostgresTx<'a> {
+    fn tx(&mut self) -> Result<&mut postgres::Transaction<'a>, DbError> {
+        match self.0.as_mut() {
+            Some(tx) => Ok(tx),
+            None => Err(DbError::Corrupt("transaction already finished".into())),
+        }
+    }
+}
+
+impl Tx for PostgresTx<'_> {
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
+        let boxed = to_postgres(params);
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            boxed.iter().map(|b| b.as_ref()).collect();
+        Ok(self.tx()?.execute(sql, &refs)?)
+    }
+
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
+        use postgres::types::Type;
+        let boxed = to_postgres(params);
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            boxed.iter().map(|b| b.as_ref()).collect();
+        let rows = self.tx()?.query(sql, &refs)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut values = Vec::with_capacity(row.len());
+            for (i, column) in row.columns().iter().enumerate() {
+                let t = column.type_();
+                values.push(if *t == Type::INT8 {
+                    row.try_get::<_, Option<i64>>(i)?
+                        .map(Value::Int)
+                        .unwrap_or(Value::Null)
+                } else if *t == Type::INT4 {
+                    row.try_get::<_, Option<i32>>(i)?
+                        .map(|v| Value::Int(v.into()))
+                        .unwrap_or(Value::Null)
+                } else if *t == Type::TEXT || *t == Type::VARCHAR {
+                    row.try_get::<_, Option<String>>(i)?
+                        .map(Value::Text)
+                        .unwrap_or(Value::Null)
+                } else {
+                    return Err(DbError::Corrupt(format!("unexpected column type {t}")));
+                });
+            }
+            out.push(values);
+        }
+        Ok(out)
+    }
+}

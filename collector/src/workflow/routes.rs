@@ -1,0 +1,337 @@
+//! The workflow's HTTP routes (WORKFLOW.md's table, but for sign-in and the pages): thin
+//! wrappers that find out who is asking and call [`Workflow`](super::Workflow).
+
+// A refused request is answered with its Response: the handlers' idiom, on a cold path.
+#![allow(clippy::result_large_err)]
+
+use super::{now, WorkflowError};
+use crate::api::{agent, error, principal, App};
+use crate::workflow::policy::PolicyRefusal;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use usher_wire::collector::ErrorCode;
+use usher_wire::jit::{NewRequest, RequestState, Review, RevokeBody};
+
+type Shared = Arc<App>;
+
+/// The longest a long-poll (`?wait=`) is held.
+pub const MAX_WAIT_SECS: u64 = 60;
+
+pub fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/.well-known/openid-configuration", get(discovery))
+        .route("/jwks.json", get(jwks))
+        .route("/api/v1/requests", post(create).get(list))
+        .route("/api/v1/requests/{id}", get(one))
+        .route("/api/v1/requests/{id}/review", post(review))
+        .route("/api/v1/requests/{id}/cancel", post(cancel))
+        .route("/api/v1/grants/{id}/revoke", post(revoke))
+        .route("/api/v1/audit", get(audit))
+        .route("/api/v1/agent/grants", get(agent_feed))
+        .route("/api/v1/token", post(super::exchange::token))
+}
+
+/// The answer to a refusal: its status, and `{"code", "error"}`.
+pub fn refusal(e: WorkflowError) -> Response {
+    use WorkflowError as W;
+    let (status, code) = match &e {
+        W::Policy(
+            PolicyRefusal::NoPolicy
+            | PolicyRefusal::HostNotAllowed(_)
+            | PolicyRefusal::LoginNotAllowed { .. }
+            | PolicyRefusal::ProfileNotAllowed { .. },
+        ) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+        W::Policy(_) | W::TooLong(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
+        W::MissingRole(_)
+        | W::NotYours
+        | W::SelfApproval
+        | W::NotAnApproverHere(_)
+        | W::MayNotRevoke => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+        W::NoSuchRequest(_) | W::NoSuchGrant(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+        W::AlreadyReviewed | W::NotPending(_) | W::NotLive(_) => {
+            (StatusCode::CONFLICT, ErrorCode::Conflict)
+        }
+        W::Sign(_) | W::Db(_) | W::Retry => {
+            log::error!(target: "usher", "workflow: {e}");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                "internal error",
+            );
+        }
+    };
+    error(status, code, e.to_string())
+}
+
+fn bad_json(e: impl std::fmt::Display) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        ErrorCode::BadRequest,
+        format!("bad JSON: {e}"),
+    )
+}
+
+fn wait_secs(q: &HashMap<String, String>) -> Result<u64, Response> {
+    match q.get("wait").filter(|v| !v.is_empty()) {
+        None => Ok(0),
+        Some(v) => v.parse::<u64>().map(|w| w.min(MAX_WAIT_SECS)).map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                "wait: seconds",
+            )
+        }),
+    }
+}
+
+async fn discovery(State(app): State<Shared>) -> Response {
+    Json(app.workflow.issuer.discovery_document()).into_response()
+}
+
+async fn jwks(State(app): State<Shared>) -> Response {
+    Json(app.workflow.issuer.jwks()).into_response()
+}
+
+async fn create(
+    State(app): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let who = match principal(&app, &headers, &method) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let new: NewRequest = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        Err(e) => return bad_json(e),
+    };
+    if !app.request_limit.allow(&who.sub) {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "too many requests: at most 10 at once, then one every 6 s",
+        );
+    }
+    match app.workflow.create_request(&who, new, now()).await {
+        Ok(r) => (StatusCode::CREATED, Json(r)).into_response(),
+        Err(e) => refusal(e),
+    }
+}
+
+async fn list(
+    State(app): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let who = match principal(&app, &headers, &method) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let state = match q.get("state").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => {
+            match serde_json::from_value::<RequestState>(serde_json::Value::String(s.clone())) {
+                Ok(st) => Some(st),
+                Err(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::BadRequest,
+                        "unknown state",
+                    )
+                }
+            }
+        }
+    };
+    let mine = q.get("mine").is_some_and(|v| v == "1" || v == "true");
+    match app.workflow.list(&who, state, mine, now()).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => refusal(e),
+    }
+}
+
+async fn one(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let who = match principal(&app, &headers, &method) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let wait = match wait_secs(&q) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let mut revisions = app.workflow.watch_revision();
+    loop {
+        revisions.borrow_and_update();
+        let answer = app.workflow.get(&who, &id, now()).await;
+        match answer {
+            Ok(r) if r.state == RequestState::Pending && tokio::time::Instant::now() < deadline => {
+                // Woken by any change (here or, through the revision poll, elsewhere), or
+                // once a second for the pending request's own expiry.
+                let next = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+                let _ = tokio::time::timeout_at(next, revisions.changed()).await;
+            }
+            Ok(r) => return Json(r).into_response(),
+            Err(e) => return refusal(e),
+        }
+    }
+}
+
+async fn review(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let who = match principal(&app, &headers, &method) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let review: Review = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_json(e),
+    };
+    match app.workflow.review(&who, &id, review, now()).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => refusal(e),
+    }
+}
+
+async fn cancel(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    let who = match principal(&app, &headers, &method) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match app.workflow.cancel(&who, &id, now()).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => refusal(e),
+    }
+}
+
+async fn revoke(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let who = match principal(&app, &headers, &method) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let body: RevokeBody = if body.is_empty() {
+        RevokeBody {
+            reason: String::new(),
+        }
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => return bad_json(e),
+        }
+    };
+    match app.workflow.revoke(&who, &id, &body.reason, now()).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => refusal(e),
+    }
+}
+
+async fn audit(
+    State(app): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let who = match principal(&app, &headers, &method) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let since = match q
+        .get("since")
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse::<i64>())
+    {
+        None => 0,
+        Some(Ok(s)) => s,
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                "since: a sequence number",
+            )
+        }
+    };
+    let request = q.get("request").filter(|v| !v.is_empty()).cloned();
+    match app.workflow.audit(&who, request, since).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => refusal(e),
+    }
+}
+
+/// `GET /api/v1/agent/grants?since=REV&wait=N`: the host's grants and revocations, at once
+/// when the revision has moved past `since`, else when it does (or at the deadline).
+async fn agent_feed(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let host = match agent(&app, &headers) {
+        Ok((host, _)) => host.clone(),
+        Err(r) => return r,
+    };
+    let since = match q
+        .get("since")
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse::<u64>())
+    {
+        None => 0,
+        Some(Ok(s)) => s,
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                "since: a revision",
+            )
+        }
+    };
+    let wait = match wait_secs(&q) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let mut revisions = app.workflow.watch_revision();
+    loop {
+        let seen = *revisions.borrow_and_update();
+        if seen > since || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, revisions.changed())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    match app.workflow.feed(&host, now()).await {
+        Ok(f) => Json(f).into_response(),
+        Err(e) => refusal(e),
+    }
+}
