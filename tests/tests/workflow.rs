@@ -424,6 +424,24 @@ impl Service {
     }
 }
 
+/// The id of the pending request with `reason`, as `approver` lists them.
+fn pending_with_reason(approver: &Person, reason: &str) -> String {
+    poll_until(
+        &format!("a pending request for {reason:?}"),
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            approver
+                .json(&["requests", "--pending"])
+                .as_array()?
+                .iter()
+                .find(|r| r["reason"] == reason)
+                .and_then(|r| r["id"].as_str().map(String::from))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// The claims of a compact JWT, unverified (the agent verifies; the test reads).
 fn claims_of(jwt: &str) -> serde_json::Value {
     use base64::Engine;
@@ -696,20 +714,7 @@ fn two_approvals_no_self_approval_and_a_denial() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let denied_id = poll_until(
-        "alice's request to be listed",
-        Duration::from_secs(20),
-        Duration::from_millis(200),
-        || {
-            bob.json(&["requests", "--pending"])
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|r| r["reason"] == "INC-9")
-                .and_then(|r| r["id"].as_str().map(String::from))
-        },
-    )
-    .unwrap();
+    let denied_id = pending_with_reason(&bob, "INC-9");
     let denied = bob.json(&["review", &denied_id, "--deny", "--comment", "change freeze"]);
     assert_eq!(denied["state"], "denied", "{denied}");
     let status = poll_until(
@@ -754,9 +759,35 @@ fn a_short_grant_from_the_service_ends_its_session_and_account_at_expiry() {
     world.login(&alice);
     world.login(&bob);
     let login = world.agent.login("alice");
-    let request = world.request(&alice, HOST, "12s", "a quick look");
-    let id = request["id"].as_str().unwrap().to_string();
+    // alice waits for the decision, with a console secret made on her side.
+    let waiting = alice
+        .command()
+        .args(["request", "--host", HOST, "--login", &login])
+        .args([
+            "--for",
+            "12s",
+            "--reason",
+            "a quick look",
+            "--console-secret",
+        ])
+        .args(["--wait", "--timeout", "60s", "--json", "--ssh-key"])
+        .arg(world.agent.client_key.with_extension("pub"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = pending_with_reason(&bob, "a quick look");
     let reviewed = bob.json(&["review", &id, "--approve"]);
+    let out = waiting.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let decided: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(decided["state"], "approved", "{decided}");
+    // The secret is shown to her once; only its hash went to the service, into the grant.
+    let secret = decided["console_secret"].as_str().unwrap_or_default();
+    assert_eq!(secret.len(), 20, "{decided}");
+    let claims = claims_of(decided["grant"].as_str().unwrap());
+    let hash = claims["secret_hash"].as_str().unwrap_or_default();
+    assert!(hash.starts_with('$') && !hash.contains(secret), "{claims}");
     let grant_id = reviewed["grant_id"].as_str().unwrap().to_string();
     let expires_at = reviewed["expires_at"].as_i64().unwrap();
     world.wait_for_grant(&grant_id);
@@ -788,4 +819,52 @@ fn a_short_grant_from_the_service_ends_its_session_and_account_at_expiry() {
         .agent
         .wait_for(10, "the account to go at expiry", || !user_exists(&login));
     assert_eq!(world.agent.ssh(&login, "true").status.code(), Some(255));
+}
+
+/// A revocation made while the host's agent was down reaches it when it comes back: the
+/// stored grant ends, and the grant presented at the password prompt is refused.
+#[test]
+fn a_revocation_made_while_the_agent_was_down_reaches_it_when_it_is_back() {
+    let mut world = World::start();
+    let alice = world.person("alice");
+    let bob = world.person("bob");
+    world.login(&alice);
+    world.login(&bob);
+    let login = world.agent.login("alice");
+    let request = world.request(&alice, HOST, "30m", "INC-77");
+    let id = request["id"].as_str().unwrap().to_string();
+    let reviewed = bob.json(&["review", &id, "--approve"]);
+    let grant_id = reviewed["grant_id"].as_str().unwrap().to_string();
+    let out = alice.usher(&["wait", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let jwt = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    world.wait_for_grant(&grant_id);
+    assert!(world.agent.ssh(&login, "true").status.success());
+
+    world.agent.stop();
+    // Someone who is neither approver, admin nor the grant's holder (an auditor) may not
+    // revoke it.
+    let dave = world.person("dave");
+    world.login(&dave);
+    let out = dave.usher(&["revoke", &id]);
+    assert!(!out.status.success(), "dave revoked a grant");
+    assert!(stderr(&out).contains("403"), "{}", stderr(&out));
+    // bob may (an approver), by the grant's id this time.
+    let out = bob.usher(&["revoke", &grant_id, "--reason", "wrong host"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    world.agent.launch();
+    world.agent.wait_for(30, "the revoked grant to go", || {
+        !world.agent_grants().contains(&grant_id)
+    });
+    world
+        .agent
+        .wait_for(10, "the account to go", || !user_exists(&login));
+    assert_eq!(world.agent.ssh(&login, "true").status.code(), Some(255));
+    let out = world.agent.ssh_with_password(&login, &jwt, "true");
+    assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
+    assert!(
+        world.agent.log().contains("revoked"),
+        "{}",
+        world.agent.log()
+    );
 }
