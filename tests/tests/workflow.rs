@@ -868,3 +868,78 @@ fn a_revocation_made_while_the_agent_was_down_reaches_it_when_it_is_back() {
         world.agent.log()
     );
 }
+
+/// `usher login`'s half at the provider, on its own: discovery, a device code, pending
+/// until the person approves it, then an ID token for the CLI's client; a provider that
+/// calls itself by another name than the service says is not followed.
+#[test]
+fn the_device_flow_gets_an_id_token_from_the_real_provider() {
+    use usher::cli::device::{self, DeviceError};
+    use usher_test_support::oidc::CLI_CLIENT_ID;
+    let provider = OidcProvider::start(OidcOptions::default())
+        .unwrap_or_else(|e| panic!("the OpenID provider: {e}"));
+    let ca = provider.ca_path();
+    let config = usher_wire::jit::LoginConfig {
+        issuer: format!("{}/", provider.issuer()),
+        client_id: CLI_CLIENT_ID.into(),
+        scopes: vec!["openid".into(), "profile".into(), "groups".into()],
+    };
+    // `usher login`'s half, on a runtime of its own as in the CLI: it shows the code,
+    // then polls (every 5 s, RFC 8628's default) and keeps waiting through
+    // "authorization_pending" while the person is still at the page.
+    let (shown, code_rx) = std::sync::mpsc::channel();
+    let login = {
+        let config = config.clone();
+        let ca = ca.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let http = usher::service::http_client(Some(&ca), Duration::from_secs(30))
+                    .expect("an HTTP client");
+                let pending = device::start(&http, &config).await?;
+                let _ = shown.send(pending.code.clone());
+                pending.wait().await
+            })
+        })
+    };
+    let code = match code_rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(code) => code,
+        Err(_) => panic!("no device code: {:?}", login.join().map(|r| r.err())),
+    };
+    assert!(!code.user_code.is_empty());
+    assert!(code.verification_uri.starts_with(&provider.issuer()));
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(
+        !login.is_finished(),
+        "the CLI stopped waiting before the sign-in"
+    );
+    provider.approve_device(&code.user_code, "bob").unwrap();
+    let id_token = login
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{}", provider.log()));
+    let claims = claims_of(&id_token);
+    assert_eq!(claims["sub"], default_sub("bob"), "{claims}");
+    assert_eq!(claims["aud"], CLI_CLIENT_ID, "{claims}");
+    assert_eq!(claims["iss"], provider.issuer(), "{claims}");
+
+    // The service says the provider is at "localhost"; the provider says 127.0.0.1.
+    let elsewhere = usher_wire::jit::LoginConfig {
+        issuer: provider.issuer().replace("127.0.0.1", "localhost"),
+        ..config
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let http = usher::service::http_client(Some(&ca), Duration::from_secs(30)).unwrap();
+    let refused = runtime.block_on(device::start(&http, &elsewhere));
+    assert!(
+        matches!(refused, Err(DeviceError::IssuerMismatch { .. })),
+        "{:?}",
+        refused.err()
+    );
+}
