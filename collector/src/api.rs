@@ -33,6 +33,9 @@ pub struct App {
     pub request_limit: RateLimit,
     /// Token exchanges per client address: 30 at once, then 10 a second.
     pub exchange_limit: RateLimit,
+    /// The workload issuers the `[[workload]]` rules name, with their key caches
+    /// (replaced on reload).
+    pub trusted: arc_swap::ArcSwap<usher_trust::TrustedIssuers>,
 }
 
 type Shared = Arc<App>;
@@ -80,6 +83,7 @@ impl App {
     pub async fn new(config: Config) -> Result<App, AppError> {
         config.check().map_err(AppError::Config)?;
         let agents = agent_map(&config)?;
+        let trusted = workload_issuers(&config)?;
         let workflow = Arc::new(Workflow::open(&config).await?);
         crate::workflow::webhook::spawn(&workflow, config.public_url(), None);
         spawn_background(&workflow);
@@ -90,6 +94,7 @@ impl App {
             workflow,
             request_limit: RateLimit::new(10, 1.0 / 6.0),
             exchange_limit: RateLimit::new(30, 10.0),
+            trusted: arc_swap::ArcSwap::from_pointee(trusted),
         })
     }
 
@@ -98,10 +103,22 @@ impl App {
     /// as they were started.
     pub fn reload(&self, config: Config) -> Result<(), AppError> {
         config.check().map_err(AppError::Config)?;
+        let trusted = workload_issuers(&config)?;
+        self.trusted.store(Arc::new(trusted));
         self.workflow.reload(Policy::from_config(&config));
         log::info!(target: "usher", "workflow policy reloaded");
         Ok(())
     }
+}
+
+/// Key caches for the issuers the workload rules name, refreshing in the background (each
+/// refresher ends when its cache is dropped, e.g. replaced by a reload). Needs a runtime.
+fn workload_issuers(config: &Config) -> Result<usher_trust::TrustedIssuers, AppError> {
+    let configs = usher_trust::workload_issuers(&config.workloads, &config.workload_issuers);
+    let trusted = usher_trust::TrustedIssuers::from_configs(&configs)
+        .map_err(|e| AppError::Config(format!("workload issuers: {e}")))?;
+    trusted.spawn_refreshers();
+    Ok(trusted)
 }
 
 fn spawn_background(workflow: &Arc<Workflow>) {

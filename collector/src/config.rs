@@ -36,10 +36,14 @@ pub struct Config {
     pub request_policies: Vec<RequestPolicy>,
     #[serde(rename = "webhook", default)]
     pub webhooks: Vec<Webhook>,
-    /// Token-exchange rules for workloads (`[[workload]]`), as `toml::Value`s until
-    /// usher-trust's `WorkloadRule` type is merged in.
+    /// Token-exchange rules for workloads (`[[workload]]`).
     #[serde(rename = "workload", default)]
-    pub workloads: Vec<toml::Value>,
+    pub workloads: Vec<usher_trust::WorkloadRule>,
+    /// How to reach a workload issuer when discovery with the usual roots is not enough
+    /// (`[[workload_issuer]] iss, ca, jwks, jwks_url, discovery, refresh_*`); an issuer a
+    /// rule names and not listed here is found by discovery.
+    #[serde(rename = "workload_issuer", default)]
+    pub workload_issuers: Vec<usher_trust::IssuerConfig>,
     pub oidc: Option<OidcConfig>,
 }
 
@@ -94,6 +98,18 @@ impl Config {
                 return Err(format!(
                     "request_policy {:?}: approvals need approver_groups",
                     p.name
+                ));
+            }
+        }
+        let mut rule_names = std::collections::BTreeSet::new();
+        for w in &self.workloads {
+            if !rule_names.insert(&w.name) {
+                return Err(format!("workload {:?} is defined twice", w.name));
+            }
+            if w.max_lifetime.as_secs() == 0 {
+                return Err(format!(
+                    "workload {:?}: max_lifetime must be positive",
+                    w.name
                 ));
             }
         }
@@ -340,6 +356,20 @@ events = ["request.created"]
 [oidc]
 issuer = "https://idp"
 client_id = "usher"
+[[workload]]
+name = "deploy"
+issuer = "https://token.actions.example"
+audience = "usher"
+claims = { repository = "acme/web", ref = "refs/heads/main" }
+hosts = ["web-*"]
+login = "jit-deploy"
+profile = "restricted"
+max_lifetime = "15m"
+approval = true
+[[workload_issuer]]
+iss = "https://token.actions.example"
+discovery = true
+ca = "/etc/usher/ci-ca.pem"
 "#,
         )
         .unwrap();
@@ -356,6 +386,8 @@ client_id = "usher"
             }
         );
         assert_eq!(c.oidc.as_ref().unwrap().roles_claim, "groups");
+        assert_eq!(c.workloads[0].max_lifetime_secs(), 900);
+        assert!(c.workloads[0].approval);
         assert_eq!(c.roles_of(&["sre-leads".into()]), [Role::Approver].into());
     }
 

@@ -103,7 +103,11 @@ async fn a_live_session_is_watched_as_it_grows() {
     up.ship_stream(&live, "cast", n / 2).await.unwrap();
 
     let d = Browser::start();
-    d.open(&format!("{}/?token={}&play=live-1", c.url(), c.viewer_token()));
+    d.open(&format!(
+        "{}/?token={}&play=live-1",
+        c.url(),
+        c.viewer_token()
+    ));
     d.wait_for(
         "a live session's status",
         "return document.body.dataset.status || ''",

@@ -212,7 +212,9 @@ pub fn run() -> Result<(), String> {
     let minted = Command::new(bin.join("usher-collector"))
         .arg("--config")
         .arg(dir.join("collector.toml"))
-        .args(["token", "--sub", "bench", "--name", "bench", "--roles", "auditor"])
+        .args([
+            "token", "--sub", "bench", "--name", "bench", "--roles", "auditor",
+        ])
         .output()
         .map_err(|e| e.to_string())?;
     if !minted.status.success() {

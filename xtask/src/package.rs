@@ -1,11 +1,15 @@
-//! `cargo xtask package`: a .deb (dpkg-deb) and an .rpm (rpmbuild) from one staged tree.
-//! `USHER_PKG_RELEASE` sets the package release (default 1), so an upgrade can be tested.
+//! `cargo xtask package`: two packages, each as a .deb (dpkg-deb) and an .rpm (rpmbuild)
+//! from one staged tree: `usher` (the host agent: usherd, usher, usher-shell) and
+//! `usher-collector` (the central service). `USHER_PKG_RELEASE` sets the package release
+//! (default 1), so an upgrade can be tested.
 
-use crate::util::{cargo, run, workspace_root};
+use crate::util::{cargo, release_dir, run, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const DEB_DEPENDS: &str = "passwd, openssh-sftp-server, login";
+/// useradd when systemd-sysusers is not there; runuser for `usher-collector init`.
+const COLLECTOR_DEB_DEPENDS: &str = "passwd, util-linux";
 
 fn copy(from: &Path, to: &Path, mode: u32) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
@@ -21,11 +25,18 @@ fn version() -> String {
 pub fn run_package() -> Result<(), String> {
     let release = std::env::var("USHER_PKG_RELEASE").unwrap_or_else(|_| "1".into());
     run(cargo().args(["build", "--release", "--bins"]))?;
+    // The replay page's player, shipped in the service's package.
+    crate::setup::player_assets()?;
+    agent_packages(&release)?;
+    collector_packages(&release)
+}
+
+fn agent_packages(release: &str) -> Result<(), String> {
     let root = workspace_root();
     let out = root.join("target/package");
     let stage = out.join("root");
     let _ = std::fs::remove_dir_all(&stage);
-    let bin = root.join("target/release");
+    let bin = release_dir();
     let p = root.join("packaging");
     for (name, dest) in [
         ("usherd", "usr/sbin/usherd"),
@@ -146,6 +157,142 @@ pub fn run_package() -> Result<(), String> {
         version()
     ));
     let dest = out.join(rpm.file_name().unwrap());
+    std::fs::rename(&rpm, &dest).map_err(|e| format!("{}: {e}", rpm.display()))?;
+    println!("{}", dest.display());
+    Ok(())
+}
+
+/// `usher-collector`: the binary, its hardened unit, a default config (a conffile), its
+/// system user (sysusers.d) and state directory (tmpfiles.d), asciinema-player's files;
+/// the first install makes the user and a self-signed TLS pair (`usher-collector init`).
+fn collector_packages(release: &str) -> Result<(), String> {
+    let root = workspace_root();
+    let out = root.join("target/package");
+    let stage = out.join("collector-root");
+    let _ = std::fs::remove_dir_all(&stage);
+    let p = root.join("packaging/collector");
+    let dest = "usr/bin/usher-collector";
+    copy(
+        &release_dir().join("usher-collector"),
+        &stage.join(dest),
+        0o755,
+    )?;
+    run(Command::new("strip")
+        .arg("--strip-debug")
+        .arg(stage.join(dest)))?;
+    for (from, to, mode) in [
+        (
+            p.join("usher-collector.service"),
+            "lib/systemd/system/usher-collector.service",
+            0o644,
+        ),
+        (
+            p.join("tmpfiles.conf"),
+            "usr/lib/tmpfiles.d/usher-collector.conf",
+            0o644,
+        ),
+        (
+            p.join("sysusers.conf"),
+            "usr/lib/sysusers.d/usher-collector.conf",
+            0o644,
+        ),
+        (p.join("collector.toml"), "etc/usher/collector.toml", 0o644),
+        (
+            root.join("README.md"),
+            "usr/share/doc/usher-collector/README.md",
+            0o644,
+        ),
+        (
+            root.join("collector/API.md"),
+            "usr/share/doc/usher-collector/API.md",
+            0o644,
+        ),
+        (
+            root.join("collector/WORKFLOW.md"),
+            "usr/share/doc/usher-collector/WORKFLOW.md",
+            0o644,
+        ),
+        (
+            root.join("LICENSE"),
+            "usr/share/doc/usher-collector/copyright",
+            0o644,
+        ),
+    ] {
+        copy(&from, &stage.join(to), mode)?;
+    }
+    let assets = root.join("target/web-assets");
+    let mut players: Vec<PathBuf> = std::fs::read_dir(&assets)
+        .map_err(|e| format!("{}: {e}", assets.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("asciinema-player"))
+        })
+        .collect();
+    players.sort();
+    for player in &players {
+        let name = player.file_name().unwrap_or_default();
+        copy(
+            player,
+            &stage.join("usr/share/usher-collector/assets").join(name),
+            0o644,
+        )?;
+    }
+
+    // .deb
+    let debian = stage.join("DEBIAN");
+    std::fs::create_dir_all(&debian).map_err(|e| e.to_string())?;
+    for script in ["postinst", "prerm", "postrm"] {
+        copy(&p.join("deb").join(script), &debian.join(script), 0o755)?;
+    }
+    std::fs::write(debian.join("conffiles"), "/etc/usher/collector.toml\n")
+        .map_err(|e| e.to_string())?;
+    let size_kib = dir_size(&stage) / 1024;
+    let control = format!(
+        "Package: usher-collector\nVersion: {v}-{release}\nArchitecture: amd64\nMaintainer: Usher developers <usher@localhost>\n\
+         Installed-Size: {size_kib}\nDepends: {COLLECTOR_DEB_DEPENDS}\nSection: admin\nPriority: optional\n\
+         Description: Usher service: just-in-time access workflow and session recordings\n \
+         People sign in with OpenID Connect and request access, approvers approve, the\n \
+         service signs grants that Usher agents fetch; agents ship their recordings here,\n \
+         where they are verified, stored, indexed and replayed.\n",
+        v = version()
+    );
+    std::fs::write(debian.join("control"), control).map_err(|e| e.to_string())?;
+    let deb = out.join(format!("usher-collector_{}-{release}_amd64.deb", version()));
+    run(Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Zxz", "--build"])
+        .arg(&stage)
+        .arg(&deb))?;
+    println!("{}", deb.display());
+
+    // .rpm, from the same tree
+    crate::setup::ensure_packages(&["rpm"])?;
+    let rpm_top = out.join("rpmbuild-collector");
+    let _ = std::fs::remove_dir_all(&rpm_top);
+    run(Command::new("rpmbuild")
+        .arg("-bb")
+        .arg(root.join("packaging/rpm/usher-collector.spec"))
+        .arg("--define")
+        .arg(format!("_topdir {}", rpm_top.display()))
+        .arg("--define")
+        .arg(format!("usher_version {}", version()))
+        .arg("--define")
+        .arg(format!("usher_release {release}"))
+        .arg("--define")
+        .arg(format!("usher_stage {}", stage.display()))
+        .arg("--define")
+        .arg("__os_install_post %{nil}")
+        .arg("--define")
+        .arg("debug_package %{nil}"))?;
+    let rpm = rpm_top.join(format!(
+        "RPMS/x86_64/usher-collector-{}-{release}.x86_64.rpm",
+        version()
+    ));
+    let dest = out.join(format!(
+        "usher-collector-{}-{release}.x86_64.rpm",
+        version()
+    ));
     std::fs::rename(&rpm, &dest).map_err(|e| format!("{}: {e}", rpm.display()))?;
     println!("{}", dest.display());
     Ok(())

@@ -125,7 +125,7 @@ pub struct Policy {
     pub request_policies: Vec<RequestPolicy>,
     pub hosts: Vec<AgentConfig>,
     pub webhooks: Vec<Webhook>,
-    pub workloads: Vec<toml::Value>,
+    pub workloads: Vec<usher_trust::WorkloadRule>,
 }
 
 impl Policy {
@@ -159,7 +159,7 @@ pub struct Workflow {
 const MAX_COMMENT: usize = 2000;
 const LIST_LIMIT: i64 = 500;
 
-fn random_id(prefix: &str) -> String {
+pub fn random_id(prefix: &str) -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
@@ -177,7 +177,7 @@ fn state_name(s: RequestState) -> &'static str {
     }
 }
 
-fn person(p: &Principal) -> Person {
+pub fn person(p: &Principal) -> Person {
     Person {
         sub: p.sub.clone(),
         name: p.name.clone(),
@@ -473,10 +473,24 @@ impl Workflow {
             pending_until: now + rule.pending_ttl as i64,
         };
         let auto = admitted.auto_approved.then(|| rule.name.clone());
-        let issuer = self.issuer.clone();
         let detail = serde_json::json!({"host": new.host, "login": new.login, "profile": new.profile,
             "duration_secs": new.duration_secs, "reason": new.reason, "policy": rule.name});
-        let actor = who.sub.clone();
+        self.store_new(stored, auto, &who.sub, detail, now).await
+    }
+
+    /// Stores a new request (approved and its grant issued at once when `auto` names the
+    /// rule that approves it), audits it, and tells the webhooks. The answer carries the
+    /// grant when one was issued: it goes to the requester.
+    pub async fn store_new(
+        &self,
+        stored: StoredRequest,
+        auto: Option<String>,
+        actor: &str,
+        detail: serde_json::Value,
+        now: i64,
+    ) -> Result<AccessRequest, WorkflowError> {
+        let issuer = self.issuer.clone();
+        let actor = actor.to_string();
         let (request, rev) = self
             .write(move |tx| {
                 let mut s = stored.clone();
@@ -502,18 +516,23 @@ impl Workflow {
                         serde_json::json!({"auto": rule_name}),
                     )?;
                 }
+                // The grant is kept in its own table, never in the request's record.
+                let grant = s.request.grant.take();
                 insert(tx, &s)?;
-                if let Some(grant) = s.request.grant.take() {
-                    insert_grant(tx, &s, &grant)?;
+                if let Some(grant) = &grant {
+                    insert_grant(tx, &s, grant)?;
                 }
                 let rev = bump_revision(tx)?;
+                s.request.grant = grant;
                 Ok((s.request, rev))
             })
             .await?;
         self.saw_revision(rev);
-        self.emit("request.created", &request);
-        if request.state == RequestState::Approved {
-            self.emit("request.decided", &request);
+        let mut public = request.clone();
+        public.grant = None;
+        self.emit("request.created", &public);
+        if public.state == RequestState::Approved {
+            self.emit("request.decided", &public);
         }
         Ok(request)
     }
@@ -758,7 +777,8 @@ impl Workflow {
             .await
     }
 
-    async fn grant_token(&self, request_id: &str) -> Result<Option<String>, WorkflowError> {
+    /// The grant issued for a request, if any (no access check).
+    pub async fn grant_token(&self, request_id: &str) -> Result<Option<String>, WorkflowError> {
         let id = request_id.to_string();
         self.db
             .transaction(move |tx| {

@@ -256,7 +256,9 @@ impl Collector {
         let out = Command::new(&binary)
             .arg("--config")
             .arg(&self.config)
-            .args(["token", "--sub", sub, "--name", name, "--roles", roles, "--ttl", "12h"])
+            .args([
+                "token", "--sub", sub, "--name", name, "--roles", roles, "--ttl", "12h",
+            ])
             .output()
             .expect("usher-collector token runs");
         assert!(
