@@ -10,7 +10,7 @@
 
 use crate::config::{ServiceEndpoint, ServiceToken};
 use crate::daemon::Agent;
-use crate::grant::GrantId;
+use crate::grant::{GrantId, Refusal};
 use crate::service::{HostClient, ServiceError};
 use sha2::Digest;
 use std::collections::{HashMap, HashSet};
@@ -21,10 +21,23 @@ use usher_wire::jit::GrantFeed;
 /// First pause after a failed poll; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// A grant this host refused is tried again after this long (an issuer's keys may arrive
-/// later), doubling up to [`MAX_RETRY_REFUSED`]: a refusal is logged per try, not per poll.
+/// A grant this host refused is tried again after this long, doubling up to
+/// [`MAX_RETRY_REFUSED`]: a refusal is logged per try, not per poll.
 const RETRY_REFUSED: Duration = Duration::from_secs(30);
+/// Sooner when the issuer's keys were missing: they come back by themselves (the issuer
+/// was unreachable at start-up, or rotated its key), and the grant is probably good.
+const RETRY_WITHOUT_KEYS: Duration = Duration::from_secs(5);
 const MAX_RETRY_REFUSED: Duration = Duration::from_secs(600);
+
+/// When to try a refused grant first: soon when only the issuer's keys were missing.
+fn first_retry(why: &Refusal) -> Duration {
+    match why {
+        Refusal::KeysUnavailable { .. }
+        | Refusal::UnknownKey { .. }
+        | Refusal::UnknownKeyAfterRefresh { .. } => RETRY_WITHOUT_KEYS,
+        _ => RETRY_REFUSED,
+    }
+}
 
 /// Runs for as long as the agent does.
 pub async fn run(agent: Arc<Agent>, endpoint: ServiceEndpoint) {
@@ -36,10 +49,16 @@ pub async fn run(agent: Arc<Agent>, endpoint: ServiceEndpoint) {
     let mut answered_once = false;
     loop {
         let answer = match &client {
-            Some(c) => c
-                .grants(since, endpoint.wait_secs)
-                .await
-                .map_err(FeedError::from),
+            Some(c) => {
+                // A refused grant due for another try shortens the wait: the answer is
+                // the whole picture either way.
+                let wait = refused
+                    .next_try(Instant::now())
+                    .map_or(endpoint.wait_secs, |d| {
+                        d.as_secs().clamp(1, endpoint.wait_secs)
+                    });
+                c.grants(since, wait).await.map_err(FeedError::from)
+            }
             None => match connect(&endpoint) {
                 Ok(c) => {
                     client = Some(c);
@@ -169,16 +188,17 @@ async fn apply(agent: &Arc<Agent>, feed: &GrantFeed, refused: &mut RefusedGrants
         }
     }
     for token in plan.install {
-        // The same path as `usher grant install`: verified, capped by local policy,
-        // stored; refusals are logged with their reason by `admit`.
-        match agent.admit(&token, "service feed") {
+        // The same path as `usher grant install`: verified (the issuer's keys fetched
+        // again, rate-limited, when they do not know the grant's key), capped by local
+        // policy, stored; refusals are logged with their reason.
+        match agent.admit_refreshing(&token, "service feed").await {
             Ok(grant) => {
                 refused.forget(&token);
                 if let Err(e) = agent.prepare_console(&grant).await {
                     log::error!(target: "usher::feed", "grant feed: grant {} accepted, but its console account is not ready: {e}", grant.id());
                 }
             }
-            Err(_) => refused.note(&token, now),
+            Err(why) => refused.note(&token, first_retry(&why), now),
         }
     }
     refused.keep_only(&feed.grants);
@@ -201,12 +221,20 @@ impl RefusedGrants {
             .is_none_or(|(at, _)| now >= *at)
     }
 
-    fn note(&mut self, token: &str, now: Instant) {
+    fn note(&mut self, token: &str, first: Duration, now: Instant) {
         let pause = match self.retry.get(&digest(token)) {
             Some((_, last)) => (*last * 2).min(MAX_RETRY_REFUSED),
-            None => RETRY_REFUSED,
+            None => first,
         };
         self.retry.insert(digest(token), (now + pause, pause));
+    }
+
+    /// How long until the next refused grant may be tried again.
+    fn next_try(&self, now: Instant) -> Option<Duration> {
+        self.retry
+            .values()
+            .map(|(at, _)| at.saturating_duration_since(now))
+            .min()
     }
 
     fn forget(&mut self, token: &str) {
@@ -276,19 +304,38 @@ mod tests {
         let f = feed(&["bad.token.x", "other.token.y"], &[]);
         let mut refused = RefusedGrants::default();
         let t0 = Instant::now();
-        refused.note("bad.token.x", t0);
+        refused.note("bad.token.x", RETRY_REFUSED, t0);
         let p = plan(&f, &HashSet::new(), |_| false, &refused, t0);
         assert_eq!(p.install, vec!["other.token.y".to_string()]);
         let p = plan(&f, &HashSet::new(), |_| false, &refused, t0 + RETRY_REFUSED);
         assert_eq!(p.install.len(), 2);
         // Refused again: the pause doubles, to a bound.
         for _ in 0..20 {
-            refused.note("bad.token.x", t0);
+            refused.note("bad.token.x", RETRY_REFUSED, t0);
         }
         assert_eq!(refused.retry[&digest("bad.token.x")].1, MAX_RETRY_REFUSED);
+        assert_eq!(
+            refused.next_try(t0),
+            Some(MAX_RETRY_REFUSED),
+            "the next try is when the poll should answer"
+        );
         // Gone from the feed, forgotten.
         refused.keep_only(&["other.token.y".to_string()]);
         assert!(refused.retry.is_empty());
+        assert_eq!(refused.next_try(t0), None);
+    }
+
+    #[test]
+    fn a_grant_refused_for_want_of_keys_is_tried_again_soon() {
+        let no_keys = Refusal::KeysUnavailable {
+            iss: "https://s".into(),
+            why: "connection refused".into(),
+        };
+        assert_eq!(first_retry(&no_keys), RETRY_WITHOUT_KEYS);
+        assert_eq!(
+            first_retry(&Refusal::BadLogin("root".into())),
+            RETRY_REFUSED
+        );
     }
 
     #[test]
