@@ -34,8 +34,17 @@ pub struct Config {
     /// address, token and CA default to `[collector]`'s (the same service, the same host
     /// token).
     pub service: Option<ServiceConfig>,
+    /// Issuers whose grants this host accepts: a JWKS file, a JWKS URL, or discovery.
     #[serde(rename = "issuer")]
     pub issuers: Vec<IssuerConfig>,
+    /// OIDC tokens of workloads (CI jobs, agents) accepted at the SSH password or
+    /// keyboard-interactive prompt, and what each may become.
+    #[serde(rename = "workload")]
+    pub workloads: Vec<WorkloadRule>,
+    /// Key settings (CA, JWKS file or URL, timings) for issuers the `[[workload]]` rules
+    /// name; an issuer not listed here is trusted by discovery with the defaults.
+    #[serde(rename = "workload_issuer")]
+    pub workload_issuers: Vec<IssuerConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,14 +185,12 @@ impl Default for SpoolConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IssuerConfig {
-    /// The `iss` claim this issuer signs with.
-    pub iss: String,
-    /// A JWKS file with the issuer's public keys; `kid` selects the key.
-    pub jwks: PathBuf,
-}
+/// `[[issuer]]`: `iss`, and exactly one of `jwks` (a file), `jwks_url`, `discovery = true`;
+/// optional `ca`, `refresh_min_secs`, `refresh_secs`, `max_stale_secs`.
+pub use usher_trust::IssuerConfig;
+/// `[[workload]]`: the same rules as the service's (`hosts` and `approval` are the
+/// service's; here the rule means this host, with no approval).
+pub use usher_trust::WorkloadRule;
 
 impl Default for Config {
     fn default() -> Self {
@@ -204,6 +211,8 @@ impl Default for Config {
             collector: None,
             service: None,
             issuers: Vec::new(),
+            workloads: Vec::new(),
+            workload_issuers: Vec::new(),
         }
     }
 }
@@ -275,6 +284,18 @@ pub enum ConfigError {
     ServiceNotHttps(String),
     #[error("[service] wait_secs must be between 1 and 60")]
     ServiceWait,
+    #[error(transparent)]
+    Issuer(#[from] usher_trust::ConfigError),
+    #[error("workload rule {rule:?}: login {login:?} must be a valid account name starting with the accounts' prefix {prefix:?}")]
+    WorkloadLogin {
+        rule: String,
+        login: String,
+        prefix: String,
+    },
+    #[error("workload rule {rule:?}: max_lifetime must be above 0")]
+    WorkloadLifetime { rule: String },
+    #[error("workload_issuer {0:?} is named by no [[workload]] rule")]
+    UnusedWorkloadIssuer(String),
 }
 
 impl Config {
@@ -319,6 +340,34 @@ impl Config {
             return Err(ConfigError::ZeroConnectionLimit);
         }
         self.service_endpoint()?;
+        for issuer in self.issuers.iter().chain(&self.workload_issuers) {
+            issuer.source()?;
+        }
+        let prefix = &self.accounts.name_prefix;
+        for rule in &self.workloads {
+            if !crate::account::is_valid_name(&rule.login)
+                || !rule.login.starts_with(prefix.as_str())
+                || rule.login.len() <= prefix.len()
+            {
+                return Err(ConfigError::WorkloadLogin {
+                    rule: rule.name.clone(),
+                    login: rule.login.clone(),
+                    prefix: prefix.clone(),
+                });
+            }
+            if rule.max_lifetime_secs() == 0 {
+                return Err(ConfigError::WorkloadLifetime {
+                    rule: rule.name.clone(),
+                });
+            }
+        }
+        if let Some(unused) = self
+            .workload_issuers
+            .iter()
+            .find(|i| !self.workloads.iter().any(|r| r.issuer == i.iss))
+        {
+            return Err(ConfigError::UnusedWorkloadIssuer(unused.iss.clone()));
+        }
         Ok(())
     }
 
@@ -507,5 +556,58 @@ mod tests {
         .unwrap();
         assert_eq!(c.issuers.len(), 1);
         assert_eq!(c.enforcement, Enforcement::Off);
+        let c = Config::parse(
+            "[[issuer]]\niss = \"https://usher.example:8443\"\ndiscovery = true\nca = \"/etc/usher/service-ca.pem\"\n\
+             [[issuer]]\niss = \"https://idp\"\njwks_url = \"https://idp/jwks.json\"\nrefresh_min_secs = 5\n",
+        )
+        .unwrap();
+        assert!(c.issuers[0].discovery);
+        assert_eq!(c.issuers[1].refresh_min_secs, 5);
+        for bad in [
+            "[[issuer]]\niss = \"https://idp\"\n",
+            "[[issuer]]\niss = \"https://idp\"\njwks = \"/x\"\ndiscovery = true\n",
+            "[[issuer]]\niss = \"http://idp\"\ndiscovery = true\n",
+        ] {
+            assert!(
+                matches!(Config::parse(bad), Err(ConfigError::Issuer(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    const WORKLOAD: &str =
+        "[[workload]]\nname = \"deploy\"\nissuer = \"https://token.actions.example\"\n\
+        audience = \"usher\"\nclaims = { repository = \"acme/web\", ref = \"refs/heads/main\" }\n\
+        login = \"jit-deploy\"\nprofile = \"restricted\"\nmax_lifetime = \"15m\"\n";
+
+    #[test]
+    fn workload_rules_parse_and_their_logins_carry_the_prefix() {
+        let c = Config::parse(WORKLOAD).unwrap();
+        assert_eq!(c.workloads.len(), 1);
+        assert_eq!(c.workloads[0].max_lifetime_secs(), 900);
+        assert_eq!(c.workloads[0].claims.len(), 2);
+        for login in ["root", "jit-", "deploy", "jit-a b"] {
+            let text = WORKLOAD.replace("jit-deploy", login);
+            assert!(
+                matches!(Config::parse(&text), Err(ConfigError::WorkloadLogin { login: l, .. }) if l == login),
+                "{login}"
+            );
+        }
+        let text = WORKLOAD.replace("\"15m\"", "0");
+        assert!(matches!(
+            Config::parse(&text),
+            Err(ConfigError::WorkloadLifetime { .. })
+        ));
+        let with_issuer = format!(
+            "{WORKLOAD}[[workload_issuer]]\niss = \"https://token.actions.example\"\ndiscovery = true\nrefresh_min_secs = 1\n"
+        );
+        assert_eq!(
+            Config::parse(&with_issuer).unwrap().workload_issuers[0].refresh_min_secs,
+            1
+        );
+        assert!(matches!(
+            Config::parse("[[workload_issuer]]\niss = \"https://nobody\"\ndiscovery = true\n"),
+            Err(ConfigError::UnusedWorkloadIssuer(_))
+        ));
     }
 }

@@ -131,7 +131,8 @@ async fn answer(agent: &Arc<Agent>, request: Request) -> Answer {
 
 async fn install(agent: &Arc<Agent>, token: &str) -> Result<wire::Installed, Refusal> {
     let grant = agent
-        .admit(token, "usher grant install")
+        .admit_refreshing(token, "usher grant install")
+        .await
         .map_err(|why| Refusal::new(RefusalKind::GrantRefused, format!("grant refused: {why}")))?;
     agent.prepare_console(&grant).await.map_err(|e| {
         Refusal::new(

@@ -220,11 +220,37 @@ impl Agent {
         })
     }
 
-    /// Verifies a token, checks it against revocations and stores it.
+    /// Verifies a token with the keys at hand (an unknown kid starts a key refresh in the
+    /// background), checks it against revocations and stores it.
     pub fn admit(&self, token: &str, how: &str) -> Result<Grant, Refusal> {
-        let now = grant::now();
         let verifier = lock(&self.verifier).clone();
-        let result = verifier.verify(token, now).and_then(|g| {
+        self.keep(verifier.verify(token, grant::now()), how)
+    }
+
+    /// `admit`, but an unknown kid waits for the issuer's keys to be refreshed (rate
+    /// limited) and the token is checked once more.
+    pub async fn admit_refreshing(&self, token: &str, how: &str) -> Result<Grant, Refusal> {
+        let verifier = lock(&self.verifier).clone();
+        let verdict = verifier.verify_refreshing(token, grant::now()).await;
+        self.keep(verdict, how)
+    }
+
+    /// A token presented at the SSH prompt for `login`: a grant, or a workload's token.
+    pub async fn admit_presented(
+        &self,
+        login: &str,
+        token: &str,
+        how: &str,
+    ) -> Result<Grant, Refusal> {
+        let verifier = lock(&self.verifier).clone();
+        let verdict = verifier.verify_presented(token, login, grant::now()).await;
+        self.keep(verdict, how)
+    }
+
+    /// A verified token checked against revocations and unmanaged accounts, then stored;
+    /// a refusal goes to the journal with its reason.
+    fn keep(&self, verdict: Result<Grant, Refusal>, how: &str) -> Result<Grant, Refusal> {
+        let result = verdict.and_then(|g| {
             if lock(&self.revocations).contains(&g.id()) {
                 Err(Refusal::Revoked(g.id()))
             } else if self.refuse_unmanaged(&g, how) {
@@ -647,8 +673,8 @@ impl Agent {
 
 /// The agent as the session core its front ends and sessions see.
 impl Core for Agent {
-    fn admit(&self, token: &str, how: &str) -> Result<Grant, Refusal> {
-        Agent::admit(self, token, how)
+    async fn admit_presented(&self, login: &str, token: &str, how: &str) -> Result<Grant, Refusal> {
+        Agent::admit_presented(self, login, token, how).await
     }
 
     fn grant_for_key(&self, login: &str, key: &russh::keys::PublicKey) -> Option<Grant> {

@@ -48,9 +48,11 @@ pub fn ensure(config: &mut Config) -> Result<(), LocalIssuerError> {
             .map_err(write_error(&jwks_path))?;
         log::info!(target: "usher::grant", "made the local issuer key {}", key_path.display());
     }
+    let iss = iss(config);
     config.issuers.push(IssuerConfig {
-        iss: iss(config),
-        jwks: jwks_path,
+        jwks: Some(jwks_path),
+        discovery: false,
+        ..IssuerConfig::discovery(&iss)
     });
     Ok(())
 }

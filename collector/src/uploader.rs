@@ -90,6 +90,7 @@ impl Recording {
                 profile: "default".into(),
                 approved_by: Some("lead".into()),
                 reason: Some("test".into()),
+                request: None,
                 // 2030-01-01T00:00:00Z
                 expires_at: 1893456000,
             },

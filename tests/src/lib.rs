@@ -289,6 +289,7 @@ jwks = "{d}/issuer.jwks.json"
             profile: None,
             approved_by: Some("bob@example.test".into()),
             reason: Some("end-to-end test".into()),
+            request: None,
         }
     }
 

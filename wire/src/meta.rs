@@ -53,6 +53,9 @@ pub struct GrantInfo {
     pub profile: String,
     pub approved_by: Option<String>,
     pub reason: Option<String>,
+    /// The central service's request the grant answers, when it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
     /// Unix seconds (the grant's `exp`); an RFC 3339 string is read too (older senders).
     #[serde(deserialize_with = "unix_seconds_or_rfc3339")]
     pub expires_at: i64,

@@ -339,6 +339,7 @@ fn run(cli: Cli) -> Result<(), UsherError> {
                 profile,
                 approved_by,
                 reason,
+                request: None,
             };
             println!(
                 "{}",

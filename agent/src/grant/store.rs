@@ -69,6 +69,9 @@ impl GrantStore {
                     store.grants.insert(grant.id(), grant);
                 }
                 Ok(_) => dropped.push((jti_part, Refusal::Misfiled(path.clone()))),
+                // The issuer's keys could not be fetched: the grant may be good, so its
+                // file stays for a start that can check it.
+                Err(why @ Refusal::KeysUnavailable { .. }) => dropped.push((jti_part, why)),
                 Err(why) => {
                     let _ = std::fs::remove_file(&path);
                     dropped.push((jti_part, why));
@@ -331,6 +334,7 @@ mod tests {
             profile: None,
             approved_by: None,
             reason: None,
+            request: None,
         };
         (verifier, key, claims)
     }

@@ -1,22 +1,24 @@
 //! Turning a compact JWT into a `Grant`, or into a reason why not.
 //!
-//! The issuer's key decides the algorithm: a token whose header names another algorithm than
-//! the one its key is for (`none`, HMAC keyed with a public key, RS256 against an EdDSA key)
-//! is refused before any signature check.
+//! The JOSE checks are `usher_trust`'s (the key decides the algorithm: a token whose header
+//! names another algorithm than the one its key is for — `none`, HMAC keyed with a public
+//! key, RS256 against an EdDSA key — is refused before any signature check); the keys come
+//! from its per-issuer cache (a file, a URL, or discovery); what a grant must say and what
+//! local policy allows are decided here.
+//!
+//! A token presented at the SSH prompt may also be a workload's OIDC token: when its issuer
+//! is named by a `[[workload]]` rule (and is not a grant issuer), the rule that takes it
+//! makes it a grant for the rule's login.
 
-use super::{Claims, Grant, GrantId};
+use super::{Audience, Claims, Grant, GrantId};
 use crate::config::{Config, PolicyConfig};
-use base64::Engine;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
-use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, Validation};
-use serde_json::{Map, Value};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::PathBuf;
+use usher_trust::{Expect, IssuerKeys, NoRule, RefreshNote, TrustedIssuers, WorkloadRule};
 
-/// Longer tokens are refused unread: a grant is a few hundred bytes, a hostile token could
-/// be anything.
-const MAX_TOKEN_BYTES: usize = 16 * 1024;
+pub use usher_trust::{Malformed, Part, UnusableKey};
 
 /// Claims every grant carries; a token without one is malformed, whatever else it says.
 const REQUIRED_CLAIMS: [&str; 7] = ["iss", "sub", "aud", "jti", "iat", "exp", "login"];
@@ -30,8 +32,17 @@ pub enum Refusal {
     UnknownIssuer(String),
     #[error("no key {kid:?} for issuer {iss:?}")]
     UnknownKey { iss: String, kid: String },
+    /// The kid was still unknown after the issuer's keys were refreshed (or could not be).
+    #[error("unknown kid {kid:?} for issuer {iss:?} ({refresh})")]
+    UnknownKeyAfterRefresh {
+        iss: String,
+        kid: String,
+        refresh: RefreshNote,
+    },
     #[error("token has no kid and issuer {0:?} has several keys")]
     MissingKid(String),
+    #[error("issuer {iss:?}'s keys unavailable: {why}")]
+    KeysUnavailable { iss: String, why: String },
     #[error("key {kid:?} of issuer {iss:?} cannot verify grants: {why}")]
     UnusableKey {
         iss: String,
@@ -39,7 +50,10 @@ pub enum Refusal {
         why: UnusableKey,
     },
     #[error("algorithm {got:?} does not match the key's algorithm {want:?}")]
-    AlgorithmMismatch { got: Algorithm, want: Algorithm },
+    AlgorithmMismatch {
+        got: jsonwebtoken::Algorithm,
+        want: jsonwebtoken::Algorithm,
+    },
     #[error("bad signature")]
     BadSignature,
     #[error("audience does not include this host")]
@@ -65,47 +79,52 @@ pub enum Refusal {
     /// A stored grant whose file is named for another (iss, jti) than its own.
     #[error("invalid claim: {}: the file name does not match the grant's (iss, jti)", .0.display())]
     Misfiled(PathBuf),
+    /// A workload's OIDC token that its issuer's keys or claims refuse.
+    #[error("workload token: {0}")]
+    WorkloadToken(usher_trust::Refusal),
+    /// A verified workload token that no `[[workload]]` rule takes.
+    #[error("workload token: {0}")]
+    NoWorkloadRule(NoRule),
+    /// A workload token anywhere but at the SSH prompt (`usher grant install`, a stored
+    /// grant after a restart): it becomes a grant only for the login it is presented for.
+    #[error("a workload token of issuer {0:?} is accepted only at the SSH prompt, for the login it is presented for")]
+    WorkloadTokenNotAtLogin(String),
 }
 
-/// A token that is not a well-formed grant, before any question of trust.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum Malformed {
-    #[error("longer than 16 KiB")]
-    TooLong,
-    #[error("not three base64url parts separated by dots")]
-    NotThreeParts,
-    #[error("{part}: {why}")]
-    Undecodable { part: Part, why: String },
-    #[error("the header names no algorithm")]
-    NoAlgorithm,
-    /// `none`, or a name no JOSE library knows.
-    #[error("algorithm {0} is not one grants are signed with")]
-    UnsupportedAlgorithm(String),
-    #[error("no {0} claim")]
-    MissingClaim(String),
-    /// A claim of the wrong type (a string `exp`, a number `login`).
-    #[error("claims: {0}")]
-    ClaimType(String),
-    /// What the JOSE library refused for a reason not named above.
-    #[error("{0}")]
-    Unreadable(String),
+impl From<usher_trust::Refusal> for Refusal {
+    fn from(refusal: usher_trust::Refusal) -> Refusal {
+        use usher_trust::Refusal as T;
+        match refusal {
+            T::Malformed(m) => Refusal::Malformed(m),
+            T::UnknownIssuer(iss) => Refusal::UnknownIssuer(iss),
+            T::UnknownKey {
+                iss,
+                kid,
+                refresh: RefreshNote::NotAsked,
+            } => Refusal::UnknownKey { iss, kid },
+            T::UnknownKey { iss, kid, refresh } => {
+                Refusal::UnknownKeyAfterRefresh { iss, kid, refresh }
+            }
+            T::MissingKid(iss) => Refusal::MissingKid(iss),
+            T::KeysUnavailable { iss, why } => Refusal::KeysUnavailable { iss, why },
+            T::UnusableKey { iss, kid, why } => Refusal::UnusableKey { iss, kid, why },
+            T::AlgorithmMismatch { got, want } => Refusal::AlgorithmMismatch { got, want },
+            T::BadSignature => Refusal::BadSignature,
+            T::WrongAudience { .. } => Refusal::WrongAudience,
+            T::Expired { .. } => Refusal::Expired,
+            T::NotYetValid => Refusal::NotYetValid,
+            T::CriticalHeader(what) => Refusal::CriticalHeader(what),
+        }
+    }
 }
 
-/// The three parts of a compact JWS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Part {
-    Header,
-    Claims,
-    Signature,
-}
-
-impl std::fmt::Display for Part {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Part::Header => "header",
-            Part::Claims => "claims",
-            Part::Signature => "signature",
-        })
+impl Refusal {
+    /// Whether the issuer's keys may know better after a refresh.
+    fn wants_fresh_keys(&self) -> bool {
+        matches!(
+            self,
+            Refusal::UnknownKey { .. } | Refusal::KeysUnavailable { .. }
+        )
     }
 }
 
@@ -122,43 +141,27 @@ pub enum InvalidClaim {
     SecretHash,
     #[error("ssh_keys: {0}")]
     SshKey(String),
+    #[error("request must be 1-128 printable characters")]
+    Request,
 }
 
-/// Why an issuer's key cannot verify grants.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum UnusableKey {
-    #[error("symmetric keys are not accepted for grants")]
-    Symmetric,
-    #[error("unsupported key type (use Ed25519, P-256 or RSA)")]
-    UnsupportedType,
-    #[error("{0}")]
-    Invalid(String),
-}
-
-/// An issuer's JWKS file that cannot be trusted for anything.
+/// An issuer that cannot be set up: a JWKS file that cannot be trusted for anything, a CA
+/// file that is not one, a key source that is not safe.
 #[derive(Debug, thiserror::Error)]
 pub enum JwksError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
+    #[error("issuer {iss:?}: {source}")]
+    Issuer {
+        iss: String,
+        source: usher_trust::SetupError,
     },
-    #[error("{}: not a JWKS: {source}", path.display())]
-    NotJwks {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("{}: {why}", path.display())]
-    UnusableKey { path: PathBuf, why: UnusableKey },
-}
-
-struct Issuer {
-    iss: String,
-    keys: JwkSet,
 }
 
 pub struct Verifier {
-    issuers: Vec<Issuer>,
+    /// Issuers whose grants this host accepts (`[[issuer]]`).
+    issuers: TrustedIssuers,
+    /// Issuers of workload tokens (`[[workload]]` rules' `issuer`).
+    workload_issuers: TrustedIssuers,
+    workloads: Vec<WorkloadRule>,
     audiences: Vec<String>,
     policy: PolicyConfig,
     name_prefix: String,
@@ -166,21 +169,41 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// Reads every issuer's JWKS. A broken JWKS file stops the agent: better no logins
-    /// than logins checked against the wrong keys.
+    /// Sets up every issuer: a JWKS file is read now, and a broken one stops the agent
+    /// (better no logins than logins checked against the wrong keys); keys from a URL are
+    /// fetched now, and a failure is logged, not fatal (the cache tries again). Inside a
+    /// Tokio runtime, each URL issuer's keys are then kept fresh in the background.
     pub fn from_config(
         config: &Config,
         known_profiles: BTreeSet<String>,
     ) -> Result<Verifier, JwksError> {
-        let mut issuers = Vec::new();
-        for ic in &config.issuers {
-            issuers.push(Issuer {
-                iss: ic.iss.clone(),
-                keys: read_jwks(&ic.jwks)?,
-            });
+        let setup = |configs: &[usher_trust::IssuerConfig]| {
+            configs
+                .iter()
+                .map(|ic| {
+                    IssuerKeys::new(ic).map_err(|source| JwksError::Issuer {
+                        iss: ic.iss.clone(),
+                        source,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(TrustedIssuers::new)
+        };
+        let issuers = setup(&config.issuers)?;
+        let workload_issuers = setup(&usher_trust::workload_issuers(
+            &config.workloads,
+            &config.workload_issuers,
+        ))?;
+        for set in [&issuers, &workload_issuers] {
+            set.load_blocking();
+            if tokio::runtime::Handle::try_current().is_ok() {
+                set.spawn_refreshers();
+            }
         }
         Ok(Verifier {
             issuers,
+            workload_issuers,
+            workloads: config.workloads.clone(),
             audiences: config.accepted_audiences(),
             policy: config.policy.clone(),
             name_prefix: config.accounts.name_prefix.clone(),
@@ -188,83 +211,168 @@ impl Verifier {
         })
     }
 
-    /// The `iss` of every trusted issuer.
+    /// The `iss` of every trusted grant issuer.
     pub fn issuers(&self) -> Vec<String> {
-        self.issuers.iter().map(|i| i.iss.clone()).collect()
+        self.issuers.iter().map(|i| i.iss().to_string()).collect()
     }
 
+    /// What each issuer's key cache holds, grant issuers first.
+    pub fn key_status(&self) -> Vec<usher_trust::KeyStatus> {
+        self.issuers
+            .iter()
+            .chain(self.workload_issuers.iter())
+            .map(IssuerKeys::status)
+            .collect()
+    }
+
+    /// Verifies a grant with the keys at hand. A kid the keys lack (or keys not fetched
+    /// yet) starts a rate-limited refresh in the background, so that the next try can
+    /// succeed; `verify_refreshing` waits for it instead.
     pub fn verify(&self, token: &str, now: i64) -> Result<Grant, Refusal> {
         let token = token.trim();
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(Malformed::TooLong.into());
+        let issuer = self.grant_issuer_of(token)?;
+        let result = self.verify_grant(issuer, token, now);
+        if matches!(&result, Err(why) if why.wants_fresh_keys()) && issuer.is_fetched() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let keys = issuer.clone();
+                runtime.spawn(async move {
+                    keys.refresh_for_unknown_kid().await;
+                });
+            }
         }
-        let unverified = Unverified::parse(token)?;
-        // The issuer is read before the signature is checked only to pick its keys; every
-        // claim is re-read from the verified token below.
-        let iss = unverified
-            .claims
-            .get("iss")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Malformed::MissingClaim("iss".into()))?;
-        let issuer = self
-            .issuers
-            .iter()
-            .find(|i| i.iss == iss)
-            .ok_or_else(|| Refusal::UnknownIssuer(iss.to_string()))?;
-        let jwk = match &unverified.kid {
-            Some(kid) => issuer.keys.find(kid).ok_or_else(|| Refusal::UnknownKey {
-                iss: iss.to_string(),
-                kid: kid.clone(),
-            })?,
-            None if issuer.keys.keys.len() == 1 => &issuer.keys.keys[0],
-            None => return Err(Refusal::MissingKid(iss.to_string())),
-        };
-        let unusable = |why| Refusal::UnusableKey {
-            iss: iss.to_string(),
-            kid: jwk.common.key_id.clone().unwrap_or_default(),
-            why,
-        };
-        let want = key_algorithm(jwk).map_err(unusable)?;
-        let got = unverified.alg;
-        if got != want {
-            return Err(Refusal::AlgorithmMismatch { got, want });
-        }
-        let key = DecodingKey::from_jwk(jwk)
-            .map_err(|e| unusable(UnusableKey::Invalid(e.to_string())))?;
+        result
+    }
 
-        let mut validation = Validation::new(want);
-        validation.set_issuer(&[&issuer.iss]);
-        validation.set_audience(&self.audiences);
-        validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub", "jti"]);
-        // Time is checked in `check_policy` against `now`, so that tests and sweeps agree
-        // on one clock.
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        let verified = jsonwebtoken::decode::<Value>(token, &key, &validation)
-            .map_err(|e| match e.kind() {
-                ErrorKind::InvalidSignature => Refusal::BadSignature,
-                ErrorKind::InvalidAudience => Refusal::WrongAudience,
-                ErrorKind::InvalidIssuer => Refusal::UnknownIssuer(iss.to_string()),
-                ErrorKind::InvalidAlgorithm => Refusal::AlgorithmMismatch { got, want },
-                ErrorKind::MissingRequiredClaim(name) => {
-                    Malformed::MissingClaim(name.clone()).into()
+    /// Verifies a grant; on an unknown kid (or no keys) the issuer's keys are refreshed
+    /// (at most once per its `refresh_min_secs`) and the grant is checked once more.
+    pub async fn verify_refreshing(&self, token: &str, now: i64) -> Result<Grant, Refusal> {
+        let token = token.trim();
+        let issuer = self.grant_issuer_of(token)?;
+        match self.verify_grant(issuer, token, now) {
+            Err(why) if why.wants_fresh_keys() && issuer.is_fetched() => {
+                let note = issuer.refresh_for_unknown_kid().await;
+                match self.verify_grant(issuer, token, now) {
+                    Err(Refusal::UnknownKey { iss, kid }) => Err(Refusal::UnknownKeyAfterRefresh {
+                        iss,
+                        kid,
+                        refresh: note,
+                    }),
+                    other => other,
                 }
-                ErrorKind::Json(e) => Malformed::ClaimType(e.to_string()).into(),
-                ErrorKind::InvalidKeyFormat
-                | ErrorKind::InvalidEddsaKey
-                | ErrorKind::InvalidEcdsaKey
-                | ErrorKind::InvalidRsaKey(_) => unusable(UnusableKey::Invalid(e.to_string())),
-                _ => Malformed::Unreadable(e.to_string()).into(),
-            })?
-            .claims;
+            }
+            other => other,
+        }
+    }
+
+    /// A token presented at the SSH password or keyboard-interactive prompt by a client
+    /// logging in as `login`: a grant of a trusted issuer, or a workload's OIDC token that
+    /// a `[[workload]]` rule for `login` takes.
+    pub async fn verify_presented(
+        &self,
+        token: &str,
+        login: &str,
+        now: i64,
+    ) -> Result<Grant, Refusal> {
+        let token = token.trim();
+        let iss = usher_trust::peek_issuer(token)?;
+        if self.issuers.get(&iss).is_none() && self.workload_issuers.get(&iss).is_some() {
+            return self.verify_workload(token, &iss, login, now).await;
+        }
+        self.verify_refreshing(token, now).await
+    }
+
+    fn grant_issuer_of(&self, token: &str) -> Result<&IssuerKeys, Refusal> {
+        let iss = usher_trust::peek_issuer(token)?;
+        match self.issuers.get(&iss) {
+            Some(issuer) => Ok(issuer),
+            None if self.workload_issuers.get(&iss).is_some() => {
+                Err(Refusal::WorkloadTokenNotAtLogin(iss))
+            }
+            None => Err(Refusal::UnknownIssuer(iss)),
+        }
+    }
+
+    fn expect(&self, now: i64) -> Expect<'_> {
+        Expect {
+            audiences: &self.audiences,
+            leeway_secs: self.policy.leeway_secs,
+            now,
+        }
+    }
+
+    fn verify_grant(&self, issuer: &IssuerKeys, token: &str, now: i64) -> Result<Grant, Refusal> {
+        let keys = issuer.current()?;
+        let verified =
+            usher_trust::verify_with_keys(token, issuer.iss(), &keys, &self.expect(now))?;
         if let Some(missing) = REQUIRED_CLAIMS
             .iter()
             .find(|name| verified.get(**name).is_none_or(Value::is_null))
         {
             return Err(Malformed::MissingClaim(missing.to_string()).into());
         }
-        let claims: Claims =
-            serde_json::from_value(verified).map_err(|e| Malformed::ClaimType(e.to_string()))?;
+        let claims: Claims = serde_json::from_value(Value::Object(verified))
+            .map_err(|e| Malformed::ClaimType(e.to_string()))?;
+        self.check_policy(claims, token, now)
+    }
+
+    /// A workload token: verified against its issuer's keys (refreshed on an unknown kid)
+    /// for the audiences its rules name, then matched against the rules for `login`. The
+    /// grant it becomes: the token's `sub`, a jti from the token, the rule's login and
+    /// profile, and an end no later than the token's nor `max_lifetime` from now; then
+    /// local policy, as for any grant.
+    async fn verify_workload(
+        &self,
+        token: &str,
+        iss: &str,
+        login: &str,
+        now: i64,
+    ) -> Result<Grant, Refusal> {
+        let issuer = self
+            .workload_issuers
+            .get(iss)
+            .ok_or_else(|| Refusal::UnknownIssuer(iss.to_string()))?;
+        let audiences = usher_trust::audiences_for(&self.workloads, iss);
+        let expect = Expect {
+            audiences: &audiences,
+            leeway_secs: self.policy.leeway_secs,
+            now,
+        };
+        let verified = issuer
+            .verify(token, &expect)
+            .await
+            .map_err(Refusal::WorkloadToken)?;
+        let rule = usher_trust::match_rule(&self.workloads, iss, &verified, None, Some(login))
+            .map_err(Refusal::NoWorkloadRule)?;
+        let sub = verified
+            .get("sub")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Malformed::MissingClaim("sub".into()))?;
+        let token_exp = verified
+            .get("exp")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| Malformed::MissingClaim("exp".into()))?;
+        let lifetime = i64::try_from(rule.max_lifetime_secs()).unwrap_or(i64::MAX / 4);
+        let exp = token_exp.min(now.saturating_add(lifetime));
+        if exp <= now {
+            return Err(Refusal::Expired);
+        }
+        let claims = Claims {
+            iss: iss.to_string(),
+            sub: sub.to_string(),
+            aud: Audience::One(self.audiences.first().cloned().unwrap_or_default()),
+            jti: workload_jti(token, &verified),
+            iat: now,
+            nbf: None,
+            exp,
+            login: rule.login.clone(),
+            groups: Vec::new(),
+            ssh_keys: Vec::new(),
+            secret_hash: None,
+            profile: rule.profile.clone(),
+            approved_by: None,
+            reason: Some(format!("workload rule {}", rule.name)),
+            request: None,
+        };
         self.check_policy(claims, token, now)
     }
 
@@ -292,13 +400,7 @@ impl Verifier {
         {
             return Err(Refusal::BadLogin(claims.login));
         }
-        if claims.jti.is_empty()
-            || claims.jti.len() > 128
-            || !claims
-                .jti
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if !is_valid_jti(&claims.jti) {
             return Err(InvalidClaim::Jti.into());
         }
         if claims.sub.is_empty()
@@ -306,6 +408,11 @@ impl Verifier {
             || claims.sub.chars().any(char::is_control)
         {
             return Err(InvalidClaim::Sub.into());
+        }
+        if let Some(request) = &claims.request {
+            if request.is_empty() || request.len() > 128 || request.chars().any(char::is_control) {
+                return Err(InvalidClaim::Request.into());
+            }
         }
         for group in &claims.groups {
             if !self.policy.allowed_groups.iter().any(|g| g == group) {
@@ -338,6 +445,26 @@ impl Verifier {
     }
 }
 
+fn is_valid_jti(jti: &str) -> bool {
+    !jti.is_empty()
+        && jti.len() <= 128
+        && jti
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// A workload grant's jti: the token's own when it is one a grant may carry, else a digest
+/// of the token (the same token, presented twice, is the same grant).
+fn workload_jti(token: &str, claims: &usher_trust::VerifiedClaims) -> String {
+    match claims.get("jti").and_then(Value::as_str) {
+        Some(jti) if is_valid_jti(jti) => jti.to_string(),
+        _ => format!(
+            "wl-{}",
+            &hex::encode(Sha256::digest(token.as_bytes()))[..32]
+        ),
+    }
+}
+
 /// A crypt(3) hash of a kind the system's tools understand, with nothing that could break
 /// the shadow file's format.
 pub fn is_crypt_hash(h: &str) -> bool {
@@ -349,130 +476,6 @@ pub fn is_crypt_hash(h: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "./$=".contains(c))
 }
 
-/// What a token says before its signature is checked: enough to pick the key, nothing
-/// to trust.
-struct Unverified {
-    alg: Algorithm,
-    kid: Option<String>,
-    claims: Map<String, Value>,
-}
-
-impl Unverified {
-    /// Decodes the three parts, so that whatever fails later is about trust, not form.
-    fn parse(token: &str) -> Result<Unverified, Refusal> {
-        let parts: Vec<&str> = token.split('.').collect();
-        let [header, claims, signature] = parts[..] else {
-            return Err(Malformed::NotThreeParts.into());
-        };
-        let header = decode_object(Part::Header, header)?;
-        // Before any other header parameter is read, so that any `crit` is refused as such.
-        refuse_critical_extensions(&header)?;
-        let alg = match header.get("alg") {
-            None | Some(Value::Null) => return Err(Malformed::NoAlgorithm.into()),
-            Some(Value::String(name)) => Algorithm::from_str(name)
-                .map_err(|_| Malformed::UnsupportedAlgorithm(shortened(name)))?,
-            Some(other) => {
-                return Err(Malformed::UnsupportedAlgorithm(shortened(&other.to_string())).into())
-            }
-        };
-        let kid = match header.get("kid") {
-            // As the JOSE library reads it: a null kid is no kid.
-            None | Some(Value::Null) => None,
-            Some(Value::String(kid)) => Some(kid.clone()),
-            Some(_) => {
-                return Err(Malformed::Undecodable {
-                    part: Part::Header,
-                    why: "kid is not a string".into(),
-                }
-                .into())
-            }
-        };
-        // The rest of the header as the JOSE library types it, so that it fails here, as
-        // the header's fault, rather than during the signature check.
-        jsonwebtoken::decode_header(token).map_err(|e| Malformed::Undecodable {
-            part: Part::Header,
-            why: e.to_string(),
-        })?;
-        let claims = decode_object(Part::Claims, claims)?;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(signature)
-            .map_err(|e| Malformed::Undecodable {
-                part: Part::Signature,
-                why: e.to_string(),
-            })?;
-        Ok(Unverified { alg, kid, claims })
-    }
-}
-
-/// A base64url-encoded JSON object, one part of a token.
-fn decode_object(part: Part, encoded: &str) -> Result<Map<String, Value>, Malformed> {
-    let undecodable = |why: String| Malformed::Undecodable { part, why };
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(encoded)
-        .map_err(|e| undecodable(e.to_string()))?;
-    serde_json::from_slice(&json).map_err(|e| undecodable(e.to_string()))
-}
-
-/// RFC 7515 §4.1.11: a recipient must refuse a JWS whose `crit` names an extension it does
-/// not understand. This host understands none, so the parameter's presence, with any value
-/// (a list, an empty list, null, anything), refuses the token. The header is read here
-/// from its JSON rather than through `jsonwebtoken::Header`, which reads `"crit": null`
-/// as absent.
-fn refuse_critical_extensions(header: &Map<String, Value>) -> Result<(), Refusal> {
-    match header.get("crit") {
-        None => Ok(()),
-        Some(value) => Err(Refusal::CriticalHeader(shortened(&value.to_string()))),
-    }
-}
-
-/// A value from a hostile token as the journal shows it: cut short.
-fn shortened(text: &str) -> String {
-    text.chars().take(80).collect()
-}
-
-/// The one algorithm a key may verify.
-fn key_algorithm(jwk: &Jwk) -> Result<Algorithm, UnusableKey> {
-    match &jwk.algorithm {
-        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
-            // Checked here because jsonwebtoken 11 slices the key to 32 bytes unchecked: a
-            // shorter `x` would panic at the first token rather than be refused.
-            let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(&p.x)
-                .map_err(|e| UnusableKey::Invalid(format!("x: {e}")))?;
-            let x: [u8; 32] = x
-                .try_into()
-                .map_err(|_| UnusableKey::Invalid("an Ed25519 public key is 32 bytes".into()))?;
-            ed25519_dalek::VerifyingKey::from_bytes(&x)
-                .map_err(|_| UnusableKey::Invalid("not an Ed25519 public key".into()))?;
-            Ok(Algorithm::EdDSA)
-        }
-        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => {
-            Ok(Algorithm::ES256)
-        }
-        AlgorithmParameters::RSA(_) => Ok(Algorithm::RS256),
-        AlgorithmParameters::OctetKey(_) => Err(UnusableKey::Symmetric),
-        _ => Err(UnusableKey::UnsupportedType),
-    }
-}
-
-pub fn read_jwks(path: &Path) -> Result<JwkSet, JwksError> {
-    let text = std::fs::read_to_string(path).map_err(|source| JwksError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let set: JwkSet = serde_json::from_str(&text).map_err(|source| JwksError::NotJwks {
-        path: path.to_owned(),
-        source,
-    })?;
-    for jwk in &set.keys {
-        key_algorithm(jwk).map_err(|why| JwksError::UnusableKey {
-            path: path.to_owned(),
-            why,
-        })?;
-    }
-    Ok(set)
-}
-
 #[cfg(test)]
 mod tests {
     //! The refusal matrix, with no daemon and no root: each case names the `Refusal` it
@@ -480,7 +483,32 @@ mod tests {
 
     use super::*;
     use crate::grant::{keygen, sign, Audience, KeyAlg};
-    use jsonwebtoken::EncodingKey;
+    use base64::Engine;
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    use usher_trust::{key_algorithm, FetchError, SetupError, MAX_TOKEN_BYTES};
+
+    /// Reads a JWKS file the way the agent does at start-up: as an issuer's keys.
+    fn read_jwks(path: &std::path::Path) -> Result<Verifier, JwksError> {
+        let mut config = Config::default();
+        config.issuers.push(usher_trust::IssuerConfig {
+            jwks: Some(path.to_owned()),
+            discovery: false,
+            ..usher_trust::IssuerConfig::discovery(ISS)
+        });
+        Verifier::from_config(&config, BTreeSet::new())
+    }
+
+    fn file_error(result: Result<Verifier, JwksError>) -> FetchError {
+        match result {
+            Err(JwksError::Issuer {
+                source: SetupError::File(e),
+                ..
+            }) => e,
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
     use serde_json::json;
     use std::sync::OnceLock;
 
@@ -535,10 +563,9 @@ mod tests {
 
     fn verifier_with(jwks: Vec<Jwk>, policy: PolicyConfig) -> Verifier {
         Verifier {
-            issuers: vec![Issuer {
-                iss: ISS.into(),
-                keys: JwkSet { keys: jwks },
-            }],
+            issuers: TrustedIssuers::new(vec![IssuerKeys::fixed(ISS, JwkSet { keys: jwks })]),
+            workload_issuers: TrustedIssuers::default(),
+            workloads: Vec::new(),
             audiences: vec!["host-a".into(), "group:web".into()],
             policy,
             name_prefix: "jit-".into(),
@@ -574,6 +601,7 @@ mod tests {
             profile: None,
             approved_by: None,
             reason: None,
+            request: None,
         }
     }
 
@@ -818,11 +846,11 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            read_jwks(&path),
-            Err(JwksError::UnusableKey {
+            file_error(read_jwks(&path)),
+            FetchError::UnusableKeyInFile {
                 why: UnusableKey::Invalid(_),
                 ..
-            })
+            }
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -851,17 +879,20 @@ mod tests {
         let path = dir.join("oct.json");
         std::fs::write(&path, r#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).unwrap();
         assert!(matches!(
-            read_jwks(&path),
-            Err(JwksError::UnusableKey {
+            file_error(read_jwks(&path)),
+            FetchError::UnusableKeyInFile {
                 why: UnusableKey::Symmetric,
                 ..
-            })
+            }
         ));
         std::fs::write(&path, "{}").unwrap();
-        assert!(matches!(read_jwks(&path), Err(JwksError::NotJwks { .. })));
         assert!(matches!(
-            read_jwks(&dir.join("absent.json")),
-            Err(JwksError::Read { .. })
+            file_error(read_jwks(&path)),
+            FetchError::NotJwks { .. }
+        ));
+        assert!(matches!(
+            file_error(read_jwks(&dir.join("absent.json"))),
+            FetchError::Read { .. }
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }

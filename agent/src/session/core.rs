@@ -16,9 +16,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub trait Core: Send + Sync + 'static {
-    /// Verifies a presented grant token, checks it against revocations and keeps it.
-    /// `how` says where it came from, for the audit trail.
-    fn admit(&self, token: &str, how: &str) -> Result<Grant, Refusal>;
+    /// Verifies a token presented at a login prompt by a client logging in as `login` (a
+    /// grant, or a workload's OIDC token that a `[[workload]]` rule for `login` takes),
+    /// checks it against revocations and keeps it. `how` says where it came from, for the
+    /// audit trail.
+    fn admit_presented(
+        &self,
+        login: &str,
+        token: &str,
+        how: &str,
+    ) -> impl Future<Output = Result<Grant, Refusal>> + Send;
 
     /// The live grant for `login` bound to this SSH key, if any.
     fn grant_for_key(&self, login: &str, key: &russh::keys::PublicKey) -> Option<Grant>;

@@ -188,6 +188,7 @@ pub(super) fn start_recording(
             profile: grant.profile.clone(),
             approved_by: grant.claims.approved_by.clone(),
             reason: grant.claims.reason.clone(),
+            request: grant.claims.request.clone(),
             expires_at: grant.expires_at(),
         },
         peer: request.peer.clone(),

@@ -430,6 +430,7 @@ mod tests {
                     profile: "default".into(),
                     approved_by: None,
                     reason: None,
+                    request: None,
                     expires_at: 0,
                 },
                 peer: None,

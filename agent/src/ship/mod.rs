@@ -635,6 +635,7 @@ mod tests {
                     profile: "default".into(),
                     approved_by: None,
                     reason: None,
+                    request: None,
                     expires_at: 1893456000,
                 },
                 peer: None,

@@ -174,9 +174,9 @@ impl<C: Core> Connection<C> {
     }
 
     /// A grant presented at the password or keyboard-interactive prompt.
-    fn presented(&mut self, user: &str, token: &str) -> Auth {
+    async fn presented(&mut self, user: &str, token: &str) -> Auth {
         let how = format!("ssh-password from {}", self.peer_string());
-        match self.core.admit(token, &how) {
+        match self.core.admit_presented(user, token, &how).await {
             Ok(g) if g.login() == user => self.accept(g),
             Ok(g) => {
                 log::warn!(target: "usher::audit", usher_event = "grant_refused", jti = g.jti(); "grant {} is for {}, not {user}", g.jti(), g.login());
@@ -280,7 +280,7 @@ impl<C: Core> russh::server::Handler for Connection<C> {
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        Ok(self.presented(user, password))
+        Ok(self.presented(user, password).await)
     }
 
     async fn auth_keyboard_interactive<'a>(
@@ -300,7 +300,7 @@ impl<C: Core> russh::server::Handler for Connection<C> {
                     .next()
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_default();
-                Ok(self.presented(user, &token))
+                Ok(self.presented(user, &token).await)
             }
         }
     }
