@@ -339,7 +339,6 @@ impl Config {
         {
             return Err(ConfigError::ZeroConnectionLimit);
         }
-        self.service_endpoint()?;
         for issuer in self.issuers.iter().chain(&self.workload_issuers) {
             issuer.source()?;
         }
@@ -368,6 +367,7 @@ impl Config {
         {
             return Err(ConfigError::UnusedWorkloadIssuer(unused.iss.clone()));
         }
+        self.service_endpoint()?;
         Ok(())
     }
 

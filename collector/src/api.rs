@@ -12,7 +12,7 @@ use crate::workflow::ratelimit::RateLimit;
 use crate::workflow::{Policy, Workflow, WorkflowError};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use std::collections::HashMap;
@@ -215,12 +215,14 @@ pub(crate) fn principal(
         crate::workflow::now(),
     )
     .map(|p| app.workflow.effective(p))
-    .map_err(|e| {
-        error(
+    .map_err(|e| match e {
+        // Signed in, but the write did not come from the page: refused, not unknown.
+        auth::AuthError::Csrf => error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, e.to_string()),
+        _ => error(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
             e.to_string(),
-        )
+        ),
     })
 }
 
@@ -250,7 +252,7 @@ fn bad_request(msg: impl Into<String>) -> Response {
 
 pub fn router(app: Shared) -> Router {
     crate::workflow::routes::routes()
-        .route("/", get(page))
+        .merge(crate::web::routes())
         .route("/assets/{file}", get(asset))
         .route("/api/v1/sessions", get(search))
         .route("/api/v1/sessions/{id}", get(session))
@@ -422,10 +424,6 @@ async fn cast(State(app): State<Shared>, Path(id): Path<String>, headers: Header
 
 async fn audit(State(app): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     raw_stream(app, id, "audit", headers).await
-}
-
-async fn page() -> Html<&'static str> {
-    Html(include_str!("../web/index.html"))
 }
 
 async fn asset(State(app): State<Shared>, Path(file): Path<String>) -> Response {

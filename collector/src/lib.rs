@@ -10,4 +10,5 @@ pub mod config;
 pub mod keys;
 pub mod store;
 pub mod uploader;
+pub mod web;
 pub mod workflow;

@@ -39,11 +39,8 @@ async fn the_page_finds_a_session_plays_it_and_the_timeline_seeks() {
     up.ship(&other).await.unwrap();
 
     let d = Browser::start();
-    d.open(&format!(
-        "{}/?token={}&command=terraform&play=page-1",
-        c.url(),
-        c.viewer_token()
-    ));
+    d.sign_in_with_token(&c.url(), &c.viewer_token());
+    d.open(&format!("{}/?command=terraform&play=page-1", c.url()));
     // The search found exactly the session that ran the command.
     let rows = d
         .wait_for(
@@ -103,11 +100,8 @@ async fn a_live_session_is_watched_as_it_grows() {
     up.ship_stream(&live, "cast", n / 2).await.unwrap();
 
     let d = Browser::start();
-    d.open(&format!(
-        "{}/?token={}&play=live-1",
-        c.url(),
-        c.viewer_token()
-    ));
+    d.sign_in_with_token(&c.url(), &c.viewer_token());
+    d.open(&format!("{}/?play=live-1", c.url()));
     d.wait_for(
         "a live session's status",
         "return document.body.dataset.status || ''",

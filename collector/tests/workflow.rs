@@ -464,3 +464,230 @@ async fn two_instances_on_one_postgres_share_requests_and_wake_each_others_long_
         .iter()
         .any(|x| x["id"] == id.as_str()));
 }
+
+/// The exchange's form, as a workload sends it.
+async fn exchange(svc: &Service, fields: &[(&str, &str)]) -> (u16, Value) {
+    let body: String = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(fields)
+        .finish();
+    let answer = svc
+        .http
+        .post(format!("{}/api/v1/token", svc.collector.url()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    (
+        status,
+        serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap_or(Value::Null),
+    )
+}
+
+fn exchange_form<'a>(token: &'a str, host: &'a str, key: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("grant_type", usher_wire::jit::TOKEN_EXCHANGE_GRANT_TYPE),
+        ("subject_token", token),
+        ("subject_token_type", usher_wire::jit::JWT_TOKEN_TYPE),
+        ("audience", host),
+        ("ssh_key", key),
+    ]
+}
+
+/// Workloads of a real OpenID provider (npm `oidc-provider`, GitHub Actions-like claims)
+/// exchange their tokens: the right repository and branch get a grant bound to their key;
+/// the wrong repository, branch, audience or host are refused with the reason (and
+/// audited); a rule that needs approval leaves the job waiting until an approver approves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workloads_exchange_their_tokens_for_grants() {
+    use usher_test_support::{OidcOptions, OidcProvider, Workload};
+    let main = Workload::github_actions(
+        "deploy-main",
+        "acme/web",
+        42,
+        "refs/heads/main",
+        "deploy",
+        None,
+    );
+    let branch = Workload::github_actions(
+        "deploy-branch",
+        "acme/web",
+        42,
+        "refs/heads/feature",
+        "deploy",
+        None,
+    );
+    let other = Workload::github_actions(
+        "other-repo",
+        "acme/other",
+        43,
+        "refs/heads/main",
+        "deploy",
+        None,
+    );
+    let prod = Workload::github_actions(
+        "deploy-prod",
+        "acme/web",
+        42,
+        "refs/heads/main",
+        "deploy",
+        Some("prod"),
+    );
+    let idp = tokio::task::spawn_blocking(move || {
+        OidcProvider::start(OidcOptions {
+            workloads: vec![main, branch, other, prod],
+            ..OidcOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let iss = idp.issuer();
+    let rules = format!(
+        r#"
+[[workload]]
+name = "gated"
+issuer = "{iss}"
+audience = "urn:usher"
+claims = {{ repository = "acme/web", environment = "prod" }}
+hosts = ["web-*"]
+login = "jit-prod"
+max_lifetime = "10m"
+approval = true
+pending_ttl = "5m"
+
+[[workload]]
+name = "deploy"
+issuer = "{iss}"
+audience = "urn:usher"
+claims = {{ repository = "acme/web", ref = "refs/heads/main" }}
+hosts = ["web-1"]
+login = "jit-deploy"
+profile = "restricted"
+max_lifetime = "15m"
+
+[[workload_issuer]]
+iss = "{iss}"
+discovery = true
+ca = "{ca}"
+"#,
+        ca = idp.ca_path().display()
+    );
+    let mut svc = Service::new("", &rules);
+    svc.collector.start();
+    let key = openssh_public_line(&SigningKey::from_bytes(&[77; 32]));
+    let token_of = |client: &'static str, aud: &'static str| {
+        let idp = &idp;
+        std::thread::scope(|s| {
+            s.spawn(move || idp.workload_token(client, aud).unwrap())
+                .join()
+                .unwrap()
+        })
+    };
+
+    let good = token_of("deploy-main", "urn:usher");
+    let (status, answer) = exchange(&svc, &exchange_form(&good, "web-1", &key)).await;
+    assert_eq!(status, 200, "{answer}\n{}", svc.collector.log());
+    assert_eq!(
+        answer["issued_token_type"],
+        usher_wire::jit::GRANT_TOKEN_TYPE
+    );
+    assert_eq!(answer["expires_in"], 900);
+    let claims = verify_with_jwks(&svc, answer["access_token"].as_str().unwrap(), "web-1").await;
+    assert_eq!(claims["login"], "jit-deploy");
+    assert_eq!(claims["profile"], "restricted");
+    assert_eq!(claims["ssh_keys"], json!([key]));
+    assert_eq!(
+        claims["sub"],
+        format!("{iss}#repo:acme/web:ref:refs/heads/main")
+    );
+    let (_, feed) = svc.get("/api/v1/agent/grants", "agent-token-web-1").await;
+    assert_eq!(feed["grants"][0], answer["access_token"]);
+
+    // Refusals, each with its reason.
+    let refused = |answer: &Value, error: &str, says: &str| {
+        assert_eq!(answer["error"], error, "{answer}");
+        let why = answer["error_description"].as_str().unwrap_or("");
+        assert!(why.contains(says), "{why:?} does not say {says:?}");
+    };
+    let wrong_repo = token_of("other-repo", "urn:usher");
+    let (status, a) = exchange(&svc, &exchange_form(&wrong_repo, "web-1", &key)).await;
+    assert_eq!(status, 400);
+    refused(&a, "invalid_grant", "acme/other");
+    let wrong_branch = token_of("deploy-branch", "urn:usher");
+    let (_, a) = exchange(&svc, &exchange_form(&wrong_branch, "web-1", &key)).await;
+    refused(&a, "invalid_grant", "refs/heads/feature");
+    let wrong_audience = token_of("deploy-main", "urn:someone-else");
+    let (_, a) = exchange(&svc, &exchange_form(&wrong_audience, "web-1", &key)).await;
+    refused(&a, "invalid_grant", "audience");
+    let (_, a) = exchange(&svc, &exchange_form(&good, "web-2", &key)).await;
+    refused(&a, "invalid_target", "web-2");
+    let mut too_long = exchange_form(&good, "web-1", &key);
+    too_long.push(("duration", "3600"));
+    let (_, a) = exchange(&svc, &too_long).await;
+    refused(&a, "invalid_request", "900");
+    let (_, a) = exchange(&svc, &exchange_form(&good, "web-1", "ssh-ed25519 garbage")).await;
+    refused(&a, "invalid_request", "OpenSSH");
+    let mut forged = good.clone();
+    forged.pop();
+    forged.push(if good.ends_with('A') { 'B' } else { 'A' });
+    let (_, a) = exchange(&svc, &exchange_form(&forged, "web-1", &key)).await;
+    assert_eq!(a["error"], "invalid_grant", "{a}");
+    let (_, a) = exchange(&svc, &[("grant_type", "password")]).await;
+    refused(&a, "invalid_request", "grant_type");
+
+    // A rule that needs a human: the job waits, bob approves, the job collects.
+    let gated = token_of("deploy-prod", "urn:usher");
+    let (status, a) = exchange(&svc, &exchange_form(&gated, "web-2", &key)).await;
+    assert_eq!(
+        (status, a["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{a}"
+    );
+    let request_id = a["request_id"].as_str().unwrap().to_string();
+    let mut again = exchange_form(&gated, "web-2", &key);
+    again.push(("request_id", &request_id));
+    let (_, a) = exchange(&svc, &again).await;
+    assert_eq!(a["error"], "authorization_pending");
+    // Another workload cannot collect it.
+    let mut stolen = exchange_form(&good, "web-2", &key);
+    stolen.push(("request_id", &request_id));
+    let (_, a) = exchange(&svc, &stolen).await;
+    assert_ne!(a["error"], "authorization_pending", "{a}");
+    assert!(a.get("access_token").is_none());
+    let bob = svc.token("s-bob", "bob", "sre");
+    let (status, r) = svc
+        .post(
+            &format!("/api/v1/requests/{request_id}/review"),
+            &bob,
+            json!({"decision": "approve", "comment": "release 1.2"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let (status, a) = exchange(&svc, &again).await;
+    assert_eq!(status, 200, "{a}");
+    let claims = verify_with_jwks(&svc, a["access_token"].as_str().unwrap(), "web-2").await;
+    assert_eq!(claims["login"], "jit-prod");
+    assert_eq!(claims["approved_by"], "bob");
+
+    // The refusals are in the audit trail with their reasons.
+    let auditor = svc.token("s-audrey", "audrey", "audit");
+    let (_, trail) = svc.get("/api/v1/audit", &auditor).await;
+    let refusals: Vec<&Value> = trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["event"] == "token.refused")
+        .collect();
+    assert!(refusals.len() >= 7, "{trail}");
+    assert!(refusals.iter().any(|r| r["detail"]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("acme/other")));
+    assert!(trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["event"] == "token.exchanged"));
+}

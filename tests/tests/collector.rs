@@ -454,11 +454,8 @@ fn the_page_finds_a_session_and_plays_it_in_chromium() {
     let id = agent.recorded_sessions().pop().unwrap();
     collector.wait_complete(&id, 60, &agent);
     let browser = Browser::start();
-    browser.open(&format!(
-        "{}/?token={}&login={login}&play={id}",
-        collector.url(),
-        collector.viewer_token()
-    ));
+    browser.sign_in_with_token(&collector.url(), &collector.viewer_token());
+    browser.open(&format!("{}/?login={login}&play={id}", collector.url()));
     // The search found it.
     let rows = browser.wait_for(
         "search results",
@@ -533,11 +530,8 @@ fn a_live_session_reaches_the_collector_while_it_runs() {
     assert!(!cast.contains("LIVE-END-42"), "{cast}");
     // The page plays it while it runs.
     let browser = Browser::start();
-    browser.open(&format!(
-        "{}/?token={}&play={id}",
-        collector.url(),
-        collector.viewer_token()
-    ));
+    browser.sign_in_with_token(&collector.url(), &collector.viewer_token());
+    browser.open(&format!("{}/?play={id}", collector.url()));
     browser.wait_for(
         "a live session's status",
         "return document.body.dataset.status || ''",

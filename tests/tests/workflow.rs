@@ -63,18 +63,6 @@ impl Service {
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("service.log")).unwrap_or_default()
     }
-
-    /// Its public keys, as an agent's `[[issuer]] jwks` file.
-    fn save_jwks(&self, path: &Path) {
-        let out = Command::new("curl")
-            .args(["-sf", "--cacert"])
-            .arg(self.ca.ca_pem())
-            .arg(format!("{}/jwks.json", self.url()))
-            .output()
-            .expect("curl runs");
-        assert!(out.status.success(), "the service's JWKS: {}", self.log());
-        std::fs::write(path, &out.stdout).unwrap();
-    }
 }
 
 impl Drop for Service {
@@ -192,21 +180,19 @@ impl World {
         let issuer = provider.issuer();
         // The logins the service may grant carry the agent's name prefix, known once the
         // agent exists; the agent needs the service's port and CA. So: the port and the
-        // CA's directory first, then the agent, then the service with the agent's prefix.
-        let jwks = dir.join("service.jwks.json");
-        // A placeholder JWKS until the service has made its key: the agent starts with it
-        // and is restarted with the real one below.
-        std::fs::write(&jwks, r#"{"keys":[]}"#).unwrap();
+        // CA first, then the agent, then the service with the agent's prefix.
         let service_port = free_port();
         let service_ca_dir = dir.join("service-ca");
         std::fs::create_dir_all(&service_ca_dir).unwrap();
+        let service_ca =
+            TestCa::create(&service_ca_dir).unwrap_or_else(|e| panic!("the service's CA: {e}"));
+        // The agent trusts the service's issuer by discovery, as WORKFLOW.md says.
         let agent = TestAgent::start_with(Options {
             extra_config: format!(
-                "[[issuer]]\niss = \"https://127.0.0.1:{service_port}\"\njwks = \"{}\"\n\n\
+                "[[issuer]]\niss = \"https://127.0.0.1:{service_port}\"\ndiscovery = true\nca = \"{ca}\"\n\n\
                  [service]\nurl = \"https://127.0.0.1:{service_port}\"\ntoken = \"{AGENT_TOKEN}\"\n\
-                 ca = \"{}\"\nwait_secs = 20\n",
-                jwks.display(),
-                service_ca_dir.join("ca.pem").display()
+                 ca = \"{ca}\"\nwait_secs = 20\n",
+                ca = service_ca.ca_pem().display()
             ),
             ..Default::default()
         });
@@ -269,10 +255,9 @@ ca = "{provider_ca}"
                 provider_ca = provider_ca.display(),
             )
         };
-        let service = Service::on(service_port, service_ca_dir, service_config);
-        // The agent trusts the service's issuer key from its published JWKS (until
-        // discovery does it), then starts again to read it.
-        service.save_jwks(&jwks);
+        let service = Service::on(service_port, service_ca, service_config);
+        // The agent started while the service was not there yet: started again, it finds
+        // the service's keys by discovery at once.
         let mut agent = agent;
         agent.stop();
         agent.launch();
@@ -405,11 +390,10 @@ impl Drop for World {
 impl Service {
     /// `new`, on a port and with a CA directory chosen before (an agent is configured
     /// for both).
-    fn on(port: u16, ca_dir: PathBuf, config: impl FnOnce(&Service) -> String) -> Service {
-        let dir = ca_dir.parent().unwrap().join(format!("service-{port}"));
+    fn on(port: u16, ca: TestCa, config: impl FnOnce(&Service) -> String) -> Service {
+        let dir = ca.dir.parent().unwrap().join(format!("service-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let ca = TestCa::create(&ca_dir).unwrap_or_else(|e| panic!("the service's CA: {e}"));
         let mut service = Service {
             config: dir.join("service.toml"),
             dir,

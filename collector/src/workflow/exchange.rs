@@ -222,12 +222,12 @@ async fn exchange(
         asked.login.as_deref(),
     )
     .map_err(|none| {
-        let only_hosts = !none.misses.is_empty()
-            && none
-                .misses
-                .iter()
-                .all(|m| matches!(m, RuleMiss::Host { .. }));
-        if only_hosts {
+        // A rule that takes the token's claims but not this host: the target is wrong.
+        if none
+            .misses
+            .iter()
+            .any(|m| matches!(m, RuleMiss::Host { .. }))
+        {
             ExchangeRefusal::Target(none.to_string())
         } else {
             ExchangeRefusal::NoRule(none.to_string())

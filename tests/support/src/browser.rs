@@ -120,6 +120,19 @@ impl Browser {
         self.call("POST", "/url", json!({ "url": url }));
     }
 
+    /// Signs the browser in at `origin` with an API token, as the service's sign-in would:
+    /// the session cookie (HttpOnly, Secure, SameSite=Strict). WebDriver sets cookies for
+    /// the page it is on, so `origin` is opened first.
+    pub fn sign_in_with_token(&self, origin: &str, token: &str) {
+        self.open(&format!("{origin}/"));
+        self.call(
+            "POST",
+            "/cookie",
+            json!({"cookie": {"name": "usher_session", "value": token, "path": "/",
+                              "secure": true, "httpOnly": true, "sameSite": "Strict"}}),
+        );
+    }
+
     /// Runs `script` (a function body: `return ...`) in the page; returns what it returned.
     pub fn js(&self, script: &str) -> Value {
         self.call(

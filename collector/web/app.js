@@ -1,0 +1,391 @@
+// The Usher page: who is signed in, access requests (ask, review, revoke) and the recorded
+// sessions (search, replay, and the request each one came from). Everything goes through
+// the JSON API with the session cookie; whatever changes state also carries the CSRF token
+// the server rendered into the page.
+"use strict";
+
+const csrfMeta = document.querySelector('meta[name="usher-csrf"]');
+const csrf = csrfMeta ? csrfMeta.content : "";
+const params = new URLSearchParams(location.search);
+let me = null;
+let player = null;
+let refresh = null;
+let shown = { id: null, cast: null };
+
+class ApiError extends Error {
+  constructor(path, status, message) {
+    super(message + " (" + status + ")");
+    this.status = status;
+    this.path = path;
+  }
+}
+
+async function call(method, path, body) {
+  const headers = { Accept: "application/json" };
+  if (method !== "GET") headers["X-Usher-CSRF"] = csrf;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const r = await fetch(path, {
+    method,
+    headers,
+    credentials: "same-origin",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (!r.ok) {
+    let message = r.statusText;
+    try { message = (await r.json()).error || message; } catch (_) { /* not JSON */ }
+    throw new ApiError(path, r.status, message);
+  }
+  return r;
+}
+const getJson = async (path) => (await call("GET", path)).json();
+const postJson = async (path, body) => (await call("POST", path, body)).json();
+
+function text(tag, value, cls) {
+  const el = document.createElement(tag);
+  el.textContent = value == null ? "" : String(value);
+  if (cls) el.className = cls;
+  return el;
+}
+
+function cell(tr, value, cls) {
+  const td = text("td", value, cls);
+  tr.appendChild(td);
+  return td;
+}
+
+function say(message, isError) {
+  const el = document.getElementById("message");
+  el.textContent = message || "";
+  el.className = isError ? "error" : "";
+}
+
+function when(unix) {
+  return unix ? new Date(unix * 1000).toISOString().replace(".000Z", "Z") : "";
+}
+
+function duration(secs) {
+  if (secs % 3600 === 0) return secs / 3600 + "h";
+  if (secs % 60 === 0) return secs / 60 + "m";
+  return secs + "s";
+}
+
+// "1h", "90m", "1h30m", "45s"; a bare number is minutes.
+function parseDuration(value) {
+  const v = value.trim();
+  if (/^\d+$/.test(v)) return Number(v) * 60;
+  const units = { s: 1, m: 60, h: 3600, d: 86400 };
+  let total = 0;
+  const rest = v.replace(/(\d+)\s*([smhd])/g, (_, n, u) => { total += Number(n) * units[u]; return ""; });
+  if (rest.trim() !== "" || total === 0) throw new Error("a duration is like 1h, 30m or 1h30m");
+  return total;
+}
+
+function hasRole(role) {
+  return !!me && (me.roles.includes(role) || me.roles.includes("admin"));
+}
+
+function reviewsText(r) {
+  return (r.reviews || []).map((v) => v.name + " " + (v.decision === "approve" ? "approved" : "denied") +
+    (v.comment ? ": " + v.comment : "")).join("; ") + (r.auto_approved ? "approved automatically (" + r.auto_approved + ")" : "");
+}
+
+function button(label, cls, onClick) {
+  const b = text("button", label, cls);
+  b.type = "button";
+  b.addEventListener("click", async () => {
+    b.disabled = true;
+    try { await onClick(); } catch (e) { say(e.message, true); } finally { b.disabled = false; }
+  });
+  return b;
+}
+
+// ---- who am I --------------------------------------------------------------------------
+
+async function whoAmI() {
+  try {
+    me = await getJson("/api/v1/me");
+  } catch (e) {
+    if (e.status !== 401) say(e.message, true);
+    me = null;
+  }
+  document.getElementById("signed-out").hidden = !!me;
+  document.getElementById("signed-in").hidden = !me;
+  if (!me) {
+    document.body.dataset.me = "";
+    return;
+  }
+  document.getElementById("me-name").textContent = me.name;
+  document.getElementById("me-roles").textContent = me.roles.length ? "(" + me.roles.join(", ") + ")" : "(no role)";
+  document.body.dataset.me = me.name;
+  document.body.dataset.roles = me.roles.join(" ");
+}
+
+async function signOut() {
+  await call("POST", "/logout");
+  location.assign("/");
+}
+
+// ---- requests --------------------------------------------------------------------------
+
+async function submitRequest(ev) {
+  ev.preventDefault();
+  const form = new FormData(ev.target);
+  const value = (k) => (form.get(k) || "").toString().trim();
+  try {
+    const body = {
+      host: value("host"),
+      login: value("login"),
+      duration_secs: parseDuration(value("duration")),
+      reason: value("reason"),
+    };
+    if (value("profile")) body.profile = value("profile");
+    if (value("ssh_key")) body.ssh_key = value("ssh_key");
+    const r = await postJson("/api/v1/requests", body);
+    say("Request " + r.id + " is " + r.state + ".");
+    document.body.dataset.requested = r.id;
+    await loadRequests();
+  } catch (e) {
+    say(e.message, true);
+  }
+}
+
+async function review(id, decision, comment) {
+  const r = await postJson("/api/v1/requests/" + encodeURIComponent(id) + "/review", { decision, comment });
+  say("Request " + r.id + " is " + r.state + ".");
+  document.body.dataset.reviewed = r.id + " " + r.state;
+  await loadRequests();
+}
+
+async function revoke(grantId, reason) {
+  const r = await postJson("/api/v1/grants/" + encodeURIComponent(grantId) + "/revoke", { reason });
+  say("The grant of request " + r.id + " is revoked.");
+  await loadRequests();
+}
+
+async function cancel(id) {
+  const r = await postJson("/api/v1/requests/" + encodeURIComponent(id) + "/cancel");
+  say("Request " + r.id + " is " + r.state + ".");
+  await loadRequests();
+}
+
+function sessionsLink(r) {
+  const q = new URLSearchParams({ host: r.host, login: r.login, from: when(r.created_at) });
+  const a = text("a", "sessions");
+  a.href = "/?" + q.toString();
+  a.className = "sessions-link";
+  return a;
+}
+
+function pendingRow(r) {
+  const tr = document.createElement("tr");
+  tr.dataset.id = r.id;
+  for (const v of [when(r.created_at), r.requester.name, r.host, r.login, r.profile || "", duration(r.duration_secs), r.reason]) cell(tr, v);
+  cell(tr, (r.reviews || []).length + " of " + r.approvals_needed);
+  const comment = document.createElement("input");
+  comment.className = "comment";
+  comment.placeholder = "comment";
+  tr.appendChild(document.createElement("td")).appendChild(comment);
+  const actions = tr.appendChild(document.createElement("td"));
+  if (me && r.requester.sub === me.sub) {
+    actions.appendChild(text("span", "yours"));
+  } else {
+    actions.appendChild(button("Approve", "approve", () => review(r.id, "approve", comment.value)));
+    actions.appendChild(button("Deny", "deny", () => review(r.id, "deny", comment.value)));
+  }
+  return tr;
+}
+
+async function mineRow(r) {
+  const tr = document.createElement("tr");
+  tr.dataset.id = r.id;
+  for (const v of [when(r.created_at), r.host, r.login, duration(r.duration_secs), r.reason]) cell(tr, v);
+  cell(tr, r.state, "state state-" + r.state);
+  cell(tr, reviewsText(r));
+  const grantCell = tr.appendChild(document.createElement("td"));
+  const actions = tr.appendChild(document.createElement("td"));
+  if (r.state === "approved") {
+    // The grant itself is only in the single request's answer, and only for its requester.
+    const full = await getJson("/api/v1/requests/" + encodeURIComponent(r.id)).catch(() => r);
+    if (full.grant) {
+      const area = text("textarea", full.grant, "grant");
+      area.readOnly = true;
+      area.title = "paste at the password prompt";
+      grantCell.appendChild(area);
+      grantCell.appendChild(text("div", "until " + when(full.expires_at)));
+    }
+    if (r.grant_id) actions.appendChild(button("Revoke", "revoke", () => revoke(r.grant_id, "revoked by its holder")));
+  } else if (r.state === "pending") {
+    actions.appendChild(button("Cancel", "cancel", () => cancel(r.id)));
+  }
+  if (r.grant_id) actions.appendChild(sessionsLink(r));
+  return tr;
+}
+
+function grantRow(r) {
+  const tr = document.createElement("tr");
+  tr.dataset.id = r.id;
+  const approvers = (r.reviews || []).filter((v) => v.decision === "approve").map((v) => v.name).join(", ") ||
+    (r.auto_approved ? "automatic (" + r.auto_approved + ")" : "");
+  for (const v of [r.requester.name, r.host, r.login, when(r.expires_at), r.reason, approvers]) cell(tr, v);
+  const actions = tr.appendChild(document.createElement("td"));
+  const reason = document.createElement("input");
+  reason.className = "revoke-reason";
+  reason.placeholder = "why";
+  actions.appendChild(reason);
+  actions.appendChild(button("Revoke", "revoke", () => revoke(r.grant_id, reason.value)));
+  if (hasRole("auditor")) actions.appendChild(sessionsLink(r));
+  return tr;
+}
+
+async function loadRequests() {
+  if (!me) return;
+  const requester = hasRole("requester");
+  const approver = hasRole("approver");
+  document.getElementById("request-section").hidden = !requester;
+  document.getElementById("mine-section").hidden = !requester;
+  document.getElementById("pending-section").hidden = !approver;
+  document.getElementById("grants-section").hidden = !approver;
+  if (requester) {
+    const mine = await getJson("/api/v1/requests?mine=1");
+    const rows = await Promise.all(mine.map(mineRow));
+    document.getElementById("mine").replaceChildren(...rows);
+    document.body.dataset.mine = mine.length;
+  }
+  if (approver) {
+    const pending = await getJson("/api/v1/requests?state=pending");
+    document.getElementById("pending").replaceChildren(...pending.map(pendingRow));
+    document.body.dataset.pending = pending.length;
+    const live = await getJson("/api/v1/requests?state=approved");
+    document.getElementById("grants").replaceChildren(...live.filter((r) => r.grant_id).map(grantRow));
+  }
+}
+
+// ---- recordings ------------------------------------------------------------------------
+
+async function search(ev) {
+  if (ev) ev.preventDefault();
+  const q = new URLSearchParams();
+  for (const [k, v] of new FormData(document.getElementById("search"))) if (v) q.set(k, v);
+  const rows = await getJson("/api/v1/sessions?" + q);
+  const body = document.getElementById("sessions");
+  body.replaceChildren();
+  for (const s of rows) {
+    const tr = document.createElement("tr");
+    tr.className = "session";
+    tr.dataset.id = s.id;
+    for (const v of [s.started_at, s.sub, s.host, s.login, s.commands]) cell(tr, v);
+    cell(tr, s.status + (s.problem ? " (" + s.problem + ")" : ""), "status-" + s.status);
+    cell(tr, s.id);
+    tr.addEventListener("click", () => replay(s.id).catch((e) => say(e.message, true)));
+    body.appendChild(tr);
+  }
+  document.body.dataset.found = rows.length;
+}
+
+// The request a session's grant answered: named in its metadata (`grant.request`), or
+// found by the grant's id.
+async function requestOf(meta) {
+  const grant = (meta && meta.grant) || {};
+  if (grant.request) return getJson("/api/v1/requests/" + encodeURIComponent(grant.request));
+  if (!grant.jti) return null;
+  const all = await getJson("/api/v1/requests");
+  return all.find((r) => r.grant_id === grant.jti) || null;
+}
+
+function showRequest(r, meta) {
+  const el = document.getElementById("session-request");
+  el.replaceChildren();
+  el.hidden = false;
+  if (!r) {
+    const grant = (meta && meta.grant) || {};
+    el.appendChild(text("p", "This session's grant did not come from a request here" +
+      (grant.iss ? " (issued by " + grant.iss + ")" : "") + "."));
+    document.body.dataset.request = "";
+    return;
+  }
+  el.appendChild(text("h3", "Request " + r.id));
+  const dl = document.createElement("dl");
+  const row = (label, value, cls) => {
+    dl.appendChild(text("dt", label));
+    dl.appendChild(text("dd", value, cls));
+  };
+  row("requested by", r.requester.name, "requester");
+  row("requested at", when(r.created_at), "requested-at");
+  row("why", r.reason, "reason");
+  row("asked for", r.login + "@" + r.host + " for " + duration(r.duration_secs) + (r.profile ? ", profile " + r.profile : ""));
+  for (const v of r.reviews || []) {
+    row(v.decision === "approve" ? "approved by" : "denied by", v.name, v.decision === "approve" ? "approver" : "denier");
+    row("at", when(v.at), "reviewed-at");
+    if (v.comment) row("comment", v.comment, "comment");
+  }
+  if (r.auto_approved) row("approved", "automatically by rule " + r.auto_approved, "approver");
+  row("state", r.state, "state state-" + r.state);
+  if (r.revoked) row("revoked by", r.revoked.by.name + " at " + when(r.revoked.at) + (r.revoked.reason ? ": " + r.revoked.reason : ""), "revoked");
+  el.appendChild(dl);
+  document.body.dataset.request = r.id;
+}
+
+// Replays a session; `keepPosition` (a live session's refresh) resumes where the viewer was.
+async function replay(id, keepPosition) {
+  if (refresh) { clearTimeout(refresh); refresh = null; }
+  const s = await getJson("/api/v1/sessions/" + encodeURIComponent(id));
+  const cast = await (await call("GET", "/api/v1/sessions/" + encodeURIComponent(id) + "/cast")).text();
+  const start = cast ? JSON.parse(cast.split("\n")[0]).timestamp : 0;
+  const el = document.getElementById("player");
+  if (!(keepPosition && shown.id === id && shown.cast === cast)) {
+    let at = 0;
+    if (keepPosition && player && shown.id === id) at = await player.getCurrentTime();
+    if (player) { player.dispose(); player = null; }
+    el.replaceChildren();
+    if (!cast) { el.appendChild(text("p", "This session has no terminal recording yet.")); }
+    else {
+      player = AsciinemaPlayer.create({ data: cast }, el,
+        { autoPlay: true, idleTimeLimit: 1, speed: 4, fit: "width", startAt: at });
+    }
+    shown = { id, cast };
+  }
+  const tl = document.getElementById("timeline");
+  tl.replaceChildren(text("h3", "Commands"));
+  for (const c of s.commands) {
+    const at = Math.max(0, (c.time || start) - start);
+    const row = text("div", at.toFixed(1) + "s " + c.verdict + " " + (c.argv || c.path) + (c.rule ? " [" + c.rule + "]" : ""), c.verdict);
+    row.addEventListener("click", () => { if (player) { player.seek(at); player.play(); } });
+    tl.appendChild(row);
+  }
+  if (!keepPosition) {
+    try { showRequest(await requestOf(s.meta), s.meta); } catch (e) { say("the session's request: " + e.message, true); }
+  }
+  document.body.dataset.playing = id;
+  document.body.dataset.status = s.status;
+  // A live session is watched: its recording is fetched again as it grows.
+  if (s.status === "live") refresh = setTimeout(() => replay(id, true).catch(() => {}), 2000);
+}
+
+async function loadRecordings() {
+  const auditor = hasRole("auditor");
+  document.getElementById("recordings-section").hidden = !auditor;
+  if (!auditor) return;
+  // The search can come in the address: ?sub=…&host=…&login=…&command=…&play=<session id>.
+  for (const input of document.querySelectorAll("#search input")) {
+    if (params.get(input.name)) input.value = params.get(input.name);
+  }
+  await search();
+  const want = params.get("play");
+  if (want) await replay(want);
+}
+
+// ---- start -----------------------------------------------------------------------------
+
+document.getElementById("sign-out").addEventListener("click", () => signOut().catch((e) => say(e.message, true)));
+document.getElementById("request-form").addEventListener("submit", submitRequest);
+document.getElementById("search").addEventListener("submit", (ev) => search(ev).catch((e) => say(e.message, true)));
+
+(async () => {
+  await whoAmI();
+  if (!me) { document.body.dataset.ready = "yes"; return; }
+  await Promise.all([
+    loadRequests().catch((e) => say(e.message, true)),
+    loadRecordings().catch((e) => say(e.message, true)),
+  ]);
+  document.body.dataset.ready = "yes";
+})();
