@@ -261,3 +261,37 @@ fn key_rotation_is_followed_and_a_new_key_is_refused_while_the_provider_is_down(
     );
     assert_eq!(agent.pid(), pid);
 }
+
+#[test]
+fn a_grants_request_id_reaches_the_sessions_metadata() {
+    let agent = TestAgent::start();
+    let login = agent.login("req");
+    let mut claims = agent.claims(&login, 600);
+    claims.request = Some("req-0042".into());
+    let out = agent.install(&agent.sign(&claims));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = agent.ssh(&login, "true");
+    assert!(out.status.success(), "{}", agent.log());
+    let ids = agent.recorded_sessions();
+    let meta = agent.meta(ids.last().expect("a recorded session"));
+    assert_eq!(meta["grant"]["request"], "req-0042");
+    // A grant without one has none in its metadata (not even null).
+    let other = agent.login("plain");
+    agent.install(&agent.sign(&agent.claims(&other, 600)));
+    assert!(agent.ssh(&other, "true").status.success());
+    let ids = agent.recorded_sessions();
+    let metas: Vec<_> = ids.iter().map(|id| agent.meta(id)).collect();
+    let plain = metas
+        .iter()
+        .find(|m| {
+            m["grant"]["jti"]
+                .as_str()
+                .is_some_and(|j| j.contains("plain"))
+        })
+        .expect("the second session's metadata");
+    assert!(plain["grant"].get("request").is_none(), "{plain}");
+}

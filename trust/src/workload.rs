@@ -234,7 +234,8 @@ impl WorkloadRule {
 }
 
 /// The first rule (in configuration order) of issuer `iss` that takes the verified token,
-/// or every rule of that issuer with why not.
+/// or why not: when `login` is given, the reasons of the rules for that login (or, when no
+/// rule grants it, that each grants another); else of every rule of the issuer.
 pub fn match_rule<'r>(
     rules: &'r [WorkloadRule],
     iss: &str,
@@ -242,8 +243,24 @@ pub fn match_rule<'r>(
     host: Option<&str>,
     login: Option<&str>,
 ) -> Result<&'r WorkloadRule, NoRule> {
+    let of_issuer = || rules.iter().filter(move |r| r.issuer == iss);
+    let for_login = |r: &&WorkloadRule| login.is_none_or(|l| r.login == l);
     let mut misses = Vec::new();
-    for rule in rules.iter().filter(|r| r.issuer == iss) {
+    if login.is_some() && !of_issuer().any(|r| for_login(&r)) {
+        let asked = shortened(login.unwrap_or_default());
+        misses = of_issuer()
+            .map(|r| RuleMiss::Login {
+                rule: r.name.clone(),
+                want: r.login.clone(),
+                asked: asked.clone(),
+            })
+            .collect();
+        return Err(NoRule {
+            iss: shortened(iss),
+            misses,
+        });
+    }
+    for rule in of_issuer().filter(for_login) {
         match rule.check(claims, host, login) {
             Ok(()) => return Ok(rule),
             Err(miss) => misses.push(miss),

@@ -1416,3 +1416,218 @@ mod tests {
         assert!(why.to_string().len() < 200, "{why}");
     }
 }
+
+#[cfg(test)]
+mod workload_tests {
+    //! Workload tokens at the prompt, with the workload issuer's keys held fixed: which
+    //! grant a token becomes, and which refusal when it becomes none.
+
+    use super::*;
+    use crate::grant::{keygen, sign, KeyAlg};
+    use serde_json::json;
+
+    const NOW: i64 = 1_800_000_000;
+    const GRANT_ISS: &str = "https://issuer.test";
+    const WL_ISS: &str = "https://token.actions.test";
+
+    struct Keys {
+        grant_pem: String,
+        workload_pem: String,
+        verifier: Verifier,
+    }
+
+    fn keys() -> Keys {
+        let (grant_pem, grant_jwks) = keygen(KeyAlg::Ed25519, "g-1").unwrap();
+        let (workload_pem, workload_jwks) = keygen(KeyAlg::Es256, "w-1").unwrap();
+        let set = |text: &str| serde_json::from_str::<jsonwebtoken::jwk::JwkSet>(text).unwrap();
+        let rule: WorkloadRule = serde_json::from_value(json!({
+            "name": "deploy", "issuer": WL_ISS, "audience": "usher",
+            "claims": {"repository": "acme/web", "ref": "refs/heads/*"},
+            "login": "jit-deploy", "profile": "restricted", "max_lifetime": "10m",
+        }))
+        .unwrap();
+        let mut long = rule.clone();
+        long.name = "long".into();
+        long.login = "jit-long".into();
+        long.max_lifetime = usher_trust::HumanDuration::from_secs(7200);
+        Keys {
+            verifier: Verifier {
+                issuers: TrustedIssuers::new(vec![IssuerKeys::fixed(GRANT_ISS, set(&grant_jwks))]),
+                workload_issuers: TrustedIssuers::new(vec![IssuerKeys::fixed(
+                    WL_ISS,
+                    set(&workload_jwks),
+                )]),
+                workloads: vec![rule, long],
+                audiences: vec!["host-a".into()],
+                policy: PolicyConfig {
+                    max_lifetime_secs: 3600,
+                    allowed_groups: vec![],
+                    allowed_profiles: vec!["restricted".into()],
+                    default_profile: "default".into(),
+                    leeway_secs: 30,
+                },
+                name_prefix: "jit-".into(),
+                known_profiles: ["default", "restricted"].map(String::from).into(),
+            },
+            grant_pem,
+            workload_pem,
+        }
+    }
+
+    fn workload_claims() -> serde_json::Value {
+        json!({
+            "iss": WL_ISS, "aud": "usher", "sub": "repo:acme/web:ref:refs/heads/main",
+            "repository": "acme/web", "ref": "refs/heads/main",
+            "iat": NOW - 10, "exp": NOW + 300, "jti": "run-1.attempt-1",
+        })
+    }
+
+    fn workload_token(k: &Keys, claims: &serde_json::Value) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("w-1".into());
+        jsonwebtoken::encode(
+            &header,
+            claims,
+            &jsonwebtoken::EncodingKey::from_ec_pem(k.workload_pem.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    }
+
+    async fn presented(
+        k: &Keys,
+        claims: &serde_json::Value,
+        login: &str,
+    ) -> Result<Grant, Refusal> {
+        k.verifier
+            .verify_presented(&workload_token(k, claims), login, NOW)
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_matching_token_becomes_a_grant_for_the_rules_login() {
+        let k = keys();
+        let g = presented(&k, &workload_claims(), "jit-deploy")
+            .await
+            .unwrap();
+        assert_eq!(g.login(), "jit-deploy");
+        assert_eq!(g.profile, "restricted");
+        assert_eq!(g.claims.sub, "repo:acme/web:ref:refs/heads/main");
+        assert_eq!(g.claims.iss, WL_ISS);
+        assert_eq!(g.jti(), "run-1.attempt-1");
+        assert_eq!(
+            g.claims.exp,
+            NOW + 300,
+            "the token's end, sooner than the rule's"
+        );
+        assert_eq!(g.claims.reason.as_deref(), Some("workload rule deploy"));
+        // The rule's lifetime ends it sooner than the token would.
+        let mut c = workload_claims();
+        c["exp"] = json!(NOW + 3000);
+        let g = presented(&k, &c, "jit-deploy").await.unwrap();
+        assert_eq!(g.claims.exp, NOW + 600);
+        // Without a usable jti, a digest of the token: the same token is the same grant.
+        for jti in [json!(null), json!("a b/c"), json!(7)] {
+            let mut c = workload_claims();
+            c["jti"] = jti;
+            let first = presented(&k, &c, "jit-deploy").await.unwrap();
+            assert!(first.jti().starts_with("wl-"), "{}", first.jti());
+            let token = workload_token(&k, &c);
+            let again = k
+                .verifier
+                .verify_presented(&token, "jit-deploy", NOW)
+                .await
+                .unwrap();
+            let twice = k
+                .verifier
+                .verify_presented(&token, "jit-deploy", NOW)
+                .await
+                .unwrap();
+            assert_eq!(again.jti(), twice.jti());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_no_rule_takes_is_refused_with_the_rules_reason() {
+        let k = keys();
+        let why = presented(&k, &workload_claims(), "jit-other")
+            .await
+            .unwrap_err();
+        assert!(matches!(&why, Refusal::NoWorkloadRule(_)), "{why}");
+        let mut c = workload_claims();
+        c["repository"] = json!("acme/other");
+        let why = presented(&k, &c, "jit-deploy").await.unwrap_err();
+        assert_eq!(
+            why.to_string(),
+            r#"workload token: claim repository is "acme/other", rule deploy wants "acme/web""#
+        );
+        let mut c = workload_claims();
+        c.as_object_mut().unwrap().remove("ref");
+        assert!(matches!(
+            presented(&k, &c, "jit-deploy").await,
+            Err(Refusal::NoWorkloadRule(_))
+        ));
+        let mut c = workload_claims();
+        c["aud"] = json!("host-a");
+        assert!(matches!(
+            presented(&k, &c, "jit-deploy").await,
+            Err(Refusal::WorkloadToken(
+                usher_trust::Refusal::WrongAudience { .. }
+            ))
+        ));
+        let mut c = workload_claims();
+        c["exp"] = json!(NOW - 60);
+        assert!(matches!(
+            presented(&k, &c, "jit-deploy").await,
+            Err(Refusal::WorkloadToken(usher_trust::Refusal::Expired { .. }))
+        ));
+        // A rule may not give more than local policy allows any grant.
+        let mut c = workload_claims();
+        c["exp"] = json!(NOW + 7000);
+        assert!(matches!(
+            presented(&k, &c, "jit-long").await,
+            Err(Refusal::LifetimeOverCap { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn workload_tokens_are_grants_only_at_the_prompt_and_grants_stay_grants() {
+        let k = keys();
+        let token = workload_token(&k, &workload_claims());
+        assert_eq!(
+            k.verifier.verify(&token, NOW).unwrap_err(),
+            Refusal::WorkloadTokenNotAtLogin(WL_ISS.into())
+        );
+        // A grant of a grant issuer presented at the prompt is a grant, as before.
+        let claims = Claims {
+            iss: GRANT_ISS.into(),
+            sub: "alice".into(),
+            aud: Audience::One("host-a".into()),
+            jti: "g1".into(),
+            iat: NOW - 10,
+            nbf: None,
+            exp: NOW + 600,
+            login: "jit-alice".into(),
+            groups: vec![],
+            ssh_keys: vec![],
+            secret_hash: None,
+            profile: None,
+            approved_by: None,
+            reason: None,
+            request: Some("req-42".into()),
+        };
+        let grant = sign(&k.grant_pem, "g-1", &claims).unwrap();
+        let g = k
+            .verifier
+            .verify_presented(&grant, "jit-alice", NOW)
+            .await
+            .unwrap();
+        assert_eq!(g.claims.request.as_deref(), Some("req-42"));
+        // Neither kind of issuer.
+        let mut c = workload_claims();
+        c["iss"] = json!("https://stranger.test");
+        assert_eq!(
+            presented(&k, &c, "jit-deploy").await.unwrap_err(),
+            Refusal::UnknownIssuer("https://stranger.test".into())
+        );
+    }
+}
