@@ -516,3 +516,60 @@ on_both!(
     exactly_one_grant_under_concurrent_approvals,
     state_survives_a_restart,
 );
+
+/// A reload changes who may request and what roles groups give, at once; a request made
+/// before keeps the approvers its rule named then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_takes_effect_for_new_requests_and_roles() {
+    use usher_collector::workflow::Policy;
+    let place = Place::new("reload", false);
+    let wf = place.open().await;
+    let t = at(3, 0);
+    let before = wf
+        .create_request(&alice(), ask("web-1", "jit-alice", 600), t)
+        .await
+        .unwrap();
+    let mut config = place.config();
+    config.request_policies.retain(|r| r.name != "two-of-m");
+    config
+        .roles
+        .insert(Role::Approver, vec!["new-leads".into()]);
+    wf.reload(Policy::from_config(&config));
+    assert!(matches!(
+        wf.create_request(&alice(), ask("web-1", "jit-alice", 600), t)
+            .await,
+        Err(WorkflowError::Policy(PolicyRefusal::HostNotAllowed(_)))
+    ));
+    // Roles come from the groups as the configuration says now.
+    let lead = who("s-lead", "lead", &["sre-leads"], &[Role::Approver]);
+    assert!(wf.effective(lead).roles.is_empty());
+    let newcomer = wf.effective(who("s-new", "new", &["new-leads", "sre-leads"], &[]));
+    assert!(newcomer.roles.contains(&Role::Approver));
+    // The earlier request's approvers are still its rule's.
+    wf.review(&newcomer, &before.id, approve("ok"), t)
+        .await
+        .unwrap();
+    let no_groups = wf.effective(who("s-tok", "tok", &[], &[Role::Auditor]));
+    assert_eq!(no_groups.roles, [Role::Auditor].into());
+}
+
+/// PostgreSQL restarted under a running service: the next transaction reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_reconnects_after_the_server_restarts() {
+    let mut place = Place::new("reconnect", true);
+    let wf = place.open().await;
+    let t = at(3, 0);
+    let r = wf
+        .create_request(&alice(), ask("db-1", "jit-alice", 600), t)
+        .await
+        .unwrap();
+    let pg = place._postgres.as_mut().unwrap();
+    pg.kill().unwrap();
+    pg.start_again().unwrap();
+    let approved = wf
+        .review(&approver(1), &r.id, approve("ok"), t)
+        .await
+        .unwrap();
+    assert_eq!(approved.state, RequestState::Approved);
+    assert_eq!(wf.feed("db-1", t).await.unwrap().grants.len(), 1);
+}

@@ -139,7 +139,7 @@ enum Backend {
     Sqlite(Mutex<rusqlite::Connection>),
     Postgres {
         url: String,
-        client: Mutex<Option<postgres::Client>>,
+        client: Mutex<Option<Box<postgres::Client>>>,
     },
 }
 
@@ -180,7 +180,7 @@ impl Db {
                 tx.commit()?;
                 Backend::Postgres {
                     url: url.clone(),
-                    client: Mutex::new(Some(client)),
+                    client: Mutex::new(Some(Box::new(client))),
                 }
             }
         };
@@ -215,7 +215,7 @@ impl Db {
                     if slot.as_ref().map(|c| c.is_closed()).unwrap_or(true) {
                         *slot = None;
                         match postgres::Client::connect(url, postgres::NoTls) {
-                            Ok(c) => *slot = Some(c),
+                            Ok(c) => *slot = Some(Box::new(c)),
                             Err(e) if attempt == 0 => {
                                 log::warn!(target: "usher", "state store: reconnecting: {e}");
                                 std::thread::sleep(std::time::Duration::from_millis(200));
