@@ -9,10 +9,12 @@ use serde_json::{json, Value};
 use std::process::Command;
 use std::time::Duration;
 use usher_test_support::oidc::{
-    default_accounts, query_param, random_token, OidcError, OldKeys, Pkce, SigningAlg,
+    default_accounts, query_param, random_token, ClientAuth, OidcError, OldKeys, Pkce, SigningAlg,
     CLI_CLIENT_ID, WEB_CLIENT_ID,
 };
-use usher_test_support::{Account, OidcOptions, OidcProvider, Postgres, WebhookSink, Workload};
+use usher_test_support::{
+    Account, Browser, OidcOptions, OidcProvider, Postgres, WebhookSink, Workload,
+};
 
 const AUDIENCE: &str = "https://usher.test";
 const REDIRECT_URI: &str = "https://127.0.0.1:9/callback";
@@ -146,11 +148,19 @@ fn a_workload_token_is_a_jwt_with_its_claims_signed_by_the_current_key() {
     tampered.push(if last == 'A' { 'B' } else { 'A' });
     assert!(verify(&tampered, &jwks, AUDIENCE, &provider.issuer()).is_err());
 
-    // Unknown workloads and wrong secrets get nothing.
-    assert!(matches!(
-        provider.workload_token("no-such-client", AUDIENCE),
-        Err(OidcError::Missing { .. })
-    ));
+    // A wrong secret gets nothing from the provider.
+    match provider.token_request(&[
+        ("grant_type", "client_credentials"),
+        ("client_id", "gha-web-main"),
+        ("client_secret", "not-the-secret"),
+        ("resource", AUDIENCE),
+    ]) {
+        Err(OidcError::Status { status, body, .. }) => {
+            assert_eq!(status.as_u16(), 401);
+            assert!(body.contains("invalid_client"), "{body}");
+        }
+        other => panic!("a wrong secret got a token: {other:?}"),
+    }
 }
 
 #[test]
@@ -271,6 +281,13 @@ fn the_code_flow_with_pkce_signs_alice_in_and_her_id_token_has_her_groups() {
     assert_eq!(claims["email"], alice.email.as_str());
     assert_eq!(claims["groups"], json!(["eng"]));
     assert_eq!(claims["nonce"], nonce.as_str());
+
+    // Userinfo says the same about her.
+    let userinfo = provider
+        .userinfo(tokens["access_token"].as_str().expect("an access token"))
+        .expect("userinfo");
+    assert_eq!(userinfo["sub"], alice.sub.as_str());
+    assert_eq!(userinfo["groups"], json!(["eng"]));
 }
 
 #[test]
@@ -353,6 +370,8 @@ fn the_device_flow_signs_bob_in_with_his_groups() {
 fn es256_keys_and_configured_accounts_are_used() {
     let provider = provider_with(OidcOptions {
         alg: SigningAlg::ES256,
+        web_redirect_uris: vec![REDIRECT_URI.to_string()],
+        web_client_auth: ClientAuth::SecretPost,
         accounts: vec![
             Account::new("erin", &["approvers"]),
             Account::new("erin-alt", &["eng"]).with_sub(&Account::new("erin", &[]).sub),
@@ -386,6 +405,42 @@ fn es256_keys_and_configured_accounts_are_used() {
     assert_eq!(claims["preferred_username"], "erin-alt");
     assert_eq!(claims["sub"], Account::new("erin", &[]).sub.as_str());
     assert_eq!(claims["groups"], json!(["eng"]));
+
+    // The web client authenticates with client_secret_post here.
+    let pkce = Pkce::new();
+    let authorize = provider.authorize_url(WEB_CLIENT_ID, REDIRECT_URI, "openid", "s", "n", &pkce);
+    let back = provider.sign_in(&authorize, "erin").expect("erin signs in");
+    let code = query_param(&back, "code").expect("a code");
+    let tokens = provider
+        .redeem_code(&code, REDIRECT_URI, &pkce.verifier)
+        .expect("redeemed with client_secret_post");
+    let claims = verify(
+        tokens["id_token"].as_str().expect("an ID token"),
+        &provider.jwks().expect("jwks"),
+        WEB_CLIENT_ID,
+        &provider.issuer(),
+    )
+    .expect("verifies");
+    assert_eq!(claims["groups"], json!(["approvers"]));
+}
+
+#[test]
+fn the_spki_pin_for_chromium_is_the_certificates_key_hash() {
+    let provider = provider();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(
+            "openssl x509 -pubkey -noout -in \"$1\" | openssl pkey -pubin -outform der \
+             | openssl dgst -sha256 -binary | base64",
+        )
+        .arg("sh")
+        .arg(provider.ca().server_cert())
+        .output()
+        .expect("openssl runs");
+    assert_eq!(
+        provider.certificate_spki_sha256().expect("the pin"),
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
 }
 
 #[test]
@@ -465,4 +520,81 @@ fn the_webhook_sink_records_json_posts_and_answers_as_told() {
     assert!(sink
         .wait_for(|b| b["event"] == "never", Duration::from_millis(200))
         .is_err());
+}
+
+#[test]
+fn chromium_signs_in_and_approves_a_device_through_the_provider_pages() {
+    let relying_party = WebhookSink::start().expect("a stand-in for the service's callback");
+    let callback = format!("http://127.0.0.1:{}/callback", relying_party.port());
+    let provider = provider_with(OidcOptions {
+        web_redirect_uris: vec![callback.clone()],
+        ..OidcOptions::default()
+    });
+    let browser = Browser::start();
+
+    let authorize = provider.authorize_url(
+        WEB_CLIENT_ID,
+        &callback,
+        "openid groups",
+        "browser-state",
+        "n",
+        &Pkce::new(),
+    );
+    browser.open(&authorize);
+    browser.wait_for(
+        "the sign-in page",
+        "return !!document.querySelector('form#login input[name=username]#username')",
+        |v| v == &json!(true),
+    );
+    browser.js("document.querySelector('#username').value = 'carol'; return true");
+    browser.click("#sign-in");
+    let landed = browser.wait_for(
+        "the redirect back to the client",
+        "return location.href",
+        |v| v.as_str().is_some_and(|url| url.starts_with(&callback)),
+    );
+    let landed = landed.as_str().expect("a URL");
+    assert_eq!(
+        query_param(landed, "state").as_deref(),
+        Some("browser-state")
+    );
+    assert!(query_param(landed, "code").is_some(), "{landed}");
+
+    let started = provider
+        .device_authorization("openid profile")
+        .expect("a device authorization");
+    browser.open(&format!("{}/device", provider.issuer()));
+    browser.wait_for(
+        "the device page",
+        "return !!document.querySelector('form#device-code input[name=user_code]#user_code')",
+        |v| v == &json!(true),
+    );
+    browser.js(&format!(
+        "document.querySelector('#user_code').value = {}; return true",
+        started["user_code"]
+    ));
+    browser.click("#device-continue");
+    browser.wait_for(
+        "the confirm page",
+        "return !!document.querySelector('#device-confirm-continue')",
+        |v| v == &json!(true),
+    );
+    browser.click("#device-confirm-continue");
+    // Carol is still signed in at the provider from the code flow: no sign-in page.
+    browser.wait_for(
+        "the device success page",
+        "return !!document.querySelector('#success')",
+        |v| v == &json!(true),
+    );
+    let tokens = provider
+        .device_token(started["device_code"].as_str().expect("device_code"))
+        .expect("the device's tokens");
+    let claims = verify(
+        tokens["id_token"].as_str().expect("an ID token"),
+        &provider.jwks().expect("jwks"),
+        CLI_CLIENT_ID,
+        &provider.issuer(),
+    )
+    .expect("verifies");
+    assert_eq!(claims["preferred_username"], "carol");
 }

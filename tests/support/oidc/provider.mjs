@@ -5,15 +5,16 @@
 //
 // The package is imported from the directory in $USHER_OIDC_PROVIDER_MODULES (a
 // node_modules that `cargo xtask setup` filled), so this file can stay in the source tree.
+// oidc-provider 9 warns "Unsupported runtime" on Node 20 (it asks for 22 LTS); what it uses
+// (URL.parse, crypto.hash) is in Node 20.20, and tests/tests/infra.rs drives every flow here.
 //
-// Signing keys live in the config's `keys_file` (private JWKs, the first one signs). It is
-// made on first start; with USHER_OIDC_ROTATE=keep a new key is put first and the old ones
-// stay published (tokens they signed still verify), with USHER_OIDC_ROTATE=drop the new
-// key replaces them.
+// Signing keys live in the config's `keys_file`: a JSON list of {kid, alg, pem} (PKCS#8
+// private keys that tests/support/src/oidc.rs makes with `openssl` and rotates), the first
+// one signs, all are published.
 //
 // Pages a browser (or the Rust helpers) goes through, all plain HTML forms:
 //   GET  /interaction/:uid          sign-in page: form#login, input[name=username], button#sign-in;
-//                                   form#abort with button#abort (denies the request)
+//                                   form#abort with button#abort-button (denies the request)
 //   POST /interaction/:uid/login    username=NAME  (an unknown name re-renders the page, 403)
 //   POST /interaction/:uid/abort    ends the request with error=access_denied
 //   GET  /device                    form#device-code, input[name=user_code], button#device-continue
@@ -34,6 +35,7 @@ if (!configPath) {
 }
 const config = JSON.parse(fs.readFileSync(configPath, 'utf8'));
 
+console.log(`${new Date().toISOString()} provider.mjs ${process.pid} starting`);
 const modules = process.env.USHER_OIDC_PROVIDER_MODULES;
 if (!modules) {
   console.error('USHER_OIDC_PROVIDER_MODULES is not set (the node_modules holding oidc-provider)');
@@ -45,31 +47,13 @@ const { default: Provider, errors } = await import(
 
 // ---- keys ----------------------------------------------------------------------------
 
-function newSigningKey(alg) {
-  const { privateKey } = alg === 'ES256'
-    ? crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' })
-    : crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
-  const jwk = privateKey.export({ format: 'jwk' });
-  return { ...jwk, kid: crypto.randomUUID(), alg, use: 'sig' };
-}
-
-function signingKeys() {
-  let keys = [];
-  if (fs.existsSync(config.keys_file)) {
-    keys = JSON.parse(fs.readFileSync(config.keys_file, 'utf8'));
-  }
-  const rotate = process.env.USHER_OIDC_ROTATE;
-  if (keys.length === 0 || rotate === 'keep') {
-    keys = [newSigningKey(config.alg), ...keys];
-  } else if (rotate === 'drop') {
-    keys = [newSigningKey(config.alg)];
-  }
-  fs.writeFileSync(config.keys_file, JSON.stringify(keys, null, 2), { mode: 0o600 });
-  return keys;
-}
-
-const keys = signingKeys();
-console.log(`signing key ${keys[0].kid} (${keys.length} published)`);
+const keys = JSON.parse(fs.readFileSync(config.keys_file, 'utf8')).map(({ kid, alg, pem }) => ({
+  ...crypto.createPrivateKey(pem).export({ format: 'jwk' }),
+  kid,
+  alg,
+  use: 'sig',
+}));
+console.log(`${new Date().toISOString()} signing key ${keys[0].kid} (${keys.length} published)`);
 
 // ---- accounts ------------------------------------------------------------------------
 
@@ -380,7 +364,7 @@ provider.on('server_error', (_ctx, err) => console.log(`server_error: ${err.stac
 provider.on('grant.error', (_ctx, err) => console.log(`grant.error: ${err.message} ${err.error_description ?? ''}`));
 
 server.listen(config.port, '127.0.0.1', () => {
-  console.log(`listening on ${config.issuer}`);
+  console.log(`${new Date().toISOString()} listening on ${config.issuer}`);
 });
 
 for (const signal of ['SIGTERM', 'SIGINT']) {

@@ -29,7 +29,7 @@ use crate::ca::{CaError, TestCa};
 use crate::ports::free_port;
 use crate::wait::{poll_until, TimedOut};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
+use base64::Engine as _;
 use reqwest::blocking::{Client, Response};
 use reqwest::{StatusCode, Url};
 use serde_json::{json, Value};
@@ -45,6 +45,8 @@ pub const CLI_CLIENT_ID: &str = "usher-cli";
 
 /// How long the provider gets to answer discovery after node starts.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the first node gets before it is replaced by a second.
+const FIRST_TRY: Duration = Duration::from_secs(10);
 /// How many pages one scripted sign-in may go through before it is called a loop.
 const MAX_PAGES: usize = 20;
 
@@ -243,6 +245,8 @@ pub struct OidcOptions {
     /// Where the web client may be sent back to (the service's callback).
     pub web_redirect_uris: Vec<String>,
     pub web_post_logout_redirect_uris: Vec<String>,
+    /// How the web client authenticates at the token endpoint.
+    pub web_client_auth: ClientAuth,
     /// Where the CLI client may be sent back to; loopback `http://127.0.0.1/...` URIs
     /// match any port (RFC 8252).
     pub cli_redirect_uris: Vec<String>,
@@ -259,10 +263,29 @@ impl Default for OidcOptions {
             accounts: default_accounts(),
             web_redirect_uris: vec!["https://127.0.0.1/callback".to_string()],
             web_post_logout_redirect_uris: Vec::new(),
+            web_client_auth: ClientAuth::SecretBasic,
             cli_redirect_uris: vec!["http://127.0.0.1/callback".to_string()],
             workloads: Vec::new(),
             alg: SigningAlg::RS256,
             id_token_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A confidential client's authentication at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_secret_basic`: HTTP Basic with the id and secret.
+    SecretBasic,
+    /// `client_secret_post`: `client_id` and `client_secret` in the form.
+    SecretPost,
+}
+
+impl ClientAuth {
+    fn name(self) -> &'static str {
+        match self {
+            ClientAuth::SecretBasic => "client_secret_basic",
+            ClientAuth::SecretPost => "client_secret_post",
         }
     }
 }
@@ -321,6 +344,8 @@ pub struct OidcProvider {
     config: PathBuf,
     log: PathBuf,
     modules: PathBuf,
+    web_client_auth: ClientAuth,
+    alg: SigningAlg,
     child: Option<Child>,
 }
 
@@ -355,7 +380,7 @@ impl OidcProvider {
                 "client_secret": WEB_CLIENT_SECRET,
                 "redirect_uris": options.web_redirect_uris,
                 "post_logout_redirect_uris": options.web_post_logout_redirect_uris,
-                "token_endpoint_auth_method": "client_secret_basic",
+                "token_endpoint_auth_method": options.web_client_auth.name(),
             },
             "cli_client": { "client_id": CLI_CLIENT_ID, "redirect_uris": options.cli_redirect_uris },
             "workloads": options.workloads.iter().map(|w| json!({
@@ -377,9 +402,12 @@ impl OidcProvider {
             ca,
             config,
             modules,
+            web_client_auth: options.web_client_auth,
+            alg: options.alg,
             child: None,
         };
-        provider.spawn(None)?;
+        provider.write_keys(&[new_signing_key(options.alg)?])?;
+        provider.spawn()?;
         Ok(provider)
     }
 
@@ -417,17 +445,13 @@ impl OidcProvider {
 
     /// The `kid` that signs now (the first of its keys).
     pub fn current_kid(&self) -> Result<String, OidcError> {
-        let path = self.dir.join("keys.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| OidcError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|keys| keys[0]["kid"].as_str().map(str::to_string))
+        let path = self.keys_file();
+        let keys = self.read_keys()?;
+        keys.first()
+            .and_then(|key| key["kid"].as_str().map(str::to_string))
             .ok_or(OidcError::Missing {
                 what: "a signing key",
-                answer: text,
+                answer: path.display().to_string(),
             })
     }
 
@@ -624,7 +648,7 @@ impl OidcProvider {
         ])
     }
 
-    /// Redeems `code` as the web client (with its secret, `client_secret_basic`): the
+    /// Redeems `code` as the web client (with its secret, as `web_client_auth` says): the
     /// token response (`id_token`, `access_token`, ...).
     pub fn redeem_code(
         &self,
@@ -633,29 +657,79 @@ impl OidcProvider {
         code_verifier: &str,
     ) -> Result<Value, OidcError> {
         let url = format!("{}/token", self.issuer());
+        let basic = self.web_client_auth == ClientAuth::SecretBasic;
         blocking(|| {
-            let response = self
-                .client()?
-                .post(&url)
-                .basic_auth(WEB_CLIENT_ID, Some(WEB_CLIENT_SECRET))
-                .form(&[
-                    ("grant_type", "authorization_code"),
-                    ("code", code),
-                    ("redirect_uri", redirect_uri),
-                    ("code_verifier", code_verifier),
-                ])
-                .send()?;
-            json_of(response, &url)
+            let mut form = vec![
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", redirect_uri),
+                ("code_verifier", code_verifier),
+            ];
+            let mut request = self.client()?.post(&url);
+            if basic {
+                request = request.basic_auth(WEB_CLIENT_ID, Some(WEB_CLIENT_SECRET));
+            } else {
+                form.extend([
+                    ("client_id", WEB_CLIENT_ID),
+                    ("client_secret", WEB_CLIENT_SECRET),
+                ]);
+            }
+            json_of(request.form(&form).send()?, &url)
         })
+    }
+
+    /// The userinfo endpoint's answer for `access_token`.
+    pub fn userinfo(&self, access_token: &str) -> Result<Value, OidcError> {
+        let url = format!("{}/me", self.issuer());
+        blocking(|| {
+            json_of(
+                self.client()?.get(&url).bearer_auth(access_token).send()?,
+                &url,
+            )
+        })
+    }
+
+    /// The base64 SHA-256 of its certificate's public key: for Chromium's
+    /// `--ignore-certificate-errors-spki-list`, which makes it trust this certificate.
+    pub fn certificate_spki_sha256(&self) -> Result<String, OidcError> {
+        spki_sha256(&self.ca.server_cert())
     }
 
     /// Restarts it on the same port with a new signing key (a new `kid`) first in its JWKS.
     pub fn rotate_keys(&mut self, old_keys: OldKeys) -> Result<(), OidcError> {
+        let mut keys = match old_keys {
+            OldKeys::Keep => self.read_keys()?,
+            OldKeys::Drop => Vec::new(),
+        };
+        keys.insert(0, new_signing_key(self.alg)?);
+        self.write_keys(&keys)?;
         self.stop();
-        self.spawn(Some(match old_keys {
-            OldKeys::Keep => "keep",
-            OldKeys::Drop => "drop",
-        }))
+        self.spawn()
+    }
+
+    fn keys_file(&self) -> PathBuf {
+        self.dir.join("keys.json")
+    }
+
+    fn read_keys(&self) -> Result<Vec<Value>, OidcError> {
+        let path = self.keys_file();
+        let text = std::fs::read_to_string(&path).map_err(|source| OidcError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Array(keys)) => Ok(keys),
+            _ => Err(OidcError::Missing {
+                what: "the list of signing keys",
+                answer: text,
+            }),
+        }
+    }
+
+    fn write_keys(&self, keys: &[Value]) -> Result<(), OidcError> {
+        let path = self.keys_file();
+        std::fs::write(&path, Value::Array(keys.to_vec()).to_string())
+            .map_err(|source| OidcError::Io { path, source })
     }
 
     /// Kills node: discovery and the JWKS stop answering (connection refused).
@@ -671,14 +745,35 @@ impl OidcProvider {
     /// verify.
     pub fn start_again(&mut self) -> Result<(), OidcError> {
         self.stop();
-        self.spawn(None)
+        self.spawn()
     }
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
-    fn spawn(&mut self, rotate: Option<&str>) -> Result<(), OidcError> {
+    /// Starts node and waits until discovery answers. A node that has not answered in
+    /// `FIRST_TRY` is killed and started once more (seen here, rarely, under load: node
+    /// stalling before it listens), so a test waits `FIRST_TRY + START_TIMEOUT` at most.
+    fn spawn(&mut self) -> Result<(), OidcError> {
+        match self.spawn_and_wait(FIRST_TRY) {
+            Err(OidcError::NotReady { .. }) => {
+                self.stop();
+                self.note("provider.mjs did not answer in time: killed, starting it again");
+                self.spawn_and_wait(START_TIMEOUT)
+            }
+            other => other,
+        }
+    }
+
+    fn note(&self, line: &str) {
+        use std::io::Write;
+        if let Ok(mut log) = std::fs::OpenOptions::new().append(true).open(&self.log) {
+            let _ = writeln!(log, "(harness) {line}");
+        }
+    }
+
+    fn spawn_and_wait(&mut self, timeout: Duration) -> Result<(), OidcError> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -697,13 +792,9 @@ impl OidcProvider {
             .arg(&self.config)
             .env("USHER_OIDC_PROVIDER_MODULES", &self.modules)
             .env("NODE_ENV", "test")
-            .env_remove("USHER_OIDC_ROTATE")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
-        if let Some(rotate) = rotate {
-            command.env("USHER_OIDC_ROTATE", rotate);
-        }
         self.child = Some(command.spawn().map_err(OidcError::NoNode)?);
         let url = format!("{}/.well-known/openid-configuration", self.issuer());
         let ca = self.ca_path();
@@ -713,7 +804,7 @@ impl OidcProvider {
             let mut exited = None;
             let ready = poll_until(
                 "the provider's discovery document",
-                START_TIMEOUT,
+                timeout,
                 Duration::from_millis(100),
                 || {
                     if let Some(Ok(Some(status))) = child.as_mut().map(|c| c.try_wait()) {
@@ -758,7 +849,9 @@ impl OidcProvider {
             })
     }
 
-    fn token_request(&self, form: &[(&str, &str)]) -> Result<Value, OidcError> {
+    /// POSTs `form` to the token endpoint as is (no client authentication added): the
+    /// JSON answer, or `OidcError::Status` with the provider's error body.
+    pub fn token_request(&self, form: &[(&str, &str)]) -> Result<Value, OidcError> {
         let url = format!("{}/token", self.issuer());
         blocking(|| json_of(self.client()?.post(&url).form(form).send()?, &url))
     }
@@ -854,6 +947,29 @@ enum Browsed {
     },
 }
 
+/// A new private signing key for `alg`, as provider.mjs reads it: `{kid, alg, pem}`.
+/// Made with the `openssl` command, like the test CA.
+fn new_signing_key(alg: SigningAlg) -> Result<Value, OidcError> {
+    let algorithm: &[&str] = match alg {
+        SigningAlg::RS256 => &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        SigningAlg::ES256 => &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    };
+    let output = Command::new("openssl")
+        .arg("genpkey")
+        .args(algorithm)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| OidcError::Ca(CaError::NoOpenssl(source)))?;
+    let pem = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() || !pem.contains("PRIVATE KEY") {
+        return Err(OidcError::Missing {
+            what: "a private key from openssl genpkey",
+            answer: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    Ok(json!({ "kid": random_token()[..22].to_string(), "alg": alg.name(), "pem": pem }))
+}
+
 /// tests/support/oidc/provider.mjs.
 pub fn provider_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("oidc/provider.mjs")
@@ -947,6 +1063,33 @@ fn hidden_field(page: &str, name: &str) -> Option<String> {
     let start = page.find(&format!("name=\"{name}\" value=\""))? + name.len() + 15;
     let end = page[start..].find('"')?;
     Some(page[start..start + end].to_string())
+}
+
+/// The base64 SHA-256 of the public key (SubjectPublicKeyInfo, DER) of the PEM certificate
+/// at `cert`, with the `openssl` command.
+pub fn spki_sha256(cert: &Path) -> Result<String, OidcError> {
+    use sha2::Digest;
+    let io = |source| OidcError::Io {
+        path: cert.to_path_buf(),
+        source,
+    };
+    let output = Command::new("openssl")
+        .args(["x509", "-noout", "-pubkey", "-in"])
+        .arg(cert)
+        .output()
+        .map_err(io)?;
+    let pem = String::from_utf8_lossy(&output.stdout);
+    let der: String = pem
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(der.trim())
+        .map_err(|_| OidcError::Missing {
+            what: "a public key in the certificate",
+            answer: pem.to_string(),
+        })?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&der)))
 }
 
 /// The query parameter `name` of `url`.

@@ -1,6 +1,7 @@
 //! A chat tool's incoming webhook, as far as a test needs one: plain HTTP on a loopback
 //! port that records every POST (path, headers, JSON body) and answers with a status the
-//! test chooses (204 unless told otherwise).
+//! test chooses (204 unless told otherwise). A GET gets an empty 200 and is not recorded
+//! (so a browser can land on it).
 
 use crate::ports::free_port;
 use crate::wait::{poll_until, TimedOut};
@@ -63,7 +64,10 @@ impl WebhookSink {
                     break;
                 }
                 if let Ok(stream) = stream {
-                    let _ = serve(stream, &serving);
+                    // A connection of its own: a browser's idle preconnect must not hold
+                    // up the next request.
+                    let serving = Arc::clone(&serving);
+                    std::thread::spawn(move || serve(stream, &serving));
                 }
             }
         });
@@ -157,7 +161,9 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         .find(|(name, _)| name == "content-length")
         .and_then(|(_, value)| value.parse::<usize>().ok())
         .unwrap_or(0);
-    let status = if method != "POST" {
+    let status = if method == "GET" {
+        200
+    } else if method != "POST" {
         405
     } else if length > MAX_BODY {
         413
