@@ -37,7 +37,9 @@ struct Container {
 }
 
 impl Container {
-    fn sh(&self, script: &str) -> (bool, String) {
+    /// `script` run by `/bin/sh` inside the container: whether it exited 0, and its
+    /// standard output and standard error apart.
+    fn run(&self, script: &str) -> (bool, String, String) {
         let out = Command::new("timeout")
             .args([
                 "120",
@@ -60,14 +62,18 @@ impl Container {
         match out {
             Ok(o) => (
                 o.status.success(),
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                ),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
             ),
-            Err(e) => (false, e.to_string()),
+            Err(e) => (false, String::new(), e.to_string()),
         }
+    }
+
+    /// `script` inside the container: whether it exited 0, and its output (standard output,
+    /// then standard error).
+    fn sh(&self, script: &str) -> (bool, String) {
+        let (ok, stdout, stderr) = self.run(script);
+        (ok, format!("{stdout}{stderr}"))
     }
 }
 
@@ -373,7 +379,7 @@ pub fn run_test() -> Result<(), String> {
     );
 
     reload_and_stop_service(&c, service_port, &mut checks);
-    workflow_in_container(&c, &mut checks);
+    workflow_in_container(&c, port, service_port, &mut checks);
 
     // Upgrade with a live grant.
     let (_, spool_before) = c.sh("ls /var/spool/usher | wc -l");
@@ -690,24 +696,508 @@ fn reload_and_stop_service(c: &Container, port: u16, checks: &mut Checks) {
     );
 }
 
-/// The workflow end to end in the container: alice requests, bob approves on the page,
-/// alice logs in with her key.
-///
-/// NOT YET: this needs the pieces other branches of issue 11 build (the service's OIDC
-/// sign-in and request API, `usher login`/`usher request`, usherd's `[[issuer]] discovery =
-/// true` and its grant feed from the service), and an OpenID provider in the container.
-/// The integrator fills it in: install `oidc-provider` (npm) in the container or run it on
-/// the host's loopback (the network is shared), configure `[oidc]`, `[roles]`,
-/// `[[request_policy]]` and an `[[agent]]` in /etc/usher/collector.toml and
-/// `[[issuer]] iss = public_url, discovery = true, ca = /var/lib/usher-collector/tls/cert.pem`
-/// plus `[collector]` in usherd.toml, `systemctl reload` both, then: `usher login`, `usher
-/// request --host … --login jit-alice --for 10m --reason pkgtest`, approve as bob through
-/// `POST /api/v1/requests/{id}/review`, and `ssh jit-alice@…` with alice's key: the grant
-/// must have come through the agent's feed, not `usher grant install`.
-fn workflow_in_container(_c: &Container, _checks: &mut Checks) {
-    println!(
-        "package test: SKIP the workflow (request, approve, log in): not built on this branch yet"
+/// Both units' journals, for a failed workflow step.
+fn journals(c: &Container) -> String {
+    let (_, text) = c.sh("echo '--- journalctl -u usherd ---'; journalctl -u usherd --no-pager -o short-monotonic -n 80; echo '--- journalctl -u usher-collector ---'; journalctl -u usher-collector --no-pager -o short-monotonic -n 80");
+    text
+}
+
+/// Records a workflow step; a failed one ends the workflow (each step needs the one
+/// before), and its detail carries both units' journals.
+fn step(
+    c: &Container,
+    checks: &mut Checks,
+    what: &str,
+    ok: bool,
+    detail: impl FnOnce() -> String,
+) -> Result<(), String> {
+    checks.check(what, ok, || format!("{}\n{}", detail(), journals(c)));
+    if ok {
+        Ok(())
+    } else {
+        Err(what.to_string())
+    }
+}
+
+/// A JSON document, or `Null` for anything else (the check that reads it then fails).
+fn json_of(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or(serde_json::Value::Null)
+}
+
+/// A random token for the host at the service.
+fn random_token() -> Result<String, String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// One person of the workflow: a Unix account in the container (only to run `usher` as
+/// them), their identity at the service and the groups it holds.
+struct Person {
+    name: &'static str,
+    sub: &'static str,
+    groups: &'static [&'static str],
+    roles: &'static [&'static str],
+}
+
+// alice is an approver too: holding the role must not let her approve her own request.
+const ALICE: Person = Person {
+    name: "alice",
+    sub: "pkgtest-sub-alice",
+    groups: &["eng", "sre-leads"],
+    roles: &["requester", "approver"],
+};
+const BOB: Person = Person {
+    name: "bob",
+    sub: "pkgtest-sub-bob",
+    groups: &["sre-leads"],
+    roles: &["approver"],
+};
+
+/// The workflow end to end in the container, with the installed packages only: the
+/// service gets `public_url`, `[roles]`, a `[[request_policy]]` (one approval from
+/// `sre-leads`) and this host as an `[[agent]]`; usherd trusts the service as an issuer by
+/// discovery and fetches its grants from it (`[service]`). There is no identity provider
+/// in the container: alice's and bob's API tokens are minted by `usher-collector token`
+/// and kept where `usher login` keeps them. alice requests, may not approve her own
+/// request, bob approves, the grant reaches usherd through its feed (not `usher grant
+/// install`), alice's key logs in as the granted account, and `usher revoke` ends her
+/// session and her access.
+fn workflow_in_container(c: &Container, ssh_port: u16, service_port: u16, checks: &mut Checks) {
+    let t0 = Instant::now();
+    match workflow_steps(c, ssh_port, service_port, checks) {
+        Ok(()) => println!(
+            "package test: the workflow took {:.0} s",
+            t0.elapsed().as_secs_f64()
+        ),
+        Err(stopped_at) => println!("package test: the workflow stopped at: {stopped_at}"),
+    }
+}
+
+fn workflow_steps(
+    c: &Container,
+    ssh_port: u16,
+    service_port: u16,
+    checks: &mut Checks,
+) -> Result<(), String> {
+    // The certificate's names include 127.0.0.1; the service listens there only.
+    let public_url = format!("https://127.0.0.1:{service_port}");
+    let service_cert = format!("/{SERVICE_CERT}");
+    let (_, host) = c.sh("cat /proc/sys/kernel/hostname");
+    let host = host.trim().to_string();
+    let host_key = Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(c.root.join("var/lib/usher/ssh_host_ed25519_key"))
+        .output();
+    let host_key = match host_key {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        other => {
+            return step(
+                c,
+                checks,
+                "usherd's SSH host key is readable",
+                false,
+                || format!("{other:?}"),
+            )
+        }
+    };
+    let agent_token = random_token()?;
+
+    // The service: the workflow's sections, then a restart (public_url is its issuer name).
+    let service_sections = format!(
+        r#"
+[roles]
+requester = ["eng"]
+approver = ["sre-leads"]
+
+[[request_policy]]
+name = "pkgtest"
+groups = ["eng"]
+hosts = ["{host}"]
+logins = ["jit-{{user}}"]
+max_duration = "1h"
+reason_required = true
+approvals = 1
+approver_groups = ["sre-leads"]
+pending_ttl = "15m"
+
+[[agent]]
+host = "{host}"
+token = "{agent_token}"
+host_key = "{host_key}"
+"#
     );
+    std::fs::write(
+        c.root.join("root/collector-workflow.toml"),
+        service_sections,
+    )
+    .map_err(|e| e.to_string())?;
+    let (ok, text) = c.sh(&format!("\
+        sed -i '1i public_url = \"{public_url}\"' {SERVICE_CONFIG} && \
+        cat /root/collector-workflow.toml >> {SERVICE_CONFIG} && rm /root/collector-workflow.toml && \
+        systemctl restart usher-collector; {WAIT_ACTIVE}; \
+        echo \"state=$(systemctl is-active usher-collector)\""));
+    let discovery = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(c.root.join(SERVICE_CERT))
+        .arg(format!("{public_url}/.well-known/openid-configuration"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let published = json_of(&discovery);
+    step(
+        c,
+        checks,
+        "workflow: the service restarts with public_url, [roles], a request policy and this host as an agent, and publishes its issuer",
+        ok && has_line(&text, "state=active")
+            && published["issuer"] == public_url.as_str()
+            && published["jwks_uri"] == format!("{public_url}/jwks.json").as_str(),
+        || format!("{text}\ndiscovery: {discovery}"),
+    )?;
+
+    // usherd: the service as an issuer (by discovery, its self-signed certificate as the
+    // CA) and as its grant feed. The local issuer is listed too, as any [[issuer]] replaces
+    // it: the grant signed with it earlier must keep working.
+    let usherd_sections = format!(
+        r#"
+[[issuer]]
+iss = "usher-local:{host}"
+jwks = "/var/lib/usher/issuer/issuer.jwks.json"
+
+[[issuer]]
+iss = "{public_url}"
+discovery = true
+ca = "{service_cert}"
+
+[service]
+url = "{public_url}"
+token = "{agent_token}"
+ca = "{service_cert}"
+wait_secs = 20
+"#
+    );
+    {
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(c.root.join("etc/usher/usherd.toml"))
+            .and_then(|mut f| f.write_all(usherd_sections.as_bytes()))
+            .map_err(|e| format!("usherd.toml: {e}"))?;
+    }
+    let (ok, text) = c.sh("systemctl restart usherd; for i in $(seq 1 50); do systemctl is-active --quiet usherd && break; sleep 0.2; done; echo \"state=$(systemctl is-active usherd)\"; usher --json grant list");
+    step(
+        c,
+        checks,
+        "workflow: usherd restarts with the service as issuer and grant feed; the local grant stays",
+        ok && has_line(&text, "state=active") && text.contains("pkg@test"),
+        || text.clone(),
+    )?;
+
+    // The people: an account each to run `usher` as, a sign-in file as `usher login`
+    // writes it (the service's CA beside it), alice's SSH key.
+    let alice_key = c.root.join("root/alice_ed25519");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "alice@pkgtest", "-f"])
+        .arg(&alice_key))?;
+    let (ok, text) = c.sh(&format!("\
+        useradd -m -s /bin/sh alice && useradd -m -s /bin/sh bob && \
+        install -d -o alice -g alice -m 700 /home/alice/.ssh && \
+        install -o alice -g alice -m 644 /root/alice_ed25519.pub /home/alice/.ssh/id_ed25519.pub && \
+        for p in alice bob; do install -o $p -g $p -m 644 {service_cert} /home/$p/service-ca.pem || exit 1; done"));
+    step(
+        c,
+        checks,
+        "workflow: alice and bob have accounts to run usher as",
+        ok,
+        || text.clone(),
+    )?;
+    for person in [&ALICE, &BOB] {
+        let (ok, token, err) = c.run(&format!(
+            "runuser -u usher-collector -- usher-collector token --sub {} --name {} --groups {} --ttl 1h",
+            person.sub,
+            person.name,
+            person.groups.join(",")
+        ));
+        let token = token.trim().to_string();
+        step(
+            c,
+            checks,
+            &format!(
+                "workflow: `usher-collector token` mints {}'s API token",
+                person.name
+            ),
+            ok && !token.is_empty() && !token.contains(char::is_whitespace),
+            || format!("{token}\n{err}"),
+        )?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let credentials = serde_json::json!({
+            "url": public_url,
+            "ca": format!("/home/{}/service-ca.pem", person.name),
+            "token": token,
+            "expires_at": now + 3600,
+            "principal": {
+                "sub": person.sub,
+                "name": person.name,
+                "groups": person.groups,
+                "roles": person.roles,
+            },
+        });
+        let dir = c.root.join(format!("home/{}/.config/usher", person.name));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("service.json"), credentials.to_string())
+            .map_err(|e| e.to_string())?;
+        let (ok, text) = c.sh(&format!(
+            "chown -R {p}:{p} /home/{p}/.config && chmod 700 /home/{p}/.config/usher && chmod 600 /home/{p}/.config/usher/service.json",
+            p = person.name
+        ));
+        step(
+            c,
+            checks,
+            "workflow: the sign-in file is the person's, 0600",
+            ok,
+            || text.clone(),
+        )?;
+        let (ok, out, err) = usher_as(c, person, "whoami");
+        let me = json_of(&out);
+        step(
+            c,
+            checks,
+            &format!(
+                "workflow: `usher whoami` as {}: the service accepts the token, with the roles of [roles]",
+                person.name
+            ),
+            ok && me["sub"] == person.sub
+                && me["name"] == person.name
+                && person
+                    .roles
+                    .iter()
+                    .all(|r| me["roles"].as_array().is_some_and(|a| a.iter().any(|x| x == r))),
+            || format!("{out}{err}"),
+        )?;
+    }
+
+    // alice asks for access; the policy decides which login she may have.
+    let ask = |login: &str| {
+        usher_as(
+            c,
+            &ALICE,
+            &format!("request --host {host} --login {login} --for 10m --reason 'package test' --ssh-key /home/alice/.ssh/id_ed25519.pub"),
+        )
+    };
+    let (ok, out, err) = ask("jit-bob");
+    step(
+        c,
+        checks,
+        "workflow: alice may not ask for another person's login (jit-bob)",
+        !ok && json_of(&out)["id"].is_null(),
+        || format!("{out}{err}"),
+    )?;
+    let (ok, out, err) = ask("jit-alice");
+    let request = json_of(&out);
+    let id = request["id"].as_str().unwrap_or_default().to_string();
+    step(
+        c,
+        checks,
+        "workflow: `usher request` as alice: a pending request for jit-alice on this host, needing one approval",
+        ok && !id.is_empty()
+            && request["state"] == "pending"
+            && request["login"] == "jit-alice"
+            && request["host"] == host.as_str()
+            && request["approvals_needed"] == 1,
+        || format!("{out}{err}"),
+    )?;
+    let client = SshClient::new(&alice_key, ssh_port);
+    let ssh = |cmd: &str| {
+        client
+            .command_within(60, "jit-alice")
+            .arg(cmd)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("ssh: {e}"))
+    };
+    let early = ssh("id -un")?;
+    step(
+        c,
+        checks,
+        "workflow: before any approval, alice's key does not log in",
+        !early.status.success(),
+        || String::from_utf8_lossy(&early.stdout).into_owned(),
+    )?;
+
+    // alice may not approve her own request, approver or not.
+    let (ok, out, err) = usher_as(c, &ALICE, &format!("review {id} --approve"));
+    let (_, listed, list_err) = usher_as(c, &BOB, "requests --pending");
+    let still = json_of(&listed)
+        .as_array()
+        .and_then(|all| all.iter().find(|r| r["id"] == id.as_str()).cloned())
+        .unwrap_or(serde_json::Value::Null);
+    step(
+        c,
+        checks,
+        "workflow: alice's approval of her own request is refused; it stays pending, with no review",
+        !ok && still["state"] == "pending"
+            && still["reviews"].as_array().is_some_and(|r| r.is_empty()),
+        || format!("review: {out}{err}\nrequests as bob: {listed}{list_err}"),
+    )?;
+
+    // bob approves: the grant reaches usherd through its feed.
+    let (ok, out, err) = usher_as(
+        c,
+        &BOB,
+        &format!("review {id} --approve --comment 'package test'"),
+    );
+    let approved = json_of(&out);
+    let grant_id = approved["grant_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    step(
+        c,
+        checks,
+        "workflow: `usher review --approve` as bob approves it, with a grant",
+        ok && approved["state"] == "approved"
+            && !grant_id.is_empty()
+            && approved["reviews"][0]["name"] == "bob",
+        || format!("{out}{err}"),
+    )?;
+    let feed_start = Instant::now();
+    let mut fed = serde_json::Value::Null;
+    let mut last = String::new();
+    while feed_start.elapsed() < Duration::from_secs(30) {
+        let (_, out, err) = c.run("usher --json grant list");
+        if let Some(g) = json_of(&out)
+            .as_array()
+            .and_then(|all| all.iter().find(|g| g["jti"] == grant_id.as_str()).cloned())
+        {
+            fed = g;
+            break;
+        }
+        last = format!("{out}{err}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let fed_in = feed_start.elapsed();
+    step(
+        c,
+        checks,
+        "workflow: the approved grant reaches usherd through its feed from the service",
+        fed["iss"] == public_url.as_str() && fed["sub"] == ALICE.sub && fed["login"] == "jit-alice",
+        || format!("after {:.1} s: {fed}\n{last}", fed_in.as_secs_f64()),
+    )?;
+    println!(
+        "package test: info the grant reached usherd {:.1} s after the approval",
+        fed_in.as_secs_f64()
+    );
+    let login = ssh("id -un")?;
+    step(
+        c,
+        checks,
+        "workflow: alice's key logs in over SSH as the granted account jit-alice",
+        login.status.success() && String::from_utf8_lossy(&login.stdout).trim() == "jit-alice",
+        || {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&login.stdout),
+                String::from_utf8_lossy(&login.stderr)
+            )
+        },
+    )?;
+
+    // `usher revoke` ends a live session and the access.
+    let mut live = client
+        .command_within(90, "jit-alice")
+        .arg("sleep 60; echo survived")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("ssh: {e}"))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, out, err) = usher_as(
+        c,
+        &ALICE,
+        &format!("revoke {id} --reason 'package test over'"),
+    );
+    let revoked = json_of(&out);
+    let revoke_ok = ok && revoked["state"] == "revoked";
+    let revoked_at = Instant::now();
+    let mut live_ended = None;
+    while revoked_at.elapsed() < Duration::from_secs(30) {
+        if let Ok(Some(_)) = live.try_wait() {
+            live_ended = Some(revoked_at.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if live_ended.is_none() {
+        let _ = live.kill();
+    }
+    let live_out = live.wait_with_output().map_err(|e| e.to_string())?;
+    step(
+        c,
+        checks,
+        "workflow: `usher revoke` as alice revokes the grant",
+        revoke_ok,
+        || format!("{out}{err}"),
+    )?;
+    step(
+        c,
+        checks,
+        "workflow: the revocation ends alice's live session within 30 s",
+        live_ended.is_some() && !String::from_utf8_lossy(&live_out.stdout).contains("survived"),
+        || {
+            format!(
+                "ended after {live_ended:?}: {}",
+                String::from_utf8_lossy(&live_out.stdout)
+            )
+        },
+    )?;
+    if let Some(after) = live_ended {
+        println!(
+            "package test: info the revocation ended the live session in {:.1} s",
+            after.as_secs_f64()
+        );
+    }
+    let mut gone = String::new();
+    while revoked_at.elapsed() < Duration::from_secs(45) {
+        let (_, out, _) = c.run(
+            "usher --json grant list; getent passwd jit-alice >/dev/null && echo account-left",
+        );
+        gone = out;
+        if !gone.contains(&grant_id) && !gone.contains("account-left") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let again = ssh("id -un")?;
+    step(
+        c,
+        checks,
+        "workflow: after the revocation the grant and jit-alice are gone and alice's key is refused",
+        !gone.contains(&grant_id) && !gone.contains("account-left") && !again.status.success(),
+        || {
+            format!(
+                "{gone}\nssh: {}{}",
+                String::from_utf8_lossy(&again.stdout),
+                String::from_utf8_lossy(&again.stderr)
+            )
+        },
+    )
+}
+
+/// `usher --json ARGS` as `person` (their account, their sign-in file): whether it
+/// exited 0, its standard output and standard error.
+fn usher_as(c: &Container, person: &Person, args: &str) -> (bool, String, String) {
+    c.run(&format!(
+        "cd /home/{p} && runuser -u {p} -- env HOME=/home/{p} usher --json {args}",
+        p = person.name
+    ))
 }
 
 /// An upgrade keeps the administrator's config and the certificate, and restarts the
