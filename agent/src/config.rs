@@ -30,6 +30,10 @@ pub struct Config {
     pub spool: SpoolConfig,
     /// Where recordings are shipped; without it they stay in the spool.
     pub collector: Option<CollectorConfig>,
+    /// The central service this host fetches its grants and revocations from; its
+    /// address, token and CA default to `[collector]`'s (the same service, the same host
+    /// token).
+    pub service: Option<ServiceConfig>,
     #[serde(rename = "issuer")]
     pub issuers: Vec<IssuerConfig>,
 }
@@ -117,6 +121,43 @@ pub struct CollectorConfig {
     pub interval_secs: u64,
 }
 
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// `https://usher.example:8443`; default: `[collector] url`.
+    pub url: Option<String>,
+    /// The host's bearer token at the service, inline or in a file; default: `[collector]
+    /// token_file`.
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    /// CA certificate(s), PEM, that the service's certificate must chain to; default:
+    /// `[collector] ca_file`.
+    pub ca: Option<PathBuf>,
+    /// Seconds the service may hold one long-poll before answering "nothing new".
+    #[serde(default = "default_service_wait")]
+    pub wait_secs: u64,
+}
+
+fn default_service_wait() -> u64 {
+    25
+}
+
+/// Where the grant feed connects and how it proves which host it is, with `[collector]`'s
+/// settings filling what `[service]` leaves out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceEndpoint {
+    pub url: String,
+    pub token: ServiceToken,
+    pub ca: Option<PathBuf>,
+    pub wait_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServiceToken {
+    Inline(String),
+    File(PathBuf),
+}
+
 fn default_chunk_bytes() -> usize {
     256 * 1024
 }
@@ -161,6 +202,7 @@ impl Default for Config {
             recording: RecordingConfig::default(),
             spool: SpoolConfig::default(),
             collector: None,
+            service: None,
             issuers: Vec::new(),
         }
     }
@@ -223,6 +265,16 @@ pub enum ConfigError {
     ListenAddress(String),
     #[error("ssh.login_grace_secs, max_startups, max_startups_per_source and max_connections must be above 0")]
     ZeroConnectionLimit,
+    #[error("[service] needs a url (or a [collector] url to default to)")]
+    ServiceWithoutUrl,
+    #[error("[service] needs token or token_file (or a [collector] token_file to default to)")]
+    ServiceWithoutToken,
+    #[error("[service] gives both token and token_file: keep one")]
+    ServiceTwoTokens,
+    #[error("[service] url {0:?} is not https://")]
+    ServiceNotHttps(String),
+    #[error("[service] wait_secs must be between 1 and 60")]
+    ServiceWait,
 }
 
 impl Config {
@@ -266,7 +318,46 @@ impl Config {
         {
             return Err(ConfigError::ZeroConnectionLimit);
         }
+        self.service_endpoint()?;
         Ok(())
+    }
+
+    /// The grant feed's endpoint, when `[service]` is configured.
+    pub fn service_endpoint(&self) -> Result<Option<ServiceEndpoint>, ConfigError> {
+        let Some(service) = &self.service else {
+            return Ok(None);
+        };
+        let collector = self.collector.as_ref();
+        let url = service
+            .url
+            .clone()
+            .or_else(|| collector.map(|c| c.url.clone()))
+            .ok_or(ConfigError::ServiceWithoutUrl)?;
+        if !url.starts_with("https://") {
+            return Err(ConfigError::ServiceNotHttps(url));
+        }
+        let token = match (&service.token, &service.token_file) {
+            (Some(_), Some(_)) => return Err(ConfigError::ServiceTwoTokens),
+            (Some(t), None) => ServiceToken::Inline(t.clone()),
+            (None, Some(f)) => ServiceToken::File(f.clone()),
+            (None, None) => ServiceToken::File(
+                collector
+                    .map(|c| c.token_file.clone())
+                    .ok_or(ConfigError::ServiceWithoutToken)?,
+            ),
+        };
+        if !(1..=60).contains(&service.wait_secs) {
+            return Err(ConfigError::ServiceWait);
+        }
+        Ok(Some(ServiceEndpoint {
+            url: url.trim_end_matches('/').to_string(),
+            token,
+            ca: service
+                .ca
+                .clone()
+                .or_else(|| collector.and_then(|c| c.ca_file.clone())),
+            wait_secs: service.wait_secs,
+        }))
     }
 
     pub fn host_name(&self) -> String {
@@ -359,6 +450,52 @@ mod tests {
         assert!(matches!(
             Config::load(Path::new("/nonexistent/usherd.toml")),
             Err(ConfigError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn the_service_defaults_to_the_collector_and_says_what_is_missing() {
+        let collector =
+            "[collector]\nurl = \"https://c:8443/\"\ntoken_file = \"/t\"\nca_file = \"/ca.pem\"\n";
+        let c = Config::parse(&format!("{collector}[service]\n")).unwrap();
+        assert_eq!(
+            c.service_endpoint().unwrap(),
+            Some(ServiceEndpoint {
+                url: "https://c:8443".into(),
+                token: ServiceToken::File("/t".into()),
+                ca: Some("/ca.pem".into()),
+                wait_secs: 25,
+            })
+        );
+        let c = Config::parse(&format!(
+            "{collector}[service]\nurl = \"https://s\"\ntoken = \"abc\"\nca = \"/s.pem\"\nwait_secs = 5\n"
+        ))
+        .unwrap();
+        let e = c.service_endpoint().unwrap().unwrap();
+        assert_eq!(e.url, "https://s");
+        assert_eq!(e.token, ServiceToken::Inline("abc".into()));
+        assert_eq!(e.ca, Some("/s.pem".into()));
+        assert_eq!(e.wait_secs, 5);
+        assert_eq!(Config::parse("").unwrap().service_endpoint().unwrap(), None);
+        assert!(matches!(
+            Config::parse("[service]\ntoken = \"x\"\n"),
+            Err(ConfigError::ServiceWithoutUrl)
+        ));
+        assert!(matches!(
+            Config::parse("[service]\nurl = \"https://s\"\n"),
+            Err(ConfigError::ServiceWithoutToken)
+        ));
+        assert!(matches!(
+            Config::parse("[service]\nurl = \"https://s\"\ntoken = \"x\"\ntoken_file = \"/t\"\n"),
+            Err(ConfigError::ServiceTwoTokens)
+        ));
+        assert!(matches!(
+            Config::parse("[service]\nurl = \"http://s\"\ntoken = \"x\"\n"),
+            Err(ConfigError::ServiceNotHttps(u)) if u == "http://s"
+        ));
+        assert!(matches!(
+            Config::parse("[service]\nurl = \"https://s\"\ntoken = \"x\"\nwait_secs = 0\n"),
+            Err(ConfigError::ServiceWait)
         ));
     }
 

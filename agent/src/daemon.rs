@@ -275,6 +275,11 @@ impl Agent {
                 .unwrap_or(false)
     }
 
+    /// Whether a revocation of `id` is recorded here.
+    pub fn is_revoked(&self, id: &GrantId) -> bool {
+        lock(&self.revocations).contains(id)
+    }
+
     fn subscribe_grant_ends(&self) -> tokio::sync::broadcast::Receiver<GrantId> {
         self.grant_ended.subscribe()
     }

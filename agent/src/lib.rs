@@ -13,7 +13,10 @@
 //!    metadata in the spool;
 //! 6. `ship`: the spool goes to the collector in hash-chained chunks, sealed at the end.
 //!
-//! Around them: `daemon` wires the stages into the agent and makes the decisions that span
+//! Around them: `feed` brings this host's grants and revocations from the central
+//! service (`service` is that service's API, client side, for the feed and for `usher`;
+//! `cli` is `usher`'s side of it: sign-in, requests, reviews);
+//! `daemon` wires the stages into the agent and makes the decisions that span
 //! them (a grant's end ends its sessions and its account); `control` is root's socket for
 //! `usher`; `admission` caps peers that have not proved anything yet; `config` is the
 //! agent's file; `audit` its log; `play` replays a cast safely; `fsutil` writes the agent's
@@ -44,13 +47,16 @@ pub mod ship;
 
 // Around the journey.
 pub mod admission;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod feed;
 pub mod fsutil;
 pub mod local_issuer;
 pub mod play;
 pub mod profile;
+pub mod service;
 mod sync;
 
 // Every `unsafe` block of the agent is in here, each with its SAFETY argument.

@@ -1,5 +1,7 @@
-//! `usher`: the command-line tool — a small issuer (keygen, grant sign) and the client of
-//! the local agent (grant install/list/revoke, status, sessions), and a cast player.
+//! `usher`: the command-line tool — a small issuer (keygen, grant sign), the client of
+//! the local agent (grant install/list/revoke, status, sessions), a cast player, and a
+//! person's client of the central service (login, whoami, request, requests, review,
+//! revoke).
 
 #![deny(unsafe_code)]
 
@@ -7,6 +9,7 @@ use clap::{Parser, Subcommand};
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use usher::cli::CliError;
 use usher::control::{CallError, Client};
 use usher::grant::{Audience, Claims, KeyAlg};
 use usher_wire::control as wire;
@@ -48,6 +51,78 @@ enum Command {
     Status,
     /// Live sessions of every kind.
     Sessions,
+    /// Sign in to the central service (device authorization at its identity provider).
+    Login {
+        /// The service, e.g. https://usher.example:8443 (default: the last one signed in to).
+        #[arg(long)]
+        service: Option<String>,
+        /// CA certificate(s), PEM, the service's (and provider's) certificate chains to.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// Who the service says you are.
+    Whoami,
+    /// Ask for access to a host; with --wait, print the grant once approved.
+    ///
+    /// Exit status with --wait: 0 approved, 2 denied, 3 still pending at the timeout (or
+    /// ended without a decision), 1 any other error.
+    Request {
+        #[arg(long)]
+        host: String,
+        /// The account, with the host's prefix (e.g. jit-alice).
+        #[arg(long)]
+        login: String,
+        #[arg(long)]
+        profile: Option<String>,
+        /// How long: 90s, 15m, 1h, 1h30m, 2d.
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// The OpenSSH public key the grant is bound to (default ~/.ssh/id_ed25519.pub).
+        #[arg(long)]
+        ssh_key: Option<PathBuf>,
+        /// Also bind a one-time secret for console or RDP logins, made here; only its
+        /// hash leaves this machine.
+        #[arg(long)]
+        console_secret: bool,
+        /// Wait for the decision and print the grant (a compact JWT).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "10m", requires = "wait")]
+        timeout: String,
+    },
+    /// Wait for the decision on a request made earlier and print its grant (exit status
+    /// as `request --wait`).
+    Wait {
+        id: String,
+        #[arg(long, default_value = "10m")]
+        timeout: String,
+    },
+    /// Access requests: your own, or all of them for approvers and auditors.
+    Requests {
+        /// Only those waiting for a decision.
+        #[arg(long)]
+        pending: bool,
+    },
+    /// Approve or deny a request.
+    Review {
+        id: String,
+        #[arg(long, conflicts_with = "deny", required_unless_present = "deny")]
+        approve: bool,
+        #[arg(long)]
+        deny: bool,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Revoke a grant at the service (by grant or request id): every host ends its
+    /// sessions and account within seconds.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Replay an asciicast recording in this terminal.
     Play {
         file: PathBuf,
@@ -132,7 +207,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("usher: {e}");
-            ExitCode::FAILURE
+            match e {
+                UsherError::Service(e) => ExitCode::from(e.exit_code()),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -142,6 +220,8 @@ fn main() -> ExitCode {
 enum UsherError {
     #[error(transparent)]
     Agent(#[from] CallError),
+    #[error(transparent)]
+    Service(#[from] CliError),
     #[error("{0}")]
     Other(String),
 }
@@ -300,6 +380,197 @@ fn run(cli: Cli) -> Result<(), UsherError> {
             speed,
             idle_limit,
         } => Ok(usher::play::play(&file, speed, idle_limit)?),
+        Command::Login { .. }
+        | Command::Whoami
+        | Command::Request { .. }
+        | Command::Wait { .. }
+        | Command::Requests { .. }
+        | Command::Review { .. }
+        | Command::Revoke { .. } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(service::run(cli.json, cli.command))
+        }
+    }
+}
+
+/// The commands that talk to the central service.
+mod service {
+    use super::{show, text, Command, UsherError};
+    use usher::cli::{self, credentials, CliError};
+    use usher_wire::jit;
+
+    struct Prompt;
+
+    impl cli::LoginPrompt for Prompt {
+        fn show(&self, code: &cli::device::DeviceCode) {
+            // On standard error: standard output is the result, for scripts.
+            eprintln!(
+                "To sign in, open {} and enter the code {}",
+                code.verification_uri, code.user_code
+            );
+            if let Some(complete) = &code.verification_uri_complete {
+                eprintln!("(or open {complete})");
+            }
+            eprintln!(
+                "Waiting for the sign-in (the code expires in {}s)...",
+                code.expires_in
+            );
+        }
+    }
+
+    pub async fn run(json: bool, command: Command) -> Result<(), UsherError> {
+        let path = credentials::default_path().map_err(CliError::from)?;
+        match command {
+            Command::Login { service, ca } => {
+                let previous = credentials::Credentials::load(&path).ok();
+                let service = service
+                    .or_else(|| previous.as_ref().map(|p| p.url.clone()))
+                    .ok_or("give --service URL (no earlier sign-in to take it from)")?;
+                let ca = ca.or_else(|| previous.and_then(|p| p.ca));
+                let signed_in = cli::login(&service, ca, &path, &Prompt).await?;
+                show(json, &signed_in.principal, |p| {
+                    format!("signed in as {}\n{}", p.name, text::principal(p))
+                })?;
+                if !json {
+                    println!(
+                        "(sign-in kept in {}, until {})",
+                        path.display(),
+                        text::when(signed_in.expires_at)
+                    );
+                }
+                Ok(())
+            }
+            Command::Whoami => {
+                let (client, _) = cli::signed_in(&path)?;
+                let me = client.me().await.map_err(CliError::from)?;
+                show(json, &me, text::principal)
+            }
+            Command::Request {
+                host,
+                login,
+                profile,
+                duration,
+                reason,
+                ssh_key,
+                console_secret,
+                wait,
+                timeout,
+            } => {
+                let duration_secs = cli::parse_duration(&duration)?;
+                let timeout = std::time::Duration::from_secs(cli::parse_duration(&timeout)?);
+                let (client, _) = cli::signed_in(&path)?;
+                let made = cli::make_request(
+                    &client,
+                    cli::RequestArgs {
+                        host,
+                        login,
+                        profile,
+                        duration_secs,
+                        reason,
+                        ssh_key,
+                        console_secret,
+                    },
+                )
+                .await?;
+                let mut request = made.request;
+                if wait {
+                    if !json && request.state == jit::RequestState::Pending {
+                        eprintln!("{}", text::request_line(&request));
+                        eprintln!("waiting for a decision...");
+                    }
+                    request = match cli::wait_for_decision(&client, &request.id, timeout).await {
+                        Ok(decided) => decided,
+                        // Still open: the secret is needed if it is approved later, and
+                        // exists nowhere else.
+                        Err(e @ CliError::StillPending { .. }) => {
+                            if let Some(secret) = &made.console_secret {
+                                eprintln!("console secret (shown once, not stored; it works once the request is approved): {secret}");
+                            }
+                            return Err(e.into());
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                }
+                print_request(json, &request, made.console_secret.as_deref(), wait)
+            }
+            Command::Wait { id, timeout } => {
+                let timeout = std::time::Duration::from_secs(cli::parse_duration(&timeout)?);
+                let (client, _) = cli::signed_in(&path)?;
+                let request = cli::wait_for_decision(&client, &id, timeout).await?;
+                print_request(json, &request, None, true)
+            }
+            Command::Requests { pending } => {
+                let (client, _) = cli::signed_in(&path)?;
+                let list = client.requests(pending).await.map_err(CliError::from)?;
+                show(json, &list[..], text::requests)
+            }
+            Command::Review {
+                id,
+                approve,
+                deny: _,
+                comment,
+            } => {
+                let (client, _) = cli::signed_in(&path)?;
+                let decision = if approve {
+                    jit::Decision::Approve
+                } else {
+                    jit::Decision::Deny
+                };
+                let request = client
+                    .review(&id, &jit::Review { decision, comment })
+                    .await
+                    .map_err(CliError::from)?;
+                show(json, &request, text::request_line_nl)
+            }
+            Command::Revoke { id, reason } => {
+                let (client, _) = cli::signed_in(&path)?;
+                let request = cli::revoke(&client, &id, reason).await?;
+                show(json, &request, text::request_line_nl)
+            }
+            _ => unreachable!("only the service's commands come here"),
+        }
+    }
+
+    /// A request as `usher request` ends: with --wait in text, the grant alone on standard
+    /// output (`$(usher request --wait …)`), the rest on standard error.
+    fn print_request(
+        json: bool,
+        request: &jit::AccessRequest,
+        console_secret: Option<&str>,
+        waited: bool,
+    ) -> Result<(), UsherError> {
+        if json {
+            let mut value = serde_json::to_value(request).map_err(|e| e.to_string())?;
+            if let (Some(secret), Some(map)) = (console_secret, value.as_object_mut()) {
+                map.insert("console_secret".into(), secret.into());
+            }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?
+            );
+            return Ok(());
+        }
+        if waited {
+            eprintln!("{}", text::request_line(request));
+            if let Some(secret) = console_secret {
+                eprintln!("console secret (shown once, not stored): {secret}");
+            }
+            if let Some(grant) = &request.grant {
+                println!("{grant}");
+            }
+        } else {
+            println!("{}", text::request_line(request));
+            if let Some(secret) = console_secret {
+                println!("console secret (shown once, not stored; it works once the request is approved): {secret}");
+            }
+            if let Some(grant) = &request.grant {
+                println!("{grant}");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -307,6 +578,143 @@ fn run(cli: Cli) -> Result<(), UsherError> {
 /// and sizes rounded.
 mod text {
     use super::wire;
+    use usher_wire::jit;
+
+    pub fn principal(p: &jit::Principal) -> String {
+        let roles: Vec<&str> = p
+            .roles
+            .iter()
+            .map(|r| match r {
+                jit::Role::Requester => "requester",
+                jit::Role::Approver => "approver",
+                jit::Role::Auditor => "auditor",
+                jit::Role::Admin => "admin",
+            })
+            .collect();
+        table(
+            &["NAME", "SUBJECT", "GROUPS", "ROLES"],
+            vec![vec![
+                p.name.clone(),
+                p.sub.clone(),
+                or_none(&p.groups.join(",")),
+                or_none(&roles.join(",")),
+            ]],
+        )
+    }
+
+    fn or_none(s: &str) -> String {
+        if s.is_empty() {
+            "-".into()
+        } else {
+            s.to_string()
+        }
+    }
+
+    pub fn when(unix: i64) -> String {
+        time(unix)
+    }
+
+    fn approvals(r: &jit::AccessRequest) -> usize {
+        r.reviews
+            .iter()
+            .filter(|v| v.decision == jit::Decision::Approve)
+            .count()
+    }
+
+    /// One line: the request, where it stands, and what comes next.
+    pub fn request_line(r: &jit::AccessRequest) -> String {
+        let what = format!(
+            "request {} ({} as {} for {})",
+            r.id,
+            r.host,
+            r.login,
+            duration(r.duration_secs as i64)
+        );
+        match r.state {
+            jit::RequestState::Pending => format!(
+                "{what}: pending, {} of {} approval(s) under policy {}",
+                approvals(r),
+                r.approvals_needed,
+                r.policy
+            ),
+            jit::RequestState::Approved => {
+                let by = match &r.auto_approved {
+                    Some(rule) => format!("automatically ({rule})"),
+                    None => {
+                        let names: Vec<&str> = r
+                            .reviews
+                            .iter()
+                            .filter(|v| v.decision == jit::Decision::Approve)
+                            .map(|v| v.name.as_str())
+                            .collect();
+                        format!("by {}", names.join(", "))
+                    }
+                };
+                let grant = r.grant_id.as_deref().unwrap_or("-");
+                let until = r.expires_at.map(time).unwrap_or_else(|| "-".into());
+                format!("{what}: approved {by}; grant {grant} until {until}")
+            }
+            jit::RequestState::Denied => {
+                let why = r
+                    .reviews
+                    .iter()
+                    .rev()
+                    .find(|v| v.decision == jit::Decision::Deny)
+                    .map(|v| format!(" by {}: {}", v.name, v.comment))
+                    .unwrap_or_default();
+                format!("{what}: denied{why}")
+            }
+            jit::RequestState::Revoked => {
+                let why = r
+                    .revoked
+                    .as_ref()
+                    .map(|v| format!(" by {} at {}: {}", v.by.name, time(v.at), v.reason))
+                    .unwrap_or_default();
+                format!("{what}: revoked{why}")
+            }
+            other => format!("{what}: {}", usher::cli::state_name(other)),
+        }
+    }
+
+    pub fn request_line_nl(r: &jit::AccessRequest) -> String {
+        format!("{}\n", request_line(r))
+    }
+
+    pub fn requests(list: &[jit::AccessRequest]) -> String {
+        if list.is_empty() {
+            return "no requests\n".into();
+        }
+        table(
+            &[
+                "ID",
+                "STATE",
+                "REQUESTER",
+                "HOST",
+                "LOGIN",
+                "PROFILE",
+                "FOR",
+                "APPROVALS",
+                "CREATED",
+                "REASON",
+            ],
+            list.iter()
+                .map(|r| {
+                    vec![
+                        r.id.clone(),
+                        usher::cli::state_name(r.state).to_string(),
+                        r.requester.name.clone(),
+                        r.host.clone(),
+                        r.login.clone(),
+                        r.profile.clone().unwrap_or_else(|| "-".into()),
+                        duration(r.duration_secs as i64),
+                        format!("{}/{}", approvals(r), r.approvals_needed),
+                        time(r.created_at),
+                        r.reason.clone(),
+                    ]
+                })
+                .collect(),
+        )
+    }
 
     pub fn installed(g: &wire::Installed) -> String {
         format!(

@@ -86,12 +86,20 @@ fn run(args: Args) -> Result<(), String> {
             }
             None => None,
         };
+        let service = agent
+            .config
+            .service_endpoint()
+            .map_err(|e| e.to_string())?;
 
         // Serving: every socket is already bound, so nothing below can fail.
         spawn_sweeper(agent.clone());
         if let Some(shipper) = shipper {
             let live: Arc<dyn usher::ship::LiveSessions> = agent.clone();
             tokio::spawn(shipper.run(live));
+        }
+        if let Some(endpoint) = service {
+            log::info!(target: "usher::feed", "grants and revocations from the service at {}", endpoint.url);
+            tokio::spawn(usher::feed::run(agent.clone(), endpoint));
         }
         tokio::spawn(usher::control::serve(agent.clone(), sockets.control));
         let console_uids = agent.config.accounts.uid_min..=agent.config.accounts.uid_max;
