@@ -24,7 +24,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   bench ssh      usherd vs OpenSSH sshd: throughput, set-up latency, memory
   bench exec     exec overhead: no agent, usherd's eBPF, auditd
   bench ship     collector ingest from N agents; CPU of shipping vs recording
-  bench flood    one session floods: server memory, others' set-up time, spool limit";
+  bench flood    one session floods: server memory, others' set-up time, spool limit
+  bench jit      request to usable grant, revoke to session end, token exchanges/s";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,8 +41,9 @@ fn main() -> ExitCode {
             Some("exec") => ebpf::bench_exec(),
             Some("ship") => bench_ship::run(),
             Some("flood") => bench_flood::run(),
+            Some("jit") => bench_jit(),
             other => Err(format!(
-                "unknown benchmark {other:?}; try: ssh, exec, ship, flood"
+                "unknown benchmark {other:?}; try: ssh, exec, ship, flood, jit"
             )),
         },
         _ => Err(USAGE.to_string()),
@@ -53,4 +55,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `bench jit` is a program of the tests' crate (it drives usherd through the tests'
+/// harness): the release binaries, then that program, run against them.
+fn bench_jit() -> Result<(), String> {
+    if !util::is_root() {
+        return Err("the benchmark runs as root".into());
+    }
+    util::run(util::cargo().args(["build", "--release", "--bins"]))?;
+    util::run(
+        util::cargo()
+            .args(["run", "--release", "-p", "usher-tests", "--bin", "bench_jit"])
+            .env("USHER_BIN_DIR", util::release_dir()),
+    )
 }
