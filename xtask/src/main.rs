@@ -66,7 +66,14 @@ fn bench_jit() -> Result<(), String> {
     util::run(util::cargo().args(["build", "--release", "--bins"]))?;
     util::run(
         util::cargo()
-            .args(["run", "--release", "-p", "usher-tests", "--bin", "bench_jit"])
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "usher-tests",
+                "--bin",
+                "bench_jit",
+            ])
             .env("USHER_BIN_DIR", util::release_dir()),
     )
 }
