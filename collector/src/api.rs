@@ -87,13 +87,21 @@ impl App {
         let workflow = Arc::new(Workflow::open(&config).await?);
         crate::workflow::webhook::spawn(&workflow, config.public_url(), None);
         spawn_background(&workflow);
+        let request_limit = RateLimit::new(
+            config.limits.requests_burst,
+            config.limits.requests_per_minute / 60.0,
+        );
+        let exchange_limit = RateLimit::new(
+            config.limits.exchanges_burst,
+            config.limits.exchanges_per_second,
+        );
         Ok(App {
             store: Store::open(&config)?,
             config,
             agents,
             workflow,
-            request_limit: RateLimit::new(10, 1.0 / 6.0),
-            exchange_limit: RateLimit::new(30, 10.0),
+            request_limit,
+            exchange_limit,
             trusted: arc_swap::ArcSwap::from_pointee(trusted),
         })
     }

@@ -45,6 +45,9 @@ pub struct Config {
     #[serde(rename = "workload_issuer", default)]
     pub workload_issuers: Vec<usher_trust::IssuerConfig>,
     pub oidc: Option<OidcConfig>,
+    /// Per-person and per-address rate limits (`[limits]`).
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 impl Config {
@@ -83,6 +86,16 @@ impl Config {
 
     /// Checks what serde cannot: unique policy names, sane numbers, parsable windows.
     pub fn check(&self) -> Result<(), String> {
+        let l = &self.limits;
+        if l.requests_burst == 0
+            || l.exchanges_burst == 0
+            || l.requests_per_minute.is_nan()
+            || l.requests_per_minute <= 0.0
+            || l.exchanges_per_second.is_nan()
+            || l.exchanges_per_second <= 0.0
+        {
+            return Err("limits: bursts and rates must be above 0".into());
+        }
         let mut names = std::collections::BTreeSet::new();
         for p in &self.request_policies {
             if !names.insert(&p.name) {
@@ -249,6 +262,31 @@ pub struct OidcConfig {
 
 fn groups_claim() -> String {
     "groups".into()
+}
+
+/// Token buckets: `*_burst` requests at once, then `*_per_minute` (requests) or
+/// `*_per_second` (token exchanges) sustained. The defaults hold off a scripted flood
+/// without getting in a person's way; a benchmark or a busy CI fleet raises them.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// New access requests, per person.
+    pub requests_burst: u32,
+    pub requests_per_minute: f64,
+    /// Token exchanges, per client address.
+    pub exchanges_burst: u32,
+    pub exchanges_per_second: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            requests_burst: 10,
+            requests_per_minute: 10.0,
+            exchanges_burst: 30,
+            exchanges_per_second: 10.0,
+        }
+    }
 }
 
 /// Why the configuration cannot be read.
