@@ -148,7 +148,7 @@ host_key = "{host_key}"
 [[workload]]
 name = "deploy"
 issuer = "{issuer}"
-audience = "usher"
+audience = "https://usher.bench"
 claims = {{ repository = "acme/web", ref = "refs/heads/main" }}
 hosts = ["{host}"]
 login = "{prefix}deploy"
@@ -292,7 +292,7 @@ ca = "{provider_ca}"
 
     // Token exchange, against the cheapest authenticated read as the ceiling.
     let workload_token = provider
-        .workload_token(WORKLOAD_CLIENT, "usher")
+        .workload_token(WORKLOAD_CLIENT, "https://usher.bench")
         .map_err(|e| format!("workload token: {e}"))?;
     let key = agent.client_public_key();
     let deploy_login = format!("{prefix}deploy");
