@@ -528,13 +528,21 @@ fn alice_requests_bob_approves_alice_logs_in_and_a_revocation_ends_her_session()
     let out = world.agent.ssh(&login, "true");
     assert!(out.status.success(), "{}", stderr(&out));
 
-    // The service goes down (kill -9) and usherd restarts meanwhile. The agent cannot
-    // check the grant's signature without the service's keys (discovery keeps no copy
-    // across a restart), so the grant is set aside, not deleted...
+    // The service goes down (kill -9) and usherd restarts meanwhile: the agent checks the
+    // grant's signature with the copy of the service's keys it kept in its state
+    // directory, so the grant stays usable through the outage...
     let back_before = world.agent.log().matches("answers again").count();
     world.service.kill();
     world.agent.stop();
     world.agent.launch();
+    assert!(world.agent_grants().contains(&grant_id));
+    let out = world.agent.ssh(&login, "true");
+    assert!(
+        out.status.success(),
+        "the grant was lost in an outage of the service: {}\n{}",
+        stderr(&out),
+        world.agent.log()
+    );
     // ... and the service comes back: its requests and grants are still there, the feed
     // finds it again and the grant is usable again.
     world.service.start();

@@ -13,6 +13,7 @@ use crate::fetch::{fetch_keys, http_client, FetchError};
 use crate::jose::{verify_with_keys, Expect, VerifiedClaims};
 use crate::refusal::{RefreshNote, Refusal};
 use jsonwebtoken::jwk::JwkSet;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,9 @@ struct Inner {
     refresh_every: Duration,
     max_stale: Duration,
     state: Mutex<State>,
+    /// Where the last good keys are written, so that a restart while the issuer is
+    /// unreachable still has them (within `max_stale`).
+    saved: Option<PathBuf>,
     /// One fetch at a time; whoever waited reads what the fetch before it found.
     fetching: tokio::sync::Mutex<()>,
 }
@@ -79,6 +83,16 @@ impl IssuerKeys {
     /// URL or discovery source has no keys until `refresh` (or `load_blocking`, or the
     /// task `spawn_refresher` starts) fetches them.
     pub fn new(config: &IssuerConfig) -> Result<IssuerKeys, SetupError> {
+        IssuerKeys::new_saving(config, None)
+    }
+
+    /// As `new`, and a URL issuer's last good keys are also kept in a file under
+    /// `save_dir`: read back at start (if younger than `max_stale_secs`), rewritten after
+    /// every good fetch. A missing or unreadable file only means starting without keys.
+    pub fn new_saving(
+        config: &IssuerConfig,
+        save_dir: Option<&Path>,
+    ) -> Result<IssuerKeys, SetupError> {
         let source = config.source()?;
         let (client, keys) = match &source {
             KeySource::File(path) => (
@@ -91,6 +105,24 @@ impl IssuerKeys {
                 (Some(http_client(config.ca.as_deref())?), None)
             }
         };
+        let max_stale = Duration::from_secs(config.max_stale_secs);
+        let saved = match (&source, save_dir) {
+            (KeySource::Url(_) | KeySource::Discovery(_), Some(dir)) => {
+                Some(saved_keys_path(dir, &config.iss))
+            }
+            _ => None,
+        };
+        let mut state = State {
+            keys,
+            ..State::default()
+        };
+        if let Some((jwks, age)) = saved
+            .as_deref()
+            .and_then(|p| read_saved(p, &config.iss, max_stale))
+        {
+            state.keys = Some(Arc::new(jwks));
+            state.fetched_at = Instant::now().checked_sub(age);
+        }
         Ok(IssuerKeys {
             inner: Arc::new(Inner {
                 iss: config.iss.clone(),
@@ -98,11 +130,9 @@ impl IssuerKeys {
                 client,
                 refresh_min: Duration::from_secs(config.refresh_min_secs),
                 refresh_every: Duration::from_secs(config.refresh_secs),
-                max_stale: Duration::from_secs(config.max_stale_secs),
-                state: Mutex::new(State {
-                    keys,
-                    ..State::default()
-                }),
+                max_stale,
+                state: Mutex::new(state),
+                saved,
                 fetching: tokio::sync::Mutex::new(()),
             }),
         })
@@ -122,6 +152,7 @@ impl IssuerKeys {
                     keys: Some(Arc::new(keys)),
                     ..State::default()
                 }),
+                saved: None,
                 fetching: tokio::sync::Mutex::new(()),
             }),
         }
@@ -356,6 +387,11 @@ impl IssuerKeys {
         match fetched {
             Ok(keys) => {
                 let n = keys.keys.len();
+                if let Some(path) = &self.inner.saved {
+                    if let Err(e) = write_saved(path, &self.inner.iss, &keys) {
+                        log::warn!(target: "usher", "cannot keep a copy of {}'s keys in {}: {e}", self.inner.iss, path.display());
+                    }
+                }
                 state.keys = Some(Arc::new(keys));
                 state.fetched_at = Some(Instant::now());
                 state.last_error = None;
@@ -436,4 +472,54 @@ impl TrustedIssuers {
             .filter_map(IssuerKeys::spawn_refresher)
             .collect()
     }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedKeys {
+    iss: String,
+    /// Unix seconds.
+    fetched_at: u64,
+    jwks: JwkSet,
+}
+
+/// One file per issuer, named by a digest of its name (an issuer is a URL).
+fn saved_keys_path(dir: &Path, iss: &str) -> PathBuf {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(iss.as_bytes());
+    let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("{name}.jwks.json"))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The saved keys and their age, unless missing, unreadable or older than `max_stale`.
+fn read_saved(path: &Path, iss: &str, max_stale: Duration) -> Option<(JwkSet, Duration)> {
+    let text = std::fs::read(path).ok()?;
+    let saved: SavedKeys = serde_json::from_slice(&text).ok()?;
+    let age = Duration::from_secs(unix_now().saturating_sub(saved.fetched_at));
+    (saved.iss == iss && age < max_stale && !saved.jwks.keys.is_empty())
+        .then_some((saved.jwks, age))
+}
+
+/// Written beside and renamed, so a crash leaves the old copy or the new one.
+fn write_saved(path: &Path, iss: &str, jwks: &JwkSet) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let saved = SavedKeys {
+        iss: iss.to_string(),
+        fetched_at: unix_now(),
+        jwks: jwks.clone(),
+    };
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&saved).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, path)
 }

@@ -306,6 +306,43 @@ async fn with_the_server_down_the_last_good_keys_last_max_stale_then_are_dropped
 }
 
 #[tokio::test]
+async fn a_restart_while_the_issuer_is_down_starts_with_the_saved_keys_until_max_stale() {
+    let a = Key::new("a");
+    let idp = Provider::start(&[&a]).await;
+    let dir = std::env::temp_dir().join(format!("usher-trust-saved-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = IssuerKeys::new_saving(&idp.config(1, 3), Some(&dir)).unwrap();
+    first.refresh().await.unwrap();
+    drop(first);
+    idp.set_down(true);
+    let auds = auds();
+    // "Restarted": a new cache, the issuer unreachable, the copy on disk.
+    let again = IssuerKeys::new_saving(&idp.config(1, 3), Some(&dir)).unwrap();
+    assert!(again.refresh().await.is_err());
+    again
+        .verify(&a.sign(&idp.claims()), &expect(&auds))
+        .await
+        .unwrap();
+    // Without the copy (another directory), nothing verifies.
+    let elsewhere = dir.join("other");
+    let bare = IssuerKeys::new_saving(&idp.config(1, 3), Some(&elsewhere)).unwrap();
+    let why = bare
+        .verify(&a.sign(&idp.claims()), &expect(&auds))
+        .await
+        .unwrap_err();
+    assert!(matches!(why, Refusal::KeysUnavailable { .. }), "{why}");
+    // A copy older than max_stale is not used.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let late = IssuerKeys::new_saving(&idp.config(1, 3), Some(&dir)).unwrap();
+    let why = late
+        .verify(&a.sign(&idp.claims()), &expect(&auds))
+        .await
+        .unwrap_err();
+    assert!(matches!(why, Refusal::KeysUnavailable { .. }), "{why}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn a_server_that_was_never_reached_gives_keys_unavailable() {
     let port = usher_test_support::free_port();
     let iss = format!("http://127.0.0.1:{port}");

@@ -177,13 +177,18 @@ impl Verifier {
         config: &Config,
         known_profiles: BTreeSet<String>,
     ) -> Result<Verifier, JwksError> {
+        // Fetched keys are kept on disk: an agent restarted while an issuer (the central
+        // service, say) is unreachable still verifies the grants it holds.
+        let saved_keys = config.state_dir.join("issuer-keys");
         let setup = |configs: &[usher_trust::IssuerConfig]| {
             configs
                 .iter()
                 .map(|ic| {
-                    IssuerKeys::new(ic).map_err(|source| JwksError::Issuer {
-                        iss: ic.iss.clone(),
-                        source,
+                    IssuerKeys::new_saving(ic, Some(&saved_keys)).map_err(|source| {
+                        JwksError::Issuer {
+                            iss: ic.iss.clone(),
+                            source,
+                        }
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()
