@@ -152,20 +152,39 @@ impl Browser {
         seen.unwrap_or_else(|e| panic!("{e}: last saw {last}"))
     }
 
-    /// Clicks the first element matching the CSS `selector`.
+    /// Clicks the first element matching the CSS `selector`. The page re-renders its lists
+    /// as answers arrive, so an element found a moment ago can be gone (stale) when the
+    /// click reaches it: find and click again, for up to 10 s.
     pub fn click(&self, selector: &str) {
-        let element = self.call(
-            "POST",
-            "/element",
-            json!({"using": "css selector", "value": selector}),
-        );
-        let id = element
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let clicked = self.try_click(selector);
+            match clicked {
+                Ok(()) => return,
+                Err(why) if std::time::Instant::now() > deadline => {
+                    panic!("cannot click {selector}: {why}")
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+    }
+
+    fn try_click(&self, selector: &str) -> Result<(), String> {
+        let base = format!("{}/session/{}", self.base, self.session);
+        let find = json!({"using": "css selector", "value": selector}).to_string();
+        let found = self
+            .request("POST", &format!("{base}/element"), Some(&find))
+            .ok_or("no such element (yet)")?;
+        let found: Value = serde_json::from_str(&found).map_err(|e| e.to_string())?;
+        let id = found["value"]
             .as_object()
             .and_then(|o| o.values().next())
             .and_then(Value::as_str)
-            .unwrap_or_else(|| panic!("no element {selector}: {element}"))
+            .ok_or_else(|| format!("no element: {found}"))?
             .to_string();
-        self.call("POST", &format!("/element/{id}/click"), json!({}));
+        self.request("POST", &format!("{base}/element/{id}/click"), Some("{}"))
+            .map(|_| ())
+            .ok_or_else(|| "the click was refused (stale or covered)".to_string())
     }
 }
 
