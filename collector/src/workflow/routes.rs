@@ -78,13 +78,23 @@ fn bad_json(e: impl std::fmt::Display) -> Response {
 }
 
 fn wait_secs(q: &HashMap<String, String>) -> Result<u64, Response> {
-    match q.get("wait").filter(|v| !v.is_empty()) {
-        None => Ok(0),
-        Some(v) => v.parse::<u64>().map(|w| w.min(MAX_WAIT_SECS)).map_err(|_| {
+    query_number::<u64>(q, "wait", "seconds").map(|w| w.min(MAX_WAIT_SECS))
+}
+
+/// A number in the query: absent or empty is 0, anything else not a `T` is a 400 saying
+/// what `name` should be.
+fn query_number<T: std::str::FromStr + Default>(
+    q: &HashMap<String, String>,
+    name: &str,
+    what: &str,
+) -> Result<T, Response> {
+    match q.get(name).filter(|v| !v.is_empty()) {
+        None => Ok(T::default()),
+        Some(v) => v.parse::<T>().map_err(|_| {
             error(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::BadRequest,
-                "wait: seconds",
+                format!("{name}: {what}"),
             )
         }),
     }
@@ -264,20 +274,9 @@ async fn audit(
         Ok(p) => p,
         Err(r) => return r,
     };
-    let since = match q
-        .get("since")
-        .filter(|v| !v.is_empty())
-        .map(|v| v.parse::<i64>())
-    {
-        None => 0,
-        Some(Ok(s)) => s,
-        Some(Err(_)) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                "since: a sequence number",
-            )
-        }
+    let since = match query_number::<i64>(&q, "since", "a sequence number") {
+        Ok(s) => s,
+        Err(r) => return r,
     };
     let request = q.get("request").filter(|v| !v.is_empty()).cloned();
     match app.workflow.audit(&who, request, since).await {
@@ -297,20 +296,9 @@ async fn agent_feed(
         Ok((host, _)) => host.clone(),
         Err(r) => return r,
     };
-    let since = match q
-        .get("since")
-        .filter(|v| !v.is_empty())
-        .map(|v| v.parse::<u64>())
-    {
-        None => 0,
-        Some(Ok(s)) => s,
-        Some(Err(_)) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                "since: a revision",
-            )
-        }
+    let since = match query_number::<u64>(&q, "since", "a revision") {
+        Ok(s) => s,
+        Err(r) => return r,
     };
     let wait = match wait_secs(&q) {
         Ok(w) => w,
