@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use usher_collector::config::{AgentConfig, Config, RequestPolicy, StateConfig};
 use usher_collector::workflow::policy::PolicyRefusal;
-use usher_collector::workflow::{GrantClaims, SignedReview, Workflow, WorkflowError};
+use usher_collector::workflow::{SignedReview, Workflow, WorkflowError};
 use usher_test_support::Postgres;
+use usher_wire::grant::{Audience, Claims};
 use usher_wire::jit::{Decision, NewRequest, Principal, RequestState, Review, Role};
 
 /// 2026-01-01 at `hh:mm` UTC.
@@ -178,15 +179,15 @@ async fn n_of_m_issues_one_signed_grant(p: &Place) {
         .unwrap()
         .grant
         .is_none());
-    let claims: GrantClaims = wf.issuer.verify(&jwt).unwrap();
+    let claims: Claims = wf.issuer.verify(&jwt).unwrap();
     assert_eq!(claims.iss, "https://usher.test");
-    assert_eq!(claims.aud, "web-1");
+    assert_eq!(claims.aud, Audience::One("web-1".into()));
     assert_eq!(claims.sub, "s-alice");
     assert_eq!(claims.login, "jit-alice");
     assert_eq!(claims.ssh_keys, vec![key()]);
     assert_eq!(claims.approved_by.as_deref(), Some("approver1, approver2"));
     assert_eq!(claims.reason.as_deref(), Some("INC-1234"));
-    assert_eq!(claims.request, r.id);
+    assert_eq!(claims.request.as_deref(), Some(r.id.as_str()));
     assert_eq!(Some(claims.jti.clone()), r2.grant_id);
     // Each review is signed by the service over what was decided.
     for review in &r2.reviews {

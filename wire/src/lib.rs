@@ -4,7 +4,8 @@
 //! Shipping a session to the collector: its streams are hash-chained ([`chain`]), its
 //! metadata sent beside them ([`meta`]), the collector answers as [`collector`] says, and a
 //! signed [`seal`] ends it. On the host: the control socket ([`control`]) and the console
-//! socket ([`console`]). The just-in-time workflow's API: [`jit`].
+//! socket ([`console`]). The claims of a grant: [`grant`]. The just-in-time workflow's API:
+//! [`jit`].
 
 #![deny(unsafe_code)]
 
@@ -12,6 +13,7 @@ pub mod chain;
 pub mod collector;
 pub mod console;
 pub mod control;
+pub mod grant;
 pub mod jit;
 pub mod line;
 pub mod meta;

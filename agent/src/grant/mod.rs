@@ -1,13 +1,12 @@
 //! Stage 1: grants — signed, time-bounded permission to become a local account.
 
-mod claims;
 mod issue;
 mod store;
 mod verify;
 
-pub use claims::{Audience, Claims};
 pub use issue::{console_secret_hash, keygen, sign, IssueError, KeyAlg};
 pub use store::{GrantStore, Revocations, RevocationsError};
+pub use usher_wire::grant::{Audience, Claims};
 pub use verify::{InvalidClaim, JwksError, Malformed, Part, Refusal, UnusableKey, Verifier};
 
 use serde::{Deserialize, Serialize};

@@ -21,6 +21,7 @@ use issuer::{Issuer, IssuerError};
 use policy::PolicyRefusal;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use usher_wire::grant::{Audience, Claims};
 use usher_wire::jit::{
     AccessRequest, AuditRecord, Decision, GrantFeed, NewRequest, Person, Principal, RecordedReview,
     RequestState, Review, Revocation, RevokedGrant, Role,
@@ -80,30 +81,6 @@ pub struct StoredRequest {
     pub secret_hash: Option<String>,
     /// Unix seconds after which a pending request has expired.
     pub pending_until: i64,
-}
-
-/// The claims of a grant the service signs (WORKFLOW.md; what usherd reads).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GrantClaims {
-    pub iss: String,
-    pub aud: String,
-    pub sub: String,
-    pub login: String,
-    pub jti: String,
-    pub iat: i64,
-    pub exp: i64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ssh_keys: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_hash: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub profile: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub approved_by: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// The request this grant answers.
-    pub request: String,
 }
 
 /// What a review's signature covers.
@@ -1035,9 +1012,9 @@ fn issue(
 ) -> Result<(), WorkflowError> {
     let jti = random_id("g-");
     let exp = now + s.request.duration_secs as i64;
-    let claims = GrantClaims {
+    let claims = Claims {
         iss: issuer.iss.clone(),
-        aud: s.request.host.clone(),
+        aud: Audience::One(s.request.host.clone()),
         sub: s.request.requester.sub.clone(),
         login: s.request.login.clone(),
         jti: jti.clone(),
@@ -1048,7 +1025,9 @@ fn issue(
         profile: s.request.profile.clone(),
         approved_by: Some(approved_by.to_string()),
         reason: Some(s.request.reason.clone()),
-        request: s.request.id.clone(),
+        request: Some(s.request.id.clone()),
+        nbf: None,
+        groups: Vec::new(),
     };
     let token = issuer.sign(&claims)?;
     s.request.state = RequestState::Approved;
