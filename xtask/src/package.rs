@@ -123,11 +123,7 @@ fn agent_packages(release: &str) -> Result<(), String> {
         .arg(&deb))?;
     println!("{}", deb.display());
 
-    // .rpm, from the same tree
-    crate::setup::ensure_packages(&["rpm"])?;
-    let rpm_top = out.join("rpmbuild");
-    let _ = std::fs::remove_dir_all(&rpm_top);
-    // The policies are conffiles too; rpm wants them named.
+    // .rpm, from the same tree. The policies are conffiles too; rpm wants them named.
     let filelist = out.join("rpm-policies.list");
     let lines: Vec<String> = conffiles
         .iter()
@@ -135,29 +131,13 @@ fn agent_packages(release: &str) -> Result<(), String> {
         .map(|c| format!("%config(noreplace) {c}"))
         .collect();
     std::fs::write(&filelist, lines.join("\n") + "\n").map_err(|e| e.to_string())?;
-    run(Command::new("rpmbuild")
-        .arg("-bb")
-        .arg(p.join("rpm/usher.spec"))
-        .arg("--define")
-        .arg(format!("_topdir {}", rpm_top.display()))
-        .arg("--define")
-        .arg(format!("usher_version {}", version()))
-        .arg("--define")
-        .arg(format!("usher_release {release}"))
-        .arg("--define")
-        .arg(format!("usher_stage {}", stage.display()))
-        .arg("--define")
-        .arg(format!("usher_filelist {}", filelist.display()))
-        .arg("--define")
-        .arg("__os_install_post %{nil}")
-        .arg("--define")
-        .arg("debug_package %{nil}"))?;
-    let rpm = rpm_top.join(format!(
-        "RPMS/x86_64/usher-{}-{release}.x86_64.rpm",
-        version()
-    ));
-    let dest = out.join(rpm.file_name().unwrap());
-    std::fs::rename(&rpm, &dest).map_err(|e| format!("{}: {e}", rpm.display()))?;
+    let dest = rpmbuild(
+        &p.join("rpm/usher.spec"),
+        "usher",
+        &stage,
+        release,
+        &[("usher_filelist", filelist.display().to_string())],
+    )?;
     println!("{}", dest.display());
     Ok(())
 }
@@ -267,35 +247,49 @@ fn collector_packages(release: &str) -> Result<(), String> {
     println!("{}", deb.display());
 
     // .rpm, from the same tree
-    crate::setup::ensure_packages(&["rpm"])?;
-    let rpm_top = out.join("rpmbuild-collector");
-    let _ = std::fs::remove_dir_all(&rpm_top);
-    run(Command::new("rpmbuild")
-        .arg("-bb")
-        .arg(root.join("packaging/rpm/usher-collector.spec"))
-        .arg("--define")
-        .arg(format!("_topdir {}", rpm_top.display()))
-        .arg("--define")
-        .arg(format!("usher_version {}", version()))
-        .arg("--define")
-        .arg(format!("usher_release {release}"))
-        .arg("--define")
-        .arg(format!("usher_stage {}", stage.display()))
-        .arg("--define")
-        .arg("__os_install_post %{nil}")
-        .arg("--define")
-        .arg("debug_package %{nil}"))?;
-    let rpm = rpm_top.join(format!(
-        "RPMS/x86_64/usher-collector-{}-{release}.x86_64.rpm",
-        version()
-    ));
-    let dest = out.join(format!(
-        "usher-collector-{}-{release}.x86_64.rpm",
-        version()
-    ));
-    std::fs::rename(&rpm, &dest).map_err(|e| format!("{}: {e}", rpm.display()))?;
+    let dest = rpmbuild(
+        &root.join("packaging/rpm/usher-collector.spec"),
+        "usher-collector",
+        &stage,
+        release,
+        &[],
+    )?;
     println!("{}", dest.display());
     Ok(())
+}
+
+/// Builds `spec` (package `name`) from the staged tree with rpmbuild in a scratch top dir
+/// under target/package, and moves the .rpm next to the .deb; answers where it is.
+fn rpmbuild(
+    spec: &Path,
+    name: &str,
+    stage: &Path,
+    release: &str,
+    defines: &[(&str, String)],
+) -> Result<PathBuf, String> {
+    crate::setup::ensure_packages(&["rpm"])?;
+    let out = workspace_root().join("target/package");
+    let rpm_top = out.join(format!("rpmbuild-{name}"));
+    let _ = std::fs::remove_dir_all(&rpm_top);
+    let mut cmd = Command::new("rpmbuild");
+    cmd.arg("-bb").arg(spec);
+    let standard = [
+        ("_topdir", rpm_top.display().to_string()),
+        ("usher_version", version()),
+        ("usher_release", release.to_string()),
+        ("usher_stage", stage.display().to_string()),
+        ("__os_install_post", "%{nil}".to_string()),
+        ("debug_package", "%{nil}".to_string()),
+    ];
+    for (key, value) in standard.iter().chain(defines) {
+        cmd.arg("--define").arg(format!("{key} {value}"));
+    }
+    run(&mut cmd)?;
+    let file = format!("{name}-{}-{release}.x86_64.rpm", version());
+    let rpm = rpm_top.join("RPMS/x86_64").join(&file);
+    let dest = out.join(&file);
+    std::fs::rename(&rpm, &dest).map_err(|e| format!("{}: {e}", rpm.display()))?;
+    Ok(dest)
 }
 
 fn dir_size(dir: &Path) -> u64 {
