@@ -17,4 +17,5 @@ pub mod grant;
 pub mod jit;
 pub mod line;
 pub mod meta;
+pub mod rdp;
 pub mod seal;
