@@ -127,6 +127,7 @@ impl Default for RdpConfig {
 }
 
 impl RdpConfig {
+    /// `worker`, else next to usherd (a build tree), else where the packages put it.
     pub fn worker_path(&self) -> PathBuf {
         if let Some(p) = &self.worker {
             return p.clone();
@@ -134,7 +135,8 @@ impl RdpConfig {
         std::env::current_exe()
             .ok()
             .and_then(|exe| Some(exe.parent()?.join("usher-rdp")))
-            .unwrap_or_else(|| "/usr/lib/usher/usher-rdp".into())
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| "/usr/libexec/usher/usher-rdp".into())
     }
 }
 
