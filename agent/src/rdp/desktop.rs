@@ -19,6 +19,9 @@ use tokio::sync::{mpsc, watch};
 /// The lowest display number a desktop gets (below are the console's and test rigs').
 const FIRST_DISPLAY: u32 = 20;
 
+/// How long a client gets to hear why its desktop ends before the desktop is killed.
+const TELL_THE_CLIENT: Duration = Duration::from_millis(300);
+
 /// How long an X server may take to start.
 const X_START: Duration = Duration::from_secs(15);
 
@@ -74,11 +77,22 @@ impl ClientSink for DesktopSink {
         }
         true
     }
+    async fn stopping(&self, why: &str) {
+        // The worker tells its client why, then the desktop's processes are killed.
+        let _ = self.ended.send(Some(why.to_string()));
+        tokio::time::sleep(TELL_THE_CLIENT).await;
+    }
     async fn finish(&self, outcome: ExitOutcome) {
         let why = lock(&self.last_words)
             .take()
             .unwrap_or_else(|| format!("the desktop ended ({outcome:?})"));
-        let _ = self.ended.send(Some(why));
+        self.ended.send_if_modified(|e| {
+            let first = e.is_none();
+            if first {
+                *e = Some(why);
+            }
+            first
+        });
     }
 }
 

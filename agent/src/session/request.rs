@@ -11,6 +11,12 @@ use super::SessionKind;
 pub trait ClientSink: Send + Sync + 'static {
     /// The session is open, under this id (before its process starts).
     fn opened(&self, _session_id: &str) {}
+    /// The session is being stopped (the grant ended, the recording failed), before its
+    /// processes are killed: a client that is not fed through the sink (a desktop's)
+    /// can be told why first.
+    fn stopping(&self, _why: &str) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     fn stdout(&self, data: Bytes) -> impl Future<Output = bool> + Send;
     fn stderr(&self, data: Bytes) -> impl Future<Output = bool> + Send;
     fn finish(&self, outcome: ExitOutcome) -> impl Future<Output = ()> + Send;
