@@ -183,7 +183,7 @@ impl<C: Core> Desktops<C> {
     pub fn detach(self: &Arc<Self>, attached: &Attached) {
         let desktop = attached.desktop.clone();
         let connection = attached.connection;
-        if *desktop.owner.borrow() != connection {
+        if *desktop.owner.borrow() != connection || desktop.ended.borrow().is_some() {
             return;
         }
         desktop.owner.send_replace(0);
