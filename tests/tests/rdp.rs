@@ -223,7 +223,6 @@ fn terminal_shown(client: &RdpClient, at: (u32, u32)) -> bool {
 fn the_secret_logs_in_to_a_desktop_of_the_account_whose_typed_commands_are_audited_and_policed() {
     let agent = rdp_agent();
     let (login, _) = rdp_grant(&agent, "desk", "rdp-secret-1", "rdp", 600);
-    let uid = uid_of(&login);
     let display = ClientDisplay::start().unwrap();
     let mut client = agent.client(&display, agent.options(&login, "rdp-secret-1"));
     let shot = agent.desktop_shown(&mut client, 4);
@@ -233,6 +232,8 @@ fn the_secret_logs_in_to_a_desktop_of_the_account_whose_typed_commands_are_audit
         "{}",
         shot.describe()
     );
+    // The account is made at the login.
+    let uid = uid_of(&login);
 
     // A normal session: listed as RDP, its desktop the account's, in the session's cgroup.
     let session = agent.session_of(&login);
@@ -318,7 +319,6 @@ fn a_wrong_secret_no_grant_an_expired_grant_and_a_profile_without_rdp_are_refuse
     let agent = rdp_agent();
     let display = ClientDisplay::start().unwrap();
     let (login, _) = rdp_grant(&agent, "ok", "right-secret", "rdp", 600);
-    let uid = uid_of(&login);
 
     // The wrong secret: no session, nothing of the account runs, the reason in the log.
     let mut client = agent.client(&display, agent.options(&login, "wrong-secret"));
@@ -331,7 +331,7 @@ fn a_wrong_secret_no_grant_an_expired_grant_and_a_profile_without_rdp_are_refuse
         "{:?}",
         agent.sessions()
     );
-    assert_eq!(pids_of_uid(uid), Vec::<i32>::new());
+    assert!(!user_exists(&login), "a refused login left an account");
     agent.wait_for(10, "the refusal in usherd's log", || {
         agent
             .log()
@@ -358,10 +358,9 @@ fn a_wrong_secret_no_grant_an_expired_grant_and_a_profile_without_rdp_are_refuse
 
     // A profile that does not allow RDP (the same grant would open an SSH session).
     let (no_rdp, _) = rdp_grant(&agent, "nordp", "nordp-secret", "nordp", 600);
-    let no_rdp_uid = uid_of(&no_rdp);
     let mut client = agent.client(&display, agent.options(&no_rdp, "nordp-secret"));
     agent.refused(&mut client, "a profile without rdp");
-    assert_eq!(pids_of_uid(no_rdp_uid), Vec::<i32>::new());
+    assert!(!user_exists(&no_rdp), "a refused login left an account");
     assert!(agent.sessions().is_empty(), "{:?}", agent.sessions());
 
     // And the right secret opens the desktop: the refusals were refusals, not a broken
@@ -412,10 +411,10 @@ fn two_clients_at_once_each_get_their_own_desktop_and_session() {
 fn revoking_the_grant_disconnects_the_client_and_removes_the_account_and_its_desktop() {
     let agent = rdp_agent();
     let (login, jti) = rdp_grant(&agent, "rev", "revoke-me", "rdp", 600);
-    let uid = uid_of(&login);
     let display = ClientDisplay::start().unwrap();
     let mut client = agent.client(&display, agent.options(&login, "revoke-me"));
     agent.desktop_shown(&mut client, 4);
+    let uid = uid_of(&login);
     agent.session_of(&login);
     let processes = pids_of_uid(uid);
     assert!(!processes.is_empty());
@@ -586,11 +585,11 @@ fn the_certificate_is_kept_across_restarts_and_its_fingerprint_is_in_usher_statu
 fn the_default_desktop_is_a_window_manager_and_a_terminal_of_the_account() {
     let agent = rdp_agent_with(None, "");
     let (login, _) = rdp_grant(&agent, "dflt", "default-secret", "rdp", 600);
-    let uid = uid_of(&login);
     let display = ClientDisplay::start().unwrap();
     let mut client = agent.client(&display, agent.options(&login, "default-secret"));
     let window = client.wait_for_window(CONNECT);
     agent.must(&client, window);
+    let uid = uid_of(&login);
     agent.wait_for(
         30,
         "the window manager and the terminal as the account",
