@@ -1624,20 +1624,31 @@ mod tests {
 
         impl TestXvfb {
             pub fn start(width: u16, height: u16) -> TestXvfb {
+                Self::start_as(None, width, height)
+            }
+
+            /// Xvfb running as another user (`nobody`), as the session's account runs it
+            /// while the worker is a user of its own.
+            pub fn start_as(user: Option<&str>, width: u16, height: u16) -> TestXvfb {
                 let base = 300 + (std::process::id() % 200) * 8;
                 for _attempt in 0..40 {
                     let number = base + NEXT_DISPLAY.fetch_add(1, Ordering::SeqCst) % 1600;
                     if std::path::Path::new(&format!("/tmp/.X{number}-lock")).exists() {
                         continue;
                     }
-                    if let Some(xvfb) = Self::try_start(number, width, height) {
+                    if let Some(xvfb) = Self::try_start(user, number, width, height) {
                         return xvfb;
                     }
                 }
                 panic!("no free X display number for Xvfb");
             }
 
-            fn try_start(number: u32, width: u16, height: u16) -> Option<TestXvfb> {
+            fn try_start(
+                user: Option<&str>,
+                number: u32,
+                width: u16,
+                height: u16,
+            ) -> Option<TestXvfb> {
                 let cookie = random_cookie();
                 let auth_file = std::env::temp_dir().join(format!(
                     "usher-rdp-screen-test-{}-{number}.auth",
@@ -1645,7 +1656,28 @@ mod tests {
                 ));
                 std::fs::write(&auth_file, xauthority_entry(number, &cookie))
                     .expect("write auth file");
-                let child = Command::new("Xvfb")
+                let mut command = match user {
+                    Some(user) => {
+                        // The other user must read the cookie; the file lives only as long
+                        // as the test.
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(
+                            &auth_file,
+                            std::fs::Permissions::from_mode(0o644),
+                        )
+                        .expect("chmod auth file");
+                        let mut command = Command::new("setpriv");
+                        command.args([
+                            &format!("--reuid={user}"),
+                            "--regid=nogroup",
+                            "--clear-groups",
+                            "Xvfb",
+                        ]);
+                        command
+                    }
+                    None => Command::new("Xvfb"),
+                };
+                let child = command
                     .arg(format!(":{number}"))
                     .args(["-nolisten", "tcp", "-noreset", "-auth"])
                     .arg(&auth_file)
@@ -1911,6 +1943,112 @@ mod tests {
                 Screen::connect(&remote),
                 Err(ScreenError::Connect { .. })
             ));
+        }
+
+        #[test]
+        fn shared_memory_and_get_image_read_the_same_pixels() {
+            // The X server runs as another user than this process: a SysV segment of this
+            // user's (mode 0600) would be refused, a memfd is not.
+            let xvfb = TestXvfb::start_as(Some("nobody"), 320, 240);
+            let status = std::fs::read_to_string(format!("/proc/{}/status", xvfb.child.id()))
+                .expect("Xvfb's status");
+            assert!(
+                status.lines().any(|line| line.starts_with("Uid:\t65534\t")),
+                "Xvfb runs as nobody"
+            );
+            let painter = xvfb.client();
+            colour_window(&painter, (10, 20, 30, 40), 0xab_cd_ef);
+            let conn = xvfb.client();
+            let format = pixel_format(&conn).expect("format");
+            let shared = Grabber::new(&conn, format, (320, 240));
+            assert!(
+                shared.uses_shared_memory(),
+                "Xvfb offers MIT-SHM 1.2 (memfd)"
+            );
+            let plain = Grabber {
+                shared: None,
+                ..Grabber::new(&conn, format, (1, 1))
+            };
+            let area = Rect {
+                x: 5,
+                y: 15,
+                width: 50,
+                height: 50,
+            };
+            let (Ok(through_shm), Ok(through_socket)) =
+                (shared.read(&conn, area), plain.read(&conn, area))
+            else {
+                panic!("reading the rectangle failed");
+            };
+            assert_eq!(through_shm.data, through_socket.data);
+            assert_eq!(pixel(&through_shm, 20, 30), 0xab_cd_ef);
+            assert_eq!(pixel(&through_shm, 6, 16), 0);
+            // A rectangle outside the screen is refused, not fatal.
+            let outside = Rect {
+                x: 300,
+                y: 200,
+                width: 50,
+                height: 50,
+            };
+            assert!(matches!(
+                shared.read(&conn, outside),
+                Err(ReadError::Refused(_))
+            ));
+            assert!(matches!(
+                plain.read(&conn, outside),
+                Err(ReadError::Refused(_))
+            ));
+        }
+
+        #[test]
+        fn a_slow_consumer_gets_the_latest_screen_not_a_backlog() {
+            let xvfb = TestXvfb::start(320, 240);
+            let painter = xvfb.client();
+            let window = colour_window(&painter, (0, 0, 100, 100), 0);
+            let screen = Screen::connect(&xvfb.display).expect("connect");
+            let runtime = runtime();
+            let mut updates = screen.capture(100).expect("capture");
+            next_bitmap(&runtime, &mut updates);
+            // 200 changes while nobody reads.
+            let mut colour = 0;
+            for step in 1..=200u32 {
+                colour = step * 0x010101 & 0xffffff;
+                painter
+                    .change_window_attributes(
+                        window,
+                        &xproto::ChangeWindowAttributesAux::new().background_pixel(colour),
+                    )
+                    .expect("paint");
+                painter
+                    .clear_area(false, window, 0, 0, 0, 0)
+                    .expect("clear");
+                painter
+                    .get_input_focus()
+                    .expect("sync")
+                    .reply()
+                    .expect("sync");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let mut queued = 0;
+            let mut last = None;
+            while let Some(update) = next_update(&runtime, &mut updates, Duration::from_millis(500))
+            {
+                queued += 1;
+                if let DisplayUpdate::Bitmap(bitmap) = update {
+                    if covers(&bitmap, (50, 50, 1, 1)) {
+                        last = Some(pixel(&bitmap, 50, 50));
+                    }
+                }
+                if last == Some(colour) {
+                    break;
+                }
+            }
+            assert_eq!(last, Some(colour), "the last colour arrives");
+            assert!(
+                queued <= CHANNEL_CAPACITY + 2 * MAX_RECTANGLES_PER_BATCH,
+                "{queued} updates"
+            );
         }
 
         #[test]
