@@ -13,6 +13,7 @@
 //! PDU before TLS), then the TLS handshake, then TLS.
 
 use ironrdp_pdu::mcs::{self, DisconnectProviderUltimatum, SendDataIndication};
+use ironrdp_pdu::nego;
 use ironrdp_pdu::rdp::server_error_info::{
     ErrorInfo, ProtocolIndependentCode, ServerSetErrorInfoPdu,
 };
@@ -81,6 +82,11 @@ pub struct ClientStream {
     /// Where IronRDP's output stands in its PDUs: the confirm before TLS, and whether a
     /// goodbye can go in between two PDUs.
     outgoing: PduFraming,
+    /// The client's X.224 Connection Request, until read.
+    connection_request: Option<Vec<u8>>,
+    /// The client offered NLA (CredSSP), which the worker does not: the usual reason a
+    /// client then drops the TLS handshake.
+    offered_nla: bool,
     /// The first TLS-protected PDU the client sends (the MCS Connect Initial), until read.
     first_pdu: Option<Vec<u8>>,
     farewell: Option<(Vec<u8>, usize)>,
@@ -93,6 +99,8 @@ impl ClientStream {
             acceptor,
             notes,
             outgoing: PduFraming::default(),
+            connection_request: Some(Vec::new()),
+            offered_nla: false,
             first_pdu: Some(Vec::new()),
             farewell: None,
         }
@@ -105,7 +113,14 @@ impl ClientStream {
                 Ok(tls) => self.state = State::Tls(Box::new(tls)),
                 Err(error) => {
                     self.state = State::Broken;
-                    log::warn!("TLS handshake with the client failed: {error}");
+                    if self.offered_nla {
+                        log::warn!(
+                            "TLS handshake with the client failed ({error}): it offered NLA \
+                             (CredSSP), which is not offered here, and would not take TLS alone"
+                        );
+                    } else {
+                        log::warn!("TLS handshake with the client failed: {error}");
+                    }
                     return Poll::Ready(Err(error));
                 }
             }
@@ -118,6 +133,28 @@ impl ClientStream {
             if let State::Plain(tcp) = std::mem::replace(&mut self.state, State::Broken) {
                 self.state = State::Handshaking(Box::pin(self.acceptor.accept(tcp)));
             }
+        }
+    }
+
+    fn note_connection_request(&mut self, bytes: &[u8]) {
+        let Some(buffer) = self.connection_request.as_mut() else {
+            return;
+        };
+        buffer.extend_from_slice(bytes);
+        match tpkt_length(buffer) {
+            Some(length) if buffer.len() >= length => {
+                let request =
+                    ironrdp_core::decode::<X224<nego::ConnectionRequest>>(&buffer[..length]);
+                if let Ok(request) = request {
+                    self.offered_nla = request.0.protocol.intersects(
+                        nego::SecurityProtocol::HYBRID | nego::SecurityProtocol::HYBRID_EX,
+                    );
+                }
+                self.connection_request = None;
+            }
+            Some(_) => {}
+            None if buffer.len() >= 4 => self.connection_request = None,
+            None => {}
         }
     }
 
@@ -171,7 +208,12 @@ impl AsyncRead for ClientStream {
         ready!(this.poll_handshake(cx))?;
         let before = buf.filled().len();
         match &mut this.state {
-            State::Plain(tcp) => return Pin::new(tcp).poll_read(cx, buf),
+            State::Plain(tcp) => {
+                ready!(Pin::new(tcp).poll_read(cx, buf))?;
+                let fresh = buf.filled()[before..].to_vec();
+                this.note_connection_request(&fresh);
+                return Poll::Ready(Ok(()));
+            }
             State::Tls(tls) => ready!(Pin::new(&mut **tls).poll_read(cx, buf))?,
             State::Handshaking(_) => return Poll::Pending,
             State::Broken => return Poll::Ready(Err(broken())),
