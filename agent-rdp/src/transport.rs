@@ -14,6 +14,11 @@
 
 use ironrdp_pdu::mcs::{self, DisconnectProviderUltimatum, SendDataIndication};
 use ironrdp_pdu::nego;
+use ironrdp_pdu::rdp::client_info::CompressionType;
+use ironrdp_pdu::rdp::headers::{
+    CompressionFlags, ShareControlHeader, ShareControlPdu, ShareDataHeader, ShareDataPdu,
+    StreamPriority,
+};
 use ironrdp_pdu::rdp::server_error_info::{
     ErrorInfo, ProtocolIndependentCode, ServerSetErrorInfoPdu,
 };
@@ -379,10 +384,22 @@ fn client_core_size(tpkt: &[u8]) -> Option<DesktopSize> {
 /// writes its own access-denied.
 fn farewell_bytes(code: ProtocolIndependentCode) -> Result<Vec<u8>, ironrdp_core::EncodeError> {
     let info = ServerSetErrorInfoPdu(ErrorInfo::ProtocolIndependentCode(code));
+    // In a Share Data header, as [MS-RDPBCGR] 2.2.5.1.1 has it (IronRDP's own access-denied
+    // sends the bare code, which FreeRDP cannot parse).
+    let share_data = ShareControlHeader {
+        share_id: 0,
+        pdu_source: IO_CHANNEL_ID,
+        share_control_pdu: ShareControlPdu::Data(ShareDataHeader {
+            share_data_pdu: ShareDataPdu::ServerSetErrorInfo(info),
+            stream_priority: StreamPriority::Undefined,
+            compression_flags: CompressionFlags::empty(),
+            compression_type: CompressionType::K8,
+        }),
+    };
     let indication = SendDataIndication {
         initiator_id: USER_CHANNEL_ID,
         channel_id: IO_CHANNEL_ID,
-        user_data: ironrdp_core::encode_vec(&info)?.into(),
+        user_data: ironrdp_core::encode_vec(&share_data)?.into(),
     };
     let mut bytes = ironrdp_core::encode_vec(&X224(indication))?;
     let ultimatum =

@@ -68,6 +68,9 @@ impl Scratch {
         let mut command = Command::new("Xvfb");
         command
             .args(["-screen", "0", &format!("{size}x24"), "-nolisten", "tcp"])
+            // Without it the server resets when its last client leaves, and the root's
+            // colour with it.
+            .arg("-noreset")
             .args(["-displayfd", "3"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
