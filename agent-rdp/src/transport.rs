@@ -28,6 +28,7 @@ use ironrdp_server::tokio_rustls::{Accept, TlsAcceptor};
 use ironrdp_server::DesktopSize;
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd as _;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -52,6 +53,12 @@ pub struct StreamNotes {
 struct Notes {
     requested_size: Option<DesktopSize>,
     farewell: Option<ProtocolIndependentCode>,
+    /// The login was refused: the client gets "access denied" and nothing else.
+    denied: bool,
+    /// The client's socket after IronRDP let go of it, write side shut, for the server to
+    /// drain: closing a socket with unread input resets the connection, and the client
+    /// would lose the goodbye it has not read yet.
+    lingering: Option<TcpStream>,
 }
 
 impl StreamNotes {
@@ -63,6 +70,19 @@ impl StreamNotes {
     /// Say `code` to the client before closing, if the stream allows.
     pub fn set_farewell(&self, code: ProtocolIndependentCode) {
         self.lock().farewell = Some(code);
+    }
+
+    /// The client's socket, once the connection is over, if it is still open.
+    pub fn take_lingering(&self) -> Option<TcpStream> {
+        self.lock().lingering.take()
+    }
+
+    /// The login is refused: from the next write on, the client is sent Server Denied
+    /// Connection (in place of what IronRDP writes for it) and nothing more.
+    pub fn deny(&self) {
+        let mut notes = self.lock();
+        notes.farewell = Some(ProtocolIndependentCode::ServerDeniedConnection);
+        notes.denied = true;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Notes> {
@@ -201,6 +221,24 @@ impl ClientStream {
             Err(error) => log::warn!("cannot encode the goodbye to the client: {error}"),
         }
     }
+
+    /// Writes the goodbye, if there is one, whole.
+    fn poll_farewell(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if matches!(self.state, State::Tls(_)) {
+            self.prepare_farewell();
+        }
+        let (State::Tls(tls), Some((bytes, sent))) = (&mut self.state, &mut self.farewell) else {
+            return Poll::Ready(Ok(()));
+        };
+        while *sent < bytes.len() {
+            match ready!(Pin::new(&mut **tls).poll_write(cx, &bytes[*sent..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => *sent += n,
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl AsyncRead for ClientStream {
@@ -237,6 +275,12 @@ impl AsyncWrite for ClientStream {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         ready!(this.poll_handshake(cx))?;
+        if this.notes.lock().denied || this.farewell.is_some() {
+            // What IronRDP writes after a refusal (its own access-denied, which FreeRDP
+            // cannot parse) is replaced by the goodbye and then dropped.
+            ready!(this.poll_farewell(cx))?;
+            return Poll::Ready(Ok(data.len()));
+        }
         let written = match &mut this.state {
             State::Plain(tcp) => ready!(Pin::new(tcp).poll_write(cx, data))?,
             State::Tls(tls) => ready!(Pin::new(&mut **tls).poll_write(cx, data))?,
@@ -258,26 +302,50 @@ impl AsyncWrite for ClientStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if matches!(this.state, State::Tls(_)) {
-            this.prepare_farewell();
+        if let Err(error) = ready!(this.poll_farewell(cx)) {
+            log::info!("the goodbye to the client was not written: {error}");
         }
         match &mut this.state {
             State::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            State::Tls(tls) => {
-                if let Some((bytes, sent)) = &mut this.farewell {
-                    while *sent < bytes.len() {
-                        match ready!(Pin::new(&mut **tls).poll_write(cx, &bytes[*sent..])) {
-                            Ok(0) | Err(_) => {
-                                *sent = bytes.len();
-                            }
-                            Ok(n) => *sent += n,
-                        }
-                    }
-                }
-                Pin::new(&mut **tls).poll_shutdown(cx)
-            }
+            State::Tls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
             State::Handshaking(_) | State::Broken => Poll::Ready(Ok(())),
         }
+    }
+}
+
+impl Drop for ClientStream {
+    fn drop(&mut self) {
+        let tcp = match std::mem::replace(&mut self.state, State::Broken) {
+            State::Plain(tcp) => tcp,
+            State::Tls(tls) => {
+                let (tcp, mut connection) = tls.into_inner();
+                // Best effort, without waiting: the close_notify IronRDP did not send.
+                connection.send_close_notify();
+                let mut writer = NonBlockingWriter(&tcp);
+                while connection.wants_write() {
+                    if !matches!(connection.write_tls(&mut writer), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+                tcp
+            }
+            State::Handshaking(_) | State::Broken => return,
+        };
+        // SAFETY: shutdown(2) on the socket this struct owns; it stays open.
+        unsafe { libc::shutdown(tcp.as_raw_fd(), libc::SHUT_WR) };
+        self.notes.lock().lingering = Some(tcp);
+    }
+}
+
+struct NonBlockingWriter<'a>(&'a TcpStream);
+
+impl io::Write for NonBlockingWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.try_write(bytes)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

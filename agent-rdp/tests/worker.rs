@@ -382,6 +382,11 @@ fn a_refused_login_gets_the_client_nothing() {
         "xfreerdp must fail: {}",
         scratch.log("client.log")
     );
+    assert!(
+        scratch.log("client.log").contains("ERRINFO_SERVER_DENIED_CONNECTION"),
+        "the client was told access is denied:\n{}",
+        scratch.log("client.log")
+    );
     let worker_status = wait_exit(scratch.child(worker.index), Duration::from_secs(10))
         .expect("the worker exits after a refusal");
     assert!(worker_status.success(), "{}", scratch.log("worker.log"));
