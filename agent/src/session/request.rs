@@ -69,8 +69,6 @@ pub enum SessionCommand {
 #[derive(Debug, Clone)]
 pub struct DesktopSpec {
     pub xvfb: PathBuf,
-    /// The display number, free when it was picked.
-    pub display: u32,
     /// MIT-MAGIC-COOKIE-1, written for the account in `auth_dir` before the X server starts.
     pub cookie: [u8; 16],
     pub auth_dir: PathBuf,
@@ -87,7 +85,7 @@ impl SessionCommand {
             SessionCommand::Shell => None,
             SessionCommand::Exec(c) => Some(c.clone()),
             SessionCommand::Subsystem(p) => Some(p.display().to_string()),
-            SessionCommand::Desktop(d) => Some(format!("(desktop :{}) {}", d.display, d.command)),
+            SessionCommand::Desktop(d) => Some(format!("(desktop) {}", d.command)),
         }
     }
 }
