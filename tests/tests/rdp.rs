@@ -683,7 +683,17 @@ fn a_killed_worker_takes_only_its_connection_and_the_client_gets_its_desktop_bac
         (meta.uid(), meta.permissions().mode() & 0o777),
         (uid, 0o600)
     );
-    let display_arg = args.iter().find(|a| a.starts_with(':')).unwrap().clone();
+    // The display the X server picked, as the desktop's terminal was told.
+    let xterm = *pids_of_uid(uid)
+        .iter()
+        .find(|&&p| comm(p) == "xterm")
+        .expect("the desktop's xterm");
+    let environ = std::fs::read(format!("/proc/{xterm}/environ")).unwrap();
+    let display_arg = environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"DISPLAY="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .expect("DISPLAY in the xterm's environment");
     // Another local user, without the cookie, is turned away by the X server.
     let stranger = std::process::Command::new("setpriv")
         .args([
