@@ -803,9 +803,6 @@ impl Capture {
             while let Some(event) = self.conn.poll_for_event()? {
                 self.note(event);
             }
-            if self.cursor_due && sender.capacity() > 0 {
-                self.send_cursor(sender)?;
-            }
             let now = Instant::now();
             let busy = self
                 .last_change
@@ -815,6 +812,10 @@ impl Capture {
             if frame_due && room && now >= next_batch {
                 self.send_batch(sender)?;
                 next_batch = now + interval;
+            }
+            // After the first frame: a client's first update is the whole screen.
+            if self.cursor_due && !self.whole_screen_due && sender.capacity() > 0 {
+                self.send_cursor(sender)?;
             }
             self.conn.flush()?;
             let still_due = frame_due || self.cursor_due;
@@ -1045,6 +1046,10 @@ impl Input {
     }
 
     pub fn mouse(&mut self, event: &MouseEvent) {
+        if let Err(error) = self.refresh_keymap() {
+            self.finish(Err(error));
+            return;
+        }
         let result = match *event {
             MouseEvent::Move { x, y } => self.fake(
                 MOTION,
@@ -1088,7 +1093,9 @@ impl Input {
         }
     }
 
-    /// Somebody in the session changed the keymap (setxkbmap, xmodmap): read it again.
+    /// Reads the events the server sends every client (MappingNotify), so that they do not
+    /// pile up in the connection; when somebody in the session changed the keymap
+    /// (setxkbmap, xmodmap), reads it again.
     fn refresh_keymap(&mut self) -> Result<(), ConnectionError> {
         let mut changed = false;
         while let Some(event) = self.conn.poll_for_event()? {
@@ -1849,7 +1856,11 @@ mod tests {
             for connection in 0..2 {
                 // A client that reconnects gets a capture of its own, whole screen first.
                 let mut updates = screen.capture(30).expect("capture");
-                let first = next_bitmap(&runtime, &mut updates);
+                let Some(DisplayUpdate::Bitmap(first)) =
+                    next_update(&runtime, &mut updates, Duration::from_secs(10))
+                else {
+                    panic!("the first update is not a bitmap");
+                };
                 assert_eq!(
                     (first.x, first.y, first.width.get(), first.height.get()),
                     (0, 0, 640, 480),
