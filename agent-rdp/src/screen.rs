@@ -690,11 +690,9 @@ fn pointer_update(cursor: &xfixes::GetCursorImageReply) -> DisplayUpdate {
             let alpha = pixel >> 24;
             let straight = |shift: u32| -> u8 {
                 let channel = (pixel >> shift) & 0xff;
-                if alpha == 0 {
-                    0
-                } else {
-                    ((channel * 255 + alpha / 2) / alpha).min(255) as u8
-                }
+                (channel * 255 + alpha / 2)
+                    .checked_div(alpha)
+                    .map_or(0, |value| value.min(255) as u8)
             };
             data.extend_from_slice(&[straight(0), straight(8), straight(16), alpha as u8]);
         }
@@ -828,7 +826,7 @@ impl Capture {
                 interval.min(Duration::from_millis(10))
             };
             system::wait_readable(self.conn.stream().as_fd(), timeout)
-                .map_err(|e| ConnectionError::IoError(e))?;
+                .map_err(ConnectionError::IoError)?;
         }
     }
 
@@ -2023,7 +2021,7 @@ mod tests {
             // 200 changes while nobody reads.
             let mut colour = 0;
             for step in 1..=200u32 {
-                colour = step * 0x010101 & 0xffffff;
+                colour = (step * 0x010101) & 0xffffff;
                 painter
                     .change_window_attributes(
                         window,
