@@ -2217,6 +2217,47 @@ mod tests {
         }
 
         #[test]
+        fn synchronize_sets_caps_lock_and_num_lock() {
+            let xvfb = TestXvfb::start(320, 240);
+            let client = xvfb.client();
+            let screen = Screen::connect(&xvfb.display).expect("connect");
+            let mut input = screen.input().expect("input");
+            let num_lock = input
+                .num_lock_mask()
+                .expect("modifiers")
+                .expect("a Num_Lock modifier");
+            let state = || {
+                let pointer = client
+                    .query_pointer(client.setup().roots[0].root)
+                    .expect("query")
+                    .reply()
+                    .expect("reply");
+                let mask = u16::from(pointer.mask);
+                (
+                    mask & u16::from(xproto::KeyButMask::LOCK) != 0,
+                    mask & num_lock != 0,
+                )
+            };
+            assert_eq!(state(), (false, false));
+            for (flags, expected) in [
+                (0x04, (true, false)),
+                (0x04, (true, false)),
+                (0x06, (true, true)),
+                (0x01, (false, false)),
+            ] {
+                input.synchronize(flags).expect("synchronize");
+                // A round trip: the fake key presses are done before the state is read.
+                input
+                    .conn
+                    .get_input_focus()
+                    .expect("sync")
+                    .reply()
+                    .expect("sync");
+                assert_eq!(state(), expected, "after flags {flags:#x}");
+            }
+        }
+
+        #[test]
         fn mouse_buttons_arrive_where_the_pointer_is() {
             let xvfb = TestXvfb::start(320, 240);
             let client = xvfb.client();
