@@ -414,6 +414,7 @@ struct Grabber {
 struct SharedImage {
     segment: shm::Seg,
     memory: system::SharedMemory,
+    sharing: Sharing,
 }
 
 /// Why one rectangle could not be read: the X server refused the request (a rectangle
@@ -449,44 +450,64 @@ impl Grabber {
         grabber
     }
 
-    /// (Re)creates the shared segment for a screen of `size`; without one, GetImage.
-    fn prepare_shared(&mut self, conn: &RustConnection, (width, height): (u16, u16)) {
+    /// (Re)creates the shared segment for a screen of `size`: a memory file, else a SysV
+    /// segment, else none (GetImage).
+    fn prepare_shared(&mut self, conn: &RustConnection, size: (u16, u16)) {
+        self.prepare_shared_with(conn, size, &[Sharing::MemoryFile, Sharing::SysV]);
+    }
+
+    fn prepare_shared_with(
+        &mut self,
+        conn: &RustConnection,
+        (width, height): (u16, u16),
+        ways: &[Sharing],
+    ) {
         if let Some(old) = self.shared.take() {
             let _ = conn.shm_detach(old.segment);
         }
         let bytes = usize::from(width) * usize::from(height) * 4;
-        match SharedImage::attach(conn, bytes) {
-            Ok(shared) => {
-                // The server may accept the segment and still fail to use it (a SysV
-                // segment it cannot map): try one pixel before relying on it.
-                let probe = conn
-                    .shm_get_image(
-                        self.root,
-                        0,
-                        0,
-                        1,
-                        1,
-                        !0,
-                        xproto::ImageFormat::Z_PIXMAP.into(),
-                        shared.segment,
-                        0,
-                    )
-                    .map_err(ReplyError::from)
-                    .and_then(|cookie| cookie.reply());
-                match probe {
-                    Ok(_) => self.shared = Some(shared),
-                    Err(error) => {
-                        log::info!("MIT-SHM unusable ({error}); capturing with GetImage");
-                        let _ = conn.shm_detach(shared.segment);
-                    }
+        for &sharing in ways {
+            match SharedImage::attach(conn, bytes, sharing)
+                .and_then(|shared| self.probe(conn, shared))
+            {
+                Ok(shared) => {
+                    self.shared = Some(shared);
+                    return;
                 }
+                Err(reason) => log::debug!("MIT-SHM through {sharing:?} unusable: {reason}"),
             }
-            Err(reason) => log::info!("MIT-SHM unavailable ({reason}); capturing with GetImage"),
+        }
+        log::info!("MIT-SHM unusable; capturing with GetImage");
+    }
+
+    /// The server may accept a segment and still fail to use it: one pixel is read before
+    /// relying on it.
+    fn probe(&self, conn: &RustConnection, shared: SharedImage) -> Result<SharedImage, String> {
+        let probe = conn
+            .shm_get_image(
+                self.root,
+                0,
+                0,
+                1,
+                1,
+                !0,
+                xproto::ImageFormat::Z_PIXMAP.into(),
+                shared.segment,
+                0,
+            )
+            .map_err(ReplyError::from)
+            .and_then(|cookie| cookie.reply());
+        match probe {
+            Ok(_) => Ok(shared),
+            Err(error) => {
+                let _ = conn.shm_detach(shared.segment);
+                Err(format!("ShmGetImage: {error}"))
+            }
         }
     }
 
-    fn uses_shared_memory(&self) -> bool {
-        self.shared.is_some()
+    fn sharing(&self) -> Option<Sharing> {
+        self.shared.as_ref().map(|shared| shared.sharing)
     }
 
     fn read(&self, conn: &RustConnection, rect: Rect) -> Result<BitmapUpdate, ReadError> {
@@ -555,8 +576,22 @@ impl Grabber {
     }
 }
 
+/// How the X server gets at a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sharing {
+    /// A memfd passed over the socket (MIT-SHM 1.2): no uid check, invisible to others.
+    MemoryFile,
+    /// A SysV segment of mode 0600: works only when the X server runs as this user (or
+    /// root).
+    SysV,
+}
+
 impl SharedImage {
-    fn attach(conn: &RustConnection, bytes: usize) -> Result<SharedImage, String> {
+    fn attach(
+        conn: &RustConnection,
+        bytes: usize,
+        sharing: Sharing,
+    ) -> Result<SharedImage, String> {
         if conn
             .extension_information(shm::X11_EXTENSION_NAME)
             .map_err(|e| e.to_string())?
@@ -571,24 +606,42 @@ impl SharedImage {
             .map_err(|e| e.to_string())?;
         let bytes = bytes.max(4);
         let segment = conn.generate_id().map_err(|e| e.to_string())?;
-        if (version.major_version, version.minor_version) >= (1, 2) {
-            let (memory, fd) = system::SharedMemory::memfd(bytes).map_err(|e| e.to_string())?;
-            conn.shm_attach_fd(segment, fd, false)
-                .map_err(|e| e.to_string())?
-                .check()
-                .map_err(|e| format!("ShmAttachFd: {e}"))?;
-            return Ok(SharedImage { segment, memory });
+        match sharing {
+            Sharing::MemoryFile => {
+                if (version.major_version, version.minor_version) < (1, 2) {
+                    return Err(format!(
+                        "MIT-SHM {}.{} cannot take a file descriptor",
+                        version.major_version, version.minor_version
+                    ));
+                }
+                let (memory, fd) = system::SharedMemory::memfd(bytes).map_err(|e| e.to_string())?;
+                conn.shm_attach_fd(segment, fd, false)
+                    .map_err(|e| e.to_string())?
+                    .check()
+                    .map_err(|e| format!("ShmAttachFd: {e}"))?;
+                Ok(SharedImage {
+                    segment,
+                    memory,
+                    sharing,
+                })
+            }
+            Sharing::SysV => {
+                let (memory, id) = system::SharedMemory::sysv(bytes).map_err(|e| e.to_string())?;
+                let attached = conn
+                    .shm_attach(segment, id, false)
+                    .map_err(|e| e.to_string())?
+                    .check();
+                // Once both sides are attached the id is not needed; removed now, the
+                // segment disappears with the last detach even if this process is killed.
+                system::SharedMemory::remove_sysv_id(id);
+                attached.map_err(|e| format!("ShmAttach: {e}"))?;
+                Ok(SharedImage {
+                    segment,
+                    memory,
+                    sharing,
+                })
+            }
         }
-        let (memory, id) = system::SharedMemory::sysv(bytes).map_err(|e| e.to_string())?;
-        let attached = conn
-            .shm_attach(segment, id, false)
-            .map_err(|e| e.to_string())?
-            .check();
-        // Once both sides are attached the id is not needed; removed now, the segment
-        // disappears with the last detach even if this process is killed.
-        system::SharedMemory::remove_sysv_id(id);
-        attached.map_err(|e| format!("ShmAttach: {e}"))?;
-        Ok(SharedImage { segment, memory })
     }
 }
 
@@ -775,7 +828,7 @@ impl Capture {
             "capturing {}x{} every {interval:?} ({})",
             self.size.0,
             self.size.1,
-            if self.grabber.uses_shared_memory() {
+            if self.grabber.sharing().is_some() {
                 "MIT-SHM"
             } else {
                 "GetImage"
@@ -1970,10 +2023,25 @@ mod tests {
             let conn = xvfb.client();
             let format = pixel_format(&conn).expect("format");
             let shared = Grabber::new(&conn, format, (320, 240));
-            assert!(
-                shared.uses_shared_memory(),
-                "Xvfb offers MIT-SHM 1.2 (memfd)"
+            assert_eq!(
+                shared.sharing(),
+                Some(Sharing::MemoryFile),
+                "Xvfb offers MIT-SHM 1.2"
             );
+            let mut sysv_only = Grabber::new(&conn, format, (1, 1));
+            sysv_only.prepare_shared_with(&conn, (320, 240), &[Sharing::SysV]);
+            assert_eq!(
+                sysv_only.sharing(),
+                None,
+                "a SysV segment of another user is refused"
+            );
+            let corner = Rect {
+                x: 0,
+                y: 0,
+                width: 8,
+                height: 8,
+            };
+            assert!(sysv_only.read(&conn, corner).is_ok(), "GetImage instead");
             let plain = Grabber {
                 shared: None,
                 ..Grabber::new(&conn, format, (1, 1))
@@ -2007,6 +2075,28 @@ mod tests {
                 plain.read(&conn, outside),
                 Err(ReadError::Refused(_))
             ));
+        }
+
+        #[test]
+        fn sysv_shared_memory_works_when_the_server_runs_as_this_user() {
+            let xvfb = TestXvfb::start(320, 240);
+            let painter = xvfb.client();
+            colour_window(&painter, (10, 20, 30, 40), 0x65_43_21);
+            let conn = xvfb.client();
+            let format = pixel_format(&conn).expect("format");
+            let mut grabber = Grabber::new(&conn, format, (1, 1));
+            grabber.prepare_shared_with(&conn, (320, 240), &[Sharing::SysV]);
+            assert_eq!(grabber.sharing(), Some(Sharing::SysV));
+            let whole = Rect {
+                x: 0,
+                y: 0,
+                width: 320,
+                height: 240,
+            };
+            let Ok(bitmap) = grabber.read(&conn, whole) else {
+                panic!("reading through SysV shared memory failed");
+            };
+            assert_eq!(pixel(&bitmap, 20, 30), 0x65_43_21);
         }
 
         #[test]
