@@ -414,6 +414,7 @@ struct Grabber {
 struct SharedImage {
     segment: shm::Seg,
     memory: system::SharedMemory,
+    sharing: Sharing,
 }
 
 /// Why one rectangle could not be read: the X server refused the request (a rectangle
@@ -449,44 +450,64 @@ impl Grabber {
         grabber
     }
 
-    /// (Re)creates the shared segment for a screen of `size`; without one, GetImage.
-    fn prepare_shared(&mut self, conn: &RustConnection, (width, height): (u16, u16)) {
+    /// (Re)creates the shared segment for a screen of `size`: a memory file, else a SysV
+    /// segment, else none (GetImage).
+    fn prepare_shared(&mut self, conn: &RustConnection, size: (u16, u16)) {
+        self.prepare_shared_with(conn, size, &[Sharing::MemoryFile, Sharing::SysV]);
+    }
+
+    fn prepare_shared_with(
+        &mut self,
+        conn: &RustConnection,
+        (width, height): (u16, u16),
+        ways: &[Sharing],
+    ) {
         if let Some(old) = self.shared.take() {
             let _ = conn.shm_detach(old.segment);
         }
         let bytes = usize::from(width) * usize::from(height) * 4;
-        match SharedImage::attach(conn, bytes) {
-            Ok(shared) => {
-                // The server may accept the segment and still fail to use it (a SysV
-                // segment it cannot map): try one pixel before relying on it.
-                let probe = conn
-                    .shm_get_image(
-                        self.root,
-                        0,
-                        0,
-                        1,
-                        1,
-                        !0,
-                        xproto::ImageFormat::Z_PIXMAP.into(),
-                        shared.segment,
-                        0,
-                    )
-                    .map_err(ReplyError::from)
-                    .and_then(|cookie| cookie.reply());
-                match probe {
-                    Ok(_) => self.shared = Some(shared),
-                    Err(error) => {
-                        log::info!("MIT-SHM unusable ({error}); capturing with GetImage");
-                        let _ = conn.shm_detach(shared.segment);
-                    }
+        for &sharing in ways {
+            match SharedImage::attach(conn, bytes, sharing)
+                .and_then(|shared| self.probe(conn, shared))
+            {
+                Ok(shared) => {
+                    self.shared = Some(shared);
+                    return;
                 }
+                Err(reason) => log::debug!("MIT-SHM through {sharing:?} unusable: {reason}"),
             }
-            Err(reason) => log::info!("MIT-SHM unavailable ({reason}); capturing with GetImage"),
+        }
+        log::info!("MIT-SHM unusable; capturing with GetImage");
+    }
+
+    /// The server may accept a segment and still fail to use it: one pixel is read before
+    /// relying on it.
+    fn probe(&self, conn: &RustConnection, shared: SharedImage) -> Result<SharedImage, String> {
+        let probe = conn
+            .shm_get_image(
+                self.root,
+                0,
+                0,
+                1,
+                1,
+                !0,
+                xproto::ImageFormat::Z_PIXMAP.into(),
+                shared.segment,
+                0,
+            )
+            .map_err(ReplyError::from)
+            .and_then(|cookie| cookie.reply());
+        match probe {
+            Ok(_) => Ok(shared),
+            Err(error) => {
+                let _ = conn.shm_detach(shared.segment);
+                Err(format!("ShmGetImage: {error}"))
+            }
         }
     }
 
-    fn uses_shared_memory(&self) -> bool {
-        self.shared.is_some()
+    fn sharing(&self) -> Option<Sharing> {
+        self.shared.as_ref().map(|shared| shared.sharing)
     }
 
     fn read(&self, conn: &RustConnection, rect: Rect) -> Result<BitmapUpdate, ReadError> {
@@ -555,8 +576,22 @@ impl Grabber {
     }
 }
 
+/// How the X server gets at a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sharing {
+    /// A memfd passed over the socket (MIT-SHM 1.2): no uid check, invisible to others.
+    MemoryFile,
+    /// A SysV segment of mode 0600: works only when the X server runs as this user (or
+    /// root).
+    SysV,
+}
+
 impl SharedImage {
-    fn attach(conn: &RustConnection, bytes: usize) -> Result<SharedImage, String> {
+    fn attach(
+        conn: &RustConnection,
+        bytes: usize,
+        sharing: Sharing,
+    ) -> Result<SharedImage, String> {
         if conn
             .extension_information(shm::X11_EXTENSION_NAME)
             .map_err(|e| e.to_string())?
@@ -571,24 +606,42 @@ impl SharedImage {
             .map_err(|e| e.to_string())?;
         let bytes = bytes.max(4);
         let segment = conn.generate_id().map_err(|e| e.to_string())?;
-        if (version.major_version, version.minor_version) >= (1, 2) {
-            let (memory, fd) = system::SharedMemory::memfd(bytes).map_err(|e| e.to_string())?;
-            conn.shm_attach_fd(segment, fd, false)
-                .map_err(|e| e.to_string())?
-                .check()
-                .map_err(|e| format!("ShmAttachFd: {e}"))?;
-            return Ok(SharedImage { segment, memory });
+        match sharing {
+            Sharing::MemoryFile => {
+                if (version.major_version, version.minor_version) < (1, 2) {
+                    return Err(format!(
+                        "MIT-SHM {}.{} cannot take a file descriptor",
+                        version.major_version, version.minor_version
+                    ));
+                }
+                let (memory, fd) = system::SharedMemory::memfd(bytes).map_err(|e| e.to_string())?;
+                conn.shm_attach_fd(segment, fd, false)
+                    .map_err(|e| e.to_string())?
+                    .check()
+                    .map_err(|e| format!("ShmAttachFd: {e}"))?;
+                Ok(SharedImage {
+                    segment,
+                    memory,
+                    sharing,
+                })
+            }
+            Sharing::SysV => {
+                let (memory, id) = system::SharedMemory::sysv(bytes).map_err(|e| e.to_string())?;
+                let attached = conn
+                    .shm_attach(segment, id, false)
+                    .map_err(|e| e.to_string())?
+                    .check();
+                // Once both sides are attached the id is not needed; removed now, the
+                // segment disappears with the last detach even if this process is killed.
+                system::SharedMemory::remove_sysv_id(id);
+                attached.map_err(|e| format!("ShmAttach: {e}"))?;
+                Ok(SharedImage {
+                    segment,
+                    memory,
+                    sharing,
+                })
+            }
         }
-        let (memory, id) = system::SharedMemory::sysv(bytes).map_err(|e| e.to_string())?;
-        let attached = conn
-            .shm_attach(segment, id, false)
-            .map_err(|e| e.to_string())?
-            .check();
-        // Once both sides are attached the id is not needed; removed now, the segment
-        // disappears with the last detach even if this process is killed.
-        system::SharedMemory::remove_sysv_id(id);
-        attached.map_err(|e| format!("ShmAttach: {e}"))?;
-        Ok(SharedImage { segment, memory })
     }
 }
 
@@ -690,11 +743,9 @@ fn pointer_update(cursor: &xfixes::GetCursorImageReply) -> DisplayUpdate {
             let alpha = pixel >> 24;
             let straight = |shift: u32| -> u8 {
                 let channel = (pixel >> shift) & 0xff;
-                if alpha == 0 {
-                    0
-                } else {
-                    ((channel * 255 + alpha / 2) / alpha).min(255) as u8
-                }
+                (channel * 255 + alpha / 2)
+                    .checked_div(alpha)
+                    .map_or(0, |value| value.min(255) as u8)
             };
             data.extend_from_slice(&[straight(0), straight(8), straight(16), alpha as u8]);
         }
@@ -777,7 +828,7 @@ impl Capture {
             "capturing {}x{} every {interval:?} ({})",
             self.size.0,
             self.size.1,
-            if self.grabber.uses_shared_memory() {
+            if self.grabber.sharing().is_some() {
                 "MIT-SHM"
             } else {
                 "GetImage"
@@ -803,9 +854,6 @@ impl Capture {
             while let Some(event) = self.conn.poll_for_event()? {
                 self.note(event);
             }
-            if self.cursor_due && sender.capacity() > 0 {
-                self.send_cursor(sender)?;
-            }
             let now = Instant::now();
             let busy = self
                 .last_change
@@ -815,6 +863,10 @@ impl Capture {
             if frame_due && room && now >= next_batch {
                 self.send_batch(sender)?;
                 next_batch = now + interval;
+            }
+            // After the first frame: a client's first update is the whole screen.
+            if self.cursor_due && !self.whole_screen_due && sender.capacity() > 0 {
+                self.send_cursor(sender)?;
             }
             self.conn.flush()?;
             let still_due = frame_due || self.cursor_due;
@@ -827,7 +879,7 @@ impl Capture {
                 interval.min(Duration::from_millis(10))
             };
             system::wait_readable(self.conn.stream().as_fd(), timeout)
-                .map_err(|e| ConnectionError::IoError(e))?;
+                .map_err(ConnectionError::IoError)?;
         }
     }
 
@@ -1045,6 +1097,10 @@ impl Input {
     }
 
     pub fn mouse(&mut self, event: &MouseEvent) {
+        if let Err(error) = self.refresh_keymap() {
+            self.finish(Err(error));
+            return;
+        }
         let result = match *event {
             MouseEvent::Move { x, y } => self.fake(
                 MOTION,
@@ -1088,7 +1144,9 @@ impl Input {
         }
     }
 
-    /// Somebody in the session changed the keymap (setxkbmap, xmodmap): read it again.
+    /// Reads the events the server sends every client (MappingNotify), so that they do not
+    /// pile up in the connection; when somebody in the session changed the keymap
+    /// (setxkbmap, xmodmap), reads it again.
     fn refresh_keymap(&mut self) -> Result<(), ConnectionError> {
         let mut changed = false;
         while let Some(event) = self.conn.poll_for_event()? {
@@ -1849,7 +1907,11 @@ mod tests {
             for connection in 0..2 {
                 // A client that reconnects gets a capture of its own, whole screen first.
                 let mut updates = screen.capture(30).expect("capture");
-                let first = next_bitmap(&runtime, &mut updates);
+                let Some(DisplayUpdate::Bitmap(first)) =
+                    next_update(&runtime, &mut updates, Duration::from_secs(10))
+                else {
+                    panic!("the first update is not a bitmap");
+                };
                 assert_eq!(
                     (first.x, first.y, first.width.get(), first.height.get()),
                     (0, 0, 640, 480),
@@ -1911,6 +1973,17 @@ mod tests {
         }
 
         #[test]
+        fn connects_through_the_abstract_socket() {
+            // Another mount namespace does not see the session's /tmp/.X11-unix; the
+            // abstract socket is the same in every mount namespace.
+            let xvfb = TestXvfb::start(320, 240);
+            std::fs::remove_file(format!("/tmp/.X11-unix/X{}", xvfb.number))
+                .expect("remove the socket file");
+            let screen = Screen::connect(&xvfb.display).expect("connect without the socket file");
+            assert_eq!(screen.size(), (320, 240));
+        }
+
+        #[test]
         fn a_wrong_cookie_or_a_missing_display_is_refused() {
             let xvfb = TestXvfb::start(320, 240);
             let mut wrong = xvfb.display.clone();
@@ -1961,10 +2034,25 @@ mod tests {
             let conn = xvfb.client();
             let format = pixel_format(&conn).expect("format");
             let shared = Grabber::new(&conn, format, (320, 240));
-            assert!(
-                shared.uses_shared_memory(),
-                "Xvfb offers MIT-SHM 1.2 (memfd)"
+            assert_eq!(
+                shared.sharing(),
+                Some(Sharing::MemoryFile),
+                "Xvfb offers MIT-SHM 1.2"
             );
+            let mut sysv_only = Grabber::new(&conn, format, (1, 1));
+            sysv_only.prepare_shared_with(&conn, (320, 240), &[Sharing::SysV]);
+            assert_eq!(
+                sysv_only.sharing(),
+                None,
+                "a SysV segment of another user is refused"
+            );
+            let corner = Rect {
+                x: 0,
+                y: 0,
+                width: 8,
+                height: 8,
+            };
+            assert!(sysv_only.read(&conn, corner).is_ok(), "GetImage instead");
             let plain = Grabber {
                 shared: None,
                 ..Grabber::new(&conn, format, (1, 1))
@@ -2001,6 +2089,28 @@ mod tests {
         }
 
         #[test]
+        fn sysv_shared_memory_works_when_the_server_runs_as_this_user() {
+            let xvfb = TestXvfb::start(320, 240);
+            let painter = xvfb.client();
+            colour_window(&painter, (10, 20, 30, 40), 0x65_43_21);
+            let conn = xvfb.client();
+            let format = pixel_format(&conn).expect("format");
+            let mut grabber = Grabber::new(&conn, format, (1, 1));
+            grabber.prepare_shared_with(&conn, (320, 240), &[Sharing::SysV]);
+            assert_eq!(grabber.sharing(), Some(Sharing::SysV));
+            let whole = Rect {
+                x: 0,
+                y: 0,
+                width: 320,
+                height: 240,
+            };
+            let Ok(bitmap) = grabber.read(&conn, whole) else {
+                panic!("reading through SysV shared memory failed");
+            };
+            assert_eq!(pixel(&bitmap, 20, 30), 0x65_43_21);
+        }
+
+        #[test]
         fn a_slow_consumer_gets_the_latest_screen_not_a_backlog() {
             let xvfb = TestXvfb::start(320, 240);
             let painter = xvfb.client();
@@ -2012,7 +2122,7 @@ mod tests {
             // 200 changes while nobody reads.
             let mut colour = 0;
             for step in 1..=200u32 {
-                colour = step * 0x010101 & 0xffffff;
+                colour = (step * 0x010101) & 0xffffff;
                 painter
                     .change_window_attributes(
                         window,
@@ -2208,6 +2318,47 @@ mod tests {
         }
 
         #[test]
+        fn synchronize_sets_caps_lock_and_num_lock() {
+            let xvfb = TestXvfb::start(320, 240);
+            let client = xvfb.client();
+            let screen = Screen::connect(&xvfb.display).expect("connect");
+            let mut input = screen.input().expect("input");
+            let num_lock = input
+                .num_lock_mask()
+                .expect("modifiers")
+                .expect("a Num_Lock modifier");
+            let state = || {
+                let pointer = client
+                    .query_pointer(client.setup().roots[0].root)
+                    .expect("query")
+                    .reply()
+                    .expect("reply");
+                let mask = u16::from(pointer.mask);
+                (
+                    mask & u16::from(xproto::KeyButMask::LOCK) != 0,
+                    mask & num_lock != 0,
+                )
+            };
+            assert_eq!(state(), (false, false));
+            for (flags, expected) in [
+                (0x04, (true, false)),
+                (0x04, (true, false)),
+                (0x06, (true, true)),
+                (0x01, (false, false)),
+            ] {
+                input.synchronize(flags).expect("synchronize");
+                // A round trip: the fake key presses are done before the state is read.
+                input
+                    .conn
+                    .get_input_focus()
+                    .expect("sync")
+                    .reply()
+                    .expect("sync");
+                assert_eq!(state(), expected, "after flags {flags:#x}");
+            }
+        }
+
+        #[test]
         fn mouse_buttons_arrive_where_the_pointer_is() {
             let xvfb = TestXvfb::start(320, 240);
             let client = xvfb.client();
@@ -2308,15 +2459,19 @@ mod tests {
             Duration::from_millis(ticks * 1000 / per_second)
         }
 
-        fn capture_thread_stat() -> Option<String> {
-            std::fs::read_dir("/proc/self/task")
-                .ok()?
+        /// The stat files of this process's capture threads.
+        fn capture_threads() -> HashSet<String> {
+            let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+                return HashSet::new();
+            };
+            tasks
                 .flatten()
-                .find_map(|task| {
+                .filter_map(|task| {
                     let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
                     (comm.trim() == "screen-capture")
                         .then(|| task.path().join("stat").to_string_lossy().into_owned())
                 })
+                .collect()
         }
 
         /// Not an assertion: how many whole-screen frames a second the capture delivers at
@@ -2339,9 +2494,18 @@ mod tests {
             let window = colour_window(&painter, (0, 0, 1280, 800), 0);
             let screen = Screen::connect(&xvfb.display).expect("connect");
             let runtime = runtime();
+            let threads_before = capture_threads();
             let mut updates = screen.capture(60).expect("capture");
             next_bitmap(&runtime, &mut updates);
-            let stat = capture_thread_stat().expect("the capture thread");
+            // This capture's thread, unless another test started one meanwhile.
+            let new_threads: Vec<String> = capture_threads()
+                .difference(&threads_before)
+                .cloned()
+                .collect();
+            let stat = match new_threads.as_slice() {
+                [only] => Some(only.clone()),
+                _ => None,
+            };
             let xvfb_stat = format!("/proc/{}/stat", xvfb.child.id());
 
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -2372,7 +2536,7 @@ mod tests {
             };
 
             let seconds = 5;
-            let thread_cpu_before = cpu_time(&stat);
+            let thread_cpu_before = stat.as_deref().map(cpu_time);
             let xvfb_cpu_before = cpu_time(&xvfb_stat);
             let started = Instant::now();
             let mut pixels = 0u64;
@@ -2386,18 +2550,27 @@ mod tests {
                 }
             }
             let elapsed = started.elapsed().as_secs_f64();
-            let thread_cpu = cpu_time(&stat) - thread_cpu_before;
+            let thread_cpu =
+                stat.as_deref()
+                    .map(cpu_time)
+                    .zip(thread_cpu_before)
+                    .map(|(after, before)| {
+                        format!(
+                            "{:.1}%",
+                            after.saturating_sub(before).as_secs_f64() * 100.0 / elapsed
+                        )
+                    });
             let xvfb_cpu = cpu_time(&xvfb_stat).saturating_sub(xvfb_cpu_before);
             stop.store(true, Ordering::Relaxed);
             let repaints = painting.join().unwrap_or(0);
             let frames = pixels as f64 / (1280.0 * 800.0);
             println!(
                 "capture 1280x800, max_fps 60, painter {:.0} repaints/s: {:.1} full frames/s \
-                 ({updates_received} updates in {elapsed:.1} s); capture thread CPU {:.1}% of a \
+                 ({updates_received} updates in {elapsed:.1} s); capture thread CPU {} of a \
                  core; Xvfb CPU {:.0}% (painting included)",
                 repaints as f64 / elapsed,
                 frames / elapsed,
-                thread_cpu.as_secs_f64() * 100.0 / elapsed,
+                thread_cpu.unwrap_or_else(|| "unknown (run this test alone)".into()),
                 xvfb_cpu.as_secs_f64() * 100.0 / elapsed,
             );
             assert!(frames > 0.0, "no frame at all");
