@@ -2,10 +2,12 @@
 //! (JSON lines) and a metadata file, side by side in the spool directory, all 0600.
 
 mod cast;
+mod desktop;
 mod meta;
 mod utf8;
 
 pub use cast::{CastHeader, CastWriter};
+pub use desktop::{DesktopFile, MAX_LINE as MAX_DESKTOP_LINE};
 pub use meta::{rfc3339_now, GrantInfo, SessionMeta};
 pub use utf8::Utf8Stream;
 
