@@ -65,7 +65,7 @@ pub enum ShipError {
     },
     /// A line longer than a chunk can be (the collector refuses more than 4 MiB): it can
     /// never be sent, and a person decides (the writers refuse such lines, so a spool file
-    /// was changed behind the agent's back).
+    /// was changed behind the agent's back). The session waits; the others ship.
     #[error("session {session} {stream}: a line at byte {offset} is longer than a chunk ({max} bytes); not sending until resolved")]
     LineTooLong {
         session: String,
@@ -214,7 +214,17 @@ impl<C: Collector> Shipper<C> {
                     states.entry(id.clone()).or_insert(s)
                 }
             };
-            let done = self.ship_session(id, state, live.is_live(id)).await?;
+            let done = match self.ship_session(id, state, live.is_live(id)).await {
+                Ok(done) => done,
+                // One session's broken file must not hold up every other session.
+                Err(e @ ShipError::LineTooLong { .. }) => {
+                    if !std::mem::replace(&mut state.stuck, true) {
+                        log::error!(target: "usher::ship", "{e}");
+                    }
+                    false
+                }
+                Err(e) => return Err(e),
+            };
             if done {
                 states.remove(id);
             } else {
@@ -791,25 +801,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_line_longer_than_a_chunk_stops_the_stream_with_its_own_error() {
+    async fn a_line_longer_than_a_chunk_stops_its_session_and_not_the_others() {
         let (spool, fake, shipper) = setup("too-long");
         spool.append("d1", "desktop", b"{\"version\":1}\n");
         let mut long = vec![b'x'; MAX_CHUNK + 10];
         long.push(b'\n');
         spool.append("d1", "desktop", &long);
         spool.write_meta("d1", true);
-        let error = round(&shipper, &mut BTreeMap::new()).await.unwrap_err();
-        assert!(
-            matches!(error, ShipError::LineTooLong { offset: 14, .. }),
-            "{error}"
-        );
+        spool.append("s2", "cast", &lines(0, 2));
+        spool.write_meta("s2", true);
+        let mut states = BTreeMap::new();
+        assert_eq!(round(&shipper, &mut states).await.unwrap(), 1);
         assert_eq!(
             fake.chunks("d1", "desktop").len(),
             1,
             "what came before it is shipped"
         );
-        assert!(fake.held().seals.is_empty());
+        assert!(states["d1"].stuck);
+        assert!(!fake.held().seals.contains_key("d1"));
         assert!(spool.holds("d1"));
+        assert!(
+            fake.held().seals.contains_key("s2"),
+            "the other session ships"
+        );
+        let d1 = shipper.ship_session("d1", states.get_mut("d1").unwrap(), false);
+        let error = d1.await.unwrap_err();
+        assert!(
+            matches!(error, ShipError::LineTooLong { offset: 14, .. }),
+            "{error}"
+        );
     }
 
     #[tokio::test]
