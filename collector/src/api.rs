@@ -422,8 +422,16 @@ async fn raw_stream(app: Shared, id: String, stream: &str, headers: HeaderMap) -
     if let Err(r) = auditor(&app, &headers).and_then(|_| check_ids(&id, None)) {
         return r;
     }
-    match app.store.stream(&id, stream).await {
-        Ok(bytes) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response(),
+    match app.store.stream(&id, stream) {
+        Ok(chunks) => {
+            use futures::StreamExt;
+            // A chunk that cannot be read after the answer started cuts it short: the
+            // reader sees a broken transfer, never a shorter recording taken for whole.
+            let body = axum::body::Body::from_stream(
+                chunks.map(|c| c.map_err(|e| std::io::Error::other(e.to_string()))),
+            );
+            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+        }
         Err(e) => refused(e),
     }
 }

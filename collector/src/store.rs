@@ -613,23 +613,31 @@ impl Store {
         }))
     }
 
-    /// A stream as stored: its chunks, in order, joined.
-    pub async fn stream(&self, id: &str, stream: &str) -> Result<Vec<u8>, Refused> {
+    /// A stream as stored: its chunks, in order, one at a time (a desktop recording can be
+    /// far larger than an answer should hold in memory).
+    pub fn stream(
+        &self,
+        id: &str,
+        stream: &str,
+    ) -> Result<impl futures::Stream<Item = Result<bytes::Bytes, Refused>> + Send + 'static, Refused>
+    {
+        use futures::StreamExt;
         let n = self.stream_status(id, stream)?.next_seq;
-        let mut out = Vec::new();
-        for seq in 0..n {
-            let path = ObjectPath::from(format!("sessions/{id}/{stream}/{seq:010}"));
-            let bytes = self
-                .objects
-                .get(&path)
-                .await
-                .map_err(internal)?
-                .bytes()
-                .await
-                .map_err(internal)?;
-            out.extend_from_slice(&bytes);
-        }
-        Ok(out)
+        let objects = self.objects.clone();
+        let prefix = format!("sessions/{id}/{stream}");
+        Ok(futures::stream::iter(0..n).then(move |seq| {
+            let objects = objects.clone();
+            let path = ObjectPath::from(format!("{prefix}/{seq:010}"));
+            async move {
+                objects
+                    .get(&path)
+                    .await
+                    .map_err(internal)?
+                    .bytes()
+                    .await
+                    .map_err(internal)
+            }
+        }))
     }
 }
 
