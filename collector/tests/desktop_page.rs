@@ -229,3 +229,44 @@ async fn a_seal_that_leaves_out_the_desktop_stream_flags_the_session() {
         session.text
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_desktop_is_followed_as_it_grows() {
+    let h = host("rdp-3", 33);
+    let c = Collector::started(Backend::Local, &[&h]);
+    let up = c.uploader(&h);
+    let rec = Recording::fake(
+        "desk-3",
+        "rdp-3",
+        "a@example.org",
+        "usher-a",
+        &["ls"],
+        "",
+        0,
+        4 << 10,
+    )
+    .with_desktop(&desktop_lines(), 300);
+    // Up to the first keyframe and the cursor: the rest is not recorded yet.
+    let first = rec
+        .desktop
+        .iter()
+        .position(|c| c.windows(5).any(|w| w == b"\"p\",3"))
+        .unwrap()
+        + 1;
+    up.put_meta(&rec.id, &rec.meta).await.unwrap();
+    up.ship_stream(&rec, "audit", usize::MAX).await.unwrap();
+    up.ship_stream(&rec, "desktop", first).await.unwrap();
+
+    let d = Browser::start();
+    d.sign_in_with_token(&c.url(), &c.viewer_token());
+    d.open(&format!("{}/?play=desk-3", c.url()));
+    d.wait_for(
+        "a live session's status",
+        "return document.body.dataset.status || ''",
+        |v| v == "live",
+    );
+    d.wait_for("the first keyframe", &pixel(50, 50), is(BLUE));
+    up.ship(&rec).await.unwrap();
+    // The page fetches the recording again and plays on into what arrived.
+    d.wait_for("the keyframe recorded later", &pixel(50, 50), is(GREEN));
+}

@@ -557,7 +557,8 @@ async function replay(id, keepPosition) {
     let wasPlaying = true;
     if (keepPosition && player && shown.id === id) {
       at = await player.getCurrentTime();
-      if (player instanceof DesktopPlayer) wasPlaying = player.playing;
+      // A live desktop followed to its end goes on with what arrived since.
+      if (player instanceof DesktopPlayer) wasPlaying = player.playing || at >= player.duration;
     }
     if (player) { player.dispose(); player = null; }
     el.replaceChildren();
@@ -592,8 +593,9 @@ async function loadRecordings() {
   const auditor = hasRole("auditor");
   document.getElementById("recordings-section").hidden = !auditor;
   if (!auditor) return;
-  // The search can come in the address: ?sub=…&host=…&login=…&command=…&play=<session id>.
-  for (const input of document.querySelectorAll("#search input")) {
+  // The search can come in the address: ?sub=…&host=…&login=…&command=…&recording=desktop
+  // &play=<session id>.
+  for (const input of document.querySelectorAll("#search input, #search select")) {
     if (params.get(input.name)) input.value = params.get(input.name);
   }
   await search();
