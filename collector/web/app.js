@@ -392,6 +392,11 @@ class DesktopPlayer {
   }
 
   resize(w, h) {
+    // A recording is what the session showed, and its user may be the attacker: a screen
+    // size is believed only within what a recorder writes (8192 x 8192).
+    if (!(Number.isInteger(w) && Number.isInteger(h) && w > 0 && h > 0 && w * h <= 8192 * 8192)) {
+      throw new Error("a screen of " + w + "x" + h + " is not played");
+    }
     for (const c of [this.screen, this.overlay]) { c.width = w; c.height = h; }
     const ctx = this.screen.getContext("2d");
     ctx.fillStyle = "#000";
@@ -403,6 +408,7 @@ class DesktopPlayer {
   setClock() { this.clockTime = this.time; this.clockWall = performance.now(); }
 
   play() {
+    if (this.playing) return;
     if (this.time >= this.duration) this.seek(0);
     this.playing = true;
     this.playButton.textContent = "Pause";
