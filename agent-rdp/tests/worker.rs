@@ -132,6 +132,7 @@ fn run_ok(command: &mut Command) {
 struct SessionDesktop {
     display: String,
     cookie: String,
+    authority: PathBuf,
 }
 
 fn session_desktop(scratch: &mut Scratch, size: &str) -> SessionDesktop {
@@ -167,7 +168,11 @@ fn session_desktop(scratch: &mut Scratch, size: &str) -> SessionDesktop {
         !without.status.success(),
         "the session display must need its cookie"
     );
-    SessionDesktop { display, cookie }
+    SessionDesktop {
+        display,
+        cookie,
+        authority,
+    }
 }
 
 fn certificate(scratch: &Scratch) -> (String, String) {
@@ -287,10 +292,24 @@ fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
 
 /// Pixels of the display's root window close to `rgb`, out of all, from `xwd`.
 fn count_colour(display: &str, rgb: (u8, u8, u8)) -> (usize, usize) {
-    let output = Command::new("xwd")
-        .args(["-root", "-silent", "-display", display])
-        .output()
-        .expect("xwd runs");
+    let shot = screenshot(display, None, rgb);
+    (shot.matching, shot.width * shot.height)
+}
+
+struct Shot {
+    width: usize,
+    height: usize,
+    matching: usize,
+}
+
+/// The display's root window from `xwd`: its size and how many pixels are close to `rgb`.
+fn screenshot(display: &str, authority: Option<&Path>, rgb: (u8, u8, u8)) -> Shot {
+    let mut command = Command::new("xwd");
+    command.args(["-root", "-silent", "-display", display]);
+    if let Some(authority) = authority {
+        command.env("XAUTHORITY", authority);
+    }
+    let output = command.output().expect("xwd runs");
     assert!(
         output.status.success(),
         "xwd: {}",
@@ -326,7 +345,11 @@ fn count_colour(display: &str, rgb: (u8, u8, u8)) -> (usize, usize) {
             }
         }
     }
-    (matching, width * height)
+    Shot {
+        width,
+        height,
+        matching,
+    }
 }
 
 fn expect_login(worker: &mut Worker, scratch: &Scratch, user: &str, password: &str) {
@@ -383,7 +406,9 @@ fn a_refused_login_gets_the_client_nothing() {
         scratch.log("client.log")
     );
     assert!(
-        scratch.log("client.log").contains("ERRINFO_SERVER_DENIED_CONNECTION"),
+        scratch
+            .log("client.log")
+            .contains("ERRINFO_SERVER_DENIED_CONNECTION"),
         "the client was told access is denied:\n{}",
         scratch.log("client.log")
     );
@@ -640,4 +665,160 @@ fn garbage_from_the_client_or_usherd_going_away_ends_the_worker_cleanly() {
         wait_exit(scratch.child(client), Duration::from_secs(20)).expect("xfreerdp ends");
     assert!(!client_status.success(), "{}", scratch.log("client.log"));
     assert_no_panic(&scratch);
+}
+
+/// A client connected to a desktop usherd has accepted, the colour on its screen.
+struct Connected {
+    worker: Worker,
+    client: usize,
+    client_display: String,
+    desktop: SessionDesktop,
+}
+
+fn connect_to_desktop(
+    scratch: &mut Scratch,
+    session_size: &str,
+    desktop_size: (u16, u16),
+    client_args: &[&str],
+) -> Connected {
+    let cert = certificate(scratch);
+    let desktop = session_desktop(scratch, session_size);
+    let client_display = scratch.xvfb("1280x1024", None);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut args = vec!["/u:jit-alice", "/p:one-time-secret", "/sec:tls"];
+    args.extend_from_slice(client_args);
+    let client = xfreerdp(scratch, &client_display, port, &args, "client.log");
+    let mut worker = start_worker(scratch, &listener);
+    worker.send(&hello(&cert, 30, vec![Security::Tls]));
+    expect_login(&mut worker, scratch, "jit-alice", "one-time-secret");
+    worker.send(&ToWorker::Desktop(Desktop {
+        session_id: "s-test".into(),
+        display: desktop.display.clone(),
+        cookie: desktop.cookie.clone(),
+        width: desktop_size.0,
+        height: desktop_size.1,
+        reconnected: false,
+        max_fps: 30,
+        recording: None,
+        clipboard: false,
+        drives: false,
+    }));
+    let connected = Connected {
+        worker,
+        client,
+        client_display,
+        desktop,
+    };
+    wait_for_colour(scratch, &connected, desktop_size);
+    connected
+}
+
+/// Waits until the client's screen shows `size` worth of the desktop's colour.
+fn wait_for_colour(scratch: &Scratch, connected: &Connected, size: (u16, u16)) {
+    let want = usize::from(size.0) * usize::from(size.1) * 9 / 10;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut shown = 0;
+    while Instant::now() < deadline {
+        shown = count_colour(&connected.client_display, DESKTOP_RGB).0;
+        if shown >= want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    panic!(
+        "the client shows {shown} pixels of the desktop's colour, not {want}\nworker: {}\nclient: {}",
+        scratch.log("worker.log"),
+        scratch.log("client.log")
+    );
+}
+
+fn end_and_wait(scratch: &mut Scratch, connected: &mut Connected) {
+    connected.worker.send(&ToWorker::End {
+        reason: "test over".into(),
+    });
+    let client = connected.client;
+    assert!(
+        wait_exit(scratch.child(client), Duration::from_secs(20)).is_some(),
+        "End disconnects the client:\n{}",
+        scratch.log("client.log")
+    );
+    let worker = connected.worker.index;
+    let status =
+        wait_exit(scratch.child(worker), Duration::from_secs(20)).expect("the worker exits");
+    assert!(status.success(), "{}", scratch.log("worker.log"));
+    assert_no_panic(scratch);
+}
+
+#[test]
+fn codec_variants_show_the_desktop() {
+    for variant in ["/rfx", "/gfx", "/bpp:16", "-gdi:sw"] {
+        let mut scratch = Scratch::new("codec");
+        let mut connected = connect_to_desktop(
+            &mut scratch,
+            "800x600",
+            (800, 600),
+            &["/size:800x600", variant],
+        );
+        end_and_wait(&mut scratch, &mut connected);
+    }
+}
+
+#[test]
+fn the_desktop_follows_the_client_window_and_usherd_hears_of_it() {
+    let mut scratch = Scratch::new("resize");
+    // Xvfb can shrink its screen and grow it back up to its start size, so usherd starts
+    // it at the largest size and the worker brings it to the one asked for.
+    let mut connected = connect_to_desktop(
+        &mut scratch,
+        "1280x1024",
+        (800, 600),
+        &["/size:800x600", "/dynamic-resolution"],
+    );
+    let session = screenshot(
+        &connected.desktop.display,
+        Some(&connected.desktop.authority),
+        DESKTOP_RGB,
+    );
+    assert_eq!((session.width, session.height), (800, 600));
+
+    let windows = Command::new("xdotool")
+        .args(["search", "--class", "xfreerdp"])
+        .env("DISPLAY", &connected.client_display)
+        .output()
+        .unwrap();
+    let windows = String::from_utf8_lossy(&windows.stdout).to_string();
+    for window in windows.split_whitespace() {
+        let _ = Command::new("xdotool")
+            .args(["windowsize", window, "1024", "700"])
+            .env("DISPLAY", &connected.client_display)
+            .status();
+    }
+    let mut resized = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while resized.is_none() && Instant::now() < deadline {
+        match connected
+            .worker
+            .next(MAX_LINE_BYTES, Duration::from_secs(30))
+        {
+            Some(FromWorker::Resized { width, height }) => resized = Some((width, height)),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(
+        resized,
+        Some((1024, 700)),
+        "usherd hears of the new size\nworker: {}\nclient: {}",
+        scratch.log("worker.log"),
+        scratch.log("client.log")
+    );
+    let session = screenshot(
+        &connected.desktop.display,
+        Some(&connected.desktop.authority),
+        DESKTOP_RGB,
+    );
+    assert_eq!((session.width, session.height), (1024, 700));
+    wait_for_colour(&scratch, &connected, (1024, 700));
+    end_and_wait(&mut scratch, &mut connected);
 }
