@@ -822,3 +822,119 @@ fn the_desktop_follows_the_client_window_and_usherd_hears_of_it() {
     wait_for_colour(&scratch, &connected, (1024, 700));
     end_and_wait(&mut scratch, &mut connected);
 }
+
+/// `xdotool` on a display (with its cookie when given); its stdout.
+fn xdotool(display: &str, authority: Option<&Path>, args: &[&str]) -> String {
+    let mut command = Command::new("xdotool");
+    command.args(args).env("DISPLAY", display);
+    if let Some(authority) = authority {
+        command.env("XAUTHORITY", authority);
+    }
+    let output = command.output().expect("xdotool runs");
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+#[test]
+fn the_clients_mouse_and_keyboard_reach_the_desktop() {
+    let mut scratch = Scratch::new("input");
+    let mut connected = connect_to_desktop(&mut scratch, "800x600", (800, 600), &["/size:800x600"]);
+    let session = (
+        connected.desktop.display.clone(),
+        connected.desktop.authority.clone(),
+    );
+    // A terminal on the desktop that writes what is typed into a file.
+    let typed = scratch.path("typed");
+    let xterm = Command::new("xterm")
+        .args(["-geometry", "80x24+0+0", "-e", "sh", "-c"])
+        .arg(format!("cat > {}", typed.display()))
+        .env("DISPLAY", &session.0)
+        .env("XAUTHORITY", &session.1)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("xterm runs");
+    scratch.keep("xterm", xterm);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while xdotool(
+        &session.0,
+        Some(&session.1),
+        &["search", "--class", "xterm"],
+    )
+    .trim()
+    .is_empty()
+    {
+        assert!(Instant::now() < deadline, "xterm did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Where the client's window is on its screen (no window manager places it).
+    let window = xdotool(
+        &connected.client_display,
+        None,
+        &["search", "--class", "xfreerdp"],
+    );
+    let window = window
+        .split_whitespace()
+        .last()
+        .expect("the client's window")
+        .to_string();
+    let geometry = xdotool(
+        &connected.client_display,
+        None,
+        &["getwindowgeometry", "--shell", &window],
+    );
+    let field = |name: &str| -> i32 {
+        geometry
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}=")))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (left, top) = (field("X"), field("Y"));
+
+    // The pointer moves on the desktop as on the client's window.
+    let (x, y) = (left + 120, top + 90);
+    xdotool(
+        &connected.client_display,
+        None,
+        &["mousemove", &x.to_string(), &y.to_string()],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut location = String::new();
+    while Instant::now() < deadline {
+        location = xdotool(
+            &session.0,
+            Some(&session.1),
+            &["getmouselocation", "--shell"],
+        );
+        if location.contains("X=120\n") && location.contains("Y=90\n") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        location.contains("X=120\n") && location.contains("Y=90\n"),
+        "the desktop's pointer is at {location:?}\n{}",
+        scratch.log("worker.log")
+    );
+
+    // Keys typed on the client's screen (focus follows the pointer on both, no window
+    // manager) reach the terminal, shifted characters and all.
+    xdotool(
+        &connected.client_display,
+        None,
+        &["type", "--delay", "60", "Hello-RDP_42"],
+    );
+    xdotool(&connected.client_display, None, &["key", "Return"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut content = String::new();
+    while Instant::now() < deadline {
+        content = std::fs::read_to_string(&typed).unwrap_or_default();
+        if content.contains('\n') {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(content, "Hello-RDP_42\n", "{}", scratch.log("worker.log"));
+    end_and_wait(&mut scratch, &mut connected);
+}
