@@ -172,7 +172,6 @@ pub async fn serve(
                     let outcome = match cause {
                         Ok(EndCause::Ended { reason }) => {
                             log::info!("usherd ends the session: {reason}");
-                            notes.set_farewell(ProtocolIndependentCode::RpcInitiatedDisconnect);
                             Outcome::Ended { reason }
                         }
                         Ok(EndCause::Lost(error)) => {
@@ -181,14 +180,14 @@ pub async fn serve(
                         }
                         Err(_) => Outcome::UsherdLost,
                     };
-                    finish_connection(&quit, connection.as_mut(), &outcome).await;
+                    finish_connection(&quit, &notes, connection.as_mut(), &outcome).await;
                     break Ok(outcome);
                 }
                 Some(error) = recording_failed.recv() => {
                     log::error!("the recording failed, ending the session: {error}");
                     session.set_outcome(Outcome::RecordingFailed);
                     let _ = to_usherd.send(FromWorker::RecordFailed { reason: error.to_string() }).await;
-                    finish_connection(&quit, connection.as_mut(), &Outcome::RecordingFailed).await;
+                    finish_connection(&quit, &notes, connection.as_mut(), &Outcome::RecordingFailed).await;
                     break Ok(Outcome::RecordingFailed);
                 }
                 _ = recording_check.tick() => {
@@ -196,7 +195,7 @@ pub async fn serve(
                         log::error!("the recording failed, ending the session: {error}");
                         session.set_outcome(Outcome::RecordingFailed);
                         let _ = to_usherd.send(FromWorker::RecordFailed { reason: error.to_string() }).await;
-                        finish_connection(&quit, connection.as_mut(), &Outcome::RecordingFailed).await;
+                        finish_connection(&quit, &notes, connection.as_mut(), &Outcome::RecordingFailed).await;
                         break Ok(Outcome::RecordingFailed);
                     }
                 }
@@ -234,11 +233,15 @@ pub async fn serve(
 /// gives it a moment; after that the connection is dropped, which closes the socket.
 async fn finish_connection<F>(
     quit: &mpsc::UnboundedSender<ServerEvent>,
+    notes: &StreamNotes,
     connection: std::pin::Pin<&mut F>,
     outcome: &Outcome,
 ) where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
+    // The client is told the server ended the session ("an administrative tool on the
+    // server"): RDP carries codes, not text; the reason is in the journal.
+    notes.set_farewell(ProtocolIndependentCode::RpcInitiatedDisconnect);
     let _ = quit.send(ServerEvent::Quit(format!("{outcome:?}")));
     if tokio::time::timeout(QUIT_GRACE, connection).await.is_err() {
         log::info!("the connection did not close within {QUIT_GRACE:?}; dropping it");
@@ -381,6 +384,7 @@ impl CredentialValidator for UsherdValidator {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
         let Some(verdict) = verdict else {
+            self.notes.deny();
             return Err(CredentialValidationError::new(LoginError::Repeated));
         };
         let requested = self.notes.requested_size().unwrap_or(PROVISIONAL_SIZE);
@@ -402,6 +406,7 @@ impl CredentialValidator for UsherdValidator {
             height: size.height,
         };
         if !self.to_usherd.send(login).await {
+            self.notes.deny();
             self.session.set_outcome(Outcome::UsherdLost);
             return Err(CredentialValidationError::new(LoginError::UsherdGone));
         }
@@ -415,6 +420,7 @@ impl CredentialValidator for UsherdValidator {
                 return Ok(CredentialDecision::Reject);
             }
             Err(_) => {
+                self.notes.deny();
                 self.session.set_outcome(Outcome::UsherdLost);
                 return Err(CredentialValidationError::new(LoginError::UsherdGone));
             }
@@ -443,6 +449,7 @@ impl CredentialValidator for UsherdValidator {
             }
             Err(error) => {
                 log::error!("{error}");
+                self.notes.deny();
                 Err(CredentialValidationError::new(error))
             }
         }

@@ -67,9 +67,10 @@ impl StreamNotes {
         self.lock().requested_size
     }
 
-    /// Say `code` to the client before closing, if the stream allows.
+    /// Say `code` to the client before closing, if the stream allows and nothing else is to
+    /// be said.
     pub fn set_farewell(&self, code: ProtocolIndependentCode) {
-        self.lock().farewell = Some(code);
+        self.lock().farewell.get_or_insert(code);
     }
 
     /// The client's socket, once the connection is over, if it is still open.

@@ -938,3 +938,60 @@ fn the_clients_mouse_and_keyboard_reach_the_desktop() {
     assert_eq!(content, "Hello-RDP_42\n", "{}", scratch.log("worker.log"));
     end_and_wait(&mut scratch, &mut connected);
 }
+
+#[test]
+fn a_recording_that_cannot_be_written_ends_the_session() {
+    let mut scratch = Scratch::new("record-fails");
+    let cert = certificate(&scratch);
+    let desktop = session_desktop(&mut scratch, "800x600");
+    let client_display = scratch.xvfb("1024x768", None);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let args = [
+        "/u:jit-alice",
+        "/p:one-time-secret",
+        "/sec:tls",
+        "/size:800x600",
+    ];
+    let client = xfreerdp(&mut scratch, &client_display, port, &args, "client.log");
+    let mut worker = start_worker(&mut scratch, &listener);
+    worker.send(&hello(&cert, 30, vec![Security::Tls]));
+    expect_login(&mut worker, &scratch, "jit-alice", "one-time-secret");
+    worker.send(&ToWorker::Desktop(Desktop {
+        session_id: "s-test".into(),
+        display: desktop.display.clone(),
+        cookie: desktop.cookie.clone(),
+        width: 800,
+        height: 600,
+        reconnected: false,
+        max_fps: 30,
+        recording: Some(RecordingSettings {
+            max_fps: 10,
+            keyframe_secs: 1,
+            input: true,
+        }),
+        clipboard: false,
+        drives: false,
+    }));
+    match worker.next(MAX_LINE_BYTES, Duration::from_secs(30)) {
+        Some(FromWorker::Record { line }) => assert!(line.contains("usher-desktop")),
+        other => panic!("expected the recording's header, got {other:?}"),
+    }
+    // usherd stops taking the recording: the worker's writes fail.
+    worker.writer.shutdown(std::net::Shutdown::Read).unwrap();
+    let status = wait_exit(scratch.child(client), Duration::from_secs(30));
+    assert!(
+        status.is_some(),
+        "the client is disconnected when the recording fails:\n{}",
+        scratch.log("worker.log")
+    );
+    let worker_status =
+        wait_exit(scratch.child(worker.index), Duration::from_secs(15)).expect("the worker exits");
+    let _ = worker_status;
+    assert!(
+        scratch.log("worker.log").contains("the recording failed"),
+        "{}",
+        scratch.log("worker.log")
+    );
+    assert_no_panic(&scratch);
+}
