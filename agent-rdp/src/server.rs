@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
-use usher_wire::rdp::{Desktop, FromWorker, Security};
+use usher_wire::rdp::{Desktop, FromWorker, Security, MAX_LOGIN_LINE_BYTES};
 
 /// How long IronRDP has to close the connection after being asked to quit.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
@@ -405,6 +405,14 @@ impl CredentialValidator for UsherdValidator {
             width: size.width,
             height: size.height,
         };
+        if login.encode().len() > MAX_LOGIN_LINE_BYTES {
+            // usherd would refuse the line (and with it this worker); RDP allows user names
+            // and passwords far longer than any login here.
+            log::info!("the client's credentials are too long to be a login: refused");
+            self.notes.deny();
+            self.session.set_outcome(Outcome::Refused);
+            return Ok(CredentialDecision::Reject);
+        }
         if !self.to_usherd.send(login).await {
             self.notes.deny();
             self.session.set_outcome(Outcome::UsherdLost);

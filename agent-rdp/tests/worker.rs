@@ -217,13 +217,22 @@ impl Worker {
 }
 
 fn hello(cert: &(String, String), grace: u64, security: Vec<Security>) -> ToWorker {
+    hello_with_max(cert, grace, security, (1920, 1200))
+}
+
+fn hello_with_max(
+    cert: &(String, String),
+    grace: u64,
+    security: Vec<Security>,
+    max: (u16, u16),
+) -> ToWorker {
     ToWorker::Hello {
         cert_pem: cert.0.clone(),
         key_pem: cert.1.clone(),
         security,
         login_grace_secs: grace,
-        max_width: 1920,
-        max_height: 1200,
+        max_width: max.0,
+        max_height: max.1,
     }
 }
 
@@ -994,4 +1003,79 @@ fn a_recording_that_cannot_be_written_ends_the_session() {
         scratch.log("worker.log")
     );
     assert_no_panic(&scratch);
+}
+
+#[test]
+fn a_client_asking_for_more_than_allowed_gets_the_largest_size() {
+    let mut scratch = Scratch::new("oversize");
+    let cert = certificate(&scratch);
+    let desktop = session_desktop(&mut scratch, "1024x768");
+    let client_display = scratch.xvfb("1600x1200", None);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let args = [
+        "/u:jit-alice",
+        "/p:one-time-secret",
+        "/sec:tls",
+        "/size:1400x1000",
+    ];
+    let client = xfreerdp(&mut scratch, &client_display, port, &args, "client.log");
+    let mut worker = start_worker(&mut scratch, &listener);
+    worker.send(&hello_with_max(&cert, 30, vec![Security::Tls], (1024, 768)));
+    match worker.next(MAX_LOGIN_LINE_BYTES, Duration::from_secs(30)) {
+        Some(FromWorker::Login { width, height, .. }) => assert_eq!((width, height), (1024, 768)),
+        other => panic!(
+            "expected a Login, got {other:?}\n{}",
+            scratch.log("worker.log")
+        ),
+    }
+    worker.send(&ToWorker::Desktop(Desktop {
+        session_id: "s-test".into(),
+        display: desktop.display.clone(),
+        cookie: desktop.cookie.clone(),
+        width: 1024,
+        height: 768,
+        reconnected: false,
+        max_fps: 30,
+        recording: None,
+        clipboard: false,
+        drives: false,
+    }));
+    let mut connected = Connected {
+        worker,
+        client,
+        client_display,
+        desktop,
+    };
+    wait_for_colour(&scratch, &connected, (1024, 768));
+    // The client was told 1400x1000 at first and resized to the desktop's size.
+    let window = xdotool(
+        &connected.client_display,
+        None,
+        &["search", "--class", "xfreerdp"],
+    );
+    let window = window
+        .split_whitespace()
+        .last()
+        .expect("the client's window")
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut geometry = String::new();
+    while Instant::now() < deadline {
+        geometry = xdotool(
+            &connected.client_display,
+            None,
+            &["getwindowgeometry", "--shell", &window],
+        );
+        if geometry.contains("WIDTH=1024\n") && geometry.contains("HEIGHT=768\n") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        geometry.contains("WIDTH=1024\n") && geometry.contains("HEIGHT=768\n"),
+        "the client's window: {geometry}\n{}",
+        scratch.log("client.log")
+    );
+    end_and_wait(&mut scratch, &mut connected);
 }
