@@ -122,7 +122,7 @@ pub async fn serve(
     };
     let input = SessionInput {
         session: session.clone(),
-        failure_tx,
+        failure_tx: failure_tx.clone(),
     };
     let local = tcp
         .local_addr()
@@ -192,11 +192,7 @@ pub async fn serve(
                 }
                 _ = recording_check.tick() => {
                     if let Some(error) = session.recording_failure() {
-                        log::error!("the recording failed, ending the session: {error}");
-                        session.set_outcome(Outcome::RecordingFailed);
-                        let _ = to_usherd.send(FromWorker::RecordFailed { reason: error.to_string() }).await;
-                        finish_connection(&quit, &notes, connection.as_mut(), &Outcome::RecordingFailed).await;
-                        break Ok(Outcome::RecordingFailed);
+                        let _ = failure_tx.send(error);
                     }
                 }
             }
@@ -518,7 +514,7 @@ fn open_session(desktop: Desktop, to_usherd: ToUsherd) -> Result<Session, LoginE
 
 fn hex_decode(text: &str) -> Option<Vec<u8>> {
     let text = text.trim();
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
