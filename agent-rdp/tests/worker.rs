@@ -1079,3 +1079,38 @@ fn a_client_asking_for_more_than_allowed_gets_the_largest_size() {
     );
     end_and_wait(&mut scratch, &mut connected);
 }
+
+#[test]
+fn a_client_offering_only_nla_is_told_tls_is_required() {
+    let mut scratch = Scratch::new("nla-only");
+    let cert = certificate(&scratch);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let mut worker = start_worker(&mut scratch, &listener);
+    worker.send(&hello(&cert, 30, vec![Security::Tls, Security::Hybrid]));
+    // X.224 Connection Request with RDP_NEG_REQ, requestedProtocols = PROTOCOL_HYBRID.
+    client
+        .write_all(&[3, 0, 0, 19, 14, 0xe0, 0, 0, 0, 0, 0, 1, 0, 8, 0, 2, 0, 0, 0])
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = client.read_to_end(&mut reply);
+    // X.224 Connection Confirm with RDP_NEG_FAILURE, SSL_REQUIRED_BY_SERVER.
+    assert_eq!(
+        reply,
+        [3, 0, 0, 19, 14, 0xd0, 0, 0, 0, 0, 0, 3, 0, 8, 0, 1, 0, 0, 0],
+        "{}",
+        scratch.log("worker.log")
+    );
+    assert!(worker
+        .next(MAX_LINE_BYTES, Duration::from_secs(5))
+        .is_none());
+    assert!(
+        scratch.log("worker.log").contains("only NLA"),
+        "{}",
+        scratch.log("worker.log")
+    );
+    assert_no_panic(&scratch);
+}
