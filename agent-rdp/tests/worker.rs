@@ -238,6 +238,16 @@ fn hello_with_max(
 
 /// Accepts one connection on `listener` (bounded) and starts the worker on it.
 fn start_worker(scratch: &mut Scratch, listener: &TcpListener) -> Worker {
+    start_worker_as(scratch, listener, None)
+}
+
+/// As `start_worker`, under another uid and gid when given (usherd runs workers as an
+/// unprivileged user).
+fn start_worker_as(
+    scratch: &mut Scratch,
+    listener: &TcpListener,
+    user: Option<(u32, u32)>,
+) -> Worker {
     listener.set_nonblocking(true).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let tcp = loop {
@@ -258,7 +268,18 @@ fn start_worker(scratch: &mut Scratch, listener: &TcpListener) -> Worker {
         .stdout(Stdio::null())
         .stderr(stderr);
     unsafe {
-        command.pre_exec(move || put_on_fd3(raw));
+        command.pre_exec(move || {
+            put_on_fd3(raw)?;
+            if let Some((uid, gid)) = user {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
     let child = command.spawn().expect("the worker starts");
     drop(worker_fd);
@@ -451,7 +472,8 @@ fn an_accepted_login_shows_the_desktop_records_it_and_end_disconnects() {
         &["/u:jit-alice", "/p:one-time-secret", "/sec:tls"],
         "client.log",
     );
-    let mut worker = start_worker(&mut scratch, &listener);
+    // As usherd runs it: an unprivileged user (nobody).
+    let mut worker = start_worker_as(&mut scratch, &listener, Some((65534, 65534)));
     worker.send(&hello(&cert, 30, vec![Security::Tls]));
     expect_login(&mut worker, &scratch, "jit-alice", "one-time-secret");
     worker.send(&ToWorker::Desktop(Desktop {
