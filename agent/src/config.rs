@@ -24,6 +24,8 @@ pub struct Config {
     pub console_socket: PathBuf,
     pub enforcement: Enforcement,
     pub ssh: SshConfig,
+    /// RDP (`[rdp]`); absent, no RDP.
+    pub rdp: Option<RdpConfig>,
     pub accounts: AccountsConfig,
     pub policy: PolicyConfig,
     pub recording: RecordingConfig,
@@ -65,6 +67,77 @@ pub struct SshConfig {
     pub max_startups_per_source: usize,
     /// Authenticated connections in all.
     pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RdpConfig {
+    pub listen: Vec<String>,
+    /// What the desktop runs, as the account, with `DISPLAY` set: a shell command line.
+    /// The session ends when it exits.
+    pub desktop: String,
+    /// The X server each desktop runs on (Xvfb, from the xvfb package).
+    pub xvfb: PathBuf,
+    /// The largest desktop a client may ask for; larger requests are cut to it.
+    pub max_width: u16,
+    pub max_height: u16,
+    /// Frames a second sent to a client, at most.
+    pub max_fps: u32,
+    /// Frames a second written to the recording, at most, and seconds between keyframes.
+    pub record_fps: u32,
+    pub keyframe_secs: u32,
+    /// How long a desktop whose client dropped waits for it to come back.
+    pub reconnect_secs: u64,
+    /// Seconds a connection has to log in.
+    pub login_grace_secs: u64,
+    /// Connections not logged in yet, in all and from one address; logged-in ones in all.
+    pub max_startups: usize,
+    pub max_startups_per_source: usize,
+    pub max_connections: usize,
+    /// The worker binary (`usher-rdp`); next to usherd when unset.
+    pub worker: Option<PathBuf>,
+    /// The unprivileged user the workers run as.
+    pub worker_user: String,
+    /// Where the desktops' X cookies are kept (root's, 0711; each file the account's).
+    pub runtime_dir: PathBuf,
+}
+
+impl Default for RdpConfig {
+    fn default() -> Self {
+        RdpConfig {
+            listen: vec!["0.0.0.0:3389".into(), "[::]:3389".into()],
+            desktop: "xsetroot -solid '#2f4f6f' 2>/dev/null; openbox >/dev/null 2>&1 & exec xterm"
+                .into(),
+            xvfb: "/usr/bin/Xvfb".into(),
+            max_width: 3840,
+            max_height: 2160,
+            max_fps: 30,
+            record_fps: 5,
+            keyframe_secs: 10,
+            reconnect_secs: 300,
+            login_grace_secs: 30,
+            max_startups: 50,
+            max_startups_per_source: 10,
+            max_connections: 200,
+            worker: None,
+            worker_user: "nobody".into(),
+            runtime_dir: "/run/usher/rdp".into(),
+        }
+    }
+}
+
+impl RdpConfig {
+    /// `worker`, else next to usherd (a build tree), else where the packages put it.
+    pub fn worker_path(&self) -> PathBuf {
+        if let Some(p) = &self.worker {
+            return p.clone();
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join("usher-rdp")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| "/usr/libexec/usher/usher-rdp".into())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,6 +277,7 @@ impl Default for Config {
             console_socket: "/run/usher/console.sock".into(),
             enforcement: Enforcement::default(),
             ssh: SshConfig::default(),
+            rdp: None,
             accounts: AccountsConfig::default(),
             policy: PolicyConfig::default(),
             recording: RecordingConfig::default(),

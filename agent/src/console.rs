@@ -176,6 +176,7 @@ async fn handle<C: Core>(core: Arc<C>, stream: UnixStream) -> Result<(), String>
             stdin: stdin_rx,
             control: control_rx,
             sink,
+            desktop: None,
         },
     )
     .await;

@@ -220,6 +220,7 @@ fn status(agent: &Arc<Agent>) -> wire::Status {
         },
         collector,
         up_since: agent.started_at,
+        rdp_certificate: agent.rdp_certificate.get().cloned(),
     }
 }
 

@@ -8,7 +8,7 @@ use crate::grant::{self, Grant, GrantId, GrantStore, Refusal, Revocations, Verif
 use crate::profile::{Profile, Profiles};
 use crate::session::budget::SpoolMeter;
 use crate::session::{
-    ConsoleRefused, Core, Opened, RecordingContext, Refused, SessionKind, SessionTable,
+    ConsoleRefused, Core, Opened, RdpRefused, RecordingContext, Refused, SessionKind, SessionTable,
 };
 use crate::sync::lock;
 use std::collections::BTreeSet;
@@ -33,6 +33,8 @@ pub struct Agent {
     /// connections and their forwards) to close.
     grant_ended: tokio::sync::broadcast::Sender<GrantId>,
     spool: Arc<SpoolMeter>,
+    /// The RDP certificate's fingerprint, once RDP serves.
+    pub rdp_certificate: std::sync::OnceLock<String>,
 }
 
 impl crate::ship::LiveSessions for Agent {
@@ -107,6 +109,7 @@ impl Agent {
             lost_reported: std::sync::atomic::AtomicU64::new(0),
             grant_ended: tokio::sync::broadcast::channel(256).0,
             spool: SpoolMeter::new(config.spool_dir.clone(), config.spool.max_bytes),
+            rdp_certificate: std::sync::OnceLock::new(),
             config,
         });
         Ok(agent)
@@ -523,6 +526,52 @@ impl Agent {
             .ok_or(ConsoleRefused::NotAllowed)
     }
 
+    pub async fn rdp_grant(&self, login: &str, password: &str) -> Result<Grant, RdpRefused> {
+        // A JWT (three base64url parts): a grant or a workload's token, as at the SSH
+        // password prompt. A one-time secret is never one.
+        if password.len() > 64 && password.split('.').count() == 3 {
+            let grant = self
+                .admit_presented(login, password, "rdp password")
+                .await
+                .map_err(RdpRefused::Token)?;
+            if !self.profile(&grant.profile).rdp {
+                return Err(RdpRefused::NotAllowed);
+            }
+            return Ok(grant);
+        }
+        let now = grant::now();
+        let grants: Vec<Grant> = lock(&self.grants)
+            .live_for_login(login, now)
+            .into_iter()
+            .cloned()
+            .collect();
+        if grants.is_empty() {
+            return Err(RdpRefused::NoLiveGrant);
+        }
+        let allowed: Vec<(Grant, String)> = grants
+            .into_iter()
+            .filter(|g| self.profile(&g.profile).rdp && !self.is_revoked(&g.id()))
+            .filter_map(|g| {
+                let hash = g.claims.secret_hash.clone()?;
+                Some((g, hash))
+            })
+            .collect();
+        if allowed.is_empty() {
+            return Err(RdpRefused::NotAllowed);
+        }
+        let password = password.to_string();
+        // crypt(3) hashes cost milliseconds each by design: off the runtime's threads.
+        tokio::task::spawn_blocking(move || {
+            allowed
+                .into_iter()
+                .find(|(_, hash)| secret_matches(&password, hash))
+                .map(|(g, _)| g)
+                .ok_or(RdpRefused::WrongSecret)
+        })
+        .await
+        .unwrap_or(Err(RdpRefused::WrongSecret))
+    }
+
     /// Called when a session's main process has ended. A cgroup still holding processes
     /// (`sleep 1000 &`) stays, enforced, until the grant ends.
     pub fn session_finished(&self, session_id: &str) {
@@ -685,6 +734,10 @@ impl Core for Agent {
         self.console_grant_for_uid(uid)
     }
 
+    async fn rdp_grant(&self, login: &str, password: &str) -> Result<Grant, RdpRefused> {
+        Agent::rdp_grant(self, login, password).await
+    }
+
     fn is_live(&self, grant: &GrantId) -> bool {
         Agent::is_live(self, grant)
     }
@@ -751,4 +804,17 @@ pub enum RevokeError {
     UnknownIssuer { jti: String, trusted: usize },
     #[error("cannot record the revocation: {0}")]
     Record(#[source] std::io::Error),
+}
+
+/// Whether `password` is the secret behind a crypt(3) hash (SHA-512 or SHA-256 crypt: what
+/// `usher grant issue --console-secret` and the service make).
+fn secret_matches(password: &str, hash: &str) -> bool {
+    if hash.starts_with("$6$") {
+        sha_crypt::sha512_check(password, hash).is_ok()
+    } else if hash.starts_with("$5$") {
+        sha_crypt::sha256_check(password, hash).is_ok()
+    } else {
+        log::warn!(target: "usher::rdp", "a grant's secret_hash is not SHA-crypt ($6$/$5$): RDP cannot check it");
+        false
+    }
 }

@@ -36,6 +36,8 @@ pub mod account;
 pub mod session;
 
 pub mod ssh;
+// Stage 1 for desktops: RDP, through one `usher-rdp` worker per connection.
+pub mod rdp;
 
 pub mod console;
 

@@ -18,6 +18,13 @@ pub struct Profile {
     /// Local logins at the console (see issue 6).
     #[serde(default)]
     pub console: bool,
+    /// Desktops over RDP, and what may cross between the client and the desktop.
+    #[serde(default)]
+    pub rdp: bool,
+    #[serde(default)]
+    pub rdp_clipboard: bool,
+    #[serde(default)]
+    pub rdp_drives: bool,
     #[serde(default)]
     pub exec: ExecPolicy,
     /// How much a session's recording may take, and what happens at the limit.
@@ -130,6 +137,9 @@ impl Profile {
             description: "a shell; no forwarding; every exec audited, none blocked".into(),
             port_forwarding: false,
             console: false,
+            rdp: false,
+            rdp_clipboard: false,
+            rdp_drives: false,
             exec: ExecPolicy::default(),
             recording: RecordingLimits::default(),
             limits: Limits::default(),

@@ -107,6 +107,7 @@ pub struct SessionSummary {
 pub enum SessionKind {
     Ssh,
     Console,
+    Rdp,
 }
 
 /// `usher status`.
@@ -129,6 +130,9 @@ pub struct Status {
     pub collector: CollectorStatus,
     /// Unix time, seconds.
     pub up_since: i64,
+    /// The RDP listener's certificate, when RDP is on: SHA-256 of its DER, hex pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdp_certificate: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,6 +350,7 @@ mod tests {
                 }),
             },
             up_since: 1_700_000_000,
+            rdp_certificate: Some("AB:CD".into()),
         }
     }
 

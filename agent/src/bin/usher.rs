@@ -784,6 +784,7 @@ mod text {
                         match s.kind {
                             wire::SessionKind::Ssh => "ssh".into(),
                             wire::SessionKind::Console => "console".into(),
+                            wire::SessionKind::Rdp => "rdp".into(),
                         },
                         s.login.clone(),
                         time(s.started_at),
@@ -843,6 +844,13 @@ mod text {
                 ),
             ],
             vec!["grants".into(), s.grants.to_string()],
+            vec![
+                "rdp".into(),
+                match &s.rdp_certificate {
+                    Some(f) => format!("on; certificate SHA-256 {f}"),
+                    None => "off".into(),
+                },
+            ],
             vec!["sessions".into(), s.sessions.to_string()],
             vec![
                 "accounts".into(),

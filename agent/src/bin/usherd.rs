@@ -73,6 +73,15 @@ fn run(args: Args) -> Result<(), String> {
         let mut signals = Signals::install()?;
         let sockets = Sockets::bind(&agent.config)?;
         let ssh_addresses = sockets.ssh_addresses();
+        let rdp = match (&agent.config.rdp, sockets.rdp.is_empty()) {
+            (Some(config), false) => {
+                let identity = usher::rdp::tls::load_or_create(&agent.config.state_dir, &agent.host)
+                    .map_err(|e| e.to_string())?;
+                let _ = agent.rdp_certificate.set(identity.fingerprint.clone());
+                Some(usher::rdp::RdpServer::new(agent.clone(), config.clone(), identity)?)
+            }
+            _ => None,
+        };
         let shipper = match &agent.config.collector {
             Some(collector) => {
                 let signing = usher::ssh::signing_key(&host_key)?;
@@ -115,6 +124,10 @@ fn run(args: Args) -> Result<(), String> {
             sftp_server: agent.config.sftp_server(),
         });
         tokio::spawn(usher::ssh::serve(agent.clone(), ssh, settings, sockets.ssh));
+        if let Some(rdp) = rdp {
+            log::info!(target: "usher::rdp", "RDP on {}; certificate SHA-256 {}", addresses(&sockets.rdp).join(", "), agent.rdp_certificate.get().map(String::as_str).unwrap_or("?"));
+            tokio::spawn(rdp.serve(sockets.rdp));
+        }
 
         // A client that connects from here on is answered: queued by the kernel on the
         // bound sockets until the tasks above accept it.
@@ -134,6 +147,8 @@ fn run(args: Args) -> Result<(), String> {
 /// client is answered.
 struct Sockets {
     ssh: Vec<tokio::net::TcpListener>,
+    /// Empty when RDP is off.
+    rdp: Vec<tokio::net::TcpListener>,
     control: tokio::net::UnixListener,
     console: tokio::net::UnixListener,
 }
@@ -141,7 +156,11 @@ struct Sockets {
 impl Sockets {
     fn bind(config: &Config) -> Result<Sockets, String> {
         Ok(Sockets {
-            ssh: usher::ssh::bind(&config.ssh.listen)?,
+            ssh: usher::system::tcp::bind(&config.ssh.listen, "SSH")?,
+            rdp: match &config.rdp {
+                Some(rdp) => usher::system::tcp::bind(&rdp.listen, "RDP")?,
+                None => Vec::new(),
+            },
             control: usher::control::bind_open_socket(&config.control_socket)
                 .map_err(|e| format!("control socket: {e}"))?,
             console: usher::control::bind_open_socket(&config.console_socket)
@@ -150,12 +169,16 @@ impl Sockets {
     }
 
     fn ssh_addresses(&self) -> Vec<String> {
-        self.ssh
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .map(|a| a.to_string())
-            .collect()
+        addresses(&self.ssh)
     }
+}
+
+fn addresses(listeners: &[tokio::net::TcpListener]) -> Vec<String> {
+    listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect()
 }
 
 /// The signals usherd answers, registered at once so that none arrives unhandled (whose

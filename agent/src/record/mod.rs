@@ -27,6 +27,8 @@ pub enum Keystrokes {
 /// The files of one session's recording.
 pub struct Recording {
     pub cast: Option<CastWriter>,
+    /// A desktop's recording (`{id}.desktop`): lines `usher-rdp` encoded.
+    desktop: Option<(File, u64)>,
     audit: File,
     audit_len: u64,
     meta: SessionMeta,
@@ -58,6 +60,7 @@ impl Recording {
             let audit = fsutil::create_new(&paths[1], 0o600)?;
             let rec = Recording {
                 cast,
+                desktop: None,
                 audit,
                 audit_len: 0,
                 meta,
@@ -80,9 +83,37 @@ impl Recording {
         &self.meta
     }
 
-    /// Bytes of whole events on disk, cast and audit stream together.
+    /// Bytes of whole events on disk, cast, desktop and audit stream together.
     pub fn bytes(&self) -> u64 {
-        self.cast.as_ref().map(|c| c.bytes()).unwrap_or(0) + self.audit_len
+        self.cast.as_ref().map(|c| c.bytes()).unwrap_or(0)
+            + self.desktop.as_ref().map(|d| d.1).unwrap_or(0)
+            + self.audit_len
+    }
+
+    /// Makes this the recording of a desktop: its screen goes to `{id}.desktop`.
+    pub fn add_desktop(&mut self) -> io::Result<()> {
+        let dir = self.meta_path.parent().unwrap_or(Path::new("."));
+        let path = dir.join(format!("{}.desktop", self.meta.session_id));
+        self.desktop = Some((fsutil::create_new(&path, 0o600)?, 0));
+        Ok(())
+    }
+
+    /// One line of a desktop's recording.
+    pub fn desktop(&mut self, line: &str) -> io::Result<()> {
+        let Some((file, len)) = &mut self.desktop else {
+            return Ok(());
+        };
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        if let Err(e) = file.write_all(&bytes) {
+            // No half line left behind on a full disk.
+            let _ = file.set_len(*len);
+            let _ = file.seek(io::SeekFrom::Start(*len));
+            return Err(e);
+        }
+        *len += bytes.len() as u64;
+        Ok(())
     }
 
     pub fn output(&mut self, data: &[u8]) -> io::Result<()> {
@@ -138,6 +169,9 @@ impl Recording {
     pub fn finish(mut self) -> io::Result<()> {
         if let Some(c) = self.cast.take() {
             c.finish()?;
+        }
+        if let Some((d, _)) = self.desktop.take() {
+            d.sync_all()?;
         }
         self.audit.sync_all()?;
         self.write_meta()

@@ -505,22 +505,27 @@ impl Cgroup {
             .unwrap_or(false)
     }
 
+    /// Kills every process in the cgroup (and below) and waits (up to 3 s) for it to empty.
+    pub fn kill_all(&self) {
+        for _ in 0..300 {
+            if !self.path.exists() || !self.is_populated() {
+                break;
+            }
+            // cgroup.kill (Linux 5.14) is atomic against forks; fall back to signalling
+            // each pid on older kernels.
+            if std::fs::write(self.path.join("cgroup.kill"), "1").is_err() {
+                kill_all(&self.pids());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Kills every process in the cgroup (and below), waits for it to empty and removes it
     /// and its v1 groups.
     pub fn kill_and_remove(&self) -> io::Result<()> {
         let mut result = Ok(());
         if self.path.exists() {
-            for _ in 0..300 {
-                if !self.is_populated() {
-                    break;
-                }
-                // cgroup.kill (Linux 5.14) is atomic against forks; fall back to signalling
-                // each pid on older kernels.
-                if std::fs::write(self.path.join("cgroup.kill"), "1").is_err() {
-                    kill_all(&self.pids());
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            self.kill_all();
             result = std::fs::remove_dir(&self.path);
         }
         for dir in &self.limit_groups {

@@ -33,6 +33,14 @@ pub trait Core: Send + Sync + 'static {
     /// The live grant that lets the account with this UID open a console session.
     fn console_grant(&self, uid: u32) -> Result<Grant, ConsoleRefused>;
 
+    /// The live grant that lets `login` open a desktop with `password`: the one-time
+    /// secret whose hash the grant carries, or a token as at the SSH password prompt.
+    fn rdp_grant(
+        &self,
+        login: &str,
+        password: &str,
+    ) -> impl Future<Output = Result<Grant, RdpRefused>> + Send;
+
     fn is_live(&self, grant: &GrantId) -> bool;
 
     /// Every grant that ends, for whatever holds access under it (connections, forwards)
@@ -100,6 +108,19 @@ pub enum Refused {
     Account(String),
     #[error("the session's cgroup could not be created: {0}")]
     Cgroup(String),
+}
+
+/// Why an RDP login gets no desktop. Said in the journal, never to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum RdpRefused {
+    #[error("no live grant for this login")]
+    NoLiveGrant,
+    #[error("no live grant for this login allows RDP")]
+    NotAllowed,
+    #[error("the password is not the one-time secret of a live grant")]
+    WrongSecret,
+    #[error("the token presented as password is refused: {0}")]
+    Token(Refusal),
 }
 
 /// Why a console login gets no session. The text is said on the login's terminal.

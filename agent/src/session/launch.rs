@@ -2,8 +2,69 @@
 //! Nothing is inherited from the agent.
 
 use super::core::Opened;
-use super::request::{SessionCommand, SessionRequest};
+use super::request::{DesktopSpec, SessionCommand, SessionRequest};
 use super::spawn::Launch;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// A desktop session's shell: its X server in the background (gone with the shell), the
+/// desktop command once the server's socket is there.
+const DESKTOP_SCRIPT: &str = r#"
+"$USHER_XVFB" ":$USHER_DISPLAY" -screen 0 "${USHER_GEOMETRY}x24" -nolisten tcp -auth "$XAUTHORITY" -noreset >/dev/null 2>&1 &
+x=$!
+trap 'kill $x 2>/dev/null' EXIT HUP TERM
+tries=0
+while ! [ -S "/tmp/.X11-unix/X$USHER_DISPLAY" ]; do
+  kill -0 $x 2>/dev/null || exit 1
+  tries=$((tries + 1))
+  [ $tries -gt 100 ] && exit 1
+  sleep 0.1
+done
+unset USHER_XVFB USHER_GEOMETRY USHER_DISPLAY
+eval "$USHER_DESKTOP"
+"#;
+
+/// Writes the desktop's X cookie where only the account can read it (a root-owned
+/// directory, so the account cannot swap the file for a link), in Xauthority format.
+fn write_xauthority(
+    spec: &DesktopSpec,
+    session_id: &str,
+    uid: u32,
+    gid: u32,
+) -> std::io::Result<PathBuf> {
+    crate::fsutil::private_dir(&spec.auth_dir, 0o711)?;
+    let path = spec.auth_dir.join(format!("{session_id}.xauth"));
+    let _ = std::fs::remove_file(&path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+    file.write_all(&xauthority_entry(spec.display, &spec.cookie))?;
+    Ok(path)
+}
+
+/// One entry: any local address (FamilyWild), this display, MIT-MAGIC-COOKIE-1.
+fn xauthority_entry(display: u32, cookie: &[u8]) -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let mut out = 0xffffu16.to_be_bytes().to_vec();
+    field(&mut out, b"");
+    field(&mut out, display.to_string().as_bytes());
+    field(&mut out, b"MIT-MAGIC-COOKIE-1");
+    field(&mut out, cookie);
+    out
+}
+
+/// The Xauthority file of a desktop session, removed when the session ends.
+pub fn xauthority_path(auth_dir: &Path, session_id: &str) -> PathBuf {
+    auth_dir.join(format!("{session_id}.xauth"))
+}
 
 fn login_env(sg: &Opened, request: &SessionRequest) -> Vec<(String, String)> {
     let a = &sg.account;
@@ -54,14 +115,34 @@ pub(super) fn launch_for(sg: &Opened, request: &SessionRequest) -> std::io::Resu
                 .unwrap_or_default(),
             vec![],
         ),
+        SessionCommand::Desktop(_) => (
+            a.shell.clone(),
+            shell_name,
+            vec!["-c".to_string(), DESKTOP_SCRIPT.to_string()],
+        ),
     };
+    let mut env = login_env(sg, request);
+    if let SessionCommand::Desktop(spec) = &request.command {
+        let auth = write_xauthority(spec, &sg.session_id, a.uid, a.gid)?;
+        env.extend([
+            ("DISPLAY".to_string(), format!(":{}", spec.display)),
+            ("XAUTHORITY".to_string(), auth.display().to_string()),
+            ("USHER_XVFB".to_string(), spec.xvfb.display().to_string()),
+            ("USHER_DISPLAY".to_string(), spec.display.to_string()),
+            (
+                "USHER_GEOMETRY".to_string(),
+                format!("{}x{}", spec.width, spec.height),
+            ),
+            ("USHER_DESKTOP".to_string(), spec.command.clone()),
+        ]);
+    }
     let mut groups = vec![a.gid];
     groups.extend(&a.groups);
     Ok(Launch {
         program,
         argv0,
         args,
-        env: login_env(sg, request),
+        env,
         cwd: if a.home.is_dir() {
             a.home.clone()
         } else {
@@ -74,4 +155,22 @@ pub(super) fn launch_for(sg: &Opened, request: &SessionRequest) -> std::io::Resu
         exec_mode: sg.profile.exec.mode,
         home: a.home.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout libXau reads: family, address, number, name, data, each u16-prefixed.
+    #[test]
+    fn an_xauthority_entry_is_what_libxau_reads() {
+        let e = xauthority_entry(12, &[0xab; 16]);
+        assert_eq!(&e[..2], &[0xff, 0xff]);
+        assert_eq!(&e[2..4], &[0, 0]);
+        assert_eq!(&e[4..8], &[0, 2, b'1', b'2']);
+        assert_eq!(&e[8..10], &[0, 18]);
+        assert_eq!(&e[10..28], b"MIT-MAGIC-COOKIE-1");
+        assert_eq!(&e[28..30], &[0, 16]);
+        assert_eq!(&e[30..], &[0xab; 16]);
+    }
 }

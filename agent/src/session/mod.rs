@@ -15,13 +15,13 @@ mod run;
 pub mod spawn;
 mod table;
 
-pub use self::core::{ConsoleRefused, Core, Opened, RecordingContext, Refused};
+pub use self::core::{ConsoleRefused, Core, Opened, RdpRefused, RecordingContext, Refused};
 pub use cgroup::{v2_mount, AppliedLimits, Cgroup, JoinFiles, Layout};
 pub use exec_notes::append_exec_events;
 pub use recorder::mark_interrupted;
 pub use request::{
-    ClientIo, ClientSink, Control, ExitOutcome, PtySpec, SessionCommand, SessionRequest,
-    CONTROL_QUEUE,
+    ClientIo, ClientSink, Control, DesktopSpec, ExitOutcome, PtySpec, SessionCommand,
+    SessionRequest, CONTROL_QUEUE,
 };
 pub use run::run;
 pub use table::{SessionRecord, SessionTable};

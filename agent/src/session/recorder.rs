@@ -177,6 +177,7 @@ pub(super) fn start_recording(
         kind: match request.kind {
             super::SessionKind::Ssh => "ssh".into(),
             super::SessionKind::Console => "console".into(),
+            super::SessionKind::Rdp => "rdp".into(),
         },
         host: ctx.host.clone(),
         login: grant.login().into(),
@@ -206,7 +207,7 @@ pub(super) fn start_recording(
         limits: Some(opened.cgroup.limits().clone()),
     };
     let records_stream = match &request.command {
-        SessionCommand::Subsystem(_) => false,
+        SessionCommand::Subsystem(_) | SessionCommand::Desktop(_) => false,
         SessionCommand::Exec(_) if request.pty.is_none() => ctx.settings.exec_output,
         _ => true,
     };
@@ -240,6 +241,9 @@ pub(super) fn start_recording(
         }
     });
     let mut rec = Recording::create(&ctx.spool_dir, meta, header, ctx.settings.input)?;
+    if matches!(request.command, SessionCommand::Desktop(_)) {
+        rec.add_desktop()?;
+    }
     rec.audit(
         &serde_json::json!({"event": "session_started", "time": rfc3339_now(), "meta": rec.meta()}),
         None,

@@ -39,6 +39,8 @@ pub(super) struct Process {
 /// What the relay watches besides the process and the client.
 pub(super) struct Watched {
     pub session_id: String,
+    /// A desktop's recording lines, from the client's side (`usher-rdp`).
+    pub desktop: Option<mpsc::Receiver<String>>,
     pub exec_notes: Option<ExecReceiver>,
     /// Says why when the grant ends.
     pub grant_end: watch::Receiver<Option<String>>,
@@ -62,6 +64,7 @@ enum Event {
     InputFailed(Stop),
     InputDone,
     Control(Option<Control>),
+    Desktop(Option<String>),
     Exec(Option<ExecNote>),
     GrantEnded(String),
     GrantWatchGone,
@@ -80,6 +83,7 @@ struct Relay<'a, S> {
     stdout: Option<ChildStdout>,
     stderr: Option<ChildStderr>,
     control: Option<mpsc::Receiver<Control>>,
+    desktop: Option<mpsc::Receiver<String>>,
     input_failed: Option<oneshot::Receiver<Stop>>,
     exec_notes: Option<ExecReceiver>,
     grant_end: Option<watch::Receiver<Option<String>>>,
@@ -110,6 +114,7 @@ pub(super) async fn relay<S: ClientSink>(
         status: None,
         terminal: process.terminal,
         control: Some(control),
+        desktop: watched.desktop,
         input_failed: Some(input_failed),
         exec_notes: watched.exec_notes,
         grant_end: Some(watched.grant_end),
@@ -213,6 +218,7 @@ impl<S: ClientSink> Relay<'_, S> {
             stdout,
             stderr,
             control,
+            desktop,
             input_failed,
             exec_notes,
             grant_end,
@@ -238,6 +244,8 @@ impl<S: ClientSink> Relay<'_, S> {
                 },
             c = async { control.as_mut().expect("guarded").recv().await }, if control.is_some() =>
                 Event::Control(c),
+            l = async { desktop.as_mut().expect("guarded").recv().await }, if desktop.is_some() =>
+                Event::Desktop(l),
             n = async { exec_notes.as_mut().expect("guarded").recv().await }, if exec_notes.is_some() =>
                 Event::Exec(n),
             r = async { grant_end.as_mut().expect("guarded").changed().await }, if grant_end.is_some() =>
@@ -286,6 +294,21 @@ impl<S: ClientSink> Relay<'_, S> {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), hup);
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), hup);
                 }
+                Ok(())
+            }
+            Event::Desktop(Some(line)) => {
+                let pause = {
+                    let mut r = Recorder::lock(self.recorder);
+                    r.terminal(|rec| rec.desktop(&line))?;
+                    r.pause()
+                };
+                if let Some(p) = pause {
+                    tokio::time::sleep(p).await;
+                }
+                Ok(())
+            }
+            Event::Desktop(None) => {
+                self.desktop = None;
                 Ok(())
             }
             Event::Exec(Some(note)) => {
@@ -539,6 +562,7 @@ mod tests {
         });
         let watched = Watched {
             session_id: "s1".into(),
+            desktop: None,
             exec_notes: Some(exec_notes),
             grant_end,
             counted: Box::new(|| {}),

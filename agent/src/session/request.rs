@@ -9,6 +9,8 @@ use super::SessionKind;
 
 /// Where a session's output goes: an SSH channel, a console's terminal.
 pub trait ClientSink: Send + Sync + 'static {
+    /// The session is open, under this id (before its process starts).
+    fn opened(&self, _session_id: &str) {}
     fn stdout(&self, data: Bytes) -> impl Future<Output = bool> + Send;
     fn stderr(&self, data: Bytes) -> impl Future<Output = bool> + Send;
     fn finish(&self, outcome: ExitOutcome) -> impl Future<Output = ()> + Send;
@@ -53,6 +55,23 @@ pub enum SessionCommand {
     Exec(String),
     /// A subsystem program (sftp-server): audited, its binary stream not recorded.
     Subsystem(PathBuf),
+    /// A desktop: an X server of its own and the desktop command on it. Everything the
+    /// session started ends with it.
+    Desktop(DesktopSpec),
+}
+
+#[derive(Debug, Clone)]
+pub struct DesktopSpec {
+    pub xvfb: PathBuf,
+    /// The display number, free when it was picked.
+    pub display: u32,
+    /// MIT-MAGIC-COOKIE-1, written for the account in `auth_dir` before the X server starts.
+    pub cookie: [u8; 16],
+    pub auth_dir: PathBuf,
+    pub width: u16,
+    pub height: u16,
+    /// A shell command line, run with `DISPLAY` set.
+    pub command: String,
 }
 
 impl SessionCommand {
@@ -62,6 +81,7 @@ impl SessionCommand {
             SessionCommand::Shell => None,
             SessionCommand::Exec(c) => Some(c.clone()),
             SessionCommand::Subsystem(p) => Some(p.display().to_string()),
+            SessionCommand::Desktop(d) => Some(format!("(desktop :{}) {}", d.display, d.command)),
         }
     }
 }
@@ -81,4 +101,6 @@ pub struct ClientIo<S> {
     pub stdin: tokio::sync::mpsc::Receiver<Bytes>,
     pub control: tokio::sync::mpsc::Receiver<Control>,
     pub sink: std::sync::Arc<S>,
+    /// A desktop's recording, a line at a time (`usher-rdp` encodes it).
+    pub desktop: Option<tokio::sync::mpsc::Receiver<String>>,
 }

@@ -8,7 +8,7 @@ use super::exec_notes::append_exec_events;
 use super::launch::launch_for;
 use super::recorder::{start_recording, Recorder, Stop};
 use super::relay::{relay, Process, Watched};
-use super::request::{ClientIo, ClientSink, ExitOutcome, SessionRequest};
+use super::request::{ClientIo, ClientSink, ExitOutcome, SessionCommand, SessionRequest};
 use super::spawn::{self, Streams};
 use crate::grant::Grant;
 use bytes::Bytes;
@@ -25,12 +25,15 @@ pub async fn run<C: Core, S: ClientSink>(
         stdin,
         control,
         sink,
+        desktop,
     } = io;
     let opened = match core.open(&grant, request.kind).await {
         Ok(o) => o,
         Err(refused) => return refuse(&*sink, &refused.to_string()).await,
     };
     let id = opened.session_id.clone();
+    sink.opened(&id);
+    let opened_cgroup = opened.cgroup.clone();
     let ctx = core.recording();
     let recording = match start_recording(&ctx, &grant, &request, &opened) {
         Ok(r) => Some(r),
@@ -66,6 +69,7 @@ pub async fn run<C: Core, S: ClientSink>(
                 let counted_id = id.clone();
                 let watched = Watched {
                     session_id: id.clone(),
+                    desktop,
                     exec_notes: notes,
                     grant_end: opened.ended.clone(),
                     counted: Box::new(move || counter.count_command(&counted_id)),
@@ -75,6 +79,13 @@ pub async fn run<C: Core, S: ClientSink>(
             Err(stop) => (Err(stop), notes),
         }
     };
+    // A desktop's processes all end with it (an X server outliving its session would
+    // keep the account's desktop open to nobody's audit).
+    if let SessionCommand::Desktop(spec) = &request.command {
+        let cgroup = opened_cgroup.clone();
+        let _ = tokio::task::spawn_blocking(move || cgroup.kill_all()).await;
+        let _ = std::fs::remove_file(super::launch::xauthority_path(&spec.auth_dir, &id));
+    }
     // Processes the session left behind (`sleep 1000 &`) still have their execs audited.
     if let Some(rx) = leftover_notes {
         let path = ctx.spool_dir.join(format!("{id}.audit.jsonl"));

@@ -16,42 +16,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, watch};
 
-/// Binds every configured address. An IPv6 socket is bound v6-only, so that `0.0.0.0`
-/// and `[::]` on one port are two sockets, not a conflict. Addresses that cannot be
-/// bound are logged; no address at all is an error.
-pub fn bind(addresses: &[String]) -> Result<Vec<TcpListener>, String> {
-    let mut bound = Vec::new();
-    for text in addresses {
-        let addr: SocketAddr = text
-            .parse()
-            .map_err(|_| format!("{text:?} is not an address and port"))?;
-        match bind_one(addr) {
-            Ok(l) => bound.push(l),
-            Err(e) => log::error!(target: "usher::ssh", "cannot listen on {addr}: {e}"),
-        }
-    }
-    if bound.is_empty() {
-        return Err(format!(
-            "no SSH listen address could be bound ({})",
-            addresses.join(", ")
-        ));
-    }
-    Ok(bound)
-}
-
-fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
-}
-
 /// Serves every listener until the process ends; never returns.
 pub async fn serve<C: Core>(
     core: Arc<C>,

@@ -5,7 +5,7 @@ mod listen;
 mod server;
 
 pub use hostkey::{load_or_create_host_key, signing_key};
-pub use listen::{bind, serve};
+pub use listen::serve;
 pub use server::settings;
 
 /// What the SSH front end takes from the agent's configuration.

@@ -248,6 +248,7 @@ impl<C: Core> Connection<C> {
                 stdin: stdin_rx,
                 control: control_rx,
                 sink,
+                desktop: None,
             },
         ));
         Ok(())

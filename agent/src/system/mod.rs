@@ -10,7 +10,8 @@
 //! - [`socket`]: descriptors passed over Unix sockets;
 //! - [`ipc`]: removing an account's System V IPC objects;
 //! - [`async_fd`]: waiting on descriptors (the PTY, the eBPF ring buffers) with tokio;
-//! - [`bpf`]: the events the eBPF programs write.
+//! - [`bpf`]: the events the eBPF programs write;
+//! - [`tcp`]: the front ends' listening sockets (no `unsafe`, but system-facing).
 
 pub mod async_fd;
 pub mod bpf;
@@ -19,4 +20,5 @@ pub mod mount;
 pub mod process;
 pub mod signal;
 pub mod socket;
+pub mod tcp;
 pub mod term;

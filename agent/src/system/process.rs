@@ -114,3 +114,53 @@ fn close_inherited_on_exec() {
         );
     }
 }
+
+/// Makes `command`'s child an unprivileged worker: `socket` becomes its fd 3 (every other
+/// inherited descriptor above 2 closes at exec), it drops to `uid`/`gid` with no
+/// supplementary groups, and it can never gain privileges again (no_new_privs).
+pub fn prepare_worker(
+    command: &mut tokio::process::Command,
+    socket: std::os::fd::OwnedFd,
+    uid: u32,
+    gid: u32,
+) {
+    use std::os::fd::AsRawFd;
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    let in_child = move || -> io::Result<()> {
+        setsid()?;
+        // SAFETY: dup2 takes two integers; `socket` is owned by the closure and open.
+        if unsafe { nix::libc::dup2(socket.as_raw_fd(), 3) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fcntl on fd 3 with integers; when the socket already was fd 3, dup2 left
+        // its close-on-exec flag set.
+        if unsafe { nix::libc::fcntl(3, nix::libc::F_SETFD, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        close_inherited_on_exec_above(4);
+        setgroups(&[])?;
+        setgid(gid)?;
+        setuid(uid)?;
+        // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integers only.
+        if unsafe { nix::libc::prctl(nix::libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: as in `prepare_child`: system calls only, on values the closure owns.
+    unsafe {
+        command.pre_exec(in_child);
+    }
+}
+
+fn close_inherited_on_exec_above(first: u32) {
+    // SAFETY: as in `close_inherited_on_exec`.
+    unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            first,
+            u32::MAX,
+            nix::libc::CLOSE_RANGE_CLOEXEC,
+        );
+    }
+}

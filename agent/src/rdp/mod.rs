@@ -1,0 +1,123 @@
+//! Stage 1 for desktops: usherd terminates RDP. It listens, caps connections as it does
+//! for SSH, and hands each connection to an `usher-rdp` worker (agent-rdp/: IronRDP and
+//! X11, one unprivileged process per connection). Usherd keeps every decision: who logs in
+//! (`worker`), which desktop they get and how long it lives (`desktop`, an ordinary
+//! session of the core), and the recording. The certificate is `tls`'s.
+
+mod desktop;
+pub mod tls;
+mod worker;
+
+use crate::admission::{Admission, Refused};
+use crate::config::RdpConfig;
+use crate::session::Core;
+use desktop::Desktops;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+pub use tls::Identity;
+
+/// What every RDP connection of this agent shares.
+pub struct RdpServer<C: Core> {
+    core: Arc<C>,
+    config: Arc<RdpConfig>,
+    identity: Identity,
+    desktops: Arc<Desktops<C>>,
+    worker_uid: u32,
+    worker_gid: u32,
+}
+
+impl<C: Core> RdpServer<C> {
+    pub fn new(core: Arc<C>, config: RdpConfig, identity: Identity) -> Result<Arc<Self>, String> {
+        let user = nix::unistd::User::from_name(&config.worker_user)
+            .map_err(|e| format!("rdp.worker_user {:?}: {e}", config.worker_user))?
+            .ok_or_else(|| format!("rdp.worker_user {:?} does not exist", config.worker_user))?;
+        if user.uid.is_root() {
+            return Err("rdp.worker_user must not be root".into());
+        }
+        let worker = config.worker_path();
+        if !worker.exists() {
+            return Err(format!(
+                "the RDP worker {} is not there (rdp.worker)",
+                worker.display()
+            ));
+        }
+        let config = Arc::new(config);
+        Ok(Arc::new(RdpServer {
+            desktops: Desktops::new(core.clone(), config.clone()),
+            core,
+            config,
+            identity,
+            worker_uid: user.uid.as_raw(),
+            worker_gid: user.gid.as_raw(),
+        }))
+    }
+
+    /// Serves every listener until the process ends.
+    pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>) -> ! {
+        let startups = Admission::new(
+            self.config.max_startups,
+            self.config.max_startups_per_source,
+        );
+        let connections = Admission::new(self.config.max_connections, self.config.max_connections);
+        for listener in listeners {
+            tokio::spawn(accept_loop(
+                self.clone(),
+                listener,
+                startups.clone(),
+                connections.clone(),
+            ));
+        }
+        std::future::pending().await
+    }
+}
+
+async fn accept_loop<C: Core>(
+    server: Arc<RdpServer<C>>,
+    listener: TcpListener,
+    startups: Arc<Admission<IpAddr>>,
+    connections: Arc<Admission<()>>,
+) {
+    let mut failing = false;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: wait for sessions to give some back.
+                if !failing {
+                    log::error!(target: "usher::rdp", "accepting a connection failed: {e}; retrying");
+                    failing = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        failing = false;
+        let slot = match startups.try_admit(peer.ip()) {
+            Ok(s) => s,
+            Err(why) => {
+                refuse(peer, why);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(worker::connection(
+            server.clone(),
+            stream,
+            peer,
+            slot,
+            connections.clone(),
+        ));
+    }
+}
+
+fn refuse(peer: SocketAddr, why: Refused) {
+    // One line per refusal would let a flood fill the journal: said at powers of 2.
+    static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        log::warn!(target: "usher::rdp", usher_event = "connection_refused", peer = peer.to_string().as_str(); "RDP connection from {peer} closed: {why} ({n} so far)");
+    }
+}
