@@ -20,7 +20,8 @@
 //! before the next; figures are medians. `USHER_BENCH_RUNS` (default 5) and
 //! `USHER_BENCH_SCALE` (shrinks the runs and the measuring windows: a smoke test).
 //! `USHER_BENCH_RDP_CLIENT` sets the client's codec flags, the same for both sides
-//! (default `/bpp:32 -gfx`: xrdp 0.9 has no graphics pipeline).
+//! (default `/bpp:32 -gfx`: xrdp 0.9 has no graphics pipeline). usherd runs with its
+//! defaults (`max_fps` 30, recording on); `USHER_BENCH_RDP_MAX_FPS` sets its `max_fps`.
 //!
 //! xrdp runs from a scratch directory with its own xrdp.ini and sesman.ini (listening on
 //! 127.0.0.1 only; sesman on 3350, the port xrdp 0.9 reads from the system's sesman.ini),
@@ -88,21 +89,37 @@ fn median(mut v: Vec<f64>) -> f64 {
 // The desktop, the same on both sides.
 
 /// The desktop command both servers run as the session's account: openbox, then one
-/// full-screen xterm whose shell is the change loop.
+/// xterm that openbox shows full-screen without decorations (its own rule: xterm's
+/// `-fullscreen` leaves the window unmapped under openbox), whose shell is the change loop.
+/// `wmTimeout`: xterm (Xt) otherwise waits up to 5 s for the window manager to answer its
+/// size request, which openbox's full-screen rule overrides: seconds of start-up that
+/// belong to neither server, on either, at random.
 fn desktop_script(dir: &Path, hz: u32) -> String {
     let (r, g, b) = DESKTOP_RGB;
     format!(
         "#!/bin/sh\n\
          # The bench's desktop (the same on usherd and xrdp): a window manager, then one\n\
          # full-screen terminal whose shell repaints it on cue.\n\
-         openbox >/dev/null 2>&1 &\n\
+         openbox --config-file {rc} >/dev/null 2>&1 &\n\
          until xprop -root _NET_SUPPORTING_WM_CHECK 2>/dev/null | grep -q window; do sleep 0.05; done\n\
-         exec xterm -fullscreen -bg '#{r:02x}{g:02x}{b:02x}' -fg white -e bash {loop} {go} {hz} {out}\n",
+         exec xterm -xrm '*wmTimeout: 100' -bg '#{r:02x}{g:02x}{b:02x}' -fg white -e bash {loop} {go} {hz} {out}\n",
+        rc = dir.join("openbox.xml").display(),
         loop = dir.join("change-loop.sh").display(),
         go = dir.join("go").display(),
         out = dir.join("out").display(),
     )
 }
+
+const OPENBOX_CONFIG: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<openbox_config xmlns="http://openbox.org/3.4/rc">
+  <applications>
+    <application class="XTerm">
+      <decor>no</decor>
+      <fullscreen>yes</fullscreen>
+    </application>
+  </applications>
+</openbox_config>
+"#;
 
 /// Runs in the desktop's xterm: idle until the file `$1` exists, then repaints the whole
 /// window `$2` times a second (OSC 11 sets the terminal's default background, and xterm
@@ -179,6 +196,7 @@ impl ClientScreen {
             .arg("-f")
             .arg(&xauthority)
             .args(["add", &display, ".", &cookie])
+            .stderr(Stdio::null())
             .status()
             .map_err(|e| format!("xauth: {e}"))?;
         if !status.success() {
@@ -206,9 +224,14 @@ impl ClientScreen {
             std::thread::sleep(Duration::from_millis(20));
         }
         let fb = std::fs::File::open(&fb_path).map_err(|e| e.to_string())?;
+        // Xvfb fills the header in once its screen is up, a moment after the file exists.
         let mut header = [0u8; 100];
-        fb.read_exact_at(&mut header, 0)
-            .map_err(|e| e.to_string())?;
+        while fb.read_exact_at(&mut header, 0).is_err() || be32(&header, 44) == 0 {
+            if Instant::now() > deadline {
+                return Err("the client's Xvfb framebuffer has no header".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // XWD: header_size, ..., byte_order @28, bits_per_pixel @44, bytes_per_line @48,
         // red/green/blue masks @56..68, ncolors @76; the pixels follow the colour map.
         let (byte_order, bpp) = (be32(&header, 28), be32(&header, 44));
@@ -657,13 +680,19 @@ fn run_ok(cmd: &mut Command) -> Result<(), String> {
 /// usherd's RDP configuration for the bench: loopback, the bench's desktop command, the
 /// same largest size as the client asks for.
 fn usherd_rdp_config(port: u16, desktop: &Path) -> String {
-    format!(
-        "[rdp]\nlisten = [\"127.0.0.1:{port}\"]\ndesktop = \"{}\"\n",
+    let mut config = format!(
+        "[policy]\nallowed_profiles = [\"default\", \"bench-rdp\"]\n\n\
+         [rdp]\nlisten = [\"127.0.0.1:{port}\"]\ndesktop = \"{}\"\n",
         desktop.display()
-    )
+    );
+    if let Ok(fps) = std::env::var("USHER_BENCH_RDP_MAX_FPS") {
+        config += &format!("max_fps = {fps}\n");
+    }
+    config
 }
 
-const USHERD_PROFILE: &str = "rdp = true\n";
+/// Desktops allowed; every exec audited, none blocked (as the default profile).
+const USHERD_PROFILE: &str = "name = \"bench-rdp\"\nrdp = true\n[exec]\nmode = \"audit\"\n";
 
 // ---------------------------------------------------------------------------------------
 // One run on one side.
@@ -923,6 +952,7 @@ fn run() -> Result<(), String> {
     std::fs::set_permissions(&desktop, std::fs::Permissions::from_mode(0o755))
         .map_err(|e| e.to_string())?;
     std::fs::write(dir.join("change-loop.sh"), change_loop_script()).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("openbox.xml"), OPENBOX_CONFIG).map_err(|e| e.to_string())?;
 
     let client = ClientScreen::start(&dir)?;
     let bench = Bench {
