@@ -203,7 +203,7 @@ impl ClientScreen {
             return Err("xauth add failed".into());
         }
         let log = std::fs::File::create(dir.join("client-xvfb.log")).map_err(|e| e.to_string())?;
-        let xvfb = Command::new("Xvfb")
+        let mut xvfb = Command::new("Xvfb")
             .arg(&display)
             .args(["-screen", "0", &format!("{WIDTH}x{HEIGHT}x24")])
             .args(["-nolisten", "tcp", "-br", "-auth"])
@@ -215,9 +215,36 @@ impl ClientScreen {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("Xvfb: {e}"))?;
+        match Self::attach(&mut xvfb, number, &fbdir) {
+            Ok((fb, pixel_offset, bytes_per_line)) => Ok(ClientScreen {
+                xvfb,
+                display,
+                xauthority,
+                fb,
+                pixel_offset,
+                bytes_per_line,
+            }),
+            Err(e) => {
+                let _ = xvfb.kill();
+                let _ = xvfb.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for the display and its framebuffer file; answers the file, where the pixels
+    /// start and the bytes of a line.
+    fn attach(
+        xvfb: &mut Child,
+        number: u32,
+        fbdir: &Path,
+    ) -> Result<(std::fs::File, u64, u64), String> {
         let fb_path = fbdir.join("Xvfb_screen0");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !(fb_path.exists() && Path::new(&format!("/tmp/.X11-unix/X{number}")).exists()) {
+            if let Ok(Some(status)) = xvfb.try_wait() {
+                return Err(format!("the client's Xvfb exited: {status}"));
+            }
             if Instant::now() > deadline {
                 return Err("the client's Xvfb did not start".into());
             }
@@ -242,14 +269,7 @@ impl ClientScreen {
             ));
         }
         let pixel_offset = be32(&header, 0) as u64 + be32(&header, 76) as u64 * 12;
-        Ok(ClientScreen {
-            xvfb,
-            display,
-            xauthority,
-            fb,
-            pixel_offset,
-            bytes_per_line: be32(&header, 48) as u64,
-        })
+        Ok((fb, pixel_offset, be32(&header, 48) as u64))
     }
 
     fn pixel(&self, (x, y): (u32, u32)) -> (u8, u8, u8) {
@@ -754,13 +774,17 @@ impl Session<'_> {
     fn measure(&self) -> Result<Figures, String> {
         let b = self.bench;
         let daemons_pss_before: u64 = self.daemons.iter().map(|p| pss_kib(*p)).sum();
-        let mut client = Command::new("timeout");
+        // The previous client is gone and its window with it: the screen is the client
+        // display's black root again, not the desktop's colour.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while distance(b.client.pixel(PROBE), DESKTOP_RGB) < 24 {
+            if Instant::now() > deadline {
+                return Err("the client's screen still shows a desktop before connecting".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut client = Command::new("xfreerdp");
         client
-            .arg(format!(
-                "{}",
-                (b.idle_secs + b.loop_secs + 120.0).ceil() as u64
-            ))
-            .arg("xfreerdp")
             .arg(format!("/v:127.0.0.1:{}", self.port))
             .arg(format!("/u:{}", self.user))
             .arg(format!("/p:{}", self.password))
@@ -862,6 +886,15 @@ impl Session<'_> {
                 pss_mib,
             })
         })();
+        // SIGTERM: xfreerdp closes the connection and its window as a user's client would.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(client.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(client.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = client.kill();
         let _ = client.wait();
         result
