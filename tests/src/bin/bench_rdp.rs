@@ -572,10 +572,27 @@ fn remove_bench_user() {
             break;
         }
     }
+    let home = if user_exists(XRDP_USER) {
+        home_of(XRDP_USER)
+    } else {
+        PathBuf::from("/home").join(XRDP_USER)
+    };
+    // A chansrv killed with the session leaves its FUSE mount (drive redirection) behind.
+    if let Ok(mounts) = std::fs::read_to_string("/proc/mounts") {
+        for mount_point in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+            if Path::new(mount_point).starts_with(&home) {
+                let _ = Command::new("umount").args(["-l", mount_point]).status();
+            }
+        }
+    }
     let _ = Command::new("userdel")
         .args(["-r", XRDP_USER])
         .stderr(Stdio::null())
         .status();
+    // userdel leaves the home when something in it was busy; the account is ours.
+    if home.starts_with("/home/") && home.ends_with(XRDP_USER) {
+        let _ = std::fs::remove_dir_all(&home);
+    }
 }
 
 fn xrdp_ini(dir: &Path, port: u16) -> String {
@@ -670,6 +687,7 @@ fn sesman_ini(dir: &Path, desktop: &Path) -> String {
          param=.xorgxrdp.%s.log\n\
          \n\
          [Chansrv]\n\
+         EnableFuseMount=false\n\
          FuseMountName=thinclient_drives\n\
          FileUmask=077\n\
          \n\
@@ -816,7 +834,12 @@ impl Session<'_> {
             std::thread::sleep(Duration::from_millis(2));
         };
         let result = (|| {
-            let connect = connected.ok_or("the desktop did not show within 60 s")?;
+            let connect = connected.ok_or_else(|| {
+                let (r, g, b) = b.client.pixel(PROBE);
+                format!(
+                    "the desktop did not show within 60 s (the client's screen shows #{r:02x}{g:02x}{b:02x} at {PROBE:?})"
+                )
+            })?;
             // The desktop settles (the window manager, the terminal's first paints).
             std::thread::sleep(Duration::from_secs(2));
             let pids = self.server_pids();
