@@ -1158,6 +1158,15 @@ impl Drop for RemoveDir {
     }
 }
 
+/// usherd's figure over xrdp's; a ratio to 0 has no meaning.
+fn ratio(usherd: f64, xrdp: f64) -> String {
+    if xrdp > 0.0 && usherd.is_finite() {
+        format!("{:.2}x", usherd / xrdp)
+    } else {
+        "-".to_string()
+    }
+}
+
 fn report(figures: &[(Side, Figures)], runs: usize, hz: u32, bench: &Bench) {
     let pick = |side: Side, f: fn(&Figures) -> f64| {
         median(
@@ -1211,7 +1220,10 @@ fn report(figures: &[(Side, Figures)], runs: usize, hz: u32, bench: &Bench) {
     ];
     for (label, f, note) in rows {
         let (u, x) = (pick(Side::Usherd, f), pick(Side::Xrdp, f));
-        println!("  {label:44} {u:>10.2} {x:>10.2} {:>7.2}x  ({note})", u / x);
+        println!(
+            "  {label:44} {u:>10.2} {x:>10.2} {:>8}  ({note})",
+            ratio(u, x)
+        );
     }
     let cpu_per_frame = |side: Side| {
         median(
@@ -1224,16 +1236,22 @@ fn report(figures: &[(Side, Figures)], runs: usize, hz: u32, bench: &Bench) {
     };
     let (u, x) = (cpu_per_frame(Side::Usherd), cpu_per_frame(Side::Xrdp));
     println!(
-        "  {:44} {u:>10.2} {x:>10.2} {:>7.2}x  (lower is better)",
+        "  {:44} {u:>10.2} {x:>10.2} {:>8}  (lower is better)",
         "server CPU per frame shown (ms)",
-        u / x
+        ratio(u, x)
+    );
+    println!(
+        "  (CPU from /proc counts clock ticks, {:.0} a second: below {:.2} % over the idle \
+         window reads as 0)",
+        bench.ticks,
+        100.0 / bench.ticks / bench.idle_secs
     );
     println!(
         "How it was made fair: the same desktop command on both (openbox, then a full-screen \
          xterm whose shell repaints it in 7 colours at {hz} Hz with builtins only), the same \
          client (xfreerdp {} /sec:tls -clipboard /size:{WIDTH}x{HEIGHT}, in its own Xvfb whose \
          framebuffer the bench reads directly: a frame is a colour change the client's screen \
-         showed), loopback only, runs interleaved (usherd first on even runs, xrdp first on odd), \
+         showed), loopback only, runs interleaved (usherd first in runs 1, 3, 5..., xrdp first in 2, 4...), \
          each a fresh session ended before the next. Server side: usherd + usher-rdp + Xvfb \
          against xrdp + xrdp-sesman + Xorg (xorgxrdp) + xrdp-chansrv, CPU from /proc (user + \
          system), memory as PSS of the session's processes plus the daemons' growth; the \
