@@ -56,6 +56,7 @@ pub mod daemon;
 pub mod feed;
 pub mod fsutil;
 pub mod local_issuer;
+pub mod export;
 pub mod play;
 pub mod profile;
 pub mod service;

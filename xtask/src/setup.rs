@@ -31,6 +31,22 @@ const PACKAGES: &[&str] = &[
     // The service's PostgreSQL tests start a server of their own in a scratch directory
     // (from /usr/lib/postgresql/<version>/bin).
     "postgresql",
+    // RDP: the desktop usherd starts for a session (an X server, the default desktop's
+    // window manager and terminal, and `xsetroot` the tests paint the root with); the
+    // client the tests drive on an X server of its own, typed into with xdotool and
+    // photographed with xwd (x11-apps), xdpyinfo (x11-utils); ffmpeg exports recordings
+    // to video; xrdp is the benchmark's point of comparison.
+    "xvfb",
+    "xauth",
+    "openbox",
+    "xterm",
+    "x11-xserver-utils",
+    "freerdp2-x11",
+    "xdotool",
+    "x11-apps",
+    "x11-utils",
+    "ffmpeg",
+    "xrdp",
 ];
 
 pub fn all() -> Result<(), String> {

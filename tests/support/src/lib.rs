@@ -1,7 +1,7 @@
 //! What every harness of Usher needs and none should write again: free loopback ports, a
 //! throwaway certificate authority, a real collector (on a local directory or moto's S3),
 //! the options of an `ssh` client that talks to throwaway servers, waiting with a deadline,
-//! and a headless Chromium driven over WebDriver.
+//! a headless Chromium driven over WebDriver, and an RDP client (FreeRDP) on a display of its own.
 //!
 //! Used by the end-to-end tests (`tests/`), the collector's tests (`collector/tests/`) and
 //! the benchmarks (`xtask`). It does not depend on the agent, so `xtask` builds it without
@@ -13,6 +13,7 @@ pub mod collector;
 pub mod oidc;
 pub mod ports;
 pub mod postgres;
+pub mod rdp;
 pub mod ssh;
 pub mod wait;
 pub mod webhook;
@@ -23,6 +24,7 @@ pub use collector::{Backend, Collector, LogSource, Moto, TrustedAgent};
 pub use oidc::{Account, OidcError, OidcOptions, OidcProvider, Workload};
 pub use ports::free_port;
 pub use postgres::{Postgres, PostgresError};
+pub use rdp::{CertCheck, ClientDisplay, Image, RdpClient, RdpError, RdpOptions, Rgb, Security};
 pub use ssh::{client_options, SshClient};
 pub use wait::{poll_until, wait_for_file, wait_for_log_line, wait_for_port, wait_until, TimedOut};
 pub use webhook::WebhookSink;

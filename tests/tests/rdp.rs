@@ -1,0 +1,814 @@
+//! RDP: the real FreeRDP client (`xfreerdp`, on an Xvfb display of its own) against usherd
+//! on loopback. The login is the grant's `login` and its one-time secret; the desktop is an
+//! Xvfb, the desktop command and its processes as the grant's ephemeral account, in the
+//! session's cgroup, every exec audited and policed like an SSH session's.
+//!
+//! Most tests use a desktop that paints its root a known colour and starts an xterm in the
+//! top-left corner: the colour on the client's window proves the remote desktop is shown,
+//! and the xterm is where keys are typed.
+
+use std::time::Duration;
+use usher_test_support::rdp::{
+    CertCheck, ClientDisplay, Image, RdpClient, RdpError, RdpOptions, Rgb, Security,
+};
+use usher_tests::*;
+
+/// The root colour the test desktop paints.
+const DESKTOP_COLOUR: &str = "#3366cc";
+/// Paints the root, then an xterm at the top-left (80x24 characters: about 480x320 pixels),
+/// the user's shell in it. No window manager: the keyboard goes where the pointer is.
+const DESKTOP: &str = "xsetroot -solid '#3366cc'; exec xterm -geometry 80x24+0+0";
+/// Inside the xterm, whatever its font: a point to click before typing.
+const IN_THE_TERMINAL: (u32, u32) = (120, 120);
+
+/// RDP allowed; `id` is not.
+const RDP_PROFILE: &str =
+    "name = \"rdp\"\nrdp = true\n[exec]\nmode = \"deny\"\npaths = [\"/usr/bin/id\"]\n";
+/// A shell profile that says nothing of RDP: RDP is refused.
+const NO_RDP_PROFILE: &str = "name = \"nordp\"\n[exec]\nmode = \"audit\"\n";
+
+/// From connect to the desktop on the client's screen: an Xvfb, the desktop command and
+/// the first frames, on a loaded two-core machine.
+const CONNECT: Duration = Duration::from_secs(45);
+/// A refused client has been told (or dropped) by then.
+const REFUSAL: Duration = Duration::from_secs(30);
+
+/// usherd with RDP on a port of its own.
+struct RdpAgent {
+    agent: TestAgent,
+    rdp_port: u16,
+}
+
+impl std::ops::Deref for RdpAgent {
+    type Target = TestAgent;
+    fn deref(&self) -> &TestAgent {
+        &self.agent
+    }
+}
+
+/// usherd (exec enforcement required) with `[rdp]` on a free loopback port, the `rdp` and
+/// `nordp` profiles, `desktop` as the desktop command (None: usherd's default) and `extra`
+/// lines for the `[rdp]` table.
+fn rdp_agent_with(desktop: Option<&str>, extra: &str) -> RdpAgent {
+    let rdp_port = free_port();
+    let desktop = desktop
+        .map(|command| format!("desktop = {}\n", toml_string(command)))
+        .unwrap_or_default();
+    let agent = TestAgent::start_with(Options {
+        enforcement: Some("required".into()),
+        extra_config: format!(
+            "[policy]\nallowed_profiles = [\"default\", \"rdp\", \"nordp\"]\n\n\
+             [rdp]\nlisten = [\"127.0.0.1:{rdp_port}\"]\n{desktop}{extra}\n"
+        ),
+        profiles: vec![
+            ("rdp.toml".into(), RDP_PROFILE.into()),
+            ("nordp.toml".into(), NO_RDP_PROFILE.into()),
+        ],
+        ..Default::default()
+    });
+    if let Err(e) = wait_for_port(rdp_port, Duration::from_secs(20)) {
+        panic!("{e}\n--- usherd log ---\n{}", agent.log());
+    }
+    RdpAgent { agent, rdp_port }
+}
+
+fn rdp_agent() -> RdpAgent {
+    rdp_agent_with(Some(DESKTOP), "")
+}
+
+/// A TOML basic string (JSON's escapes are TOML's).
+fn toml_string(text: &str) -> String {
+    serde_json::Value::String(text.into()).to_string()
+}
+
+/// Installs a grant for `login(name)` under `profile` whose one-time secret is `secret`,
+/// `ttl` seconds long; returns the login and the grant's jti.
+fn rdp_grant(
+    agent: &TestAgent,
+    name: &str,
+    secret: &str,
+    profile: &str,
+    ttl: i64,
+) -> (String, String) {
+    let login = agent.login(name);
+    let mut claims = agent.claims(&login, ttl);
+    claims.profile = Some(profile.into());
+    claims.secret_hash = Some(usher::grant::console_secret_hash(secret).unwrap());
+    let out = agent.install(&agent.sign(&claims));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (login, claims.jti)
+}
+
+fn colour() -> Rgb {
+    Rgb::hex(DESKTOP_COLOUR).unwrap()
+}
+
+impl RdpAgent {
+    fn client(&self, display: &ClientDisplay, options: RdpOptions) -> RdpClient {
+        RdpClient::start(display, options).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `/sec:tls`, 1024x768, as `login` with `password`.
+    fn options(&self, login: &str, password: &str) -> RdpOptions {
+        RdpOptions::new(self.rdp_port, login, password)
+    }
+
+    /// Fails the test with what the client and usherd said.
+    fn must<T>(&self, client: &RdpClient, result: Result<T, RdpError>) -> T {
+        result.unwrap_or_else(|e| {
+            panic!(
+                "{e}\n--- xfreerdp ---\n{}\n--- usherd log ---\n{}",
+                client.log(),
+                self.log()
+            )
+        })
+    }
+
+    /// Waits until the client shows the test desktop's colour on most of its window.
+    fn desktop_shown(&self, client: &mut RdpClient, tolerance: u8) -> Image {
+        let shown = client.wait_for_colour(colour(), tolerance, 40, CONNECT);
+        self.must(client, shown)
+    }
+
+    /// The client's exit status once it gave up; fails the test if it was let in.
+    fn refused(&self, client: &mut RdpClient, what: &str) -> std::process::ExitStatus {
+        let status = client.wait_exit(REFUSAL).unwrap_or_else(|e| {
+            let shot = client.screenshot().map(|s| s.describe());
+            panic!(
+                "{what}: the client is still connected ({e}); it shows {shot:?}\n--- xfreerdp ---\n{}\n--- usherd log ---\n{}",
+                client.log(),
+                self.log()
+            )
+        });
+        assert!(
+            !status.success(),
+            "{what}: xfreerdp exited with success\n--- xfreerdp ---\n{}",
+            client.log()
+        );
+        status
+    }
+
+    /// `usher sessions --json`.
+    fn sessions(&self) -> Vec<serde_json::Value> {
+        let out = self.usher(&["sessions", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// The live session of `login`, once listed.
+    fn session_of(&self, login: &str) -> serde_json::Value {
+        let mut found = None;
+        self.wait_for(
+            20,
+            &format!("a session of {login} in `usher sessions`"),
+            || {
+                found = self.sessions().into_iter().find(|s| s["login"] == login);
+                found.is_some()
+            },
+        );
+        found.unwrap()
+    }
+
+    /// Whether usherd runs.
+    fn alive(&self) -> bool {
+        std::path::Path::new(&format!("/proc/{}", self.pid())).exists()
+            && std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+                .map(|s| !s.contains(") Z "))
+                .unwrap_or(false)
+    }
+}
+
+/// The UID of `login`, from /etc/passwd.
+fn uid_of(login: &str) -> u32 {
+    passwd_line(login)
+        .and_then(|fields| fields[2].parse().ok())
+        .unwrap_or_else(|| panic!("{login} has no account"))
+}
+
+/// The program name (`comm`) of a process.
+fn comm(pid: i32) -> String {
+    read_trimmed(std::path::Path::new(&format!("/proc/{pid}/comm")))
+}
+
+/// The cgroup v2 path (`0::` line) of a process.
+fn cgroup_of(pid: i32) -> String {
+    read_trimmed(std::path::Path::new(&format!("/proc/{pid}/cgroup")))
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Whether the pixel at `at` of the client's window is the xterm's white background: the
+/// terminal is mapped and drawn.
+fn terminal_shown(client: &RdpClient, at: (u32, u32)) -> bool {
+    client
+        .screenshot()
+        .ok()
+        .and_then(|shot| shot.pixel(at.0, at.1))
+        .is_some_and(|p| p.near(Rgb(255, 255, 255), 24))
+}
+
+#[test]
+fn the_secret_logs_in_to_a_desktop_of_the_account_whose_typed_commands_are_audited_and_policed() {
+    let agent = rdp_agent();
+    let (login, _) = rdp_grant(&agent, "desk", "rdp-secret-1", "rdp", 600);
+    let display = ClientDisplay::start().unwrap();
+    let mut client = agent.client(&display, agent.options(&login, "rdp-secret-1"));
+    let shot = agent.desktop_shown(&mut client, 4);
+    assert_eq!(
+        (shot.width, shot.height),
+        (1024, 768),
+        "{}",
+        shot.describe()
+    );
+    // The account is made at the login.
+    let uid = uid_of(&login);
+
+    // A normal session: listed as RDP, its desktop the account's, in the session's cgroup.
+    let session = agent.session_of(&login);
+    assert_eq!(session["kind"], "rdp", "{session}");
+    let id = session["id"].as_str().unwrap().to_string();
+    let processes = pids_of_uid(uid);
+    let names: Vec<String> = processes.iter().map(|&p| comm(p)).collect();
+    assert!(
+        names.iter().any(|n| n == "Xvfb") && names.iter().any(|n| n == "xterm"),
+        "the desktop's X server and terminal are not the account's: {names:?}"
+    );
+    for &pid in &processes {
+        let cgroup = cgroup_of(pid);
+        assert!(
+            cgroup.contains("/usher-sessions/"),
+            "{} ({pid}) of the account is outside the session's cgroup: {cgroup}",
+            comm(pid)
+        );
+    }
+
+    // Typing into the terminal: a file in the home, owned by the account.
+    agent.wait_for(20, "the terminal on the client's screen", || {
+        terminal_shown(&client, IN_THE_TERMINAL)
+    });
+    // The shell in it draws its prompt after the window: a moment for it.
+    std::thread::sleep(Duration::from_secs(2));
+    agent.must(&client, client.click(IN_THE_TERMINAL.0, IN_THE_TERMINAL.1));
+    agent.must(&client, client.type_line("cd"));
+    agent.must(&client, client.type_line("touch typed-over-rdp"));
+    let typed = home_of(&login).join("typed-over-rdp");
+    agent.wait_for(20, "the typed command's file", || typed.exists());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&typed).unwrap().uid(), uid);
+
+    // A program the profile denies is killed (the shell sees 137), shifted keys included.
+    agent.must(
+        &client,
+        client.type_line("id > id-out; echo $? > id-status"),
+    );
+    let status_file = home_of(&login).join("id-status");
+    agent.wait_for(20, "the denied program's status", || {
+        std::fs::read_to_string(&status_file).is_ok_and(|s| s.ends_with('\n'))
+    });
+    assert_eq!(std::fs::read_to_string(&status_file).unwrap().trim(), "137");
+    assert_eq!(
+        std::fs::read_to_string(home_of(&login).join("id-out")).unwrap(),
+        "",
+        "the denied program ran"
+    );
+
+    // Both execs are in the session's audit stream, as the account's.
+    agent.wait_for(10, "the execs in the session's audit stream", || {
+        let execs = agent.execs(&id);
+        execs.iter().any(|e| e["path"] == "/usr/bin/id")
+            && execs.iter().any(|e| e["path"] == "/usr/bin/touch")
+    });
+    let execs = agent.execs(&id);
+    let touch = execs
+        .iter()
+        .find(|e| e["path"] == "/usr/bin/touch")
+        .unwrap();
+    assert_eq!(touch["verdict"], "allowed", "{touch}");
+    assert_eq!(touch["uid"], uid, "{touch}");
+    assert!(
+        touch["argv"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "typed-over-rdp")),
+        "{touch}"
+    );
+    let id_exec = execs.iter().find(|e| e["path"] == "/usr/bin/id").unwrap();
+    assert_eq!(id_exec["verdict"], "killed", "{id_exec}");
+    assert!(
+        execs
+            .iter()
+            .any(|e| e["path"].as_str().is_some_and(|p| p.ends_with("/xterm"))),
+        "the desktop's own execs are not in its audit stream: {execs:#?}"
+    );
+    assert_eq!(agent.meta(&id)["login"], login.as_str());
+}
+
+#[test]
+fn a_wrong_secret_no_grant_an_expired_grant_and_a_profile_without_rdp_are_refused() {
+    let agent = rdp_agent();
+    let display = ClientDisplay::start().unwrap();
+    let (login, _) = rdp_grant(&agent, "ok", "right-secret", "rdp", 600);
+
+    // The wrong secret: no session, nothing of the account runs, the reason in the log.
+    let mut client = agent.client(&display, agent.options(&login, "wrong-secret"));
+    agent.refused(&mut client, "a wrong secret");
+    assert!(
+        agent
+            .sessions()
+            .iter()
+            .all(|s| s["login"] != login.as_str()),
+        "{:?}",
+        agent.sessions()
+    );
+    assert!(!user_exists(&login), "a refused login left an account");
+    agent.wait_for(10, "the refusal in usherd's log", || {
+        agent
+            .log()
+            .lines()
+            .any(|l| l.contains(&login) && l.contains("refused"))
+    });
+    // Nothing useful to the client: the secret is not named, right or wrong.
+    assert!(!client.log().contains("right-secret"));
+
+    // No grant at all: no account is made for the name.
+    let stranger = agent.login("nogrant");
+    let mut client = agent.client(&display, agent.options(&stranger, "right-secret"));
+    agent.refused(&mut client, "a login without a grant");
+    assert!(!user_exists(&stranger));
+
+    // An expired grant: its account went at the end, and the secret no longer opens one.
+    let (expired, _) = rdp_grant(&agent, "exp", "old-secret", "rdp", 3);
+    agent.wait_for(30, "the expired grant's account to go", || {
+        !user_exists(&expired)
+    });
+    let mut client = agent.client(&display, agent.options(&expired, "old-secret"));
+    agent.refused(&mut client, "an expired grant");
+    assert!(!user_exists(&expired));
+
+    // A profile that does not allow RDP (the same grant would open an SSH session).
+    let (no_rdp, _) = rdp_grant(&agent, "nordp", "nordp-secret", "nordp", 600);
+    let mut client = agent.client(&display, agent.options(&no_rdp, "nordp-secret"));
+    agent.refused(&mut client, "a profile without rdp");
+    assert!(!user_exists(&no_rdp), "a refused login left an account");
+    assert!(agent.sessions().is_empty(), "{:?}", agent.sessions());
+
+    // And the right secret opens the desktop: the refusals were refusals, not a broken
+    // server, and usherd outlived them.
+    assert!(agent.alive());
+    let mut client = agent.client(&display, agent.options(&login, "right-secret"));
+    agent.desktop_shown(&mut client, 4);
+}
+
+#[test]
+fn two_clients_at_once_each_get_their_own_desktop_and_session() {
+    let agent = rdp_agent();
+    let (first, _) = rdp_grant(&agent, "one", "first-secret", "rdp", 600);
+    let (second, _) = rdp_grant(&agent, "two", "second-secret", "rdp", 600);
+    let first_display = ClientDisplay::start().unwrap();
+    let second_display = ClientDisplay::start().unwrap();
+    let mut first_client = agent.client(&first_display, agent.options(&first, "first-secret"));
+    let mut second_client = agent.client(
+        &second_display,
+        agent.options(&second, "second-secret").size(800, 600),
+    );
+    agent.desktop_shown(&mut first_client, 4);
+    let shot = agent.desktop_shown(&mut second_client, 4);
+    assert_eq!((shot.width, shot.height), (800, 600));
+    // Both still up while the other runs.
+    assert!(first_client.exited().is_none() && second_client.exited().is_none());
+    let one = agent.session_of(&first);
+    let two = agent.session_of(&second);
+    assert_ne!(one["id"], two["id"]);
+    for login in [&first, &second] {
+        let names: Vec<String> = pids_of_uid(uid_of(login))
+            .iter()
+            .map(|&p| comm(p))
+            .collect();
+        assert!(
+            names.iter().any(|n| n == "Xvfb"),
+            "{login} has no X server of its own: {names:?}"
+        );
+    }
+    // One client leaving does not take the other's desktop.
+    first_client.close();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(second_client.exited().is_none(), "{}", second_client.log());
+    agent.desktop_shown(&mut second_client, 4);
+}
+
+#[test]
+fn revoking_the_grant_disconnects_the_client_and_removes_the_account_and_its_desktop() {
+    let agent = rdp_agent();
+    let (login, jti) = rdp_grant(&agent, "rev", "revoke-me", "rdp", 600);
+    let display = ClientDisplay::start().unwrap();
+    let mut client = agent.client(&display, agent.options(&login, "revoke-me"));
+    agent.desktop_shown(&mut client, 4);
+    let uid = uid_of(&login);
+    agent.session_of(&login);
+    let processes = pids_of_uid(uid);
+    assert!(!processes.is_empty());
+    let cgroup_dir = SessionCgroups::from_proc_cgroup(&read_trimmed(std::path::Path::new(
+        &format!("/proc/{}/cgroup", processes[0]),
+    )))
+    .v2;
+    assert!(cgroup_dir.exists(), "{}", cgroup_dir.display());
+
+    let out = agent.usher(&["grant", "revoke", &jti]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exited = client.wait_exit(Duration::from_secs(20));
+    let status = agent.must(&client, exited.map_err(RdpError::from));
+    // It left on its own (the server ended the connection), not by a signal.
+    assert!(status.code().is_some(), "xfreerdp: {status}");
+    agent.wait_for(20, "the account to go", || !user_exists(&login));
+    agent.wait_for(10, "the account's processes to go", || {
+        pids_of_uid(uid).is_empty()
+    });
+    agent.wait_for(10, "the session's cgroup to go", || !cgroup_dir.exists());
+    agent.wait_for(10, "the session to end", || agent.sessions().is_empty());
+    // And the secret opens nothing any more.
+    let mut again = agent.client(&display, agent.options(&login, "revoke-me"));
+    agent.refused(&mut again, "a revoked grant");
+}
+
+#[test]
+fn the_codecs_colour_depths_and_negotiation_a_client_can_ask_for_all_show_the_desktop() {
+    let agent = rdp_agent();
+    // (what, extra options, security, how far a lossy codec may shift the colour)
+    let variants: [(&str, &[&str], Security, u8); 5] = [
+        ("default", &[], Security::Tls, 4),
+        ("/rfx", &["/rfx"], Security::Tls, 16),
+        ("/gfx", &["/gfx"], Security::Tls, 16),
+        ("/bpp:16", &["/bpp:16"], Security::Tls, 10),
+        ("no /sec (negotiated)", &[], Security::Negotiated, 4),
+    ];
+    let mut failures = Vec::new();
+    for (n, (what, extra, security, tolerance)) in variants.iter().enumerate() {
+        let secret = format!("codec-secret-{n}");
+        let (login, _) = rdp_grant(&agent, &format!("c{n}"), &secret, "rdp", 600);
+        let display = ClientDisplay::start().unwrap();
+        let mut options = agent.options(&login, &secret).security(*security);
+        for arg in extra.iter() {
+            options = options.arg(arg);
+        }
+        let mut client = agent.client(&display, options);
+        match client.wait_for_colour(colour(), *tolerance, 40, CONNECT) {
+            Ok(shot) => eprintln!("{what}: shown ({})", shot.describe()),
+            Err(e) => failures.push(format!("{what}: {e}\n--- xfreerdp ---\n{}", client.log())),
+        }
+        client.close();
+    }
+    assert!(
+        failures.is_empty(),
+        "{}\n--- usherd log ---\n{}",
+        failures.join("\n\n"),
+        agent.log()
+    );
+}
+
+#[test]
+fn a_client_insisting_on_nla_is_answered_and_usherd_keeps_serving() {
+    let agent = rdp_agent();
+    let (login, _) = rdp_grant(&agent, "nla", "nla-secret", "rdp", 600);
+    let display = ClientDisplay::start().unwrap();
+    let mut client = agent.client(
+        &display,
+        agent.options(&login, "nla-secret").security(Security::Nla),
+    );
+    // Either CredSSP logs in (the desktop shows), or the client is refused cleanly (it
+    // exits, usherd logs why); never a client left hanging or a crashed daemon.
+    let outcome = client.wait_for_colour(colour(), 4, 40, CONNECT);
+    match &outcome {
+        Ok(_) => eprintln!("/sec:nla: logged in"),
+        Err(RdpError::ClientExited { status, .. }) => {
+            eprintln!("/sec:nla: refused, xfreerdp exited {status}");
+            assert!(!status.success());
+        }
+        Err(e) => panic!(
+            "/sec:nla neither logged in nor was refused: {e}\n--- xfreerdp ---\n{}\n--- usherd log ---\n{}",
+            client.log(),
+            agent.log()
+        ),
+    }
+    client.close();
+    assert!(agent.alive(), "usherd died:\n{}", agent.log());
+    if outcome.is_err() {
+        agent.wait_for(10, "the NLA connection in usherd's log", || {
+            agent.log().lines().any(|l| {
+                let l = l.to_ascii_lowercase();
+                l.contains("rdp")
+                    && (l.contains("nla") || l.contains("credssp") || l.contains("hybrid"))
+            })
+        });
+    }
+    // The next client, over TLS, still gets in.
+    let mut client = agent.client(&display, agent.options(&login, "nla-secret"));
+    agent.desktop_shown(&mut client, 4);
+}
+
+#[test]
+fn the_certificate_is_kept_across_restarts_and_its_fingerprint_is_in_usher_status() {
+    let mut agent = rdp_agent();
+    let (login, _) = rdp_grant(&agent, "cert", "cert-secret", "rdp", 600);
+    let display = ClientDisplay::start().unwrap();
+    // The client remembers what it was shown on first use.
+    let mut first = agent.client(
+        &display,
+        agent
+            .options(&login, "cert-secret")
+            .cert(CertCheck::TrustOnFirstUse),
+    );
+    agent.desktop_shown(&mut first, 4);
+    let fingerprint = first
+        .remembered_fingerprint()
+        .unwrap_or_else(|| panic!("the client remembered no certificate:\n{}", first.log()));
+    first.close();
+    assert_eq!(fingerprint.len(), 64, "{fingerprint}");
+    let status_shows = |agent: &TestAgent| {
+        let out = agent.usher(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        text.replace(':', "").contains(&fingerprint)
+    };
+    assert!(
+        status_shows(&agent),
+        "`usher status` does not show the certificate's SHA-256 {fingerprint}:\n{}",
+        String::from_utf8_lossy(&agent.usher(&["status"]).stdout)
+    );
+
+    // A client that insists on another certificate is not fooled (it would ask, and it
+    // has no one to ask).
+    let wrong = format!(
+        "{}{}",
+        &fingerprint[..63],
+        if fingerprint.ends_with('0') { '1' } else { '0' }
+    );
+    let mut doubter = agent.client(
+        &display,
+        agent
+            .options(&login, "cert-secret")
+            .cert(CertCheck::Sha256(wrong)),
+    );
+    agent.refused(&mut doubter, "a client pinned to another certificate");
+
+    // Restarted, usherd presents the same certificate.
+    agent.agent.stop();
+    agent.agent.launch();
+    wait_for_port(agent.rdp_port, Duration::from_secs(20)).unwrap();
+    assert!(
+        status_shows(&agent),
+        "the fingerprint changed across a restart"
+    );
+    let mut pinned = agent.client(
+        &display,
+        agent
+            .options(&login, "cert-secret")
+            .cert(CertCheck::Sha256(fingerprint.clone())),
+    );
+    agent.desktop_shown(&mut pinned, 4);
+}
+
+#[test]
+fn the_default_desktop_is_a_window_manager_and_a_terminal_of_the_account() {
+    let agent = rdp_agent_with(None, "");
+    let (login, _) = rdp_grant(&agent, "dflt", "default-secret", "rdp", 600);
+    let display = ClientDisplay::start().unwrap();
+    let mut client = agent.client(&display, agent.options(&login, "default-secret"));
+    let window = client.wait_for_window(CONNECT);
+    agent.must(&client, window);
+    let uid = uid_of(&login);
+    agent.wait_for(
+        30,
+        "the window manager and the terminal as the account",
+        || {
+            let names: Vec<String> = pids_of_uid(uid).iter().map(|&p| comm(p)).collect();
+            names.iter().any(|n| n == "xterm") && names.iter().any(|n| n == "openbox")
+        },
+    );
+    // Something is drawn: not one flat colour over the whole window.
+    agent.wait_for(20, "the desktop drawn on the client's window", || {
+        client.screenshot().ok().is_some_and(|shot| {
+            shot.commonest(1)
+                .first()
+                .is_some_and(|(_, share)| *share < 0.99)
+        })
+    });
+    assert!(client.exited().is_none(), "{}", client.log());
+}
+
+/// The processes named `name` (`comm`).
+fn pids_named(name: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|&p| comm(p) == name)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A field of /proc/PID/status.
+fn status_field(pid: i32, field: &str) -> String {
+    read_trimmed(std::path::Path::new(&format!("/proc/{pid}/status")))
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_killed_worker_takes_only_its_connection_and_the_client_gets_its_desktop_back() {
+    let agent = rdp_agent();
+    let (login, _) = rdp_grant(&agent, "again", "rdp-secret-again", "rdp", 600);
+    let display = ClientDisplay::start().unwrap();
+    let mut client = agent.client(&display, agent.options(&login, "rdp-secret-again"));
+    agent.desktop_shown(&mut client, 4);
+    let session = agent.session_of(&login)["id"].as_str().unwrap().to_string();
+
+    // The connection's worker runs unprivileged, and can never gain privileges back.
+    let workers = pids_named("usher-rdp");
+    let worker = *workers
+        .iter()
+        .find(|&&p| status_field(p, "PPid") == agent.pid().to_string())
+        .unwrap_or_else(|| panic!("no usher-rdp child of usherd: {workers:?}"));
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid;
+    assert!(
+        status_field(worker, "Uid")
+            .split_whitespace()
+            .all(|u| u == nobody.to_string()),
+        "the worker runs as {}",
+        status_field(worker, "Uid")
+    );
+    assert_eq!(status_field(worker, "NoNewPrivs"), "1");
+
+    // The desktop's X server listens on no TCP port, and its cookie is the account's only.
+    let uid = uid_of(&login);
+    let xvfb = *pids_of_uid(uid)
+        .iter()
+        .find(|&&p| comm(p) == "Xvfb")
+        .expect("the desktop's Xvfb");
+    let cmdline = std::fs::read(format!("/proc/{xvfb}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "-nolisten" && w[1] == "tcp"),
+        "{args:?}"
+    );
+    let auth = args
+        .windows(2)
+        .find(|w| w[0] == "-auth")
+        .map(|w| std::path::PathBuf::from(&w[1]))
+        .expect("Xvfb -auth");
+    let meta = std::fs::metadata(&auth).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o777),
+        (uid, 0o600)
+    );
+    // The display the X server picked, as the desktop's terminal was told.
+    let xterm = *pids_of_uid(uid)
+        .iter()
+        .find(|&&p| comm(p) == "xterm")
+        .expect("the desktop's xterm");
+    let environ = std::fs::read(format!("/proc/{xterm}/environ")).unwrap();
+    let display_arg = environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"DISPLAY="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .expect("DISPLAY in the xterm's environment");
+    // Another local user, without the cookie, is turned away by the X server.
+    let stranger = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "xdpyinfo",
+            "-display",
+        ])
+        .arg(&display_arg)
+        .env_remove("XAUTHORITY")
+        .output()
+        .unwrap();
+    assert!(
+        !stranger.status.success(),
+        "a stranger opened the desktop's display"
+    );
+
+    // The worker dies: usherd and the desktop stay, the client is dropped.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = client.wait_exit(REFUSAL);
+    assert!(agent.alive(), "usherd died with its worker");
+    assert!(
+        std::path::Path::new(&format!("/proc/{xvfb}")).exists(),
+        "the desktop died with the worker"
+    );
+
+    // Logging in again under the same grant brings the same desktop back.
+    let mut again = agent.client(&display, agent.options(&login, "rdp-secret-again"));
+    agent.desktop_shown(&mut again, 4);
+    let sessions: Vec<_> = agent
+        .sessions()
+        .into_iter()
+        .filter(|s| s["login"] == login.as_str())
+        .collect();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0]["id"], session.as_str());
+    assert!(agent.log().contains("(reconnected)"), "{}", agent.log());
+    again.close();
+}
+
+#[test]
+fn unauthenticated_connections_are_capped_timed_out_and_garbage_does_not_hurt() {
+    use std::io::{Read, Write};
+    let agent = rdp_agent_with(
+        Some(DESKTOP),
+        "max_startups_per_source = 3\nlogin_grace_secs = 3\n",
+    );
+    let addr = format!("127.0.0.1:{}", agent.rdp_port);
+    // Three silent connections are held; the fourth is closed at once.
+    let held: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fourth = std::net::TcpStream::connect(&addr).unwrap();
+    fourth
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(fourth.read(&mut buf), Ok(0) | Err(_)),
+        "a fourth unauthenticated connection from one address was served"
+    );
+    // The held ones are closed when the login grace time is over.
+    for mut c in held {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let started = std::time::Instant::now();
+        let end = c.read(&mut buf);
+        assert!(
+            matches!(end, Ok(0) | Err(_)) && started.elapsed() < Duration::from_secs(9),
+            "a silent connection outlived the login grace time: {end:?}"
+        );
+    }
+    // Garbage instead of a connection request: the worker drops it, usherd stays.
+    for junk in [
+        &b"\x03\x00\xff\xff garbage"[..],
+        &[0u8; 4096][..],
+        b"GET / HTTP/1.1\r\n\r\n",
+    ] {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        let _ = c.write_all(junk);
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.read(&mut buf);
+    }
+    assert!(agent.alive());
+    // And a real client still gets in.
+    let (login, _) = rdp_grant(&agent, "after", "rdp-secret-after", "rdp", 600);
+    let display = ClientDisplay::start().unwrap();
+    let mut client = agent.client(&display, agent.options(&login, "rdp-secret-after"));
+    agent.desktop_shown(&mut client, 4);
+    client.close();
+}
+
+#[test]
+fn the_grant_expiring_disconnects_the_client_and_ends_the_desktop() {
+    let agent = rdp_agent();
+    let (login, _) = rdp_grant(&agent, "brief", "rdp-secret-brief", "rdp", 40);
+    let display = ClientDisplay::start().unwrap();
+    let mut client = agent.client(&display, agent.options(&login, "rdp-secret-brief"));
+    agent.desktop_shown(&mut client, 4);
+    let uid = uid_of(&login);
+    let status = client
+        .wait_exit(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("the client outlived its grant: {e}\n{}", agent.log()));
+    assert!(
+        !status.success() || client.log().contains("ERRINFO"),
+        "{}",
+        client.log()
+    );
+    agent.wait_for(20, "the desktop's processes to end", || {
+        pids_of_uid(uid).is_empty()
+    });
+    assert!(agent.log().contains("rdp_disconnected"), "{}", agent.log());
+}
