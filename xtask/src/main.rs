@@ -88,23 +88,14 @@ const RDP_BENCH_PACKAGES: &[&str] = &[
     "xorgxrdp",
 ];
 
-/// `bench rdp`: usherd next to Debian's xrdp (tests/src/bin/bench_rdp.rs). The bench starts
-/// its own xrdp from a scratch config; Debian's package enables a system xrdp on port 3389
-/// when installed, which is switched off here so that only the bench's runs.
+/// `bench rdp`: usherd next to Debian's xrdp (tests/src/bin/bench_rdp.rs), which starts
+/// its own xrdp from a scratch config (`ensure_packages` switches off the system xrdp that
+/// Debian's package starts on install).
 fn bench_rdp() -> Result<(), String> {
     if !util::is_root() {
         return Err("the benchmark runs as root".into());
     }
-    let newly = RDP_BENCH_PACKAGES.iter().any(|p| !setup::installed(p));
     setup::ensure_packages(RDP_BENCH_PACKAGES)?;
-    if newly {
-        let _ = std::process::Command::new("sh")
-            .args([
-                "-c",
-                "command -v systemctl >/dev/null && systemctl disable --now xrdp xrdp-sesman 2>/dev/null; true",
-            ])
-            .status();
-    }
     bench_in_tests_crate("bench_rdp")
 }
 

@@ -145,7 +145,7 @@ pub fn oidc_provider() -> Result<(), String> {
         .arg(&dest))
 }
 
-pub fn installed(pkg: &str) -> bool {
+fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
         .output()
@@ -174,11 +174,13 @@ pub fn ensure_packages(wanted: &[&str]) -> Result<(), String> {
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    // Debian starts sshd on install; the benchmark runs its own, so leave the port free.
+    // Debian starts sshd and xrdp (with xrdp-sesman on 3350) on install; the benchmarks run
+    // their own, so leave the ports free.
     let _ = Command::new("sh")
         .args([
             "-c",
-            "command -v systemctl >/dev/null && systemctl disable --now ssh 2>/dev/null; true",
+            "command -v systemctl >/dev/null || exit 0; \
+             for unit in ssh xrdp xrdp-sesman; do systemctl disable --now $unit 2>/dev/null; done; true",
         ])
         .status();
     Ok(())
