@@ -1158,6 +1158,9 @@ impl Drop for RemoveDir {
     }
 }
 
+/// A line of the table: its label, the figure, which way is better.
+type Row = (&'static str, fn(&Figures) -> f64, &'static str);
+
 /// usherd's figure over xrdp's; a ratio to 0 has no meaning.
 fn ratio(usherd: f64, xrdp: f64) -> String {
     if xrdp > 0.0 && usherd.is_finite() {
@@ -1186,7 +1189,7 @@ fn report(figures: &[(Side, Figures)], runs: usize, hz: u32, bench: &Bench) {
         "usher bench rdp: usherd vs xrdp 0.9 + xorgxrdp, {runs} interleaved runs each, medians{smoke}"
     );
     println!("  {:44} {:>10} {:>10} {:>8}", "", "usherd", "xrdp", "ratio");
-    let rows: [(&str, fn(&Figures) -> f64, &str); 6] = [
+    let rows: [Row; 6] = [
         (
             "connect to first frame (ms)",
             |f| f.connect_ms,
