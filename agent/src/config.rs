@@ -78,10 +78,13 @@ pub struct RdpConfig {
     pub desktop: String,
     /// The X server each desktop runs on (Xvfb, from the xvfb package).
     pub xvfb: PathBuf,
-    /// The largest desktop a client may ask for; larger requests are cut to it. Each
-    /// desktop's X server holds a screen this large (4 bytes a pixel).
+    /// The largest desktop a client may ask for; larger requests are cut to it.
     pub max_width: u16,
     pub max_height: u16,
+    /// Desktops start at the largest size, so that a client can enlarge its window later
+    /// (Xvfb resizes only below the size it started at); the memory of a full-size screen
+    /// per desktop. Off: they start at the client's size, and can shrink and grow back.
+    pub grow: bool,
     /// Frames a second sent to a client, at most.
     pub max_fps: u32,
     /// Frames a second written to the recording, at most, and seconds between keyframes.
@@ -107,11 +110,14 @@ impl Default for RdpConfig {
     fn default() -> Self {
         RdpConfig {
             listen: vec!["0.0.0.0:3389".into(), "[::]:3389".into()],
-            desktop: "xsetroot -solid '#2f4f6f' 2>/dev/null; openbox >/dev/null 2>&1 & exec xterm"
+            // The terminal starts once the window manager runs (a window mapped while
+            // openbox starts up can be left unmapped), and closing it ends the desktop.
+            desktop: r#"xsetroot -solid '#2f4f6f' 2>/dev/null; exec openbox --startup 'sh -c "xterm; openbox --exit"' >/dev/null 2>&1"#
                 .into(),
             xvfb: "/usr/bin/Xvfb".into(),
             max_width: 2560,
             max_height: 1600,
+            grow: false,
             max_fps: 30,
             record_fps: 5,
             keyframe_secs: 10,

@@ -172,13 +172,17 @@ impl<C: Core> Desktops<C> {
         tokio::spawn(async move {
             let mut ended = watched.ended.clone();
             let _ = ended.wait_for(|e| e.is_some()).await;
-            let mut live = lock(&this.live);
-            if live
-                .get(&watched.grant)
-                .is_some_and(|d| Arc::ptr_eq(d, &watched))
             {
-                live.remove(&watched.grant);
+                let mut live = lock(&this.live);
+                if live
+                    .get(&watched.grant)
+                    .is_some_and(|d| Arc::ptr_eq(d, &watched))
+                {
+                    live.remove(&watched.grant);
+                }
             }
+            let display = watched.display;
+            let _ = tokio::task::spawn_blocking(move || remove_dead_x_files(display)).await;
         });
         Ok(Attached {
             desktop,
@@ -237,10 +241,18 @@ impl<C: Core> Desktops<C> {
                 xvfb: self.config.xvfb.clone(),
                 cookie,
                 auth_dir: self.config.runtime_dir.clone(),
-                // Xvfb resizes (RandR) only up to the size it started at: it starts at the
-                // largest a client may have, and the worker sets the client's size.
-                width: self.config.max_width,
-                height: self.config.max_height,
+                // Xvfb resizes (RandR) only up to the size it started at; with `grow` it
+                // starts at the largest a client may have and the worker sets the client's.
+                width: if self.config.grow {
+                    self.config.max_width
+                } else {
+                    width
+                },
+                height: if self.config.grow {
+                    self.config.max_height
+                } else {
+                    height
+                },
                 command: self.config.desktop.clone(),
             }),
             pty: None,
@@ -314,4 +326,44 @@ async fn wait_for_x(
         Ok(r) => r,
         Err(_) => Err(format!("no X server within {} s", X_START.as_secs())),
     }
+}
+
+/// An X server killed with its desktop leaves its lock file and socket behind (owned by
+/// the account, in /tmp): they go once the server is seen dead (a new server may have taken
+/// the number meanwhile: its lock names a live process, and stays).
+fn remove_dead_x_files(display: u32) {
+    let lock_path = format!("/tmp/.X{display}-lock");
+    for _ in 0..50 {
+        let pid = std::fs::read_to_string(&lock_path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        match pid {
+            Some(pid) if std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Some(_) => {
+                let _ = std::fs::remove_file(&lock_path);
+                remove_socket(display);
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+/// `/tmp/.X11-unix/XN`, through a descriptor of the directory that follows no link.
+fn remove_socket(display: u32) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(dir) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open("/tmp/.X11-unix")
+    else {
+        return;
+    };
+    let _ = nix::unistd::unlinkat(
+        Some(std::os::fd::AsRawFd::as_raw_fd(&dir)),
+        format!("X{display}").as_str(),
+        nix::unistd::UnlinkatFlags::NoRemoveDir,
+    );
 }

@@ -44,6 +44,7 @@ impl<C: Core> RdpServer<C> {
                 worker.display()
             ));
         }
+        x11_socket_dir()?;
         let config = Arc::new(config);
         Ok(Arc::new(RdpServer {
             desktops: Desktops::new(core.clone(), config.clone()),
@@ -119,5 +120,29 @@ fn refuse(peer: SocketAddr, why: Refused) {
     let n = REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     if n.is_power_of_two() {
         log::warn!(target: "usher::rdp", usher_event = "connection_refused", peer = peer.to_string().as_str(); "RDP connection from {peer} closed: {why} ({n} so far)");
+    }
+}
+
+/// Where X servers put their sockets: root's and sticky (as systemd's tmpfiles make it),
+/// made so here when missing. Were the first desktop's X server to make it, its account
+/// would own the directory every later desktop's socket goes into.
+fn x11_socket_dir() -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = std::path::Path::new("/tmp/.X11-unix");
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() && m.uid() == 0 => Ok(()),
+        Ok(m) => Err(format!(
+            "{} is not a directory of root's (uid {}): remove it, then start usherd again",
+            dir.display(),
+            m.uid()
+        )),
+        Err(_) => {
+            std::fs::DirBuilder::new()
+                .mode(0o1777)
+                .create(dir)
+                .map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
+                .map_err(|e| format!("{}: {e}", dir.display()))
+        }
     }
 }
