@@ -269,7 +269,8 @@ pub enum CertCheck {
     /// `/cert:ignore`: any certificate.
     Ignore,
     /// `/cert:fingerprint:sha256:HEX`: only the certificate with this SHA-256 (hex, with or
-    /// without colons); any other is refused (the client would ask, and its stdin is empty).
+    /// without colons); any other is refused (the client would ask, and its stdin is
+    /// empty: it exits with 143, its "TLS connect failed").
     Sha256(String),
     /// `/cert:tofu`: accepted and remembered in the client's home on first sight.
     TrustOnFirstUse,
@@ -345,10 +346,9 @@ impl RdpOptions {
             format!("/size:{}x{}", self.width, self.height),
             match &self.cert {
                 CertCheck::Ignore => "/cert:ignore".to_string(),
-                CertCheck::Sha256(hex) => format!(
-                    "/cert:fingerprint:sha256:{}",
-                    hex.replace(':', "").to_ascii_lowercase()
-                ),
+                CertCheck::Sha256(hex) => {
+                    format!("/cert:fingerprint:sha256:{}", colon_separated(hex))
+                }
                 CertCheck::TrustOnFirstUse => "/cert:tofu".to_string(),
             },
             // A desktop that goes away is gone: no reconnection loop to wait out.
@@ -672,6 +672,18 @@ impl Drop for RdpClient {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// A fingerprint as FreeRDP 2 compares it: lowercase hex pairs joined by colons (it
+/// ignores a fingerprint written without them, and asks the user instead).
+fn colon_separated(hex: &str) -> String {
+    let digits = normalise_fingerprint(hex);
+    digits
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| String::from_utf8_lossy(pair).into_owned())
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// A fingerprint as hex without separators, lowercase.
@@ -1006,7 +1018,7 @@ mod tests {
         assert!(args.contains(&"/p:s3cret".to_string()));
         assert!(args.contains(&"/sec:tls".to_string()));
         assert!(args.contains(&"/size:1024x768".to_string()));
-        assert!(args.contains(&"/cert:fingerprint:sha256:abcd01".to_string()));
+        assert!(args.contains(&"/cert:fingerprint:sha256:ab:cd:01".to_string()));
         assert_eq!(args.last().map(String::as_str), Some("/rfx"));
         let nla = RdpOptions::new(1, "u", "p").security(Security::Nla).args();
         assert!(nla.contains(&"/sec:nla".to_string()) && !nla.contains(&"/sec:tls".to_string()));
