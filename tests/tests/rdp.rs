@@ -7,6 +7,7 @@
 //! top-left corner: the colour on the client's window proves the remote desktop is shown,
 //! and the xterm is where keys are typed.
 
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use usher_test_support::rdp::{
     CertCheck, ClientDisplay, Image, RdpClient, RdpError, RdpOptions, Rgb, Security,
@@ -37,6 +38,23 @@ const REFUSAL: Duration = Duration::from_secs(30);
 struct RdpAgent {
     agent: TestAgent,
     rdp_port: u16,
+    /// Dropped after the agent (fields drop in order): the next test starts once this
+    /// one's agent and desktops are gone.
+    _turn: Option<MutexGuard<'static, ()>>,
+}
+
+/// One RDP test at a time. Each test has its own usherd, and each usherd picks its
+/// desktops' display numbers by itself: two of them starting desktops at the same moment
+/// pick the same number. That race is a test of its own
+/// (`two_agents_starting_desktops_at_the_same_moment_each_show_their_own`); the others
+/// are about something else, and wait their turn.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    // A test that failed holding it poisoned it; the next still runs.
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl std::ops::Deref for RdpAgent {
@@ -50,6 +68,14 @@ impl std::ops::Deref for RdpAgent {
 /// `nordp` profiles, `desktop` as the desktop command (None: usherd's default) and `extra`
 /// lines for the `[rdp]` table.
 fn rdp_agent_with(desktop: Option<&str>, extra: &str) -> RdpAgent {
+    let turn = one_at_a_time();
+    let mut agent = rdp_agent_beside_others(desktop, extra);
+    agent._turn = Some(turn);
+    agent
+}
+
+/// As `rdp_agent_with`, without waiting for other tests' agents to go.
+fn rdp_agent_beside_others(desktop: Option<&str>, extra: &str) -> RdpAgent {
     let rdp_port = free_port();
     let desktop = desktop
         .map(|command| format!("desktop = {}\n", toml_string(command)))
@@ -69,7 +95,11 @@ fn rdp_agent_with(desktop: Option<&str>, extra: &str) -> RdpAgent {
     if let Err(e) = wait_for_port(rdp_port, Duration::from_secs(20)) {
         panic!("{e}\n--- usherd log ---\n{}", agent.log());
     }
-    RdpAgent { agent, rdp_port }
+    RdpAgent {
+        agent,
+        rdp_port,
+        _turn: None,
+    }
 }
 
 fn rdp_agent() -> RdpAgent {
@@ -130,7 +160,11 @@ impl RdpAgent {
 
     /// Waits until the client shows the test desktop's colour on most of its window.
     fn desktop_shown(&self, client: &mut RdpClient, tolerance: u8) -> Image {
-        let shown = client.wait_for_colour(colour(), tolerance, 40, CONNECT);
+        self.colour_shown(client, colour(), tolerance)
+    }
+
+    fn colour_shown(&self, client: &mut RdpClient, colour: Rgb, tolerance: u8) -> Image {
+        let shown = client.wait_for_colour(colour, tolerance, 40, CONNECT);
         self.must(client, shown)
     }
 
@@ -691,4 +725,27 @@ fn the_default_desktop_is_a_window_manager_and_a_terminal_of_the_account() {
         );
     }
     assert!(client.exited().is_none(), "{}", client.log());
+}
+
+#[test]
+fn two_agents_starting_desktops_at_the_same_moment_each_show_their_own() {
+    // Two usherds on one host (or usherd beside any other X server that starts): each
+    // desktop's X server must be its own, whatever display number the other took.
+    let _turn = one_at_a_time();
+    let blue = rdp_agent_beside_others(Some(DESKTOP), "");
+    let orange = rdp_agent_beside_others(
+        Some("xsetroot -solid '#cc6633'; exec xterm -geometry 80x24+0+0"),
+        "",
+    );
+    let (blue_login, _) = rdp_grant(&blue, "blue", "blue-secret", "rdp", 600);
+    let (orange_login, _) = rdp_grant(&orange, "orange", "orange-secret", "rdp", 600);
+    let blue_display = ClientDisplay::start().unwrap();
+    let orange_display = ClientDisplay::start().unwrap();
+    let mut blue_client = blue.client(&blue_display, blue.options(&blue_login, "blue-secret"));
+    let mut orange_client = orange.client(
+        &orange_display,
+        orange.options(&orange_login, "orange-secret"),
+    );
+    blue.desktop_shown(&mut blue_client, 4);
+    orange.colour_shown(&mut orange_client, Rgb::hex("#cc6633").unwrap(), 4);
 }
