@@ -280,6 +280,17 @@ impl SessionDisplay {
         }
     }
 
+    /// `xwininfo -root -tree`: which windows the desktop has, mapped or not.
+    fn windows(&self) -> String {
+        std::process::Command::new("timeout")
+            .args(["20", "xwininfo", "-root", "-tree"])
+            .env("DISPLAY", &self.display)
+            .env("XAUTHORITY", &self.xauthority)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
     fn screenshot(&self) -> Option<Image> {
         let out = std::process::Command::new("timeout")
             .args(["20", "xwd", "-root", "-silent"])
@@ -718,9 +729,11 @@ fn the_default_desktop_is_a_window_manager_and_a_terminal_of_the_account() {
     );
     if let Err(e) = same {
         panic!(
-            "{e}: the desktop shows {}; the client shows {}\n--- usherd log ---\n{}",
+            "{e}: the desktop shows {}; the client shows {}\n--- the desktop's windows ---\n{}\n--- the account's processes ---\n{:?}\n--- usherd log ---\n{}",
             last.0,
             last.1,
+            desktop.windows(),
+            pids_of_uid(uid).iter().map(|&p| (p, comm(p))).collect::<Vec<_>>(),
             agent.log()
         );
     }
