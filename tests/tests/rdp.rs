@@ -36,7 +36,8 @@ const REFUSAL: Duration = Duration::from_secs(30);
 
 /// usherd with RDP on a port of its own.
 struct RdpAgent {
-    agent: TestAgent,
+    /// Taken on drop, so that the X servers' leftovers are removed after it.
+    agent: Option<TestAgent>,
     rdp_port: u16,
     /// Dropped after the agent (fields drop in order): the next test starts once this
     /// one's agent and desktops are gone.
@@ -60,7 +61,63 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
 impl std::ops::Deref for RdpAgent {
     type Target = TestAgent;
     fn deref(&self) -> &TestAgent {
-        &self.agent
+        self.agent.as_ref().expect("the agent lives until drop")
+    }
+}
+
+impl std::ops::DerefMut for RdpAgent {
+    fn deref_mut(&mut self) -> &mut TestAgent {
+        self.agent.as_mut().expect("the agent lives until drop")
+    }
+}
+
+impl Drop for RdpAgent {
+    fn drop(&mut self) {
+        let Some(agent) = self.agent.take() else {
+            return;
+        };
+        let uids = agent.uid_min..=agent.uid_max;
+        // The agent, its accounts and their processes go first...
+        drop(agent);
+        // ...then what their X servers could not remove, killed: a lock file and a socket
+        // per display, owned by a UID of the agent's, which would keep that UID from being
+        // handed out again. Only displays no server listens on any more.
+        remove_dead_x_servers_files(&uids);
+    }
+}
+
+/// Removes the lock files and sockets in /tmp of X displays owned by a UID in `uids` that
+/// no X server listens on.
+fn remove_dead_x_servers_files(uids: &std::ops::RangeInclusive<u32>) {
+    use std::os::unix::fs::MetadataExt;
+    let listening = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let live: Vec<String> = listening
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(7))
+        .filter_map(|p| p.strip_prefix("@/tmp/.X11-unix/X"))
+        .map(str::to_string)
+        .collect();
+    let live = |n: &str| live.iter().any(|l| l == n);
+    let candidates = std::fs::read_dir("/tmp")
+        .into_iter()
+        .flatten()
+        .chain(std::fs::read_dir("/tmp/.X11-unix").into_iter().flatten())
+        .flatten();
+    for entry in candidates {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let display = name
+            .strip_prefix(".X")
+            .and_then(|n| n.strip_suffix("-lock"))
+            .or_else(|| name.strip_prefix('X'))
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        let Some(display) = display else { continue };
+        let owned = entry
+            .path()
+            .symlink_metadata()
+            .is_ok_and(|m| uids.contains(&m.uid()));
+        if owned && !live(display) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -96,7 +153,7 @@ fn rdp_agent_beside_others(desktop: Option<&str>, extra: &str) -> RdpAgent {
         panic!("{e}\n--- usherd log ---\n{}", agent.log());
     }
     RdpAgent {
-        agent,
+        agent: Some(agent),
         rdp_port,
         _turn: None,
     }
@@ -542,6 +599,13 @@ fn revoking_the_grant_disconnects_the_client_and_removes_the_account_and_its_des
     });
     agent.wait_for(10, "the session's cgroup to go", || !cgroup_dir.exists());
     agent.wait_for(10, "the session to end", || agent.sessions().is_empty());
+    // Nothing the desktop made outlives it: not even its X server's lock file and socket,
+    // which would keep the UID from being handed out again.
+    let left: Vec<_> = ["/tmp", "/tmp/.X11-unix", "/var/tmp", "/dev/shm"]
+        .iter()
+        .flat_map(|dir| files_of_uid(dir, uid))
+        .collect();
+    assert!(left.is_empty(), "the revoked desktop left {left:?}");
     // And the secret opens nothing any more.
     let mut again = agent.client(&display, agent.options(&login, "revoke-me"));
     agent.refused(&mut again, "a revoked grant");
@@ -673,8 +737,8 @@ fn the_certificate_is_kept_across_restarts_and_its_fingerprint_is_in_usher_statu
     assert_eq!(status.code(), Some(143), "{}", doubter.log());
 
     // Restarted, usherd presents the same certificate.
-    agent.agent.stop();
-    agent.agent.launch();
+    agent.stop();
+    agent.launch();
     wait_for_port(agent.rdp_port, Duration::from_secs(20)).unwrap();
     assert!(
         status_shows(&agent),
