@@ -39,6 +39,9 @@ struct RdpAgent {
     /// Taken on drop, so that the X servers' leftovers are removed after it.
     agent: Option<TestAgent>,
     rdp_port: u16,
+    /// `[rdp] runtime_dir`: the desktops' cookies, this agent's own (a stopped agent
+    /// leaves its live sessions' there).
+    runtime_dir: std::path::PathBuf,
     /// Dropped after the agent (fields drop in order): the next test starts once this
     /// one's agent and desktops are gone.
     _turn: Option<MutexGuard<'static, ()>>,
@@ -83,6 +86,7 @@ impl Drop for RdpAgent {
         // per display, owned by a UID of the agent's, which would keep that UID from being
         // handed out again. Only displays no server listens on any more.
         remove_dead_x_servers_files(&uids);
+        let _ = std::fs::remove_dir_all(&self.runtime_dir);
     }
 }
 
@@ -134,6 +138,8 @@ fn rdp_agent_with(desktop: Option<&str>, extra: &str) -> RdpAgent {
 /// As `rdp_agent_with`, without waiting for other tests' agents to go.
 fn rdp_agent_beside_others(desktop: Option<&str>, extra: &str) -> RdpAgent {
     let rdp_port = free_port();
+    let runtime_dir =
+        std::env::temp_dir().join(format!("usher-rdp-run-{}-{rdp_port}", std::process::id()));
     let desktop = desktop
         .map(|command| format!("desktop = {}\n", toml_string(command)))
         .unwrap_or_default();
@@ -141,7 +147,8 @@ fn rdp_agent_beside_others(desktop: Option<&str>, extra: &str) -> RdpAgent {
         enforcement: Some("required".into()),
         extra_config: format!(
             "[policy]\nallowed_profiles = [\"default\", \"rdp\", \"nordp\"]\n\n\
-             [rdp]\nlisten = [\"127.0.0.1:{rdp_port}\"]\n{desktop}{extra}\n"
+             [rdp]\nlisten = [\"127.0.0.1:{rdp_port}\"]\nruntime_dir = {}\n{desktop}{extra}\n",
+            toml_string(&runtime_dir.display().to_string())
         ),
         profiles: vec![
             ("rdp.toml".into(), RDP_PROFILE.into()),
@@ -155,6 +162,7 @@ fn rdp_agent_beside_others(desktop: Option<&str>, extra: &str) -> RdpAgent {
     RdpAgent {
         agent: Some(agent),
         rdp_port,
+        runtime_dir,
         _turn: None,
     }
 }
@@ -318,8 +326,8 @@ struct SessionDisplay {
 
 impl SessionDisplay {
     /// The display of the account's Xvfb, and the cookie usherd wrote for the session
-    /// (in `[rdp] runtime_dir`, by default /run/usher/rdp).
-    fn of(session: &serde_json::Value, uid: u32) -> SessionDisplay {
+    /// (in `[rdp] runtime_dir`).
+    fn of(agent: &RdpAgent, session: &serde_json::Value, uid: u32) -> SessionDisplay {
         let xvfb = pids_of_uid(uid)
             .into_iter()
             .find(|&p| comm(p) == "Xvfb")
@@ -333,7 +341,7 @@ impl SessionDisplay {
         let id = session["id"].as_str().unwrap();
         SessionDisplay {
             display,
-            xauthority: std::path::Path::new("/run/usher/rdp").join(format!("{id}.xauth")),
+            xauthority: agent.runtime_dir.join(format!("{id}.xauth")),
         }
     }
 
@@ -774,7 +782,7 @@ fn the_default_desktop_is_a_window_manager_and_a_terminal_of_the_account() {
     );
     // What the desktop's own X server shows (its root colour and a terminal), the client
     // shows too.
-    let desktop = SessionDisplay::of(&session, uid);
+    let desktop = SessionDisplay::of(&agent, &session, uid);
     let mut last = (String::new(), String::new());
     let same = poll_until(
         "the client to show what the desktop shows",
@@ -814,15 +822,24 @@ fn two_agents_starting_desktops_at_the_same_moment_each_show_their_own() {
         Some("xsetroot -solid '#cc6633'; exec xterm -geometry 80x24+0+0"),
         "",
     );
-    let (blue_login, _) = rdp_grant(&blue, "blue", "blue-secret", "rdp", 600);
-    let (orange_login, _) = rdp_grant(&orange, "orange", "orange-secret", "rdp", 600);
-    let blue_display = ClientDisplay::start().unwrap();
-    let orange_display = ClientDisplay::start().unwrap();
-    let mut blue_client = blue.client(&blue_display, blue.options(&blue_login, "blue-secret"));
-    let mut orange_client = orange.client(
-        &orange_display,
-        orange.options(&orange_login, "orange-secret"),
-    );
-    blue.desktop_shown(&mut blue_client, 4);
-    orange.colour_shown(&mut orange_client, Rgb::hex("#cc6633").unwrap(), 4);
+    // Each round, both pick the lowest display number free at that moment.
+    for round in 0..3 {
+        let (blue_login, _) = rdp_grant(&blue, &format!("blue{round}"), "blue-secret", "rdp", 600);
+        let (orange_login, _) = rdp_grant(
+            &orange,
+            &format!("orange{round}"),
+            "orange-secret",
+            "rdp",
+            600,
+        );
+        let blue_display = ClientDisplay::start().unwrap();
+        let orange_display = ClientDisplay::start().unwrap();
+        let mut blue_client = blue.client(&blue_display, blue.options(&blue_login, "blue-secret"));
+        let mut orange_client = orange.client(
+            &orange_display,
+            orange.options(&orange_login, "orange-secret"),
+        );
+        blue.desktop_shown(&mut blue_client, 4);
+        orange.colour_shown(&mut orange_client, Rgb::hex("#cc6633").unwrap(), 4);
+    }
 }
