@@ -843,3 +843,49 @@ fn two_agents_starting_desktops_at_the_same_moment_each_show_their_own() {
         orange.colour_shown(&mut orange_client, Rgb::hex("#cc6633").unwrap(), 4);
     }
 }
+
+#[test]
+fn a_dropped_client_that_comes_back_gets_its_desktop_and_an_abandoned_one_ends() {
+    let agent = rdp_agent_with(Some(DESKTOP), "reconnect_secs = 4\n");
+    let (login, _) = rdp_grant(&agent, "back", "back-secret", "rdp", 600);
+    let display = ClientDisplay::start().unwrap();
+    let mut client = agent.client(&display, agent.options(&login, "back-secret"));
+    agent.desktop_shown(&mut client, 4);
+    let first = agent.session_of(&login);
+    let uid = uid_of(&login);
+    let x_servers = |uid: u32| -> Vec<i32> {
+        pids_of_uid(uid)
+            .into_iter()
+            .filter(|&p| comm(p) == "Xvfb")
+            .collect()
+    };
+    let x_server = x_servers(uid);
+    assert_eq!(x_server.len(), 1, "{x_server:?}");
+
+    // Dropped: the desktop waits, and the same login gets the same desktop back.
+    client.close();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.sessions().len(), 1, "{:?}", agent.sessions());
+    let mut back = agent.client(&display, agent.options(&login, "back-secret"));
+    agent.desktop_shown(&mut back, 4);
+    assert_eq!(agent.session_of(&login)["id"], first["id"]);
+    assert_eq!(
+        x_servers(uid),
+        x_server,
+        "a new X server, not the desktop back"
+    );
+
+    // The wrong secret takes nothing over: the client showing it stays.
+    let other_display = ClientDisplay::start().unwrap();
+    let mut thief = agent.client(&other_display, agent.options(&login, "not-the-secret"));
+    agent.refused(&mut thief, "a wrong secret for a live desktop");
+    assert!(back.exited().is_none(), "{}", back.log());
+    agent.desktop_shown(&mut back, 4);
+
+    // Dropped and not come back within reconnect_secs: the desktop ends.
+    back.close();
+    agent.wait_for(20, "the abandoned desktop to end", || {
+        agent.sessions().is_empty()
+    });
+    agent.wait_for(10, "its X server to go", || x_servers(uid).is_empty());
+}
