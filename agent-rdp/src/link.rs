@@ -111,6 +111,15 @@ pub struct Link {
 impl Link {
     /// Takes fd 3. Must run inside the runtime, once.
     pub fn from_inherited_fd() -> Result<Link, LinkError> {
+        // Check before taking ownership: closing an fd that was never open would abort.
+        // SAFETY: fstat writes into the zeroed struct it is given, nothing else.
+        let mut status: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(WORKER_SOCKET_FD, &mut status) } != 0 {
+            return Err(LinkError::NotASocket(std::io::Error::last_os_error()));
+        }
+        if status.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err(LinkError::NotASocket(std::io::Error::other("not a socket")));
+        }
         // SAFETY: fd 3 is the socket usherd passed to this process (the contract in
         // usher_wire::rdp); nothing else in the process opens or owns it, and this function
         // runs once, at start.

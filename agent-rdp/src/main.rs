@@ -110,20 +110,28 @@ fn client_connection() -> Result<tokio::net::TcpStream, WorkerError> {
 
 /// Logs to stderr: this crate's at info and above, the libraries' at warn and above
 /// (IronRDP's debug output includes the client's PDUs). `USHER_RDP_LOG=debug` raises this
-/// crate's level only.
+/// crate's level only, `debug-all` the libraries' too.
 struct StderrLog {
     own_level: log::LevelFilter,
+    libraries_level: log::LevelFilter,
 }
 
 impl StderrLog {
     fn install() {
-        let own_level = match std::env::var("USHER_RDP_LOG").as_deref() {
-            Ok("debug") => log::LevelFilter::Debug,
-            Ok("warn") => log::LevelFilter::Warn,
-            _ => log::LevelFilter::Info,
+        let setting = std::env::var("USHER_RDP_LOG").unwrap_or_default();
+        let (own_level, libraries_level) = match setting.as_str() {
+            "debug" => (log::LevelFilter::Debug, log::LevelFilter::Warn),
+            // For a developer: IronRDP's own debug output (PDUs; passwords are redacted).
+            "debug-all" => (log::LevelFilter::Debug, log::LevelFilter::Debug),
+            "warn" => (log::LevelFilter::Warn, log::LevelFilter::Warn),
+            _ => (log::LevelFilter::Info, log::LevelFilter::Warn),
         };
-        if log::set_logger(Box::leak(Box::new(StderrLog { own_level }))).is_ok() {
-            log::set_max_level(own_level.max(log::LevelFilter::Warn));
+        let logger = StderrLog {
+            own_level,
+            libraries_level,
+        };
+        if log::set_logger(Box::leak(Box::new(logger))).is_ok() {
+            log::set_max_level(own_level.max(libraries_level));
         }
     }
 }
@@ -133,7 +141,7 @@ impl log::Log for StderrLog {
         if metadata.target().starts_with("usher_rdp") {
             metadata.level() <= self.own_level
         } else {
-            metadata.level() <= log::Level::Warn
+            metadata.level() <= self.libraries_level
         }
     }
 

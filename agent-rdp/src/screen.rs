@@ -414,6 +414,7 @@ struct Grabber {
 struct SharedImage {
     segment: shm::Seg,
     memory: system::SharedMemory,
+    sharing: Sharing,
 }
 
 /// Why one rectangle could not be read: the X server refused the request (a rectangle
@@ -449,44 +450,64 @@ impl Grabber {
         grabber
     }
 
-    /// (Re)creates the shared segment for a screen of `size`; without one, GetImage.
-    fn prepare_shared(&mut self, conn: &RustConnection, (width, height): (u16, u16)) {
+    /// (Re)creates the shared segment for a screen of `size`: a memory file, else a SysV
+    /// segment, else none (GetImage).
+    fn prepare_shared(&mut self, conn: &RustConnection, size: (u16, u16)) {
+        self.prepare_shared_with(conn, size, &[Sharing::MemoryFile, Sharing::SysV]);
+    }
+
+    fn prepare_shared_with(
+        &mut self,
+        conn: &RustConnection,
+        (width, height): (u16, u16),
+        ways: &[Sharing],
+    ) {
         if let Some(old) = self.shared.take() {
             let _ = conn.shm_detach(old.segment);
         }
         let bytes = usize::from(width) * usize::from(height) * 4;
-        match SharedImage::attach(conn, bytes) {
-            Ok(shared) => {
-                // The server may accept the segment and still fail to use it (a SysV
-                // segment it cannot map): try one pixel before relying on it.
-                let probe = conn
-                    .shm_get_image(
-                        self.root,
-                        0,
-                        0,
-                        1,
-                        1,
-                        !0,
-                        xproto::ImageFormat::Z_PIXMAP.into(),
-                        shared.segment,
-                        0,
-                    )
-                    .map_err(ReplyError::from)
-                    .and_then(|cookie| cookie.reply());
-                match probe {
-                    Ok(_) => self.shared = Some(shared),
-                    Err(error) => {
-                        log::info!("MIT-SHM unusable ({error}); capturing with GetImage");
-                        let _ = conn.shm_detach(shared.segment);
-                    }
+        for &sharing in ways {
+            match SharedImage::attach(conn, bytes, sharing)
+                .and_then(|shared| self.probe(conn, shared))
+            {
+                Ok(shared) => {
+                    self.shared = Some(shared);
+                    return;
                 }
+                Err(reason) => log::debug!("MIT-SHM through {sharing:?} unusable: {reason}"),
             }
-            Err(reason) => log::info!("MIT-SHM unavailable ({reason}); capturing with GetImage"),
+        }
+        log::info!("MIT-SHM unusable; capturing with GetImage");
+    }
+
+    /// The server may accept a segment and still fail to use it: one pixel is read before
+    /// relying on it.
+    fn probe(&self, conn: &RustConnection, shared: SharedImage) -> Result<SharedImage, String> {
+        let probe = conn
+            .shm_get_image(
+                self.root,
+                0,
+                0,
+                1,
+                1,
+                !0,
+                xproto::ImageFormat::Z_PIXMAP.into(),
+                shared.segment,
+                0,
+            )
+            .map_err(ReplyError::from)
+            .and_then(|cookie| cookie.reply());
+        match probe {
+            Ok(_) => Ok(shared),
+            Err(error) => {
+                let _ = conn.shm_detach(shared.segment);
+                Err(format!("ShmGetImage: {error}"))
+            }
         }
     }
 
-    fn uses_shared_memory(&self) -> bool {
-        self.shared.is_some()
+    fn sharing(&self) -> Option<Sharing> {
+        self.shared.as_ref().map(|shared| shared.sharing)
     }
 
     fn read(&self, conn: &RustConnection, rect: Rect) -> Result<BitmapUpdate, ReadError> {
@@ -555,8 +576,22 @@ impl Grabber {
     }
 }
 
+/// How the X server gets at a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sharing {
+    /// A memfd passed over the socket (MIT-SHM 1.2): no uid check, invisible to others.
+    MemoryFile,
+    /// A SysV segment of mode 0600: works only when the X server runs as this user (or
+    /// root).
+    SysV,
+}
+
 impl SharedImage {
-    fn attach(conn: &RustConnection, bytes: usize) -> Result<SharedImage, String> {
+    fn attach(
+        conn: &RustConnection,
+        bytes: usize,
+        sharing: Sharing,
+    ) -> Result<SharedImage, String> {
         if conn
             .extension_information(shm::X11_EXTENSION_NAME)
             .map_err(|e| e.to_string())?
@@ -571,24 +606,42 @@ impl SharedImage {
             .map_err(|e| e.to_string())?;
         let bytes = bytes.max(4);
         let segment = conn.generate_id().map_err(|e| e.to_string())?;
-        if (version.major_version, version.minor_version) >= (1, 2) {
-            let (memory, fd) = system::SharedMemory::memfd(bytes).map_err(|e| e.to_string())?;
-            conn.shm_attach_fd(segment, fd, false)
-                .map_err(|e| e.to_string())?
-                .check()
-                .map_err(|e| format!("ShmAttachFd: {e}"))?;
-            return Ok(SharedImage { segment, memory });
+        match sharing {
+            Sharing::MemoryFile => {
+                if (version.major_version, version.minor_version) < (1, 2) {
+                    return Err(format!(
+                        "MIT-SHM {}.{} cannot take a file descriptor",
+                        version.major_version, version.minor_version
+                    ));
+                }
+                let (memory, fd) = system::SharedMemory::memfd(bytes).map_err(|e| e.to_string())?;
+                conn.shm_attach_fd(segment, fd, false)
+                    .map_err(|e| e.to_string())?
+                    .check()
+                    .map_err(|e| format!("ShmAttachFd: {e}"))?;
+                Ok(SharedImage {
+                    segment,
+                    memory,
+                    sharing,
+                })
+            }
+            Sharing::SysV => {
+                let (memory, id) = system::SharedMemory::sysv(bytes).map_err(|e| e.to_string())?;
+                let attached = conn
+                    .shm_attach(segment, id, false)
+                    .map_err(|e| e.to_string())?
+                    .check();
+                // Once both sides are attached the id is not needed; removed now, the
+                // segment disappears with the last detach even if this process is killed.
+                system::SharedMemory::remove_sysv_id(id);
+                attached.map_err(|e| format!("ShmAttach: {e}"))?;
+                Ok(SharedImage {
+                    segment,
+                    memory,
+                    sharing,
+                })
+            }
         }
-        let (memory, id) = system::SharedMemory::sysv(bytes).map_err(|e| e.to_string())?;
-        let attached = conn
-            .shm_attach(segment, id, false)
-            .map_err(|e| e.to_string())?
-            .check();
-        // Once both sides are attached the id is not needed; removed now, the segment
-        // disappears with the last detach even if this process is killed.
-        system::SharedMemory::remove_sysv_id(id);
-        attached.map_err(|e| format!("ShmAttach: {e}"))?;
-        Ok(SharedImage { segment, memory })
     }
 }
 
@@ -690,11 +743,9 @@ fn pointer_update(cursor: &xfixes::GetCursorImageReply) -> DisplayUpdate {
             let alpha = pixel >> 24;
             let straight = |shift: u32| -> u8 {
                 let channel = (pixel >> shift) & 0xff;
-                if alpha == 0 {
-                    0
-                } else {
-                    ((channel * 255 + alpha / 2) / alpha).min(255) as u8
-                }
+                (channel * 255 + alpha / 2)
+                    .checked_div(alpha)
+                    .map_or(0, |value| value.min(255) as u8)
             };
             data.extend_from_slice(&[straight(0), straight(8), straight(16), alpha as u8]);
         }
@@ -718,9 +769,18 @@ struct Capture {
     size: (u16, u16),
     whole_screen_due: bool,
     damage_due: bool,
+    /// When the screen last changed. While it keeps changing, the damage is fetched every
+    /// frame interval without waiting for DamageNotify: a busy X server holds events back
+    /// in a client's output buffer until it has nothing else to do (measured: 180 ms
+    /// behind a client that repaints the screen thousands of times a second), replies
+    /// it sends at once.
+    last_change: Option<Instant>,
     cursor_due: bool,
     resize_due: bool,
 }
+
+/// How long after the last change the capture keeps polling for damage.
+const BUSY_SCREEN: Duration = Duration::from_secs(1);
 
 impl Capture {
     fn start(display: &XDisplay, format: PixelFormat) -> Result<Capture, ScreenError> {
@@ -757,6 +817,7 @@ impl Capture {
             size,
             whole_screen_due: true,
             damage_due: false,
+            last_change: None,
             cursor_due: true,
             resize_due: false,
         })
@@ -767,7 +828,7 @@ impl Capture {
             "capturing {}x{} every {interval:?} ({})",
             self.size.0,
             self.size.1,
-            if self.grabber.uses_shared_memory() {
+            if self.grabber.sharing().is_some() {
                 "MIT-SHM"
             } else {
                 "GetImage"
@@ -793,18 +854,22 @@ impl Capture {
             while let Some(event) = self.conn.poll_for_event()? {
                 self.note(event);
             }
-            if self.cursor_due && sender.capacity() > 0 {
-                self.send_cursor(sender)?;
-            }
             let now = Instant::now();
-            let frame_due = self.whole_screen_due || self.damage_due;
+            let busy = self
+                .last_change
+                .is_some_and(|changed| now.duration_since(changed) < BUSY_SCREEN);
+            let frame_due = self.whole_screen_due || self.damage_due || busy;
             let room = sender.capacity() > MAX_RECTANGLES_PER_BATCH;
             if frame_due && room && now >= next_batch {
                 self.send_batch(sender)?;
                 next_batch = now + interval;
             }
+            // After the first frame: a client's first update is the whole screen.
+            if self.cursor_due && !self.whole_screen_due && sender.capacity() > 0 {
+                self.send_cursor(sender)?;
+            }
             self.conn.flush()?;
-            let still_due = self.whole_screen_due || self.damage_due || self.cursor_due;
+            let still_due = frame_due || self.cursor_due;
             let timeout = if !still_due {
                 IDLE_WAKEUP
             } else if now < next_batch {
@@ -814,13 +879,16 @@ impl Capture {
                 interval.min(Duration::from_millis(10))
             };
             system::wait_readable(self.conn.stream().as_fd(), timeout)
-                .map_err(|e| ConnectionError::IoError(e))?;
+                .map_err(ConnectionError::IoError)?;
         }
     }
 
     fn note(&mut self, event: Event) {
         match event {
-            Event::DamageNotify(_) => self.damage_due = true,
+            Event::DamageNotify(_) => {
+                self.damage_due = true;
+                self.last_change = Some(Instant::now());
+            }
             Event::XfixesCursorNotify(_) => self.cursor_due = true,
             Event::ConfigureNotify(configure) if configure.window == self.grabber.root => {
                 let size = (configure.width, configure.height);
@@ -881,6 +949,9 @@ impl Capture {
         };
         self.damage_due = false;
         self.whole_screen_due = false;
+        if !rects.is_empty() {
+            self.last_change = Some(Instant::now());
+        }
         if self.resize_due {
             self.resize_due = false;
             let _ = sender.try_send(DisplayUpdate::Resize(DesktopSize {
@@ -1026,6 +1097,10 @@ impl Input {
     }
 
     pub fn mouse(&mut self, event: &MouseEvent) {
+        if let Err(error) = self.refresh_keymap() {
+            self.finish(Err(error));
+            return;
+        }
         let result = match *event {
             MouseEvent::Move { x, y } => self.fake(
                 MOTION,
@@ -1069,7 +1144,9 @@ impl Input {
         }
     }
 
-    /// Somebody in the session changed the keymap (setxkbmap, xmodmap): read it again.
+    /// Reads the events the server sends every client (MappingNotify), so that they do not
+    /// pile up in the connection; when somebody in the session changed the keymap
+    /// (setxkbmap, xmodmap), reads it again.
     fn refresh_keymap(&mut self) -> Result<(), ConnectionError> {
         let mut changed = false;
         while let Some(event) = self.conn.poll_for_event()? {
@@ -1557,5 +1634,946 @@ mod tests {
             pointer_update(&invisible),
             DisplayUpdate::HidePointer
         ));
+    }
+
+    /// Tests against a real Xvfb (run as root or any user that may start one).
+    mod xvfb {
+        use super::super::*;
+        use std::io::Read;
+        use std::path::PathBuf;
+        use std::process::{Child, Command, Stdio};
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use x11rb::protocol::xproto::{CreateWindowAux, EventMask, WindowClass};
+
+        static NEXT_DISPLAY: AtomicU32 = AtomicU32::new(0);
+
+        /// An Xvfb of its own with a cookie the test wrote; killed when dropped.
+        pub struct TestXvfb {
+            child: Child,
+            number: u32,
+            auth_file: PathBuf,
+            pub display: XDisplay,
+        }
+
+        fn random_cookie() -> Vec<u8> {
+            let mut cookie = vec![0u8; 16];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut random| random.read_exact(&mut cookie))
+                .expect("read /dev/urandom");
+            cookie
+        }
+
+        /// An Xauthority entry: family, address, display number, name, data, each but the
+        /// family a big-endian u16 length and its bytes.
+        fn xauthority_entry(number: u32, cookie: &[u8]) -> Vec<u8> {
+            let mut entry = Vec::new();
+            entry.extend_from_slice(&0xffffu16.to_be_bytes()); // FamilyWild
+            for field in [
+                &b""[..],
+                number.to_string().as_bytes(),
+                b"MIT-MAGIC-COOKIE-1",
+                cookie,
+            ] {
+                entry.extend_from_slice(&(field.len() as u16).to_be_bytes());
+                entry.extend_from_slice(field);
+            }
+            entry
+        }
+
+        impl TestXvfb {
+            pub fn start(width: u16, height: u16) -> TestXvfb {
+                Self::start_as(None, width, height)
+            }
+
+            /// Xvfb running as another user (`nobody`), as the session's account runs it
+            /// while the worker is a user of its own.
+            pub fn start_as(user: Option<&str>, width: u16, height: u16) -> TestXvfb {
+                let base = 300 + (std::process::id() % 200) * 8;
+                for _attempt in 0..40 {
+                    let number = base + NEXT_DISPLAY.fetch_add(1, Ordering::SeqCst) % 1600;
+                    if std::path::Path::new(&format!("/tmp/.X{number}-lock")).exists() {
+                        continue;
+                    }
+                    if let Some(xvfb) = Self::try_start(user, number, width, height) {
+                        return xvfb;
+                    }
+                }
+                panic!("no free X display number for Xvfb");
+            }
+
+            fn try_start(
+                user: Option<&str>,
+                number: u32,
+                width: u16,
+                height: u16,
+            ) -> Option<TestXvfb> {
+                let cookie = random_cookie();
+                let auth_file = std::env::temp_dir().join(format!(
+                    "usher-rdp-screen-test-{}-{number}.auth",
+                    std::process::id()
+                ));
+                std::fs::write(&auth_file, xauthority_entry(number, &cookie))
+                    .expect("write auth file");
+                let mut command = match user {
+                    Some(user) => {
+                        // The other user must read the cookie; the file lives only as long
+                        // as the test.
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(
+                            &auth_file,
+                            std::fs::Permissions::from_mode(0o644),
+                        )
+                        .expect("chmod auth file");
+                        let mut command = Command::new("setpriv");
+                        command.args([
+                            &format!("--reuid={user}"),
+                            "--regid=nogroup",
+                            "--clear-groups",
+                            "Xvfb",
+                        ]);
+                        command
+                    }
+                    None => Command::new("Xvfb"),
+                };
+                let child = command
+                    .arg(format!(":{number}"))
+                    .args(["-nolisten", "tcp", "-noreset", "-auth"])
+                    .arg(&auth_file)
+                    .args(["-screen", "0", &format!("{width}x{height}x24")])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start Xvfb (package xvfb)");
+                let mut xvfb = TestXvfb {
+                    child,
+                    number,
+                    auth_file,
+                    display: XDisplay {
+                        display: format!(":{number}"),
+                        cookie,
+                    },
+                };
+                let deadline = Instant::now() + Duration::from_secs(15);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_status)) = xvfb.child.try_wait() {
+                        // Another server holds the number (or it failed): the caller tries
+                        // the next one; Drop cleans up.
+                        return None;
+                    }
+                    if connect(&xvfb.display).is_ok() {
+                        return Some(xvfb);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                None
+            }
+
+            /// A plain X client of the test's own.
+            pub fn client(&self) -> RustConnection {
+                connect(&self.display).expect("test client connects")
+            }
+
+            pub fn kill(&mut self) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+
+        impl Drop for TestXvfb {
+            fn drop(&mut self) {
+                // SIGTERM lets Xvfb remove its lock file and socket.
+                unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = self.child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                self.kill();
+                let _ = std::fs::remove_file(&self.auth_file);
+                let _ = std::fs::remove_file(format!("/tmp/.X{}-lock", self.number));
+                let _ = std::fs::remove_file(format!("/tmp/.X11-unix/X{}", self.number));
+            }
+        }
+
+        /// Maps a window of one colour (0xRRGGBB) that selects key and button events.
+        fn colour_window(
+            conn: &RustConnection,
+            (x, y, width, height): (i16, i16, u16, u16),
+            colour: u32,
+        ) -> xproto::Window {
+            let root = conn.setup().roots[0].root;
+            let window = conn.generate_id().expect("id");
+            conn.create_window(
+                x11rb::COPY_DEPTH_FROM_PARENT,
+                window,
+                root,
+                x,
+                y,
+                width,
+                height,
+                0,
+                WindowClass::INPUT_OUTPUT,
+                x11rb::COPY_FROM_PARENT,
+                &CreateWindowAux::new()
+                    .background_pixel(colour)
+                    .override_redirect(1)
+                    .event_mask(
+                        EventMask::KEY_PRESS
+                            | EventMask::KEY_RELEASE
+                            | EventMask::BUTTON_PRESS
+                            | EventMask::EXPOSURE,
+                    ),
+            )
+            .expect("create window");
+            conn.map_window(window).expect("map");
+            conn.get_input_focus()
+                .expect("sync")
+                .reply()
+                .expect("sync reply");
+            window
+        }
+
+        fn runtime() -> tokio::runtime::Runtime {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("runtime")
+        }
+
+        fn next_update(
+            runtime: &tokio::runtime::Runtime,
+            updates: &mut mpsc::Receiver<DisplayUpdate>,
+            within: Duration,
+        ) -> Option<DisplayUpdate> {
+            runtime
+                .block_on(async { tokio::time::timeout(within, updates.recv()).await })
+                .ok()
+                .flatten()
+        }
+
+        fn next_bitmap(
+            runtime: &tokio::runtime::Runtime,
+            updates: &mut mpsc::Receiver<DisplayUpdate>,
+        ) -> BitmapUpdate {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Some(DisplayUpdate::Bitmap(bitmap)) =
+                    next_update(runtime, updates, Duration::from_secs(10))
+                {
+                    return bitmap;
+                }
+            }
+            panic!("no bitmap within 10 s");
+        }
+
+        /// The colour (0xRRGGBB) of a screen pixel in a bitmap, read as IronRDP reads the
+        /// format.
+        fn pixel(bitmap: &BitmapUpdate, x: u16, y: u16) -> u32 {
+            assert!(
+                x >= bitmap.x && x < bitmap.x + bitmap.width.get(),
+                "x outside the bitmap"
+            );
+            assert!(
+                y >= bitmap.y && y < bitmap.y + bitmap.height.get(),
+                "y outside the bitmap"
+            );
+            let offset =
+                usize::from(y - bitmap.y) * bitmap.stride.get() + usize::from(x - bitmap.x) * 4;
+            let [r, g, b, _] = bitmap.format.channel_offsets();
+            let bytes = &bitmap.data[offset..offset + 4];
+            u32::from(bytes[r]) << 16 | u32::from(bytes[g]) << 8 | u32::from(bytes[b])
+        }
+
+        fn covers(bitmap: &BitmapUpdate, (x, y, width, height): (u16, u16, u16, u16)) -> bool {
+            bitmap.x <= x
+                && bitmap.y <= y
+                && bitmap.x + bitmap.width.get() >= x + width
+                && bitmap.y + bitmap.height.get() >= y + height
+        }
+
+        #[test]
+        fn capture_sends_the_whole_screen_then_what_changed() {
+            let xvfb = TestXvfb::start(640, 480);
+            let painter = xvfb.client();
+            colour_window(&painter, (100, 50, 40, 30), 0x12_34_56);
+            let screen = Screen::connect(&xvfb.display).expect("connect");
+            assert_eq!(screen.size(), (640, 480));
+            assert_eq!(screen.pixel_format(), PixelFormat::BgrX32);
+            let runtime = runtime();
+
+            for connection in 0..2 {
+                // A client that reconnects gets a capture of its own, whole screen first.
+                let mut updates = screen.capture(30).expect("capture");
+                let Some(DisplayUpdate::Bitmap(first)) =
+                    next_update(&runtime, &mut updates, Duration::from_secs(10))
+                else {
+                    panic!("the first update is not a bitmap");
+                };
+                assert_eq!(
+                    (first.x, first.y, first.width.get(), first.height.get()),
+                    (0, 0, 640, 480),
+                    "capture {connection} starts with the whole screen"
+                );
+                assert_eq!(first.data.len(), 640 * 480 * 4);
+                assert_eq!(
+                    pixel(&first, 110, 60),
+                    0x12_34_56,
+                    "the painted window's colour"
+                );
+                assert_eq!(pixel(&first, 5, 5), 0, "Xvfb's black root");
+
+                let changed = (300 + connection * 100, 200, 20, 10);
+                colour_window(
+                    &painter,
+                    (changed.0 as i16, changed.1 as i16, changed.2, changed.3),
+                    0xff_80_00,
+                );
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let update = loop {
+                    assert!(Instant::now() < deadline, "the change never arrived");
+                    let bitmap = next_bitmap(&runtime, &mut updates);
+                    if covers(&bitmap, changed) {
+                        break bitmap;
+                    }
+                };
+                assert!(
+                    update.width.get() < 640 || update.height.get() < 480,
+                    "a change is sent as a rectangle, not the whole screen: {update:?}"
+                );
+                assert_eq!(pixel(&update, changed.0 + 5, changed.1 + 5), 0xff_80_00);
+            }
+        }
+
+        #[test]
+        fn cursor_shape_is_sent() {
+            let xvfb = TestXvfb::start(320, 240);
+            let screen = Screen::connect(&xvfb.display).expect("connect");
+            let runtime = runtime();
+            let mut updates = screen.capture(30).expect("capture");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                assert!(Instant::now() < deadline, "no pointer update");
+                match next_update(&runtime, &mut updates, Duration::from_secs(10)) {
+                    Some(DisplayUpdate::RGBAPointer(pointer)) => {
+                        assert!(pointer.width > 0 && pointer.width <= MAX_POINTER_SIDE);
+                        assert_eq!(
+                            pointer.data.len(),
+                            usize::from(pointer.width) * usize::from(pointer.height) * 4
+                        );
+                        break;
+                    }
+                    Some(DisplayUpdate::HidePointer) => break,
+                    Some(_) => continue,
+                    None => panic!("capture ended"),
+                }
+            }
+        }
+
+        #[test]
+        fn connects_through_the_abstract_socket() {
+            // Another mount namespace does not see the session's /tmp/.X11-unix; the
+            // abstract socket is the same in every mount namespace.
+            let xvfb = TestXvfb::start(320, 240);
+            std::fs::remove_file(format!("/tmp/.X11-unix/X{}", xvfb.number))
+                .expect("remove the socket file");
+            let screen = Screen::connect(&xvfb.display).expect("connect without the socket file");
+            assert_eq!(screen.size(), (320, 240));
+        }
+
+        #[test]
+        fn a_wrong_cookie_or_a_missing_display_is_refused() {
+            let xvfb = TestXvfb::start(320, 240);
+            let mut wrong = xvfb.display.clone();
+            wrong.cookie[0] ^= 0xff;
+            assert!(matches!(
+                Screen::connect(&wrong),
+                Err(ScreenError::Connect { .. })
+            ));
+            let no_cookie = XDisplay {
+                cookie: Vec::new(),
+                ..xvfb.display.clone()
+            };
+            assert!(matches!(
+                Screen::connect(&no_cookie),
+                Err(ScreenError::Connect { .. })
+            ));
+            let nowhere = XDisplay {
+                display: ":65000".into(),
+                ..xvfb.display.clone()
+            };
+            assert!(matches!(
+                Screen::connect(&nowhere),
+                Err(ScreenError::Connect { .. })
+            ));
+            let remote = XDisplay {
+                display: "127.0.0.1:0".into(),
+                ..xvfb.display.clone()
+            };
+            assert!(matches!(
+                Screen::connect(&remote),
+                Err(ScreenError::Connect { .. })
+            ));
+        }
+
+        #[test]
+        fn shared_memory_and_get_image_read_the_same_pixels() {
+            // The X server runs as another user than this process: a SysV segment of this
+            // user's (mode 0600) would be refused, a memfd is not.
+            let xvfb = TestXvfb::start_as(Some("nobody"), 320, 240);
+            let status = std::fs::read_to_string(format!("/proc/{}/status", xvfb.child.id()))
+                .expect("Xvfb's status");
+            assert!(
+                status.lines().any(|line| line.starts_with("Uid:\t65534\t")),
+                "Xvfb runs as nobody"
+            );
+            let painter = xvfb.client();
+            colour_window(&painter, (10, 20, 30, 40), 0xab_cd_ef);
+            let conn = xvfb.client();
+            let format = pixel_format(&conn).expect("format");
+            let shared = Grabber::new(&conn, format, (320, 240));
+            assert_eq!(
+                shared.sharing(),
+                Some(Sharing::MemoryFile),
+                "Xvfb offers MIT-SHM 1.2"
+            );
+            let mut sysv_only = Grabber::new(&conn, format, (1, 1));
+            sysv_only.prepare_shared_with(&conn, (320, 240), &[Sharing::SysV]);
+            assert_eq!(
+                sysv_only.sharing(),
+                None,
+                "a SysV segment of another user is refused"
+            );
+            let corner = Rect {
+                x: 0,
+                y: 0,
+                width: 8,
+                height: 8,
+            };
+            assert!(sysv_only.read(&conn, corner).is_ok(), "GetImage instead");
+            let plain = Grabber {
+                shared: None,
+                ..Grabber::new(&conn, format, (1, 1))
+            };
+            let area = Rect {
+                x: 5,
+                y: 15,
+                width: 50,
+                height: 50,
+            };
+            let (Ok(through_shm), Ok(through_socket)) =
+                (shared.read(&conn, area), plain.read(&conn, area))
+            else {
+                panic!("reading the rectangle failed");
+            };
+            assert_eq!(through_shm.data, through_socket.data);
+            assert_eq!(pixel(&through_shm, 20, 30), 0xab_cd_ef);
+            assert_eq!(pixel(&through_shm, 6, 16), 0);
+            // A rectangle outside the screen is refused, not fatal.
+            let outside = Rect {
+                x: 300,
+                y: 200,
+                width: 50,
+                height: 50,
+            };
+            assert!(matches!(
+                shared.read(&conn, outside),
+                Err(ReadError::Refused(_))
+            ));
+            assert!(matches!(
+                plain.read(&conn, outside),
+                Err(ReadError::Refused(_))
+            ));
+        }
+
+        #[test]
+        fn sysv_shared_memory_works_when_the_server_runs_as_this_user() {
+            let xvfb = TestXvfb::start(320, 240);
+            let painter = xvfb.client();
+            colour_window(&painter, (10, 20, 30, 40), 0x65_43_21);
+            let conn = xvfb.client();
+            let format = pixel_format(&conn).expect("format");
+            let mut grabber = Grabber::new(&conn, format, (1, 1));
+            grabber.prepare_shared_with(&conn, (320, 240), &[Sharing::SysV]);
+            assert_eq!(grabber.sharing(), Some(Sharing::SysV));
+            let whole = Rect {
+                x: 0,
+                y: 0,
+                width: 320,
+                height: 240,
+            };
+            let Ok(bitmap) = grabber.read(&conn, whole) else {
+                panic!("reading through SysV shared memory failed");
+            };
+            assert_eq!(pixel(&bitmap, 20, 30), 0x65_43_21);
+        }
+
+        #[test]
+        fn a_slow_consumer_gets_the_latest_screen_not_a_backlog() {
+            let xvfb = TestXvfb::start(320, 240);
+            let painter = xvfb.client();
+            let window = colour_window(&painter, (0, 0, 100, 100), 0);
+            let screen = Screen::connect(&xvfb.display).expect("connect");
+            let runtime = runtime();
+            let mut updates = screen.capture(100).expect("capture");
+            next_bitmap(&runtime, &mut updates);
+            // 200 changes while nobody reads.
+            let mut colour = 0;
+            for step in 1..=200u32 {
+                colour = (step * 0x010101) & 0xffffff;
+                painter
+                    .change_window_attributes(
+                        window,
+                        &xproto::ChangeWindowAttributesAux::new().background_pixel(colour),
+                    )
+                    .expect("paint");
+                painter
+                    .clear_area(false, window, 0, 0, 0, 0)
+                    .expect("clear");
+                painter
+                    .get_input_focus()
+                    .expect("sync")
+                    .reply()
+                    .expect("sync");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let mut queued = 0;
+            let mut last = None;
+            while let Some(update) = next_update(&runtime, &mut updates, Duration::from_millis(500))
+            {
+                queued += 1;
+                if let DisplayUpdate::Bitmap(bitmap) = update {
+                    if covers(&bitmap, (50, 50, 1, 1)) {
+                        last = Some(pixel(&bitmap, 50, 50));
+                    }
+                }
+                if last == Some(colour) {
+                    break;
+                }
+            }
+            assert_eq!(last, Some(colour), "the last colour arrives");
+            assert!(
+                queued <= CHANNEL_CAPACITY + 2 * MAX_RECTANGLES_PER_BATCH,
+                "{queued} updates"
+            );
+        }
+
+        #[test]
+        fn capture_ends_when_the_x_server_dies() {
+            let mut xvfb = TestXvfb::start(320, 240);
+            let screen = Screen::connect(&xvfb.display).expect("connect");
+            let runtime = runtime();
+            let mut updates = screen.capture(30).expect("capture");
+            next_bitmap(&runtime, &mut updates);
+            xvfb.kill();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                assert!(Instant::now() < deadline, "the channel stayed open");
+                if next_update(&runtime, &mut updates, Duration::from_secs(10)).is_none() {
+                    break;
+                }
+            }
+            // Input to a dead server fails quietly.
+            assert!(screen.input().is_err());
+        }
+
+        /// Waits for the next event of a kind on the test client's connection.
+        fn next_event<T>(conn: &RustConnection, mut wanted: impl FnMut(Event) -> Option<T>) -> T {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                match conn.poll_for_event().expect("test connection") {
+                    Some(event) => {
+                        if let Some(found) = wanted(event) {
+                            return found;
+                        }
+                    }
+                    None => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            panic!("the event did not arrive within 5 s");
+        }
+
+        /// The keysym a key press means to a client: column 1 with Shift, else 0.
+        fn keysym_of(conn: &RustConnection, press: &xproto::KeyPressEvent) -> u32 {
+            let mapping = conn
+                .get_keyboard_mapping(press.detail, 1)
+                .expect("mapping")
+                .reply()
+                .expect("mapping reply");
+            let shifted = u16::from(press.state) & u16::from(xproto::KeyButMask::SHIFT) != 0;
+            let column = usize::from(shifted);
+            match mapping.keysyms.get(column).copied() {
+                Some(0) | None => mapping.keysyms.first().copied().unwrap_or(0),
+                Some(sym) => sym,
+            }
+        }
+
+        fn press_keysym(conn: &RustConnection) -> u32 {
+            next_event(conn, |event| match event {
+                Event::KeyPress(press) => Some(keysym_of(conn, &press)),
+                _ => None,
+            })
+        }
+
+        fn type_scancode(input: &mut Input, code: u8, extended: bool) {
+            input.keyboard(&KeyboardEvent::Pressed { code, extended });
+            input.keyboard(&KeyboardEvent::Released { code, extended });
+        }
+
+        #[test]
+        fn keys_arrive_as_the_keysyms_they_mean() {
+            let xvfb = TestXvfb::start(320, 240);
+            let client = xvfb.client();
+            let window = colour_window(&client, (0, 0, 320, 240), 0xffffff);
+            client
+                .set_input_focus(xproto::InputFocus::PARENT, window, x11rb::CURRENT_TIME)
+                .expect("focus");
+            client
+                .get_input_focus()
+                .expect("sync")
+                .reply()
+                .expect("sync");
+            let screen = Screen::connect(&xvfb.display).expect("connect");
+            let mut input = screen.input().expect("input");
+
+            type_scancode(&mut input, 0x1e, false);
+            assert_eq!(press_keysym(&client), u32::from(b'a'));
+
+            input.keyboard(&KeyboardEvent::Pressed {
+                code: 0x2a,
+                extended: false,
+            });
+            assert_eq!(press_keysym(&client), keysym::SHIFT_L);
+            type_scancode(&mut input, 0x1e, false);
+            assert_eq!(press_keysym(&client), u32::from(b'A'), "shifted a");
+            type_scancode(&mut input, 0x02, false);
+            assert_eq!(press_keysym(&client), u32::from(b'!'), "shifted 1");
+            input.keyboard(&KeyboardEvent::Released {
+                code: 0x2a,
+                extended: false,
+            });
+
+            type_scancode(&mut input, 0x48, true);
+            assert_eq!(press_keysym(&client), keysym::UP, "E0 48");
+            type_scancode(&mut input, 0x48, false);
+            assert_eq!(
+                press_keysym(&client),
+                keysym::KP_UP,
+                "48 without E0 is the keypad's 8"
+            );
+            type_scancode(&mut input, 0x53, true);
+            assert_eq!(press_keysym(&client), keysym::DELETE, "E0 53");
+            type_scancode(&mut input, 0x1d, true);
+            assert_eq!(press_keysym(&client), keysym::CONTROL_R, "E0 1D");
+            type_scancode(&mut input, 0x1c, true);
+            assert_eq!(press_keysym(&client), keysym::KP_ENTER, "E0 1C");
+            type_scancode(&mut input, 0x5b, true);
+            assert_eq!(press_keysym(&client), keysym::SUPER_L, "E0 5B");
+            type_scancode(&mut input, 0x1c, false);
+            assert_eq!(press_keysym(&client), keysym::RETURN);
+
+            // Characters no key has: a borrowed keycode types them.
+            let mut borrowed = Vec::new();
+            for (units, expected) in [
+                (vec![0x00e9u16], 0xe9u32),
+                (vec![0x20ac], 0x0100_20ac),
+                (vec![0xd83d, 0xde00], 0x0101_f600),
+                (vec![0x00e9], 0xe9),
+                (vec![u16::from(b'z')], u32::from(b'z')),
+                (vec![u16::from(b'Z')], u32::from(b'Z')),
+            ] {
+                for &unit in &units {
+                    input.keyboard(&KeyboardEvent::UnicodePressed(unit));
+                }
+                for &unit in &units {
+                    input.keyboard(&KeyboardEvent::UnicodeReleased(unit));
+                }
+                let (keycode, sym) = next_event(&client, |event| match event {
+                    Event::KeyPress(press) => Some((press.detail, keysym_of(&client, &press))),
+                    _ => None,
+                });
+                assert_eq!(sym, expected, "unicode {units:x?}");
+                borrowed.push(keycode);
+            }
+            assert_eq!(
+                borrowed[0], borrowed[3],
+                "a character keeps its borrowed keycode"
+            );
+
+            // The keymap is given back when the input goes.
+            drop(input);
+            let mapping = client
+                .get_keyboard_mapping(borrowed[0], 1)
+                .expect("mapping")
+                .reply()
+                .expect("mapping reply");
+            assert!(
+                mapping.keysyms.iter().all(|&sym| sym == 0),
+                "{:x?}",
+                mapping.keysyms
+            );
+        }
+
+        #[test]
+        fn synchronize_sets_caps_lock_and_num_lock() {
+            let xvfb = TestXvfb::start(320, 240);
+            let client = xvfb.client();
+            let screen = Screen::connect(&xvfb.display).expect("connect");
+            let mut input = screen.input().expect("input");
+            let num_lock = input
+                .num_lock_mask()
+                .expect("modifiers")
+                .expect("a Num_Lock modifier");
+            let state = || {
+                let pointer = client
+                    .query_pointer(client.setup().roots[0].root)
+                    .expect("query")
+                    .reply()
+                    .expect("reply");
+                let mask = u16::from(pointer.mask);
+                (
+                    mask & u16::from(xproto::KeyButMask::LOCK) != 0,
+                    mask & num_lock != 0,
+                )
+            };
+            assert_eq!(state(), (false, false));
+            for (flags, expected) in [
+                (0x04, (true, false)),
+                (0x04, (true, false)),
+                (0x06, (true, true)),
+                (0x01, (false, false)),
+            ] {
+                input.synchronize(flags).expect("synchronize");
+                // A round trip: the fake key presses are done before the state is read.
+                input
+                    .conn
+                    .get_input_focus()
+                    .expect("sync")
+                    .reply()
+                    .expect("sync");
+                assert_eq!(state(), expected, "after flags {flags:#x}");
+            }
+        }
+
+        #[test]
+        fn mouse_buttons_arrive_where_the_pointer_is() {
+            let xvfb = TestXvfb::start(320, 240);
+            let client = xvfb.client();
+            colour_window(&client, (0, 0, 320, 240), 0xffffff);
+            let screen = Screen::connect(&xvfb.display).expect("connect");
+            let mut input = screen.input().expect("input");
+            let press = |client: &RustConnection| {
+                next_event(client, |event| match event {
+                    Event::ButtonPress(press) => Some((press.detail, press.root_x, press.root_y)),
+                    _ => None,
+                })
+            };
+
+            input.mouse(&MouseEvent::Move { x: 37, y: 42 });
+            input.mouse(&MouseEvent::LeftPressed);
+            input.mouse(&MouseEvent::LeftReleased);
+            assert_eq!(press(&client), (1, 37, 42));
+            input.mouse(&MouseEvent::Move { x: 200, y: 100 });
+            input.mouse(&MouseEvent::RightPressed);
+            input.mouse(&MouseEvent::RightReleased);
+            assert_eq!(press(&client), (3, 200, 100));
+            input.mouse(&MouseEvent::MiddlePressed);
+            input.mouse(&MouseEvent::MiddleReleased);
+            assert_eq!(press(&client), (2, 200, 100));
+            input.mouse(&MouseEvent::RelMove { x: -10, y: 5 });
+            input.mouse(&MouseEvent::LeftPressed);
+            input.mouse(&MouseEvent::LeftReleased);
+            assert_eq!(press(&client), (1, 190, 105));
+            input.mouse(&MouseEvent::VerticalScroll { value: 240 });
+            assert_eq!(press(&client).0, 4);
+            assert_eq!(press(&client).0, 4, "two notches, two clicks");
+            input.mouse(&MouseEvent::VerticalScroll { value: -120 });
+            assert_eq!(press(&client).0, 5);
+            input.mouse(&MouseEvent::Scroll { x: 120, y: 0 });
+            assert_eq!(press(&client).0, 7);
+            input.mouse(&MouseEvent::Button4Pressed);
+            input.mouse(&MouseEvent::Button4Released);
+            assert_eq!(press(&client).0, 8, "XBUTTON1 is X's back button");
+            // A button held when the input goes is released.
+            input.mouse(&MouseEvent::LeftPressed);
+            assert_eq!(press(&client).0, 1);
+            drop(input);
+            let pointer = client
+                .query_pointer(client.setup().roots[0].root)
+                .expect("query")
+                .reply()
+                .expect("reply");
+            assert_eq!(
+                u16::from(pointer.mask) & u16::from(xproto::KeyButMask::BUTTON1),
+                0
+            );
+        }
+
+        #[test]
+        fn resize_shrinks_and_grows_back_within_the_start_size() {
+            let xvfb = TestXvfb::start(1024, 768);
+            let screen = Screen::connect(&xvfb.display).expect("connect");
+            let runtime = runtime();
+            let mut updates = screen.capture(30).expect("capture");
+            next_bitmap(&runtime, &mut updates);
+
+            assert_eq!(screen.resize(800, 600).expect("shrink"), (800, 600));
+            assert_eq!(screen.size(), (800, 600));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                assert!(Instant::now() < deadline, "no Resize update");
+                match next_update(&runtime, &mut updates, Duration::from_secs(10)) {
+                    Some(DisplayUpdate::Resize(size)) => {
+                        assert_eq!((size.width, size.height), (800, 600));
+                        break;
+                    }
+                    Some(_) => continue,
+                    None => panic!("capture ended"),
+                }
+            }
+            let whole = next_bitmap(&runtime, &mut updates);
+            assert_eq!(
+                (whole.x, whole.y, whole.width.get(), whole.height.get()),
+                (0, 0, 800, 600)
+            );
+
+            assert_eq!(screen.resize(2000, 2000).expect("clamped"), (1024, 768));
+            assert_eq!(screen.resize(1024, 700).expect("other shape"), (1024, 700));
+            assert_eq!(screen.resize(1024, 700).expect("same size"), (1024, 700));
+        }
+
+        /// CPU time (user + system) of a thread or process, from /proc.
+        fn cpu_time(stat_path: &str) -> Duration {
+            let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
+            let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = after_name.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of stat; 12 and 13 after the name.
+            let ticks: u64 = [11, 12]
+                .iter()
+                .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+                .sum();
+            let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+            Duration::from_millis(ticks * 1000 / per_second)
+        }
+
+        /// The stat files of this process's capture threads.
+        fn capture_threads() -> HashSet<String> {
+            let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+                return HashSet::new();
+            };
+            tasks
+                .flatten()
+                .filter_map(|task| {
+                    let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+                    (comm.trim() == "screen-capture")
+                        .then(|| task.path().join("stat").to_string_lossy().into_owned())
+                })
+                .collect()
+        }
+
+        /// Not an assertion: how many whole-screen frames a second the capture delivers at
+        /// 1280x800 while the screen changes all the time, and what it costs. Run alone
+        /// (`cargo test measure -- --nocapture`): the CPU figure is that of the thread named
+        /// screen-capture, and other tests' captures would share the name.
+        #[test]
+        fn measure_full_screen_capture_rate() {
+            // A painter changing the whole screen 100 times a second (an animation), then one
+            // repainting as fast as the X server lets it (which competes with the capture for
+            // the server).
+            for repaints_per_second in [Some(100u32), None] {
+                measure_capture(repaints_per_second);
+            }
+        }
+
+        fn measure_capture(repaints_per_second: Option<u32>) {
+            let xvfb = TestXvfb::start(1280, 800);
+            let painter = xvfb.client();
+            let window = colour_window(&painter, (0, 0, 1280, 800), 0);
+            let screen = Screen::connect(&xvfb.display).expect("connect");
+            let runtime = runtime();
+            let threads_before = capture_threads();
+            let mut updates = screen.capture(60).expect("capture");
+            next_bitmap(&runtime, &mut updates);
+            // This capture's thread, unless another test started one meanwhile.
+            let new_threads: Vec<String> = capture_threads()
+                .difference(&threads_before)
+                .cloned()
+                .collect();
+            let stat = match new_threads.as_slice() {
+                [only] => Some(only.clone()),
+                _ => None,
+            };
+            let xvfb_stat = format!("/proc/{}/stat", xvfb.child.id());
+
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let painting = {
+                let stop = stop.clone();
+                let display = xvfb.display.clone();
+                std::thread::spawn(move || {
+                    let conn = connect(&display).expect("painter");
+                    let pause = repaints_per_second.map(|rate| Duration::from_secs(1) / rate);
+                    let mut colour = 0u32;
+                    let mut frames = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        colour = colour.wrapping_add(0x010203) & 0xffffff;
+                        let _ = conn.change_window_attributes(
+                            window,
+                            &xproto::ChangeWindowAttributesAux::new().background_pixel(colour),
+                        );
+                        let _ = conn.clear_area(false, window, 0, 0, 0, 0);
+                        // One repaint at a time, as an application would.
+                        let _ = conn.get_input_focus().map(|cookie| cookie.reply());
+                        frames += 1;
+                        if let Some(pause) = pause {
+                            std::thread::sleep(pause);
+                        }
+                    }
+                    frames
+                })
+            };
+
+            let seconds = 5;
+            let thread_cpu_before = stat.as_deref().map(cpu_time);
+            let xvfb_cpu_before = cpu_time(&xvfb_stat);
+            let started = Instant::now();
+            let mut pixels = 0u64;
+            let mut updates_received = 0u64;
+            while started.elapsed() < Duration::from_secs(seconds) {
+                if let Some(DisplayUpdate::Bitmap(bitmap)) =
+                    next_update(&runtime, &mut updates, Duration::from_secs(1))
+                {
+                    pixels += u64::from(bitmap.width.get()) * u64::from(bitmap.height.get());
+                    updates_received += 1;
+                }
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            let thread_cpu =
+                stat.as_deref()
+                    .map(cpu_time)
+                    .zip(thread_cpu_before)
+                    .map(|(after, before)| {
+                        format!(
+                            "{:.1}%",
+                            after.saturating_sub(before).as_secs_f64() * 100.0 / elapsed
+                        )
+                    });
+            let xvfb_cpu = cpu_time(&xvfb_stat).saturating_sub(xvfb_cpu_before);
+            stop.store(true, Ordering::Relaxed);
+            let repaints = painting.join().unwrap_or(0);
+            let frames = pixels as f64 / (1280.0 * 800.0);
+            println!(
+                "capture 1280x800, max_fps 60, painter {:.0} repaints/s: {:.1} full frames/s \
+                 ({updates_received} updates in {elapsed:.1} s); capture thread CPU {} of a \
+                 core; Xvfb CPU {:.0}% (painting included)",
+                repaints as f64 / elapsed,
+                frames / elapsed,
+                thread_cpu.unwrap_or_else(|| "unknown (run this test alone)".into()),
+                xvfb_cpu.as_secs_f64() * 100.0 / elapsed,
+            );
+            assert!(frames > 0.0, "no frame at all");
+        }
     }
 }

@@ -38,6 +38,9 @@ use usher_wire::rdp::{Desktop, FromWorker, Security};
 /// How long IronRDP has to close the connection after being asked to quit.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 
+/// How long a closed connection's socket is drained of the client's last bytes.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// How often a running recording is asked whether it has failed (it is asked at each frame
 /// as well; this catches a failure while the screen is still).
 const RECORDING_CHECK: Duration = Duration::from_millis(250);
@@ -199,8 +202,10 @@ pub async fn serve(
         };
         outcome
     };
-    // The connection (and its socket) is closed with the server.
     drop(server);
+    if let Some(client) = notes.take_lingering() {
+        drain(client).await;
+    }
 
     // The recording's last lines (and its end) go out before the socket closes.
     if let Some(recorder) = session.take_recorder() {
@@ -236,6 +241,17 @@ async fn finish_connection<F>(
     if tokio::time::timeout(QUIT_GRACE, connection).await.is_err() {
         log::info!("the connection did not close within {QUIT_GRACE:?}; dropping it");
     }
+}
+
+/// Reads what the client still sends, for a moment, so that closing does not reset the
+/// connection before the client has read its last PDUs (the goodbye).
+async fn drain(mut client: TcpStream) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buffer = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while matches!(client.read(&mut buffer).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 fn tls_acceptor(cert_pem: &str, key_pem: &str) -> Result<TlsAcceptor, ServeError> {
@@ -378,6 +394,7 @@ impl CredentialValidator for UsherdValidator {
             Ok(Verdict::Desktop(desktop)) => *desktop,
             Ok(Verdict::Refused) => {
                 log::info!("usherd refused the login");
+                self.notes.deny();
                 self.session.set_outcome(Outcome::Refused);
                 return Ok(CredentialDecision::Reject);
             }

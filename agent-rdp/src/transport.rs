@@ -13,6 +13,12 @@
 //! PDU before TLS), then the TLS handshake, then TLS.
 
 use ironrdp_pdu::mcs::{self, DisconnectProviderUltimatum, SendDataIndication};
+use ironrdp_pdu::nego;
+use ironrdp_pdu::rdp::client_info::CompressionType;
+use ironrdp_pdu::rdp::headers::{
+    CompressionFlags, ShareControlHeader, ShareControlPdu, ShareDataHeader, ShareDataPdu,
+    StreamPriority,
+};
 use ironrdp_pdu::rdp::server_error_info::{
     ErrorInfo, ProtocolIndependentCode, ServerSetErrorInfoPdu,
 };
@@ -22,6 +28,7 @@ use ironrdp_server::tokio_rustls::{Accept, TlsAcceptor};
 use ironrdp_server::DesktopSize;
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd as _;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -46,6 +53,12 @@ pub struct StreamNotes {
 struct Notes {
     requested_size: Option<DesktopSize>,
     farewell: Option<ProtocolIndependentCode>,
+    /// The login was refused: the client gets "access denied" and nothing else.
+    denied: bool,
+    /// The client's socket after IronRDP let go of it, write side shut, for the server to
+    /// drain: closing a socket with unread input resets the connection, and the client
+    /// would lose the goodbye it has not read yet.
+    lingering: Option<TcpStream>,
 }
 
 impl StreamNotes {
@@ -57,6 +70,19 @@ impl StreamNotes {
     /// Say `code` to the client before closing, if the stream allows.
     pub fn set_farewell(&self, code: ProtocolIndependentCode) {
         self.lock().farewell = Some(code);
+    }
+
+    /// The client's socket, once the connection is over, if it is still open.
+    pub fn take_lingering(&self) -> Option<TcpStream> {
+        self.lock().lingering.take()
+    }
+
+    /// The login is refused: from the next write on, the client is sent Server Denied
+    /// Connection (in place of what IronRDP writes for it) and nothing more.
+    pub fn deny(&self) {
+        let mut notes = self.lock();
+        notes.farewell = Some(ProtocolIndependentCode::ServerDeniedConnection);
+        notes.denied = true;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Notes> {
@@ -81,6 +107,11 @@ pub struct ClientStream {
     /// Where IronRDP's output stands in its PDUs: the confirm before TLS, and whether a
     /// goodbye can go in between two PDUs.
     outgoing: PduFraming,
+    /// The client's X.224 Connection Request, until read.
+    connection_request: Option<Vec<u8>>,
+    /// The client offered NLA (CredSSP), which the worker does not: the usual reason a
+    /// client then drops the TLS handshake.
+    offered_nla: bool,
     /// The first TLS-protected PDU the client sends (the MCS Connect Initial), until read.
     first_pdu: Option<Vec<u8>>,
     farewell: Option<(Vec<u8>, usize)>,
@@ -93,6 +124,8 @@ impl ClientStream {
             acceptor,
             notes,
             outgoing: PduFraming::default(),
+            connection_request: Some(Vec::new()),
+            offered_nla: false,
             first_pdu: Some(Vec::new()),
             farewell: None,
         }
@@ -105,7 +138,14 @@ impl ClientStream {
                 Ok(tls) => self.state = State::Tls(Box::new(tls)),
                 Err(error) => {
                     self.state = State::Broken;
-                    log::warn!("TLS handshake with the client failed: {error}");
+                    if self.offered_nla {
+                        log::warn!(
+                            "TLS handshake with the client failed ({error}): it offered NLA \
+                             (CredSSP), which is not offered here, and would not take TLS alone"
+                        );
+                    } else {
+                        log::warn!("TLS handshake with the client failed: {error}");
+                    }
                     return Poll::Ready(Err(error));
                 }
             }
@@ -118,6 +158,28 @@ impl ClientStream {
             if let State::Plain(tcp) = std::mem::replace(&mut self.state, State::Broken) {
                 self.state = State::Handshaking(Box::pin(self.acceptor.accept(tcp)));
             }
+        }
+    }
+
+    fn note_connection_request(&mut self, bytes: &[u8]) {
+        let Some(buffer) = self.connection_request.as_mut() else {
+            return;
+        };
+        buffer.extend_from_slice(bytes);
+        match tpkt_length(buffer) {
+            Some(length) if buffer.len() >= length => {
+                let request =
+                    ironrdp_core::decode::<X224<nego::ConnectionRequest>>(&buffer[..length]);
+                if let Ok(request) = request {
+                    self.offered_nla = request.0.protocol.intersects(
+                        nego::SecurityProtocol::HYBRID | nego::SecurityProtocol::HYBRID_EX,
+                    );
+                }
+                self.connection_request = None;
+            }
+            Some(_) => {}
+            None if buffer.len() >= 4 => self.connection_request = None,
+            None => {}
         }
     }
 
@@ -159,6 +221,24 @@ impl ClientStream {
             Err(error) => log::warn!("cannot encode the goodbye to the client: {error}"),
         }
     }
+
+    /// Writes the goodbye, if there is one, whole.
+    fn poll_farewell(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if matches!(self.state, State::Tls(_)) {
+            self.prepare_farewell();
+        }
+        let (State::Tls(tls), Some((bytes, sent))) = (&mut self.state, &mut self.farewell) else {
+            return Poll::Ready(Ok(()));
+        };
+        while *sent < bytes.len() {
+            match ready!(Pin::new(&mut **tls).poll_write(cx, &bytes[*sent..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => *sent += n,
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl AsyncRead for ClientStream {
@@ -171,7 +251,12 @@ impl AsyncRead for ClientStream {
         ready!(this.poll_handshake(cx))?;
         let before = buf.filled().len();
         match &mut this.state {
-            State::Plain(tcp) => return Pin::new(tcp).poll_read(cx, buf),
+            State::Plain(tcp) => {
+                ready!(Pin::new(tcp).poll_read(cx, buf))?;
+                let fresh = buf.filled()[before..].to_vec();
+                this.note_connection_request(&fresh);
+                return Poll::Ready(Ok(()));
+            }
             State::Tls(tls) => ready!(Pin::new(&mut **tls).poll_read(cx, buf))?,
             State::Handshaking(_) => return Poll::Pending,
             State::Broken => return Poll::Ready(Err(broken())),
@@ -190,6 +275,12 @@ impl AsyncWrite for ClientStream {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         ready!(this.poll_handshake(cx))?;
+        if this.notes.lock().denied || this.farewell.is_some() {
+            // What IronRDP writes after a refusal (its own access-denied, which FreeRDP
+            // cannot parse) is replaced by the goodbye and then dropped.
+            ready!(this.poll_farewell(cx))?;
+            return Poll::Ready(Ok(data.len()));
+        }
         let written = match &mut this.state {
             State::Plain(tcp) => ready!(Pin::new(tcp).poll_write(cx, data))?,
             State::Tls(tls) => ready!(Pin::new(&mut **tls).poll_write(cx, data))?,
@@ -211,26 +302,50 @@ impl AsyncWrite for ClientStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if matches!(this.state, State::Tls(_)) {
-            this.prepare_farewell();
+        if let Err(error) = ready!(this.poll_farewell(cx)) {
+            log::info!("the goodbye to the client was not written: {error}");
         }
         match &mut this.state {
             State::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            State::Tls(tls) => {
-                if let Some((bytes, sent)) = &mut this.farewell {
-                    while *sent < bytes.len() {
-                        match ready!(Pin::new(&mut **tls).poll_write(cx, &bytes[*sent..])) {
-                            Ok(0) | Err(_) => {
-                                *sent = bytes.len();
-                            }
-                            Ok(n) => *sent += n,
-                        }
-                    }
-                }
-                Pin::new(&mut **tls).poll_shutdown(cx)
-            }
+            State::Tls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
             State::Handshaking(_) | State::Broken => Poll::Ready(Ok(())),
         }
+    }
+}
+
+impl Drop for ClientStream {
+    fn drop(&mut self) {
+        let tcp = match std::mem::replace(&mut self.state, State::Broken) {
+            State::Plain(tcp) => tcp,
+            State::Tls(tls) => {
+                let (tcp, mut connection) = tls.into_inner();
+                // Best effort, without waiting: the close_notify IronRDP did not send.
+                connection.send_close_notify();
+                let mut writer = NonBlockingWriter(&tcp);
+                while connection.wants_write() {
+                    if !matches!(connection.write_tls(&mut writer), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+                tcp
+            }
+            State::Handshaking(_) | State::Broken => return,
+        };
+        // SAFETY: shutdown(2) on the socket this struct owns; it stays open.
+        unsafe { libc::shutdown(tcp.as_raw_fd(), libc::SHUT_WR) };
+        self.notes.lock().lingering = Some(tcp);
+    }
+}
+
+struct NonBlockingWriter<'a>(&'a TcpStream);
+
+impl io::Write for NonBlockingWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.try_write(bytes)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -337,10 +452,22 @@ fn client_core_size(tpkt: &[u8]) -> Option<DesktopSize> {
 /// writes its own access-denied.
 fn farewell_bytes(code: ProtocolIndependentCode) -> Result<Vec<u8>, ironrdp_core::EncodeError> {
     let info = ServerSetErrorInfoPdu(ErrorInfo::ProtocolIndependentCode(code));
+    // In a Share Data header, as [MS-RDPBCGR] 2.2.5.1.1 has it (IronRDP's own access-denied
+    // sends the bare code, which FreeRDP cannot parse).
+    let share_data = ShareControlHeader {
+        share_id: 0,
+        pdu_source: IO_CHANNEL_ID,
+        share_control_pdu: ShareControlPdu::Data(ShareDataHeader {
+            share_data_pdu: ShareDataPdu::ServerSetErrorInfo(info),
+            stream_priority: StreamPriority::Undefined,
+            compression_flags: CompressionFlags::empty(),
+            compression_type: CompressionType::K8,
+        }),
+    };
     let indication = SendDataIndication {
         initiator_id: USER_CHANNEL_ID,
         channel_id: IO_CHANNEL_ID,
-        user_data: ironrdp_core::encode_vec(&info)?.into(),
+        user_data: ironrdp_core::encode_vec(&share_data)?.into(),
     };
     let mut bytes = ironrdp_core::encode_vec(&X224(indication))?;
     let ultimatum =

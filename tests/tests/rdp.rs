@@ -325,23 +325,35 @@ struct SessionDisplay {
 }
 
 impl SessionDisplay {
-    /// The display of the account's Xvfb, and the cookie usherd wrote for the session
-    /// (in `[rdp] runtime_dir`).
-    fn of(agent: &RdpAgent, session: &serde_json::Value, uid: u32) -> SessionDisplay {
-        let xvfb = pids_of_uid(uid)
-            .into_iter()
-            .find(|&p| comm(p) == "Xvfb")
-            .expect("the desktop's Xvfb");
-        let cmdline = std::fs::read(format!("/proc/{xvfb}/cmdline")).unwrap();
-        let display = cmdline
-            .split(|b| *b == 0)
+    /// The display of the account's Xvfb, and the cookie usherd wrote for the session.
+    fn of(uid: u32) -> SessionDisplay {
+        let first_named = |name: &str| {
+            pids_of_uid(uid)
+                .into_iter()
+                .find(|&p| comm(p) == name)
+                .unwrap_or_else(|| panic!("the desktop's {name}"))
+        };
+        // The display the X server picked, as the desktop's terminal was told.
+        let environ = std::fs::read(format!("/proc/{}/environ", first_named("xterm"))).unwrap();
+        let display = environ
+            .split(|&b| b == 0)
+            .find_map(|v| v.strip_prefix(b"DISPLAY="))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .expect("DISPLAY in the xterm's environment");
+        // The cookie the X server reads.
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", first_named("Xvfb"))).unwrap();
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
-            .find(|a| a.starts_with(':'))
-            .expect("Xvfb's display argument");
-        let id = session["id"].as_str().unwrap();
+            .collect();
+        let xauthority = args
+            .windows(2)
+            .find(|w| w[0] == "-auth")
+            .map(|w| std::path::PathBuf::from(&w[1]))
+            .expect("Xvfb -auth");
         SessionDisplay {
             display,
-            xauthority: agent.runtime_dir.join(format!("{id}.xauth")),
+            xauthority,
         }
     }
 
@@ -770,7 +782,7 @@ fn the_default_desktop_is_a_window_manager_and_a_terminal_of_the_account() {
     let window = client.wait_for_window(CONNECT);
     agent.must(&client, window);
     // FreeRDP opens its window before usherd has decided: the session says it has.
-    let session = agent.session_of(&login);
+    agent.session_of(&login);
     let uid = uid_of(&login);
     agent.wait_for(
         30,
@@ -782,7 +794,7 @@ fn the_default_desktop_is_a_window_manager_and_a_terminal_of_the_account() {
     );
     // What the desktop's own X server shows (its root colour and a terminal), the client
     // shows too.
-    let desktop = SessionDisplay::of(&agent, &session, uid);
+    let desktop = SessionDisplay::of(uid);
     let mut last = (String::new(), String::new());
     let same = poll_until(
         "the client to show what the desktop shows",
@@ -888,4 +900,208 @@ fn a_dropped_client_that_comes_back_gets_its_desktop_and_an_abandoned_one_ends()
         agent.sessions().is_empty()
     });
     agent.wait_for(10, "its X server to go", || x_servers(uid).is_empty());
+}
+
+/// The processes named `name` (`comm`).
+fn pids_named(name: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|&p| comm(p) == name)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A field of /proc/PID/status.
+fn status_field(pid: i32, field: &str) -> String {
+    read_trimmed(std::path::Path::new(&format!("/proc/{pid}/status")))
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_killed_worker_takes_only_its_connection_and_the_client_gets_its_desktop_back() {
+    let agent = rdp_agent();
+    let (login, _) = rdp_grant(&agent, "again", "rdp-secret-again", "rdp", 600);
+    let display = ClientDisplay::start().unwrap();
+    let mut client = agent.client(&display, agent.options(&login, "rdp-secret-again"));
+    agent.desktop_shown(&mut client, 4);
+    let session = agent.session_of(&login)["id"].as_str().unwrap().to_string();
+
+    // The connection's worker runs unprivileged, and can never gain privileges back.
+    let workers = pids_named("usher-rdp");
+    let worker = *workers
+        .iter()
+        .find(|&&p| status_field(p, "PPid") == agent.pid().to_string())
+        .unwrap_or_else(|| panic!("no usher-rdp child of usherd: {workers:?}"));
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid;
+    assert!(
+        status_field(worker, "Uid")
+            .split_whitespace()
+            .all(|u| u == nobody.to_string()),
+        "the worker runs as {}",
+        status_field(worker, "Uid")
+    );
+    assert_eq!(status_field(worker, "NoNewPrivs"), "1");
+
+    // The desktop's X server listens on no TCP port, and its cookie is the account's only.
+    let uid = uid_of(&login);
+    let xvfb = *pids_of_uid(uid)
+        .iter()
+        .find(|&&p| comm(p) == "Xvfb")
+        .expect("the desktop's Xvfb");
+    let cmdline = std::fs::read(format!("/proc/{xvfb}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "-nolisten" && w[1] == "tcp"),
+        "{args:?}"
+    );
+    let auth = args
+        .windows(2)
+        .find(|w| w[0] == "-auth")
+        .map(|w| std::path::PathBuf::from(&w[1]))
+        .expect("Xvfb -auth");
+    let meta = std::fs::metadata(&auth).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o777),
+        (uid, 0o600)
+    );
+    // The display the X server picked, as the desktop's terminal was told.
+    let xterm = *pids_of_uid(uid)
+        .iter()
+        .find(|&&p| comm(p) == "xterm")
+        .expect("the desktop's xterm");
+    let environ = std::fs::read(format!("/proc/{xterm}/environ")).unwrap();
+    let display_arg = environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"DISPLAY="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .expect("DISPLAY in the xterm's environment");
+    // Another local user, without the cookie, is turned away by the X server.
+    let stranger = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "xdpyinfo",
+            "-display",
+        ])
+        .arg(&display_arg)
+        .env_remove("XAUTHORITY")
+        .output()
+        .unwrap();
+    assert!(
+        !stranger.status.success(),
+        "a stranger opened the desktop's display"
+    );
+
+    // The worker dies: usherd and the desktop stay, the client is dropped.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = client.wait_exit(REFUSAL);
+    assert!(agent.alive(), "usherd died with its worker");
+    assert!(
+        std::path::Path::new(&format!("/proc/{xvfb}")).exists(),
+        "the desktop died with the worker"
+    );
+
+    // Logging in again under the same grant brings the same desktop back.
+    let mut again = agent.client(&display, agent.options(&login, "rdp-secret-again"));
+    agent.desktop_shown(&mut again, 4);
+    let sessions: Vec<_> = agent
+        .sessions()
+        .into_iter()
+        .filter(|s| s["login"] == login.as_str())
+        .collect();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0]["id"], session.as_str());
+    assert!(agent.log().contains("(reconnected)"), "{}", agent.log());
+    again.close();
+}
+
+#[test]
+fn unauthenticated_connections_are_capped_timed_out_and_garbage_does_not_hurt() {
+    use std::io::{Read, Write};
+    let agent = rdp_agent_with(
+        Some(DESKTOP),
+        "max_startups_per_source = 3\nlogin_grace_secs = 3\n",
+    );
+    let addr = format!("127.0.0.1:{}", agent.rdp_port);
+    // Three silent connections are held; the fourth is closed at once.
+    let held: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fourth = std::net::TcpStream::connect(&addr).unwrap();
+    fourth
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(fourth.read(&mut buf), Ok(0) | Err(_)),
+        "a fourth unauthenticated connection from one address was served"
+    );
+    // The held ones are closed when the login grace time is over.
+    for mut c in held {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let started = std::time::Instant::now();
+        let end = c.read(&mut buf);
+        assert!(
+            matches!(end, Ok(0) | Err(_)) && started.elapsed() < Duration::from_secs(9),
+            "a silent connection outlived the login grace time: {end:?}"
+        );
+    }
+    // Garbage instead of a connection request: the worker drops it, usherd stays.
+    for junk in [
+        &b"\x03\x00\xff\xff garbage"[..],
+        &[0u8; 4096][..],
+        b"GET / HTTP/1.1\r\n\r\n",
+    ] {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        let _ = c.write_all(junk);
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.read(&mut buf);
+    }
+    assert!(agent.alive());
+    // And a real client still gets in.
+    let (login, _) = rdp_grant(&agent, "after", "rdp-secret-after", "rdp", 600);
+    let display = ClientDisplay::start().unwrap();
+    let mut client = agent.client(&display, agent.options(&login, "rdp-secret-after"));
+    agent.desktop_shown(&mut client, 4);
+    client.close();
+}
+
+#[test]
+fn the_grant_expiring_disconnects_the_client_and_ends_the_desktop() {
+    let agent = rdp_agent();
+    let (login, _) = rdp_grant(&agent, "brief", "rdp-secret-brief", "rdp", 40);
+    let display = ClientDisplay::start().unwrap();
+    let mut client = agent.client(&display, agent.options(&login, "rdp-secret-brief"));
+    agent.desktop_shown(&mut client, 4);
+    let uid = uid_of(&login);
+    let status = client
+        .wait_exit(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("the client outlived its grant: {e}\n{}", agent.log()));
+    assert!(
+        !status.success() || client.log().contains("ERRINFO"),
+        "{}",
+        client.log()
+    );
+    agent.wait_for(20, "the desktop's processes to end", || {
+        pids_of_uid(uid).is_empty()
+    });
+    assert!(agent.log().contains("rdp_disconnected"), "{}", agent.log());
 }

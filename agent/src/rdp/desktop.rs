@@ -11,13 +11,13 @@ use crate::session::{
 };
 use crate::sync::lock;
 use bytes::Bytes;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
-/// The lowest display number a desktop gets (below are the console's and test rigs').
-const FIRST_DISPLAY: u32 = 20;
+/// How long a client gets to hear why its desktop ends before the desktop is killed.
+const TELL_THE_CLIENT: Duration = Duration::from_millis(300);
 
 /// How long an X server may take to start.
 const X_START: Duration = Duration::from_secs(15);
@@ -51,10 +51,14 @@ impl Desktop {
     }
 }
 
-/// What the desktop session writes: an X server and a desktop have nobody to tell but the
-/// journal. The last thing said before the end is why it ended.
+/// What the desktop session writes: first the display its X server took (`-displayfd`),
+/// then nothing anyone needs but the journal. The last thing said before the end is why it
+/// ended.
 struct DesktopSink {
     session_id: Arc<OnceLock<String>>,
+    /// The start of stdout, until its first line (the display number) is complete.
+    first_line: Mutex<Option<Vec<u8>>>,
+    display: watch::Sender<Option<u32>>,
     last_words: Mutex<Option<String>>,
     ended: watch::Sender<Option<String>>,
 }
@@ -63,7 +67,20 @@ impl ClientSink for DesktopSink {
     fn opened(&self, session_id: &str) {
         let _ = self.session_id.set(session_id.to_string());
     }
-    async fn stdout(&self, _data: Bytes) -> bool {
+    async fn stdout(&self, data: Bytes) -> bool {
+        let mut first = lock(&self.first_line);
+        if let Some(line) = first.as_mut() {
+            line.extend_from_slice(&data);
+            if let Some(end) = line.iter().position(|&b| b == b'\n') {
+                let number = std::str::from_utf8(&line[..end])
+                    .ok()
+                    .and_then(|n| n.trim().parse::<u32>().ok());
+                self.display.send_replace(number);
+                *first = None;
+            } else if line.len() > 32 {
+                *first = None;
+            }
+        }
         true
     }
     async fn stderr(&self, data: Bytes) -> bool {
@@ -74,11 +91,22 @@ impl ClientSink for DesktopSink {
         }
         true
     }
+    async fn stopping(&self, why: &str) {
+        // The worker tells its client why, then the desktop's processes are killed.
+        let _ = self.ended.send(Some(why.to_string()));
+        tokio::time::sleep(TELL_THE_CLIENT).await;
+    }
     async fn finish(&self, outcome: ExitOutcome) {
         let why = lock(&self.last_words)
             .take()
             .unwrap_or_else(|| format!("the desktop ended ({outcome:?})"));
-        let _ = self.ended.send(Some(why));
+        self.ended.send_if_modified(|e| {
+            let first = e.is_none();
+            if first {
+                *e = Some(why);
+            }
+            first
+        });
     }
 }
 
@@ -86,15 +114,11 @@ pub struct Desktops<C: Core> {
     core: Arc<C>,
     config: Arc<RdpConfig>,
     live: Mutex<HashMap<GrantId, Arc<Desktop>>>,
-    /// Display numbers picked whose X server may not be listening yet.
-    reserved: Arc<Mutex<BTreeSet<u32>>>,
     connections: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DesktopError {
-    #[error("no free X display number")]
-    NoDisplay,
     #[error("the desktop did not start: {0}")]
     NotStarted(String),
 }
@@ -112,7 +136,6 @@ impl<C: Core> Desktops<C> {
             core,
             config,
             live: Mutex::new(HashMap::new()),
-            reserved: Arc::new(Mutex::new(BTreeSet::new())),
             connections: std::sync::atomic::AtomicU64::new(1),
         })
     }
@@ -169,7 +192,7 @@ impl<C: Core> Desktops<C> {
     pub fn detach(self: &Arc<Self>, attached: &Attached) {
         let desktop = attached.desktop.clone();
         let connection = attached.connection;
-        if *desktop.owner.borrow() != connection {
+        if *desktop.owner.borrow() != connection || desktop.ended.borrow().is_some() {
             return;
         }
         desktop.owner.send_replace(0);
@@ -192,7 +215,6 @@ impl<C: Core> Desktops<C> {
         height: u16,
         peer: &str,
     ) -> Result<Arc<Desktop>, DesktopError> {
-        let display = self.pick_display().ok_or(DesktopError::NoDisplay)?;
         let cookie: [u8; 16] = rand::random();
         let width = width.clamp(200, self.config.max_width);
         let height = height.clamp(200, self.config.max_height);
@@ -201,8 +223,11 @@ impl<C: Core> Desktops<C> {
         let (stdin_tx, stdin_rx) = mpsc::channel(1);
         let (ended_tx, ended_rx) = watch::channel(None);
         let session_id = Arc::new(OnceLock::new());
+        let (display_tx, display_rx) = watch::channel(None);
         let sink = Arc::new(DesktopSink {
             session_id: session_id.clone(),
+            first_line: Mutex::new(Some(Vec::new())),
+            display: display_tx,
             last_words: Mutex::new(None),
             ended: ended_tx,
         });
@@ -210,7 +235,6 @@ impl<C: Core> Desktops<C> {
             kind: SessionKind::Rdp,
             command: SessionCommand::Desktop(DesktopSpec {
                 xvfb: self.config.xvfb.clone(),
-                display,
                 cookie,
                 auth_dir: self.config.runtime_dir.clone(),
                 width,
@@ -232,13 +256,19 @@ impl<C: Core> Desktops<C> {
                 desktop: Some(lines_rx),
             },
         ));
-        let reserved = self.reserved.clone();
-        let started = wait_for_x(display, ended_rx.clone()).await;
-        lock(&reserved).remove(&display);
-        if let Err(why) = started {
-            drop((control_tx, stdin_tx));
-            return Err(DesktopError::NotStarted(why));
-        }
+        let display = match wait_for_x(display_rx, ended_rx.clone()).await {
+            // The desktop command's cue: the shell reads the display number.
+            Ok(n) if stdin_tx.send(Bytes::from(format!("{n}\n"))).await.is_ok() => n,
+            Ok(_) => {
+                return Err(DesktopError::NotStarted(
+                    "the desktop's shell is gone".into(),
+                ))
+            }
+            Err(why) => {
+                drop((control_tx, stdin_tx));
+                return Err(DesktopError::NotStarted(why));
+            }
+        };
         let session_id = session_id.get().cloned().unwrap_or_default();
         let ids = OnceLock::new();
         let _ = ids.set(session_id);
@@ -256,56 +286,30 @@ impl<C: Core> Desktops<C> {
             owner: watch::channel(0).0,
         }))
     }
-
-    /// A display number no X server listens on (abstract sockets are per network
-    /// namespace, so they are seen whatever mount namespace a desktop has) and no other
-    /// desktop is starting on.
-    fn pick_display(&self) -> Option<u32> {
-        let used = listening_displays();
-        let mut reserved = lock(&self.reserved);
-        let n = (FIRST_DISPLAY..FIRST_DISPLAY + 10_000).find(|n| {
-            !used.contains(n)
-                && !reserved.contains(n)
-                && !std::path::Path::new(&format!("/tmp/.X{n}-lock")).exists()
-        })?;
-        reserved.insert(n);
-        Some(n)
-    }
 }
 
-/// The displays X servers listen on, from their abstract sockets.
-fn listening_displays() -> BTreeSet<u32> {
-    std::fs::read_to_string("/proc/net/unix")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(7))
-        .filter_map(|p| p.strip_prefix("@/tmp/.X11-unix/X"))
-        .filter_map(|n| n.parse().ok())
-        .collect()
-}
-
-/// Waits until the desktop's X server listens, or its session ended.
+/// Waits until the desktop's X server says its display (it listens then), or the session
+/// ended.
 async fn wait_for_x(
-    display: u32,
+    mut display: watch::Receiver<Option<u32>>,
     mut ended: watch::Receiver<Option<String>>,
-) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + X_START;
-    loop {
-        if let Some(why) = ended.borrow().clone() {
-            return Err(why);
+) -> Result<u32, String> {
+    let said = async {
+        loop {
+            if let Some(n) = *display.borrow_and_update() {
+                return Ok(n);
+            }
+            if let Some(why) = ended.borrow().clone() {
+                return Err(why);
+            }
+            tokio::select! {
+                r = display.changed() => if r.is_err() { return Err("the desktop ended".to_string()) },
+                r = ended.changed() => if r.is_err() { return Err("the desktop ended".to_string()) },
+            }
         }
-        if listening_displays().contains(&display) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!(
-                "no X server on :{display} within {} s",
-                X_START.as_secs()
-            ));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            _ = ended.changed() => {}
-        }
+    };
+    match tokio::time::timeout(X_START, said).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no X server within {} s", X_START.as_secs())),
     }
 }

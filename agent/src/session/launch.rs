@@ -9,19 +9,19 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A desktop session's shell: its X server in the background (gone with the shell), the
-/// desktop command once the server's socket is there.
+/// desktop command once the server listens. The X server picks a free display itself
+/// (its lock files make that atomic between agents and anything else on the host) and
+/// says which on the session's stdout once it accepts connections (`-displayfd`); the
+/// agent reads it there and hands it back on stdin, the shell's cue to go on.
 const DESKTOP_SCRIPT: &str = r#"
-"$USHER_XVFB" ":$USHER_DISPLAY" -screen 0 "${USHER_GEOMETRY}x24" -nolisten tcp -auth "$XAUTHORITY" -noreset >/dev/null 2>&1 &
+exec 3>&1
+"$USHER_XVFB" -displayfd 3 -screen 0 "${USHER_GEOMETRY}x24" -nolisten tcp -auth "$XAUTHORITY" -noreset >/dev/null 2>&1 &
 x=$!
+exec 3>&-
 trap 'kill $x 2>/dev/null' EXIT HUP TERM
-tries=0
-while ! [ -S "/tmp/.X11-unix/X$USHER_DISPLAY" ]; do
-  kill -0 $x 2>/dev/null || exit 1
-  tries=$((tries + 1))
-  [ $tries -gt 100 ] && exit 1
-  sleep 0.1
-done
-unset USHER_XVFB USHER_GEOMETRY USHER_DISPLAY
+read -r n || exit 1
+export DISPLAY=":$n"
+unset USHER_XVFB USHER_GEOMETRY
 eval "$USHER_DESKTOP"
 "#;
 
@@ -43,19 +43,20 @@ fn write_xauthority(
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)?;
     std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
-    file.write_all(&xauthority_entry(spec.display, &spec.cookie))?;
+    file.write_all(&xauthority_entry(&spec.cookie))?;
     Ok(path)
 }
 
-/// One entry: any local address (FamilyWild), this display, MIT-MAGIC-COOKIE-1.
-fn xauthority_entry(display: u32, cookie: &[u8]) -> Vec<u8> {
+/// One entry: any address (FamilyWild), any display (an empty number: the X server picks
+/// it later), MIT-MAGIC-COOKIE-1.
+fn xauthority_entry(cookie: &[u8]) -> Vec<u8> {
     fn field(out: &mut Vec<u8>, bytes: &[u8]) {
         out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
         out.extend_from_slice(bytes);
     }
     let mut out = 0xffffu16.to_be_bytes().to_vec();
     field(&mut out, b"");
-    field(&mut out, display.to_string().as_bytes());
+    field(&mut out, b"");
     field(&mut out, b"MIT-MAGIC-COOKIE-1");
     field(&mut out, cookie);
     out
@@ -125,10 +126,8 @@ pub(super) fn launch_for(sg: &Opened, request: &SessionRequest) -> std::io::Resu
     if let SessionCommand::Desktop(spec) = &request.command {
         let auth = write_xauthority(spec, &sg.session_id, a.uid, a.gid)?;
         env.extend([
-            ("DISPLAY".to_string(), format!(":{}", spec.display)),
             ("XAUTHORITY".to_string(), auth.display().to_string()),
             ("USHER_XVFB".to_string(), spec.xvfb.display().to_string()),
-            ("USHER_DISPLAY".to_string(), spec.display.to_string()),
             (
                 "USHER_GEOMETRY".to_string(),
                 format!("{}x{}", spec.width, spec.height),
@@ -164,13 +163,13 @@ mod tests {
     /// The layout libXau reads: family, address, number, name, data, each u16-prefixed.
     #[test]
     fn an_xauthority_entry_is_what_libxau_reads() {
-        let e = xauthority_entry(12, &[0xab; 16]);
+        let e = xauthority_entry(&[0xab; 16]);
         assert_eq!(&e[..2], &[0xff, 0xff]);
         assert_eq!(&e[2..4], &[0, 0]);
-        assert_eq!(&e[4..8], &[0, 2, b'1', b'2']);
-        assert_eq!(&e[8..10], &[0, 18]);
-        assert_eq!(&e[10..28], b"MIT-MAGIC-COOKIE-1");
-        assert_eq!(&e[28..30], &[0, 16]);
-        assert_eq!(&e[30..], &[0xab; 16]);
+        assert_eq!(&e[4..6], &[0, 0]);
+        assert_eq!(&e[6..8], &[0, 18]);
+        assert_eq!(&e[8..26], b"MIT-MAGIC-COOKIE-1");
+        assert_eq!(&e[26..28], &[0, 16]);
+        assert_eq!(&e[28..], &[0xab; 16]);
     }
 }

@@ -138,7 +138,8 @@ pub(super) async fn relay<S: ClientSink>(
         }
     };
     input.abort();
-    if stopped.is_some() {
+    if let Some(stop) = &stopped {
+        sink.stopping(&stop.0).await;
         (process.kill_all)();
         // Reap the process; what it still writes goes nowhere.
         if relay.status.is_none() {

@@ -11,6 +11,12 @@ use super::SessionKind;
 pub trait ClientSink: Send + Sync + 'static {
     /// The session is open, under this id (before its process starts).
     fn opened(&self, _session_id: &str) {}
+    /// The session is being stopped (the grant ended, the recording failed), before its
+    /// processes are killed: a client that is not fed through the sink (a desktop's)
+    /// can be told why first.
+    fn stopping(&self, _why: &str) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     fn stdout(&self, data: Bytes) -> impl Future<Output = bool> + Send;
     fn stderr(&self, data: Bytes) -> impl Future<Output = bool> + Send;
     fn finish(&self, outcome: ExitOutcome) -> impl Future<Output = ()> + Send;
@@ -63,8 +69,6 @@ pub enum SessionCommand {
 #[derive(Debug, Clone)]
 pub struct DesktopSpec {
     pub xvfb: PathBuf,
-    /// The display number, free when it was picked.
-    pub display: u32,
     /// MIT-MAGIC-COOKIE-1, written for the account in `auth_dir` before the X server starts.
     pub cookie: [u8; 16],
     pub auth_dir: PathBuf,
@@ -81,7 +85,7 @@ impl SessionCommand {
             SessionCommand::Shell => None,
             SessionCommand::Exec(c) => Some(c.clone()),
             SessionCommand::Subsystem(p) => Some(p.display().to_string()),
-            SessionCommand::Desktop(d) => Some(format!("(desktop :{}) {}", d.display, d.command)),
+            SessionCommand::Desktop(d) => Some(format!("(desktop) {}", d.command)),
         }
     }
 }

@@ -79,13 +79,6 @@ pub async fn run<C: Core, S: ClientSink>(
             Err(stop) => (Err(stop), notes),
         }
     };
-    // A desktop's processes all end with it (an X server outliving its session would
-    // keep the account's desktop open to nobody's audit).
-    if let SessionCommand::Desktop(spec) = &request.command {
-        let cgroup = opened_cgroup.clone();
-        let _ = tokio::task::spawn_blocking(move || cgroup.kill_all()).await;
-        let _ = std::fs::remove_file(super::launch::xauthority_path(&spec.auth_dir, &id));
-    }
     // Processes the session left behind (`sleep 1000 &`) still have their execs audited.
     if let Some(rx) = leftover_notes {
         let path = ctx.spool_dir.join(format!("{id}.audit.jsonl"));
@@ -104,6 +97,13 @@ pub async fn run<C: Core, S: ClientSink>(
     core.finished(&id);
     audit!("session_ended", session = id.as_str(), jti = grant.jti(), login = grant.login(), outcome = format!("{outcome:?}").as_str(); "session {id} ended: {outcome:?}");
     sink.finish(outcome).await;
+    // A desktop's processes all end with it (an X server outliving its session would
+    // keep the account's desktop open to nobody's audit).
+    if let SessionCommand::Desktop(spec) = &request.command {
+        let cgroup = opened_cgroup.clone();
+        let _ = tokio::task::spawn_blocking(move || cgroup.kill_all()).await;
+        let _ = std::fs::remove_file(super::launch::xauthority_path(&spec.auth_dir, &id));
+    }
 }
 
 async fn refuse<S: ClientSink>(sink: &S, msg: &str) {
