@@ -7,7 +7,6 @@
 //! top-left corner: the colour on the client's window proves the remote desktop is shown,
 //! and the xterm is where keys are typed.
 
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use usher_test_support::rdp::{
     CertCheck, ClientDisplay, Image, RdpClient, RdpError, RdpOptions, Rgb, Security,
@@ -42,23 +41,6 @@ struct RdpAgent {
     /// `[rdp] runtime_dir`: the desktops' cookies, this agent's own (a stopped agent
     /// leaves its live sessions' there).
     runtime_dir: std::path::PathBuf,
-    /// Dropped after the agent (fields drop in order): the next test starts once this
-    /// one's agent and desktops are gone.
-    _turn: Option<MutexGuard<'static, ()>>,
-}
-
-/// One RDP test at a time. Each test has its own usherd, and each usherd picks its
-/// desktops' display numbers by itself: two of them starting desktops at the same moment
-/// pick the same number. That race is a test of its own
-/// (`two_agents_starting_desktops_at_the_same_moment_each_show_their_own`); the others
-/// are about something else, and wait their turn.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    // A test that failed holding it poisoned it; the next still runs.
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl std::ops::Deref for RdpAgent {
@@ -129,14 +111,6 @@ fn remove_dead_x_servers_files(uids: &std::ops::RangeInclusive<u32>) {
 /// `nordp` profiles, `desktop` as the desktop command (None: usherd's default) and `extra`
 /// lines for the `[rdp]` table.
 fn rdp_agent_with(desktop: Option<&str>, extra: &str) -> RdpAgent {
-    let turn = one_at_a_time();
-    let mut agent = rdp_agent_beside_others(desktop, extra);
-    agent._turn = Some(turn);
-    agent
-}
-
-/// As `rdp_agent_with`, without waiting for other tests' agents to go.
-fn rdp_agent_beside_others(desktop: Option<&str>, extra: &str) -> RdpAgent {
     let rdp_port = free_port();
     let runtime_dir =
         std::env::temp_dir().join(format!("usher-rdp-run-{}-{rdp_port}", std::process::id()));
@@ -163,7 +137,6 @@ fn rdp_agent_beside_others(desktop: Option<&str>, extra: &str) -> RdpAgent {
         agent: Some(agent),
         rdp_port,
         runtime_dir,
-        _turn: None,
     }
 }
 
@@ -827,10 +800,10 @@ fn the_default_desktop_is_a_window_manager_and_a_terminal_of_the_account() {
 #[test]
 fn two_agents_starting_desktops_at_the_same_moment_each_show_their_own() {
     // Two usherds on one host (or usherd beside any other X server that starts): each
-    // desktop's X server must be its own, whatever display number the other took.
-    let _turn = one_at_a_time();
-    let blue = rdp_agent_beside_others(Some(DESKTOP), "");
-    let orange = rdp_agent_beside_others(
+    // desktop's X server must be its own, whatever display number the other took. (Each
+    // usherd once picked the lowest free number itself, and both took the same one.)
+    let blue = rdp_agent_with(Some(DESKTOP), "");
+    let orange = rdp_agent_with(
         Some("xsetroot -solid '#cc6633'; exec xterm -geometry 80x24+0+0"),
         "",
     );
