@@ -979,12 +979,12 @@ mod tests {
         ];
         let mut out: Vec<u8> = fields.iter().flat_map(|f| f.to_be_bytes()).collect();
         out.extend_from_slice(name);
-        out.extend(std::iter::repeat(0u8).take(2 * 12));
+        out.extend(std::iter::repeat_n(0u8, 2 * 12));
         for row in pixels.chunks(width as usize) {
             for p in row {
                 out.extend_from_slice(&p.to_le_bytes());
             }
-            out.extend(std::iter::repeat(0xeeu8).take(pad as usize));
+            out.extend(std::iter::repeat_n(0xeeu8, pad as usize));
         }
         out
     }
