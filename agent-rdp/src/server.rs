@@ -21,6 +21,7 @@ use crate::record::{DesktopRecorder, RecordError};
 use crate::screen::{Input, Screen, XDisplay};
 use crate::transport::{ClientStream, StreamNotes};
 use anyhow::Context as _;
+use ironrdp_displaycontrol::pdu::DisplayControlMonitorLayout;
 use ironrdp_pdu::rdp::server_error_info::ProtocolIndependentCode;
 use ironrdp_server::tokio_rustls::rustls;
 use ironrdp_server::tokio_rustls::TlsAcceptor;
@@ -33,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
-use usher_wire::rdp::{Desktop, FromWorker, Security};
+use usher_wire::rdp::{Desktop, FromWorker, Security, MAX_LOGIN_LINE_BYTES};
 
 /// How long IronRDP has to close the connection after being asked to quit.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
@@ -112,6 +113,7 @@ pub async fn serve(
         session: session.clone(),
     };
     let display = SessionDisplay {
+        max,
         session: session.clone(),
         provisional: clamp(PROVISIONAL_SIZE, max),
         to_usherd: to_usherd.clone(),
@@ -120,7 +122,7 @@ pub async fn serve(
     };
     let input = SessionInput {
         session: session.clone(),
-        failure_tx,
+        failure_tx: failure_tx.clone(),
     };
     let local = tcp
         .local_addr()
@@ -170,7 +172,6 @@ pub async fn serve(
                     let outcome = match cause {
                         Ok(EndCause::Ended { reason }) => {
                             log::info!("usherd ends the session: {reason}");
-                            notes.set_farewell(ProtocolIndependentCode::RpcInitiatedDisconnect);
                             Outcome::Ended { reason }
                         }
                         Ok(EndCause::Lost(error)) => {
@@ -179,23 +180,19 @@ pub async fn serve(
                         }
                         Err(_) => Outcome::UsherdLost,
                     };
-                    finish_connection(&quit, connection.as_mut(), &outcome).await;
+                    finish_connection(&quit, &notes, connection.as_mut(), &outcome).await;
                     break Ok(outcome);
                 }
                 Some(error) = recording_failed.recv() => {
                     log::error!("the recording failed, ending the session: {error}");
                     session.set_outcome(Outcome::RecordingFailed);
                     let _ = to_usherd.send(FromWorker::RecordFailed { reason: error.to_string() }).await;
-                    finish_connection(&quit, connection.as_mut(), &Outcome::RecordingFailed).await;
+                    finish_connection(&quit, &notes, connection.as_mut(), &Outcome::RecordingFailed).await;
                     break Ok(Outcome::RecordingFailed);
                 }
                 _ = recording_check.tick() => {
                     if let Some(error) = session.recording_failure() {
-                        log::error!("the recording failed, ending the session: {error}");
-                        session.set_outcome(Outcome::RecordingFailed);
-                        let _ = to_usherd.send(FromWorker::RecordFailed { reason: error.to_string() }).await;
-                        finish_connection(&quit, connection.as_mut(), &Outcome::RecordingFailed).await;
-                        break Ok(Outcome::RecordingFailed);
+                        let _ = failure_tx.send(error);
                     }
                 }
             }
@@ -232,11 +229,15 @@ pub async fn serve(
 /// gives it a moment; after that the connection is dropped, which closes the socket.
 async fn finish_connection<F>(
     quit: &mpsc::UnboundedSender<ServerEvent>,
+    notes: &StreamNotes,
     connection: std::pin::Pin<&mut F>,
     outcome: &Outcome,
 ) where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
+    // The client is told the server ended the session ("an administrative tool on the
+    // server"): RDP carries codes, not text; the reason is in the journal.
+    notes.set_farewell(ProtocolIndependentCode::RpcInitiatedDisconnect);
     let _ = quit.send(ServerEvent::Quit(format!("{outcome:?}")));
     if tokio::time::timeout(QUIT_GRACE, connection).await.is_err() {
         log::info!("the connection did not close within {QUIT_GRACE:?}; dropping it");
@@ -274,6 +275,20 @@ fn tls_acceptor(cert_pem: &str, key_pem: &str) -> Result<TlsAcceptor, ServeError
         .with_single_cert(certs, key)
         .map_err(|error| ServeError::Identity(error.to_string()))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A size from the client's monitor layout, as the X screen will take it: within
+/// [MS-RDPEDISP]'s 200..=8192 and the largest allowed, the width a multiple of 4 (IronRDP's
+/// bitmap encoder wants it).
+fn layout_size(width: u32, height: u32, max: DesktopSize) -> DesktopSize {
+    let bound = |value: u32, max: u16| {
+        let max = u32::from(max).clamp(200, 8192);
+        u16::try_from(value.clamp(200, max)).unwrap_or(200)
+    };
+    DesktopSize {
+        width: bound(width, max.width) & !3,
+        height: bound(height, max.height),
+    }
 }
 
 fn clamp(size: DesktopSize, max: DesktopSize) -> DesktopSize {
@@ -365,6 +380,7 @@ impl CredentialValidator for UsherdValidator {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
         let Some(verdict) = verdict else {
+            self.notes.deny();
             return Err(CredentialValidationError::new(LoginError::Repeated));
         };
         let requested = self.notes.requested_size().unwrap_or(PROVISIONAL_SIZE);
@@ -385,7 +401,16 @@ impl CredentialValidator for UsherdValidator {
             width: size.width,
             height: size.height,
         };
+        if login.encode().len() > MAX_LOGIN_LINE_BYTES {
+            // usherd would refuse the line (and with it this worker); RDP allows user names
+            // and passwords far longer than any login here.
+            log::info!("the client's credentials are too long to be a login: refused");
+            self.notes.deny();
+            self.session.set_outcome(Outcome::Refused);
+            return Ok(CredentialDecision::Reject);
+        }
         if !self.to_usherd.send(login).await {
+            self.notes.deny();
             self.session.set_outcome(Outcome::UsherdLost);
             return Err(CredentialValidationError::new(LoginError::UsherdGone));
         }
@@ -399,6 +424,7 @@ impl CredentialValidator for UsherdValidator {
                 return Ok(CredentialDecision::Reject);
             }
             Err(_) => {
+                self.notes.deny();
                 self.session.set_outcome(Outcome::UsherdLost);
                 return Err(CredentialValidationError::new(LoginError::UsherdGone));
             }
@@ -427,6 +453,7 @@ impl CredentialValidator for UsherdValidator {
             }
             Err(error) => {
                 log::error!("{error}");
+                self.notes.deny();
                 Err(CredentialValidationError::new(error))
             }
         }
@@ -442,6 +469,18 @@ fn open_session(desktop: Desktop, to_usherd: ToUsherd) -> Result<Session, LoginE
         cookie,
     };
     let screen = Screen::connect(&display).map_err(|e| LoginError::Desktop(e.to_string()))?;
+    // usherd may start the X server larger than asked (Xvfb's RandR can shrink a screen
+    // and grow it back, never beyond its start size), so that a client can resize later.
+    if screen.size() != (desktop.width, desktop.height) && desktop.width > 0 && desktop.height > 0 {
+        match screen.resize(desktop.width, desktop.height) {
+            Ok(size) => log::info!("desktop resized to {}x{}", size.0, size.1),
+            Err(error) => log::warn!(
+                "the desktop stays {}x{}: {error}",
+                screen.size().0,
+                screen.size().1
+            ),
+        }
+    }
     let input = screen
         .input()
         .map_err(|e| LoginError::Desktop(e.to_string()))?;
@@ -475,7 +514,7 @@ fn open_session(desktop: Desktop, to_usherd: ToUsherd) -> Result<Session, LoginE
 
 fn hex_decode(text: &str) -> Option<Vec<u8>> {
     let text = text.trim();
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
@@ -485,6 +524,7 @@ fn hex_decode(text: &str) -> Option<Vec<u8>> {
 }
 
 struct SessionDisplay {
+    max: DesktopSize,
     session: Arc<SessionSlot>,
     provisional: DesktopSize,
     to_usherd: ToUsherd,
@@ -548,6 +588,38 @@ impl RdpServerDisplay for SessionDisplay {
             failure_tx: self.failure_tx.clone(),
             failed: false,
         }))
+    }
+
+    /// The client resized its window (display control channel, `/dynamic-resolution`):
+    /// the X screen follows, within the largest size allowed and what the X server can do;
+    /// the capture then sends the resize, which IronRDP passes on to the client.
+    fn request_layout(&mut self, layout: DisplayControlMonitorLayout) {
+        let monitors = layout.monitors();
+        let Some(primary) = monitors
+            .iter()
+            .find(|monitor| monitor.is_primary())
+            .or(monitors.first())
+        else {
+            return;
+        };
+        let (width, height) = primary.dimensions();
+        let size = layout_size(width, height, self.max);
+        let state = self.session.lock();
+        let Some(session) = state.session.as_ref() else {
+            return;
+        };
+        match session.screen.resize(size.width, size.height) {
+            Ok((width, height)) => log::info!(
+                "the client asked for {}x{}: the desktop is now {width}x{height}",
+                size.width,
+                size.height
+            ),
+            Err(error) => log::warn!(
+                "the client asked for {}x{}, the desktop cannot: {error}",
+                size.width,
+                size.height
+            ),
+        }
     }
 }
 
@@ -651,6 +723,21 @@ mod tests {
         assert_eq!(hex_decode("0"), None);
         assert_eq!(hex_decode("zz"), None);
         assert_eq!(hex_decode("é1"), None);
+    }
+
+    #[test]
+    fn layout_sizes_stay_within_bounds_with_widths_a_multiple_of_four() {
+        let max = DesktopSize {
+            width: 1920,
+            height: 1080,
+        };
+        let size = |w, h| {
+            let s = layout_size(w, h, max);
+            (s.width, s.height)
+        };
+        assert_eq!(size(1023, 767), (1020, 767));
+        assert_eq!(size(10, 10), (200, 200));
+        assert_eq!(size(u32::MAX, 5000), (1920, 1080));
     }
 
     #[test]

@@ -67,9 +67,10 @@ impl StreamNotes {
         self.lock().requested_size
     }
 
-    /// Say `code` to the client before closing, if the stream allows.
+    /// Say `code` to the client before closing, if the stream allows and nothing else is to
+    /// be said.
     pub fn set_farewell(&self, code: ProtocolIndependentCode) {
-        self.lock().farewell = Some(code);
+        self.lock().farewell.get_or_insert(code);
     }
 
     /// The client's socket, once the connection is over, if it is still open.
@@ -112,6 +113,7 @@ pub struct ClientStream {
     /// The client offered NLA (CredSSP), which the worker does not: the usual reason a
     /// client then drops the TLS handshake.
     offered_nla: bool,
+    offered_tls: bool,
     /// The first TLS-protected PDU the client sends (the MCS Connect Initial), until read.
     first_pdu: Option<Vec<u8>>,
     farewell: Option<(Vec<u8>, usize)>,
@@ -126,6 +128,7 @@ impl ClientStream {
             outgoing: PduFraming::default(),
             connection_request: Some(Vec::new()),
             offered_nla: false,
+            offered_tls: false,
             first_pdu: Some(Vec::new()),
             farewell: None,
         }
@@ -171,9 +174,11 @@ impl ClientStream {
                 let request =
                     ironrdp_core::decode::<X224<nego::ConnectionRequest>>(&buffer[..length]);
                 if let Ok(request) = request {
-                    self.offered_nla = request.0.protocol.intersects(
+                    let offered = request.0.protocol;
+                    self.offered_nla = offered.intersects(
                         nego::SecurityProtocol::HYBRID | nego::SecurityProtocol::HYBRID_EX,
                     );
+                    self.offered_tls = offered.contains(nego::SecurityProtocol::SSL);
                 }
                 self.connection_request = None;
             }
@@ -313,10 +318,38 @@ impl AsyncWrite for ClientStream {
     }
 }
 
+impl ClientStream {
+    /// IronRDP's acceptor answers a client without a protocol in common (NLA only, or
+    /// standard RDP security) with an error and a closed socket, its RDP_NEG_FAILURE left
+    /// unsent; the client is told here that TLS is required, so it can say so.
+    fn refuse_negotiation(&self, tcp: &TcpStream) {
+        if self.outgoing.pdus_started > 0 || self.connection_request.is_some() || self.offered_tls {
+            return;
+        }
+        log::info!(
+            "the client does not offer TLS security{}: told SSL_REQUIRED_BY_SERVER",
+            if self.offered_nla {
+                " (only NLA, which is not offered here)"
+            } else {
+                ""
+            }
+        );
+        let failure = nego::ConnectionConfirm::Failure {
+            code: nego::FailureCode::SSL_REQUIRED_BY_SERVER,
+        };
+        if let Ok(bytes) = ironrdp_core::encode_vec(&X224(failure)) {
+            let _ = tcp.try_write(&bytes);
+        }
+    }
+}
+
 impl Drop for ClientStream {
     fn drop(&mut self) {
         let tcp = match std::mem::replace(&mut self.state, State::Broken) {
-            State::Plain(tcp) => tcp,
+            State::Plain(tcp) => {
+                self.refuse_negotiation(&tcp);
+                tcp
+            }
             State::Tls(tls) => {
                 let (tcp, mut connection) = tls.into_inner();
                 // Best effort, without waiting: the close_notify IronRDP did not send.

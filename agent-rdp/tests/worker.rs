@@ -132,6 +132,7 @@ fn run_ok(command: &mut Command) {
 struct SessionDesktop {
     display: String,
     cookie: String,
+    authority: PathBuf,
 }
 
 fn session_desktop(scratch: &mut Scratch, size: &str) -> SessionDesktop {
@@ -167,7 +168,11 @@ fn session_desktop(scratch: &mut Scratch, size: &str) -> SessionDesktop {
         !without.status.success(),
         "the session display must need its cookie"
     );
-    SessionDesktop { display, cookie }
+    SessionDesktop {
+        display,
+        cookie,
+        authority,
+    }
 }
 
 fn certificate(scratch: &Scratch) -> (String, String) {
@@ -212,18 +217,37 @@ impl Worker {
 }
 
 fn hello(cert: &(String, String), grace: u64, security: Vec<Security>) -> ToWorker {
+    hello_with_max(cert, grace, security, (1920, 1200))
+}
+
+fn hello_with_max(
+    cert: &(String, String),
+    grace: u64,
+    security: Vec<Security>,
+    max: (u16, u16),
+) -> ToWorker {
     ToWorker::Hello {
         cert_pem: cert.0.clone(),
         key_pem: cert.1.clone(),
         security,
         login_grace_secs: grace,
-        max_width: 1920,
-        max_height: 1200,
+        max_width: max.0,
+        max_height: max.1,
     }
 }
 
 /// Accepts one connection on `listener` (bounded) and starts the worker on it.
 fn start_worker(scratch: &mut Scratch, listener: &TcpListener) -> Worker {
+    start_worker_as(scratch, listener, None)
+}
+
+/// As `start_worker`, under another uid and gid when given (usherd runs workers as an
+/// unprivileged user).
+fn start_worker_as(
+    scratch: &mut Scratch,
+    listener: &TcpListener,
+    user: Option<(u32, u32)>,
+) -> Worker {
     listener.set_nonblocking(true).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let tcp = loop {
@@ -244,7 +268,18 @@ fn start_worker(scratch: &mut Scratch, listener: &TcpListener) -> Worker {
         .stdout(Stdio::null())
         .stderr(stderr);
     unsafe {
-        command.pre_exec(move || put_on_fd3(raw));
+        command.pre_exec(move || {
+            put_on_fd3(raw)?;
+            if let Some((uid, gid)) = user {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
     let child = command.spawn().expect("the worker starts");
     drop(worker_fd);
@@ -287,10 +322,24 @@ fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
 
 /// Pixels of the display's root window close to `rgb`, out of all, from `xwd`.
 fn count_colour(display: &str, rgb: (u8, u8, u8)) -> (usize, usize) {
-    let output = Command::new("xwd")
-        .args(["-root", "-silent", "-display", display])
-        .output()
-        .expect("xwd runs");
+    let shot = screenshot(display, None, rgb);
+    (shot.matching, shot.width * shot.height)
+}
+
+struct Shot {
+    width: usize,
+    height: usize,
+    matching: usize,
+}
+
+/// The display's root window from `xwd`: its size and how many pixels are close to `rgb`.
+fn screenshot(display: &str, authority: Option<&Path>, rgb: (u8, u8, u8)) -> Shot {
+    let mut command = Command::new("xwd");
+    command.args(["-root", "-silent", "-display", display]);
+    if let Some(authority) = authority {
+        command.env("XAUTHORITY", authority);
+    }
+    let output = command.output().expect("xwd runs");
     assert!(
         output.status.success(),
         "xwd: {}",
@@ -326,7 +375,11 @@ fn count_colour(display: &str, rgb: (u8, u8, u8)) -> (usize, usize) {
             }
         }
     }
-    (matching, width * height)
+    Shot {
+        width,
+        height,
+        matching,
+    }
 }
 
 fn expect_login(worker: &mut Worker, scratch: &Scratch, user: &str, password: &str) {
@@ -383,7 +436,9 @@ fn a_refused_login_gets_the_client_nothing() {
         scratch.log("client.log")
     );
     assert!(
-        scratch.log("client.log").contains("ERRINFO_SERVER_DENIED_CONNECTION"),
+        scratch
+            .log("client.log")
+            .contains("ERRINFO_SERVER_DENIED_CONNECTION"),
         "the client was told access is denied:\n{}",
         scratch.log("client.log")
     );
@@ -417,7 +472,8 @@ fn an_accepted_login_shows_the_desktop_records_it_and_end_disconnects() {
         &["/u:jit-alice", "/p:one-time-secret", "/sec:tls"],
         "client.log",
     );
-    let mut worker = start_worker(&mut scratch, &listener);
+    // As usherd runs it: an unprivileged user (nobody).
+    let mut worker = start_worker_as(&mut scratch, &listener, Some((65534, 65534)));
     worker.send(&hello(&cert, 30, vec![Security::Tls]));
     expect_login(&mut worker, &scratch, "jit-alice", "one-time-secret");
     worker.send(&ToWorker::Desktop(Desktop {
@@ -639,5 +695,444 @@ fn garbage_from_the_client_or_usherd_going_away_ends_the_worker_cleanly() {
     let client_status =
         wait_exit(scratch.child(client), Duration::from_secs(20)).expect("xfreerdp ends");
     assert!(!client_status.success(), "{}", scratch.log("client.log"));
+    assert_no_panic(&scratch);
+}
+
+/// A client connected to a desktop usherd has accepted, the colour on its screen.
+struct Connected {
+    worker: Worker,
+    client: usize,
+    client_display: String,
+    desktop: SessionDesktop,
+}
+
+fn connect_to_desktop(
+    scratch: &mut Scratch,
+    session_size: &str,
+    desktop_size: (u16, u16),
+    client_args: &[&str],
+) -> Connected {
+    let cert = certificate(scratch);
+    let desktop = session_desktop(scratch, session_size);
+    let client_display = scratch.xvfb("1280x1024", None);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut args = vec!["/u:jit-alice", "/p:one-time-secret", "/sec:tls"];
+    args.extend_from_slice(client_args);
+    let client = xfreerdp(scratch, &client_display, port, &args, "client.log");
+    let mut worker = start_worker(scratch, &listener);
+    worker.send(&hello(&cert, 30, vec![Security::Tls]));
+    expect_login(&mut worker, scratch, "jit-alice", "one-time-secret");
+    worker.send(&ToWorker::Desktop(Desktop {
+        session_id: "s-test".into(),
+        display: desktop.display.clone(),
+        cookie: desktop.cookie.clone(),
+        width: desktop_size.0,
+        height: desktop_size.1,
+        reconnected: false,
+        max_fps: 30,
+        recording: None,
+        clipboard: false,
+        drives: false,
+    }));
+    let connected = Connected {
+        worker,
+        client,
+        client_display,
+        desktop,
+    };
+    wait_for_colour(scratch, &connected, desktop_size);
+    connected
+}
+
+/// Waits until the client's screen shows `size` worth of the desktop's colour.
+fn wait_for_colour(scratch: &Scratch, connected: &Connected, size: (u16, u16)) {
+    let want = usize::from(size.0) * usize::from(size.1) * 9 / 10;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut shown = 0;
+    while Instant::now() < deadline {
+        shown = count_colour(&connected.client_display, DESKTOP_RGB).0;
+        if shown >= want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    panic!(
+        "the client shows {shown} pixels of the desktop's colour, not {want}\nworker: {}\nclient: {}",
+        scratch.log("worker.log"),
+        scratch.log("client.log")
+    );
+}
+
+fn end_and_wait(scratch: &mut Scratch, connected: &mut Connected) {
+    connected.worker.send(&ToWorker::End {
+        reason: "test over".into(),
+    });
+    let client = connected.client;
+    assert!(
+        wait_exit(scratch.child(client), Duration::from_secs(20)).is_some(),
+        "End disconnects the client:\n{}",
+        scratch.log("client.log")
+    );
+    let worker = connected.worker.index;
+    let status =
+        wait_exit(scratch.child(worker), Duration::from_secs(20)).expect("the worker exits");
+    assert!(status.success(), "{}", scratch.log("worker.log"));
+    assert_no_panic(scratch);
+}
+
+#[test]
+fn codec_variants_show_the_desktop() {
+    for variant in ["/rfx", "/gfx", "/bpp:16", "-gdi:sw"] {
+        let mut scratch = Scratch::new("codec");
+        let mut connected = connect_to_desktop(
+            &mut scratch,
+            "800x600",
+            (800, 600),
+            &["/size:800x600", variant],
+        );
+        end_and_wait(&mut scratch, &mut connected);
+    }
+}
+
+#[test]
+fn the_desktop_follows_the_client_window_and_usherd_hears_of_it() {
+    let mut scratch = Scratch::new("resize");
+    // Xvfb can shrink its screen and grow it back up to its start size, so usherd starts
+    // it at the largest size and the worker brings it to the one asked for.
+    let mut connected = connect_to_desktop(
+        &mut scratch,
+        "1280x1024",
+        (800, 600),
+        &["/size:800x600", "/dynamic-resolution"],
+    );
+    let session = screenshot(
+        &connected.desktop.display,
+        Some(&connected.desktop.authority),
+        DESKTOP_RGB,
+    );
+    assert_eq!((session.width, session.height), (800, 600));
+
+    let windows = Command::new("xdotool")
+        .args(["search", "--class", "xfreerdp"])
+        .env("DISPLAY", &connected.client_display)
+        .output()
+        .unwrap();
+    let windows = String::from_utf8_lossy(&windows.stdout).to_string();
+    for window in windows.split_whitespace() {
+        let _ = Command::new("xdotool")
+            .args(["windowsize", window, "1024", "700"])
+            .env("DISPLAY", &connected.client_display)
+            .status();
+    }
+    let mut resized = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while resized.is_none() && Instant::now() < deadline {
+        match connected
+            .worker
+            .next(MAX_LINE_BYTES, Duration::from_secs(30))
+        {
+            Some(FromWorker::Resized { width, height }) => resized = Some((width, height)),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(
+        resized,
+        Some((1024, 700)),
+        "usherd hears of the new size\nworker: {}\nclient: {}",
+        scratch.log("worker.log"),
+        scratch.log("client.log")
+    );
+    let session = screenshot(
+        &connected.desktop.display,
+        Some(&connected.desktop.authority),
+        DESKTOP_RGB,
+    );
+    assert_eq!((session.width, session.height), (1024, 700));
+    wait_for_colour(&scratch, &connected, (1024, 700));
+    end_and_wait(&mut scratch, &mut connected);
+}
+
+/// `xdotool` on a display (with its cookie when given); its stdout.
+fn xdotool(display: &str, authority: Option<&Path>, args: &[&str]) -> String {
+    let mut command = Command::new("xdotool");
+    command.args(args).env("DISPLAY", display);
+    if let Some(authority) = authority {
+        command.env("XAUTHORITY", authority);
+    }
+    let output = command.output().expect("xdotool runs");
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+#[test]
+fn the_clients_mouse_and_keyboard_reach_the_desktop() {
+    let mut scratch = Scratch::new("input");
+    let mut connected = connect_to_desktop(&mut scratch, "800x600", (800, 600), &["/size:800x600"]);
+    let session = (
+        connected.desktop.display.clone(),
+        connected.desktop.authority.clone(),
+    );
+    // A terminal on the desktop that writes what is typed into a file.
+    let typed = scratch.path("typed");
+    let xterm = Command::new("xterm")
+        .args(["-geometry", "80x24+0+0", "-e", "sh", "-c"])
+        .arg(format!("cat > {}", typed.display()))
+        .env("DISPLAY", &session.0)
+        .env("XAUTHORITY", &session.1)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("xterm runs");
+    scratch.keep("xterm", xterm);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while xdotool(
+        &session.0,
+        Some(&session.1),
+        &["search", "--class", "xterm"],
+    )
+    .trim()
+    .is_empty()
+    {
+        assert!(Instant::now() < deadline, "xterm did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Where the client's window is on its screen (no window manager places it).
+    let window = xdotool(
+        &connected.client_display,
+        None,
+        &["search", "--class", "xfreerdp"],
+    );
+    let window = window
+        .split_whitespace()
+        .last()
+        .expect("the client's window")
+        .to_string();
+    let geometry = xdotool(
+        &connected.client_display,
+        None,
+        &["getwindowgeometry", "--shell", &window],
+    );
+    let field = |name: &str| -> i32 {
+        geometry
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}=")))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (left, top) = (field("X"), field("Y"));
+
+    // The pointer moves on the desktop as on the client's window.
+    let (x, y) = (left + 120, top + 90);
+    xdotool(
+        &connected.client_display,
+        None,
+        &["mousemove", &x.to_string(), &y.to_string()],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut location = String::new();
+    while Instant::now() < deadline {
+        location = xdotool(
+            &session.0,
+            Some(&session.1),
+            &["getmouselocation", "--shell"],
+        );
+        if location.contains("X=120\n") && location.contains("Y=90\n") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        location.contains("X=120\n") && location.contains("Y=90\n"),
+        "the desktop's pointer is at {location:?}\n{}",
+        scratch.log("worker.log")
+    );
+
+    // Keys typed on the client's screen (focus follows the pointer on both, no window
+    // manager) reach the terminal, shifted characters and all.
+    xdotool(
+        &connected.client_display,
+        None,
+        &["type", "--delay", "60", "Hello-RDP_42"],
+    );
+    xdotool(&connected.client_display, None, &["key", "Return"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut content = String::new();
+    while Instant::now() < deadline {
+        content = std::fs::read_to_string(&typed).unwrap_or_default();
+        if content.contains('\n') {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(content, "Hello-RDP_42\n", "{}", scratch.log("worker.log"));
+    end_and_wait(&mut scratch, &mut connected);
+}
+
+#[test]
+fn a_recording_that_cannot_be_written_ends_the_session() {
+    let mut scratch = Scratch::new("record-fails");
+    let cert = certificate(&scratch);
+    let desktop = session_desktop(&mut scratch, "800x600");
+    let client_display = scratch.xvfb("1024x768", None);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let args = [
+        "/u:jit-alice",
+        "/p:one-time-secret",
+        "/sec:tls",
+        "/size:800x600",
+    ];
+    let client = xfreerdp(&mut scratch, &client_display, port, &args, "client.log");
+    let mut worker = start_worker(&mut scratch, &listener);
+    worker.send(&hello(&cert, 30, vec![Security::Tls]));
+    expect_login(&mut worker, &scratch, "jit-alice", "one-time-secret");
+    worker.send(&ToWorker::Desktop(Desktop {
+        session_id: "s-test".into(),
+        display: desktop.display.clone(),
+        cookie: desktop.cookie.clone(),
+        width: 800,
+        height: 600,
+        reconnected: false,
+        max_fps: 30,
+        recording: Some(RecordingSettings {
+            max_fps: 10,
+            keyframe_secs: 1,
+            input: true,
+        }),
+        clipboard: false,
+        drives: false,
+    }));
+    match worker.next(MAX_LINE_BYTES, Duration::from_secs(30)) {
+        Some(FromWorker::Record { line }) => assert!(line.contains("usher-desktop")),
+        other => panic!("expected the recording's header, got {other:?}"),
+    }
+    // usherd stops taking the recording: the worker's writes fail.
+    worker.writer.shutdown(std::net::Shutdown::Read).unwrap();
+    let status = wait_exit(scratch.child(client), Duration::from_secs(30));
+    assert!(
+        status.is_some(),
+        "the client is disconnected when the recording fails:\n{}",
+        scratch.log("worker.log")
+    );
+    let worker_status =
+        wait_exit(scratch.child(worker.index), Duration::from_secs(15)).expect("the worker exits");
+    let _ = worker_status;
+    assert!(
+        scratch.log("worker.log").contains("the recording failed"),
+        "{}",
+        scratch.log("worker.log")
+    );
+    assert_no_panic(&scratch);
+}
+
+#[test]
+fn a_client_asking_for_more_than_allowed_gets_the_largest_size() {
+    let mut scratch = Scratch::new("oversize");
+    let cert = certificate(&scratch);
+    let desktop = session_desktop(&mut scratch, "1024x768");
+    let client_display = scratch.xvfb("1600x1200", None);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let args = [
+        "/u:jit-alice",
+        "/p:one-time-secret",
+        "/sec:tls",
+        "/size:1400x1000",
+    ];
+    let client = xfreerdp(&mut scratch, &client_display, port, &args, "client.log");
+    let mut worker = start_worker(&mut scratch, &listener);
+    worker.send(&hello_with_max(&cert, 30, vec![Security::Tls], (1024, 768)));
+    match worker.next(MAX_LOGIN_LINE_BYTES, Duration::from_secs(30)) {
+        Some(FromWorker::Login { width, height, .. }) => assert_eq!((width, height), (1024, 768)),
+        other => panic!(
+            "expected a Login, got {other:?}\n{}",
+            scratch.log("worker.log")
+        ),
+    }
+    worker.send(&ToWorker::Desktop(Desktop {
+        session_id: "s-test".into(),
+        display: desktop.display.clone(),
+        cookie: desktop.cookie.clone(),
+        width: 1024,
+        height: 768,
+        reconnected: false,
+        max_fps: 30,
+        recording: None,
+        clipboard: false,
+        drives: false,
+    }));
+    let mut connected = Connected {
+        worker,
+        client,
+        client_display,
+        desktop,
+    };
+    wait_for_colour(&scratch, &connected, (1024, 768));
+    // The client was told 1400x1000 at first and resized to the desktop's size.
+    let window = xdotool(
+        &connected.client_display,
+        None,
+        &["search", "--class", "xfreerdp"],
+    );
+    let window = window
+        .split_whitespace()
+        .last()
+        .expect("the client's window")
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut geometry = String::new();
+    while Instant::now() < deadline {
+        geometry = xdotool(
+            &connected.client_display,
+            None,
+            &["getwindowgeometry", "--shell", &window],
+        );
+        if geometry.contains("WIDTH=1024\n") && geometry.contains("HEIGHT=768\n") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        geometry.contains("WIDTH=1024\n") && geometry.contains("HEIGHT=768\n"),
+        "the client's window: {geometry}\n{}",
+        scratch.log("client.log")
+    );
+    end_and_wait(&mut scratch, &mut connected);
+}
+
+#[test]
+fn a_client_offering_only_nla_is_told_tls_is_required() {
+    let mut scratch = Scratch::new("nla-only");
+    let cert = certificate(&scratch);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let mut worker = start_worker(&mut scratch, &listener);
+    worker.send(&hello(&cert, 30, vec![Security::Tls, Security::Hybrid]));
+    // X.224 Connection Request with RDP_NEG_REQ, requestedProtocols = PROTOCOL_HYBRID.
+    client
+        .write_all(&[3, 0, 0, 19, 14, 0xe0, 0, 0, 0, 0, 0, 1, 0, 8, 0, 2, 0, 0, 0])
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = client.read_to_end(&mut reply);
+    // X.224 Connection Confirm with RDP_NEG_FAILURE, SSL_REQUIRED_BY_SERVER.
+    assert_eq!(
+        reply,
+        [3, 0, 0, 19, 14, 0xd0, 0, 0, 0, 0, 0, 3, 0, 8, 0, 1, 0, 0, 0],
+        "{}",
+        scratch.log("worker.log")
+    );
+    assert!(worker
+        .next(MAX_LINE_BYTES, Duration::from_secs(5))
+        .is_none());
+    assert!(
+        scratch.log("worker.log").contains("only NLA"),
+        "{}",
+        scratch.log("worker.log")
+    );
     assert_no_panic(&scratch);
 }

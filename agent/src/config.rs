@@ -78,7 +78,8 @@ pub struct RdpConfig {
     pub desktop: String,
     /// The X server each desktop runs on (Xvfb, from the xvfb package).
     pub xvfb: PathBuf,
-    /// The largest desktop a client may ask for; larger requests are cut to it.
+    /// The largest desktop a client may ask for; larger requests are cut to it. Each
+    /// desktop's X server holds a screen this large (4 bytes a pixel).
     pub max_width: u16,
     pub max_height: u16,
     /// Frames a second sent to a client, at most.
@@ -109,8 +110,8 @@ impl Default for RdpConfig {
             desktop: "xsetroot -solid '#2f4f6f' 2>/dev/null; openbox >/dev/null 2>&1 & exec xterm"
                 .into(),
             xvfb: "/usr/bin/Xvfb".into(),
-            max_width: 3840,
-            max_height: 2160,
+            max_width: 2560,
+            max_height: 1600,
             max_fps: 30,
             record_fps: 5,
             keyframe_secs: 10,

@@ -53,6 +53,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod export;
 pub mod feed;
 pub mod fsutil;
 pub mod local_issuer;

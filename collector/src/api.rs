@@ -266,6 +266,7 @@ pub fn router(app: Shared) -> Router {
         .route("/api/v1/sessions/{id}", get(session))
         .route("/api/v1/sessions/{id}/cast", get(cast))
         .route("/api/v1/sessions/{id}/audit", get(audit))
+        .route("/api/v1/sessions/{id}/desktop", get(desktop))
         .route("/api/v1/sessions/{id}/meta", put(put_meta))
         .route("/api/v1/sessions/{id}/seal", post(seal))
         .route("/api/v1/sessions/{id}/streams/{stream}", get(stream_status))
@@ -395,6 +396,7 @@ async fn search(
         from: q.get("from").cloned().filter(|v| !v.is_empty()),
         to: q.get("to").cloned().filter(|v| !v.is_empty()),
         command: q.get("command").cloned().filter(|v| !v.is_empty()),
+        recording: q.get("recording").cloned().filter(|v| !v.is_empty()),
     };
     match app.store.search(&s) {
         Ok(rows) => Json(rows).into_response(),
@@ -420,14 +422,30 @@ async fn raw_stream(app: Shared, id: String, stream: &str, headers: HeaderMap) -
     if let Err(r) = auditor(&app, &headers).and_then(|_| check_ids(&id, None)) {
         return r;
     }
-    match app.store.stream(&id, stream).await {
-        Ok(bytes) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response(),
+    match app.store.stream(&id, stream) {
+        Ok(chunks) => {
+            use futures::StreamExt;
+            // A chunk that cannot be read after the answer started cuts it short: the
+            // reader sees a broken transfer, never a shorter recording taken for whole.
+            let body = axum::body::Body::from_stream(
+                chunks.map(|c| c.map_err(|e| std::io::Error::other(e.to_string()))),
+            );
+            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+        }
         Err(e) => refused(e),
     }
 }
 
 async fn cast(State(app): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     raw_stream(app, id, "cast", headers).await
+}
+
+async fn desktop(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    raw_stream(app, id, "desktop", headers).await
 }
 
 async fn audit(State(app): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {

@@ -16,7 +16,9 @@ use usher_wire::collector::{ChunkAccepted, ErrorCode, StreamStatus};
 use usher_wire::meta::SessionMeta;
 use usher_wire::seal::Seal;
 
-pub const STREAMS: [&str; 2] = ["audit", "cast"];
+/// A session's streams: `audit` always, `cast` for a terminal, `desktop` for an RDP
+/// desktop (agent-rdp/README.md, "Recording format").
+pub const STREAMS: [&str; 3] = ["audit", "cast", "desktop"];
 pub const MAX_CHUNK: usize = 4 << 20;
 
 pub struct Store {
@@ -135,6 +137,8 @@ pub struct SessionRow {
     pub status: String,
     pub problem: Option<String>,
     pub commands: u64,
+    /// The session has a desktop recording (RDP) rather than, or beside, a terminal cast.
+    pub desktop: bool,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -147,6 +151,8 @@ pub struct Search {
     pub to: Option<String>,
     /// A substring of an executed path or its arguments.
     pub command: Option<String>,
+    /// Only sessions holding this stream (`desktop`, `cast`).
+    pub recording: Option<String>,
 }
 
 pub fn valid_id(id: &str) -> bool {
@@ -526,18 +532,20 @@ impl Store {
         let mut stmt = db
             .prepare(
                 "SELECT s.id, s.host, s.login, s.sub, s.started_at, s.ended_at, s.status, s.problem,
-                        (SELECT count(*) FROM commands c WHERE c.session = s.id)
+                        (SELECT count(*) FROM commands c WHERE c.session = s.id),
+                        EXISTS (SELECT 1 FROM chunks k WHERE k.session = s.id AND k.stream = 'desktop')
                  FROM sessions s
                  WHERE (?1 IS NULL OR s.sub = ?1) AND (?2 IS NULL OR s.host = ?2) AND (?3 IS NULL OR s.login = ?3)
                    AND (?4 IS NULL OR s.started_at >= ?4) AND (?5 IS NULL OR s.started_at <= ?5)
                    AND (?6 IS NULL OR EXISTS (SELECT 1 FROM commands c WHERE c.session = s.id
                         AND (instr(c.path, ?6) > 0 OR instr(c.argv, ?6) > 0)))
+                   AND (?7 IS NULL OR EXISTS (SELECT 1 FROM chunks k WHERE k.session = s.id AND k.stream = ?7))
                  ORDER BY s.started_at DESC LIMIT 500",
             )
             .map_err(internal)?;
         let rows = stmt
             .query_map(
-                params![q.sub, q.host, q.login, q.from, q.to, q.command],
+                params![q.sub, q.host, q.login, q.from, q.to, q.command, q.recording],
                 |r| {
                     Ok(SessionRow {
                         id: r.get(0)?,
@@ -549,6 +557,7 @@ impl Store {
                         status: r.get(6)?,
                         problem: r.get(7)?,
                         commands: r.get::<_, i64>(8)? as u64,
+                        desktop: r.get(9)?,
                     })
                 },
             )
@@ -590,29 +599,45 @@ impl Store {
             .map_err(internal)?
             .filter_map(Result::ok)
             .collect();
+        let streams: Vec<String> = db
+            .prepare("SELECT DISTINCT stream FROM chunks WHERE session = ?1 ORDER BY stream")
+            .map_err(internal)?
+            .query_map([id], |r| r.get(0))
+            .map_err(internal)?
+            .filter_map(Result::ok)
+            .collect();
         let meta = row.3.as_deref().map(read_stored_meta).unwrap_or_default();
-        Ok(
-            serde_json::json!({"id": id, "host": row.0, "status": row.1, "problem": row.2, "meta": meta, "commands": commands}),
-        )
+        Ok(serde_json::json!({
+            "id": id, "host": row.0, "status": row.1, "problem": row.2, "meta": meta,
+            "commands": commands, "streams": streams,
+        }))
     }
 
-    /// A stream as stored: its chunks, in order, joined.
-    pub async fn stream(&self, id: &str, stream: &str) -> Result<Vec<u8>, Refused> {
+    /// A stream as stored: its chunks, in order, one at a time (a desktop recording can be
+    /// far larger than an answer should hold in memory).
+    pub fn stream(
+        &self,
+        id: &str,
+        stream: &str,
+    ) -> Result<impl futures::Stream<Item = Result<bytes::Bytes, Refused>> + Send + 'static, Refused>
+    {
+        use futures::StreamExt;
         let n = self.stream_status(id, stream)?.next_seq;
-        let mut out = Vec::new();
-        for seq in 0..n {
-            let path = ObjectPath::from(format!("sessions/{id}/{stream}/{seq:010}"));
-            let bytes = self
-                .objects
-                .get(&path)
-                .await
-                .map_err(internal)?
-                .bytes()
-                .await
-                .map_err(internal)?;
-            out.extend_from_slice(&bytes);
-        }
-        Ok(out)
+        let objects = self.objects.clone();
+        let prefix = format!("sessions/{id}/{stream}");
+        Ok(futures::stream::iter(0..n).then(move |seq| {
+            let objects = objects.clone();
+            let path = ObjectPath::from(format!("{prefix}/{seq:010}"));
+            async move {
+                objects
+                    .get(&path)
+                    .await
+                    .map_err(internal)?
+                    .bytes()
+                    .await
+                    .map_err(internal)
+            }
+        }))
     }
 }
 

@@ -60,6 +60,8 @@ pub struct Recording {
     pub meta: serde_json::Value,
     pub cast: Vec<Vec<u8>>,
     pub audit: Vec<Vec<u8>>,
+    /// A desktop recording's chunks (an RDP session); empty for a terminal session.
+    pub desktop: Vec<Vec<u8>>,
 }
 
 impl Recording {
@@ -153,19 +155,48 @@ impl Recording {
             meta,
             cast,
             audit,
+            desktop: Vec::new(),
         }
+    }
+
+    /// The session as an RDP desktop: `lines` (a desktop recording, header first) instead
+    /// of the terminal cast, cut into `chunk_bytes` chunks of whole lines.
+    pub fn with_desktop(mut self, lines: &[String], chunk_bytes: usize) -> Recording {
+        let lines: Vec<Vec<u8>> = lines.iter().map(|l| l.clone().into_bytes()).collect();
+        self.desktop = cut(&lines, chunk_bytes);
+        self.cast.clear();
+        self.meta["kind"] = "rdp".into();
+        self.meta["term"] = serde_json::Value::Null;
+        self
     }
 
     pub fn stream(&self, name: &str) -> &[Vec<u8>] {
-        if name == "cast" {
-            &self.cast
-        } else {
-            &self.audit
+        match name {
+            "cast" => &self.cast,
+            "desktop" => &self.desktop,
+            _ => &self.audit,
         }
     }
 
+    /// The streams this session has.
+    pub fn streams(&self) -> Vec<&'static str> {
+        let mut streams = vec!["audit"];
+        if !self.cast.is_empty() || self.desktop.is_empty() {
+            streams.push("cast");
+        }
+        if !self.desktop.is_empty() {
+            streams.push("desktop");
+        }
+        streams
+    }
+
     pub fn bytes(&self) -> usize {
-        self.cast.iter().chain(&self.audit).map(Vec::len).sum()
+        self.cast
+            .iter()
+            .chain(&self.audit)
+            .chain(&self.desktop)
+            .map(Vec::len)
+            .sum()
     }
 
     /// The hashes of a stream's chunks, `h_0 ..`.
@@ -392,14 +423,14 @@ impl Uploader {
         Ok(prev)
     }
 
-    /// The whole session: metadata, both streams, the seal.
+    /// The whole session: metadata, its streams, the seal.
     pub async fn ship(&self, rec: &Recording) -> Result<(), UploadError> {
         let a = self.put_meta(&rec.id, &rec.meta).await?;
         if a.status != 200 {
             return Err(a.refused("meta".into()));
         }
         let mut streams = Vec::new();
-        for stream in ["audit", "cast"] {
+        for stream in rec.streams() {
             let last = self.ship_stream(rec, stream, usize::MAX).await?;
             streams.push((stream.to_string(), rec.stream(stream).len() as u64, last));
         }

@@ -10,7 +10,7 @@ const params = new URLSearchParams(location.search);
 let me = null;
 let player = null;
 let refresh = null;
-let shown = { id: null, cast: null };
+let shown = { id: null, data: null };
 
 class ApiError extends Error {
   constructor(path, status, message) {
@@ -276,6 +276,7 @@ async function search(ev) {
     for (const v of [s.started_at, s.sub, s.host, s.login, s.commands]) cell(tr, v);
     cell(tr, s.status + (s.problem ? " (" + s.problem + ")" : ""), "status-" + s.status);
     cell(tr, s.id);
+    cell(tr, s.desktop ? "desktop" : "terminal", "recording");
     tr.addEventListener("click", () => replay(s.id).catch((e) => say(e.message, true)));
     body.appendChild(tr);
   }
@@ -325,24 +326,257 @@ function showRequest(r, meta) {
   document.body.dataset.request = r.id;
 }
 
+// ---- desktop player --------------------------------------------------------------------
+
+// Plays a desktop recording (agent-rdp/README.md, "Recording format": JSON lines, PNG
+// keyframes and changed rectangles) on a canvas, the cursor on a canvas above it. Seeking
+// to t draws the last keyframe at or before t and the rectangles after it up to t. It
+// answers what the timeline and the tests ask of asciinema's player: getCurrentTime, seek,
+// play, pause, dispose.
+class DesktopPlayer {
+  constructor(text, el, startAt) {
+    const lines = text.split("\n").filter((l) => l.trim() !== "");
+    this.header = JSON.parse(lines[0]);
+    this.events = [];
+    for (const line of lines.slice(1)) {
+      try {
+        const e = JSON.parse(line);
+        if (Array.isArray(e) && typeof e[0] === "number" && typeof e[1] === "string") this.events.push(e);
+      } catch (_) { /* a line cut short: skipped */ }
+    }
+    this.keyframes = [];
+    this.events.forEach((e, i) => { if (e[1] === "k") this.keyframes.push(i); });
+    this.duration = this.events.length ? this.events[this.events.length - 1][0] : 0;
+    this.time = Math.min(Math.max(0, startAt || 0), this.duration);
+    this.target = this.time;
+    this.playing = false;
+    this.speed = 1;
+    this.pos = 0; // events before pos are on the screen
+    this.drawn = -1; // the time the screen shows
+    this.busy = false;
+    this.cursor = null; // {image, hotX, hotY} or "hidden" or "default"
+    this.pointer = null;
+    this.build(el);
+    this.resize(this.header.width, this.header.height);
+    this.render();
+  }
+
+  build(el) {
+    const root = document.createElement("div");
+    root.className = "desktop-player";
+    const stage = root.appendChild(document.createElement("div"));
+    stage.className = "desktop-stage";
+    this.screen = stage.appendChild(document.createElement("canvas"));
+    this.screen.id = "desktop-screen";
+    this.overlay = stage.appendChild(document.createElement("canvas"));
+    this.overlay.id = "desktop-cursor";
+    const controls = root.appendChild(document.createElement("div"));
+    controls.className = "desktop-controls";
+    this.playButton = controls.appendChild(text("button", "Play", "desktop-play"));
+    this.playButton.type = "button";
+    this.playButton.id = "desktop-play";
+    this.playButton.addEventListener("click", () => (this.playing ? this.pause() : this.play()));
+    this.slider = controls.appendChild(document.createElement("input"));
+    this.slider.type = "range";
+    this.slider.id = "desktop-seek";
+    this.slider.min = "0";
+    this.slider.max = String(this.duration);
+    this.slider.step = "0.1";
+    this.slider.addEventListener("input", () => this.seek(Number(this.slider.value)));
+    const speed = controls.appendChild(document.createElement("select"));
+    speed.id = "desktop-speed";
+    for (const s of [1, 2, 4, 8]) speed.appendChild(text("option", s + "×")).value = String(s);
+    speed.addEventListener("change", () => { this.setClock(); this.speed = Number(speed.value); });
+    this.label = controls.appendChild(text("span", "", "desktop-time"));
+    el.appendChild(root);
+  }
+
+  resize(w, h) {
+    // A recording is what the session showed, and its user may be the attacker: a screen
+    // size is believed only within what a recorder writes (8192 x 8192).
+    if (!(Number.isInteger(w) && Number.isInteger(h) && w > 0 && h > 0 && w * h <= 8192 * 8192)) {
+      throw new Error("a screen of " + w + "x" + h + " is not played");
+    }
+    for (const c of [this.screen, this.overlay]) { c.width = w; c.height = h; }
+    const ctx = this.screen.getContext("2d");
+    ctx.fillStyle = "#000";
+    ctx.fillRect(0, 0, w, h);
+  }
+
+  getCurrentTime() { return this.time; }
+
+  setClock() { this.clockTime = this.time; this.clockWall = performance.now(); }
+
+  play() {
+    if (this.playing) return;
+    if (this.time >= this.duration) this.seek(0);
+    this.playing = true;
+    this.playButton.textContent = "Pause";
+    this.setClock();
+    const tick = () => {
+      if (!this.playing) return;
+      this.time = Math.min(this.duration, this.clockTime + (performance.now() - this.clockWall) / 1000 * this.speed);
+      this.render();
+      if (this.time >= this.duration) { this.pause(); return; }
+      this.frame = requestAnimationFrame(tick);
+    };
+    this.frame = requestAnimationFrame(tick);
+  }
+
+  pause() {
+    this.playing = false;
+    this.playButton.textContent = "Play";
+    if (this.frame) cancelAnimationFrame(this.frame);
+  }
+
+  seek(t) {
+    this.time = Math.min(Math.max(0, t), this.duration);
+    this.setClock();
+    this.render();
+  }
+
+  dispose() { this.pause(); this.disposed = true; }
+
+  render() {
+    this.target = this.time;
+    this.slider.value = String(this.time);
+    this.label.textContent = this.time.toFixed(1) + " / " + this.duration.toFixed(1) + " s";
+    this.pump().catch((e) => say("the desktop recording: " + e.message, true));
+  }
+
+  // The last keyframe at or before t, or -1.
+  keyframeAt(t) {
+    let lo = 0;
+    let hi = this.keyframes.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (this.events[this.keyframes[mid]][0] <= t) lo = mid + 1; else hi = mid;
+    }
+    return lo === 0 ? -1 : this.keyframes[lo - 1];
+  }
+
+  // Starts again from keyframe k (or the start): the screen size, cursor and pointer as
+  // the events before it left them.
+  async restart(k) {
+    let size = null;
+    let cursor = null;
+    let pointer = null;
+    for (let i = k - 1; i >= 0 && !(size && cursor && pointer); i--) {
+      const e = this.events[i];
+      if (e[1] === "s" && !size) size = [e[2], e[3]];
+      else if (e[1] === "c" && !cursor) cursor = e;
+      else if (e[1] === "p" && !pointer) pointer = [e[2], e[3]];
+    }
+    size = size || [this.header.width, this.header.height];
+    this.cursor = null;
+    this.pointer = pointer;
+    if (cursor) await this.apply(cursor);
+    if (k < 0 || this.screen.width !== size[0] || this.screen.height !== size[1]) this.resize(size[0], size[1]);
+    this.pos = Math.max(k, 0);
+  }
+
+  // One renderer at a time; a seek while it works is picked up when it is done.
+  async pump() {
+    if (this.busy || this.disposed) return;
+    this.busy = true;
+    try {
+      while (!this.disposed) {
+        const t = this.target;
+        const k = this.keyframeAt(t);
+        if (t < this.drawn || k >= this.pos) await this.restart(k);
+        while (this.pos < this.events.length && this.events[this.pos][0] <= t) {
+          await this.apply(this.events[this.pos]);
+          this.pos++;
+          if (this.target < t) break;
+        }
+        this.drawn = this.target < t ? -1 : t;
+        this.drawCursor();
+        if (this.target === t) break;
+      }
+    } finally {
+      this.busy = false;
+    }
+    document.body.dataset.desktopDrawn = String(this.drawn);
+  }
+
+  async apply(e) {
+    switch (e[1]) {
+      case "k":
+      case "f": {
+        const image = await decodePng(e[6]);
+        this.screen.getContext("2d").drawImage(image, e[2], e[3]);
+        image.close();
+        break;
+      }
+      case "s": this.resize(e[2], e[3]); break;
+      case "p": this.pointer = [e[2], e[3]]; break;
+      case "c":
+        if (e[2] === "hidden" || e[2] === "default") this.cursor = e[2];
+        else this.cursor = { image: await decodePng(e[6]), hotX: e[2], hotY: e[3] };
+        break;
+      default: break; // input and markers are not drawn
+    }
+  }
+
+  drawCursor() {
+    const ctx = this.overlay.getContext("2d");
+    ctx.clearRect(0, 0, this.overlay.width, this.overlay.height);
+    if (!this.pointer || this.cursor === "hidden") return;
+    const [x, y] = this.pointer;
+    if (this.cursor && this.cursor.image) {
+      ctx.drawImage(this.cursor.image, x - this.cursor.hotX, y - this.cursor.hotY);
+      return;
+    }
+    // The client's default arrow.
+    ctx.beginPath();
+    ctx.moveTo(x, y);
+    ctx.lineTo(x, y + 16);
+    ctx.lineTo(x + 4, y + 12);
+    ctx.lineTo(x + 11, y + 11);
+    ctx.closePath();
+    ctx.fillStyle = "#fff";
+    ctx.strokeStyle = "#000";
+    ctx.fill();
+    ctx.stroke();
+  }
+}
+
+async function decodePng(b64) {
+  const bin = atob(b64);
+  const bytes = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+  return createImageBitmap(new Blob([bytes], { type: "image/png" }),
+    { premultiplyAlpha: "none", colorSpaceConversion: "none" });
+}
+
 // Replays a session; `keepPosition` (a live session's refresh) resumes where the viewer was.
 async function replay(id, keepPosition) {
   if (refresh) { clearTimeout(refresh); refresh = null; }
   const s = await getJson("/api/v1/sessions/" + encodeURIComponent(id));
-  const cast = await (await call("GET", "/api/v1/sessions/" + encodeURIComponent(id) + "/cast")).text();
-  const start = cast ? JSON.parse(cast.split("\n")[0]).timestamp : 0;
+  const desktop = (s.streams || []).includes("desktop");
+  const stream = desktop ? "desktop" : "cast";
+  const data = await (await call("GET", "/api/v1/sessions/" + encodeURIComponent(id) + "/" + stream)).text();
+  const start = data ? JSON.parse(data.split("\n")[0]).timestamp : 0;
   const el = document.getElementById("player");
-  if (!(keepPosition && shown.id === id && shown.cast === cast)) {
+  if (!(keepPosition && shown.id === id && shown.data === data)) {
     let at = 0;
-    if (keepPosition && player && shown.id === id) at = await player.getCurrentTime();
+    let wasPlaying = true;
+    if (keepPosition && player && shown.id === id) {
+      at = await player.getCurrentTime();
+      // A live desktop followed to its end goes on with what arrived since.
+      if (player instanceof DesktopPlayer) wasPlaying = player.playing || at >= player.duration;
+    }
     if (player) { player.dispose(); player = null; }
     el.replaceChildren();
-    if (!cast) { el.appendChild(text("p", "This session has no terminal recording yet.")); }
-    else {
-      player = AsciinemaPlayer.create({ data: cast }, el,
+    if (!data) { el.appendChild(text("p", "This session has no " + (desktop ? "desktop" : "terminal") + " recording yet.")); }
+    else if (desktop) {
+      player = new DesktopPlayer(data, el, at);
+      if (wasPlaying) player.play();
+    } else {
+      player = AsciinemaPlayer.create({ data }, el,
         { autoPlay: true, idleTimeLimit: 1, speed: 4, fit: "width", startAt: at });
     }
-    shown = { id, cast };
+    shown = { id, data };
   }
   const tl = document.getElementById("timeline");
   tl.replaceChildren(text("h3", "Commands"));
@@ -365,8 +599,9 @@ async function loadRecordings() {
   const auditor = hasRole("auditor");
   document.getElementById("recordings-section").hidden = !auditor;
   if (!auditor) return;
-  // The search can come in the address: ?sub=…&host=…&login=…&command=…&play=<session id>.
-  for (const input of document.querySelectorAll("#search input")) {
+  // The search can come in the address: ?sub=…&host=…&login=…&command=…&recording=desktop
+  // &play=<session id>.
+  for (const input of document.querySelectorAll("#search input, #search select")) {
     if (params.get(input.name)) input.value = params.get(input.name);
   }
   await search();

@@ -9,8 +9,8 @@
 
 use crate::bench_ssh::median;
 use crate::util::{
-    bench_scale_note, bench_scaled, cargo, install_signed_grant, is_root, release_dir,
-    run as run_cmd,
+    bench_scale_note, bench_scaled, build_binaries, install_signed_grant, is_root, release_dir,
+    run as run_cmd, Profile,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -387,7 +387,7 @@ pub fn run() -> Result<(), String> {
         return Err("the benchmark runs as root".into());
     }
     crate::setup::ensure_packages(&["auditd"])?;
-    run_cmd(cargo().args(["build", "--release", "--bins"]))?;
+    build_binaries(Profile::Release)?;
     let bin = release_dir();
     let dir = PathBuf::from(format!("/tmp/usher-bench-exec-{}", std::process::id()));
     let cgroup = v2_mount()?.join(format!("usher-bench-exec-{}", std::process::id()));

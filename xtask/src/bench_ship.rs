@@ -7,8 +7,8 @@
 //! `USHER_BENCH_SCALE` shrinks the sessions for a smoke test.
 
 use crate::util::{
-    bench_scale_note, bench_scaled, cargo, install_signed_grant, is_root, release_dir,
-    run as run_cmd,
+    bench_scale_note, bench_scaled, build_binaries, install_signed_grant, is_root, release_dir,
+    run as run_cmd, Profile,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -144,7 +144,7 @@ pub fn run() -> Result<(), String> {
     if !is_root() {
         return Err("the benchmark runs as root".into());
     }
-    run_cmd(cargo().args(["build", "--release", "--bins"]))?;
+    build_binaries(Profile::Release)?;
     let bin = release_dir();
     let dir = PathBuf::from(format!("/tmp/usher-bench-ship-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

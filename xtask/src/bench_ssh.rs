@@ -5,8 +5,8 @@
 //! and counts for a smoke test.
 
 use crate::util::{
-    bench_scale_note, bench_scaled, cargo, install_signed_grant, is_root, release_dir,
-    run as run_cmd,
+    bench_scale_note, bench_scaled, build_binaries, install_signed_grant, is_root, release_dir,
+    run as run_cmd, Profile,
 };
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -297,7 +297,7 @@ pub(crate) fn start_servers(usherd_extra: &str) -> Result<(Bench, Target, Target
         return Err("the benchmark runs as root (it starts sshd and usherd)".into());
     }
     crate::setup::packages()?;
-    run_cmd(cargo().args(["build", "--release", "--bins"]))?;
+    build_binaries(Profile::Release)?;
     let bin = release_dir();
     let dir = PathBuf::from(format!("/tmp/usher-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

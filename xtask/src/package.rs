@@ -1,13 +1,18 @@
 //! `cargo xtask package`: two packages, each as a .deb (dpkg-deb) and an .rpm (rpmbuild)
-//! from one staged tree: `usher` (the host agent: usherd, usher, usher-shell) and
+//! from one staged tree: `usher` (the host agent: usherd, usher, usher-shell, and the RDP
+//! worker usher-rdp) and
 //! `usher-collector` (the central service). `USHER_PKG_RELEASE` sets the package release
 //! (default 1), so an upgrade can be tested.
 
-use crate::util::{cargo, release_dir, run, workspace_root};
+use crate::util::{build_binaries, release_dir, run, workspace_root, Profile};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const DEB_DEPENDS: &str = "passwd, openssh-sftp-server, login";
+/// asciinema plays terminal recordings; RDP desktops want an X server, a window manager and
+/// a terminal (usherd's default desktop), and ffmpeg exports desktop recordings to video.
+const DEB_RECOMMENDS: &str = "asciinema, xvfb, openbox, xterm";
+const DEB_SUGGESTS: &str = "ffmpeg";
 /// useradd when systemd-sysusers is not there; runuser for `usher-collector init`.
 const COLLECTOR_DEB_DEPENDS: &str = "passwd, util-linux";
 
@@ -24,7 +29,7 @@ fn version() -> String {
 
 pub fn run_package() -> Result<(), String> {
     let release = std::env::var("USHER_PKG_RELEASE").unwrap_or_else(|_| "1".into());
-    run(cargo().args(["build", "--release", "--bins"]))?;
+    build_binaries(Profile::Release)?;
     // The replay page's player, shipped in the service's package.
     crate::setup::player_assets()?;
     agent_packages(&release)?;
@@ -42,6 +47,8 @@ fn agent_packages(release: &str) -> Result<(), String> {
         ("usherd", "usr/sbin/usherd"),
         ("usher", "usr/bin/usher"),
         ("usher-shell", "usr/libexec/usher/usher-shell"),
+        // Found by usherd through `[rdp] worker` (the packaged usherd.toml names it).
+        ("usher-rdp", "usr/libexec/usher/usher-rdp"),
     ] {
         copy(&bin.join(name), &stage.join(dest), 0o755)?;
         run(Command::new("strip")
@@ -110,9 +117,9 @@ fn agent_packages(release: &str) -> Result<(), String> {
     let size_kib = dir_size(&stage) / 1024;
     let control = format!(
         "Package: usher\nVersion: {v}-{release}\nArchitecture: amd64\nMaintainer: Usher developers <usher@localhost>\n\
-         Installed-Size: {size_kib}\nDepends: {DEB_DEPENDS}\nRecommends: asciinema\nSection: admin\nPriority: optional\n\
+         Installed-Size: {size_kib}\nDepends: {DEB_DEPENDS}\nRecommends: {DEB_RECOMMENDS}\nSuggests: {DEB_SUGGESTS}\nSection: admin\nPriority: optional\n\
          Description: just-in-time access host agent\n usherd turns signed, time-bounded grants into ephemeral local accounts,\n \
-         terminates SSH itself, runs every session in its own cgroup and records\n terminal sessions as asciicasts.\n",
+         terminates SSH and RDP itself, runs every session in its own cgroup and\n records terminal sessions as asciicasts and desktops as screen recordings.\n",
         v = version()
     );
     std::fs::write(debian.join("control"), control).map_err(|e| e.to_string())?;

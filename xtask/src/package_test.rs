@@ -247,6 +247,7 @@ pub fn run_test() -> Result<(), String> {
             "/usr/sbin/usherd",
             "/usr/bin/usher",
             "/usr/libexec/usher/usher-shell",
+            "/usr/libexec/usher/usher-rdp",
             "/lib/systemd/system/usherd.service",
             "/usr/lib/tmpfiles.d/usher.conf",
             "/etc/usher/usherd.toml",
@@ -261,6 +262,14 @@ pub fn run_test() -> Result<(), String> {
         info.contains("Name        : usher")
             && info.contains(&format!("Version     : {}", env!("CARGO_PKG_VERSION"))),
         || info.clone(),
+    );
+    let recommends = q(&["-qp", "--recommends"]);
+    checks.check(
+        "rpm recommends the RDP desktop's X server, window manager and terminal",
+        ["xorg-x11-server-Xvfb", "openbox", "xterm"]
+            .iter()
+            .all(|p| recommends.lines().any(|l| l.trim() == *p)),
+        || recommends.clone(),
     );
     let config_files = q(&["-qpc"]);
     checks.check(
@@ -301,6 +310,32 @@ pub fn run_test() -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let (ok, text) = c.sh("dpkg -i --force-confold /root/usher-1.deb");
     checks.check("dpkg -i installs the .deb", ok, || text.clone());
+    // The RDP worker is installed where the packaged config's `[rdp] worker` points, and
+    // every library it links is on a minimal Debian (none of the desktop packages it only
+    // recommends).
+    let (ok, text) = c.sh(
+        "test -x /usr/libexec/usher/usher-rdp && ldd /usr/libexec/usher/usher-rdp \
+         && ! ldd /usr/libexec/usher/usher-rdp | grep -q 'not found'",
+    );
+    checks.check(
+        "usher-rdp is installed and its libraries resolve",
+        ok,
+        || text.clone(),
+    );
+    let control = Command::new("dpkg-deb")
+        .args(["-f"])
+        .arg(&deb1)
+        .args(["Recommends"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    checks.check(
+        "the .deb recommends the RDP desktop's X server, window manager and terminal",
+        ["xvfb", "openbox", "xterm"]
+            .iter()
+            .all(|p| control.split(',').any(|d| d.trim() == *p)),
+        || control.clone(),
+    );
     let service_port = free_port();
     install_service(&c, &service, service_port, &mut checks)?;
     let (ok, text) = c.sh("for i in $(seq 1 50); do systemctl is-active --quiet usherd && break; sleep 0.2; done; systemctl show usherd -p ActiveState -p SubState -p Type -p NotifyAccess");

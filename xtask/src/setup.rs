@@ -1,6 +1,9 @@
 //! Bringing a fresh machine to where Usher builds, runs and is tested.
 
-use crate::util::{cargo, is_root, run, workspace_root};
+use crate::util::{
+    build_binaries, cargo, debug_dir, is_root, release_dir, run, target_dir, workspace_root,
+    Profile,
+};
 use std::process::Command;
 
 /// Debian packages the agent, its tests and its benchmarks use.
@@ -142,15 +145,6 @@ pub fn oidc_provider() -> Result<(), String> {
         .arg(&dest))
 }
 
-/// Where cargo builds: `CARGO_TARGET_DIR` when set (relative to the workspace), else target/.
-fn target_dir() -> std::path::PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from) {
-        Some(dir) if dir.is_absolute() => dir,
-        Some(dir) => workspace_root().join(dir),
-        None => workspace_root().join("target"),
-    }
-}
-
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
@@ -180,11 +174,13 @@ pub fn ensure_packages(wanted: &[&str]) -> Result<(), String> {
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    // Debian starts sshd on install; the benchmark runs its own, so leave the port free.
+    // Debian starts sshd and xrdp (with xrdp-sesman on 3350) on install; the benchmarks run
+    // their own, so leave the ports free.
     let _ = Command::new("sh")
         .args([
             "-c",
-            "command -v systemctl >/dev/null && systemctl disable --now ssh 2>/dev/null; true",
+            "command -v systemctl >/dev/null || exit 0; \
+             for unit in ssh xrdp xrdp-sesman; do systemctl disable --now $unit 2>/dev/null; done; true",
         ])
         .status();
     Ok(())
@@ -196,8 +192,8 @@ pub fn run_agent(extra: &[String]) -> Result<(), String> {
     if !is_root() {
         return Err("usherd runs as root: sudo cargo xtask run".into());
     }
-    run(cargo().args(["build", "--release", "--bins"]))?;
-    let bin = workspace_root().join("target/release");
+    build_binaries(Profile::Release)?;
+    let bin = release_dir();
     eprintln!(
         "\nusherd is starting. In another terminal, give yourself a 1-hour grant and log in:\n\
          \n  sudo {b}/usher grant sign --local --sub \"$USER\" --login jit-$USER --ssh-key ~/.ssh/id_ed25519.pub \\\n      | sudo {b}/usher grant install -\
@@ -207,11 +203,16 @@ pub fn run_agent(extra: &[String]) -> Result<(), String> {
     run(Command::new(bin.join("usherd")).args(extra))
 }
 
-/// Builds the binaries the end-to-end tests drive, runs every test, then the packages on
-/// a booted systemd (skipped with USHER_SKIP_PACKAGE_TEST=1).
+/// Builds the binaries the end-to-end tests drive (usher-rdp too), runs every test, then
+/// the packages on a booted systemd (skipped with USHER_SKIP_PACKAGE_TEST=1).
 pub fn test(extra: &[String]) -> Result<(), String> {
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
-    run(cargo().args(["test", "--workspace"]).args(extra))?;
+    build_binaries(Profile::Debug)?;
+    // The tests find the binaries through USHER_BIN_DIR (tests/support's `built_binary`):
+    // the same directory the build above wrote, `CARGO_TARGET_DIR` or not.
+    run(cargo()
+        .args(["test", "--workspace"])
+        .args(extra)
+        .env("USHER_BIN_DIR", debug_dir()))?;
     if std::env::var_os("USHER_SKIP_PACKAGE_TEST").is_some() {
         eprintln!("xtask: package test skipped (USHER_SKIP_PACKAGE_TEST)");
         return Ok(());

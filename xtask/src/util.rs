@@ -56,19 +56,60 @@ pub fn bench_scale_note() -> &'static str {
     }
 }
 
-/// Where `cargo build --release` puts the binaries (`CARGO_TARGET_DIR` when set).
+/// Where cargo builds: `CARGO_TARGET_DIR` when set (relative to the workspace), else target/.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir,
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
+/// Where `cargo build --release` puts the binaries.
 pub fn release_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|dir| {
-            if dir.is_relative() {
-                workspace_root().join(dir)
-            } else {
-                dir
-            }
-        })
-        .unwrap_or_else(|| workspace_root().join("target"))
-        .join("release")
+    target_dir().join("release")
+}
+
+/// Where `cargo build` (the dev profile) puts the binaries.
+pub fn debug_dir() -> PathBuf {
+    target_dir().join("debug")
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Debug,
+    Release,
+}
+
+/// The main workspace's binaries (`cargo build --bins`) and the RDP worker `usher-rdp`,
+/// in one profile and one target directory, so that `usher-rdp` sits next to `usherd` (where
+/// usherd looks for it). The worker is its own cargo workspace (agent-rdp/, its own lock:
+/// ironrdp's crypto pins do not build next to russh), so it is a second cargo call.
+pub fn build_binaries(profile: Profile) -> Result<(), String> {
+    let release: &[&str] = match profile {
+        Profile::Debug => &[],
+        Profile::Release => &["--release"],
+    };
+    run(cargo()
+        .args(["build", "--workspace", "--bins"])
+        .args(release))?;
+    build_rdp_worker(profile)
+}
+
+/// `usher-rdp` alone (see [`build_binaries`]), into the main workspace's target directory.
+pub fn build_rdp_worker(profile: Profile) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--manifest-path",
+        "agent-rdp/Cargo.toml",
+        "--target-dir",
+    ])
+    .arg(target_dir());
+    if profile == Profile::Release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
 }
 
 /// Runs `sign` (an `usher grant sign ...`) and installs the grant it prints with `usher`

@@ -133,6 +133,22 @@ enum Command {
         #[arg(long)]
         idle_limit: Option<f64>,
     },
+    /// Export a desktop (RDP) recording to a video file with ffmpeg; the format follows
+    /// OUT's extension (.mp4, .mkv, .webm).
+    ExportVideo {
+        /// A `.desktop` recording, or a session id in the spool.
+        recording: String,
+        out: PathBuf,
+        /// Frames a second in the video.
+        #[arg(long, default_value_t = 10)]
+        fps: u32,
+        /// The agent's spool, where a session id is looked up.
+        #[arg(long, default_value = "/var/spool/usher")]
+        spool: PathBuf,
+        /// The ffmpeg program.
+        #[arg(long, default_value = "ffmpeg")]
+        ffmpeg: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -381,6 +397,26 @@ fn run(cli: Cli) -> Result<(), UsherError> {
             speed,
             idle_limit,
         } => Ok(usher::play::play(&file, speed, idle_limit)?),
+        Command::ExportVideo {
+            recording,
+            out,
+            fps,
+            spool,
+            ffmpeg,
+        } => {
+            let input = usher::export::resolve(&recording, &spool).map_err(|e| e.to_string())?;
+            let done = usher::export::export_video(&input, &out, fps, &ffmpeg)
+                .map_err(|e| e.to_string())?;
+            eprintln!(
+                "{}: {}x{}, {} frames, {:.1} s",
+                out.display(),
+                done.width,
+                done.height,
+                done.frames,
+                done.seconds
+            );
+            Ok(())
+        }
         Command::Login { .. }
         | Command::Whoami
         | Command::Request { .. }

@@ -237,8 +237,10 @@ impl<C: Core> Desktops<C> {
                 xvfb: self.config.xvfb.clone(),
                 cookie,
                 auth_dir: self.config.runtime_dir.clone(),
-                width,
-                height,
+                // Xvfb resizes (RandR) only up to the size it started at: it starts at the
+                // largest a client may have, and the worker sets the client's size.
+                width: self.config.max_width,
+                height: self.config.max_height,
                 command: self.config.desktop.clone(),
             }),
             pty: None,

@@ -2,10 +2,12 @@
 //! (JSON lines) and a metadata file, side by side in the spool directory, all 0600.
 
 mod cast;
+mod desktop;
 mod meta;
 mod utf8;
 
 pub use cast::{CastHeader, CastWriter};
+pub use desktop::{DesktopFile, MAX_LINE as MAX_DESKTOP_LINE};
 pub use meta::{rfc3339_now, GrantInfo, SessionMeta};
 pub use utf8::Utf8Stream;
 
@@ -28,7 +30,7 @@ pub enum Keystrokes {
 pub struct Recording {
     pub cast: Option<CastWriter>,
     /// A desktop's recording (`{id}.desktop`): lines `usher-rdp` encoded.
-    desktop: Option<(File, u64)>,
+    desktop: Option<DesktopFile>,
     audit: File,
     audit_len: u64,
     meta: SessionMeta,
@@ -86,34 +88,24 @@ impl Recording {
     /// Bytes of whole events on disk, cast, desktop and audit stream together.
     pub fn bytes(&self) -> u64 {
         self.cast.as_ref().map(|c| c.bytes()).unwrap_or(0)
-            + self.desktop.as_ref().map(|d| d.1).unwrap_or(0)
+            + self.desktop.as_ref().map(|d| d.bytes()).unwrap_or(0)
             + self.audit_len
     }
 
     /// Makes this the recording of a desktop: its screen goes to `{id}.desktop`.
     pub fn add_desktop(&mut self) -> io::Result<()> {
         let dir = self.meta_path.parent().unwrap_or(Path::new("."));
-        let path = dir.join(format!("{}.desktop", self.meta.session_id));
-        self.desktop = Some((fsutil::create_new(&path, 0o600)?, 0));
+        self.desktop = Some(DesktopFile::create(dir, &self.meta.session_id)?);
         Ok(())
     }
 
-    /// One line of a desktop's recording.
+    /// One line of a desktop's recording; a line with a newline in it or too long to ship
+    /// is refused (`InvalidInput`), nothing written.
     pub fn desktop(&mut self, line: &str) -> io::Result<()> {
-        let Some((file, len)) = &mut self.desktop else {
-            return Ok(());
-        };
-        let mut bytes = Vec::with_capacity(line.len() + 1);
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.push(b'\n');
-        if let Err(e) = file.write_all(&bytes) {
-            // No half line left behind on a full disk.
-            let _ = file.set_len(*len);
-            let _ = file.seek(io::SeekFrom::Start(*len));
-            return Err(e);
+        match &mut self.desktop {
+            Some(d) => d.append(line).map(|_| ()),
+            None => Ok(()),
         }
-        *len += bytes.len() as u64;
-        Ok(())
     }
 
     pub fn output(&mut self, data: &[u8]) -> io::Result<()> {
@@ -170,8 +162,8 @@ impl Recording {
         if let Some(c) = self.cast.take() {
             c.finish()?;
         }
-        if let Some((d, _)) = self.desktop.take() {
-            d.sync_all()?;
+        if let Some(d) = self.desktop.take() {
+            d.finish()?;
         }
         self.audit.sync_all()?;
         self.write_meta()

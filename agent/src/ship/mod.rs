@@ -1,7 +1,7 @@
-//! Stage 6: shipping. Each session's cast and audit stream leave the spool in chunks of
-//! whole lines, hash-chained, while the session is live; a session is sealed with the
-//! host's key when it is over; its files leave the spool only after the collector has
-//! acknowledged every chunk and the seal.
+//! Stage 6: shipping. Each session's streams (audit, and a terminal cast or a desktop
+//! recording) leave the spool in chunks of whole lines, hash-chained, while the session is
+//! live; a session is sealed with the host's key when it is over; its files leave the spool
+//! only after the collector has acknowledged every chunk and the seal.
 //!
 //! Crash safety: a chunk is planned (its offset, length and hash written to the session's
 //! `.ship.json`) before it is sent, so after a crash the same bytes are sent again under
@@ -17,7 +17,8 @@ pub use usher_wire::chain;
 
 use crate::fsutil;
 use serde::Serialize;
-use state::{Agreement, Diverged, ShipState, MAX_CHUNK};
+pub use state::MAX_CHUNK;
+use state::{Agreement, Diverged, ShipState};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -26,8 +27,14 @@ use std::time::Duration;
 use usher_wire::meta::SessionMeta;
 use usher_wire::seal::Seal;
 
-/// The streams of a session, by the collector's name and the spool file's suffix.
-const STREAMS: [(&str, &str); 2] = [("audit", "audit.jsonl"), ("cast", "cast")];
+/// The streams of a session, by the collector's name and the spool file's suffix. A
+/// session has the ones whose file exists (a desktop session a `desktop`, a terminal one a
+/// `cast`).
+pub const STREAMS: [(&str, &str); 3] = [
+    ("audit", "audit.jsonl"),
+    ("cast", "cast"),
+    ("desktop", "desktop"),
+];
 
 /// Why a round of shipping stopped.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +62,16 @@ pub enum ShipError {
         session: String,
         stream: String,
         expected: Option<u64>,
+    },
+    /// A line longer than a chunk can be (the collector refuses more than 4 MiB): it can
+    /// never be sent, and a person decides (the writers refuse such lines, so a spool file
+    /// was changed behind the agent's back). The session waits; the others ship.
+    #[error("session {session} {stream}: a line at byte {offset} is longer than a chunk ({max} bytes); not sending until resolved")]
+    LineTooLong {
+        session: String,
+        stream: String,
+        offset: u64,
+        max: usize,
     },
     #[error("session {session} {stream}: collector has {remote_chunks} chunks, this host {local_chunks}; not sending until resolved")]
     Diverged {
@@ -197,7 +214,17 @@ impl<C: Collector> Shipper<C> {
                     states.entry(id.clone()).or_insert(s)
                 }
             };
-            let done = self.ship_session(id, state, live.is_live(id)).await?;
+            let done = match self.ship_session(id, state, live.is_live(id)).await {
+                Ok(done) => done,
+                // One session's broken file must not hold up every other session.
+                Err(e @ ShipError::LineTooLong { .. }) => {
+                    if !std::mem::replace(&mut state.stuck, true) {
+                        log::error!(target: "usher::ship", "{e}");
+                    }
+                    false
+                }
+                Err(e) => return Err(e),
+            };
             if done {
                 states.remove(id);
             } else {
@@ -364,6 +391,14 @@ impl<C: Collector> Shipper<C> {
                 source,
             })?;
         let Some(p) = planned else {
+            if want == MAX_CHUNK {
+                return Err(ShipError::LineTooLong {
+                    session: id.into(),
+                    stream: stream.into(),
+                    offset: st.offset,
+                    max: MAX_CHUNK,
+                });
+            }
             return Ok(None);
         };
         std::fs::File::open(path)
@@ -660,7 +695,7 @@ mod tests {
         }
 
         fn holds(&self, id: &str) -> bool {
-            ["cast", "audit.jsonl", "json", "ship.json"]
+            ["cast", "desktop", "audit.jsonl", "json", "ship.json"]
                 .iter()
                 .any(|s| self.path(id, s).exists())
         }
@@ -722,6 +757,79 @@ mod tests {
         assert_eq!(seal.streams["audit"].chunks, 1);
         assert!(fake.held().meta.contains_key("s1"));
         assert!(!spool.holds("s1"), "gone from the spool once sealed");
+    }
+
+    #[tokio::test]
+    async fn a_desktop_session_ships_its_multi_megabyte_keyframes_whole() {
+        let (spool, fake, shipper) = setup("desktop");
+        let mut file = crate::record::DesktopFile::create(&spool.0, "d1").unwrap();
+        let keyframe = format!("[0.000,\"k\",0,0,1920,1080,\"{}\"]", "A".repeat(3 << 20));
+        // The longest line that fits a chunk with its newline.
+        let biggest = "B".repeat(crate::record::MAX_DESKTOP_LINE);
+        let lines = [
+            "{\"version\":1,\"format\":\"usher-desktop\",\"width\":1920,\"height\":1080}",
+            &keyframe,
+            "[0.100,\"p\",10,10]",
+            "[0.200,\"p\",11,10]",
+            &keyframe,
+            "[0.300,\"m\",\"end\"]",
+            &biggest,
+        ];
+        for line in lines {
+            file.append(line).unwrap();
+        }
+        file.finish().unwrap();
+        spool.append("d1", "audit.jsonl", b"{\"event\":\"session_started\"}\n");
+        spool.write_meta("d1", true);
+        let mut states = BTreeMap::new();
+        assert_eq!(round(&shipper, &mut states).await.unwrap(), 0);
+        let chunks = fake.chunks("d1", "desktop");
+        assert!(chunks
+            .iter()
+            .all(|c| c.len() <= MAX_CHUNK && c.ends_with(b"\n")));
+        assert_eq!(
+            chunks.len(),
+            6,
+            "header, keyframe, pointers, keyframe, end, the biggest line"
+        );
+        assert_eq!(
+            fake.stream("d1", "desktop"),
+            (lines.join("\n") + "\n").into_bytes()
+        );
+        assert_eq!(fake.held().seals["d1"].streams["desktop"].chunks, 6);
+        assert!(!spool.holds("d1"));
+    }
+
+    #[tokio::test]
+    async fn a_line_longer_than_a_chunk_stops_its_session_and_not_the_others() {
+        let (spool, fake, shipper) = setup("too-long");
+        spool.append("d1", "desktop", b"{\"version\":1}\n");
+        let mut long = vec![b'x'; MAX_CHUNK + 10];
+        long.push(b'\n');
+        spool.append("d1", "desktop", &long);
+        spool.write_meta("d1", true);
+        spool.append("s2", "cast", &lines(0, 2));
+        spool.write_meta("s2", true);
+        let mut states = BTreeMap::new();
+        assert_eq!(round(&shipper, &mut states).await.unwrap(), 1);
+        assert_eq!(
+            fake.chunks("d1", "desktop").len(),
+            1,
+            "what came before it is shipped"
+        );
+        assert!(states["d1"].stuck);
+        assert!(!fake.held().seals.contains_key("d1"));
+        assert!(spool.holds("d1"));
+        assert!(
+            fake.held().seals.contains_key("s2"),
+            "the other session ships"
+        );
+        let d1 = shipper.ship_session("d1", states.get_mut("d1").unwrap(), false);
+        let error = d1.await.unwrap_err();
+        assert!(
+            matches!(error, ShipError::LineTooLong { offset: 14, .. }),
+            "{error}"
+        );
     }
 
     #[tokio::test]

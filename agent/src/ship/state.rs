@@ -42,6 +42,9 @@ pub struct ShipState {
     pub streams: BTreeMap<String, StreamState>,
     /// The metadata as last acknowledged.
     pub meta_sent: Option<String>,
+    /// A stream of it cannot be shipped (said once in the journal, not every round).
+    #[serde(skip)]
+    pub stuck: bool,
 }
 
 /// How a stream came to agree with the collector.
