@@ -14,6 +14,9 @@ use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+/// The displays tried first for clients: usherd gives its desktops :20 and above, and
+/// a client's X server there could be taken for a desktop's while it starts.
+const CLIENT_DISPLAYS: std::ops::Range<u32> = 1..20;
 /// How long Xvfb gets to say which display it took.
 const XVFB_START: Duration = Duration::from_secs(15);
 /// How often a client's window and screen are looked at again.
@@ -64,8 +67,8 @@ pub enum RdpError {
     },
 }
 
-/// A private X display for RDP clients: Xvfb on the first free display number
-/// (`-displayfd`), no TCP, its own MIT-MAGIC-COOKIE-1. Dropping it ends the server and
+/// A private X display for RDP clients: Xvfb on the first free display number below
+/// usherd's (`CLIENT_DISPLAYS`), no TCP, its own MIT-MAGIC-COOKIE-1. Dropping it ends the server and
 /// removes its directory.
 pub struct ClientDisplay {
     /// `:N`.
@@ -105,39 +108,16 @@ impl ClientDisplay {
             },
         )?;
         let log_path = dir.join("Xvfb.log");
-        let log = std::fs::File::create(&log_path).map_err(|source| RdpError::Io {
-            what: format!("creating {}", log_path.display()),
-            source,
-        })?;
-        // `-noreset`: an X server resets when its last client leaves, and would forget
-        // the root's colour set by a client that has exited.
-        let mut xvfb = Command::new("Xvfb")
-            .args(["-displayfd", "1", "-nolisten", "tcp", "-noreset", "-auth"])
-            .arg(&xauthority)
-            .args(["-screen", "0", &format!("{width}x{height}x24")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            // Its own process group: it goes with the guard even when a test panics.
-            .process_group(0)
-            .spawn()
-            .map_err(|source| RdpError::Spawn {
-                program: "Xvfb".into(),
-                source,
-            })?;
-        let Some(stdout) = xvfb.stdout.take() else {
-            end_process_group(&mut xvfb);
-            return Err(RdpError::NoDisplay {
-                log: "no stdout".into(),
-            });
-        };
-        let (number, displayfd) = match read_display_number(stdout) {
-            Some(read) => read,
+        // The display numbers usherd leaves to test rigs first, then whichever is free.
+        let started = CLIENT_DISPLAYS.map(Some).chain([None]).find_map(|number| {
+            start_xvfb(number, &xauthority, (width, height), &log_path).transpose()
+        });
+        let (xvfb, number, displayfd) = match started {
+            Some(started) => started?,
             None => {
-                end_process_group(&mut xvfb);
                 return Err(RdpError::NoDisplay {
                     log: std::fs::read_to_string(&log_path).unwrap_or_default(),
-                });
+                })
             }
         };
         Ok(ClientDisplay {
@@ -193,6 +173,50 @@ impl Drop for ClientDisplay {
         end_process_group(&mut self.xvfb);
         if std::env::var_os("USHER_KEEP_TEST_DIRS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Starts Xvfb on display `number` (None: the first free one), with the cookie file
+/// `xauthority`; its display number once it accepts connections, or None if it could not
+/// have that display.
+fn start_xvfb(
+    number: Option<u32>,
+    xauthority: &Path,
+    (width, height): (u16, u16),
+    log_path: &Path,
+) -> Result<Option<(Child, u32, ChildStdout)>, RdpError> {
+    let log = std::fs::File::create(log_path).map_err(|source| RdpError::Io {
+        what: format!("creating {}", log_path.display()),
+        source,
+    })?;
+    let mut command = Command::new("Xvfb");
+    if let Some(n) = number {
+        command.arg(format!(":{n}"));
+    }
+    // `-displayfd`: it says the number once it listens. `-noreset`: an X server resets
+    // when its last client leaves, and would forget the root's colour set by a client
+    // that has exited.
+    let mut xvfb = command
+        .args(["-displayfd", "1", "-nolisten", "tcp", "-noreset", "-auth"])
+        .arg(xauthority)
+        .args(["-screen", "0", &format!("{width}x{height}x24")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        // Its own process group: it goes with the guard even when a test panics.
+        .process_group(0)
+        .spawn()
+        .map_err(|source| RdpError::Spawn {
+            program: "Xvfb".into(),
+            source,
+        })?;
+    let listening = xvfb.stdout.take().and_then(read_display_number);
+    match listening {
+        Some((number, displayfd)) => Ok(Some((xvfb, number, displayfd))),
+        None => {
+            end_process_group(&mut xvfb);
+            Ok(None)
         }
     }
 }
@@ -269,7 +293,8 @@ pub enum CertCheck {
     /// `/cert:ignore`: any certificate.
     Ignore,
     /// `/cert:fingerprint:sha256:HEX`: only the certificate with this SHA-256 (hex, with or
-    /// without colons); any other is refused (the client would ask, and its stdin is empty).
+    /// without colons); any other is refused (the client would ask, and its stdin is
+    /// empty: it exits with 143, its "TLS connect failed").
     Sha256(String),
     /// `/cert:tofu`: accepted and remembered in the client's home on first sight.
     TrustOnFirstUse,
@@ -345,10 +370,9 @@ impl RdpOptions {
             format!("/size:{}x{}", self.width, self.height),
             match &self.cert {
                 CertCheck::Ignore => "/cert:ignore".to_string(),
-                CertCheck::Sha256(hex) => format!(
-                    "/cert:fingerprint:sha256:{}",
-                    hex.replace(':', "").to_ascii_lowercase()
-                ),
+                CertCheck::Sha256(hex) => {
+                    format!("/cert:fingerprint:sha256:{}", colon_separated(hex))
+                }
                 CertCheck::TrustOnFirstUse => "/cert:tofu".to_string(),
             },
             // A desktop that goes away is gone: no reconnection loop to wait out.
@@ -674,6 +698,18 @@ impl Drop for RdpClient {
     }
 }
 
+/// A fingerprint as FreeRDP 2 compares it: lowercase hex pairs joined by colons (it
+/// ignores a fingerprint written without them, and asks the user instead).
+fn colon_separated(hex: &str) -> String {
+    let digits = normalise_fingerprint(hex);
+    digits
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| String::from_utf8_lossy(pair).into_owned())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// A fingerprint as hex without separators, lowercase.
 pub fn normalise_fingerprint(text: &str) -> String {
     text.chars()
@@ -943,12 +979,12 @@ mod tests {
         ];
         let mut out: Vec<u8> = fields.iter().flat_map(|f| f.to_be_bytes()).collect();
         out.extend_from_slice(name);
-        out.extend(std::iter::repeat(0u8).take(2 * 12));
+        out.extend(std::iter::repeat_n(0u8, 2 * 12));
         for row in pixels.chunks(width as usize) {
             for p in row {
                 out.extend_from_slice(&p.to_le_bytes());
             }
-            out.extend(std::iter::repeat(0xeeu8).take(pad as usize));
+            out.extend(std::iter::repeat_n(0xeeu8, pad as usize));
         }
         out
     }
@@ -1006,7 +1042,7 @@ mod tests {
         assert!(args.contains(&"/p:s3cret".to_string()));
         assert!(args.contains(&"/sec:tls".to_string()));
         assert!(args.contains(&"/size:1024x768".to_string()));
-        assert!(args.contains(&"/cert:fingerprint:sha256:abcd01".to_string()));
+        assert!(args.contains(&"/cert:fingerprint:sha256:ab:cd:01".to_string()));
         assert_eq!(args.last().map(String::as_str), Some("/rfx"));
         let nla = RdpOptions::new(1, "u", "p").security(Security::Nla).args();
         assert!(nla.contains(&"/sec:nla".to_string()) && !nla.contains(&"/sec:tls".to_string()));
