@@ -46,8 +46,10 @@ impl Desktop {
         self.session_id.get().map(String::as_str).unwrap_or("-")
     }
 
-    fn end(&self) {
-        lock(&self.hang_up).take();
+    fn end(&self, why: &str) {
+        if let Some((control, _stdin)) = lock(&self.hang_up).take() {
+            let _ = control.try_send(Control::Stop(why.to_string()));
+        }
     }
 }
 
@@ -207,7 +209,7 @@ impl<C: Core> Desktops<C> {
             let came_back = tokio::time::timeout(wait, owner.wait_for(|o| *o != 0)).await;
             if came_back.is_err() {
                 audit!("rdp_abandoned", session = desktop.session_id(), jti = desktop.grant.jti.as_str(); "session {}: no client came back within {} s; the desktop ends", desktop.session_id(), wait.as_secs());
-                desktop.end();
+                desktop.end("no client came back to the desktop");
             }
         });
     }

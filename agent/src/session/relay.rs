@@ -363,6 +363,7 @@ impl<S: ClientSink> Relay<'_, S> {
                 }
                 None => Ok(()),
             },
+            Control::Stop(why) => Err(Stop(why)),
             Control::Signal(sig) => {
                 if let (Some(pid), Ok(sig)) = (self.pid, nix::sys::signal::Signal::try_from(sig)) {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);

@@ -46,6 +46,9 @@ pub const CONTROL_QUEUE: usize = 16;
 pub enum Control {
     Resize(u16, u16),
     Signal(i32),
+    /// End the session, saying why (a desktop nobody came back to: there is no line to
+    /// hang up).
+    Stop(String),
 }
 
 #[derive(Debug, Clone)]
