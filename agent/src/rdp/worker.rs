@@ -79,10 +79,9 @@ pub(super) async fn connection<C: Core>(
         read: BufReader::new(read),
         write,
     };
-    let served = tokio::select! {
-        r = serve(&server, &mut link, peer, startup_slot, connections) => r,
-        _ = worker.wait() => Ok(()),
-    };
+    // Not raced against the worker's exit: a worker that ends closes its socket, which
+    // `serve` sees, and the desktop is let go of in order (left for its client to return).
+    let served = serve(&server, &mut link, peer, startup_slot, connections).await;
     if let Err(e) = served {
         log::info!(target: "usher::rdp", "{peer}: {e}");
     }
