@@ -213,6 +213,16 @@ pub fn test(extra: &[String]) -> Result<(), String> {
         .args(["test", "--workspace"])
         .args(extra)
         .env("USHER_BIN_DIR", debug_dir()))?;
+    // The RDP worker's own tests (a real Xvfb and xfreerdp), in its own workspace.
+    run(cargo()
+        .args([
+            "test",
+            "--manifest-path",
+            "agent-rdp/Cargo.toml",
+            "--target-dir",
+        ])
+        .arg(target_dir())
+        .args(extra))?;
     if std::env::var_os("USHER_SKIP_PACKAGE_TEST").is_some() {
         eprintln!("xtask: package test skipped (USHER_SKIP_PACKAGE_TEST)");
         return Ok(());
