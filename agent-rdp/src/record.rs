@@ -1222,7 +1222,7 @@ mod tests {
             let mut v =
                 (cell_x as u32).wrapping_mul(2_654_435_761) ^ (cell_y as u32).wrapping_mul(40_503);
             v ^= v >> 13;
-            let blank = v % 5 == 0;
+            let blank = v.is_multiple_of(5);
             let bits = v
                 .wrapping_mul(2_246_822_519)
                 .rotate_left((gy * 3 + gx) as u32 % 32);

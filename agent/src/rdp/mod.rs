@@ -8,13 +8,12 @@ mod desktop;
 pub mod tls;
 mod worker;
 
-use crate::admission::{Admission, Refused};
+use crate::admission::Admission;
 use crate::config::RdpConfig;
 use crate::session::Core;
 use desktop::Desktops;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 
 pub use tls::Identity;
@@ -81,29 +80,7 @@ async fn accept_loop<C: Core>(
     startups: Arc<Admission<IpAddr>>,
     connections: Arc<Admission<()>>,
 ) {
-    let mut failing = false;
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of descriptors and the like: wait for sessions to give some back.
-                if !failing {
-                    log::error!(target: "usher::rdp", "accepting a connection failed: {e}; retrying");
-                    failing = true;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        failing = false;
-        let slot = match startups.try_admit(peer.ip()) {
-            Ok(s) => s,
-            Err(why) => {
-                refuse(peer, why);
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    crate::system::tcp::accept_admitted(listener, startups, "RDP", |stream, peer, slot| {
         tokio::spawn(worker::connection(
             server.clone(),
             stream,
@@ -111,16 +88,8 @@ async fn accept_loop<C: Core>(
             slot,
             connections.clone(),
         ));
-    }
-}
-
-fn refuse(peer: SocketAddr, why: Refused) {
-    // One line per refusal would let a flood fill the journal: said at powers of 2.
-    static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-    if n.is_power_of_two() {
-        log::warn!(target: "usher::rdp", usher_event = "connection_refused", peer = peer.to_string().as_str(); "RDP connection from {peer} closed: {why} ({n} so far)");
-    }
+    })
+    .await
 }
 
 /// Where X servers put their sockets: root's and sticky (as systemd's tmpfiles make it),

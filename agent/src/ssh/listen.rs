@@ -6,7 +6,7 @@
 
 use super::server::Connection;
 use super::SshOptions;
-use crate::admission::{Admission, Refused};
+use crate::admission::Admission;
 use crate::grant::GrantId;
 use crate::session::Core;
 use std::net::{IpAddr, SocketAddr};
@@ -47,32 +47,7 @@ async fn accept_loop<C: Core>(
     startups: Arc<Admission<IpAddr>>,
     connections: Arc<Admission<()>>,
 ) {
-    let mut failing_since: Option<std::time::Instant> = None;
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                // EMFILE, ENFILE, ENOBUFS, ECONNABORTED…: all pass. Said once per spell,
-                // and the pause lets sessions that end give descriptors back.
-                if failing_since.is_none() {
-                    log::error!(target: "usher::ssh", "accepting a connection failed: {e}; retrying");
-                    failing_since = Some(std::time::Instant::now());
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        if let Some(since) = failing_since.take() {
-            log::info!(target: "usher::ssh", "accepting again after {:.1} s", since.elapsed().as_secs_f64());
-        }
-        let slot = match startups.try_admit(peer.ip()) {
-            Ok(s) => s,
-            Err(why) => {
-                refuse(peer, why);
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    crate::system::tcp::accept_admitted(listener, startups, "SSH", |stream, peer, slot| {
         let core = core.clone();
         let options = options.clone();
         let config = config.clone();
@@ -80,16 +55,8 @@ async fn accept_loop<C: Core>(
         tokio::spawn(async move {
             connection(core, options, config, stream, peer, slot, connections).await;
         });
-    }
-}
-
-fn refuse(peer: SocketAddr, why: Refused) {
-    // One line per refusal would let a flood fill the journal: count, say it at powers of 2.
-    static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-    if n.is_power_of_two() {
-        log::warn!(target: "usher::ssh", usher_event = "connection_refused", peer = peer.to_string().as_str(); "connection from {peer} closed: {why} ({n} so far)");
-    }
+    })
+    .await
 }
 
 /// One connection from accept to its end: the login grace time until it authenticates,
