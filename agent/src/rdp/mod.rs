@@ -44,6 +44,7 @@ impl<C: Core> RdpServer<C> {
             ));
         }
         x11_socket_dir()?;
+        remove_old_cookies(&config.runtime_dir);
         let config = Arc::new(config);
         Ok(Arc::new(RdpServer {
             desktops: Desktops::new(core.clone(), config.clone()),
@@ -112,6 +113,20 @@ fn x11_socket_dir() -> Result<(), String> {
                 .map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
                 .map_err(|e| format!("{}: {e}", dir.display()))
+        }
+    }
+}
+
+/// The cookies of desktops from before this start (an agent killed while they ran): their X
+/// servers read them long ago, and a file left with an account's UID outlives the account.
+fn remove_old_cookies(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "xauth") {
+            let _ = std::fs::remove_file(&path);
         }
     }
 }
