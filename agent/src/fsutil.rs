@@ -49,6 +49,20 @@ pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {
         .open(path)
 }
 
+/// Appends `bytes` (one whole record, a line) to `file`, whose first `len` bytes are whole
+/// records, in one write, and counts them into `len`. A failed write (a full disk) is cut
+/// back to `len`, so no half record is left and the next lands where this one would have.
+pub fn append_whole(file: &mut File, len: &mut u64, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Seek;
+    if let Err(e) = file.write_all(bytes) {
+        let _ = file.set_len(*len);
+        let _ = file.seek(io::SeekFrom::Start(*len));
+        return Err(e);
+    }
+    *len += bytes.len() as u64;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use crate::fsutil;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, Seek, Write};
+use std::io::{self, Write};
 use std::path::Path;
 use std::time::Instant;
 
@@ -80,19 +80,7 @@ impl CastWriter {
         line.push(b'\n');
         // One write per event: a crash loses at most the event being written, and a
         // full disk leaves no half event behind.
-        match self.file.write_all(&line) {
-            Ok(()) => {
-                self.len += line.len() as u64;
-                Ok(())
-            }
-            Err(e) => {
-                // Cut the half event off and write the next one where it ended, not
-                // after a hole.
-                let _ = self.file.set_len(self.len);
-                let _ = self.file.seek(io::SeekFrom::Start(self.len));
-                Err(e)
-            }
-        }
+        crate::fsutil::append_whole(&mut self.file, &mut self.len, &line)
     }
 
     pub fn finish(mut self) -> io::Result<()> {

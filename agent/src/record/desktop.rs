@@ -5,7 +5,7 @@
 
 use crate::fsutil;
 use std::fs::File;
-use std::io::{self, Seek, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// The longest line: with its newline it must fit one shipping chunk, which is cut at line
@@ -60,13 +60,7 @@ impl DesktopFile {
         let mut bytes = Vec::with_capacity(line.len() + 1);
         bytes.extend_from_slice(line.as_bytes());
         bytes.push(b'\n');
-        let good = self.len;
-        if let Err(e) = self.file.write_all(&bytes) {
-            let _ = self.file.set_len(good);
-            let _ = self.file.seek(io::SeekFrom::Start(good));
-            return Err(e);
-        }
-        self.len += bytes.len() as u64;
+        fsutil::append_whole(&mut self.file, &mut self.len, &bytes)?;
         Ok(bytes.len() as u64)
     }
 

@@ -14,7 +14,7 @@ pub use utf8::Utf8Stream;
 use crate::fsutil;
 use serde::Serialize;
 use std::fs::File;
-use std::io::{self, Seek, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// What the terminal was doing with keystrokes when they arrived.
@@ -134,14 +134,7 @@ impl Recording {
     pub fn audit<T: Serialize>(&mut self, event: &T, marker: Option<&str>) -> io::Result<()> {
         let mut line = serde_json::to_vec(event).map_err(io::Error::other)?;
         line.push(b'\n');
-        let good = self.audit_len;
-        if let Err(e) = self.audit.write_all(&line) {
-            // No half line left behind on a full disk.
-            let _ = self.audit.set_len(good);
-            let _ = self.audit.seek(io::SeekFrom::Start(good));
-            return Err(e);
-        }
-        self.audit_len += line.len() as u64;
+        fsutil::append_whole(&mut self.audit, &mut self.audit_len, &line)?;
         if let (Some(c), Some(label)) = (&mut self.cast, marker) {
             c.marker(label)?;
         }
