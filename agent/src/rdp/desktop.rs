@@ -30,7 +30,7 @@ pub struct Desktop {
     pub cookie: [u8; 16],
     pub width: u16,
     pub height: u16,
-    session_id: OnceLock<String>,
+    session_id: String,
     /// Recording lines to the session's relay; every connection's worker feeds it.
     pub lines: mpsc::Sender<String>,
     /// Held while the desktop lives; dropping it hangs the session up (SIGHUP).
@@ -43,7 +43,7 @@ pub struct Desktop {
 
 impl Desktop {
     pub fn session_id(&self) -> &str {
-        self.session_id.get().map(String::as_str).unwrap_or("-")
+        &self.session_id
     }
 
     fn end(&self, why: &str) {
@@ -285,9 +285,8 @@ impl<C: Core> Desktops<C> {
                 return Err(DesktopError::NotStarted(why));
             }
         };
+        // The session opened before its X server could answer.
         let session_id = session_id.get().cloned().unwrap_or_default();
-        let ids = OnceLock::new();
-        let _ = ids.set(session_id);
         Ok(Arc::new(Desktop {
             grant: grant.id(),
             profile: grant.profile.clone(),
@@ -295,7 +294,7 @@ impl<C: Core> Desktops<C> {
             cookie,
             width,
             height,
-            session_id: ids,
+            session_id,
             lines: lines_tx,
             hang_up: Mutex::new(Some((control_tx, stdin_tx))),
             ended: ended_rx,
