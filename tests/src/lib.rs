@@ -598,6 +598,14 @@ fn remove_account(name: &str, uid: u32) {
     for pid in pids_of_uid(uid) {
         send_signal(pid, Signal::SIGKILL);
     }
+    // userdel refuses an account whose processes still run: give the killed ones (a
+    // desktop's X server and terminal, left by a stopped agent) a moment to be reaped.
+    for _ in 0..50 {
+        if pids_of_uid(uid).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = Command::new("userdel")
         .args(["--remove", "--", name])
         .output();
