@@ -54,6 +54,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod export;
+pub mod guard;
 pub mod feed;
 pub mod fsutil;
 pub mod local_issuer;

@@ -27,12 +27,52 @@ pub struct Profile {
     pub rdp_drives: bool,
     #[serde(default)]
     pub exec: ExecPolicy,
+    /// Who approves the commands `[exec] approve` and `approve_commands` hold, and how.
+    #[serde(default)]
+    pub approval: ApprovalPolicy,
+    /// What is masked in the session's text before the client or the recording sees it.
+    #[serde(default)]
+    pub mask: crate::guard::mask::MaskConfig,
     /// How much a session's recording may take, and what happens at the limit.
     #[serde(default)]
     pub recording: RecordingLimits,
     /// What one session may take from the host (its cgroup's limits).
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// `[approval]` of a profile.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalPolicy {
+    /// Who may approve (`group:NAME`, or a subject or e-mail address); empty: anyone with
+    /// the approver role on the central service, and root on the host.
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    /// How many distinct approvers it takes.
+    #[serde(default = "one")]
+    pub required: u32,
+    /// No decision in this time is a denial.
+    #[serde(default = "two_minutes")]
+    pub timeout_secs: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn two_minutes() -> u64 {
+    120
+}
+
+impl Default for ApprovalPolicy {
+    fn default() -> Self {
+        ApprovalPolicy {
+            approvers: Vec::new(),
+            required: one(),
+            timeout_secs: two_minutes(),
+        }
+    }
 }
 
 /// A profile file the agent cannot use; the agent does not start (or reload) with it.
@@ -141,6 +181,8 @@ impl Profile {
             rdp_clipboard: false,
             rdp_drives: false,
             exec: ExecPolicy::default(),
+            approval: ApprovalPolicy::default(),
+            mask: Default::default(),
             recording: RecordingLimits::default(),
             limits: Limits::default(),
         }

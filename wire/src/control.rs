@@ -34,6 +34,18 @@ pub enum Request {
     Status,
     /// Answered with a list of [`SessionSummary`].
     Sessions,
+    /// Answered with a list of [`crate::approval::CommandStatus`]: pending and recent.
+    Approvals,
+    /// Answered with the request's [`crate::approval::CommandStatus`] after the decision.
+    /// The approver is the peer (its uid's name, or `as_user` from `SUDO_USER`).
+    Decide {
+        id: String,
+        approve: bool,
+        #[serde(default)]
+        comment: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        as_user: Option<String>,
+    },
 }
 
 impl Request {
@@ -195,6 +207,8 @@ pub enum Reply {
     Revoked(Revoked),
     Status(Box<Status>),
     Sessions(Vec<SessionSummary>),
+    Approvals(Vec<crate::approval::CommandStatus>),
+    Decided(Box<crate::approval::CommandStatus>),
 }
 
 /// A request the agent did not carry out, with the message for the person who asked.
@@ -220,6 +234,9 @@ pub enum RefusalKind {
     ConsoleNotReady,
     /// The revocation could not be carried out (an ambiguous jti, a failed write).
     RevokeFailed,
+    /// No such pending request, or this caller may not decide it (its own command, or a
+    /// caller inside a session).
+    ApprovalRefused,
     /// The agent could not put its answer into words (a bug).
     Internal,
     /// A kind this client does not know (a newer agent), or none (an older one).

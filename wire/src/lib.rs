@@ -19,3 +19,4 @@ pub mod line;
 pub mod meta;
 pub mod rdp;
 pub mod seal;
+pub mod approval;

@@ -35,6 +35,12 @@ pub struct ExecPolicy {
     /// Refuse running the dynamic loader directly (`ld-linux.so prog`). Default: on unless
     /// the mode is `audit`.
     pub deny_loader: Option<bool>,
+    /// Files or directories whose execs wait for a person's approval (guard/approval).
+    #[serde(default)]
+    pub approve: Vec<PathBuf>,
+    /// Globs on an SSH exec request's command line that wait for approval before it starts.
+    #[serde(default)]
+    pub approve_commands: Vec<String>,
 }
 
 /// What goes into the kernel maps for one session.
