@@ -126,6 +126,10 @@ async fn answer(agent: &Arc<Agent>, request: Request) -> Answer {
         },
         Request::Status => Ok(Reply::Status(Box::new(status(agent)))),
         Request::Sessions => Ok(Reply::Sessions(sessions(agent))),
+        Request::Approvals | Request::Decide { .. } => Err(Refusal::new(
+            RefusalKind::ApprovalRefused,
+            "command approvals are not built yet",
+        )),
     }
 }
 
