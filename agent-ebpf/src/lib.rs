@@ -15,6 +15,8 @@ pub const MODE_DENY: u32 = 2;
 /// `SessionPolicy::flags`.
 pub const FLAG_DENY_UNLINKED: u32 = 1;
 pub const FLAG_DENY_LOADER: u32 = 2;
+/// The session's profile holds some programs for approval (`APPROVE`, `PERMITS`).
+pub const FLAG_APPROVAL: u32 = 4;
 
 /// `ExecEvent::verdict`.
 pub const VERDICT_ALLOWED: u32 = 0;
@@ -31,6 +33,9 @@ pub const RULE_LOADER: u32 = u32::MAX - 3;
 /// An executable mapping (`mmap`/`mprotect` with PROT_EXEC, BPF-LSM only) of a file the
 /// profile does not cover.
 pub const RULE_MAP_EXEC: u32 = u32::MAX - 4;
+/// A program held for approval ran without the agent's permit (the agent was down, or the
+/// request was never approved).
+pub const RULE_APPROVAL: u32 = u32::MAX - 5;
 
 /// `PROT_EXEC` of mmap(2)/mprotect(2).
 pub const PROT_EXEC: u64 = 4;
@@ -62,6 +67,16 @@ pub struct FileKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleKey {
     pub cgroup_id: u64,
+    pub file: FileKey,
+}
+
+/// A one-shot permit the agent writes when a held exec is approved: this process may
+/// become this file once. The value is the permit's end (`bpf_ktime_get_boot_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PermitKey {
+    pub tgid: u32,
+    pub _pad: u32,
     pub file: FileKey,
 }
 
@@ -121,6 +136,9 @@ mod pod {
     // SAFETY: `repr(C)`, u64 + FileKey (16 bytes, 8-aligned): no padding, and any bytes are
     // a valid value.
     unsafe impl aya::Pod for super::RuleKey {}
+    // SAFETY: `repr(C)`, u32 + explicit u32 padding + FileKey (16 bytes, 8-aligned): no
+    // padding, and any bytes are a valid value.
+    unsafe impl aya::Pod for super::PermitKey {}
     // SAFETY: `repr(C)`, nineteen u32 (the last an explicit padding field): no padding, and
     // any bytes are a valid value.
     unsafe impl aya::Pod for super::Offsets {}

@@ -88,6 +88,7 @@ pub async fn accept_forever(
 }
 
 async fn handle(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()> {
+    let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
@@ -100,7 +101,7 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()> {
             Ok(_) => {}
         }
         let (answer, more) = match Request::decode(&line) {
-            Ok(request) => (answer(&agent, request).await, true),
+            Ok(request) => (answer(&agent, request, peer_pid).await, true),
             // The rest of an oversized line is unread: what follows is not a request.
             Err(e @ wire::LineError::TooLarge { .. }) => (Err(Refusal::bad_request(&e)), false),
             Err(e) => (Err(Refusal::bad_request(&e)), true),
@@ -112,7 +113,7 @@ async fn handle(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     }
 }
 
-async fn answer(agent: &Arc<Agent>, request: Request) -> Answer {
+async fn answer(agent: &Arc<Agent>, request: Request, peer_pid: Option<i32>) -> Answer {
     match request {
         Request::Install { token } => install(agent, &token).await.map(Reply::Installed),
         Request::List => Ok(Reply::Grants(grants(agent))),
@@ -126,10 +127,29 @@ async fn answer(agent: &Arc<Agent>, request: Request) -> Answer {
         },
         Request::Status => Ok(Reply::Status(Box::new(status(agent)))),
         Request::Sessions => Ok(Reply::Sessions(sessions(agent))),
-        Request::Approvals | Request::Decide { .. } => Err(Refusal::new(
-            RefusalKind::ApprovalRefused,
-            "command approvals are not built yet",
-        )),
+        Request::Approvals => Ok(Reply::Approvals(agent.approvals.list())),
+        Request::Decide {
+            id,
+            approve,
+            comment,
+            as_user,
+        } => {
+            // Root acting through sudo decides as the person who ran it.
+            let name = as_user
+                .filter(|n| !n.is_empty() && n.len() <= 64)
+                .unwrap_or_else(|| "root".to_string());
+            let caller = crate::guard::approval::Caller {
+                uid: 0,
+                pid: peer_pid,
+                name,
+                inside_session: peer_pid.is_some_and(|pid| agent.sessions.holds_process(pid)),
+            };
+            agent
+                .approvals
+                .decide_on_host(&id, approve, &comment, &caller)
+                .map(|s| Reply::Decided(Box::new(s)))
+                .map_err(|e| Refusal::new(RefusalKind::ApprovalRefused, e.to_string()))
+        }
     }
 }
 
@@ -277,6 +297,25 @@ impl Client {
 
     pub fn sessions(&self) -> Result<Vec<wire::SessionSummary>, CallError> {
         self.call(&Request::Sessions)
+    }
+
+    pub fn approvals(&self) -> Result<Vec<usher_wire::approval::CommandStatus>, CallError> {
+        self.call(&Request::Approvals)
+    }
+
+    pub fn decide(
+        &self,
+        id: String,
+        approve: bool,
+        comment: String,
+        as_user: Option<String>,
+    ) -> Result<usher_wire::approval::CommandStatus, CallError> {
+        self.call(&Request::Decide {
+            id,
+            approve,
+            comment,
+            as_user,
+        })
     }
 
     fn call<T: DeserializeOwned>(&self, request: &Request) -> Result<T, CallError> {

@@ -35,6 +35,8 @@ pub struct Agent {
     spool: Arc<SpoolMeter>,
     /// The RDP certificate's fingerprint, once RDP serves.
     pub rdp_certificate: std::sync::OnceLock<String>,
+    /// Commands held for a person's approval (guard/approval).
+    pub approvals: Arc<crate::guard::approval::Approvals>,
 }
 
 impl crate::ship::LiveSessions for Agent {
@@ -52,6 +54,7 @@ impl Agent {
     pub fn start(config: Config) -> Result<Arc<Agent>, StartError> {
         let agent = Self::build(config, true)?;
         agent.reconcile(agent.started_at);
+        agent.start_exec_hold();
         Ok(agent)
     }
 
@@ -95,7 +98,9 @@ impl Agent {
         log::info!(target: "usher::enforce", enforcement_path = enforcer.path().to_string().as_str(); "exec enforcement: {} (mode {:?})", enforcer.path(), config.enforcement);
         let sessions = SessionTable::open(&config.state_dir.join("sessions.json"))
             .map_err(StartError::SessionTable)?;
+        let approvals = crate::guard::approval::Approvals::new(&config.host_name());
         let agent = Arc::new(Agent {
+            approvals,
             host: config.host_name(),
             verifier: Mutex::new(Arc::new(verifier)),
             profiles: Mutex::new(Arc::new(profiles)),
@@ -113,6 +118,26 @@ impl Agent {
             config,
         });
         Ok(agent)
+    }
+
+    /// Holds approval-class execs in the kernel (fanotify), with the BPF permit that lets
+    /// an approved one through. Without it such programs are killed (no permit).
+    fn start_exec_hold(self: &Arc<Self>) {
+        if !self.enforcer.is_enforcing() {
+            log::warn!(target: "usher::approval", "no exec programs loaded: commands that need approval cannot be held or let through");
+            return;
+        }
+        let agent = Arc::downgrade(self);
+        let permit: crate::guard::approval::PermitFn = Box::new(move |tgid, file, ttl| {
+            let agent = agent.upgrade().ok_or("the agent is stopping")?;
+            agent
+                .enforcer
+                .permit(tgid, file, ttl)
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = self.approvals.start_hold(permit) {
+            log::warn!(target: "usher::approval", "execs cannot be held for approval ({e}): programs that need approval are killed instead");
+        }
     }
 
     /// After a crash or reboot: sessions whose grant is gone are killed, those whose grant
@@ -371,6 +396,18 @@ impl Agent {
             self.session_finished(&session_id);
             return Err(Refused::GrantEnded);
         }
+        let guard = self.approvals.attach(
+            cgroup.id(),
+            crate::guard::approval::SessionFacts {
+                session_id: session_id.clone(),
+                grant: grant.id().to_string(),
+                sub: grant.claims.sub.clone(),
+                login: grant.login().to_string(),
+            },
+            &profile.exec.approve,
+            &profile.exec.approve_commands,
+            &profile.approval,
+        );
         Ok(Opened {
             session_id,
             account,
@@ -379,6 +416,7 @@ impl Agent {
             exec_events: enforced.then_some(rx),
             enforced,
             ended,
+            guard,
         })
     }
 

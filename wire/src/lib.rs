@@ -9,6 +9,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod approval;
 pub mod chain;
 pub mod collector;
 pub mod console;
@@ -19,4 +20,3 @@ pub mod line;
 pub mod meta;
 pub mod rdp;
 pub mod seal;
-pub mod approval;

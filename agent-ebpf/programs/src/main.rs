@@ -22,7 +22,7 @@ use aya_ebpf::helpers::{
     bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_buf,
 };
 use aya_ebpf::macros::{lsm, map, tracepoint};
-use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{LsmContext, TracePointContext};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::info;
@@ -34,6 +34,16 @@ static SESSIONS: HashMap<u64, SessionPolicy> = HashMap::with_max_entries(4096, 0
 /// Files and directories named by the sessions' rules; the value is the rule's index.
 #[map]
 static RULES: HashMap<RuleKey, u32> = HashMap::with_max_entries(262_144, 0);
+
+/// Files and directories whose execs wait for a person's approval, per session (the
+/// value is the rule's index in the session's approval list).
+#[map]
+static APPROVE: HashMap<RuleKey, u32> = HashMap::with_max_entries(65_536, 0);
+
+/// One-shot permits for approved execs, written by the agent just before it lets the
+/// held exec go; the value is when the permit lapses (boot time, ns).
+#[map]
+static PERMITS: LruHashMap<PermitKey, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// The dynamic loader(s) of this host: running one directly names no program.
 #[map]
@@ -106,6 +116,29 @@ unsafe fn image_of(o: &Offsets, file: u64) -> Option<Image> {
 /// any time, which only gives this exec the verdict of the policy before or after.
 #[inline(always)]
 unsafe fn decide(cgroup_id: u64, policy: &SessionPolicy, image: &Image) -> (bool, u32) {
+    // A program held for approval runs only on the agent's permit, whatever the mode:
+    // when the agent is gone, the exec fanotify would have held goes through and ends here.
+    let mut approved = false;
+    if policy.flags & FLAG_APPROVAL != 0 {
+        let held = APPROVE
+            .get(&RuleKey {
+                cgroup_id,
+                file: image.file,
+            })
+            .is_some()
+            || APPROVE
+                .get(&RuleKey {
+                    cgroup_id,
+                    file: image.parent,
+                })
+                .is_some();
+        if held {
+            if !take_permit(image.file) {
+                return (false, RULE_APPROVAL);
+            }
+            approved = true;
+        }
+    }
     if policy.mode == MODE_AUDIT {
         return (true, RULE_NONE);
     }
@@ -131,6 +164,8 @@ unsafe fn decide(cgroup_id: u64, policy: &SessionPolicy, image: &Image) -> (bool
     if policy.mode == MODE_ALLOW {
         match hit {
             Some(_) => (true, RULE_NONE),
+            // An approved program is allowed by its approval.
+            None if approved => (true, RULE_NONE),
             None => (false, RULE_NOT_ALLOWED),
         }
     } else {
@@ -139,6 +174,24 @@ unsafe fn decide(cgroup_id: u64, policy: &SessionPolicy, image: &Image) -> (bool
             None => (true, RULE_NONE),
         }
     }
+}
+
+/// Consumes this process's permit for `file`, if it has one that has not lapsed.
+///
+/// # Safety
+/// The permit's value is copied at once; the removal is the consumption (a permit is used
+/// once even if two threads raced for it: only one removal succeeds).
+#[inline(always)]
+unsafe fn take_permit(file: FileKey) -> bool {
+    let key = PermitKey {
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+        file,
+    };
+    let Some(until) = PERMITS.get(&key).copied() else {
+        return false;
+    };
+    PERMITS.remove(&key).is_ok() && bpf_ktime_get_boot_ns() <= until
 }
 
 /// Writes one `ExecEvent` into the ring buffer (or counts it lost).

@@ -51,6 +51,20 @@ enum Command {
     Status,
     /// Live sessions of every kind.
     Sessions,
+    /// Commands waiting for approval on this host, then the last ones decided.
+    Approvals,
+    /// Approve a command waiting in a session (root; as SUDO_USER when run through sudo).
+    Approve {
+        id: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Deny a command waiting in a session.
+    Deny {
+        id: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
     /// Sign in to the central service (device authorization at its identity provider).
     Login {
         /// The service, e.g. https://usher.example:8443 (default: the last one signed in to).
@@ -392,6 +406,17 @@ fn run(cli: Cli) -> Result<(), UsherError> {
             Ok(())
         }
         Command::Sessions => show(cli.json, &agent.sessions()?[..], text::sessions),
+        Command::Approvals => show(cli.json, &agent.approvals()?[..], text::command_approvals),
+        Command::Approve { id, comment } => show(
+            cli.json,
+            &agent.decide(id, true, comment, std::env::var("SUDO_USER").ok())?,
+            text::decided,
+        ),
+        Command::Deny { id, comment } => show(
+            cli.json,
+            &agent.decide(id, false, comment, std::env::var("SUDO_USER").ok())?,
+            text::decided,
+        ),
         Command::Play {
             file,
             speed,
@@ -801,6 +826,49 @@ mod text {
                     ]
                 })
                 .collect(),
+        )
+    }
+
+    pub fn command_approvals(list: &[usher_wire::approval::CommandStatus]) -> String {
+        if list.is_empty() {
+            return "no commands wait for approval\n".into();
+        }
+        table(
+            &[
+                "ID",
+                "STATE",
+                "SESSION",
+                "WHO",
+                "COMMAND",
+                "REQUESTED",
+                "APPROVALS",
+            ],
+            list.iter()
+                .map(|s| {
+                    let r = &s.request;
+                    let given = s.decisions.iter().filter(|d| d.approve).count();
+                    vec![
+                        r.id.clone(),
+                        format!("{:?}", s.state).to_lowercase(),
+                        r.session_id.clone(),
+                        format!("{} ({})", r.sub, r.login),
+                        r.command.clone(),
+                        time(r.requested_at),
+                        format!("{given}/{}", r.required),
+                    ]
+                })
+                .collect(),
+        )
+    }
+
+    pub fn decided(s: &usher_wire::approval::CommandStatus) -> String {
+        let given = s.decisions.iter().filter(|d| d.approve).count();
+        format!(
+            "{}: {} ({given}/{} approvals): {}\n",
+            s.request.id,
+            format!("{:?}", s.state).to_lowercase(),
+            s.request.required,
+            s.request.command
         )
     }
 

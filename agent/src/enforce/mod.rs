@@ -14,7 +14,7 @@
 mod btf;
 pub mod confine;
 mod pins;
-mod policy;
+pub(crate) mod policy;
 
 pub use pins::{pin_dir, unpin};
 pub use policy::{kernel_dev, ExecMode, ExecPolicy};
@@ -147,6 +147,8 @@ struct Route {
     events: ExecSender,
     rule_names: Vec<String>,
     keys: Vec<common::RuleKey>,
+    /// The session's entries in `APPROVE`.
+    approve_keys: Vec<common::RuleKey>,
     /// Dropped since the last `Lost` note reached the session.
     lost_pending: u64,
     lost_total: u64,
@@ -158,6 +160,7 @@ impl Route {
             events,
             rule_names,
             keys,
+            approve_keys: Vec::new(),
             lost_pending: 0,
             lost_total: 0,
         }
@@ -204,6 +207,8 @@ impl Route {
 struct Maps {
     sessions: BpfHashMap<MapData, u64, common::SessionPolicy>,
     rules: BpfHashMap<MapData, common::RuleKey, u32>,
+    approve: BpfHashMap<MapData, common::RuleKey, u32>,
+    permits: BpfHashMap<MapData, common::PermitKey, u64>,
     lost: PerCpuArray<MapData, u64>,
 }
 
@@ -328,6 +333,19 @@ impl Enforcer {
             for k in &stale_rules {
                 let _ = maps.rules.remove(k);
             }
+            let claimed: HashSet<common::RuleKey> = routes
+                .values()
+                .flat_map(|r| r.approve_keys.iter().copied())
+                .collect();
+            let stale_approvals: Vec<common::RuleKey> = maps
+                .approve
+                .keys()
+                .flatten()
+                .filter(|k| !claimed.contains(k))
+                .collect();
+            for k in &stale_approvals {
+                let _ = maps.approve.remove(k);
+            }
             if !stale_sessions.is_empty() {
                 log::info!(target: "usher::enforce", "dropped the kernel policy of {} session(s) no longer live", stale_sessions.len());
             }
@@ -368,14 +386,40 @@ impl Enforcer {
             }
             keys.push(key);
         }
+        let mut approve_keys = Vec::with_capacity(resolved.approve.len());
+        for (file, index) in &resolved.approve {
+            let key = common::RuleKey {
+                cgroup_id,
+                file: *file,
+            };
+            if let Err(e) = maps.approve.insert(key, index, 0) {
+                for k in &keys {
+                    let _ = maps.rules.remove(k);
+                }
+                for k in &approve_keys {
+                    let _ = maps.approve.remove(k);
+                }
+                return Err(EnforceError::Map(format!("approve map: {e}")));
+            }
+            approve_keys.push(key);
+        }
+        let mut route = Route::new(events, resolved.rule_names, keys);
+        route.approve_keys = approve_keys;
         // The route exists before the policy: no event of the session is dropped.
-        let previous =
-            lock(&loaded.routes).insert(cgroup_id, Route::new(events, resolved.rule_names, keys));
+        let previous = lock(&loaded.routes).insert(cgroup_id, route);
         // Attached again (after a takeover): rules the profile no longer names go.
         if let Some(previous) = previous {
-            let current = &lock(&loaded.routes)[&cgroup_id].keys;
-            for k in previous.keys.iter().filter(|k| !current.contains(k)) {
+            let routes = lock(&loaded.routes);
+            let current = &routes[&cgroup_id];
+            for k in previous.keys.iter().filter(|k| !current.keys.contains(k)) {
                 let _ = maps.rules.remove(k);
+            }
+            for k in previous
+                .approve_keys
+                .iter()
+                .filter(|k| !current.approve_keys.contains(k))
+            {
+                let _ = maps.approve.remove(k);
             }
         }
         let session = common::SessionPolicy {
@@ -383,13 +427,52 @@ impl Enforcer {
             flags: resolved.flags,
         };
         if let Err(e) = maps.sessions.insert(cgroup_id, session, 0) {
-            let route = lock(&loaded.routes).remove(&cgroup_id);
-            for k in route.map(|r| r.keys).unwrap_or_default() {
-                let _ = maps.rules.remove(&k);
+            if let Some(route) = lock(&loaded.routes).remove(&cgroup_id) {
+                for k in &route.keys {
+                    let _ = maps.rules.remove(k);
+                }
+                for k in &route.approve_keys {
+                    let _ = maps.approve.remove(k);
+                }
             }
             return Err(EnforceError::Map(format!("sessions map: {e}")));
         }
         Ok(())
+    }
+
+    /// Lets process `tgid` become `file` once, within `ttl`: written before a held exec is
+    /// let go, so the exec tracepoint does not kill the approved program.
+    pub fn permit(
+        &self,
+        tgid: u32,
+        file: common::FileKey,
+        ttl: std::time::Duration,
+    ) -> Result<(), EnforceError> {
+        let Some(loaded) = &self.loaded else {
+            return Err(EnforceError::NotLoaded("no programs loaded".into()));
+        };
+        let until = boot_ns().saturating_add(ttl.as_nanos() as u64);
+        let key = common::PermitKey {
+            tgid,
+            _pad: 0,
+            file,
+        };
+        lock(&loaded.maps)
+            .permits
+            .insert(key, until, 0)
+            .map_err(|e| EnforceError::Map(format!("permits map: {e}")))
+    }
+
+    /// Takes back a permit that was not used (the exec failed or went elsewhere).
+    pub fn revoke_permit(&self, tgid: u32, file: common::FileKey) {
+        if let Some(loaded) = &self.loaded {
+            let key = common::PermitKey {
+                tgid,
+                _pad: 0,
+                file,
+            };
+            let _ = lock(&loaded.maps).permits.remove(&key);
+        }
     }
 
     pub fn detach(&self, cgroup_id: u64) {
@@ -400,6 +483,9 @@ impl Enforcer {
             for k in &route.keys {
                 let _ = maps.rules.remove(k);
             }
+            for k in &route.approve_keys {
+                let _ = maps.approve.remove(k);
+            }
             if !route.flush_lost() {
                 log::warn!(target: "usher::enforce", "{} exec event(s) of the session in cgroup {cgroup_id} were lost ({} in all): its queue was full", route.lost_pending, route.lost_total);
             }
@@ -408,8 +494,8 @@ impl Enforcer {
 }
 
 /// The maps that outlive the agent (pinned): everything but the programs' log.
-const PINNED_MAPS: [&str; 7] = [
-    "SESSIONS", "RULES", "LOADERS", "OFFSETS", "CONFIG", "LOST", "EVENTS",
+const PINNED_MAPS: [&str; 9] = [
+    "SESSIONS", "RULES", "APPROVE", "PERMITS", "LOADERS", "OFFSETS", "CONFIG", "LOST", "EVENTS",
 ];
 
 fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
@@ -555,6 +641,8 @@ fn load(pin_dir: &Path) -> Result<(EnforcementPath, Loaded), String> {
     let maps = Maps {
         sessions: BpfHashMap::try_from(take(&mut ebpf, "SESSIONS")?).map_err(|e| e.to_string())?,
         rules: BpfHashMap::try_from(take(&mut ebpf, "RULES")?).map_err(|e| e.to_string())?,
+        approve: BpfHashMap::try_from(take(&mut ebpf, "APPROVE")?).map_err(|e| e.to_string())?,
+        permits: BpfHashMap::try_from(take(&mut ebpf, "PERMITS")?).map_err(|e| e.to_string())?,
         lost: PerCpuArray::try_from(take(&mut ebpf, "LOST")?).map_err(|e| e.to_string())?,
     };
     let mut ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(|e| e.to_string())?;
@@ -641,6 +729,13 @@ fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             guard.clear_ready();
         }
     });
+}
+
+/// Now on the programs' clock (CLOCK_BOOTTIME, ns).
+fn boot_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 /// Wall-clock seconds at boot: adds to the programs' CLOCK_BOOTTIME stamps.
@@ -750,6 +845,7 @@ fn dispatch(raw: &common::ExecEvent, epoch: f64, routes: &Mutex<HashMap<u64, Rou
         common::RULE_NOT_ALLOWED => Some("not in the profile's allow list".to_string()),
         common::RULE_UNLINKED => Some("image with no file on disk (memfd or deleted)".to_string()),
         common::RULE_LOADER => Some("direct run of the dynamic loader".to_string()),
+        common::RULE_APPROVAL => Some("held for approval, and not approved".to_string()),
         common::RULE_MAP_EXEC => {
             Some("executable mapping of a file the profile does not cover".to_string())
         }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use usher_ebpf_common::{
-    FileKey, FLAG_DENY_LOADER, FLAG_DENY_UNLINKED, MODE_ALLOW, MODE_AUDIT, MODE_DENY,
+    FileKey, FLAG_APPROVAL, FLAG_DENY_LOADER, FLAG_DENY_UNLINKED, MODE_ALLOW, MODE_AUDIT, MODE_DENY,
 };
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -51,6 +51,9 @@ pub struct Resolved {
     /// (file, index into `rule_names`).
     pub keys: Vec<(FileKey, u32)>,
     pub rule_names: Vec<String>,
+    /// Files held for approval (the listed ones and the files of listed directories, and
+    /// the directories themselves), with the index of the `approve` entry.
+    pub approve: Vec<(FileKey, u32)>,
 }
 
 /// Files of a listed directory that are also keyed by their own identity, so that a hard
@@ -93,6 +96,13 @@ impl ExecPolicy {
             flags,
             ..Default::default()
         };
+        for (index, path) in self.approve.iter().enumerate() {
+            r.approve
+                .extend(keys_of(path)?.into_iter().map(|k| (k, index as u32)));
+        }
+        if !r.approve.is_empty() {
+            r.flags |= FLAG_APPROVAL;
+        }
         if self.mode == ExecMode::Audit {
             return Ok(r);
         }
@@ -104,38 +114,37 @@ impl ExecPolicy {
                 "deny"
             };
             r.rule_names.push(format!("{verb} {}", path.display()));
-            let meta = match std::fs::metadata(path) {
-                Ok(m) => m,
-                // A path that does not exist here names nothing; in an allow list it
-                // allows nothing, in a deny list it denies nothing.
-                Err(_) => continue,
-            };
-            r.keys.push((
-                file_key(path).map_err(|e| format!("{}: {e}", path.display()))?,
-                index,
-            ));
-            if meta.is_dir() {
-                let entries =
-                    std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                for entry in entries.flatten().take(FILES_PER_DIRECTORY) {
-                    let p = entry.path();
-                    if let Ok(m) = std::fs::metadata(&p) {
-                        if m.is_file() {
-                            r.keys.push((
-                                FileKey {
-                                    dev: kernel_dev(m.dev()),
-                                    _pad: 0,
-                                    ino: m.ino(),
-                                },
-                                index,
-                            ));
-                        }
-                    }
-                }
-            }
+            r.keys
+                .extend(keys_of(path)?.into_iter().map(|k| (k, index)));
         }
         Ok(r)
     }
+}
+
+/// The identities a rule's path stands for: the file, or the directory and the files
+/// directly in it (so that a hard link elsewhere still matches). A path that does not
+/// exist here names nothing.
+fn keys_of(path: &Path) -> Result<Vec<FileKey>, String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(_) => return Ok(Vec::new()),
+    };
+    let mut keys = vec![file_key(path).map_err(|e| format!("{}: {e}", path.display()))?];
+    if meta.is_dir() {
+        let entries = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for entry in entries.flatten().take(FILES_PER_DIRECTORY) {
+            if let Ok(m) = std::fs::metadata(entry.path()) {
+                if m.is_file() {
+                    keys.push(FileKey {
+                        dev: kernel_dev(m.dev()),
+                        _pad: 0,
+                        ino: m.ino(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(keys)
 }
 
 /// The dynamic loaders of this host, by identity.

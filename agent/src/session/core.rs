@@ -77,6 +77,8 @@ pub struct Opened {
     pub enforced: bool,
     /// Says why, when the grant ends while the session runs.
     pub ended: tokio::sync::watch::Receiver<Option<String>>,
+    /// Commands of this session held for approval; `None` when its profile holds none.
+    pub guard: Option<crate::guard::approval::SessionGuard>,
 }
 
 /// What the recording of every session on this host shares.

@@ -4,7 +4,7 @@
 //! way from request to end, one file per concern along that way.
 
 pub mod budget;
-mod cgroup;
+pub(crate) mod cgroup;
 mod core;
 mod exec_notes;
 mod launch;

@@ -8,6 +8,7 @@ use super::recorder::{Recorder, SharedRecorder, Stop};
 use super::request::{ClientSink, Control, ExitOutcome};
 use super::spawn::PtyMaster;
 use crate::enforce::{ExecNote, ExecReceiver};
+use crate::guard::approval::Notice;
 use bytes::Bytes;
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub(super) struct Watched {
     pub grant_end: watch::Receiver<Option<String>>,
     /// Told of every exec the session makes.
     pub counted: Box<dyn Fn() + Send + Sync>,
+    /// What the approval of its commands says (guard/approval).
+    pub notices: Option<mpsc::Receiver<Notice>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +69,7 @@ enum Event {
     Control(Option<Control>),
     Desktop(Option<String>),
     Exec(Option<ExecNote>),
+    Notice(Option<Notice>),
     GrantEnded(String),
     GrantWatchGone,
 }
@@ -86,6 +90,7 @@ struct Relay<'a, S> {
     desktop: Option<mpsc::Receiver<String>>,
     input_failed: Option<oneshot::Receiver<Stop>>,
     exec_notes: Option<ExecReceiver>,
+    notices: Option<mpsc::Receiver<Notice>>,
     grant_end: Option<watch::Receiver<Option<String>>>,
     buffers: [Vec<u8>; 3],
 }
@@ -117,6 +122,7 @@ pub(super) async fn relay<S: ClientSink>(
         desktop: watched.desktop,
         input_failed: Some(input_failed),
         exec_notes: watched.exec_notes,
+        notices: watched.notices,
         grant_end: Some(watched.grant_end),
         buffers: [
             vec![0; READ_BYTES],
@@ -202,6 +208,19 @@ fn spawn_input(
     (task, failed_rx)
 }
 
+/// An approval notice: into the audit stream and the cast (a marker), and one line on the
+/// client's terminal.
+pub(super) async fn notice<S: ClientSink>(
+    recorder: &SharedRecorder,
+    sink: &S,
+    n: &Notice,
+) -> Result<(), Stop> {
+    Recorder::lock(recorder).audit(|r| r.audit(&n.line, Some(&n.marker)))?;
+    sink.stderr(Bytes::from(format!("\r\nusher: {}\r\n", n.say)))
+        .await;
+    Ok(())
+}
+
 /// Reads into `buf` from a stream that may be closed.
 async fn read_from(
     stream: &mut Option<impl tokio::io::AsyncRead + Unpin>,
@@ -222,6 +241,7 @@ impl<S: ClientSink> Relay<'_, S> {
             desktop,
             input_failed,
             exec_notes,
+            notices,
             grant_end,
             buffers: [term_buf, out_buf, err_buf],
             ..
@@ -249,6 +269,8 @@ impl<S: ClientSink> Relay<'_, S> {
                 Event::Desktop(l),
             n = async { exec_notes.as_mut().expect("guarded").recv().await }, if exec_notes.is_some() =>
                 Event::Exec(n),
+            n = async { notices.as_mut().expect("guarded").recv().await }, if notices.is_some() =>
+                Event::Notice(n),
             r = async { grant_end.as_mut().expect("guarded").changed().await }, if grant_end.is_some() =>
                 match r {
                     Ok(()) => Event::GrantEnded(
@@ -324,6 +346,11 @@ impl<S: ClientSink> Relay<'_, S> {
             }
             Event::Exec(None) => {
                 self.exec_notes = None;
+                Ok(())
+            }
+            Event::Notice(Some(n)) => notice(self.recorder, self.sink, &n).await,
+            Event::Notice(None) => {
+                self.notices = None;
                 Ok(())
             }
             Event::GrantEnded(why) => Err(Stop(format!("the grant {why}; the session is closed"))),
@@ -568,6 +595,7 @@ mod tests {
             exec_notes: Some(exec_notes),
             grant_end,
             counted: Box::new(|| {}),
+            notices: None,
         };
         let relayed = relay(process, stdin, control, watched, recorder, client);
         tokio::time::timeout(Duration::from_secs(20), relayed)

@@ -62,9 +62,32 @@ pub async fn run<C: Core, S: ClientSink>(
 
     let (outcome, leftover_notes) = {
         let mut opened = opened;
+        let mut control = control;
         let notes = opened.exec_events.take();
-        match start_process(&opened, &request) {
-            Ok(process) => {
+        let mut notices = opened.guard.as_mut().and_then(|g| g.notices.take());
+        let gate = match (&opened.guard, &request.command) {
+            (Some(guard), SessionCommand::Exec(command)) => {
+                wait_for_approval(
+                    guard,
+                    command,
+                    &mut notices,
+                    &mut control,
+                    &recorder,
+                    &*sink,
+                )
+                .await
+            }
+            _ => Ok(true),
+        };
+        let started = match gate {
+            Ok(true) => start_process(&opened, &request).map(Some),
+            Ok(false) => Ok(None),
+            Err(stop) => Err(stop),
+        };
+        match started {
+            // Not approved: nothing started; 126, as a shell's "cannot execute".
+            Ok(None) => (Ok(ExitOutcome::Status(126)), notes),
+            Ok(Some(process)) => {
                 let counter = core.clone();
                 let counted_id = id.clone();
                 let watched = Watched {
@@ -73,6 +96,7 @@ pub async fn run<C: Core, S: ClientSink>(
                     exec_notes: notes,
                     grant_end: opened.ended.clone(),
                     counted: Box::new(move || counter.count_command(&counted_id)),
+                    notices,
                 };
                 relay(process, stdin, control, watched, &recorder, &*sink).await
             }
@@ -104,6 +128,45 @@ pub async fn run<C: Core, S: ClientSink>(
         let _ = tokio::task::spawn_blocking(move || cgroup.kill_all()).await;
         let _ = std::fs::remove_file(super::launch::xauthority_path(&spec.auth_dir, &id));
     }
+}
+
+/// An SSH exec request that `approve_commands` holds waits here, before anything starts,
+/// saying so on the channel's stderr; the client hanging up cancels it. False when it may
+/// not run (the session then ends with exit status 126, as a shell's "cannot execute").
+async fn wait_for_approval<S: ClientSink>(
+    guard: &crate::guard::approval::SessionGuard,
+    command: &str,
+    notices: &mut Option<tokio::sync::mpsc::Receiver<crate::guard::approval::Notice>>,
+    control: &mut tokio::sync::mpsc::Receiver<super::request::Control>,
+    recorder: &super::recorder::SharedRecorder,
+    sink: &S,
+) -> Result<bool, Stop> {
+    use crate::guard::approval::SshExecGate;
+    let (id, mut decided) = match guard.ssh_exec_gate(command) {
+        SshExecGate::Free => return Ok(true),
+        SshExecGate::Held(id, rx) => (id, rx),
+    };
+    let mut hung_up = false;
+    let approved = loop {
+        tokio::select! {
+            r = &mut decided => break r.unwrap_or(false),
+            n = async { notices.as_mut().expect("guarded").recv().await }, if notices.is_some() => match n {
+                Some(n) => { super::relay::notice(recorder, sink, &n).await?; }
+                None => *notices = None,
+            },
+            c = control.recv(), if !hung_up => if c.is_none() {
+                hung_up = true;
+                guard.cancel(&id, "the client hung up");
+            },
+        }
+    };
+    // The outcome's own notice.
+    if let Some(rx) = notices.as_mut() {
+        while let Ok(n) = rx.try_recv() {
+            super::relay::notice(recorder, sink, &n).await?;
+        }
+    }
+    Ok(approved)
 }
 
 async fn refuse<S: ClientSink>(sink: &S, msg: &str) {

@@ -79,6 +79,16 @@ impl SessionTable {
         })
     }
 
+    /// Whether process `pid` runs inside one of the live sessions' cgroups.
+    pub fn holds_process(&self, pid: i32) -> bool {
+        let Some(dir) = crate::guard::approval::proc_info::cgroup_dir_of(pid) else {
+            return false;
+        };
+        lock(&self.live)
+            .values()
+            .any(|l| dir.starts_with(l.cgroup.path()))
+    }
+
     /// Sessions recorded by a previous run of the agent, to reconcile once.
     pub fn leftovers(&self) -> Vec<SessionRecord> {
         std::mem::take(&mut *lock(&self.leftovers))
