@@ -208,16 +208,22 @@ fn spawn_input(
     (task, failed_rx)
 }
 
-/// An approval notice: into the audit stream and the cast (a marker), and one line on the
-/// client's terminal.
+/// An approval notice: into the audit stream and the cast (a marker), and one line for
+/// the client: on its terminal when it has one (a client shows a terminal session's
+/// stderr apart, if at all), else on stderr.
 pub(super) async fn notice<S: ClientSink>(
     recorder: &SharedRecorder,
     sink: &S,
     n: &Notice,
+    on_terminal: bool,
 ) -> Result<(), Stop> {
     Recorder::lock(recorder).audit(|r| r.audit(&n.line, Some(&n.marker)))?;
-    sink.stderr(Bytes::from(format!("\r\nusher: {}\r\n", n.say)))
-        .await;
+    let line = Bytes::from(format!("\r\nusher: {}\r\n", n.say));
+    if on_terminal {
+        sink.stdout(line).await;
+    } else {
+        sink.stderr(line).await;
+    }
     Ok(())
 }
 
@@ -348,7 +354,9 @@ impl<S: ClientSink> Relay<'_, S> {
                 self.exec_notes = None;
                 Ok(())
             }
-            Event::Notice(Some(n)) => notice(self.recorder, self.sink, &n).await,
+            Event::Notice(Some(n)) => {
+                notice(self.recorder, self.sink, &n, self.terminal.is_some()).await
+            }
             Event::Notice(None) => {
                 self.notices = None;
                 Ok(())

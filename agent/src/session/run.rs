@@ -151,7 +151,7 @@ async fn wait_for_approval<S: ClientSink>(
         tokio::select! {
             r = &mut decided => break r.unwrap_or(false),
             n = async { notices.as_mut().expect("guarded").recv().await }, if notices.is_some() => match n {
-                Some(n) => { super::relay::notice(recorder, sink, &n).await?; }
+                Some(n) => { super::relay::notice(recorder, sink, &n, false).await?; }
                 None => *notices = None,
             },
             c = control.recv(), if !hung_up => if c.is_none() {
@@ -163,7 +163,7 @@ async fn wait_for_approval<S: ClientSink>(
     // The outcome's own notice.
     if let Some(rx) = notices.as_mut() {
         while let Ok(n) = rx.try_recv() {
-            super::relay::notice(recorder, sink, &n).await?;
+            super::relay::notice(recorder, sink, &n, false).await?;
         }
     }
     Ok(approved)
