@@ -57,6 +57,18 @@ pub struct ApprovalPolicy {
     pub timeout_secs: u64,
 }
 
+impl ApprovalPolicy {
+    pub fn validate(&self) -> Result<(), ApprovalError> {
+        if self.required == 0 {
+            return Err(ApprovalError::NoApprovers);
+        }
+        if self.timeout_secs == 0 {
+            return Err(ApprovalError::NoTime);
+        }
+        Ok(())
+    }
+}
+
 fn one() -> u32 {
     1
 }
@@ -90,6 +102,20 @@ pub enum ProfileError {
     },
     #[error("{}: {source}", path.display())]
     Limits { path: PathBuf, source: LimitsError },
+    #[error("{}: {source}", path.display())]
+    Approval {
+        path: PathBuf,
+        source: ApprovalError,
+    },
+}
+
+/// `[approval]` values that parse but cannot be meant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("approval.required = 0 would let every held command run unapproved")]
+    NoApprovers,
+    #[error("approval.timeout_secs = 0 would deny every held command at once")]
+    NoTime,
 }
 
 /// `[limits]` values that parse but cannot be meant.
@@ -153,6 +179,13 @@ impl Profiles {
                 .limits
                 .validate()
                 .map_err(|source| ProfileError::Limits {
+                    path: path.clone(),
+                    source,
+                })?;
+            profile
+                .approval
+                .validate()
+                .map_err(|source| ProfileError::Approval {
                     path: path.clone(),
                     source,
                 })?;
@@ -409,7 +442,7 @@ mod tests {
     fn the_shipped_profiles_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
         let profiles = Profiles::load(&dir).unwrap();
-        for name in ["default", "restricted", "no-network-tools"] {
+        for name in ["default", "restricted", "no-network-tools", "guarded"] {
             let p = profiles
                 .get(name)
                 .unwrap_or_else(|| panic!("{name} missing"));
@@ -435,6 +468,22 @@ mod tests {
             other => panic!("{other:?}"),
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn approvals_need_an_approver_and_time() {
+        let p: Profile = toml::from_str(
+            "name = \"g\"\n[exec]\napprove = [\"/usr/sbin\"]\napprove_commands = [\"systemctl *\"]\n[approval]\nrequired = 2\n",
+        )
+        .unwrap();
+        assert_eq!(p.approval.required, 2);
+        assert_eq!(p.approval.timeout_secs, 120);
+        assert_eq!(p.approval.validate(), Ok(()));
+        let p: Profile = toml::from_str("name = \"g\"\n[approval]\nrequired = 0\n").unwrap();
+        assert_eq!(p.approval.validate(), Err(ApprovalError::NoApprovers));
+        let p: Profile = toml::from_str("name = \"g\"\n[approval]\ntimeout_secs = 0\n").unwrap();
+        assert_eq!(p.approval.validate(), Err(ApprovalError::NoTime));
+        assert!(toml::from_str::<Profile>("name = \"g\"\n[approval]\nrequire = 1\n").is_err());
     }
 
     #[test]

@@ -702,6 +702,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_caller_inside_a_session_never_decides() {
+        let approvals = Approvals::new("h");
+        let _guard = approvals
+            .attach(10, facts(), &[], &["*".into()], &ApprovalPolicy::default())
+            .unwrap();
+        let (id, _rx) = approvals
+            .open(10, CommandKind::SshExec, "x".into(), "x".into())
+            .unwrap();
+        let caller = Caller {
+            uid: 0,
+            pid: Some(std::process::id() as i32),
+            name: "root".into(),
+            inside_session: true,
+        };
+        assert_eq!(
+            approvals.decide_on_host(&id, true, "", &caller),
+            Err(DecideError::InsideSession)
+        );
+        assert_eq!(approvals.list()[0].state, CommandState::Pending);
+    }
+
+    #[tokio::test]
     async fn no_answer_in_time_is_a_denial() {
         let approvals = Approvals::new("h");
         let policy = ApprovalPolicy {
