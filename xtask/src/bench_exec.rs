@@ -2,6 +2,9 @@
 //! in rounds that interleave three set-ups: nothing attached (usherd stopped and its
 //! programs unpinned, audit off); usherd's eBPF programs with a profile that allows the
 //! loop (the loop runs in a real SSH session); and auditd with an execve rule, the peer.
+//! A fourth set-up runs the loop in a session whose profile also holds /usr/sbin for
+//! approval (guard/approval): what sessions with approval rules pay on execs that are not
+//! held.
 //! Each round checks that every exec was reported (usherd: every event in the session's
 //! audit stream, nothing counted lost by the kernel or the session; auditd: the kernel's
 //! `lost` counter unchanged): a figure that dropped events measured less work.
@@ -184,6 +187,13 @@ impl Agent {
         if installed > 0 {
             return Ok(());
         }
+        for (login, profile) in [("bx-bench", "bench"), ("bx-guard", "bench-approve")] {
+            self.install(login, profile)?;
+        }
+        Ok(())
+    }
+
+    fn install(&self, login: &str, profile: &str) -> Result<(), String> {
         install_signed_grant(
             Command::new(self.bin.join("usher"))
                 .args(["grant", "sign", "--local", "--state-dir"])
@@ -196,9 +206,9 @@ impl Agent {
                     "--sub",
                     "bench",
                     "--login",
-                    "bx-bench",
+                    login,
                     "--profile",
-                    "bench",
+                    profile,
                     "--ttl",
                     "3600",
                     "--ssh-key",
@@ -241,10 +251,10 @@ impl Agent {
         Err("usher status gave no JSON".into())
     }
 
-    /// The loop in a real session; returns seconds.
-    fn in_session(&self) -> Result<f64, String> {
+    /// The loop in a real session of `login`; returns seconds.
+    fn in_session(&self, login: &str) -> Result<f64, String> {
         let out = SshClient::new(&self.key, self.port)
-            .command("bx-bench")
+            .command(login)
             // The same interpreter as the local runs: sh, not the login shell.
             .arg(format!("exec sh -c '{}'", loop_script()))
             .stdin(Stdio::null())
@@ -315,9 +325,9 @@ struct UsherRound {
     lost_session: u64,
 }
 
-fn usher_round(agent: &mut Agent) -> Result<UsherRound, String> {
+fn usher_round(agent: &mut Agent, login: &str) -> Result<UsherRound, String> {
     agent.start()?;
-    let seconds = agent.in_session()?;
+    let seconds = agent.in_session(login)?;
     let lost_kernel = find_key(&agent.status()?, "enforcement")
         .and_then(|e| e["lost_events"].as_u64())
         .ok_or("usher status shows no enforcement.lost_events")?;
@@ -368,15 +378,19 @@ impl Drop for Cleanup {
         }
         self.agent.stop_and_unpin();
         // (The account is usually gone already: --remove-accounts took it.)
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-u", "bx-bench"])
-            .stderr(Stdio::null())
-            .status();
+        for login in ["bx-bench", "bx-guard"] {
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-u", login])
+                .stderr(Stdio::null())
+                .status();
+        }
         std::thread::sleep(Duration::from_millis(200));
-        let _ = Command::new("userdel")
-            .args(["--remove", "bx-bench"])
-            .stderr(Stdio::null())
-            .status();
+        for login in ["bx-bench", "bx-guard"] {
+            let _ = Command::new("userdel")
+                .args(["--remove", login])
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = std::fs::remove_dir(&self.cgroup);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -414,12 +428,17 @@ pub fn run() -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     std::fs::write(
+        dir.join("policies/bench-approve.toml"),
+        "name = \"bench-approve\"\n[exec]\nmode = \"allow\"\npaths = [\"/bin\", \"/usr/bin\"]\napprove = [\"/usr/sbin\"]\n",
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(
         dir.join("usherd.toml"),
         format!(
             "host_name = \"bench\"\nstate_dir = \"{d}/state\"\nspool_dir = \"{d}/spool\"\npolicies_dir = \"{d}/policies\"\n\
              control_socket = \"{d}/control.sock\"\nconsole_socket = \"{d}/console.sock\"\nenforcement = \"required\"\n\
              [ssh]\nlisten = [\"127.0.0.1:{port}\"]\n[accounts]\nname_prefix = \"bx-\"\nuid_min = 65100\nuid_max = 65199\n\
-             [policy]\nallowed_profiles = [\"default\", \"bench\"]\n",
+             [policy]\nallowed_profiles = [\"default\", \"bench\", \"bench-approve\"]\n",
             d = dir.display()
         ),
     )
@@ -433,7 +452,7 @@ pub fn run() -> Result<(), String> {
     // A first session makes the account, whose numeric identity the local runs borrow
     // (after --remove-accounts too), and says which enforcement path this kernel allows.
     c.agent.start()?;
-    c.agent.in_session()?;
+    c.agent.in_session("bx-bench")?;
     let path = c
         .agent
         .status()
@@ -472,21 +491,23 @@ pub fn run() -> Result<(), String> {
     std::thread::sleep(Duration::from_secs(1));
 
     let execs = execs();
-    let (mut none, mut usher, mut audit) = (vec![], vec![], vec![]);
+    let (mut none, mut usher, mut guarded, mut audit) = (vec![], vec![], vec![], vec![]);
     let mut incomplete = Vec::new();
     let mut audit_refused = None;
     // Interleaved, so that a noisy moment of the machine hits every set-up.
     for round in 1..=ROUNDS {
         none.push(local_loop(&cgroup, uid, gid)?);
 
-        let u = usher_round(&mut c.agent)?;
-        if u.reported != execs || u.lost_kernel != 0 || u.lost_session != 0 {
-            incomplete.push(format!(
-                "round {round}, usherd: {} of {execs} execs reported, {} lost in the kernel's ring buffer, {} lost by the session",
-                u.reported, u.lost_kernel, u.lost_session
-            ));
+        for (login, figures) in [("bx-bench", &mut usher), ("bx-guard", &mut guarded)] {
+            let u = usher_round(&mut c.agent, login)?;
+            if u.reported != execs || u.lost_kernel != 0 || u.lost_session != 0 {
+                incomplete.push(format!(
+                    "round {round}, usherd ({login}): {} of {execs} execs reported, {} lost in the kernel's ring buffer, {} lost by the session",
+                    u.reported, u.lost_kernel, u.lost_session
+                ));
+            }
+            figures.push(u.seconds);
         }
-        usher.push(u.seconds);
 
         let rule = audit_rule("-a").output().map_err(|e| e.to_string())?;
         if !rule.status.success() {
@@ -531,6 +552,14 @@ pub fn run() -> Result<(), String> {
         u,
         per_exec(u),
         over(u)
+    );
+    let g = median(guarded);
+    println!(
+        "usherd, + approval rules:    {:.3} s ({:.1} µs/exec), {:+.1}% over nothing attached, {:+.1}% over the profile without them",
+        g,
+        per_exec(g),
+        over(g),
+        (g / u - 1.0) * 100.0
     );
     if audit.is_empty() {
         println!(
