@@ -24,6 +24,9 @@ use usher_wire::approval::{
 const RECENT: usize = 100;
 /// How long an approved exec's permit waits for the exec to reach the kernel's check.
 const PERMIT_TTL: Duration = Duration::from_secs(10);
+/// Requests one session may have waiting: more are refused at once (a loop of held execs
+/// must not grow the agent's memory or the approvers' list without bound).
+const PENDING_PER_SESSION: usize = 8;
 /// The longest command line kept in a request.
 const COMMAND_MAX: usize = 4096;
 
@@ -239,8 +242,13 @@ impl Approvals {
     ) -> Option<(String, oneshot::Receiver<bool>)> {
         let (tx, rx) = oneshot::channel();
         let id = new_request_id();
-        let (status, notices) = {
+        let (status, notices, too_many) = {
             let mut inner = lock(&self.inner);
+            let waiting = inner
+                .pending
+                .values()
+                .filter(|p| p.cgroup_id == cgroup_id)
+                .count();
             let session = inner.sessions.get(&cgroup_id)?;
             let requested_at = now();
             let status = CommandStatus {
@@ -271,7 +279,7 @@ impl Approvals {
                     answer: Some(tx),
                 },
             );
-            (status, notices)
+            (status, notices, waiting >= PENDING_PER_SESSION)
         };
         let r = &status.request;
         let who = if r.approvers.is_empty() {
@@ -295,6 +303,15 @@ impl Approvals {
                 r.expires_at - r.requested_at
             ),
         });
+        if too_many {
+            self.end(
+                &id,
+                CommandState::Denied,
+                None,
+                "too many commands of this session already wait",
+            );
+            return Some((id, rx));
+        }
         // No decision in time is a denial.
         let me = self.clone();
         let timeout_id = id.clone();
@@ -721,6 +738,34 @@ mod tests {
             Err(DecideError::InsideSession)
         );
         assert_eq!(approvals.list()[0].state, CommandState::Pending);
+    }
+
+    #[tokio::test]
+    async fn a_session_has_a_bounded_number_of_requests_waiting() {
+        let approvals = Approvals::new("h");
+        let _guard = approvals
+            .attach(11, facts(), &[], &["*".into()], &ApprovalPolicy::default())
+            .unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..PENDING_PER_SESSION {
+            waiting.push(
+                approvals
+                    .open(11, CommandKind::SshExec, "x".into(), "x".into())
+                    .unwrap(),
+            );
+        }
+        let (_, refused) = approvals
+            .open(11, CommandKind::SshExec, "x".into(), "x".into())
+            .unwrap();
+        assert!(!refused.await.unwrap());
+        assert_eq!(
+            approvals
+                .list()
+                .iter()
+                .filter(|s| s.state == CommandState::Pending)
+                .count(),
+            PENDING_PER_SESSION
+        );
     }
 
     #[tokio::test]
