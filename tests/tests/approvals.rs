@@ -184,6 +184,26 @@ fn an_approved_command_runs_in_the_foreground_and_a_denied_one_fails_with_eperm(
     );
     assert!(!home_file(&login, "denied").exists());
 
+    // A copy of a held program in a place the session can write does not run (the
+    // session is confined like a deny list's: noexec), nor from memory.
+    term.send(&format!(
+        "cp {} ~/copy && ~/copy ~/copied; echo copy-rc=$?\n",
+        held.risky()
+    ));
+    term.expect("copy-rc=126", 10);
+    assert!(!home_file(&login, "copied").exists());
+    term.send(&format!(
+        "python3 -c 'import os; fd = os.memfd_create(\"x\"); os.write(fd, open(\"{}\", \"rb\").read()); os.execve(fd, [\"t\", os.path.expanduser(\"~/from-memory\")], dict())'; echo memfd-rc=$?\n",
+        held.risky()
+    ));
+    term.expect("memfd-rc=", 10);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !home_file(&login, "from-memory").exists(),
+        "{}",
+        term.screen()
+    );
+
     // A program the profile does not hold runs at once.
     let started = Instant::now();
     term.send(&format!("{} ~/free; echo free-rc=$?\n", held.harmless()));

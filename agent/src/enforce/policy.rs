@@ -77,13 +77,26 @@ pub fn file_key(path: &Path) -> std::io::Result<FileKey> {
 }
 
 impl ExecPolicy {
+    /// The mode the session is enforced under. Holding programs for approval is a
+    /// restriction: a profile that audits but holds some programs is enforced like an
+    /// empty deny list (no copies in writable places, no memfd images, no direct loader
+    /// runs), so that a copy of a held program does not run unasked.
+    pub fn effective_mode(&self) -> ExecMode {
+        if self.mode == ExecMode::Audit && !self.approve.is_empty() {
+            ExecMode::Deny
+        } else {
+            self.mode
+        }
+    }
+
     pub fn resolve(&self) -> Result<Resolved, String> {
-        let mode = match self.mode {
+        let effective = self.effective_mode();
+        let mode = match effective {
             ExecMode::Audit => MODE_AUDIT,
             ExecMode::Allow => MODE_ALLOW,
             ExecMode::Deny => MODE_DENY,
         };
-        let strict = self.mode != ExecMode::Audit;
+        let strict = effective != ExecMode::Audit;
         let mut flags = 0;
         if self.deny_unlinked.unwrap_or(strict) {
             flags |= FLAG_DENY_UNLINKED;
@@ -103,7 +116,7 @@ impl ExecPolicy {
         if !r.approve.is_empty() {
             r.flags |= FLAG_APPROVAL;
         }
-        if self.mode == ExecMode::Audit {
+        if effective == ExecMode::Audit {
             return Ok(r);
         }
         for path in &self.paths {

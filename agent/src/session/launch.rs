@@ -151,7 +151,7 @@ pub(super) fn launch_for(sg: &Opened, request: &SessionRequest) -> std::io::Resu
         gid: a.gid,
         groups,
         cgroup_procs: sg.cgroup.procs_file()?,
-        exec_mode: sg.profile.exec.mode,
+        exec_mode: sg.profile.exec.effective_mode(),
         home: a.home.clone(),
     })
 }
