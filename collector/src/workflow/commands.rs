@@ -137,7 +137,11 @@ pub fn validate(request: &CommandRequest, host: &str, now: i64) -> Result<(), Co
         return Err(CommandRefusal::OtherHost(request.host.clone()));
     }
     let hex = request.id.strip_prefix("apr-").unwrap_or("");
-    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 32
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(invalid("id must be apr- and 32 lowercase hex digits"));
     }
     if !crate::store::valid_id(&request.session_id) {
@@ -169,7 +173,9 @@ pub fn validate(request: &CommandRequest, host: &str, now: i64) -> Result<(), Co
         return Err(invalid("expires_at has passed"));
     }
     if request.expires_at > now + MAX_PENDING_SECS || request.requested_at > request.expires_at {
-        return Err(invalid("expires_at must be within a day, after requested_at"));
+        return Err(invalid(
+            "expires_at must be within a day, after requested_at",
+        ));
     }
     Ok(())
 }
@@ -278,9 +284,18 @@ fn load(tx: &mut dyn Tx, id: &str) -> Result<Option<(StoredCommand, String, i64)
     let Some(row) = rows.first() else {
         return Ok(None);
     };
-    let data = row.first().and_then(Value::text).ok_or_else(|| corrupt("data"))?;
-    let host = row.get(1).and_then(Value::text).ok_or_else(|| corrupt("host"))?;
-    let version = row.get(2).and_then(Value::int).ok_or_else(|| corrupt("version"))?;
+    let data = row
+        .first()
+        .and_then(Value::text)
+        .ok_or_else(|| corrupt("data"))?;
+    let host = row
+        .get(1)
+        .and_then(Value::text)
+        .ok_or_else(|| corrupt("host"))?;
+    let version = row
+        .get(2)
+        .and_then(Value::int)
+        .ok_or_else(|| corrupt("version"))?;
     let stored: StoredCommand = serde_json::from_str(data).map_err(corrupt)?;
     Ok(Some((stored, host.to_string(), version)))
 }
@@ -407,7 +422,11 @@ impl Workflow {
     }
 
     /// What the agent gets for `c`: its state, and the signed decision once there is one.
-    pub fn decision_answer(&self, c: &StoredCommand, now: i64) -> Result<DecisionAnswer, WorkflowError> {
+    pub fn decision_answer(
+        &self,
+        c: &StoredCommand,
+        now: i64,
+    ) -> Result<DecisionAnswer, WorkflowError> {
         let state = c.effective_state(now);
         let decision = match state {
             CommandState::Approved | CommandState::Denied => sign_decision(&self.issuer, c, now)?,
@@ -437,8 +456,15 @@ impl Workflow {
                 c.state = CommandState::Cancelled;
                 c.decided_at = Some(now);
                 save(tx, &c, version)?;
-                audit(tx, now, "command.cancelled", &agent_actor(&host), Some(&id),
-                    Some(&c.request.grant), serde_json::json!({"host": host}))?;
+                audit(
+                    tx,
+                    now,
+                    "command.cancelled",
+                    &agent_actor(&host),
+                    Some(&id),
+                    Some(&c.request.grant),
+                    serde_json::json!({"host": host}),
+                )?;
                 Ok((c, true))
             })
             .await?;
@@ -513,18 +539,32 @@ impl Workflow {
                     Decision::Approve => "command.review.approve",
                     Decision::Deny => "command.review.deny",
                 };
-                audit(tx, now, event, &who_c.sub, Some(&id_c), Some(&c.request.grant),
+                audit(
+                    tx,
+                    now,
+                    event,
+                    &who_c.sub,
+                    Some(&id_c),
+                    Some(&c.request.grant),
                     serde_json::json!({"name": who_c.name, "comment": review.comment,
-                        "host": c.request.host, "session": c.request.session_id}))?;
+                        "host": c.request.host, "session": c.request.session_id}),
+                )?;
                 if decided {
                     let event = match c.state {
                         CommandState::Approved => "command.approved",
                         _ => "command.denied",
                     };
                     let by: Vec<&str> = c.reviews.iter().map(|r| r.decision.by.as_str()).collect();
-                    audit(tx, now, event, &who_c.sub, Some(&id_c), Some(&c.request.grant),
+                    audit(
+                        tx,
+                        now,
+                        event,
+                        &who_c.sub,
+                        Some(&id_c),
+                        Some(&c.request.grant),
                         serde_json::json!({"by": by, "host": c.request.host,
-                            "command": c.request.command}))?;
+                            "command": c.request.command}),
+                    )?;
                 }
                 Ok((c.status(now), decided))
             })
@@ -537,9 +577,14 @@ impl Workflow {
                 }
                 Ok(status)
             }
-            Err(WorkflowError::Command(why @ (CommandRefusal::OwnCommand | CommandRefusal::NotListed))) => {
+            Err(WorkflowError::Command(
+                why @ (CommandRefusal::OwnCommand | CommandRefusal::NotListed),
+            )) => {
                 let detail = serde_json::json!({"name": who.name, "decision": attempted, "why": why.to_string()});
-                if let Err(e) = self.record("command.review.refused", &who.sub, Some(id), detail, now).await {
+                if let Err(e) = self
+                    .record("command.review.refused", &who.sub, Some(id), detail, now)
+                    .await
+                {
                     log::error!(target: "usher", "audit of a refused command review: {e}");
                 }
                 Err(why.into())

@@ -16,8 +16,8 @@ use axum::{Json, Router};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use usher_wire::collector::ErrorCode;
 use usher_wire::approval::{CommandRequest, CommandState};
+use usher_wire::collector::ErrorCode;
 use usher_wire::jit::{NewRequest, RequestState, Review, RevokeBody};
 
 type Shared = Arc<App>;
@@ -38,7 +38,10 @@ pub fn routes() -> Router<Shared> {
         .route("/api/v1/agent/grants", get(agent_feed))
         .route("/api/v1/agent/commands", post(agent_submit_command))
         .route("/api/v1/agent/commands/{id}", get(agent_wait_command))
-        .route("/api/v1/agent/commands/{id}/cancel", post(agent_cancel_command))
+        .route(
+            "/api/v1/agent/commands/{id}/cancel",
+            post(agent_cancel_command),
+        )
         .route("/api/v1/commands", get(list_commands))
         .route("/api/v1/commands/{id}/review", post(review_command))
         .route("/api/v1/token", post(super::exchange::token))
