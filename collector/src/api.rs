@@ -146,6 +146,9 @@ fn spawn_background(workflow: &Arc<Workflow>) {
                 if let Err(e) = workflow.expire_due(crate::workflow::now()).await {
                     log::warn!(target: "usher", "expiry: {e}");
                 }
+                if let Err(e) = workflow.expire_due_commands(crate::workflow::now()).await {
+                    log::warn!(target: "usher", "expiry of commands: {e}");
+                }
             }
         }
     });

@@ -1,4 +1,5 @@
-// The Usher page: who is signed in, access requests (ask, review, revoke) and the recorded
+// The Usher page: who is signed in, access requests (ask, review, revoke), commands waiting
+// for approval inside sessions (approve, deny, watch the session live) and the recorded
 // sessions (search, replay, and the request each one came from). Everything goes through
 // the JSON API with the session cookie; whatever changes state also carries the CSRF token
 // the server rendered into the page.
@@ -258,6 +259,58 @@ async function loadRequests() {
     const live = await getJson("/api/v1/requests?state=approved");
     document.getElementById("grants").replaceChildren(...live.filter((r) => r.grant_id).map(grantRow));
   }
+}
+
+// ---- commands waiting for approval inside sessions -------------------------------------
+
+async function reviewCommand(id, decision, comment) {
+  const c = await postJson("/api/v1/commands/" + encodeURIComponent(id) + "/review", { decision, comment });
+  say("Command " + c.request.id + " is " + c.state + ".");
+  document.body.dataset.commandReviewed = c.request.id + " " + c.state;
+  await loadCommands();
+}
+
+// The session's page: its live replay, found by host and session id.
+function liveLink(r) {
+  const a = text("a", "watch");
+  a.href = "/?" + new URLSearchParams({ host: r.host, play: r.session_id }).toString();
+  a.className = "session-link";
+  a.title = r.session_id;
+  return a;
+}
+
+function commandRow(c) {
+  const r = c.request;
+  const tr = document.createElement("tr");
+  tr.dataset.id = r.id;
+  for (const v of [when(r.requested_at), r.sub, r.login + "@" + r.host]) cell(tr, v);
+  const cmd = cell(tr, r.command, "command");
+  if (r.program && r.program !== r.command) cmd.title = r.program;
+  cell(tr, (c.decisions || []).filter((d) => d.approve).length + " of " + r.required);
+  cell(tr, when(r.expires_at));
+  tr.appendChild(document.createElement("td")).appendChild(liveLink(r));
+  const comment = document.createElement("input");
+  comment.className = "comment";
+  comment.placeholder = "comment";
+  tr.appendChild(document.createElement("td")).appendChild(comment);
+  const actions = tr.appendChild(document.createElement("td"));
+  if (me && r.sub === me.sub) {
+    actions.appendChild(text("span", "yours"));
+  } else {
+    actions.appendChild(button("Approve", "approve", () => reviewCommand(r.id, "approve", comment.value)));
+    actions.appendChild(button("Deny", "deny", () => reviewCommand(r.id, "deny", comment.value)));
+  }
+  return tr;
+}
+
+async function loadCommands() {
+  if (!me) return;
+  const approver = hasRole("approver");
+  document.getElementById("commands-section").hidden = !approver;
+  if (!approver) return;
+  const pending = await getJson("/api/v1/commands?state=pending");
+  document.getElementById("commands").replaceChildren(...pending.map(commandRow));
+  document.body.dataset.commands = pending.length;
 }
 
 // ---- recordings ------------------------------------------------------------------------
@@ -620,7 +673,16 @@ document.getElementById("search").addEventListener("submit", (ev) => search(ev).
   if (!me) { document.body.dataset.ready = "yes"; return; }
   await Promise.all([
     loadRequests().catch((e) => say(e.message, true)),
+    loadCommands().catch((e) => say(e.message, true)),
     loadRecordings().catch((e) => say(e.message, true)),
   ]);
+  // A command waits for a person while its session's user does: keep the list fresh.
+  // Not while an approver is typing a comment in it.
+  if (hasRole("approver")) {
+    setInterval(() => {
+      const typing = document.activeElement && document.activeElement.closest("#commands");
+      if (!typing) loadCommands().catch(() => {});
+    }, 5000);
+  }
   document.body.dataset.ready = "yes";
 })();

@@ -108,3 +108,13 @@ pub struct DecisionAnswer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<String>,
 }
+
+/// What the central service's webhooks receive about a command (events `command.requested`
+/// and `command.decided`), beside `jit::WebhookEvent` for access requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandWebhookEvent {
+    pub event: String,
+    pub command: CommandStatus,
+    /// The page's address for the pending commands.
+    pub url: String,
+}

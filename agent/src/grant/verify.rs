@@ -221,6 +221,17 @@ impl Verifier {
         self.issuers.iter().map(|i| i.iss().to_string()).collect()
     }
 
+    /// The key cache of trusted grant issuer `iss`: the central service's, whose decisions
+    /// on commands are checked with the same keys as its grants.
+    pub fn issuer_keys(&self, iss: &str) -> Option<IssuerKeys> {
+        self.issuers.get(iss).cloned()
+    }
+
+    /// The clock skew tolerated on tokens' times.
+    pub fn leeway_secs(&self) -> u64 {
+        self.policy.leeway_secs
+    }
+
     /// What each issuer's key cache holds, grant issuers first.
     pub fn key_status(&self) -> Vec<usher_trust::KeyStatus> {
         self.issuers

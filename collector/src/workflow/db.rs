@@ -3,6 +3,9 @@
 //! agree: parameters are written `$1, $2, …` in order of first use (SQLite numbers named
 //! parameters that way), and only the schema differs.
 //!
+//! Tables: `requests`, `reviews`, `grants`, `revocations` (access requests), `commands`
+//! (commands inside sessions waiting for approval, `commands.rs`), `audit`, `meta`.
+//!
 //! Both backends are blocking clients called from `spawn_blocking` (the PostgreSQL one is
 //! tokio-postgres underneath). Decisions that must hold across instances are made inside one
 //! transaction with conditional updates; nothing relies on an in-memory lock.
@@ -102,6 +105,11 @@ CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, event TEXT NOT NULL,
     actor TEXT NOT NULL, request_id TEXT, grant_id TEXT, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY, host TEXT NOT NULL, sub TEXT NOT NULL, state TEXT NOT NULL,
+    created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, version INTEGER NOT NULL,
+    data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS commands_state ON commands (state, expires_at);
 INSERT INTO meta (key, int_value) VALUES ('revision', 0) ON CONFLICT (key) DO NOTHING;
 ";
 
@@ -126,6 +134,11 @@ CREATE TABLE IF NOT EXISTS audit (
     seq BIGSERIAL PRIMARY KEY, at BIGINT NOT NULL, event TEXT NOT NULL,
     actor TEXT NOT NULL, request_id TEXT, grant_id TEXT, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY, host TEXT NOT NULL, sub TEXT NOT NULL, state TEXT NOT NULL,
+    created_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, version BIGINT NOT NULL,
+    data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS commands_state ON commands (state, expires_at);
 INSERT INTO meta (key, int_value) VALUES ('revision', 0) ON CONFLICT (key) DO NOTHING;
 ";
 

@@ -96,8 +96,15 @@ impl Issuer {
 
     /// Signs any claims (grants, review records) with the issuer key.
     pub fn sign<T: Serialize>(&self, claims: &T) -> Result<String, IssuerError> {
+        self.sign_typed("JWT", claims)
+    }
+
+    /// Signs claims under a header `typ` of their own (e.g. a command's decision), so that
+    /// a verifier can tell them from a grant whatever the claims say.
+    pub fn sign_typed<T: Serialize>(&self, typ: &str, claims: &T) -> Result<String, IssuerError> {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());
+        header.typ = Some(typ.to_string());
         Ok(jsonwebtoken::encode(&header, claims, &self.encoding)?)
     }
 

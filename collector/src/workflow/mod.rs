@@ -6,6 +6,7 @@
 //! change is one transaction on the state store ([`db::Db`]) that also bumps the revision
 //! counter, so agents' long-polls on any instance notice it.
 
+pub mod commands;
 pub mod db;
 pub mod exchange;
 pub mod issuer;
@@ -66,6 +67,8 @@ pub enum WorkflowError {
     Sign(#[from] IssuerError),
     #[error("state store: {0}")]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Command(#[from] commands::CommandRefusal),
     /// Another instance changed the request between read and write: read again.
     #[error("changed concurrently")]
     Retry,
@@ -121,7 +124,24 @@ impl Policy {
 #[derive(Debug, Clone)]
 pub struct Event {
     pub name: &'static str,
-    pub request: AccessRequest,
+    pub subject: Subject,
+}
+
+/// What an event is about.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    Request(AccessRequest),
+    /// A command waiting for approval inside a session (`commands.rs`).
+    Command(usher_wire::approval::CommandStatus),
+}
+
+impl Subject {
+    pub fn id(&self) -> &str {
+        match self {
+            Subject::Request(r) => &r.id,
+            Subject::Command(c) => &c.request.id,
+        }
+    }
 }
 
 pub struct Workflow {
@@ -130,6 +150,9 @@ pub struct Workflow {
     policy: ArcSwap<Policy>,
     /// The store's revision as this instance last saw it.
     revision: tokio::sync::watch::Sender<u64>,
+    /// Bumped at each change to a command request made here: it wakes the agents' waits
+    /// on their commands without waking every host's grant feed (`commands.rs`).
+    command_changes: tokio::sync::watch::Sender<u64>,
     events: std::sync::Mutex<Option<tokio::sync::mpsc::Sender<Event>>>,
 }
 
@@ -306,6 +329,7 @@ impl Workflow {
             issuer: Arc::new(issuer),
             policy: ArcSwap::from_pointee(Policy::from_config(config)),
             revision: tokio::sync::watch::channel(0).0,
+            command_changes: tokio::sync::watch::channel(0).0,
             events: std::sync::Mutex::new(None),
         };
         let rev = workflow.db.transaction_blocking(|tx| read_revision(tx))?;
@@ -336,20 +360,22 @@ impl Workflow {
     }
 
     fn emit(&self, name: &'static str, request: &AccessRequest) {
+        self.emit_event(Event {
+            name,
+            subject: Subject::Request(request.clone()),
+        });
+    }
+
+    fn emit_event(&self, event: Event) {
         let sink = self
             .events
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if let Some(sink) = sink {
-            if sink
-                .try_send(Event {
-                    name,
-                    request: request.clone(),
-                })
-                .is_err()
-            {
-                log::warn!(target: "usher", "webhook queue full: {name} for {} not sent", request.id);
+            let (name, id) = (event.name, event.subject.id().to_string());
+            if sink.try_send(event).is_err() {
+                log::warn!(target: "usher", "webhook queue full: {name} for {id} not sent");
             }
         }
     }

@@ -6,6 +6,7 @@
 
 use super::{now, WorkflowError};
 use crate::api::{agent, error, principal, App};
+use crate::workflow::commands::{CommandRefusal, MAX_BODY_BYTES};
 use crate::workflow::policy::PolicyRefusal;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
@@ -15,6 +16,7 @@ use axum::{Json, Router};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use usher_wire::approval::{CommandRequest, CommandState};
 use usher_wire::collector::ErrorCode;
 use usher_wire::jit::{NewRequest, RequestState, Review, RevokeBody};
 
@@ -34,6 +36,14 @@ pub fn routes() -> Router<Shared> {
         .route("/api/v1/grants/{id}/revoke", post(revoke))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/agent/grants", get(agent_feed))
+        .route("/api/v1/agent/commands", post(agent_submit_command))
+        .route("/api/v1/agent/commands/{id}", get(agent_wait_command))
+        .route(
+            "/api/v1/agent/commands/{id}/cancel",
+            post(agent_cancel_command),
+        )
+        .route("/api/v1/commands", get(list_commands))
+        .route("/api/v1/commands/{id}/review", post(review_command))
         .route("/api/v1/token", post(super::exchange::token))
 }
 
@@ -54,6 +64,16 @@ pub fn refusal(e: WorkflowError) -> Response {
         | W::NotAnApproverHere(_)
         | W::MayNotRevoke => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
         W::NoSuchRequest(_) | W::NoSuchGrant(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+        W::Command(c) => match c {
+            CommandRefusal::Invalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
+            CommandRefusal::OtherHost(_)
+            | CommandRefusal::OwnCommand
+            | CommandRefusal::NotListed => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            CommandRefusal::NoSuchCommand(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            CommandRefusal::IdTaken(_)
+            | CommandRefusal::NotPending(_)
+            | CommandRefusal::AlreadyDecided => (StatusCode::CONFLICT, ErrorCode::Conflict),
+        },
         W::AlreadyReviewed | W::NotPending(_) | W::NotLive(_) => {
             (StatusCode::CONFLICT, ErrorCode::Conflict)
         }
@@ -320,6 +340,162 @@ async fn agent_feed(
     }
     match app.workflow.feed(&host, now()).await {
         Ok(f) => Json(f).into_response(),
+        Err(e) => refusal(e),
+    }
+}
+
+// ---- commands waiting for approval inside sessions (commands.rs) ----
+
+/// `POST /api/v1/agent/commands`: a pending command of the token's host. The body is read
+/// only up to [`MAX_BODY_BYTES`].
+async fn agent_submit_command(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let host = match agent(&app, &headers) {
+        Ok((host, _)) => host.clone(),
+        Err(r) => return r,
+    };
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            format!("a command request is at most {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+        return too_large();
+    }
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => return too_large(),
+    };
+    let request: CommandRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_json(e),
+    };
+    match app.workflow.submit_command(&host, request, now()).await {
+        Ok(status) => (StatusCode::CREATED, Json(status)).into_response(),
+        Err(e) => refusal(e),
+    }
+}
+
+/// `GET /api/v1/agent/commands/{id}?wait=N`: the state of the host's own request, and the
+/// signed decision once there is one; while pending, waits up to N s for a change.
+async fn agent_wait_command(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let host = match agent(&app, &headers) {
+        Ok((host, _)) => host.clone(),
+        Err(r) => return r,
+    };
+    let wait = match wait_secs(&q) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let mut changes = app.workflow.watch_commands();
+    loop {
+        changes.borrow_and_update();
+        let c = match app.workflow.command_of_host(&host, &id).await {
+            Ok(c) => c,
+            Err(e) => return refusal(e),
+        };
+        let at = now();
+        if c.effective_state(at) == CommandState::Pending && tokio::time::Instant::now() < deadline
+        {
+            // Woken by a change here, or once a second for the request's own expiry and
+            // for what other instances decided.
+            let next = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+            let _ = tokio::time::timeout_at(next, changes.changed()).await;
+            continue;
+        }
+        return match app.workflow.decision_answer(&c, at) {
+            Ok(answer) => Json(answer).into_response(),
+            Err(e) => refusal(e),
+        };
+    }
+}
+
+/// `POST /api/v1/agent/commands/{id}/cancel`: the host gave up waiting.
+async fn agent_cancel_command(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let host = match agent(&app, &headers) {
+        Ok((host, _)) => host.clone(),
+        Err(r) => return r,
+    };
+    let at = now();
+    let answer = match app.workflow.cancel_command(&host, &id, at).await {
+        Ok(c) => app.workflow.decision_answer(&c, at),
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(a) => Json(a).into_response(),
+        Err(e) => refusal(e),
+    }
+}
+
+/// `GET /api/v1/commands?state=pending`: for approvers, auditors and admins.
+async fn list_commands(
+    State(app): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let who = match principal(&app, &headers, &method) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let state = match q.get("state").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => {
+            match serde_json::from_value::<CommandState>(serde_json::Value::String(s.clone())) {
+                Ok(st) => Some(st),
+                Err(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::BadRequest,
+                        "unknown state",
+                    )
+                }
+            }
+        }
+    };
+    match app.workflow.list_commands(&who, state, now()).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => refusal(e),
+    }
+}
+
+/// `POST /api/v1/commands/{id}/review` `{decision, comment}`: an approver decides.
+async fn review_command(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let who = match principal(&app, &headers, &method) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let review: Review = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_json(e),
+    };
+    match app.workflow.review_command(&who, &id, review, now()).await {
+        Ok(r) => Json(r).into_response(),
         Err(e) => refusal(e),
     }
 }

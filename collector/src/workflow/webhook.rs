@@ -1,9 +1,10 @@
 //! Webhooks: each event POSTed as a `WebhookEvent` to the hooks that asked for it, in the
 //! background, with a few retries; never holding up the request that caused it.
 
-use super::{Event, Workflow};
+use super::{Event, Subject, Workflow};
 use std::sync::Weak;
 use std::time::Duration;
+use usher_wire::approval::CommandWebhookEvent;
 use usher_wire::jit::WebhookEvent;
 
 /// Events waiting to be sent; past this, new ones are dropped (and logged).
@@ -34,14 +35,28 @@ pub fn spawn(workflow: &std::sync::Arc<Workflow>, public_url: String, extra_root
             };
             let hooks = workflow.policy().webhooks.clone();
             drop(workflow);
-            let body = WebhookEvent {
-                event: event.name.to_string(),
-                url: format!("{public_url}/requests/{}", event.request.id),
-                request: event.request,
+            let body = match event.subject {
+                Subject::Request(request) => serde_json::to_value(WebhookEvent {
+                    event: event.name.to_string(),
+                    url: format!("{public_url}/requests/{}", request.id),
+                    request,
+                }),
+                Subject::Command(command) => serde_json::to_value(CommandWebhookEvent {
+                    event: event.name.to_string(),
+                    url: format!("{public_url}/?commands=pending"),
+                    command,
+                }),
+            };
+            let body = match body {
+                Ok(b) => b,
+                Err(e) => {
+                    log::error!(target: "usher", "webhook {}: {e}", event.name);
+                    continue;
+                }
             };
             for hook in hooks
                 .iter()
-                .filter(|h| h.events.is_empty() || h.events.iter().any(|e| e == &body.event))
+                .filter(|h| h.events.is_empty() || h.events.iter().any(|e| e == event.name))
             {
                 let (client, url, body) = (client.clone(), hook.url.clone(), body.clone());
                 // Each delivery on its own, so one slow hook does not delay the others.
@@ -51,7 +66,7 @@ pub fn spawn(workflow: &std::sync::Arc<Workflow>, public_url: String, extra_root
     });
 }
 
-async fn deliver(client: &reqwest::Client, url: &str, body: &WebhookEvent) {
+async fn deliver(client: &reqwest::Client, url: &str, body: &serde_json::Value) {
     let mut pause = Duration::from_millis(500);
     let json = match serde_json::to_vec(body) {
         Ok(j) => j,
@@ -72,5 +87,5 @@ async fn deliver(client: &reqwest::Client, url: &str, body: &WebhookEvent) {
         tokio::time::sleep(pause).await;
         pause *= 2;
     }
-    log::error!(target: "usher", "webhook {url}: {} for {} not delivered", body.event, body.request.id);
+    log::error!(target: "usher", "webhook {url}: {} not delivered", body["event"]);
 }

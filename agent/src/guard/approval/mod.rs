@@ -5,6 +5,7 @@
 //! requests waiting, and the last ones decided. A request ends exactly once (approved,
 //! denied, expired, cancelled); whoever ends it answers the waiting exec.
 
+pub mod central;
 pub mod hold;
 pub mod proc_info;
 
