@@ -55,6 +55,7 @@ impl Agent {
         let agent = Self::build(config, true)?;
         agent.reconcile(agent.started_at);
         agent.start_exec_hold();
+        agent.use_central_approvals();
         Ok(agent)
     }
 
@@ -118,6 +119,23 @@ impl Agent {
             config,
         });
         Ok(agent)
+    }
+
+    /// With `[service]`, command requests also go to the central service's page, and its
+    /// signed decisions count here.
+    fn use_central_approvals(&self) {
+        let Ok(Some(endpoint)) = self.config.service_endpoint() else {
+            return;
+        };
+        let verifier = lock(&self.verifier).clone();
+        match crate::guard::approval::central::Central::from_verifier(
+            &endpoint, &self.host, &verifier,
+        ) {
+            Ok(central) => self.approvals.use_central(central),
+            Err(e) => {
+                log::warn!(target: "usher::approval", "command approvals stay on this host: {e}")
+            }
+        }
     }
 
     /// Holds approval-class execs in the kernel (fanotify), with the BPF permit that lets

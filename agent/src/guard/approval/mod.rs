@@ -102,6 +102,8 @@ pub struct Approvals {
     inner: Mutex<Inner>,
     permit: OnceLock<PermitFn>,
     hold: OnceLock<Arc<hold::ExecHold>>,
+    /// The central service, when `[service]` is configured: requests go to its page too.
+    central: OnceLock<Arc<central::Central>>,
 }
 
 fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
@@ -142,6 +144,7 @@ impl Approvals {
             inner: Mutex::new(Inner::default()),
             permit: OnceLock::new(),
             hold: OnceLock::new(),
+            central: OnceLock::new(),
         })
     }
 
@@ -152,6 +155,68 @@ impl Approvals {
         let hold = hold::ExecHold::start(Arc::downgrade(self))?;
         let _ = self.hold.set(hold);
         Ok(())
+    }
+
+    /// Requests are posted to the central service, whose signed decisions count.
+    pub fn use_central(&self, central: central::Central) {
+        let _ = self.central.set(Arc::new(central));
+    }
+
+    fn is_pending(&self, id: &str) -> bool {
+        lock(&self.inner).pending.contains_key(id)
+    }
+
+    /// Posts the request to the central service and waits for its signed decision while
+    /// the request is pending here; a request that ended here first is withdrawn there.
+    async fn follow_central(
+        self: Arc<Self>,
+        central: Arc<central::Central>,
+        request: CommandRequest,
+    ) {
+        const RETRY: Duration = Duration::from_secs(2);
+        let id = request.id.clone();
+        while self.is_pending(&id) {
+            match central.submit(&request).await {
+                Ok(()) => break,
+                Err(e) => {
+                    log::warn!(target: "usher::approval", "request {id}: the central service did not take it ({e}); retrying");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+        while self.is_pending(&id) {
+            match central.wait(&id).await {
+                Ok(None) => {}
+                Ok(Some(claims)) => {
+                    let approve = claims.decision == CommandState::Approved;
+                    let decisions = claims
+                        .by
+                        .iter()
+                        .map(|by| CommandDecision {
+                            by: by.clone(),
+                            approve,
+                            comment: claims.comment.clone(),
+                            at: claims.iat,
+                        })
+                        .collect();
+                    let why = if approve { "approved" } else { "denied" };
+                    self.end(&id, claims.decision, decisions, why);
+                    return;
+                }
+                Err(central::Error::NoDecision(state)) => {
+                    log::info!(target: "usher::approval", "request {id}: ended at the central service without a decision ({state:?})");
+                    break;
+                }
+                Err(e) => {
+                    // Never an approval: the request waits on (and times out here).
+                    log::warn!(target: "usher::approval", "request {id}: no decision from the central service: {e}");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+        if let Err(e) = central.cancel(&id).await {
+            log::debug!(target: "usher::approval", "request {id}: withdrawing it at the central service: {e}");
+        }
     }
 
     pub fn is_holding(&self) -> bool {
@@ -218,7 +283,12 @@ impl Approvals {
                 .collect()
         };
         for id in ids {
-            self.end(&id, CommandState::Cancelled, None, "the session ended");
+            self.end(
+                &id,
+                CommandState::Cancelled,
+                Vec::new(),
+                "the session ended",
+            );
         }
     }
 
@@ -308,10 +378,13 @@ impl Approvals {
             self.end(
                 &id,
                 CommandState::Denied,
-                None,
+                Vec::new(),
                 "too many commands of this session already wait",
             );
             return Some((id, rx));
+        }
+        if let Some(central) = self.central.get() {
+            tokio::spawn(self.clone().follow_central(central.clone(), r.clone()));
         }
         // No decision in time is a denial.
         let me = self.clone();
@@ -322,7 +395,7 @@ impl Approvals {
             me.end(
                 &timeout_id,
                 CommandState::Expired,
-                None,
+                Vec::new(),
                 "no decision in time",
             );
         });
@@ -335,16 +408,14 @@ impl Approvals {
         &self,
         id: &str,
         state: CommandState,
-        decision: Option<CommandDecision>,
+        decisions: Vec<CommandDecision>,
         why: &str,
     ) -> Option<CommandStatus> {
         let (status, answer, notices) = {
             let mut inner = lock(&self.inner);
             let mut pending = inner.pending.remove(id)?;
             pending.status.state = state;
-            if let Some(d) = decision {
-                pending.status.decisions.push(d);
-            }
+            pending.status.decisions.extend(decisions);
             let notices = inner
                 .sessions
                 .get(&pending.cgroup_id)
@@ -470,8 +541,8 @@ impl Approvals {
             }
         };
         let ended = match enough {
-            None => self.end(id, CommandState::Denied, Some(decision), "denied"),
-            Some(true) => self.end(id, CommandState::Approved, None, "approved"),
+            None => self.end(id, CommandState::Denied, vec![decision], "denied"),
+            Some(true) => self.end(id, CommandState::Approved, Vec::new(), "approved"),
             Some(false) => {
                 audit!("approval_given", request = id, by = by.as_str(); "request {id}: approved by {by}, more approvals needed");
                 return lock(&self.inner)
@@ -506,7 +577,7 @@ impl Approvals {
         self.end(
             id,
             CommandState::Cancelled,
-            None,
+            Vec::new(),
             "the process was interrupted",
         );
     }
@@ -551,7 +622,8 @@ impl SessionGuard {
 
     /// The client went away (or pressed Ctrl-C) while its request waited.
     pub fn cancel(&self, id: &str, why: &str) {
-        self.approvals.end(id, CommandState::Cancelled, None, why);
+        self.approvals
+            .end(id, CommandState::Cancelled, Vec::new(), why);
     }
 }
 
