@@ -2,9 +2,11 @@
 //! forwarding, the console, and the exec rules enforced in the kernel.
 
 use crate::enforce::ExecPolicy;
+use crate::guard::mask::MaskRules;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +92,11 @@ pub enum ProfileError {
     },
     #[error("{}: {source}", path.display())]
     Limits { path: PathBuf, source: LimitsError },
+    #[error("{}: {source}", path.display())]
+    Mask {
+        path: PathBuf,
+        source: crate::guard::mask::MaskConfigError,
+    },
 }
 
 /// `[limits]` values that parse but cannot be meant.
@@ -117,6 +124,9 @@ pub enum MemorySizeError {
 #[derive(Debug, Clone, Default)]
 pub struct Profiles {
     by_name: BTreeMap<String, Profile>,
+    /// The compiled `[mask]` of each profile that masks something, compiled once per load
+    /// and shared by every session of the profile.
+    masks: BTreeMap<String, Arc<MaskRules>>,
 }
 
 impl Profiles {
@@ -125,9 +135,12 @@ impl Profiles {
     pub fn load(dir: &Path) -> Result<Profiles, ProfileError> {
         let mut by_name = BTreeMap::new();
         by_name.insert("default".to_string(), Profile::builtin_default());
+        let mut masks = BTreeMap::new();
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Profiles { by_name }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Profiles { by_name, masks })
+            }
             Err(source) => {
                 return Err(ProfileError::Read {
                     path: dir.to_owned(),
@@ -156,9 +169,27 @@ impl Profiles {
                     path: path.clone(),
                     source,
                 })?;
+            let masks_something =
+                !profile.mask.detectors.is_empty() || !profile.mask.patterns.is_empty();
+            if masks_something {
+                let rules =
+                    MaskRules::compile(&profile.mask).map_err(|source| ProfileError::Mask {
+                        path: path.clone(),
+                        source,
+                    })?;
+                masks.insert(profile.name.clone(), rules);
+            } else {
+                masks.remove(&profile.name);
+            }
             by_name.insert(profile.name.clone(), profile);
         }
-        Ok(Profiles { by_name })
+        Ok(Profiles { by_name, masks })
+    }
+
+    /// The compiled `[mask]` of `name`; `None` when the profile masks nothing (its
+    /// sessions get no masker at all).
+    pub fn mask(&self, name: &str) -> Option<Arc<MaskRules>> {
+        self.masks.get(name).cloned()
     }
 
     pub fn get(&self, name: &str) -> Option<&Profile> {
