@@ -169,17 +169,17 @@ impl Profiles {
                     path: path.clone(),
                     source,
                 })?;
-            let masks_something =
-                !profile.mask.detectors.is_empty() || !profile.mask.patterns.is_empty();
-            if masks_something {
-                let rules =
-                    MaskRules::compile(&profile.mask).map_err(|source| ProfileError::Mask {
-                        path: path.clone(),
-                        source,
-                    })?;
-                masks.insert(profile.name.clone(), rules);
-            } else {
+            // A mask that cannot be compiled would leave secrets on screen: refuse the
+            // profile now rather than at the first session. One that masks nothing gets
+            // no rules at all: its sessions spend nothing on masking.
+            let rules = MaskRules::compile(&profile.mask).map_err(|source| ProfileError::Mask {
+                path: path.clone(),
+                source,
+            })?;
+            if rules.is_empty() {
                 masks.remove(&profile.name);
+            } else {
+                masks.insert(profile.name.clone(), rules);
             }
             by_name.insert(profile.name.clone(), profile);
         }
@@ -542,6 +542,37 @@ mod tests {
             }) => assert!(path.ends_with("w.toml")),
             other => panic!("{other:?}"),
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_mask_that_cannot_compile_refuses_the_profile() {
+        use crate::guard::mask::MaskConfigError;
+        let dir = std::env::temp_dir().join(format!("usher-mask-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (body, want_detector) in [
+            ("[mask]\ndetectors = [\"credit_kard\"]\n", true),
+            ("[mask]\npatterns = [\"secret-(\"]\n", false),
+        ] {
+            std::fs::write(dir.join("m.toml"), format!("name = \"m\"\n{body}")).unwrap();
+            match Profiles::load(&dir) {
+                Err(ProfileError::Mask {
+                    source: MaskConfigError::UnknownDetector(name, _),
+                    ..
+                }) if want_detector => assert_eq!(name, "credit_kard"),
+                Err(ProfileError::Mask {
+                    source: MaskConfigError::BadPattern(..),
+                    path,
+                }) if !want_detector => assert!(path.ends_with("m.toml")),
+                other => panic!("{other:?}"),
+            }
+        }
+        std::fs::write(
+            dir.join("m.toml"),
+            "name = \"m\"\n[mask]\ndetectors = [\"email\"]\npatterns = [\"x-[0-9]+\"]\n",
+        )
+        .unwrap();
+        assert!(Profiles::load(&dir).unwrap().get("m").is_some());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
