@@ -373,6 +373,7 @@ impl Agent {
             return Err(Refused::GrantEnded);
         }
         let profile = self.profile(&grant.profile);
+        let mask = lock(&self.profiles).mask(&profile.name);
         if self.config.enforcement == Enforcement::Required && !self.enforcer.is_enforcing() {
             log::error!(target: "usher::enforce", "session refused: enforcement is required but {}", self.enforcer.path());
             return Err(Refused::EnforcementUnavailable(
@@ -431,6 +432,7 @@ impl Agent {
             account,
             cgroup,
             profile,
+            mask,
             exec_events: enforced.then_some(rx),
             enforced,
             ended,

@@ -2,9 +2,11 @@
 //! forwarding, the console, and the exec rules enforced in the kernel.
 
 use crate::enforce::ExecPolicy;
+use crate::guard::mask::MaskRules;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +109,11 @@ pub enum ProfileError {
         path: PathBuf,
         source: ApprovalError,
     },
+    #[error("{}: {source}", path.display())]
+    Mask {
+        path: PathBuf,
+        source: crate::guard::mask::MaskConfigError,
+    },
 }
 
 /// `[approval]` values that parse but cannot be meant.
@@ -143,6 +150,9 @@ pub enum MemorySizeError {
 #[derive(Debug, Clone, Default)]
 pub struct Profiles {
     by_name: BTreeMap<String, Profile>,
+    /// The compiled `[mask]` of each profile that masks something, compiled once per load
+    /// and shared by every session of the profile.
+    masks: BTreeMap<String, Arc<MaskRules>>,
 }
 
 impl Profiles {
@@ -151,9 +161,12 @@ impl Profiles {
     pub fn load(dir: &Path) -> Result<Profiles, ProfileError> {
         let mut by_name = BTreeMap::new();
         by_name.insert("default".to_string(), Profile::builtin_default());
+        let mut masks = BTreeMap::new();
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Profiles { by_name }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Profiles { by_name, masks })
+            }
             Err(source) => {
                 return Err(ProfileError::Read {
                     path: dir.to_owned(),
@@ -189,9 +202,27 @@ impl Profiles {
                     path: path.clone(),
                     source,
                 })?;
+            // A mask that cannot be compiled would leave secrets on screen: refuse the
+            // profile now rather than at the first session. One that masks nothing gets
+            // no rules at all: its sessions spend nothing on masking.
+            let rules = MaskRules::compile(&profile.mask).map_err(|source| ProfileError::Mask {
+                path: path.clone(),
+                source,
+            })?;
+            if rules.is_empty() {
+                masks.remove(&profile.name);
+            } else {
+                masks.insert(profile.name.clone(), rules);
+            }
             by_name.insert(profile.name.clone(), profile);
         }
-        Ok(Profiles { by_name })
+        Ok(Profiles { by_name, masks })
+    }
+
+    /// The compiled `[mask]` of `name`; `None` when the profile masks nothing (its
+    /// sessions get no masker at all).
+    pub fn mask(&self, name: &str) -> Option<Arc<MaskRules>> {
+        self.masks.get(name).cloned()
     }
 
     pub fn get(&self, name: &str) -> Option<&Profile> {
@@ -560,6 +591,37 @@ mod tests {
             }) => assert!(path.ends_with("w.toml")),
             other => panic!("{other:?}"),
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_mask_that_cannot_compile_refuses_the_profile() {
+        use crate::guard::mask::MaskConfigError;
+        let dir = std::env::temp_dir().join(format!("usher-mask-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (body, want_detector) in [
+            ("[mask]\ndetectors = [\"credit_kard\"]\n", true),
+            ("[mask]\npatterns = [\"secret-(\"]\n", false),
+        ] {
+            std::fs::write(dir.join("m.toml"), format!("name = \"m\"\n{body}")).unwrap();
+            match Profiles::load(&dir) {
+                Err(ProfileError::Mask {
+                    source: MaskConfigError::UnknownDetector(name, _),
+                    ..
+                }) if want_detector => assert_eq!(name, "credit_kard"),
+                Err(ProfileError::Mask {
+                    source: MaskConfigError::BadPattern(..),
+                    path,
+                }) if !want_detector => assert!(path.ends_with("m.toml")),
+                other => panic!("{other:?}"),
+            }
+        }
+        std::fs::write(
+            dir.join("m.toml"),
+            "name = \"m\"\n[mask]\ndetectors = [\"email\"]\npatterns = [\"x-[0-9]+\"]\n",
+        )
+        .unwrap();
+        assert!(Profiles::load(&dir).unwrap().get("m").is_some());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,6 +4,7 @@
 
 mod bench_exec;
 mod bench_flood;
+mod bench_mask;
 mod bench_ship;
 mod bench_ssh;
 mod ebpf;
@@ -27,7 +28,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   bench ship     collector ingest from N agents; CPU of shipping vs recording
   bench flood    one session floods: server memory, others' set-up time, spool limit
   bench jit      request to usable grant, revoke to session end, token exchanges/s
-  bench rdp      usherd vs xrdp: connect to first frame, frame rate and CPU, idle CPU, memory";
+  bench rdp      usherd vs xrdp: connect to first frame, frame rate and CPU, idle CPU, memory
+  bench mask     inline masking on vs off: relay throughput, echo latency per keystroke";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -46,8 +48,9 @@ fn main() -> ExitCode {
             Some("flood") => bench_flood::run(),
             Some("jit") => bench_in_tests_crate("bench_jit"),
             Some("rdp") => bench_rdp(),
+            Some("mask") => bench_mask::run(),
             other => Err(format!(
-                "unknown benchmark {other:?}; try: ssh, exec, ship, flood, jit, rdp"
+                "unknown benchmark {other:?}; try: ssh, exec, ship, flood, jit, rdp, mask"
             )),
         },
         _ => Err(USAGE.to_string()),

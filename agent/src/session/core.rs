@@ -10,6 +10,7 @@ use crate::account::Account;
 use crate::config::RecordingConfig;
 use crate::enforce::ExecReceiver;
 use crate::grant::{Grant, GrantId, Refusal};
+use crate::guard::mask::MaskRules;
 use crate::profile::Profile;
 use std::future::Future;
 use std::path::PathBuf;
@@ -73,6 +74,8 @@ pub struct Opened {
     pub account: Account,
     pub cgroup: Arc<Cgroup>,
     pub profile: Profile,
+    /// The profile's compiled `[mask]`; `None` when it masks nothing.
+    pub mask: Option<Arc<MaskRules>>,
     pub exec_events: Option<ExecReceiver>,
     pub enforced: bool,
     /// Says why, when the grant ends while the session runs.

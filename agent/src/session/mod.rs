@@ -8,6 +8,7 @@ pub(crate) mod cgroup;
 mod core;
 mod exec_notes;
 mod launch;
+mod masking;
 mod recorder;
 mod relay;
 mod request;

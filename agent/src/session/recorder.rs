@@ -116,6 +116,16 @@ impl Recorder {
         }
     }
 
+    /// Whether typed input goes into the recording (the host records keystrokes and the
+    /// recording is still there).
+    pub(super) fn records_input(&self) -> bool {
+        self.terminal
+            && self
+                .recording
+                .as_ref()
+                .is_some_and(|r| r.meta().input_recorded)
+    }
+
     /// How long to wait before reading more output, to keep to the recording's rate.
     pub(super) fn pause(&self) -> Option<Duration> {
         self.budget.pause()
@@ -160,14 +170,15 @@ impl Recorder {
 }
 
 /// Creates the session's recording: metadata, audit stream and (for what has a terminal
-/// stream to record) the cast.
+/// stream to record) the cast. `command`: the session's command line as it may be kept
+/// (masked).
 pub(super) fn start_recording(
     ctx: &RecordingContext,
     grant: &Grant,
     request: &SessionRequest,
     opened: &Opened,
+    command: Option<String>,
 ) -> std::io::Result<Recording> {
-    let command = request.command.text();
     let term = match &request.command {
         SessionCommand::Subsystem(_) => None,
         _ => request.pty.as_ref().map(|p| p.term.clone()),

@@ -4,15 +4,18 @@
 //! (`handle`), and every way of ending goes through one `Stop`.
 
 use super::exec_notes::{exec_event, record_exec};
+use super::masking::{record_full_screen, record_masked, MaskedStream};
 use super::recorder::{Recorder, SharedRecorder, Stop};
 use super::request::{ClientSink, Control, ExitOutcome};
 use super::spawn::PtyMaster;
 use crate::enforce::{ExecNote, ExecReceiver};
 use crate::guard::approval::Notice;
+use crate::guard::mask::{MaskRules, Masked, Masker};
+use crate::record::Keystrokes;
 use bytes::Bytes;
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -23,6 +26,9 @@ const READ_BYTES: usize = 32 * 1024;
 /// How long a terminal may stay quiet after the session's process exited before the
 /// relay stops reading it (something the shell started still holds it), as sshd does.
 const QUIET_AFTER_EXIT: Duration = Duration::from_millis(100);
+
+/// How long the input task gets to record what its masker held when the relay ends.
+const INPUT_FLUSH: Duration = Duration::from_millis(100);
 
 /// How long the last exec notes get to arrive after the process is gone (bash execs its
 /// last command just before it exits).
@@ -49,18 +55,37 @@ pub(super) struct Watched {
     pub counted: Box<dyn Fn() + Send + Sync>,
     /// What the approval of its commands says (guard/approval).
     pub notices: Option<mpsc::Receiver<Notice>>,
+    /// The profile's masking rules: each output stream and the recorded input get a
+    /// masker of their own. `None`: nothing is masked, and nothing is spent on it.
+    pub mask: Option<Arc<MaskRules>>,
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Source {
-    Terminal,
-    Stdout,
-    Stderr,
+    Terminal = 0,
+    Stdout = 1,
+    Stderr = 2,
 }
+
+impl Source {
+    fn masked_stream(self) -> MaskedStream {
+        match self {
+            Source::Terminal => MaskedStream::Terminal,
+            Source::Stdout => MaskedStream::Stdout,
+            Source::Stderr => MaskedStream::Stderr,
+        }
+    }
+}
+
+const SOURCES: [Source; 3] = [Source::Terminal, Source::Stdout, Source::Stderr];
 
 /// One thing that happened, for `handle` to act on.
 enum Event {
-    Output(Source, Bytes),
+    /// What one read brought; `drained`: the read did not fill the buffer (nothing more
+    /// was waiting).
+    Output(Source, Bytes, bool),
+    /// Text a masker held back is due.
+    MaskDeadline,
     Closed(Source),
     Exited(std::io::Result<ExitStatus>),
     TerminalQuiet,
@@ -93,6 +118,11 @@ struct Relay<'a, S> {
     notices: Option<mpsc::Receiver<Notice>>,
     grant_end: Option<watch::Receiver<Option<String>>>,
     buffers: [Vec<u8>; 3],
+    /// One masker per output source (by `Source`), while that source is open; none at all
+    /// without masking rules.
+    maskers: [Option<Masker>; 3],
+    /// A full-screen program was reported (once per session).
+    full_screen_said: bool,
 }
 
 /// Relays until the process has exited and its output is drained, or until something
@@ -106,7 +136,24 @@ pub(super) async fn relay<S: ClientSink>(
     recorder: &SharedRecorder,
     sink: &S,
 ) -> (Result<ExitOutcome, Stop>, Option<ExecReceiver>) {
-    let (input, input_failed) = spawn_input(&mut process, stdin, recorder);
+    let input_masker = watched
+        .mask
+        .clone()
+        .filter(|_| Recorder::lock(recorder).records_input())
+        .map(Masker::new);
+    let input_masked = input_masker.is_some();
+    let (end_input, input_ended) = oneshot::channel::<()>();
+    let (mut input, input_failed) = spawn_input(
+        &mut process,
+        stdin,
+        recorder,
+        &watched.session_id,
+        (input_masker, input_ended),
+    );
+    let maskers = match &watched.mask {
+        Some(rules) => SOURCES.map(|_| Some(Masker::new(rules.clone()))),
+        None => [None, None, None],
+    };
     let mut relay = Relay {
         recorder,
         sink,
@@ -129,6 +176,8 @@ pub(super) async fn relay<S: ClientSink>(
             vec![0; READ_BYTES],
             vec![0; READ_BYTES],
         ],
+        maskers,
+        full_screen_said: false,
     };
     let stopped = loop {
         if relay.status.is_some()
@@ -143,6 +192,11 @@ pub(super) async fn relay<S: ClientSink>(
             break Some(stop);
         }
     };
+    // The input task records what its masker still holds, if it can do so at once (a
+    // terminal that takes no more input keeps it waiting: it is ended then).
+    if input_masked && end_input.send(()).is_ok() {
+        let _ = tokio::time::timeout(INPUT_FLUSH, &mut input).await;
+    }
     input.abort();
     if let Some(stop) = &stopped {
         sink.stopping(&stop.0).await;
@@ -167,26 +221,51 @@ pub(super) async fn relay<S: ClientSink>(
 /// Client → process, in a task of its own so that a process that does not read cannot
 /// stall its output. Terminal input is recorded (as the terminal's mode allows) before it
 /// is written; a recording that must stop the session says so through the receiver.
+/// With a masker, what is recorded of the input is masked (what the process gets is not);
+/// `ended` says the relay is done, for the masker's last bytes to be recorded.
 fn spawn_input(
     process: &mut Process,
     mut stdin: mpsc::Receiver<Bytes>,
     recorder: &SharedRecorder,
+    session_id: &str,
+    (masker, mut ended): (Option<Masker>, oneshot::Receiver<()>),
 ) -> (tokio::task::JoinHandle<()>, oneshot::Receiver<Stop>) {
     let (failed_tx, failed_rx) = oneshot::channel::<Stop>();
     let task = match &process.terminal {
         Some(terminal) => {
             let terminal = terminal.clone();
-            let recorder = recorder.clone();
+            let mut input = RecordedInput {
+                recorder: recorder.clone(),
+                session_id: session_id.to_string(),
+                masker,
+            };
             tokio::spawn(async move {
-                while let Some(data) = stdin.recv().await {
+                let recorded = loop {
+                    let deadline = input.masker.as_ref().and_then(Masker::deadline);
+                    let data = tokio::select! {
+                        data = stdin.recv() => data,
+                        _ = &mut ended => break Ok(()),
+                        _ = sleep_until(deadline), if deadline.is_some() => {
+                            match input.release() {
+                                Ok(()) => continue,
+                                Err(stop) => break Err(stop),
+                            }
+                        }
+                    };
+                    let Some(data) = data else { break Ok(()) };
                     let keys = terminal.keystrokes();
-                    let recorded = Recorder::lock(&recorder).terminal(|r| r.input(&data, keys));
-                    if let Err(stop) = recorded {
-                        let _ = failed_tx.send(stop);
-                        break;
+                    if let Err(stop) = input.record(&data, keys) {
+                        break Err(stop);
                     }
                     if terminal.write_all(&data).await.is_err() {
-                        break;
+                        break Ok(());
+                    }
+                };
+                // What the masker still holds was typed: it goes into the recording.
+                match recorded.and_then(|()| input.finish()) {
+                    Ok(()) => {}
+                    Err(stop) => {
+                        let _ = failed_tx.send(stop);
                     }
                 }
             })
@@ -227,6 +306,71 @@ pub(super) async fn notice<S: ClientSink>(
     Ok(())
 }
 
+/// The terminal input as the recording keeps it, masked when the profile says so.
+struct RecordedInput {
+    recorder: SharedRecorder,
+    session_id: String,
+    masker: Option<Masker>,
+}
+
+impl RecordedInput {
+    /// Records `data` (typed while the terminal was in mode `keys`). A password being
+    /// typed is not recorded at all, so it never enters the masker either: what the
+    /// masker holds is only ever recordable text.
+    fn record(&mut self, data: &[u8], keys: Keystrokes) -> Result<(), Stop> {
+        match (&mut self.masker, keys) {
+            (Some(m), Keystrokes::Recordable) => {
+                let masked = m.push(data, Instant::now(), true);
+                self.keep(masked)
+            }
+            _ => Recorder::lock(&self.recorder).terminal(|r| r.input(data, keys)),
+        }
+    }
+
+    fn release(&mut self) -> Result<(), Stop> {
+        match &mut self.masker {
+            Some(m) => {
+                let masked = m.release(Instant::now());
+                self.keep(masked)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), Stop> {
+        match self.masker.take() {
+            Some(mut m) => {
+                let masked = m.finish();
+                self.keep(masked)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn keep(&mut self, masked: Masked) -> Result<(), Stop> {
+        if !masked.hits.is_empty() {
+            record_masked(
+                &self.session_id,
+                &self.recorder,
+                MaskedStream::Input,
+                &masked.hits,
+            )?;
+        }
+        if masked.out.is_empty() {
+            return Ok(());
+        }
+        Recorder::lock(&self.recorder).terminal(|r| r.input(&masked.out, Keystrokes::Recordable))
+    }
+}
+
+/// Sleeps until `deadline`; never wakes without one (the branch is disabled then).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads into `buf` from a stream that may be closed.
 async fn read_from(
     stream: &mut Option<impl tokio::io::AsyncRead + Unpin>,
@@ -250,18 +394,21 @@ impl<S: ClientSink> Relay<'_, S> {
             notices,
             grant_end,
             buffers: [term_buf, out_buf, err_buf],
+            maskers,
             ..
         } = self;
         let read = |source, n: std::io::Result<usize>, buf: &[u8]| match n {
             Ok(0) | Err(_) => Event::Closed(source),
-            Ok(n) => Event::Output(source, Bytes::copy_from_slice(&buf[..n])),
+            Ok(n) => Event::Output(source, Bytes::copy_from_slice(&buf[..n]), n < READ_BYTES),
         };
+        let mask_deadline = maskers.iter().flatten().filter_map(Masker::deadline).min();
         tokio::select! {
             n = async { terminal.as_ref().expect("guarded").read(term_buf).await }, if terminal.is_some() =>
                 read(Source::Terminal, n, term_buf),
             n = read_from(stdout, out_buf), if stdout.is_some() => read(Source::Stdout, n, out_buf),
             n = read_from(stderr, err_buf), if stderr.is_some() => read(Source::Stderr, n, err_buf),
             s = child.wait(), if status.is_none() => Event::Exited(s),
+            _ = sleep_until(mask_deadline), if mask_deadline.is_some() => Event::MaskDeadline,
             _ = tokio::time::sleep(QUIET_AFTER_EXIT), if status.is_some() && terminal.is_some() =>
                 Event::TerminalQuiet,
             r = async { input_failed.as_mut().expect("guarded").await }, if input_failed.is_some() =>
@@ -291,16 +438,20 @@ impl<S: ClientSink> Relay<'_, S> {
     /// once, so nothing unrecorded (or past the end of the grant) reaches the client.
     async fn handle(&mut self, event: Event) -> Result<(), Stop> {
         match event {
-            Event::Output(source, data) => self.deliver(source, data).await,
+            Event::Output(source, data, drained) => self.deliver(source, data, drained).await,
+            Event::MaskDeadline => self.release_held().await,
             Event::Closed(Source::Terminal) | Event::TerminalQuiet => {
+                self.flush_masker(Source::Terminal).await?;
                 self.terminal = None;
                 Ok(())
             }
             Event::Closed(Source::Stdout) => {
+                self.flush_masker(Source::Stdout).await?;
                 self.stdout = None;
                 Ok(())
             }
             Event::Closed(Source::Stderr) => {
+                self.flush_masker(Source::Stderr).await?;
                 self.stderr = None;
                 Ok(())
             }
@@ -370,10 +521,73 @@ impl<S: ClientSink> Relay<'_, S> {
         }
     }
 
+    /// What the session wrote, through the source's masker when there is one: only what
+    /// the masker lets go is recorded and sent.
+    async fn deliver(&mut self, source: Source, data: Bytes, drained: bool) -> Result<(), Stop> {
+        match &mut self.maskers[source as usize] {
+            Some(masker) => {
+                let masked = masker.push(&data, Instant::now(), drained);
+                self.emit(source, masked).await
+            }
+            None => self.send(source, data).await,
+        }
+    }
+
+    /// Lets out what each masker held past its deadline.
+    async fn release_held(&mut self) -> Result<(), Stop> {
+        let now = Instant::now();
+        for source in SOURCES {
+            let released = match &mut self.maskers[source as usize] {
+                Some(m) if m.deadline().is_some_and(|d| d <= now) => m.release(now),
+                _ => continue,
+            };
+            self.emit(source, released).await?;
+        }
+        Ok(())
+    }
+
+    /// The end of a source: what its masker still holds goes out (masked where it
+    /// matches) before the stream is dropped.
+    async fn flush_masker(&mut self, source: Source) -> Result<(), Stop> {
+        match self.maskers[source as usize].take() {
+            Some(mut m) => {
+                let rest = m.finish();
+                self.emit(source, rest).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A masker's answer: its findings into the audit trail, then its bytes to the
+    /// recording and the client.
+    async fn emit(&mut self, source: Source, masked: Masked) -> Result<(), Stop> {
+        let Masked {
+            out,
+            hits,
+            full_screen,
+        } = masked;
+        if !hits.is_empty() {
+            record_masked(
+                &self.session_id,
+                self.recorder,
+                source.masked_stream(),
+                &hits,
+            )?;
+        }
+        if full_screen && !self.full_screen_said {
+            self.full_screen_said = true;
+            record_full_screen(&self.session_id, self.recorder, source.masked_stream())?;
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.send(source, Bytes::from(out)).await
+    }
+
     /// Sends what the session wrote to the client, once it is recorded; then waits if the
     /// recording's rate says so. While the client's window is full this waits too, and the
     /// session's output is not read meanwhile.
-    async fn deliver(&mut self, source: Source, data: Bytes) -> Result<(), Stop> {
+    async fn send(&mut self, source: Source, data: Bytes) -> Result<(), Stop> {
         let pause = {
             let mut r = Recorder::lock(self.recorder);
             r.terminal(|rec| rec.output(&data))?;
@@ -477,6 +691,10 @@ mod tests {
         }
 
         fn recorder(&self, limits: RecordingLimits) -> SharedRecorder {
+            self.recorder_with_input(limits, false)
+        }
+
+        fn recorder_with_input(&self, limits: RecordingLimits, input: bool) -> SharedRecorder {
             let meta = SessionMeta {
                 session_id: "s1".into(),
                 kind: "ssh".into(),
@@ -502,7 +720,7 @@ mod tests {
                 exit_signal: None,
                 enforcement: "off".into(),
                 enforced: false,
-                input_recorded: false,
+                input_recorded: input,
                 interrupted: false,
                 truncated: None,
                 limits: None,
@@ -516,7 +734,7 @@ mod tests {
                 title: None,
                 env: Default::default(),
             };
-            let recording = Recording::create(&self.dir, meta, Some(header), false).unwrap();
+            let recording = Recording::create(&self.dir, meta, Some(header), input).unwrap();
             let spool = SpoolMeter::new(self.dir.clone(), 1 << 40);
             Recorder::new(Some(recording), true, RecordingBudget::new(limits, spool))
         }
@@ -529,6 +747,33 @@ mod tests {
                 .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
                 .filter(|v| v[1] == "o")
                 .map(|v| v[2].as_str().unwrap_or_default().to_string())
+                .collect()
+        }
+
+        /// The input the cast holds, joined.
+        fn cast_input(&self) -> String {
+            let text = std::fs::read_to_string(self.dir.join("s1.cast")).unwrap();
+            text.lines()
+                .skip(1)
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v[1] == "i")
+                .map(|v| v[2].as_str().unwrap_or_default().to_string())
+                .collect()
+        }
+
+        /// The `masked` events of the audit stream: (stream, rule, count).
+        fn masked(&self) -> Vec<(String, String, u64)> {
+            self.audit()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["event"] == "masked")
+                .map(|v| {
+                    (
+                        v["stream"].as_str().unwrap_or_default().to_string(),
+                        v["rule"].as_str().unwrap_or_default().to_string(),
+                        v["count"].as_u64().unwrap_or_default(),
+                    )
+                })
                 .collect()
         }
 
@@ -587,6 +832,16 @@ mod tests {
         client: &Client,
         wired: impl FnOnce(Wires) + Send + 'static,
     ) -> Result<ExitOutcome, Stop> {
+        run_masked_relay(process, recorder, client, None, wired).await
+    }
+
+    async fn run_masked_relay(
+        process: Process,
+        recorder: &SharedRecorder,
+        client: &Client,
+        mask: Option<Arc<MaskRules>>,
+        wired: impl FnOnce(Wires) + Send + 'static,
+    ) -> Result<ExitOutcome, Stop> {
         let (stdin_tx, stdin) = mpsc::channel(4);
         let (control_tx, control) = mpsc::channel(4);
         let (exec_tx, exec_notes) = mpsc::channel(4);
@@ -604,6 +859,7 @@ mod tests {
             grant_end,
             counted: Box::new(|| {}),
             notices: None,
+            mask,
         };
         let relayed = relay(process, stdin, control, watched, recorder, client);
         tokio::time::timeout(Duration::from_secs(20), relayed)
@@ -817,5 +1073,140 @@ mod tests {
         assert_eq!(client.stdout().trim(), "40 100");
         let cast = std::fs::read_to_string(scratch.dir.join("s1.cast")).unwrap();
         assert!(cast.contains(r#""r","100x40""#), "{cast}");
+    }
+
+    const AWS_KEY: &str = "AKIAIOSFODNN7EXAMPLE";
+
+    fn aws_rules() -> Option<Arc<MaskRules>> {
+        let config = crate::guard::mask::MaskConfig {
+            detectors: vec!["aws_access_key".into(), "credit_card".into()],
+            patterns: vec![],
+        };
+        Some(MaskRules::compile(&config).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_secret_written_in_two_pieces_reaches_neither_the_client_nor_the_cast() {
+        let scratch = Scratch::new("mask-split");
+        let recorder = scratch.recorder(RecordingLimits::default());
+        let client = Client::default();
+        let (p, _) = process(piped(
+            "printf 'key AKIA'; sleep 0.2; printf 'IOSFODNN7EXAMPLE done\\n'",
+        ));
+        let outcome = run_masked_relay(p, &recorder, &client, aws_rules(), hold).await;
+        assert_eq!(outcome.unwrap(), ExitOutcome::Status(0));
+        let seen = client.stdout();
+        assert!(
+            seen.starts_with("key ") && seen.ends_with(" done\n"),
+            "{seen:?}"
+        );
+        assert!(!seen.contains("IOSFODNN7EXAMPLE"), "{seen:?}");
+        assert_eq!(seen.len(), "key  done\n".len() + AWS_KEY.len(), "{seen:?}");
+        let cast = scratch.cast_output();
+        assert!(!cast.contains("IOSFODNN7EXAMPLE"), "{cast}");
+        assert_eq!(
+            scratch.masked(),
+            [("stdout".to_string(), "aws_access_key".to_string(), 1)]
+        );
+        assert!(!scratch.audit().contains("IOSFODNN7EXAMPLE"));
+    }
+
+    #[tokio::test]
+    async fn what_a_masker_holds_at_the_end_of_the_stream_is_not_lost() {
+        let scratch = Scratch::new("mask-end");
+        let recorder = scratch.recorder(RecordingLimits::default());
+        let client = Client::default();
+        // "AKIA" could still become a key: held, until the stream ends.
+        let (p, _) = process(piped("printf 'ends with AKIA'; printf 'and 4111' >&2"));
+        let outcome = run_masked_relay(p, &recorder, &client, aws_rules(), hold).await;
+        assert_eq!(outcome.unwrap(), ExitOutcome::Status(0));
+        assert_eq!(client.stdout(), "ends with AKIA");
+        assert_eq!(client.stderr(), "and 4111");
+        assert!(scratch.masked().is_empty());
+    }
+
+    #[tokio::test]
+    async fn stderr_is_masked_and_its_rule_and_count_are_audited() {
+        let scratch = Scratch::new("mask-err");
+        let recorder = scratch.recorder(RecordingLimits::default());
+        let client = Client::default();
+        let (p, _) = process(piped(
+            "printf 'AKIAIOSFODNN7EXAMPLE and AKIAIOSFODNN7EXAMPLF\\n' >&2; echo 4111111111111111",
+        ));
+        let outcome = run_masked_relay(p, &recorder, &client, aws_rules(), hold).await;
+        assert_eq!(outcome.unwrap(), ExitOutcome::Status(0));
+        let err = client.stderr();
+        assert!(!err.contains("AKIA"), "{err:?}");
+        assert_eq!(
+            err.len(),
+            "AKIAIOSFODNN7EXAMPLE and AKIAIOSFODNN7EXAMPLF\n".len()
+        );
+        assert_eq!(client.stdout(), "****************\n");
+        let mut masked = scratch.masked();
+        masked.sort();
+        assert_eq!(
+            masked,
+            [
+                ("stderr".to_string(), "aws_access_key".to_string(), 2),
+                ("stdout".to_string(), "credit_card".to_string(), 1),
+            ]
+        );
+        let audit = scratch.audit();
+        assert!(!audit.contains("IOSFODNN7") && !audit.contains("4111111111111111"));
+    }
+
+    #[tokio::test]
+    async fn typed_secrets_are_masked_in_the_recorded_input_but_the_process_gets_them() {
+        let scratch = Scratch::new("mask-input");
+        let recorder = scratch.recorder_with_input(RecordingLimits::default(), true);
+        let client = Client::default();
+        let (master, slave) = crate::session::spawn::open_pty(80, 24).unwrap();
+        let io = |fd: &std::os::fd::OwnedFd| Stdio::from(fd.try_clone().unwrap());
+        let child = tokio::process::Command::new("/bin/sh")
+            .args(["-c", "read x; echo \"length ${#x}\""])
+            .stdin(io(&slave))
+            .stdout(io(&slave))
+            .stderr(io(&slave))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        drop(slave);
+        let (mut p, _) = process(child);
+        p.terminal = Some(Arc::new(master));
+        let outcome = run_masked_relay(p, &recorder, &client, aws_rules(), |w| {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let line = format!("{AWS_KEY}\n");
+                w.stdin.send(Bytes::from(line)).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(w);
+            });
+        })
+        .await;
+        assert_eq!(outcome.unwrap(), ExitOutcome::Status(0));
+        let seen = client.stdout();
+        // The shell read all 20 characters; the terminal's echo of them is masked.
+        assert!(seen.contains("length 20"), "{seen:?}");
+        assert!(!seen.contains(AWS_KEY), "{seen:?}");
+        let typed = scratch.cast_input();
+        assert!(!typed.contains("IOSFODNN7"), "{typed:?}");
+        assert!(typed.contains(&"*".repeat(20)), "{typed:?}");
+        let masked = scratch.masked();
+        assert!(
+            masked.contains(&("input".to_string(), "aws_access_key".to_string(), 1)),
+            "{masked:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_rules_output_is_relayed_byte_for_byte() {
+        let scratch = Scratch::new("mask-off");
+        let recorder = scratch.recorder(RecordingLimits::default());
+        let client = Client::default();
+        let (p, _) = process(piped("printf 'AKIAIOSFODNN7EXAMPLE 4111111111111111'"));
+        let outcome = run_relay(p, &recorder, &client, hold).await;
+        assert_eq!(outcome.unwrap(), ExitOutcome::Status(0));
+        assert_eq!(client.stdout(), "AKIAIOSFODNN7EXAMPLE 4111111111111111");
+        assert!(scratch.masked().is_empty());
     }
 }

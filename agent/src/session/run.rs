@@ -6,6 +6,7 @@ use super::budget::RecordingBudget;
 use super::core::{Core, Opened};
 use super::exec_notes::append_exec_events;
 use super::launch::launch_for;
+use super::masking::{mask_command, record_masked, MaskedStream};
 use super::recorder::{start_recording, Recorder, Stop};
 use super::relay::{relay, Process, Watched};
 use super::request::{ClientIo, ClientSink, ExitOutcome, SessionCommand, SessionRequest};
@@ -35,7 +36,9 @@ pub async fn run<C: Core, S: ClientSink>(
     sink.opened(&id);
     let opened_cgroup = opened.cgroup.clone();
     let ctx = core.recording();
-    let recording = match start_recording(&ctx, &grant, &request, &opened) {
+    let mask = text_to_mask(&request, &opened);
+    let (command_text, command_masked) = mask_command(mask.as_ref(), request.command.text());
+    let recording = match start_recording(&ctx, &grant, &request, &opened, command_text.clone()) {
         Ok(r) => Some(r),
         Err(e) if ctx.settings.required => {
             log::error!(target: "usher::record", "session {id} refused: recording failed: {e}");
@@ -56,7 +59,10 @@ pub async fn run<C: Core, S: ClientSink>(
         ctx.settings.required,
         RecordingBudget::new(opened.profile.recording.clone(), ctx.spool.clone()),
     );
-    let command_text = request.command.text();
+    if !command_masked.is_empty() {
+        // A recording that cannot take this fails the session at its first output.
+        let _ = record_masked(&id, &recorder, MaskedStream::Command, &command_masked);
+    }
     audit!("session_started", session = id.as_str(), jti = grant.jti(), sub = grant.claims.sub.as_str(), login = grant.login(), peer = request.peer.as_deref().unwrap_or("-"), command = command_text.as_deref().unwrap_or("(shell)");
         "session {id} started: {} as {} from {}", grant.claims.sub, grant.login(), request.peer.as_deref().unwrap_or("?"));
 
@@ -97,6 +103,7 @@ pub async fn run<C: Core, S: ClientSink>(
                     grant_end: opened.ended.clone(),
                     counted: Box::new(move || counter.count_command(&counted_id)),
                     notices,
+                    mask,
                 };
                 relay(process, stdin, control, watched, &recorder, &*sink).await
             }
@@ -167,6 +174,18 @@ async fn wait_for_approval<S: ClientSink>(
         }
     }
     Ok(approved)
+}
+
+/// The masking rules for a session whose streams are text for a person: not a subsystem's
+/// protocol (sftp) nor a desktop's plumbing (its pixels are not text).
+fn text_to_mask(
+    request: &SessionRequest,
+    opened: &Opened,
+) -> Option<Arc<crate::guard::mask::MaskRules>> {
+    match request.command {
+        SessionCommand::Shell | SessionCommand::Exec(_) => opened.mask.clone(),
+        SessionCommand::Subsystem(_) | SessionCommand::Desktop(_) => None,
+    }
 }
 
 async fn refuse<S: ClientSink>(sink: &S, msg: &str) {
