@@ -191,9 +191,15 @@ impl World {
             extra_config: format!(
                 "[[issuer]]\niss = \"https://127.0.0.1:{service_port}\"\ndiscovery = true\nca = \"{ca}\"\nrefresh_min_secs = 5\n\n\
                  [service]\nurl = \"https://127.0.0.1:{service_port}\"\ntoken = \"{AGENT_TOKEN}\"\n\
-                 ca = \"{ca}\"\nwait_secs = 20\n",
+                 ca = \"{ca}\"\nwait_secs = 20\n\n\
+                 [policy]\nallowed_profiles = [\"default\", \"guarded\"]\n",
                 ca = service_ca.ca_pem().display()
             ),
+            // SSH exec requests that touch a "held" file wait for a person's approval.
+            profiles: vec![(
+                "guarded.toml".into(),
+                "name = \"guarded\"\n[exec]\napprove_commands = [\"touch *held*\"]\n[approval]\ntimeout_secs = 60\n".into(),
+            )],
             ..Default::default()
         });
         let prefix = agent.prefix.clone();
@@ -215,6 +221,7 @@ name = "web"
 groups = ["eng"]
 hosts = ["{HOST}"]
 logins = ["{prefix}{{user}}"]
+profiles = ["guarded"]
 max_duration = "1h"
 approvals = 1
 approver_groups = ["sre-leads"]
@@ -944,5 +951,144 @@ fn the_device_flow_gets_an_id_token_from_the_real_provider() {
         matches!(refused, Err(DeviceError::IssuerMismatch { .. })),
         "{:?}",
         refused.err()
+    );
+}
+
+/// A person's API call to the service with their signed-in token.
+fn api(
+    world: &World,
+    person: &Person,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(person.credentials()).unwrap()).unwrap();
+    let token = stored["token"].as_str().unwrap().to_string();
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(world.service.ca.ca_pem()).unwrap()).unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let url = format!("{}{path}", world.service.url());
+    let request = match method {
+        "POST" => client.post(&url).json(&body.unwrap_or_default()),
+        _ => client.get(&url),
+    };
+    let response = request.bearer_auth(token).send().unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+#[test]
+fn a_command_held_in_a_session_waits_on_the_service_page_and_a_person_approves_it() {
+    let world = World::start();
+    let alice = world.person("alice");
+    let bob = world.person("bob");
+    world.login(&alice);
+    world.login(&bob);
+    let login = world.agent.login("alice");
+    let key = world.agent.client_key.with_extension("pub");
+    let request = alice.json(&[
+        "request",
+        "--host",
+        HOST,
+        "--login",
+        &login,
+        "--profile",
+        "guarded",
+        "--for",
+        "15m",
+        "--reason",
+        "INC-77",
+        "--ssh-key",
+        key.to_str().unwrap(),
+    ]);
+    let id = request["id"].as_str().unwrap().to_string();
+    let reviewed = bob.json(&["review", &id, "--approve"]);
+    let grant_id = reviewed["grant_id"].as_str().unwrap().to_string();
+    world.wait_for_grant(&grant_id);
+
+    // alice's session asks to run a held command: it waits at the service.
+    let mut client = world
+        .agent
+        .ssh_command(&login)
+        .arg("touch ~/held-central && echo ran")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let command_id = poll_until(
+        "the command to be pending at the service",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let (status, list) = api(&world, &bob, "GET", "/api/v1/commands?state=pending", None);
+            assert_eq!(status, 200, "{list}");
+            list.as_array()?
+                .iter()
+                .find(|c| {
+                    c["request"]["session_id"].is_string()
+                        && c["request"]["login"] == login.as_str()
+                })
+                .and_then(|c| c["request"]["id"].as_str().map(String::from))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", world.agent.log(), world.service.log()));
+    let held = home_of(&login).join("held-central");
+    assert!(!held.exists(), "nothing ran before the decision");
+    let review =
+        serde_json::json!({"decision": usher_wire::jit::Decision::Approve, "comment": "ok"});
+    // alice may not approve her own command, though she is an approver.
+    let (status, answer) = api(
+        &world,
+        &alice,
+        "POST",
+        &format!("/api/v1/commands/{command_id}/review"),
+        Some(review.clone()),
+    );
+    assert!(
+        status >= 400,
+        "alice approved her own command: {status} {answer}"
+    );
+    let (status, answer) = api(
+        &world,
+        &bob,
+        "POST",
+        &format!("/api/v1/commands/{command_id}/review"),
+        Some(review),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let done = poll_until(
+        "the approved command to run",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || client.try_wait().unwrap(),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", world.agent.log()));
+    let out = client.wait_with_output().unwrap();
+    assert!(done.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ran"));
+    assert!(held.exists());
+    // The host knows who approved it: the service's signed decision named bob.
+    let listed = world.agent.usher(&["--json", "approvals"]);
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    let decided = listed
+        .iter()
+        .find(|s| s["request"]["id"] == command_id.as_str())
+        .unwrap();
+    assert_eq!(decided["state"], "approved", "{decided}");
+    assert!(
+        decided["decisions"].to_string().contains("bob")
+            || decided["decisions"]
+                .to_string()
+                .contains(&default_sub("bob")),
+        "{decided}"
     );
 }
