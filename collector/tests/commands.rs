@@ -2,14 +2,15 @@
 //! service (this package's binary): web-1 posts a request, an approver approves, and the
 //! agent's long-poll gets a decision JWT that verifies against the service's `/jwks.json`
 //! (typ, iss, aud, jti); two of M; a denial; expiry; and the hostile cases: the requester's
-//! own `sub`, an approver not listed, another host's token, a body over the limit.
+//! own `sub`, an approver not listed, another host's token, a body over the limit; and two
+//! instances on one PostgreSQL, where a wait on one hears a decision made on the other.
 
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use usher_collector::uploader::openssh_public_line;
-use usher_test_support::{Collector, TrustedAgent, WebhookSink};
+use usher_test_support::{Collector, Postgres, TrustedAgent, WebhookSink};
 
 const POLICY: &str = r#"
 [roles]
@@ -59,7 +60,12 @@ struct Service {
 
 impl Service {
     fn start(tables: &str) -> Service {
-        let mut collector = Collector::new(&[agent("web-1", 1), agent("web-2", 2)], "");
+        Service::start_with("", tables)
+    }
+
+    /// With `top` (top-level keys and `[state]`) before the harness's tables.
+    fn start_with(top: &str, tables: &str) -> Service {
+        let mut collector = Collector::new(&[agent("web-1", 1), agent("web-2", 2)], top);
         collector.binary = PathBuf::from(env!("CARGO_BIN_EXE_usher-collector"));
         let mut config = std::fs::read_to_string(&collector.config).unwrap();
         config.push_str(POLICY);
@@ -555,4 +561,59 @@ async fn another_hosts_token_an_oversized_or_invalid_body_and_expiry() {
     assert_eq!((status, answer), (200, json!({"state": "cancelled"})));
     let (status, _) = svc.review(&bob, &id, "approve").await;
     assert_eq!(status, 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_postgres_a_wait_on_one_instance_hears_a_decision_made_on_another() {
+    let pg = Postgres::start().unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    let top = format!(
+        "public_url = \"https://usher.test\"\n[state]\nbackend = \"postgres\"\nurl = \"{}\"\n",
+        pg.url()
+    );
+    let one = Service::start_with(&top, "");
+    let two = Service::start_with(&top, "");
+    let bob = one.token("s-bob", "bob", "sre");
+
+    let id = one.submit(WEB1, &command("s-alice", &[], 1, 120)).await;
+    let (status, listed) = two.get("/api/v1/commands?state=pending", &bob).await;
+    assert_eq!(status, 200);
+    assert!(listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["request"]["id"] == id.as_str()));
+    let waiting = {
+        let (http, url, id) = (two.http.clone(), two.collector.url(), id.clone());
+        tokio::spawn(async move {
+            let a = http
+                .get(format!("{url}/api/v1/agent/commands/{id}?wait=30"))
+                .bearer_auth(WEB1)
+                .send()
+                .await
+                .unwrap();
+            let v: Value = serde_json::from_slice(&a.bytes().await.unwrap()).unwrap();
+            (v, Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, approved) = one.review(&bob, &id, "approve").await;
+    let decided_at = Instant::now();
+    assert_eq!(
+        (status, approved["state"].as_str()),
+        (200, Some("approved")),
+        "{approved}"
+    );
+    let (answer, heard_at) = waiting.await.unwrap();
+    assert!(
+        heard_at.duration_since(decided_at) < Duration::from_secs(3),
+        "the other instance heard late"
+    );
+    assert_eq!(answer["state"], "approved");
+    // Signed by the shared key: it verifies against either instance's JWKS.
+    let jwt = answer["decision"].as_str().unwrap();
+    one.verify_decision(jwt, "web-1", &id).await;
+    two.verify_decision(jwt, "web-1", &id).await;
+    // The same id from the other instance is the same request.
+    let (status, e) = two.review(&bob, &id, "deny").await;
+    assert_eq!((status, e["code"].as_str()), (409, Some("conflict")), "{e}");
 }
