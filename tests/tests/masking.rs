@@ -171,19 +171,31 @@ fn a_key_written_in_two_pieces_reaches_neither_the_client_nor_the_cast_nor_the_c
     assert_eq!(seen.len(), "key  done\n".len() + AWS_KEY.len(), "{seen:?}");
 
     let id = new_session(&agent, &before);
+    // (The command line in the cast's header has the two pieces, apart.)
     let cast = spool_cast(&agent, &id);
+    let output = cast_events(&cast, "o");
+    assert!(!cast.contains(AWS_KEY), "the cast holds the key: {cast}");
     assert!(
-        !cast.contains("IOSFODNN7EXAMPLE"),
+        !output.contains("IOSFODNN7EXAMPLE"),
         "the cast holds the key: {cast}"
     );
-    assert!(cast_events(&cast, "o").contains(" done"), "{cast}");
+    assert!(output.contains(" done"), "{cast}");
 
     // The audit event: the rule and the count, never the value.
     assert_eq!(
         masked_events(&agent, &id),
         [("stdout".to_string(), "aws_access_key".to_string(), 1)]
     );
-    assert!(!audit_text(&agent, &id).contains("IOSFODNN7EXAMPLE"));
+    assert!(!audit_text(&agent, &id).contains(AWS_KEY));
+    for event in agent.audit(&id).iter().filter(|e| e["event"] == "masked") {
+        let mut fields: Vec<&String> = event.as_object().unwrap().keys().collect();
+        fields.sort();
+        assert_eq!(
+            fields,
+            ["count", "event", "rule", "stream", "time"],
+            "{event}"
+        );
+    }
     let log = agent.log();
     let journal_line = log
         .lines()
@@ -201,9 +213,10 @@ fn a_key_written_in_two_pieces_reaches_neither_the_client_nor_the_cast_nor_the_c
     collector.wait_complete(&id, 60, &agent);
     let (code, shipped) = collector.view(&format!("/api/v1/sessions/{id}/cast"));
     assert_eq!(code, 200, "{shipped}");
-    assert!(shipped.contains(" done"), "{shipped}");
+    let shipped_output = cast_events(&shipped, "o");
+    assert!(shipped_output.contains(" done"), "{shipped}");
     assert!(
-        !shipped.contains("IOSFODNN7EXAMPLE"),
+        !shipped.contains(AWS_KEY) && !shipped_output.contains("IOSFODNN7EXAMPLE"),
         "the shipped cast holds the key: {shipped}"
     );
 }
