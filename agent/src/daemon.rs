@@ -155,6 +155,7 @@ impl Agent {
                         .join(format!("{}.audit.jsonl", rec.id)),
                     rec.id.clone(),
                     rx,
+                    lock(&self.profiles).mask(&profile.name),
                 );
             }
             if live && cgroup.is_populated() {

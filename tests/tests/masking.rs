@@ -364,3 +364,49 @@ fn without_mask_rules_the_output_is_relayed_byte_for_byte() {
     assert!(out.status.success());
     assert_eq!(out.stdout, format!("{want}\r\n").as_bytes());
 }
+
+#[test]
+fn the_command_line_and_the_arguments_of_execs_are_masked_in_the_records() {
+    let agent = TestAgent::start_with(masking_options(""));
+    let (login, _) = agent.grant("argv", Some("masked"));
+    let before = sessions(&agent);
+    let out = agent.ssh(&login, &format!("/bin/echo card {CARD}; /bin/true"));
+    assert!(out.status.success());
+    // The program got the number (its output is masked like any other).
+    let seen = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(seen, format!("card {}\n", "*".repeat(16)));
+    let id = new_session(&agent, &before);
+    let meta = agent.meta(&id);
+    assert_eq!(
+        meta["command"],
+        format!("/bin/echo card {}; /bin/true", "*".repeat(16))
+    );
+    let audit = audit_text(&agent, &id);
+    assert!(
+        !audit.contains(CARD),
+        "the audit stream holds the card: {audit}"
+    );
+    assert!(!spool_cast(&agent, &id).contains(CARD));
+    let execs = agent.execs(&id);
+    let echo = execs
+        .iter()
+        .find(|e| e["path"] == "/usr/bin/echo" || e["path"] == "/bin/echo")
+        .unwrap_or_else(|| panic!("no exec of echo: {execs:?}"));
+    assert_eq!(
+        echo["argv"],
+        serde_json::json!(["/bin/echo", "card", "*".repeat(16)])
+    );
+    let masked = masked_events(&agent, &id);
+    for stream in ["command", "exec", "stdout"] {
+        assert!(
+            masked
+                .iter()
+                .any(|(s, rule, _)| s == stream && rule == "credit_card"),
+            "no masking in {stream}: {masked:?}"
+        );
+    }
+    assert!(
+        !agent.log().contains(CARD),
+        "the agent's log holds the card"
+    );
+}
