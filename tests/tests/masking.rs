@@ -410,3 +410,49 @@ fn the_command_line_and_the_arguments_of_execs_are_masked_in_the_records() {
         "the agent's log holds the card"
     );
 }
+
+#[test]
+fn a_full_screen_program_is_reported_once_per_session() {
+    let agent = TestAgent::start_with(masking_options(""));
+    let (login, _) = agent.grant("vim", Some("masked"));
+    let before = sessions(&agent);
+    // What an editor does: the alternate screen, then drawing by cursor positioning,
+    // twice.
+    let script = "printf '\\033[?1049h\\033[1;1Hone\\033[5;5Htwo\\033[?1049l'; sleep 0.1; \
+                  printf '\\033[?1049h\\033[2;2Hthree\\033[?1049l\\n'";
+    let out = agent
+        .ssh_command(&login)
+        .arg("-tt")
+        .arg(script)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // The drawing reaches the client as the program wrote it.
+    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        raw.contains("\u{1b}[?1049h\u{1b}[1;1Hone\u{1b}[5;5Htwo"),
+        "{raw:?}"
+    );
+    let id = new_session(&agent, &before);
+    let alerts: Vec<_> = agent
+        .audit(&id)
+        .into_iter()
+        .filter(|e| e["event"] == "mask_fullscreen")
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["stream"], "terminal");
+    assert_eq!(
+        agent.log().matches("USHER_EVENT=mask_fullscreen").count(),
+        1
+    );
+
+    // A session that draws nothing by position is not reported.
+    let before = sessions(&agent);
+    assert!(agent.ssh(&login, "echo plain").status.success());
+    let id = new_session(&agent, &before);
+    assert!(!agent
+        .audit(&id)
+        .iter()
+        .any(|e| e["event"] == "mask_fullscreen"));
+}
