@@ -198,6 +198,7 @@ impl Agent {
                         .join(format!("{}.audit.jsonl", rec.id)),
                     rec.id.clone(),
                     rx,
+                    lock(&self.profiles).mask(&profile.name),
                 );
             }
             if live && cgroup.is_populated() {
@@ -422,6 +423,7 @@ impl Agent {
                 grant: grant.id().to_string(),
                 sub: grant.claims.sub.clone(),
                 login: grant.login().to_string(),
+                mask: mask.clone(),
             },
             &profile.exec.approve,
             &profile.exec.approve_commands,

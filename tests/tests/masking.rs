@@ -171,19 +171,31 @@ fn a_key_written_in_two_pieces_reaches_neither_the_client_nor_the_cast_nor_the_c
     assert_eq!(seen.len(), "key  done\n".len() + AWS_KEY.len(), "{seen:?}");
 
     let id = new_session(&agent, &before);
+    // (The command line in the cast's header has the two pieces, apart.)
     let cast = spool_cast(&agent, &id);
+    let output = cast_events(&cast, "o");
+    assert!(!cast.contains(AWS_KEY), "the cast holds the key: {cast}");
     assert!(
-        !cast.contains("IOSFODNN7EXAMPLE"),
+        !output.contains("IOSFODNN7EXAMPLE"),
         "the cast holds the key: {cast}"
     );
-    assert!(cast_events(&cast, "o").contains(" done"), "{cast}");
+    assert!(output.contains(" done"), "{cast}");
 
     // The audit event: the rule and the count, never the value.
     assert_eq!(
         masked_events(&agent, &id),
         [("stdout".to_string(), "aws_access_key".to_string(), 1)]
     );
-    assert!(!audit_text(&agent, &id).contains("IOSFODNN7EXAMPLE"));
+    assert!(!audit_text(&agent, &id).contains(AWS_KEY));
+    for event in agent.audit(&id).iter().filter(|e| e["event"] == "masked") {
+        let mut fields: Vec<&String> = event.as_object().unwrap().keys().collect();
+        fields.sort();
+        assert_eq!(
+            fields,
+            ["count", "event", "rule", "stream", "time"],
+            "{event}"
+        );
+    }
     let log = agent.log();
     let journal_line = log
         .lines()
@@ -201,9 +213,10 @@ fn a_key_written_in_two_pieces_reaches_neither_the_client_nor_the_cast_nor_the_c
     collector.wait_complete(&id, 60, &agent);
     let (code, shipped) = collector.view(&format!("/api/v1/sessions/{id}/cast"));
     assert_eq!(code, 200, "{shipped}");
-    assert!(shipped.contains(" done"), "{shipped}");
+    let shipped_output = cast_events(&shipped, "o");
+    assert!(shipped_output.contains(" done"), "{shipped}");
     assert!(
-        !shipped.contains("IOSFODNN7EXAMPLE"),
+        !shipped.contains(AWS_KEY) && !shipped_output.contains("IOSFODNN7EXAMPLE"),
         "the shipped cast holds the key: {shipped}"
     );
 }
@@ -350,4 +363,96 @@ fn without_mask_rules_the_output_is_relayed_byte_for_byte() {
         .unwrap();
     assert!(out.status.success());
     assert_eq!(out.stdout, format!("{want}\r\n").as_bytes());
+}
+
+#[test]
+fn the_command_line_and_the_arguments_of_execs_are_masked_in_the_records() {
+    let agent = TestAgent::start_with(masking_options(""));
+    let (login, _) = agent.grant("argv", Some("masked"));
+    let before = sessions(&agent);
+    let out = agent.ssh(&login, &format!("/bin/echo card {CARD}; /bin/true"));
+    assert!(out.status.success());
+    // The program got the number (its output is masked like any other).
+    let seen = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(seen, format!("card {}\n", "*".repeat(16)));
+    let id = new_session(&agent, &before);
+    let meta = agent.meta(&id);
+    assert_eq!(
+        meta["command"],
+        format!("/bin/echo card {}; /bin/true", "*".repeat(16))
+    );
+    let audit = audit_text(&agent, &id);
+    assert!(
+        !audit.contains(CARD),
+        "the audit stream holds the card: {audit}"
+    );
+    assert!(!spool_cast(&agent, &id).contains(CARD));
+    let execs = agent.execs(&id);
+    let echo = execs
+        .iter()
+        .find(|e| e["path"] == "/usr/bin/echo" || e["path"] == "/bin/echo")
+        .unwrap_or_else(|| panic!("no exec of echo: {execs:?}"));
+    assert_eq!(
+        echo["argv"],
+        serde_json::json!(["/bin/echo", "card", "*".repeat(16)])
+    );
+    let masked = masked_events(&agent, &id);
+    for stream in ["command", "exec", "stdout"] {
+        assert!(
+            masked
+                .iter()
+                .any(|(s, rule, _)| s == stream && rule == "credit_card"),
+            "no masking in {stream}: {masked:?}"
+        );
+    }
+    assert!(
+        !agent.log().contains(CARD),
+        "the agent's log holds the card"
+    );
+}
+
+#[test]
+fn a_full_screen_program_is_reported_once_per_session() {
+    let agent = TestAgent::start_with(masking_options(""));
+    let (login, _) = agent.grant("vim", Some("masked"));
+    let before = sessions(&agent);
+    // What an editor does: the alternate screen, then drawing by cursor positioning,
+    // twice.
+    let script = "printf '\\033[?1049h\\033[1;1Hone\\033[5;5Htwo\\033[?1049l'; sleep 0.1; \
+                  printf '\\033[?1049h\\033[2;2Hthree\\033[?1049l\\n'";
+    let out = agent
+        .ssh_command(&login)
+        .arg("-tt")
+        .arg(script)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // The drawing reaches the client as the program wrote it.
+    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        raw.contains("\u{1b}[?1049h\u{1b}[1;1Hone\u{1b}[5;5Htwo"),
+        "{raw:?}"
+    );
+    let id = new_session(&agent, &before);
+    let alerts: Vec<_> = agent
+        .audit(&id)
+        .into_iter()
+        .filter(|e| e["event"] == "mask_fullscreen")
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["stream"], "terminal");
+    assert_eq!(
+        agent.log().matches("USHER_EVENT=mask_fullscreen").count(),
+        1
+    );
+
+    // A session that draws nothing by position is not reported.
+    let before = sessions(&agent);
+    assert!(agent.ssh(&login, "echo plain").status.success());
+    let id = new_session(&agent, &before);
+    assert!(!agent
+        .audit(&id)
+        .iter()
+        .any(|e| e["event"] == "mask_fullscreen"));
 }

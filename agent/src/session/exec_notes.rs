@@ -1,12 +1,15 @@
 //! The session's execs, as the kernel reports them, into its audit stream and cast; a
 //! blocked one is also said on the client's terminal.
 
+use super::masking::{journal_masked, mask_exec_note, masked_line, MaskedStream};
 use super::recorder::{Recorder, SharedRecorder, Stop};
 use super::request::ClientSink;
 use crate::enforce::{ExecEvent, ExecNote, ExecReceiver, Verdict};
+use crate::guard::mask::MaskRules;
 use bytes::Bytes;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// The audit line of one exec, and the cast marker that goes with it.
 pub fn exec_audit(event: &ExecEvent) -> (serde_json::Value, String) {
@@ -48,13 +51,24 @@ pub fn exec_note_audit<'a>(
 }
 
 /// Exec events of a session whose connection is gone (processes left running, or an
-/// agent restart) still go to its audit stream.
-pub fn append_exec_events(path: PathBuf, session_id: String, mut rx: ExecReceiver) {
+/// agent restart) still go to its audit stream, their arguments masked by the profile's
+/// `mask` rules.
+pub fn append_exec_events(
+    path: PathBuf,
+    session_id: String,
+    mut rx: ExecReceiver,
+    mask: Option<Arc<MaskRules>>,
+) {
     tokio::spawn(async move {
         while let Some(note) = rx.recv().await {
+            let (note, hits) = mask_exec_note(mask.as_ref(), note);
             let (line, _, _) = exec_note_audit(&session_id, &note);
             let opened = std::fs::OpenOptions::new().append(true).open(&path);
             if let Ok(mut f) = opened {
+                for (rule, count) in &hits {
+                    journal_masked(&session_id, MaskedStream::Exec, rule, *count);
+                    let _ = writeln!(f, "{}", masked_line(MaskedStream::Exec, rule, *count));
+                }
                 let _ = writeln!(f, "{line}");
             }
         }

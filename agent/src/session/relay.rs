@@ -4,7 +4,7 @@
 //! (`handle`), and every way of ending goes through one `Stop`.
 
 use super::exec_notes::{exec_event, record_exec};
-use super::masking::{record_full_screen, record_masked, MaskedStream};
+use super::masking::{mask_exec_note, record_full_screen, record_masked, MaskedStream};
 use super::recorder::{Recorder, SharedRecorder, Stop};
 use super::request::{ClientSink, Control, ExitOutcome};
 use super::spawn::PtyMaster;
@@ -123,6 +123,8 @@ struct Relay<'a, S> {
     maskers: [Option<Masker>; 3],
     /// A full-screen program was reported (once per session).
     full_screen_said: bool,
+    /// For the arguments of the session's execs.
+    mask: Option<Arc<MaskRules>>,
 }
 
 /// Relays until the process has exited and its output is drained, or until something
@@ -178,6 +180,7 @@ pub(super) async fn relay<S: ClientSink>(
         ],
         maskers,
         full_screen_said: false,
+        mask: watched.mask,
     };
     let stopped = loop {
         if relay.status.is_some()
@@ -492,6 +495,7 @@ impl<S: ClientSink> Relay<'_, S> {
                 Ok(())
             }
             Event::Exec(Some(note)) => {
+                let note = self.mask_exec(note)?;
                 exec_event(
                     &self.session_id,
                     self.recorder,
@@ -622,6 +626,13 @@ impl<S: ClientSink> Relay<'_, S> {
         }
     }
 
+    /// An exec's arguments as the records keep them (masked), its maskings audited.
+    fn mask_exec(&self, note: ExecNote) -> Result<ExecNote, Stop> {
+        let (note, hits) = mask_exec_note(self.mask.as_ref(), note);
+        record_masked(&self.session_id, self.recorder, MaskedStream::Exec, &hits)?;
+        Ok(note)
+    }
+
     /// The last execs of a session can reach the agent just after its process is reaped:
     /// they get a moment to land in the recording.
     async fn record_last_execs(&mut self) {
@@ -629,6 +640,8 @@ impl<S: ClientSink> Relay<'_, S> {
             return;
         };
         while let Ok(Some(note)) = tokio::time::timeout(LAST_EXECS, rx.recv()).await {
+            let (note, hits) = mask_exec_note(self.mask.as_ref(), note);
+            let _ = record_masked(&self.session_id, self.recorder, MaskedStream::Exec, &hits);
             let _ = record_exec(&self.session_id, self.recorder, &note, &*self.counted);
         }
     }

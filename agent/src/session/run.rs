@@ -103,7 +103,7 @@ pub async fn run<C: Core, S: ClientSink>(
                     grant_end: opened.ended.clone(),
                     counted: Box::new(move || counter.count_command(&counted_id)),
                     notices,
-                    mask,
+                    mask: mask.clone(),
                 };
                 relay(process, stdin, control, watched, &recorder, &*sink).await
             }
@@ -113,7 +113,7 @@ pub async fn run<C: Core, S: ClientSink>(
     // Processes the session left behind (`sleep 1000 &`) still have their execs audited.
     if let Some(rx) = leftover_notes {
         let path = ctx.spool_dir.join(format!("{id}.audit.jsonl"));
-        append_exec_events(path, id.clone(), rx);
+        append_exec_events(path, id.clone(), rx, mask);
     }
     let outcome = match outcome {
         Ok(o) => o,

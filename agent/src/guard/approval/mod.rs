@@ -47,6 +47,9 @@ pub struct SessionFacts {
     pub grant: String,
     pub sub: String,
     pub login: String,
+    /// The profile's masking: a secret on a held command line is masked before the
+    /// request is shown, audited or sent anywhere.
+    pub mask: Option<Arc<crate::guard::mask::MaskRules>>,
 }
 
 struct SessionEntry {
@@ -321,6 +324,8 @@ impl Approvals {
                 .filter(|p| p.cgroup_id == cgroup_id)
                 .count();
             let session = inner.sessions.get(&cgroup_id)?;
+            let command = masked(session.facts.mask.as_ref(), command);
+            let program = masked(session.facts.mask.as_ref(), program);
             let requested_at = now();
             let status = CommandStatus {
                 request: CommandRequest {
@@ -660,6 +665,17 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// `text` as the profile's masking shows it.
+fn masked(rules: Option<&Arc<crate::guard::mask::MaskRules>>, text: String) -> String {
+    let Some(rules) = rules else { return text };
+    let mut masker = crate::guard::mask::Masker::new(rules.clone());
+    let mut out = masker
+        .push(text.as_bytes(), std::time::Instant::now(), true)
+        .out;
+    out.extend(masker.finish().out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn new_request_id() -> String {
     let bytes: [u8; 16] = rand::random();
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -709,6 +725,7 @@ mod tests {
             grant: "g1".into(),
             sub: "alice@example.com".into(),
             login: "jit-alice".into(),
+            mask: None,
         }
     }
 
@@ -789,6 +806,36 @@ mod tests {
         assert_eq!(listed[0].request.id, id2);
         assert_eq!(listed[0].state, CommandState::Cancelled);
         assert_eq!(listed[1].request.id, id);
+    }
+
+    #[tokio::test]
+    async fn a_secret_on_a_held_command_line_is_masked_in_the_request() {
+        let approvals = Approvals::new("h");
+        let rules = crate::guard::mask::MaskRules::compile(&crate::guard::mask::MaskConfig {
+            detectors: vec!["aws_access_key".into()],
+            patterns: vec![],
+        })
+        .unwrap();
+        let mut f = facts();
+        f.mask = Some(rules);
+        let _guard = approvals
+            .attach(12, f, &[], &["*".into()], &ApprovalPolicy::default())
+            .unwrap();
+        let (_, _rx) = approvals
+            .open(
+                12,
+                CommandKind::SshExec,
+                "aws".into(),
+                "aws --key AKIAIOSFODNN7EXAMPLE s3 ls".into(),
+            )
+            .unwrap();
+        let listed = approvals.list();
+        assert!(!listed[0].request.command.contains("AKIAIOSFODNN7EXAMPLE"));
+        assert!(
+            listed[0].request.command.starts_with("aws --key ****"),
+            "{}",
+            listed[0].request.command
+        );
     }
 
     #[tokio::test]
