@@ -328,10 +328,6 @@ impl Masker {
                     None => continue,
                 }
             }
-            let floor = end.saturating_sub(MAX_MATCH);
-            if self.scan < floor {
-                self.scan = self.view.boundary_up(floor);
-            }
             // The first alive start stays the first one as long as the scan has not passed
             // it (a final match before it does not change which starts are alive).
             let hold = match known_hold {
@@ -352,8 +348,7 @@ impl Masker {
                 self.view.text_base + m.start() as u64,
                 self.view.text_base + m.end() as u64,
             );
-            self.scan = stop.max(start + 1);
-            self.apply(m.pattern().as_usize(), start, stop, true);
+            self.scan = self.apply(m.pattern().as_usize(), start, stop, true);
         }
     }
 
@@ -391,7 +386,8 @@ impl Masker {
     /// followed from earlier while alive), from which a match can still begin.
     fn first_alive(&mut self, end: u64) -> u64 {
         if let Some(start) = self.alive_from.take() {
-            if start >= self.scan {
+            // Followed while alive, up to `MAX_MATCH` back (this bounds the window).
+            if start >= self.scan && start + MAX_MATCH >= end {
                 if let Run::Alive = self.run_anchored(start, end, Anchored::Yes) {
                     self.alive_from = Some(start);
                     return start;
@@ -475,10 +471,25 @@ impl Masker {
     }
 
     /// A match of rule `rule` over `[start, stop)`: validated, its secret masked, counted.
-    fn apply(&mut self, rule: usize, start: u64, stop: u64, is_final: bool) {
+    /// Returns where the search goes on: after the match, or at its secret when a label
+    /// comes first (the `Bearer` token may itself be `aws_secret_access_key=...`, which
+    /// the search must still see).
+    fn apply(&mut self, rule: usize, start: u64, stop: u64, is_final: bool) -> u64 {
+        let after = stop.max(start + 1);
         let r = &self.rules.rules[rule];
         let Some((a, b)) = r.secret_in(self.view.slice(start, stop)) else {
-            return;
+            return after;
+        };
+        // A number cut back to its valid part (`4111 ... 1111 4111 ...`: the next card
+        // starts where the first ends) goes on after that part.
+        let resume = if r.secret == Secret::BlockStart {
+            after
+        } else if a > 0 {
+            start + a as u64
+        } else if start + (b as u64) < stop {
+            start + b as u64
+        } else {
+            after
         };
         let counted = if is_final {
             match self.provisional.iter().position(|&p| p == (start, rule)) {
@@ -508,6 +519,7 @@ impl Masker {
         if !counted {
             self.hits[rule] += 1;
         }
+        resume
     }
 
     fn add_mask(&mut self, start: u64, stop: u64) {
@@ -569,8 +581,7 @@ impl Masker {
                     self.view.text_base + m.start() as u64,
                     self.view.text_base + m.end() as u64,
                 );
-                self.apply(m.pattern().as_usize(), start, stop, false);
-                at = stop.max(start + 1);
+                at = self.apply(m.pattern().as_usize(), start, stop, false);
             }
         }
         self.emit(out, end);
@@ -590,6 +601,14 @@ impl Masker {
         };
         let mut raw_at = self.view.raw_base;
         let mut t = self.emitted;
+        while self.masks.front().is_some_and(|&(_, e)| e <= t) {
+            self.masks.pop_front();
+        }
+        if self.masks.front().is_none_or(|&(s, _)| s >= upto) {
+            // Nothing to mask in it (the usual case): the raw bytes as they are.
+            out.extend_from_slice(self.view.raw_slice(raw_at, raw_target));
+            raw_at = raw_target;
+        }
         while raw_at < raw_target {
             if t >= upto {
                 out.extend_from_slice(self.view.raw_slice(raw_at, raw_target));
@@ -599,7 +618,6 @@ impl Masker {
             let rt = self.view.raw_of(t);
             if raw_at < rt {
                 out.extend_from_slice(self.view.raw_slice(raw_at, rt));
-                raw_at = rt;
             }
             while self.masks.front().is_some_and(|&(_, e)| e <= t) {
                 self.masks.pop_front();

@@ -281,7 +281,7 @@ fn luhn(candidate: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// ISO 13616: move the country code and check digits to the end, letters as 10..35, the

@@ -68,7 +68,7 @@ fn display_width(bytes: &[u8]) -> usize {
 const JWT: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
 
 fn azure_key() -> String {
-    format!("{}==", "Ab1+/".repeat(18)[..86].to_string())
+    format!("{}==", &"Ab1+/".repeat(18)[..86])
 }
 
 // ---------- detectors ----------
@@ -160,11 +160,7 @@ fn cloud_and_service_tokens() {
         mask(&["github_token"], &format!("{ghp} ok")),
         format!("{} ok", stars(40))
     );
-    let pat = format!(
-        "github_pat_{}_{}",
-        "A1".repeat(11),
-        "b2c".repeat(20)[..59].to_string()
-    );
+    let pat = format!("github_pat_{}_{}", "A1".repeat(11), &"b2c".repeat(20)[..59]);
     assert_eq!(mask(&["github_token"], &pat), stars(pat.len()));
     assert_eq!(mask(&["github_token"], "ghp_short"), "ghp_short");
 
@@ -177,6 +173,20 @@ fn cloud_and_service_tokens() {
         mask(&["slack_token"], "xoxq-123456789012-abc"),
         "xoxq-123456789012-abc"
     );
+}
+
+#[test]
+fn a_label_inside_a_token_is_still_searched() {
+    let (out, hits) = mask_whole(
+        &all_rules(),
+        b"Bearer aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n",
+    );
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!("Bearer {}\n", stars(62))
+    );
+    assert_eq!(hits.get("bearer_token"), Some(&1));
+    assert_eq!(hits.get("aws_secret_key"), Some(&1));
 }
 
 #[test]
@@ -422,6 +432,38 @@ fn hold_is_bounded_in_bytes() {
 }
 
 #[test]
+fn secrets_inside_large_reads_and_across_slices() {
+    let line = "2026-12-03 INFO naïve \x1b[32mok\x1b[0m path=/x/42 took=12ms\n";
+    let mut input = String::new();
+    let mut planted = 0;
+    let mut lines = 0;
+    while input.len() < 3 * SLICE {
+        input.push_str(line);
+        lines += 1;
+        // Lands on many offsets around the slice boundaries.
+        if lines % 37 == 0 {
+            input.push_str("key AKIAIOSFODNN7EXAMPLE card 4111 1111 1111 1111 mail a@b.io\n");
+            planted += 1;
+        }
+    }
+    let (out, hits) = mask_whole(&all_rules(), input.as_bytes());
+    let out = String::from_utf8(out).unwrap();
+    assert!(planted > 10);
+    for raw in ["AKIA", "4111", "a@b.io"] {
+        if let Some(at) = out.find(raw) {
+            panic!("{raw} at {at}: {:?}", &out[at.saturating_sub(80)..at + 60]);
+        }
+    }
+    assert_eq!(hits.get("aws_access_key"), Some(&planted));
+    assert_eq!(hits.get("credit_card"), Some(&planted));
+    assert_eq!(hits.get("email"), Some(&planted));
+    assert_eq!(
+        display_width(out.as_bytes()),
+        display_width(input.as_bytes())
+    );
+}
+
+#[test]
 fn hits_name_the_rule_never_the_value() {
     let input = format!("AKIAIOSFODNN7EXAMPLE bob@example.com AKIAIOSFODNN7EXAMPLE {JWT}\n");
     let (out, hits) = mask_whole(&all_rules(), input.as_bytes());
@@ -563,7 +605,12 @@ fn cuts(len: usize, points: &[usize]) -> Vec<usize> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    // No regression files written into the tree (CI runs from a clean clone).
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn any_split_gives_the_output_of_one_push(
@@ -617,7 +664,6 @@ proptest! {
         }
         out.extend(m.finish().out);
         let shown = text_of(&out);
-        prop_assert!(hidden.is_empty() || shown.contains("****"));
         for secret in &hidden {
             prop_assert!(!shown.contains(secret.as_str()), "{:?} shown in {:?}", secret, shown);
         }
@@ -626,7 +672,7 @@ proptest! {
 }
 
 #[test]
-#[ignore = "throughput figure; run in release: cargo test --release -p usher-agent --lib guard::mask::tests::throughput -- --ignored --nocapture"]
+#[ignore = "throughput figures; run in release: cargo test --release -p usher-agent --lib guard::mask::tests::throughput -- --ignored --nocapture"]
 fn throughput() {
     let rules = compile(
         &[
@@ -643,26 +689,63 @@ fn throughput() {
         ],
         &["secret-[0-9a-f]{32}"],
     );
-    let line = "2026-12-03T12:00:00Z INFO request handled path=/api/v1/items/42 status=200 \
-                bytes=1534 took=12ms user-agent=\"curl/8.5\" \x1b[32mok\x1b[0m\n";
-    let block: Vec<u8> = line.repeat(64 * 1024 / line.len() + 1).into_bytes();
-    let total = 256usize << 20;
+    let corpora: [(&str, String); 4] = [
+        (
+            "log lines",
+            "2026-12-03T12:00:00Z INFO request handled path=/api/v1/items/42 status=200 \
+             bytes=1534 took=12ms user-agent=\"curl/8.5\" \x1b[32mok\x1b[0m\n"
+                .to_string(),
+        ),
+        (
+            "prose",
+            "The quick brown fox jumps over the lazy dog, 1234 times; naïve café façade. \n"
+                .to_string(),
+        ),
+        (
+            "ls --color",
+            "\x1b[0m\x1b[01;34mbin\x1b[0m  \x1b[01;36mlib\x1b[0m  \x1b[01;32mrun.sh\x1b[0m  \r\n"
+                .to_string(),
+        ),
+        (
+            "base64",
+            "TWFueSBoYW5kcyBtYWtlIGxpZ2h0IHdvcmsuIE1hbnkgaGFuZHMgbWFrZSBsaWdodCB3b3JrLiBNYW55\n"
+                .to_string(),
+        ),
+    ];
+    for (name, line) in corpora {
+        let block: Vec<u8> = line.repeat(64 * 1024 / line.len() + 1).into_bytes();
+        let total = 256usize << 20;
+        let mut m = Masker::new(Arc::clone(&rules));
+        let now = Instant::now();
+        let start = Instant::now();
+        let mut sent = 0;
+        let mut out = 0;
+        while sent < total {
+            out += m.push(&block, now, false).out.len();
+            sent += block.len();
+        }
+        out += m.finish().out.len();
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(out, sent, "{name}: nothing to mask, nothing lost");
+        println!(
+            "mask throughput, {name}: {:.0} MB/s ({} MiB in {:.2} s)",
+            sent as f64 / secs / 1e6,
+            sent >> 20,
+            secs
+        );
+    }
+    // Keystrokes: one byte per read, each echoed at once.
     let mut m = Masker::new(rules);
+    let typed = b"ls -la /var/log && grep -r error . | tail -n 20\r";
     let now = Instant::now();
     let start = Instant::now();
-    let mut sent = 0;
-    let mut out = 0;
-    while sent < total {
-        out += m.push(&block, now, false).out.len();
-        sent += block.len();
+    let n = 100_000;
+    for i in 0..n {
+        let b = typed[i % typed.len()];
+        assert_eq!(m.push(&[b], now, true).out, [b]);
     }
-    out += m.finish().out.len();
-    let secs = start.elapsed().as_secs_f64();
-    assert_eq!(out, sent);
     println!(
-        "mask throughput: {:.0} MB/s ({} MiB in {:.2} s)",
-        sent as f64 / secs / 1e6,
-        sent >> 20,
-        secs
+        "mask latency per keystroke: {:.2} us",
+        start.elapsed().as_secs_f64() * 1e6 / n as f64
     );
 }
