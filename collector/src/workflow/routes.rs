@@ -97,6 +97,24 @@ fn bad_json(e: impl std::fmt::Display) -> Response {
     )
 }
 
+/// `?state=NAME` of a listing (absent or empty: any state); an unknown name is refused.
+fn query_state<T: serde::de::DeserializeOwned>(
+    q: &HashMap<String, String>,
+) -> Result<Option<T>, Response> {
+    match q.get("state").filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => serde_json::from_value::<T>(serde_json::Value::String(s.clone()))
+            .map(Some)
+            .map_err(|_| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadRequest,
+                    "unknown state",
+                )
+            }),
+    }
+}
+
 fn wait_secs(q: &HashMap<String, String>) -> Result<u64, Response> {
     query_number::<u64>(q, "wait", "seconds").map(|w| w.min(MAX_WAIT_SECS))
 }
@@ -165,20 +183,9 @@ async fn list(
         Ok(p) => p,
         Err(r) => return r,
     };
-    let state = match q.get("state").filter(|s| !s.is_empty()) {
-        None => None,
-        Some(s) => {
-            match serde_json::from_value::<RequestState>(serde_json::Value::String(s.clone())) {
-                Ok(st) => Some(st),
-                Err(_) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        ErrorCode::BadRequest,
-                        "unknown state",
-                    )
-                }
-            }
-        }
+    let state = match query_state::<RequestState>(&q) {
+        Ok(s) => s,
+        Err(r) => return r,
     };
     let mine = q.get("mine").is_some_and(|v| v == "1" || v == "true");
     match app.workflow.list(&who, state, mine, now()).await {
@@ -457,20 +464,9 @@ async fn list_commands(
         Ok(p) => p,
         Err(r) => return r,
     };
-    let state = match q.get("state").filter(|s| !s.is_empty()) {
-        None => None,
-        Some(s) => {
-            match serde_json::from_value::<CommandState>(serde_json::Value::String(s.clone())) {
-                Ok(st) => Some(st),
-                Err(_) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        ErrorCode::BadRequest,
-                        "unknown state",
-                    )
-                }
-            }
-        }
+    let state = match query_state::<CommandState>(&q) {
+        Ok(s) => s,
+        Err(r) => return r,
     };
     match app.workflow.list_commands(&who, state, now()).await {
         Ok(r) => Json(r).into_response(),
