@@ -155,6 +155,65 @@ pub struct Search {
     pub recording: Option<String>,
 }
 
+/// Who made a write: the host its token names, which token (a fingerprint, never the
+/// token), and from where. Flags and refusals say this, so a flag raised with a stolen
+/// token points at the token and the address that used it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writer {
+    pub host: String,
+    /// The first 12 hex digits of the token's SHA-256.
+    pub token_id: String,
+    pub addr: Option<std::net::SocketAddr>,
+    /// The write carried a valid signature of the host's key (`X-Usher-Signature`): it
+    /// verifiably comes from the host. Only such writes may flag a session.
+    pub signed: bool,
+}
+
+impl Writer {
+    pub fn token_id(token: &str) -> String {
+        usher_wire::collector::sha256_hex(token.as_bytes())[..12].to_string()
+    }
+}
+
+impl std::fmt::Display for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "host {} (token {}", self.host, self.token_id)?;
+        if let Some(a) = self.addr {
+            write!(f, ", from {a}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// How a chunk's body came over the wire and is kept in storage. The chain hash is always
+/// over the decoded bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    #[default]
+    Identity,
+    /// `Content-Encoding: zstd`.
+    Zstd,
+}
+
+/// A chunk as received: its decoded bytes (hashed, indexed) and the bytes as sent (what
+/// storage keeps, in `encoding`).
+#[derive(Debug, Clone)]
+pub struct ChunkBody {
+    pub raw: bytes::Bytes,
+    pub encoded: bytes::Bytes,
+    pub encoding: Encoding,
+}
+
+impl ChunkBody {
+    pub fn identity(raw: bytes::Bytes) -> ChunkBody {
+        ChunkBody {
+            encoded: raw.clone(),
+            raw,
+            encoding: Encoding::Identity,
+        }
+    }
+}
+
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
@@ -306,7 +365,30 @@ impl Store {
         );
     }
 
-    pub fn stream_status(&self, id: &str, stream: &str) -> Result<StreamStatus, Refused> {
+    /// What `host` has stored of one of its sessions' streams; another host's session is
+    /// refused (an unknown session is at its start).
+    pub fn stream_status_for(
+        &self,
+        host: &str,
+        id: &str,
+        stream: &str,
+    ) -> Result<StreamStatus, Refused> {
+        let owner: Option<String> = self
+            .db()
+            .query_row("SELECT host FROM sessions WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(internal)?;
+        if owner.is_some_and(|h| h != host) {
+            return Err(Refused::Forbidden(format!(
+                "session {id} belongs to another host"
+            )));
+        }
+        self.stream_status(id, stream)
+    }
+
+    fn stream_status(&self, id: &str, stream: &str) -> Result<StreamStatus, Refused> {
         let db = self.db();
         let last: Option<(u64, String)> = db
             .query_row(
@@ -331,14 +413,16 @@ impl Store {
     #[allow(clippy::too_many_arguments)] // the protocol's fields, each checked here
     pub async fn put_chunk(
         &self,
-        host: &str,
+        writer: &Writer,
         id: &str,
         stream: &str,
         seq: u64,
         prev: &str,
         hash: &str,
-        body: bytes::Bytes,
+        chunk: ChunkBody,
     ) -> Result<ChunkAccepted, Refused> {
+        let host = writer.host.as_str();
+        let body = chunk.raw;
         let _turn = self.session_turn(id).await;
         self.claim(id, host)?;
         let status = self.stream_status(id, stream)?;
@@ -436,12 +520,16 @@ impl Store {
         })
     }
 
+    /// `body` is the metadata as sent: its SHA-256 is what the seal names.
     pub async fn put_meta(
         &self,
-        host: &str,
+        writer: &Writer,
         id: &str,
         received: ReceivedMeta,
+        body: &[u8],
     ) -> Result<(), Refused> {
+        let _ = body;
+        let host = writer.host.as_str();
         let meta = &received.meta;
         if meta.host != host {
             return Err(Refused::Forbidden("the metadata names another host".into()));
@@ -479,11 +567,12 @@ impl Store {
     /// the stored chains end exactly there.
     pub async fn seal(
         &self,
-        host: &str,
+        writer: &Writer,
         key: &ed25519_dalek::VerifyingKey,
         id: &str,
         seal: &Seal,
     ) -> Result<(), Refused> {
+        let host = writer.host.as_str();
         let _turn = self.session_turn(id).await;
         self.claim(id, host)?;
         for (name, end) in &seal.streams {
@@ -613,31 +702,41 @@ impl Store {
         }))
     }
 
-    /// A stream as stored: its chunks, in order, one at a time (a desktop recording can be
-    /// far larger than an answer should hold in memory).
+    /// A stream as stored from chunk `from` on: its chunks, in order, one at a time (a
+    /// desktop recording can be far larger than an answer should hold in memory), and the
+    /// number of chunks stored (where a later read resumes).
     pub fn stream(
         &self,
         id: &str,
         stream: &str,
-    ) -> Result<impl futures::Stream<Item = Result<bytes::Bytes, Refused>> + Send + 'static, Refused>
-    {
+        from: u64,
+    ) -> Result<
+        (
+            u64,
+            impl futures::Stream<Item = Result<bytes::Bytes, Refused>> + Send + 'static,
+        ),
+        Refused,
+    > {
         use futures::StreamExt;
         let n = self.stream_status(id, stream)?.next_seq;
         let objects = self.objects.clone();
         let prefix = format!("sessions/{id}/{stream}");
-        Ok(futures::stream::iter(0..n).then(move |seq| {
-            let objects = objects.clone();
-            let path = ObjectPath::from(format!("{prefix}/{seq:010}"));
-            async move {
-                objects
-                    .get(&path)
-                    .await
-                    .map_err(internal)?
-                    .bytes()
-                    .await
-                    .map_err(internal)
-            }
-        }))
+        Ok((
+            n,
+            futures::stream::iter(from.min(n)..n).then(move |seq| {
+                let objects = objects.clone();
+                let path = ObjectPath::from(format!("{prefix}/{seq:010}"));
+                async move {
+                    objects
+                        .get(&path)
+                        .await
+                        .map_err(internal)?
+                        .bytes()
+                        .await
+                        .map_err(internal)
+                }
+            }),
+        ))
     }
 }
 
@@ -670,6 +769,15 @@ mod tests {
             "exit_status": 0, "exit_signal": null, "enforcement": "tracepoint", "enforced": true,
             "input_recorded": false, "interrupted": false, "extra_field_kept": "yes",
         })
+    }
+
+    fn writer(host: &str) -> Writer {
+        Writer {
+            host: host.into(),
+            token_id: Writer::token_id("t"),
+            addr: None,
+            signed: true,
+        }
     }
 
     fn scratch_store(name: &str) -> (Store, std::path::PathBuf) {
@@ -730,7 +838,10 @@ mod tests {
     async fn metadata_received_in_the_older_form_is_stored_and_indexed_typed() {
         let (store, dir) = scratch_store("older-put");
         let received: ReceivedMeta = serde_json::from_value(older_form("old-2", "h")).unwrap();
-        store.put_meta("h", "old-2", received).await.unwrap();
+        store
+            .put_meta(&writer("h"), "old-2", received, b"")
+            .await
+            .unwrap();
         let stored: String = store
             .db()
             .query_row("SELECT meta FROM sessions WHERE id = 'old-2'", [], |r| {
@@ -756,11 +867,13 @@ mod tests {
         let (store, dir) = scratch_store("wrong-owner");
         let received: ReceivedMeta = serde_json::from_value(older_form("s", "h")).unwrap();
         assert!(matches!(
-            store.put_meta("other", "s", received.clone()).await,
+            store
+                .put_meta(&writer("other"), "s", received.clone(), b"")
+                .await,
             Err(Refused::Forbidden(_))
         ));
         assert!(matches!(
-            store.put_meta("h", "t", received).await,
+            store.put_meta(&writer("h"), "t", received, b"").await,
             Err(Refused::BadRequest(_))
         ));
         let _ = std::fs::remove_dir_all(dir);

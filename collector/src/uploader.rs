@@ -368,7 +368,8 @@ impl Uploader {
                 (name.clone(), end)
             })
             .collect();
-        let body = serde_json::to_string(&Seal::sign(id, ends, &self.key)).unwrap_or_default();
+        let body =
+            serde_json::to_string(&Seal::sign(id, None, ends, &self.key)).unwrap_or_default();
         self.send(
             self.client
                 .post(self.url(&format!("/api/v1/sessions/{id}/seal")))

@@ -2,7 +2,64 @@
 //! sides read them: the collector serialises these, the shipper and the test uploader
 //! decide on them.
 
+use base64::Engine;
+use ed25519_dalek::{Signer, Verifier};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+/// Every write an agent makes (a chunk, the metadata) carries the host key's Ed25519
+/// signature over the write's identity in this header (standard base64), so a collector
+/// can tell a write of the host from a write of someone holding only its token; the
+/// signature is over headers only, so it is checked before the body is read.
+pub const SIGNATURE_HEADER: &str = "x-usher-signature";
+/// A chunk's chain link before it (`h(n-1)`), and its own (`h(n)`); for metadata,
+/// `X-Usher-Hash` is the SHA-256 of the body.
+pub const PREV_HASH_HEADER: &str = "x-usher-prev-hash";
+pub const HASH_HEADER: &str = "x-usher-hash";
+
+/// What the host signs for chunk `seq` of a stream: its place and both chain links (the
+/// link commits to the body).
+pub fn chunk_signed_text(session: &str, stream: &str, seq: u64, prev: &str, hash: &str) -> String {
+    format!("usher-chunk-v1\n{session}\n{stream}\n{seq}\n{prev}\n{hash}\n")
+}
+
+/// What the host signs for a session's metadata: the session and the body's SHA-256.
+pub fn meta_signed_text(session: &str, body_sha256: &str) -> String {
+    format!("usher-meta-v1\n{session}\n{body_sha256}\n")
+}
+
+/// SHA-256 in lowercase hex (the metadata's hash in its header and in the seal).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The header value for a write whose signed text is `text`.
+pub fn sign_write(key: &ed25519_dalek::SigningKey, text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(key.sign(text.as_bytes()).to_bytes())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WriteSignatureError {
+    #[error("the write's signature is not base64 of 64 bytes")]
+    Malformed,
+    #[error("the write is not signed by the host's key")]
+    BadSignature,
+}
+
+/// Whether the host whose key is `key` signed `text`.
+pub fn verify_write(
+    key: &ed25519_dalek::VerifyingKey,
+    text: &str,
+    signature: &str,
+) -> Result<(), WriteSignatureError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(signature)
+        .map_err(|_| WriteSignatureError::Malformed)?;
+    let signature =
+        ed25519_dalek::Signature::from_slice(&bytes).map_err(|_| WriteSignatureError::Malformed)?;
+    key.verify(text.as_bytes(), &signature)
+        .map_err(|_| WriteSignatureError::BadSignature)
+}
 
 /// `GET /api/v1/sessions/{id}/streams/{stream}`: what is stored durably; an upload
 /// resumes there.
@@ -68,6 +125,33 @@ pub enum ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_signature_holds_only_for_its_text_and_key() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let text = chunk_signed_text("s", "cast", 3, "aa", "bb");
+        assert_eq!(text, "usher-chunk-v1\ns\ncast\n3\naa\nbb\n");
+        let sig = sign_write(&key, &text);
+        assert_eq!(verify_write(&key.verifying_key(), &text, &sig), Ok(()));
+        let moved = chunk_signed_text("s", "cast", 4, "aa", "bb");
+        assert_eq!(
+            verify_write(&key.verifying_key(), &moved, &sig),
+            Err(WriteSignatureError::BadSignature)
+        );
+        let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
+        assert_eq!(
+            verify_write(&other.verifying_key(), &text, &sig),
+            Err(WriteSignatureError::BadSignature)
+        );
+        assert_eq!(
+            verify_write(&key.verifying_key(), &text, "!!"),
+            Err(WriteSignatureError::Malformed)
+        );
+        assert_eq!(
+            meta_signed_text("s", &sha256_hex(b"{}")),
+            "usher-meta-v1\ns\n44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a\n"
+        );
+    }
 
     #[test]
     fn a_gap_carries_its_code_words_and_resume_point() {

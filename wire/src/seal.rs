@@ -1,6 +1,11 @@
 //! The seal: when a session is over and every chunk is acknowledged, the host signs, with
 //! its SSH host key (Ed25519), how many chunks each stream has and the hash that ends it.
 //! The collector checks the signature and that its stored chains end exactly there.
+//!
+//! Since the fleet issue (collector/FLEET.md) the seal also names the SHA-256 of the
+//! session's metadata as last sent (`meta`), so that the metadata is under the signature
+//! too (`usher-seal-v2`). A seal without `meta` is the older form (`usher-seal-v1`); the
+//! collector refuses it.
 
 use base64::Engine;
 use ed25519_dalek::{Signer, Verifier};
@@ -20,6 +25,10 @@ pub struct StreamEnd {
 pub struct Seal {
     /// By stream name; the map's order is the order the signed text lists them in.
     pub streams: BTreeMap<String, StreamEnd>,
+    /// SHA-256 (lowercase hex) of the metadata body as the host last sent it
+    /// (`PUT …/meta`); absent in the older form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<String>,
     /// Ed25519 over [`signed_text`], standard base64.
     pub signature: String,
 }
@@ -32,10 +41,18 @@ pub enum SealError {
     BadSignature,
 }
 
-/// The text the host signs: `usher-seal-v1\n<session>\n`, then
-/// `<stream> <chunks> <last_hash>\n` per stream, by name.
-pub fn signed_text(session_id: &str, streams: &BTreeMap<String, StreamEnd>) -> String {
-    let mut text = format!("usher-seal-v1\n{session_id}\n");
+/// The text the host signs: `usher-seal-v2\n<session>\nmeta <sha256>\n` (or, without
+/// metadata, the older `usher-seal-v1\n<session>\n`), then `<stream> <chunks> <last_hash>\n`
+/// per stream, by name.
+pub fn signed_text(
+    session_id: &str,
+    meta: Option<&str>,
+    streams: &BTreeMap<String, StreamEnd>,
+) -> String {
+    let mut text = match meta {
+        Some(hash) => format!("usher-seal-v2\n{session_id}\nmeta {hash}\n"),
+        None => format!("usher-seal-v1\n{session_id}\n"),
+    };
     for (name, end) in streams {
         text.push_str(&format!("{name} {} {}\n", end.chunks, end.last_hash));
     }
@@ -43,15 +60,18 @@ pub fn signed_text(session_id: &str, streams: &BTreeMap<String, StreamEnd>) -> S
 }
 
 impl Seal {
-    /// The seal of `streams`, signed with the host's key.
+    /// The seal of `streams` and of the metadata whose SHA-256 is `meta`, signed with the
+    /// host's key.
     pub fn sign(
         session_id: &str,
+        meta: Option<String>,
         streams: BTreeMap<String, StreamEnd>,
         key: &ed25519_dalek::SigningKey,
     ) -> Seal {
-        let signature = key.sign(signed_text(session_id, &streams).as_bytes());
+        let signature = key.sign(signed_text(session_id, meta.as_deref(), &streams).as_bytes());
         Seal {
             streams,
+            meta,
             signature: base64::engine::general_purpose::STANDARD.encode(signature.to_bytes()),
         }
     }
@@ -68,7 +88,7 @@ impl Seal {
         let signature = ed25519_dalek::Signature::from_slice(&bytes)
             .map_err(|_| SealError::MalformedSignature)?;
         key.verify(
-            signed_text(session_id, &self.streams).as_bytes(),
+            signed_text(session_id, self.meta.as_deref(), &self.streams).as_bytes(),
             &signature,
         )
         .map_err(|_| SealError::BadSignature)
@@ -92,8 +112,12 @@ mod tests {
         streams.insert("cast".to_string(), end(3, "aa"));
         streams.insert("audit".to_string(), end(1, "bb"));
         assert_eq!(
-            signed_text("id", &streams),
+            signed_text("id", None, &streams),
             "usher-seal-v1\nid\naudit 1 bb\ncast 3 aa\n"
+        );
+        assert_eq!(
+            signed_text("id", Some("mm"), &streams),
+            "usher-seal-v2\nid\nmeta mm\naudit 1 bb\ncast 3 aa\n"
         );
     }
 
@@ -103,8 +127,20 @@ mod tests {
         let mut streams = BTreeMap::new();
         streams.insert("cast".to_string(), end(2, &"ab".repeat(32)));
         streams.insert("audit".to_string(), end(1, &"cd".repeat(32)));
-        let seal = Seal::sign("s", streams, &key);
+        let seal = Seal::sign("s", Some("ee".repeat(32)), streams, &key);
         assert_eq!(seal.verify("s", &key.verifying_key()), Ok(()));
+        let mut other_meta = seal.clone();
+        other_meta.meta = Some("ef".repeat(32));
+        assert_eq!(
+            other_meta.verify("s", &key.verifying_key()),
+            Err(SealError::BadSignature)
+        );
+        let mut no_meta = seal.clone();
+        no_meta.meta = None;
+        assert_eq!(
+            no_meta.verify("s", &key.verifying_key()),
+            Err(SealError::BadSignature)
+        );
         assert_eq!(
             seal.verify("t", &key.verifying_key()),
             Err(SealError::BadSignature)
@@ -132,13 +168,19 @@ mod tests {
     fn the_json_form_is_the_documented_one() {
         let mut streams = BTreeMap::new();
         streams.insert("cast".to_string(), end(2, "ab"));
-        let seal = Seal {
+        let mut seal = Seal {
             streams,
+            meta: None,
             signature: "c2ln".into(),
         };
         assert_eq!(
             serde_json::to_value(&seal).unwrap(),
             serde_json::json!({"streams": {"cast": {"chunks": 2, "last_hash": "ab"}}, "signature": "c2ln"})
+        );
+        seal.meta = Some("dd".into());
+        assert_eq!(
+            serde_json::to_value(&seal).unwrap(),
+            serde_json::json!({"streams": {"cast": {"chunks": 2, "last_hash": "ab"}}, "meta": "dd", "signature": "c2ln"})
         );
         for bad in ["[]]", "{\"streams\": 3}", "{\"streams\": {}}"] {
             assert!(serde_json::from_str::<Seal>(bad).is_err(), "{bad}");

@@ -286,7 +286,10 @@ impl<C: Collector> Shipper<C> {
             return Ok(false);
         }
         self.client
-            .seal(id, &Seal::sign(id, state.stream_ends(), &self.signing))
+            .seal(
+                id,
+                &Seal::sign(id, None, state.stream_ends(), &self.signing),
+            )
             .await?;
         for (_, suffix) in STREAMS {
             let _ = std::fs::remove_file(self.file(id, suffix));
