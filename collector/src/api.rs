@@ -98,8 +98,10 @@ impl App {
             config.limits.exchanges_burst,
             config.limits.exchanges_per_second,
         );
+        let store = Store::open(&config)?;
+        crate::store::forward_events(&store, workflow.clone());
         Ok(App {
-            store: Store::open(&config)?,
+            store,
             config,
             agents,
             workflow,
@@ -174,7 +176,9 @@ fn refused(r: Refused) -> Response {
         Refused::Forbidden(_) => StatusCode::FORBIDDEN,
         Refused::NotFound(_) => StatusCode::NOT_FOUND,
         Refused::Tampered(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        Refused::Gap { .. } | Refused::Rewritten { .. } => StatusCode::CONFLICT,
+        Refused::Gap { .. } | Refused::Rewritten { .. } | Refused::AfterSeal(_) => {
+            StatusCode::CONFLICT
+        }
         Refused::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let error = match &r {
@@ -289,6 +293,7 @@ fn bad_request(msg: impl Into<String>) -> Response {
 pub fn router(app: Shared) -> Router {
     crate::workflow::routes::routes()
         .merge(crate::web::routes())
+        .merge(crate::store::retention::routes())
         .route("/assets/{file}", get(asset))
         .route("/api/v1/sessions", get(search))
         .route("/api/v1/sessions/{id}", get(session))
@@ -438,8 +443,16 @@ async fn search(
         command: q.get("command").cloned().filter(|v| !v.is_empty()),
         recording: q.get("recording").cloned().filter(|v| !v.is_empty()),
     };
-    match app.store.search(&s) {
-        Ok(rows) => Json(rows).into_response(),
+    let limit = match q.get("limit").filter(|v| !v.is_empty()) {
+        None => crate::store::DEFAULT_PAGE,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=crate::store::MAX_PAGE).contains(&n) => n,
+            _ => return bad_request("limit is a number from 1 to 500"),
+        },
+    };
+    let cursor = q.get("cursor").filter(|v| !v.is_empty());
+    match app.store.search(&s, limit, cursor.map(String::as_str)) {
+        Ok(page) => Json(page).into_response(),
         Err(e) => refused(e),
     }
 }

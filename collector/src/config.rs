@@ -48,6 +48,13 @@ pub struct Config {
     /// Per-person and per-address rate limits (`[limits]`).
     #[serde(default)]
     pub limits: Limits,
+    /// Where the recordings index lives (`[index]`): `data_dir/index.sqlite` by default, or
+    /// one PostgreSQL database shared by several instances (`backend = "postgres"`, `url`).
+    #[serde(default)]
+    pub index: StateConfig,
+    /// How long recordings are kept (`[retention]`); absent: forever.
+    #[serde(default)]
+    pub retention: Retention,
 }
 
 impl Config {
@@ -95,6 +102,9 @@ impl Config {
             || l.exchanges_per_second <= 0.0
         {
             return Err("limits: bursts and rates must be above 0".into());
+        }
+        if self.retention.sweep_secs == 0 {
+            return Err("retention: sweep_secs must be above 0".into());
         }
         let mut names = std::collections::BTreeSet::new();
         for p in &self.request_policies {
@@ -185,6 +195,25 @@ pub enum StateConfig {
     Sqlite,
     /// One PostgreSQL database shared by every instance (`postgres://user@host:port/db`).
     Postgres { url: String },
+}
+
+/// `[retention]`: recordings whose end (or start) is older than `max_age_days` are
+/// deleted, objects then index rows, unless under legal hold; a sweep runs every
+/// `sweep_secs` on whichever instance holds the sweep's lease.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    pub max_age_days: Option<u64>,
+    pub sweep_secs: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Retention {
+        Retention {
+            max_age_days: None,
+            sweep_secs: 3600,
+        }
+    }
 }
 
 /// `[[request_policy]]`: who may request what, and who approves it.
@@ -394,6 +423,12 @@ events = ["request.created"]
 [oidc]
 issuer = "https://idp"
 client_id = "usher"
+[index]
+backend = "postgres"
+url = "postgres://u@127.0.0.1:5432/recordings"
+[retention]
+max_age_days = 365
+sweep_secs = 600
 [[workload]]
 name = "deploy"
 issuer = "https://token.actions.example"
@@ -424,6 +459,15 @@ ca = "/etc/usher/ci-ca.pem"
             }
         );
         assert_eq!(c.oidc.as_ref().unwrap().roles_claim, "groups");
+        assert_eq!(
+            c.index,
+            StateConfig::Postgres {
+                url: "postgres://u@127.0.0.1:5432/recordings".into()
+            }
+        );
+        assert_eq!(c.retention.max_age_days, Some(365));
+        assert_eq!(c.retention.sweep_secs, 600);
+        assert_eq!(Config::default().retention.max_age_days, None);
         assert_eq!(c.workloads[0].max_lifetime_secs(), 900);
         assert!(c.workloads[0].approval);
         assert_eq!(c.roles_of(&["sre-leads".into()]), [Role::Approver].into());

@@ -253,6 +253,8 @@ pub struct Uploader {
     pub base: String,
     pub token: String,
     pub key: SigningKey,
+    /// The SHA-256 of the metadata last sent per session: what its seal names.
+    sent_meta: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Uploader {
@@ -277,6 +279,7 @@ impl Uploader {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
             key,
+            sent_meta: Default::default(),
         })
     }
 
@@ -343,16 +346,22 @@ impl Uploader {
         id: &str,
         meta: &serde_json::Value,
     ) -> Result<Answer, UploadError> {
+        let body = serde_json::to_vec(meta).unwrap_or_default();
+        self.sent_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), usher_wire::collector::sha256_hex(&body));
         self.send(
             self.client
                 .put(self.url(&format!("/api/v1/sessions/{id}/meta")))
                 .header("Content-Type", "application/json")
-                .body(serde_json::to_vec(meta).unwrap_or_default()),
+                .body(body),
         )
         .await
     }
 
-    /// Signs and sends the seal for `streams`: (name, chunks, last hash hex).
+    /// Signs and sends the seal for `streams`: (name, chunks, last hash hex), and for the
+    /// metadata this uploader last sent for the session (`usher-seal-v2`).
     pub async fn seal(
         &self,
         id: &str,
@@ -368,8 +377,14 @@ impl Uploader {
                 (name.clone(), end)
             })
             .collect();
+        let meta = self
+            .sent_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned();
         let body =
-            serde_json::to_string(&Seal::sign(id, None, ends, &self.key)).unwrap_or_default();
+            serde_json::to_string(&Seal::sign(id, meta, ends, &self.key)).unwrap_or_default();
         self.send(
             self.client
                 .post(self.url(&format!("/api/v1/sessions/{id}/seal")))

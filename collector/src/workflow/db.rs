@@ -19,12 +19,19 @@ use std::sync::{Arc, Mutex};
 pub enum Value {
     Null,
     Int(i64),
+    /// The recordings index's command times (seconds, fractional).
+    Real(f64),
     Text(String),
 }
 
 impl From<i64> for Value {
     fn from(v: i64) -> Value {
         Value::Int(v)
+    }
+}
+impl From<f64> for Value {
+    fn from(v: f64) -> Value {
+        Value::Real(v)
     }
 }
 impl From<&str> for Value {
@@ -52,6 +59,13 @@ impl Value {
     pub fn int(&self) -> Option<i64> {
         match self {
             Value::Int(v) => Some(*v),
+            _ => None,
+        }
+    }
+    pub fn real(&self) -> Option<f64> {
+        match self {
+            Value::Real(v) => Some(*v),
+            Value::Int(v) => Some(*v as f64),
             _ => None,
         }
     }
@@ -174,22 +188,41 @@ impl Drop for Backend {
 impl Db {
     /// Opens (and if need be creates) the store `config` names; blocking.
     pub fn open(config: &StateConfig, data_dir: &Path) -> Result<Db, DbError> {
+        let _ = std::fs::create_dir_all(data_dir);
+        Db::open_with_schema(
+            config,
+            &data_dir.join("workflow.sqlite"),
+            SQLITE_SCHEMA,
+            POSTGRES_SCHEMA,
+            7715001,
+        )
+    }
+
+    /// Opens a database with its own schema (the recordings index uses this too): SQLite at
+    /// `sqlite_path`, or the PostgreSQL `config` names, where instances starting at once
+    /// run the schema one at a time under the advisory lock `schema_lock`.
+    pub fn open_with_schema(
+        config: &StateConfig,
+        sqlite_path: &Path,
+        sqlite_schema: &str,
+        postgres_schema: &str,
+        schema_lock: i64,
+    ) -> Result<Db, DbError> {
         let backend = match config {
             StateConfig::Sqlite => {
-                let _ = std::fs::create_dir_all(data_dir);
-                let conn = rusqlite::Connection::open(data_dir.join("workflow.sqlite"))?;
+                let conn = rusqlite::Connection::open(sqlite_path)?;
                 conn.busy_timeout(std::time::Duration::from_secs(10))?;
                 conn.pragma_update(None, "journal_mode", "WAL")?;
                 conn.pragma_update(None, "synchronous", "FULL")?;
-                conn.execute_batch(SQLITE_SCHEMA)?;
+                conn.execute_batch(sqlite_schema)?;
                 Backend::Sqlite(Mutex::new(conn))
             }
             StateConfig::Postgres { url } => {
                 let mut client = postgres::Client::connect(url, postgres::NoTls)?;
                 // Two instances starting at once both run the schema: serialise them.
                 let mut tx = client.transaction()?;
-                tx.execute("SELECT pg_advisory_xact_lock(7715001)", &[])?;
-                tx.batch_execute(POSTGRES_SCHEMA)?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&schema_lock])?;
+                tx.batch_execute(postgres_schema)?;
                 tx.commit()?;
                 Backend::Postgres {
                     url: url.clone(),
@@ -286,6 +319,7 @@ fn to_sqlite(v: &Value) -> rusqlite::types::Value {
     match v {
         Value::Null => rusqlite::types::Value::Null,
         Value::Int(i) => rusqlite::types::Value::Integer(*i),
+        Value::Real(r) => rusqlite::types::Value::Real(*r),
         Value::Text(t) => rusqlite::types::Value::Text(t.clone()),
     }
 }
@@ -308,6 +342,7 @@ impl Tx for SqliteTx<'_> {
                 values.push(match row.get_ref(i)? {
                     rusqlite::types::ValueRef::Null => Value::Null,
                     rusqlite::types::ValueRef::Integer(v) => Value::Int(v),
+                    rusqlite::types::ValueRef::Real(v) => Value::Real(v),
                     rusqlite::types::ValueRef::Text(t) => {
                         Value::Text(String::from_utf8_lossy(t).into_owned())
                     }
@@ -334,6 +369,7 @@ fn to_postgres(params: &[Value]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> 
             match v {
                 Value::Null => Box::new(Option::<String>::None),
                 Value::Int(i) => Box::new(*i),
+                Value::Real(r) => Box::new(*r),
                 Value::Text(t) => Box::new(t.clone()),
             }
         })
@@ -375,6 +411,10 @@ impl Tx for PostgresTx<'_> {
                 } else if *t == Type::INT4 {
                     row.try_get::<_, Option<i32>>(i)?
                         .map(|v| Value::Int(v.into()))
+                        .unwrap_or(Value::Null)
+                } else if *t == Type::FLOAT8 {
+                    row.try_get::<_, Option<f64>>(i)?
+                        .map(Value::Real)
                         .unwrap_or(Value::Null)
                 } else if *t == Type::TEXT || *t == Type::VARCHAR {
                     row.try_get::<_, Option<String>>(i)?

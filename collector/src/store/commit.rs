@@ -1,0 +1,436 @@
+//! Group commit: a chunk is answered only once its object is durable and its index row
+//! committed ("acknowledged = durable"), but concurrent chunks share the cost. Writes
+//! queue up while a batch is being made durable; the next batch takes everything queued:
+//! its objects are written together and made durable together (the local backend:
+//! every file and directory fsync'd at once, so that the kernel folds them into one journal
+//! commit; S3: the puts run at once, each durable when answered), then ONE index
+//! transaction decides and commits every row of the batch, then each request is answered.
+//!
+//! A session has at most one chunk in a batch from this instance (its writes wait for their
+//! turn, `Store::session_turn`), so per-session order holds; across instances the row
+//! lock does it (`index::lock_session`). An object is named after its content (chunk
+//! number, chain link, encoding: `objects::chunk_path`), so an object written for a write
+//! the index then refuses (a duplicate from a retry, a race lost to another instance)
+//! overwrites nothing but the same content, and is never referenced.
+
+use super::index::{self, CommandRow, Dialect};
+use super::{internal, Encoding, Inner, Refused, StoreEvent, Writer};
+use bytes::Bytes;
+use object_store::path::Path as ObjectPath;
+use object_store::PutPayload;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use usher_wire::collector::ChunkAccepted;
+
+/// At most this many writes or bytes in one batch (a bound on what one failure costs).
+const MAX_BATCH_WRITES: usize = 256;
+const MAX_BATCH_BYTES: usize = 256 << 20;
+
+/// One chunk waiting for its batch.
+pub struct Job {
+    pub writer: Writer,
+    pub id: String,
+    pub stream: String,
+    pub seq: u64,
+    pub prev: String,
+    pub hash: String,
+    /// The body's chain link matches `hash` (checked before queueing; the object is written
+    /// only if it does).
+    pub link_ok: bool,
+    pub encoding: Encoding,
+    pub encoded: Bytes,
+    pub size: usize,
+    pub commands: Vec<CommandRow>,
+    pub reply: oneshot::Sender<Result<ChunkAccepted, Refused>>,
+}
+
+pub type Queue = mpsc::UnboundedSender<Job>;
+
+/// Starts the committer for `inner`: it ends when the store is dropped.
+pub fn start(inner: &Arc<Inner>) -> Queue {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+    let weak = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut bytes = first.encoded.len();
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH_WRITES && bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        bytes += job.encoded.len();
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            commit_batch(&inner, batch).await;
+        }
+    });
+    tx
+}
+
+async fn commit_batch(inner: &Arc<Inner>, batch: Vec<Job>) {
+    // Objects first: a write whose object did not become durable fails alone.
+    let writes: Vec<_> = batch
+        .iter()
+        .filter(|j| j.link_ok)
+        .map(|j| {
+            (
+                chunk_path(&j.id, &j.stream, j.seq, &j.hash, j.encoding),
+                j.encoded.clone(),
+            )
+        })
+        .collect();
+    let durable = inner.objects.put_all_durably(writes).await;
+    let mut rows = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    for job in batch {
+        let object = chunk_path(&job.id, &job.stream, job.seq, &job.hash, job.encoding);
+        if job.link_ok {
+            if let Some(e) = durable.get(object.as_ref()) {
+                let _ = job.reply.send(Err(Refused::Internal(e.clone())));
+                continue;
+            }
+        }
+        replies.push(job.reply);
+        rows.push(Row {
+            writer: job.writer,
+            id: job.id,
+            stream: job.stream,
+            seq: job.seq,
+            prev: job.prev,
+            hash: job.hash,
+            link_ok: job.link_ok,
+            encoding: job.encoding,
+            size: job.size,
+            commands: job.commands,
+            object: object.to_string(),
+        });
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let dialect = inner.dialect;
+    let now = super::now();
+    let decided = inner
+        .index
+        .transaction(move |tx| -> Result<_, Refused> {
+            let mut outcomes = Vec::with_capacity(rows.len());
+            let mut events = Vec::new();
+            for row in &rows {
+                outcomes.push(decide(tx, dialect, row, now, &mut events)?);
+            }
+            Ok((outcomes, events))
+        })
+        .await;
+    match decided {
+        Ok((outcomes, events)) => {
+            for event in events {
+                inner.emit(event);
+            }
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
+            }
+        }
+        Err(e) => {
+            let why = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(Refused::Internal(why.clone())));
+            }
+        }
+    }
+}
+
+struct Row {
+    writer: Writer,
+    id: String,
+    stream: String,
+    seq: u64,
+    prev: String,
+    hash: String,
+    link_ok: bool,
+    encoding: Encoding,
+    size: usize,
+    commands: Vec<CommandRow>,
+    object: String,
+}
+
+/// One chunk's fate, decided under its session's row lock; the outer `Err` fails the
+/// batch (the index could not be read or written), the inner one refuses this chunk.
+fn decide(
+    tx: &mut dyn crate::workflow::db::Tx,
+    dialect: Dialect,
+    row: &Row,
+    now: i64,
+    events: &mut Vec<StoreEvent>,
+) -> Result<Result<ChunkAccepted, Refused>, Refused> {
+    let (id, stream, seq) = (row.id.as_str(), row.stream.as_str(), row.seq);
+    let session = index::lock_session(tx, dialect, id, &row.writer.host, now).map_err(internal)?;
+    if session.host != row.writer.host {
+        return Ok(Err(Refused::Forbidden(format!(
+            "session {id} belongs to another host"
+        ))));
+    }
+    if session.status == super::DELETING {
+        return Ok(Err(Refused::Forbidden(format!(
+            "session {id} is being deleted (retention)"
+        ))));
+    }
+    let (next_seq, last_hash) = index::stream_end(tx, id, stream)
+        .map_err(internal)?
+        .unwrap_or_else(|| (0, usher_wire::chain::genesis(id, stream)));
+    let mut flag = |tx: &mut dyn crate::workflow::db::Tx, why: &str| -> Result<(), Refused> {
+        super::flag_in(tx, id, why, &row.writer, events)
+    };
+    if seq < next_seq {
+        let stored = index::chunk_hash(tx, id, stream, seq).map_err(internal)?;
+        if stored.as_deref() == Some(row.hash.as_str()) {
+            return Ok(Ok(ChunkAccepted {
+                stored: false,
+                duplicate: true,
+                next_seq: None,
+            }));
+        }
+        // The protocol answers 409 here (not 422): the number is already taken.
+        let why = format!("{stream} chunk {seq} sent again with different content");
+        flag(tx, &why)?;
+        return Ok(Err(Refused::Rewritten { why, next_seq }));
+    }
+    if session.sealed {
+        // A sealed session's chains end where the host signed them.
+        let why = format!("{stream} chunk {seq} sent after the seal");
+        flag(tx, &why)?;
+        return Ok(Err(Refused::Rewritten { why, next_seq }));
+    }
+    if seq > next_seq {
+        return Ok(Err(Refused::Gap { next_seq }));
+    }
+    if row.prev != last_hash {
+        let why = format!("{stream} chunk {seq} does not continue the chain");
+        flag(tx, &why)?;
+        return Ok(Err(Refused::Tampered(why)));
+    }
+    if !row.link_ok {
+        let why = format!("{stream} chunk {seq} does not match its hash");
+        flag(tx, &why)?;
+        return Ok(Err(Refused::Tampered(why)));
+    }
+    index::insert_chunk(
+        tx,
+        id,
+        stream,
+        seq,
+        &row.hash,
+        row.size,
+        row.encoding.as_str(),
+        &row.object,
+        &row.commands,
+    )
+    .map_err(internal)?;
+    Ok(Ok(ChunkAccepted {
+        stored: true,
+        duplicate: false,
+        next_seq: Some(seq + 1),
+    }))
+}
+
+/// Where chunk `seq` of a stream is kept: named after its number, its chain link (which
+/// commits to its decoded bytes) and its encoding, so that two writes of one name always
+/// hold the same recording.
+pub fn chunk_path(id: &str, stream: &str, seq: u64, hash: &str, encoding: Encoding) -> ObjectPath {
+    let suffix = match encoding {
+        Encoding::Identity => "",
+        Encoding::Zstd => ".zst",
+    };
+    ObjectPath::from(format!("sessions/{id}/{stream}/{seq:010}.{hash}{suffix}"))
+}
+
+/// Where a chunk stored by a collector before content-named objects is.
+pub fn legacy_chunk_path(id: &str, stream: &str, seq: u64) -> ObjectPath {
+    ObjectPath::from(format!("sessions/{id}/{stream}/{seq:010}"))
+}
+
+/// The objects' side of durability: S3 (durable when a put is answered) or a local
+/// directory (durable once the file and its directories are fsync'd).
+pub enum Objects {
+    S3(Arc<dyn object_store::ObjectStore>),
+    Local {
+        /// For reads, listings and deletions.
+        store: Arc<dyn object_store::ObjectStore>,
+        root: std::path::PathBuf,
+    },
+}
+
+impl Objects {
+    pub fn store(&self) -> &Arc<dyn object_store::ObjectStore> {
+        match self {
+            Objects::S3(s) | Objects::Local { store: s, .. } => s,
+        }
+    }
+
+    /// Writes every object and makes them durable together: the map holds the paths that
+    /// failed, with why.
+    pub async fn put_all_durably(
+        &self,
+        writes: Vec<(ObjectPath, Bytes)>,
+    ) -> std::collections::HashMap<String, String> {
+        let mut failed = std::collections::HashMap::new();
+        match self {
+            Objects::S3(store) => {
+                let puts = writes.into_iter().map(|(path, bytes)| {
+                    let store = store.clone();
+                    async move {
+                        let r = store.put(&path, PutPayload::from(bytes)).await;
+                        (path, r)
+                    }
+                });
+                for (path, r) in futures::future::join_all(puts).await {
+                    if let Err(e) = r {
+                        failed.insert(path.to_string(), e.to_string());
+                    }
+                }
+            }
+            Objects::Local { root, .. } => {
+                let root = root.clone();
+                let names: Vec<String> = writes.iter().map(|(p, _)| p.to_string()).collect();
+                let r =
+                    tokio::task::spawn_blocking(move || local::write_durably(&root, writes)).await;
+                match r {
+                    Ok(f) => failed = f,
+                    Err(e) => {
+                        // The whole batch is in doubt.
+                        for name in names {
+                            failed.insert(name, e.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        failed
+    }
+
+    /// One object, durably (metadata, seals).
+    pub async fn put_durably(&self, path: &ObjectPath, bytes: Bytes) -> Result<(), Refused> {
+        let failed = self.put_all_durably(vec![(path.clone(), bytes)]).await;
+        match failed.into_iter().next() {
+            None => Ok(()),
+            Some((_, why)) => Err(Refused::Internal(why)),
+        }
+    }
+}
+
+mod local {
+    //! Files under the objects directory, written as object_store's LocalFileSystem lays
+    //! them out (so it reads them), each through a temporary name and a rename, then all
+    //! fsync'd at once: files, the directories holding the renames, and any directory
+    //! made on the way (its entry lives in its parent).
+
+    use object_store::path::Path as ObjectPath;
+    use std::collections::{BTreeSet, HashMap};
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+
+    pub fn write_durably(
+        root: &Path,
+        writes: Vec<(ObjectPath, bytes::Bytes)>,
+    ) -> HashMap<String, String> {
+        let mut failed = HashMap::new();
+        let mut to_sync: Vec<(String, PathBuf)> = Vec::new();
+        let mut dirs = BTreeSet::new();
+        for (path, bytes) in writes {
+            let file = root.join(path.as_ref());
+            match write_one(root, &file, &bytes, &mut dirs) {
+                Ok(()) => to_sync.push((path.to_string(), file)),
+                Err(e) => {
+                    failed.insert(path.to_string(), e.to_string());
+                }
+            }
+        }
+        // Every fsync at once, each on a thread: ext4 folds concurrent fsyncs into one
+        // journal commit, so the batch costs about one, not one per file.
+        std::thread::scope(|scope| {
+            let files: Vec<_> = to_sync
+                .iter()
+                .map(|(name, file)| {
+                    (
+                        Some(name.clone()),
+                        scope.spawn(move || std::fs::File::open(file)?.sync_all()),
+                    )
+                })
+                .collect();
+            let dir_syncs: Vec<_> = dirs
+                .iter()
+                .map(|dir| {
+                    (
+                        None,
+                        scope.spawn(move || std::fs::File::open(dir)?.sync_all()),
+                    )
+                })
+                .collect();
+            let mut dir_failure = None;
+            for (name, handle) in files.into_iter().chain(dir_syncs) {
+                let r = handle
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
+                if let Err(e) = r {
+                    match name {
+                        Some(name) => {
+                            failed.insert(name, e.to_string());
+                        }
+                        None => dir_failure = Some(e.to_string()),
+                    }
+                }
+            }
+            // A directory that did not sync leaves every file of the batch in doubt.
+            if let Some(e) = dir_failure {
+                for (name, _) in &to_sync {
+                    failed.insert(name.clone(), e.clone());
+                }
+            }
+        });
+        failed
+    }
+
+    fn write_one(
+        root: &Path,
+        file: &Path,
+        bytes: &[u8],
+        dirs: &mut BTreeSet<PathBuf>,
+    ) -> std::io::Result<()> {
+        let parent = file
+            .parent()
+            .ok_or_else(|| std::io::Error::other("an object path without a directory"))?;
+        if !parent.is_dir() {
+            // Each directory made on the way needs its parent synced too.
+            let mut missing = Vec::new();
+            let mut dir = parent;
+            while !dir.is_dir() && dir != root {
+                missing.push(dir.to_path_buf());
+                match dir.parent() {
+                    Some(p) => dir = p,
+                    None => break,
+                }
+            }
+            std::fs::create_dir_all(parent)?;
+            for made in missing {
+                if let Some(p) = made.parent() {
+                    dirs.insert(p.to_path_buf());
+                }
+            }
+        }
+        dirs.insert(parent.to_path_buf());
+        let temp = file.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
+        let written = (|| {
+            let mut f = std::fs::File::create(&temp)?;
+            f.write_all(bytes)?;
+            std::fs::rename(&temp, file)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        written
+    }
+}
