@@ -15,19 +15,153 @@
 
 use super::index::{self, CommandRow, Dialect};
 use super::{internal, Encoding, Inner, Refused, StoreEvent, Writer};
+use crate::workflow::db::Tx;
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 use object_store::PutPayload;
-use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::{Arc, Weak};
+use tokio::sync::mpsc;
 use usher_wire::collector::ChunkAccepted;
 
 /// At most this many writes or bytes in one batch (a bound on what one failure costs).
 const MAX_BATCH_WRITES: usize = 256;
 const MAX_BATCH_BYTES: usize = 256 << 20;
 
-/// One chunk waiting for its batch.
+/// Sends a write's outcome to its requester, once its batch has committed.
+pub type Answer = Box<dyn FnOnce() + Send>;
+/// A write's decision, made under its session's row lock in the batch's transaction: its
+/// rows, and its answer (sent only if the transaction commits). `Err` fails the batch.
+pub type Decision =
+    Box<dyn FnMut(&mut dyn Tx, &mut Vec<StoreEvent>) -> Result<Answer, Refused> + Send>;
+
+/// One write waiting for its batch: chunks, metadata, seals, holds.
 pub struct Job {
+    /// Made durable before the decision runs; if one fails, the write fails.
+    pub objects: Vec<(ObjectPath, Bytes)>,
+    pub decide: Decision,
+    /// Answers the requester when the write cannot be committed.
+    pub fail: Box<dyn FnOnce(Refused) + Send>,
+}
+
+pub type Queue = mpsc::UnboundedSender<Job>;
+
+/// Starts the committer for `inner`, two stages that overlap: while one batch's rows
+/// commit, the next batch's objects are made durable. It ends when the store is dropped.
+pub fn start(inner: &Arc<Inner>) -> Queue {
+    let (queue, mut queued) = mpsc::unbounded_channel::<Job>();
+    let (durable, mut to_commit) = mpsc::channel::<Vec<Job>>(2);
+    let weak: Weak<Inner> = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        while let Some(first) = queued.recv().await {
+            let mut bytes = weigh(&first);
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH_WRITES && bytes < MAX_BATCH_BYTES {
+                match queued.try_recv() {
+                    Ok(job) => {
+                        bytes += weigh(&job);
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            let batch = make_durable(&inner, batch).await;
+            drop(inner);
+            if durable.send(batch).await.is_err() {
+                return;
+            }
+        }
+    });
+    let weak: Weak<Inner> = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        while let Some(mut jobs) = to_commit.recv().await {
+            // Whatever became durable meanwhile commits in the same transaction.
+            while let Ok(more) = to_commit.try_recv() {
+                jobs.extend(more);
+            }
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            commit(&inner, jobs).await;
+        }
+    });
+    queue
+}
+
+fn weigh(job: &Job) -> usize {
+    job.objects.iter().map(|(_, b)| b.len()).sum()
+}
+
+/// Writes the batch's objects and makes them durable together; the jobs whose objects
+/// did not are answered with the failure and left out.
+async fn make_durable(inner: &Inner, batch: Vec<Job>) -> Vec<Job> {
+    let writes: Vec<(ObjectPath, Bytes)> = batch
+        .iter()
+        .flat_map(|j| j.objects.iter().cloned())
+        .collect();
+    if writes.is_empty() {
+        return batch;
+    }
+    let failed = inner.objects.put_all_durably(writes).await;
+    if failed.is_empty() {
+        return batch;
+    }
+    let mut kept = Vec::with_capacity(batch.len());
+    for job in batch {
+        let failure = job
+            .objects
+            .iter()
+            .find_map(|(path, _)| failed.get(path.as_ref()));
+        match failure {
+            Some(why) => (job.fail)(Refused::Internal(why.clone())),
+            None => kept.push(job),
+        }
+    }
+    kept
+}
+
+/// One index transaction for every job: each decides under its session's lock, then all
+/// commit, then each is answered.
+async fn commit(inner: &Inner, jobs: Vec<Job>) {
+    let mut decisions = Vec::with_capacity(jobs.len());
+    let mut fails = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        decisions.push(job.decide);
+        fails.push(job.fail);
+    }
+    let committed = inner
+        .index
+        .transaction(move |tx| -> Result<_, Refused> {
+            let mut events = Vec::new();
+            let mut answers = Vec::with_capacity(decisions.len());
+            for decide in decisions.iter_mut() {
+                answers.push(decide(tx, &mut events)?);
+            }
+            Ok((answers, events))
+        })
+        .await;
+    match committed {
+        Ok((answers, events)) => {
+            for event in events {
+                inner.emit(event);
+            }
+            for answer in answers {
+                answer();
+            }
+        }
+        Err(e) => {
+            let why = e.to_string();
+            for fail in fails {
+                fail(Refused::Internal(why.clone()));
+            }
+        }
+    }
+}
+
+/// A chunk, as its decision needs it.
+pub struct ChunkWrite {
     pub writer: Writer,
     pub id: String,
     pub stream: String,
@@ -38,132 +172,17 @@ pub struct Job {
     /// only if it does).
     pub link_ok: bool,
     pub encoding: Encoding,
-    pub encoded: Bytes,
     pub size: usize,
     pub commands: Vec<CommandRow>,
-    pub reply: oneshot::Sender<Result<ChunkAccepted, Refused>>,
-}
-
-pub type Queue = mpsc::UnboundedSender<Job>;
-
-/// Starts the committer for `inner`: it ends when the store is dropped.
-pub fn start(inner: &Arc<Inner>) -> Queue {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-    let weak = Arc::downgrade(inner);
-    tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut bytes = first.encoded.len();
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH_WRITES && bytes < MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(job) => {
-                        bytes += job.encoded.len();
-                        batch.push(job);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let Some(inner) = weak.upgrade() else {
-                return;
-            };
-            commit_batch(&inner, batch).await;
-        }
-    });
-    tx
-}
-
-async fn commit_batch(inner: &Arc<Inner>, batch: Vec<Job>) {
-    // Objects first: a write whose object did not become durable fails alone.
-    let writes: Vec<_> = batch
-        .iter()
-        .filter(|j| j.link_ok)
-        .map(|j| {
-            (
-                chunk_path(&j.id, &j.stream, j.seq, &j.hash, j.encoding),
-                j.encoded.clone(),
-            )
-        })
-        .collect();
-    let durable = inner.objects.put_all_durably(writes).await;
-    let mut rows = Vec::with_capacity(batch.len());
-    let mut replies = Vec::with_capacity(batch.len());
-    for job in batch {
-        let object = chunk_path(&job.id, &job.stream, job.seq, &job.hash, job.encoding);
-        if job.link_ok {
-            if let Some(e) = durable.get(object.as_ref()) {
-                let _ = job.reply.send(Err(Refused::Internal(e.clone())));
-                continue;
-            }
-        }
-        replies.push(job.reply);
-        rows.push(Row {
-            writer: job.writer,
-            id: job.id,
-            stream: job.stream,
-            seq: job.seq,
-            prev: job.prev,
-            hash: job.hash,
-            link_ok: job.link_ok,
-            encoding: job.encoding,
-            size: job.size,
-            commands: job.commands,
-            object: object.to_string(),
-        });
-    }
-    if rows.is_empty() {
-        return;
-    }
-    let dialect = inner.dialect;
-    let now = super::now();
-    let decided = inner
-        .index
-        .transaction(move |tx| -> Result<_, Refused> {
-            let mut outcomes = Vec::with_capacity(rows.len());
-            let mut events = Vec::new();
-            for row in &rows {
-                outcomes.push(decide(tx, dialect, row, now, &mut events)?);
-            }
-            Ok((outcomes, events))
-        })
-        .await;
-    match decided {
-        Ok((outcomes, events)) => {
-            for event in events {
-                inner.emit(event);
-            }
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(outcome);
-            }
-        }
-        Err(e) => {
-            let why = e.to_string();
-            for reply in replies {
-                let _ = reply.send(Err(Refused::Internal(why.clone())));
-            }
-        }
-    }
-}
-
-struct Row {
-    writer: Writer,
-    id: String,
-    stream: String,
-    seq: u64,
-    prev: String,
-    hash: String,
-    link_ok: bool,
-    encoding: Encoding,
-    size: usize,
-    commands: Vec<CommandRow>,
-    object: String,
+    pub object: String,
 }
 
 /// One chunk's fate, decided under its session's row lock; the outer `Err` fails the
 /// batch (the index could not be read or written), the inner one refuses this chunk.
-fn decide(
-    tx: &mut dyn crate::workflow::db::Tx,
+pub fn decide_chunk(
+    tx: &mut dyn Tx,
     dialect: Dialect,
-    row: &Row,
+    row: &ChunkWrite,
     now: i64,
     events: &mut Vec<StoreEvent>,
 ) -> Result<Result<ChunkAccepted, Refused>, Refused> {
@@ -182,7 +201,7 @@ fn decide(
     let (next_seq, last_hash) = index::stream_end(tx, id, stream)
         .map_err(internal)?
         .unwrap_or_else(|| (0, usher_wire::chain::genesis(id, stream)));
-    let mut flag = |tx: &mut dyn crate::workflow::db::Tx, why: &str| -> Result<(), Refused> {
+    let mut flag = |tx: &mut dyn Tx, why: &str| -> Result<(), Refused> {
         super::flag_in(tx, id, why, &row.writer, events)
     };
     if seq < next_seq {
@@ -310,15 +329,6 @@ impl Objects {
             }
         }
         failed
-    }
-
-    /// One object, durably (metadata, seals).
-    pub async fn put_durably(&self, path: &ObjectPath, bytes: Bytes) -> Result<(), Refused> {
-        let failed = self.put_all_durably(vec![(path.clone(), bytes)]).await;
-        match failed.into_iter().next() {
-            None => Ok(()),
-            Some((_, why)) => Err(Refused::Internal(why)),
-        }
     }
 }
 

@@ -40,7 +40,10 @@ pub struct Store {
 
 pub(crate) struct Inner {
     objects: Objects,
+    /// Writes (the group committer's transactions, leases).
     index: Db,
+    /// Reads: a connection of their own, so that they never wait for a batch's commit.
+    reader: Db,
     dialect: Dialect,
     /// One write per session at a time in this instance: an optimisation (a session's
     /// chunks reach the index in order, without refusals); across instances the index's
@@ -394,10 +397,12 @@ impl Store {
             }
         };
         let (index, dialect) = index::open(&config.index, &config.data_dir)?;
+        let reader = index.reader(&config.index, &config.data_dir.join("index.sqlite"))?;
         let (events, events_out) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             objects,
             index,
+            reader,
             dialect,
             session_locks: Mutex::new(HashMap::new()),
             queue: OnceLock::new(),
@@ -454,28 +459,45 @@ impl Store {
         }
     }
 
-    /// A transaction on the index off the async threads; the closure's own `Err` refuses
-    /// (after committing what it wrote, e.g. a flag), the outer one is the index failing.
-    async fn decide<T: Send + 'static>(
+    /// A write through the group committer: `objects` are made durable with the batch's,
+    /// then `decide` runs in the batch's transaction (under the locks it takes); its own
+    /// `Err` refuses this write (after committing what it wrote, e.g. a flag), the outer
+    /// one fails the batch.
+    async fn commit<T: Send + 'static>(
         &self,
-        work: impl FnMut(&mut dyn Tx, &mut Vec<StoreEvent>) -> Result<Result<T, Refused>, Refused>
+        objects: Vec<(ObjectPath, bytes::Bytes)>,
+        mut decide: impl FnMut(&mut dyn Tx, &mut Vec<StoreEvent>) -> Result<Result<T, Refused>, Refused>
             + Send
             + 'static,
     ) -> Result<T, Refused> {
-        let mut work = work;
-        let (outcome, events) = self
-            .inner
-            .index
-            .transaction(move |tx| -> Result<_, Refused> {
-                let mut events = Vec::new();
-                let outcome = work(tx, &mut events)?;
-                Ok((outcome, events))
-            })
-            .await?;
-        for e in events {
-            self.inner.emit(e);
-        }
-        outcome
+        type Slot<T> = Arc<Mutex<Option<tokio::sync::oneshot::Sender<Result<T, Refused>>>>>;
+        let (sender, answer) = tokio::sync::oneshot::channel();
+        let slot: Slot<T> = Arc::new(Mutex::new(Some(sender)));
+        let for_failure = slot.clone();
+        let job = commit::Job {
+            objects,
+            decide: Box::new(move |tx, events| {
+                let outcome = decide(tx, events)?;
+                let slot = slot.clone();
+                Ok(Box::new(move || {
+                    if let Some(s) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                        let _ = s.send(outcome);
+                    }
+                }) as commit::Answer)
+            }),
+            fail: Box::new(move |why| {
+                if let Some(s) = for_failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    let _ = s.send(Err(why));
+                }
+            }),
+        };
+        let queue = self.inner.queue.get_or_init(|| commit::start(&self.inner));
+        queue
+            .send(job)
+            .map_err(|_| internal("the committer stopped"))?;
+        answer
+            .await
+            .map_err(|_| internal("the committer dropped a write"))?
     }
 
     /// What `host` has stored of one of its sessions' streams; another host's session is
@@ -487,7 +509,7 @@ impl Store {
         stream: &str,
     ) -> Result<StreamStatus, Refused> {
         let (id, stream, host) = (id.to_string(), stream.to_string(), host.to_string());
-        self.inner.index.transaction_blocking(|tx| {
+        self.inner.reader.transaction_blocking(|tx| {
             if index::owner(tx, &id)?.is_some_and(|h| h != host) {
                 return Err(Refused::Forbidden(format!(
                     "session {id} belongs to another host"
@@ -532,8 +554,8 @@ impl Store {
         } else {
             check()
         };
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = commit::Job {
+        let object = commit::chunk_path(id, stream, seq, &hash, encoding);
+        let write = commit::ChunkWrite {
             writer: writer.clone(),
             id: id.to_string(),
             stream: stream.to_string(),
@@ -542,18 +564,21 @@ impl Store {
             hash,
             link_ok,
             encoding,
-            encoded,
             size,
             commands,
-            reply,
+            object: object.to_string(),
         };
-        let queue = self.inner.queue.get_or_init(|| commit::start(&self.inner));
-        queue
-            .send(job)
-            .map_err(|_| internal("the committer stopped"))?;
-        answer
-            .await
-            .map_err(|_| internal("the committer dropped a write"))?
+        // A body that does not match its link is never stored (the index refuses it).
+        let objects = if link_ok {
+            vec![(object, encoded)]
+        } else {
+            Vec::new()
+        };
+        let dialect = self.inner.dialect;
+        self.commit(objects, move |tx, events| {
+            commit::decide_chunk(tx, dialect, &write, now(), events)
+        })
+        .await
     }
 
     /// `body` is the metadata as sent: its SHA-256 is what the seal names. After the seal,
@@ -577,32 +602,12 @@ impl Store {
         let _turn = self.session_turn(id).await;
         let body_hash = usher_wire::collector::sha256_hex(body);
         let text = serde_json::to_string(&received).map_err(internal)?;
-        let sealed = {
-            let id = id.to_string();
-            self.inner
-                .index
-                .transaction(move |tx| {
-                    Ok::<_, Refused>(
-                        !tx.query(
-                            "SELECT 1 FROM sessions WHERE id = $1 AND (sealed_at IS NOT NULL OR status = 'complete')",
-                            &[id.clone().into()],
-                        )?
-                        .is_empty(),
-                    )
-                })
-                .await?
-        };
-        if !sealed {
-            // A copy beside the recording, named after its content: the index's row is
-            // what counts, and a copy is never overwritten by other metadata.
-            self.inner
-                .objects
-                .put_durably(
-                    &ObjectPath::from(format!("sessions/{id}/meta.{body_hash}.json")),
-                    bytes::Bytes::from(text.clone().into_bytes()),
-                )
-                .await?;
-        }
+        // A copy beside the recording, named after its content (the index's row is what
+        // counts): other metadata never overwrites it.
+        let copy = (
+            ObjectPath::from(format!("sessions/{id}/meta.{body_hash}.json")),
+            bytes::Bytes::from(text.clone().into_bytes()),
+        );
         let (dialect, writer, id) = (self.inner.dialect, writer.clone(), id.to_string());
         let (login, sub, started, ended) = (
             meta.login.clone(),
@@ -610,7 +615,7 @@ impl Store {
             meta.started_at.clone(),
             meta.ended_at.clone(),
         );
-        self.decide(move |tx, events| {
+        self.commit(vec![copy], move |tx, events| {
             let session = index::lock_session(tx, dialect, &id, &writer.host, now())?;
             if session.host != writer.host {
                 return Ok(Err(Refused::Forbidden(format!(
@@ -677,7 +682,7 @@ impl Store {
             seal.clone(),
         );
         let text = seal_text.clone();
-        self.decide(move |tx, events| {
+        self.commit(Vec::new(), move |tx, events| {
             let id = id_owned.as_str();
             let session = index::lock_session(tx, dialect, id, &writer.host, now())?;
             if session.host != writer.host {
@@ -733,14 +738,17 @@ impl Store {
             Ok(Ok(()))
         })
         .await?;
-        // A copy beside the recording (the index holds the seal too).
+        // A copy beside the recording: the index's row holds the seal durably.
         self.inner
             .objects
-            .put_durably(
+            .store()
+            .put(
                 &ObjectPath::from(format!("sessions/{id}/seal.json")),
-                bytes::Bytes::from(seal_text.into_bytes()),
+                object_store::PutPayload::from(seal_text.into_bytes()),
             )
             .await
+            .map_err(internal)?;
+        Ok(())
     }
 
     /// Sessions matching `q`, newest first (by start, then id), at most `limit` of them
@@ -784,7 +792,7 @@ impl Store {
         ];
         let rows = self
             .inner
-            .index
+            .reader
             .transaction_blocking(|tx| tx.query(&sql, &params))?;
         let mut sessions = Vec::with_capacity(rows.len().min(limit));
         let mut next_cursor = None;
@@ -820,7 +828,7 @@ impl Store {
 
     pub fn session(&self, id: &str) -> Result<serde_json::Value, Refused> {
         let id = id.to_string();
-        self.inner.index.transaction_blocking(|tx| {
+        self.inner.reader.transaction_blocking(|tx| {
             let rows = tx.query(
                 "SELECT host, status, problem, meta, flagged_by, sealed_at, hold, hold_reason, hold_by, hold_at
                  FROM sessions WHERE id = $1",
@@ -879,7 +887,7 @@ impl Store {
     > {
         use futures::StreamExt;
         let (id, stream) = (id.to_string(), stream.to_string());
-        let (next, chunks) = self.inner.index.transaction_blocking(|tx| {
+        let (next, chunks) = self.inner.reader.transaction_blocking(|tx| {
             let next = stream_status(tx, &id, &stream)?.next_seq;
             let rows = tx.query(
                 "SELECT seq, object, encoding FROM chunks WHERE session = $1 AND stream = $2 AND seq >= $3 ORDER BY seq",
@@ -919,7 +927,7 @@ impl Store {
     pub async fn set_hold(&self, id: &str, by: &str, reason: &str) -> Result<(), Refused> {
         let (id, by, reason) = (id.to_string(), by.to_string(), reason.to_string());
         let dialect = self.inner.dialect;
-        self.decide(move |tx, _| {
+        self.commit(Vec::new(), move |tx, _| {
             let status = tx.query(
                 &format!("SELECT status FROM sessions WHERE id = $1{}", dialect.for_update()),
                 &[id.clone().into()],
@@ -945,7 +953,7 @@ impl Store {
     /// Lifts session `id`'s legal hold (retention may delete it at its next sweep).
     pub async fn lift_hold(&self, id: &str) -> Result<(), Refused> {
         let id = id.to_string();
-        self.decide(move |tx, _| {
+        self.commit(Vec::new(), move |tx, _| {
             let n = tx.execute(
                 "UPDATE sessions SET hold = 0, hold_reason = NULL, hold_by = NULL, hold_at = NULL WHERE id = $1",
                 &[id.clone().into()],

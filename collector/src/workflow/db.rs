@@ -163,7 +163,7 @@ pub struct Db {
 }
 
 enum Backend {
-    Sqlite(Mutex<rusqlite::Connection>),
+    Sqlite(Mutex<rusqlite::Connection>, rusqlite::TransactionBehavior),
     Postgres {
         url: String,
         client: Mutex<Option<Box<postgres::Client>>>,
@@ -215,7 +215,7 @@ impl Db {
                 conn.pragma_update(None, "journal_mode", "WAL")?;
                 conn.pragma_update(None, "synchronous", "FULL")?;
                 conn.execute_batch(sqlite_schema)?;
-                Backend::Sqlite(Mutex::new(conn))
+                Backend::Sqlite(Mutex::new(conn), rusqlite::TransactionBehavior::Immediate)
             }
             StateConfig::Postgres { url } => {
                 let mut client = postgres::Client::connect(url, postgres::NoTls)?;
@@ -235,6 +235,30 @@ impl Db {
         })
     }
 
+    /// A second connection to the same database, for reads: with SQLite its transactions
+    /// are deferred (they read a snapshot and never wait for the writer's commit), with
+    /// PostgreSQL it is a connection of its own. Writes through it are not serialised with
+    /// the writer's: use it only to read.
+    pub fn reader(&self, config: &StateConfig, sqlite_path: &Path) -> Result<Db, DbError> {
+        let backend = match (&*self.backend, config) {
+            (Backend::Sqlite(..), _) | (_, StateConfig::Sqlite) => {
+                let conn = rusqlite::Connection::open(sqlite_path)?;
+                conn.busy_timeout(std::time::Duration::from_secs(10))?;
+                Backend::Sqlite(Mutex::new(conn), rusqlite::TransactionBehavior::Deferred)
+            }
+            (_, StateConfig::Postgres { url }) => Backend::Postgres {
+                url: url.clone(),
+                client: Mutex::new(Some(Box::new(postgres::Client::connect(
+                    url,
+                    postgres::NoTls,
+                )?))),
+            },
+        };
+        Ok(Db {
+            backend: Arc::new(backend),
+        })
+    }
+
     /// Runs `work` in one transaction (blocking). With PostgreSQL a broken connection is
     /// replaced, and the work is tried once more on the new one.
     pub fn transaction_blocking<T, E>(
@@ -245,10 +269,10 @@ impl Db {
         E: From<DbError>,
     {
         match &*self.backend {
-            Backend::Sqlite(conn) => {
+            Backend::Sqlite(conn, behavior) => {
                 let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
                 let tx = conn
-                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .transaction_with_behavior(*behavior)
                     .map_err(DbError::from)?;
                 let mut handle = SqliteTx(&tx);
                 let out = work(&mut handle)?;
