@@ -26,6 +26,8 @@ use usher_wire::collector::ChunkAccepted;
 /// At most this many writes or bytes in one batch (a bound on what one failure costs).
 const MAX_BATCH_WRITES: usize = 256;
 const MAX_BATCH_BYTES: usize = 256 << 20;
+/// Batches whose objects are being made durable at once.
+const MAX_BATCHES_IN_FLIGHT: usize = 8;
 
 /// Sends a write's outcome to its requester, once its batch has committed.
 pub type Answer = Box<dyn FnOnce() + Send>;
@@ -49,10 +51,17 @@ pub type Queue = mpsc::UnboundedSender<Job>;
 /// commit, the next batch's objects are made durable. It ends when the store is dropped.
 pub fn start(inner: &Arc<Inner>) -> Queue {
     let (queue, mut queued) = mpsc::unbounded_channel::<Job>();
-    let (durable, mut to_commit) = mpsc::channel::<Vec<Job>>(2);
+    let (durable, mut to_commit) = mpsc::channel::<Vec<Job>>(MAX_BATCHES_IN_FLIGHT);
     let weak: Weak<Inner> = Arc::downgrade(inner);
     tokio::spawn(async move {
+        // Several batches' objects may be on their way to disk at once: a write arriving
+        // while a batch syncs starts its own at once instead of waiting a whole round
+        // (the filesystem folds concurrent fsyncs into one journal commit anyway).
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
         while let Some(first) = queued.recv().await {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
             let mut bytes = weigh(&first);
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH_WRITES && bytes < MAX_BATCH_BYTES {
@@ -67,11 +76,18 @@ pub fn start(inner: &Arc<Inner>) -> Queue {
             let Some(inner) = weak.upgrade() else {
                 return;
             };
-            let batch = make_durable(&inner, batch).await;
-            drop(inner);
-            if durable.send(batch).await.is_err() {
-                return;
-            }
+            let durable = durable.clone();
+            tokio::spawn(async move {
+                let t0 = std::time::Instant::now();
+                let n = batch.len();
+                let batch = make_durable(&inner, batch).await;
+                if std::env::var_os("USHER_STORE_TRACE").is_some() {
+                    eprintln!("A {n} {:?}", t0.elapsed());
+                }
+                drop(inner);
+                drop(permit);
+                let _ = durable.send(batch).await;
+            });
         }
     });
     let weak: Weak<Inner> = Arc::downgrade(inner);
@@ -84,7 +100,12 @@ pub fn start(inner: &Arc<Inner>) -> Queue {
             let Some(inner) = weak.upgrade() else {
                 return;
             };
+            let t0 = std::time::Instant::now();
+            let n = jobs.len();
             commit(&inner, jobs).await;
+            if std::env::var_os("USHER_STORE_TRACE").is_some() {
+                eprintln!("B {n} {:?}", t0.elapsed());
+            }
         }
     });
     queue

@@ -94,18 +94,44 @@ impl Dialect {
     }
 }
 
-/// Opens (and creates, or brings up to date) the index `config` names.
-pub fn open(config: &StateConfig, data_dir: &Path) -> Result<(Db, Dialect), DbError> {
-    let mut postgres_schema = POSTGRES_SCHEMA.to_string();
+/// The PostgreSQL schema (namespace) the index's tables live in: the database may be the
+/// workflow's (`[state]`), whose tables (its own `commands`) must not meet these.
+pub const POSTGRES_NAMESPACE: &str = "usher_recordings";
+
+/// `url` with the index's namespace first on every connection's search path.
+fn in_namespace(url: &str) -> String {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}options=-c%20search_path%3D{POSTGRES_NAMESPACE}")
+    } else {
+        format!("{url} options='-c search_path={POSTGRES_NAMESPACE}'")
+    }
+}
+
+/// Opens (and creates, or brings up to date) the index `config` names: the writers'
+/// connection, the readers', and what differs between the engines.
+pub fn open(config: &StateConfig, data_dir: &Path) -> Result<(Db, Db, Dialect), DbError> {
+    let config = match config {
+        StateConfig::Sqlite => StateConfig::Sqlite,
+        StateConfig::Postgres { url } => StateConfig::Postgres {
+            url: in_namespace(url),
+        },
+    };
+    let config = &config;
+    let mut postgres_schema = format!(
+        "CREATE SCHEMA IF NOT EXISTS {POSTGRES_NAMESPACE}; SET search_path TO {POSTGRES_NAMESPACE};\n"
+    );
+    postgres_schema.push_str(POSTGRES_SCHEMA);
     for (table, column, _, pg_type) in ADDED_COLUMNS {
         postgres_schema.push_str(&format!(
             "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {pg_type};\n"
         ));
     }
     postgres_schema.push_str(INDEXES);
+    let sqlite_path = data_dir.join("index.sqlite");
     let db = Db::open_with_schema(
         config,
-        &data_dir.join("index.sqlite"),
+        &sqlite_path,
         SQLITE_SCHEMA,
         &postgres_schema,
         SCHEMA_LOCK,
@@ -133,7 +159,8 @@ pub fn open(config: &StateConfig, data_dir: &Path) -> Result<(Db, Dialect), DbEr
             Ok(())
         })?;
     }
-    Ok((db, dialect))
+    let reader = db.reader(config, &sqlite_path)?;
+    Ok((db, reader, dialect))
 }
 
 /// Indexes on added columns (made after the columns exist).

@@ -396,8 +396,7 @@ impl Store {
                 Objects::S3(Arc::new(b.build()?))
             }
         };
-        let (index, dialect) = index::open(&config.index, &config.data_dir)?;
-        let reader = index.reader(&config.index, &config.data_dir.join("index.sqlite"))?;
+        let (index, reader, dialect) = index::open(&config.index, &config.data_dir)?;
         let (events, events_out) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             objects,
