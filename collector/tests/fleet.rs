@@ -28,8 +28,10 @@ impl Shared {
     fn start() -> Shared {
         let postgres = Postgres::start().expect("PostgreSQL starts");
         let moto = Moto::start();
+        // One name for the fleet (the balancer's): an API token minted against one
+        // instance is good on every one.
         let sections = format!(
-            "{}\n[index]\nbackend = \"postgres\"\nurl = \"{url}\"\n\n[state]\nbackend = \"postgres\"\nurl = \"{url}\"\n",
+            "public_url = \"https://usher-fleet.test\"\n{}\n[index]\nbackend = \"postgres\"\nurl = \"{url}\"\n\n[state]\nbackend = \"postgres\"\nurl = \"{url}\"\n",
             moto.storage(BUCKET),
             url = postgres.url()
         );

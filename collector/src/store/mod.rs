@@ -396,7 +396,14 @@ impl Store {
                 Objects::S3(Arc::new(b.build()?))
             }
         };
-        let (index, reader, dialect) = index::open(&config.index, &config.data_dir)?;
+        // PostgreSQL's blocking client runs a runtime of its own, which must not start on
+        // an async thread (the service opens the store from one).
+        let (index, reader, dialect) = std::thread::scope(|scope| {
+            scope
+                .spawn(|| index::open(&config.index, &config.data_dir))
+                .join()
+                .unwrap_or_else(|_| Err(DbError::Join("opening the index panicked".into())))
+        })?;
         let (events, events_out) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             objects,
@@ -499,6 +506,23 @@ impl Store {
             .map_err(|_| internal("the committer dropped a write"))?
     }
 
+    /// A read on the readers' connection, for the synchronous read API: with PostgreSQL
+    /// on a thread of its own (its blocking client must not run on an async thread).
+    fn read<T: Send>(
+        &self,
+        work: impl FnMut(&mut dyn Tx) -> Result<T, Refused> + Send,
+    ) -> Result<T, Refused> {
+        if !self.inner.dialect.postgres {
+            return self.inner.reader.transaction_blocking(work);
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| self.inner.reader.transaction_blocking(work))
+                .join()
+                .unwrap_or_else(|_| Err(internal("an index read panicked")))
+        })
+    }
+
     /// What `host` has stored of one of its sessions' streams; another host's session is
     /// refused (an unknown session is at its start).
     pub fn stream_status_for(
@@ -508,7 +532,7 @@ impl Store {
         stream: &str,
     ) -> Result<StreamStatus, Refused> {
         let (id, stream, host) = (id.to_string(), stream.to_string(), host.to_string());
-        self.inner.reader.transaction_blocking(|tx| {
+        self.read(|tx| {
             if index::owner(tx, &id)?.is_some_and(|h| h != host) {
                 return Err(Refused::Forbidden(format!(
                     "session {id} belongs to another host"
@@ -789,10 +813,7 @@ impl Store {
                 .into(),
             (limit as i64 + 1).into(),
         ];
-        let rows = self
-            .inner
-            .reader
-            .transaction_blocking(|tx| tx.query(&sql, &params))?;
+        let rows = self.read(|tx| Ok(tx.query(&sql, &params)?))?;
         let mut sessions = Vec::with_capacity(rows.len().min(limit));
         let mut next_cursor = None;
         for (i, r) in rows.iter().enumerate() {
@@ -827,7 +848,7 @@ impl Store {
 
     pub fn session(&self, id: &str) -> Result<serde_json::Value, Refused> {
         let id = id.to_string();
-        self.inner.reader.transaction_blocking(|tx| {
+        self.read(|tx| {
             let rows = tx.query(
                 "SELECT host, status, problem, meta, flagged_by, sealed_at, hold, hold_reason, hold_by, hold_at
                  FROM sessions WHERE id = $1",
@@ -886,7 +907,7 @@ impl Store {
     > {
         use futures::StreamExt;
         let (id, stream) = (id.to_string(), stream.to_string());
-        let (next, chunks) = self.inner.reader.transaction_blocking(|tx| {
+        let (next, chunks) = self.read(|tx| {
             let next = stream_status(tx, &id, &stream)?.next_seq;
             let rows = tx.query(
                 "SELECT seq, object, encoding FROM chunks WHERE session = $1 AND stream = $2 AND seq >= $3 ORDER BY seq",
