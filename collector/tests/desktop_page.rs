@@ -126,15 +126,14 @@ async fn a_desktop_recording_is_shipped_listed_and_played_on_a_canvas_with_seek(
         "the desktop stream as shipped"
     );
     let listed = c.get("/api/v1/sessions?recording=desktop").await;
-    let ids: Vec<&str> = listed
-        .body
+    let ids: Vec<&str> = listed.body["sessions"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| s["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["desk-1"]);
-    assert_eq!(listed.body[0]["desktop"], true);
+    assert_eq!(listed.body["sessions"][0]["desktop"], true);
 
     let d = Browser::start();
     d.sign_in_with_token(&c.url(), &c.viewer_token());

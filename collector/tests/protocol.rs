@@ -80,7 +80,7 @@ async fn two_agents_ship_at_once_and_everything_is_found(backend: Backend) {
     }
     // Search: by person, host, login, command, time; the metadata is kept whole.
     let ids = |a: &serde_json::Value| -> Vec<String> {
-        let mut v: Vec<String> = a
+        let mut v: Vec<String> = a["sessions"]
             .as_array()
             .unwrap()
             .iter()
@@ -286,7 +286,7 @@ async fn a_tampered_chunk_is_refused_and_the_session_flagged(backend: Backend) {
     // The search shows the flag.
     let flagged = c.get("/api/v1/sessions?host=gamma").await.body;
     assert!(
-        flagged
+        flagged["sessions"]
             .as_array()
             .unwrap()
             .iter()

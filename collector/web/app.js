@@ -319,21 +319,34 @@ async function search(ev) {
   if (ev) ev.preventDefault();
   const q = new URLSearchParams();
   for (const [k, v] of new FormData(document.getElementById("search"))) if (v) q.set(k, v);
-  const rows = await getJson("/api/v1/sessions?" + q);
+  document.getElementById("sessions").replaceChildren();
+  document.body.dataset.found = 0;
+  await showSessions(q);
+}
+
+// One page of the search (newest first); "more" asks for the next one, where this one ended.
+async function showSessions(q) {
+  const page = await getJson("/api/v1/sessions?" + q);
   const body = document.getElementById("sessions");
-  body.replaceChildren();
-  for (const s of rows) {
+  for (const s of page.sessions) {
     const tr = document.createElement("tr");
     tr.className = "session";
     tr.dataset.id = s.id;
     for (const v of [s.started_at, s.sub, s.host, s.login, s.commands]) cell(tr, v);
-    cell(tr, s.status + (s.problem ? " (" + s.problem + ")" : ""), "status-" + s.status);
+    cell(tr, s.status + (s.problem ? " (" + s.problem + ")" : "") + (s.hold ? " (legal hold)" : ""), "status-" + s.status);
     cell(tr, s.id);
     cell(tr, s.desktop ? "desktop" : "terminal", "recording");
     tr.addEventListener("click", () => replay(s.id).catch((e) => say(e.message, true)));
     body.appendChild(tr);
   }
-  document.body.dataset.found = rows.length;
+  const more = document.getElementById("more-sessions");
+  more.hidden = !page.next_cursor;
+  more.onclick = () => {
+    const next = new URLSearchParams(q);
+    next.set("cursor", page.next_cursor);
+    showSessions(next).catch((e) => say(e.message, true));
+  };
+  document.body.dataset.found = Number(document.body.dataset.found || 0) + page.sessions.length;
 }
 
 // The request a session's grant answered: named in its metadata (`grant.request`), or

@@ -100,23 +100,35 @@ fn synthetic_session(spool: &Path, host: &str, id: &str) -> Result<u64, String> 
     Ok((cast.len() + audit.len()) as u64)
 }
 
+/// Complete sessions, over every page of the search (`{"sessions": [...], "next_cursor"}`).
 fn complete_count(collector: u16, ca: &Path, token: &str) -> usize {
-    let out = Command::new("curl")
-        .args(["-s", "--cacert"])
-        .arg(ca)
-        .args([
-            "-H",
-            &format!("Authorization: Bearer {token}"),
-            &format!("https://127.0.0.1:{collector}/api/v1/sessions"),
-        ])
-        .output();
-    out.ok()
-        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
-        .and_then(|v| {
-            v.as_array()
-                .map(|a| a.iter().filter(|s| s["status"] == "complete").count())
-        })
-        .unwrap_or(0)
+    let mut complete = 0;
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!("https://127.0.0.1:{collector}/api/v1/sessions?limit=500");
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let out = Command::new("curl")
+            .args(["-s", "--cacert"])
+            .arg(ca)
+            .args(["-H", &format!("Authorization: Bearer {token}"), &url])
+            .output();
+        let Some(page) = out
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        else {
+            return complete;
+        };
+        complete += page["sessions"]
+            .as_array()
+            .map(|a| a.iter().filter(|s| s["status"] == "complete").count())
+            .unwrap_or(0);
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return complete,
+        }
+    }
 }
 
 fn agent_config(
