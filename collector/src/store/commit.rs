@@ -1,17 +1,21 @@
-//! Group commit: a chunk is answered only once its object is durable and its index row
-//! committed ("acknowledged = durable"), but concurrent chunks share the cost. Writes
-//! queue up while a batch is being made durable; the next batch takes everything queued:
-//! its objects are written together and made durable together (the local backend:
-//! every file and directory fsync'd at once, so that the kernel folds them into one journal
-//! commit; S3: the puts run at once, each durable when answered), then ONE index
-//! transaction decides and commits every row of the batch, then each request is answered.
+//! Group commit: a write (chunk, metadata, seal, hold) is answered only once its objects
+//! are durable and its index rows committed ("acknowledged = durable"), but concurrent
+//! writes share the cost. Two stages overlap:
 //!
-//! A session has at most one chunk in a batch from this instance (its writes wait for their
-//! turn, `Store::session_turn`), so per-session order holds; across instances the row
-//! lock does it (`index::lock_session`). An object is named after its content (chunk
-//! number, chain link, encoding: `objects::chunk_path`), so an object written for a write
-//! the index then refuses (a duplicate from a retry, a race lost to another instance)
-//! overwrites nothing but the same content, and is never referenced.
+//! 1. objects: the writes queued take their objects to disk together (the local backend:
+//!    every file written, then every file and directory fsync'd at once, which the kernel
+//!    folds into one journal commit; S3: the puts run at once, each durable when
+//!    answered); several such batches may be in flight at once;
+//! 2. index: every write whose objects are durable decides and writes its rows in ONE
+//!    transaction (each under its session's row lock), which commits, then each request
+//!    is answered. A failed batch fails each of its writes (the agent retries).
+//!
+//! A session has at most one write in flight from this instance (`Store::session_turn`),
+//! so per-session order holds; across instances the row lock does it
+//! (`index::lock_session`). A chunk's object is named after its content (number, chain
+//! link, encoding: [`chunk_path`]), so an object written for a write the index then
+//! refuses (a retried duplicate, a race lost to another instance) overwrites nothing but
+//! the same recording, and is never referenced.
 
 use super::index::{self, CommandRow, Dialect};
 use super::{internal, Encoding, Inner, Refused, StoreEvent, Writer};
@@ -78,12 +82,7 @@ pub fn start(inner: &Arc<Inner>) -> Queue {
             };
             let durable = durable.clone();
             tokio::spawn(async move {
-                let t0 = std::time::Instant::now();
-                let n = batch.len();
                 let batch = make_durable(&inner, batch).await;
-                if std::env::var_os("USHER_STORE_TRACE").is_some() {
-                    eprintln!("A {n} {:?}", t0.elapsed());
-                }
                 drop(inner);
                 drop(permit);
                 let _ = durable.send(batch).await;
@@ -100,12 +99,7 @@ pub fn start(inner: &Arc<Inner>) -> Queue {
             let Some(inner) = weak.upgrade() else {
                 return;
             };
-            let t0 = std::time::Instant::now();
-            let n = jobs.len();
             commit(&inner, jobs).await;
-            if std::env::var_os("USHER_STORE_TRACE").is_some() {
-                eprintln!("B {n} {:?}", t0.elapsed());
-            }
         }
     });
     queue
