@@ -3,8 +3,11 @@
 //! protocol at once. Prints ingest throughput in MB/s and sessions/s, in steady state:
 //! each agent ships one warm-up session (its connection, the collector's first writes)
 //! before the clock starts, and all start together.
+//!
+//! The index is SQLite in the scratch directory, or the PostgreSQL database named by
+//! `USHER_BENCH_INDEX_URL` (`postgres://…`). The scratch directory is under `TMPDIR`.
 
-use crate::config::{AgentConfig, Config, Storage};
+use crate::config::{AgentConfig, Config, StateConfig, Storage};
 use crate::uploader::{openssh_public_line, Recording, Uploader};
 use ed25519_dalek::SigningKey;
 use std::sync::Arc;
@@ -61,7 +64,15 @@ pub async fn run(p: Params) -> Result<(), String> {
             })
             .collect(),
         assets_dir: None,
+        index: match std::env::var("USHER_BENCH_INDEX_URL") {
+            Ok(url) if !url.is_empty() => StateConfig::Postgres { url },
+            _ => StateConfig::Sqlite,
+        },
         ..Config::default()
+    };
+    let index = match &config.index {
+        StateConfig::Sqlite => "SQLite index",
+        StateConfig::Postgres { .. } => "PostgreSQL index",
     };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
@@ -142,8 +153,9 @@ pub async fn run(p: Params) -> Result<(), String> {
     let secs = start.elapsed().as_secs_f64();
     let sessions = p.agents * p.sessions;
     println!(
-        "{} agents, {sessions} sessions, {chunks} chunks, {:.1} MB in {secs:.2} s: {:.1} MB/s, {:.1} sessions/s, {:.0} chunks/s",
+        "{} agents, {sessions} sessions, {chunks} chunks of {} KiB at most, {index}, {:.1} MB in {secs:.2} s: {:.1} MB/s, {:.1} sessions/s, {:.0} chunks/s",
         p.agents,
+        p.chunk_kib,
         bytes as f64 / 1e6,
         bytes as f64 / 1e6 / secs,
         sessions as f64 / secs,
