@@ -4,8 +4,9 @@
 //! each agent ships one warm-up session (its connection, the collector's first writes)
 //! before the clock starts, and all start together.
 //!
-//! The index is SQLite in the scratch directory, or the PostgreSQL database named by
-//! `USHER_BENCH_INDEX_URL` (`postgres://…`). The scratch directory is under `TMPDIR`.
+//! The index is SQLite in the scratch directory; with `USHER_BENCH_INDEX=postgres` a
+//! scratch PostgreSQL (Debian's, as the tests start it), or the one
+//! `USHER_BENCH_INDEX_URL` (`postgres://…`) names. The scratch directory is under `TMPDIR`.
 
 use crate::config::{AgentConfig, Config, StateConfig, Storage};
 use crate::uploader::{openssh_public_line, Recording, Uploader};
@@ -32,7 +33,11 @@ pub async fn serve(listener: std::net::TcpListener, config: Config) -> Result<()
             .map_err(|e| e.to_string())?,
     );
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    axum_server::from_tcp_rustls(listener, tls)
+    // Small answers go out at once (no Nagle wait for the client's delayed ACK).
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+        .acceptor(axum_server::accept::NoDelayAcceptor::new());
+    axum_server::from_tcp(listener)
+        .acceptor(acceptor)
         .serve(crate::api::router(app).into_make_service())
         .await
         .map_err(|e| e.to_string())
@@ -44,6 +49,24 @@ pub async fn run(p: Params) -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     // The benchmark's TLS is the tests' throwaway CA.
     let ca = usher_test_support::TestCa::create(&dir).map_err(|e| e.to_string())?;
+    // `USHER_BENCH_INDEX=postgres`: a scratch PostgreSQL (the tests'), kept while this
+    // runs; `USHER_BENCH_INDEX_URL`: an existing one.
+    let mut scratch_postgres = None;
+    let postgres = match (
+        std::env::var("USHER_BENCH_INDEX_URL")
+            .ok()
+            .filter(|u| !u.is_empty()),
+        std::env::var("USHER_BENCH_INDEX").as_deref(),
+    ) {
+        (Some(url), _) => Some(url),
+        (None, Ok("postgres")) => {
+            let pg = usher_test_support::Postgres::start().map_err(|e| e.to_string())?;
+            let url = pg.url();
+            scratch_postgres = Some(pg);
+            Some(url)
+        }
+        _ => None,
+    };
     let keys: Vec<SigningKey> = (0..p.agents)
         .map(|i| SigningKey::from_bytes(&[i as u8 + 1; 32]))
         .collect();
@@ -64,9 +87,9 @@ pub async fn run(p: Params) -> Result<(), String> {
             })
             .collect(),
         assets_dir: None,
-        index: match std::env::var("USHER_BENCH_INDEX_URL") {
-            Ok(url) if !url.is_empty() => StateConfig::Postgres { url },
-            _ => StateConfig::Sqlite,
+        index: match &postgres {
+            Some(url) => StateConfig::Postgres { url: url.clone() },
+            None => StateConfig::Sqlite,
         },
         ..Config::default()
     };
@@ -162,5 +185,6 @@ pub async fn run(p: Params) -> Result<(), String> {
         chunks as f64 / secs
     );
     let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch_postgres);
     Ok(())
 }

@@ -698,12 +698,15 @@ impl Store {
         let _turn = self.session_turn(id).await;
         let signature = seal.verify(id, key).map_err(|e| e.to_string());
         let seal_text = serde_json::to_string(seal).map_err(internal)?;
-        let (dialect, writer, id_owned, seal_owned) = (
-            self.inner.dialect,
-            writer.clone(),
-            id.to_string(),
-            seal.clone(),
-        );
+        // A seal the host's key signed is the host's word, whatever carried it: it may flag
+        // the session when the stored recording does not match it. One that does not
+        // verify flags only if the request itself was signed.
+        let writer = Writer {
+            signed: writer.signed || signature.is_ok(),
+            ..writer.clone()
+        };
+        let (dialect, writer, id_owned, seal_owned) =
+            (self.inner.dialect, writer, id.to_string(), seal.clone());
         let text = seal_text.clone();
         self.commit(Vec::new(), move |tx, events| {
             let id = id_owned.as_str();
@@ -1461,8 +1464,9 @@ mod tests {
             Err(Refused::BadRequest(_))
         ));
         assert_eq!(s.store.session("s1").unwrap()["status"], "live");
-        // A seal naming other metadata: unsigned writer → refused, not flagged.
-        let other = seal_for("s1", Some("ab".repeat(32)), &ends, &key);
+        // A seal the host did not sign, from a token alone: refused, not flagged.
+        let stranger = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+        let other = seal_for("s1", Some("ab".repeat(32)), &ends, &stranger);
         assert!(matches!(
             s.store
                 .seal(&unsigned("h"), &key.verifying_key(), "s1", &other)
