@@ -330,15 +330,46 @@ impl Objects {
             Objects::Local { root, .. } => {
                 let root = root.clone();
                 let names: Vec<String> = writes.iter().map(|(p, _)| p.to_string()).collect();
-                let r =
-                    tokio::task::spawn_blocking(move || local::write_durably(&root, writes)).await;
-                match r {
-                    Ok(f) => failed = f,
+                let written =
+                    tokio::task::spawn_blocking(move || local::write_all(&root, writes)).await;
+                let written = match written {
+                    Ok(w) => w,
                     Err(e) => {
                         // The whole batch is in doubt.
                         for name in names {
                             failed.insert(name, e.to_string());
                         }
+                        return failed;
+                    }
+                };
+                failed = written.failed;
+                // Every fsync at once, each on a thread of the blocking pool: the
+                // filesystem folds concurrent fsyncs together, so the batch costs about
+                // one, not one per file.
+                let files = written.files.into_iter().map(|(name, file)| async move {
+                    let r = tokio::task::spawn_blocking(move || file.sync_all()).await;
+                    (name, r.map_err(std::io::Error::other).and_then(|r| r))
+                });
+                let dirs = written.dirs.into_iter().map(|dir| async move {
+                    tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
+                        .await
+                        .map_err(std::io::Error::other)
+                        .and_then(|r| r)
+                });
+                let (files, dirs) = futures::future::join(
+                    futures::future::join_all(files),
+                    futures::future::join_all(dirs),
+                )
+                .await;
+                // A directory that did not sync leaves every file of the batch in doubt.
+                let dir_failure = dirs.into_iter().find_map(Result::err);
+                for (name, r) in files {
+                    if let Some(e) = r.err().or_else(|| {
+                        dir_failure
+                            .as_ref()
+                            .map(|e| std::io::Error::new(e.kind(), e.to_string()))
+                    }) {
+                        failed.insert(name, e.to_string());
                     }
                 }
             }
@@ -349,74 +380,40 @@ impl Objects {
 
 mod local {
     //! Files under the objects directory, written as object_store's LocalFileSystem lays
-    //! them out (so it reads them), each through a temporary name and a rename, then all
-    //! fsync'd at once: files, the directories holding the renames, and any directory
-    //! made on the way (its entry lives in its parent).
+    //! them out (so it reads them), each through a temporary name and a rename; the caller
+    //! then fsyncs them all at once: files, the directories holding the renames, and any
+    //! directory made on the way (its entry lives in its parent).
 
     use object_store::path::Path as ObjectPath;
     use std::collections::{BTreeSet, HashMap};
     use std::io::Write;
     use std::path::{Path, PathBuf};
 
-    pub fn write_durably(
-        root: &Path,
-        writes: Vec<(ObjectPath, bytes::Bytes)>,
-    ) -> HashMap<String, String> {
-        let mut failed = HashMap::new();
-        let mut to_sync: Vec<(String, PathBuf)> = Vec::new();
-        let mut dirs = BTreeSet::new();
+    /// What a batch's writes left to sync.
+    pub struct Written {
+        pub failed: HashMap<String, String>,
+        /// Each file written, open (its data not yet synced), by object name.
+        pub files: Vec<(String, std::fs::File)>,
+        /// The directories holding the renames, and those made on the way.
+        pub dirs: BTreeSet<PathBuf>,
+    }
+
+    pub fn write_all(root: &Path, writes: Vec<(ObjectPath, bytes::Bytes)>) -> Written {
+        let mut written = Written {
+            failed: HashMap::new(),
+            files: Vec::new(),
+            dirs: BTreeSet::new(),
+        };
         for (path, bytes) in writes {
             let file = root.join(path.as_ref());
-            match write_one(root, &file, &bytes, &mut dirs) {
-                Ok(()) => to_sync.push((path.to_string(), file)),
+            match write_one(root, &file, &bytes, &mut written.dirs) {
+                Ok(f) => written.files.push((path.to_string(), f)),
                 Err(e) => {
-                    failed.insert(path.to_string(), e.to_string());
+                    written.failed.insert(path.to_string(), e.to_string());
                 }
             }
         }
-        // Every fsync at once, each on a thread: ext4 folds concurrent fsyncs into one
-        // journal commit, so the batch costs about one, not one per file.
-        std::thread::scope(|scope| {
-            let files: Vec<_> = to_sync
-                .iter()
-                .map(|(name, file)| {
-                    (
-                        Some(name.clone()),
-                        scope.spawn(move || std::fs::File::open(file)?.sync_all()),
-                    )
-                })
-                .collect();
-            let dir_syncs: Vec<_> = dirs
-                .iter()
-                .map(|dir| {
-                    (
-                        None,
-                        scope.spawn(move || std::fs::File::open(dir)?.sync_all()),
-                    )
-                })
-                .collect();
-            let mut dir_failure = None;
-            for (name, handle) in files.into_iter().chain(dir_syncs) {
-                let r = handle
-                    .join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
-                if let Err(e) = r {
-                    match name {
-                        Some(name) => {
-                            failed.insert(name, e.to_string());
-                        }
-                        None => dir_failure = Some(e.to_string()),
-                    }
-                }
-            }
-            // A directory that did not sync leaves every file of the batch in doubt.
-            if let Some(e) = dir_failure {
-                for (name, _) in &to_sync {
-                    failed.insert(name.clone(), e.clone());
-                }
-            }
-        });
-        failed
+        written
     }
 
     fn write_one(
@@ -424,7 +421,7 @@ mod local {
         file: &Path,
         bytes: &[u8],
         dirs: &mut BTreeSet<PathBuf>,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<std::fs::File> {
         let parent = file
             .parent()
             .ok_or_else(|| std::io::Error::other("an object path without a directory"))?;
@@ -451,7 +448,9 @@ mod local {
         let written = (|| {
             let mut f = std::fs::File::create(&temp)?;
             f.write_all(bytes)?;
-            std::fs::rename(&temp, file)
+            std::fs::rename(&temp, file)?;
+            // Still the renamed file: its data is synced through this handle.
+            Ok(f)
         })();
         if written.is_err() {
             let _ = std::fs::remove_file(&temp);
