@@ -42,6 +42,9 @@ pub type Decision =
 
 /// One write waiting for its batch: chunks, metadata, seals, holds.
 pub struct Job {
+    /// The session whose row the decision locks: a batch locks its rows in this order, the
+    /// same on every instance, so that two instances' batches never deadlock.
+    pub session: String,
     /// Made durable before the decision runs; if one fails, the write fails.
     pub objects: Vec<(ObjectPath, Bytes)>,
     pub decide: Decision,
@@ -139,7 +142,8 @@ async fn make_durable(inner: &Inner, batch: Vec<Job>) -> Vec<Job> {
 
 /// One index transaction for every job: each decides under its session's lock, then all
 /// commit, then each is answered.
-async fn commit(inner: &Inner, jobs: Vec<Job>) {
+async fn commit(inner: &Inner, mut jobs: Vec<Job>) {
+    jobs.sort_by(|a, b| a.session.cmp(&b.session));
     let mut decisions = Vec::with_capacity(jobs.len());
     let mut fails = Vec::with_capacity(jobs.len());
     for job in jobs {

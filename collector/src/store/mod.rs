@@ -471,6 +471,7 @@ impl Store {
     /// one fails the batch.
     async fn commit<T: Send + 'static>(
         &self,
+        session: &str,
         objects: Vec<(ObjectPath, bytes::Bytes)>,
         mut decide: impl FnMut(&mut dyn Tx, &mut Vec<StoreEvent>) -> Result<Result<T, Refused>, Refused>
             + Send
@@ -481,6 +482,7 @@ impl Store {
         let slot: Slot<T> = Arc::new(Mutex::new(Some(sender)));
         let for_failure = slot.clone();
         let job = commit::Job {
+            session: session.to_string(),
             objects,
             decide: Box::new(move |tx, events| {
                 let outcome = decide(tx, events)?;
@@ -598,7 +600,7 @@ impl Store {
             Vec::new()
         };
         let dialect = self.inner.dialect;
-        self.commit(objects, move |tx, events| {
+        self.commit(id, objects, move |tx, events| {
             commit::decide_chunk(tx, dialect, &write, now(), events)
         })
         .await
@@ -638,7 +640,7 @@ impl Store {
             meta.started_at.clone(),
             meta.ended_at.clone(),
         );
-        self.commit(vec![copy], move |tx, events| {
+        self.commit(&id.clone(), vec![copy], move |tx, events| {
             let session = index::lock_session(tx, dialect, &id, &writer.host, now())?;
             if session.host != writer.host {
                 return Ok(Err(Refused::Forbidden(format!(
@@ -708,7 +710,7 @@ impl Store {
         let (dialect, writer, id_owned, seal_owned) =
             (self.inner.dialect, writer, id.to_string(), seal.clone());
         let text = seal_text.clone();
-        self.commit(Vec::new(), move |tx, events| {
+        self.commit(id, Vec::new(), move |tx, events| {
             let id = id_owned.as_str();
             let session = index::lock_session(tx, dialect, id, &writer.host, now())?;
             if session.host != writer.host {
@@ -950,7 +952,7 @@ impl Store {
     pub async fn set_hold(&self, id: &str, by: &str, reason: &str) -> Result<(), Refused> {
         let (id, by, reason) = (id.to_string(), by.to_string(), reason.to_string());
         let dialect = self.inner.dialect;
-        self.commit(Vec::new(), move |tx, _| {
+        self.commit(&id.clone(), Vec::new(), move |tx, _| {
             let status = tx.query(
                 &format!("SELECT status FROM sessions WHERE id = $1{}", dialect.for_update()),
                 &[id.clone().into()],
@@ -976,7 +978,7 @@ impl Store {
     /// Lifts session `id`'s legal hold (retention may delete it at its next sweep).
     pub async fn lift_hold(&self, id: &str) -> Result<(), Refused> {
         let id = id.to_string();
-        self.commit(Vec::new(), move |tx, _| {
+        self.commit(&id.clone(), Vec::new(), move |tx, _| {
             let n = tx.execute(
                 "UPDATE sessions SET hold = 0, hold_reason = NULL, hold_by = NULL, hold_at = NULL WHERE id = $1",
                 &[id.clone().into()],
