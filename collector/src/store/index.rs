@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, 
 
 /// Columns added since the first schema (an index made by an older collector gains them
 /// on open): (table, column, SQLite type, PostgreSQL type).
-const ADDED_COLUMNS: [(&str, &str, &str, &str); 11] = [
+const ADDED_COLUMNS: [(&str, &str, &str, &str); 12] = [
     ("sessions", "meta_hash", "TEXT", "TEXT"),
     ("sessions", "sealed_at", "INTEGER", "BIGINT"),
     ("sessions", "seal", "TEXT", "TEXT"),
@@ -56,6 +56,14 @@ const ADDED_COLUMNS: [(&str, &str, &str, &str); 11] = [
     ("sessions", "hold_at", "INTEGER", "BIGINT"),
     ("sessions", "flagged_by", "TEXT", "TEXT"),
     ("sessions", "created_at", "INTEGER", "BIGINT"),
+    // The search's order: the start, '' until the metadata says it (keyset pages on
+    // (sort_key, id), through an index).
+    (
+        "sessions",
+        "sort_key",
+        "TEXT NOT NULL DEFAULT ''",
+        "TEXT NOT NULL DEFAULT ''",
+    ),
     (
         "chunks",
         "encoding",
@@ -166,6 +174,8 @@ pub fn open(config: &StateConfig, data_dir: &Path) -> Result<(Db, Db, Dialect), 
 /// Indexes on added columns (made after the columns exist).
 const INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS sessions_hold ON sessions(hold);
+CREATE INDEX IF NOT EXISTS sessions_order ON sessions(sort_key, id);
+UPDATE sessions SET sort_key = started_at WHERE sort_key = '' AND started_at IS NOT NULL;
 ";
 
 /// A session's row as a write sees it, locked for the rest of the transaction.

@@ -661,7 +661,7 @@ impl Store {
                 return Ok(Err(Refused::AfterSeal(why)));
             }
             tx.execute(
-                "UPDATE sessions SET login = $1, sub = $2, started_at = $3, ended_at = $4, meta = $5, meta_hash = $6 WHERE id = $7",
+                "UPDATE sessions SET login = $1, sub = $2, started_at = $3, sort_key = $3, ended_at = $4, meta = $5, meta_hash = $6 WHERE id = $7",
                 &[
                     login.clone().into(),
                     sub.clone().into(),
@@ -789,7 +789,7 @@ impl Store {
             "SELECT s.id, s.host, s.login, s.sub, s.started_at, s.ended_at, s.status, s.problem,
                     (SELECT count(*) FROM commands c WHERE c.session = s.id),
                     CASE WHEN EXISTS (SELECT 1 FROM chunks k WHERE k.session = s.id AND k.stream = 'desktop') THEN 1 ELSE 0 END,
-                    s.hold, COALESCE(s.started_at, '')
+                    s.hold, s.sort_key
              FROM sessions s
              WHERE (CAST($1 AS TEXT) IS NULL OR s.sub = $1) AND (CAST($2 AS TEXT) IS NULL OR s.host = $2)
                AND (CAST($3 AS TEXT) IS NULL OR s.login = $3)
@@ -797,10 +797,9 @@ impl Store {
                AND (CAST($6 AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM commands c WHERE c.session = s.id
                     AND ({f}(c.path, $6) > 0 OR {f}(c.argv, $6) > 0)))
                AND (CAST($7 AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM chunks k WHERE k.session = s.id AND k.stream = $7))
-               AND (CAST($8 AS TEXT) IS NULL OR COALESCE(s.started_at, '') < $8
-                    OR (COALESCE(s.started_at, '') = $8 AND s.id < $9))
+               AND (CAST($8 AS TEXT) IS NULL OR s.sort_key < $8 OR (s.sort_key = $8 AND s.id < $9))
                AND s.status <> '{DELETING}'
-             ORDER BY COALESCE(s.started_at, '') DESC, s.id DESC LIMIT $10"
+             ORDER BY s.sort_key DESC, s.id DESC LIMIT $10"
         );
         let params: Vec<Value> = vec![
             q.sub.clone().into(),
@@ -1590,6 +1589,34 @@ mod tests {
             std::fs::read(s.dir.join("objects").join(rows[0][1].text().unwrap())).unwrap();
         assert_eq!(on_disk, encoded.to_vec(), "kept as sent");
         assert_eq!(read_all(&s.store, "z1", "cast", 0).await.1, raw);
+    }
+
+    #[tokio::test]
+    async fn chunks_stored_by_an_older_collector_are_read_where_it_put_them() {
+        let s = scratch_store("legacy");
+        let links = chain_of("old-c", "cast", &[b"before\n", b"after\n"]);
+        // As an older collector left it: `<seq:010>`, no object or encoding in the row.
+        let dir = s.dir.join("objects/sessions/old-c/cast");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("0000000000"), b"before\n").unwrap();
+        exec(
+            &s.store,
+            "INSERT INTO sessions (id, host) VALUES ('old-c', 'h')",
+            vec![],
+        );
+        exec(
+            &s.store,
+            "INSERT INTO chunks (session, stream, seq, hash, size) VALUES ('old-c', 'cast', 0, $1, 7)",
+            vec![links[0].1.clone().into()],
+        );
+        // The next chunk continues it, the new way.
+        put(&s.store, &writer("h"), "old-c", "cast", 1, &links[1])
+            .await
+            .unwrap();
+        assert_eq!(
+            read_all(&s.store, "old-c", "cast", 0).await,
+            (2, b"before\nafter\n".to_vec())
+        );
     }
 
     #[tokio::test]
