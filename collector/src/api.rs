@@ -23,8 +23,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use usher_wire::collector::{
-    chunk_signed_text, meta_signed_text, sha256_hex, verify_write, ErrorCode, Refusal,
-    HASH_HEADER, PREV_HASH_HEADER, SIGNATURE_HEADER,
+    chunk_signed_text, meta_signed_text, sha256_hex, verify_write, ErrorCode, Refusal, HASH_HEADER,
+    PREV_HASH_HEADER, SIGNATURE_HEADER,
 };
 use usher_wire::jit::{Principal, Role};
 use usher_wire::seal::Seal;
@@ -392,8 +392,7 @@ async fn gate(State(app): State<Shared>, req: Request, next: Next) -> Response {
             return next.run(req).await;
         }
     }
-    if needs_credentials(req.uri().path())
-        && principal(&app, req.headers(), &Method::GET).is_err()
+    if needs_credentials(req.uri().path()) && principal(&app, req.headers(), &Method::GET).is_err()
     {
         let addr = client_addr(req.extensions())
             .map(|a| a.ip().to_string())
@@ -649,7 +648,9 @@ async fn seal(State(app): State<Shared>, Path(id): Path<String>, req: Request) -
         Err(e) => return bad_request(format!("the seal is not a seal: {e}")),
     };
     if seal.meta.is_none() {
-        return bad_request("the seal does not cover the metadata (usher-seal-v1): send usher-seal-v2");
+        return bad_request(
+            "the seal does not cover the metadata (usher-seal-v1): send usher-seal-v2",
+        );
     }
     // The seal is its own signature: one not by the host's key is refused like an
     // unsigned write (a stolen token cannot flag a session with a bad seal).
@@ -782,7 +783,10 @@ async fn raw_stream(
             if let Ok(v) = header::HeaderValue::from_str(&status) {
                 h.insert(SESSION_STATUS_HEADER, v);
             }
-            h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+            h.insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            );
             response
         }
         Err(e) => refused(e),

@@ -118,10 +118,11 @@ impl Config {
             || l.unauthenticated_per_second.is_nan()
             || l.unauthenticated_per_second <= 0.0
         {
-            return Err("limits: agent and unauthenticated bursts and rates must be above 0".into());
+            return Err(
+                "limits: agent and unauthenticated bursts and rates must be above 0".into(),
+            );
         }
-        if l.max_connections == 0 || l.header_secs == 0 || l.body_secs == 0 || l.idle_secs == 0
-        {
+        if l.max_connections == 0 || l.header_secs == 0 || l.body_secs == 0 || l.idle_secs == 0 {
             return Err("limits: max_connections and the timeouts must be above 0".into());
         }
         if self.tls.require_client_cert && self.tls.client_ca.is_none() {

@@ -398,7 +398,13 @@ fn hand_to_app(app: &api::App, config: config::Config, changed: &[String]) -> Ve
         .filter(|s| {
             matches!(
                 s.as_str(),
-                "data_dir" | "storage" | "state" | "agent" | "oidc" | "public_url" | "tls"
+                "data_dir"
+                    | "storage"
+                    | "state"
+                    | "agent"
+                    | "oidc"
+                    | "public_url"
+                    | "tls"
                     | "limits"
             )
         })

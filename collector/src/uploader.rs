@@ -7,9 +7,9 @@
 use base64::Engine;
 use ed25519_dalek::SigningKey;
 use std::collections::BTreeMap;
-use usher_wire::chain::{self, Link};
 use std::collections::HashMap;
 use std::sync::Mutex;
+use usher_wire::chain::{self, Link};
 use usher_wire::collector::{
     chunk_signed_text, meta_signed_text, sha256_hex, sign_write, ChunkAccepted, StreamStatus,
     HASH_HEADER, PREV_HASH_HEADER, SIGNATURE_HEADER,
@@ -394,10 +394,9 @@ impl Uploader {
             .header(PREV_HASH_HEADER, prev_hex)
             .header(HASH_HEADER, hash_hex)
             .body(body);
-        if let Some(sig) = self.signature(
-            how,
-            &chunk_signed_text(id, stream, seq, prev_hex, hash_hex),
-        ) {
+        if let Some(sig) =
+            self.signature(how, &chunk_signed_text(id, stream, seq, prev_hex, hash_hex))
+        {
             req = req.header(SIGNATURE_HEADER, sig);
         }
         self.send(req).await
