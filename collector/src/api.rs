@@ -48,6 +48,8 @@ pub struct App {
     agent_limit: RateLimit,
     /// Requests without valid credentials to routes that need them, per client address.
     unauthenticated_limit: RateLimit,
+    /// Searches and reads of recordings per person (`sub`).
+    reader_limit: RateLimit,
     /// When each (viewer, session, stream) replay was last recorded in the audit trail.
     views: Mutex<HashMap<(String, String, String), i64>>,
 }
@@ -129,11 +131,14 @@ impl App {
             config.limits.unauthenticated_burst,
             config.limits.unauthenticated_per_second,
         );
+        let reader_limit =
+            RateLimit::new(config.limits.reader_burst, config.limits.reader_per_second);
         Ok(App {
             store: Store::open(&config)?,
             config,
             agent_limit,
             unauthenticated_limit,
+            reader_limit,
             views: Mutex::new(HashMap::new()),
             agents,
             workflow,
@@ -392,17 +397,29 @@ async fn gate(State(app): State<Shared>, req: Request, next: Next) -> Response {
             return next.run(req).await;
         }
     }
-    if needs_credentials(req.uri().path()) && principal(&app, req.headers(), &Method::GET).is_err()
-    {
-        let addr = client_addr(req.extensions())
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
-        if !app.unauthenticated_limit.allow(&addr) {
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::RateLimited,
-                "too many requests without valid credentials from this address",
-            );
+    if needs_credentials(req.uri().path()) {
+        match principal(&app, req.headers(), &Method::GET) {
+            Ok(who) => {
+                if !app.reader_limit.allow(&who.sub) {
+                    return error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        ErrorCode::RateLimited,
+                        "too many requests from this reviewer",
+                    );
+                }
+            }
+            Err(_) => {
+                let addr = client_addr(req.extensions())
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
+                if !app.unauthenticated_limit.allow(&addr) {
+                    return error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        ErrorCode::RateLimited,
+                        "too many requests without valid credentials from this address",
+                    );
+                }
+            }
         }
     }
     next.run(req).await

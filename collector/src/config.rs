@@ -113,13 +113,16 @@ impl Config {
         }
         if l.agent_burst == 0
             || l.unauthenticated_burst == 0
+            || l.reader_burst == 0
+            || l.reader_per_second.is_nan()
+            || l.reader_per_second <= 0.0
             || l.agent_per_second.is_nan()
             || l.agent_per_second <= 0.0
             || l.unauthenticated_per_second.is_nan()
             || l.unauthenticated_per_second <= 0.0
         {
             return Err(
-                "limits: agent and unauthenticated bursts and rates must be above 0".into(),
+                "limits: agent, unauthenticated and reader bursts and rates must be above 0".into(),
             );
         }
         if l.max_connections == 0 || l.header_secs == 0 || l.body_secs == 0 || l.idle_secs == 0 {
@@ -315,6 +318,9 @@ pub struct Limits {
     /// guesser of tokens gets before 429.
     pub unauthenticated_burst: u32,
     pub unauthenticated_per_second: f64,
+    /// Searches and reads of recordings per person (an API token's or the page's `sub`).
+    pub reader_burst: u32,
+    pub reader_per_second: f64,
     /// Open connections at once; more are closed as they arrive.
     pub max_connections: usize,
     /// A request's headers must arrive within this many seconds (HTTP/1.1; a keep-alive
@@ -339,6 +345,8 @@ impl Default for Limits {
             agent_per_second: 500.0,
             unauthenticated_burst: 100,
             unauthenticated_per_second: 10.0,
+            reader_burst: 300,
+            reader_per_second: 50.0,
             max_connections: 4096,
             header_secs: 10,
             body_secs: 60,
