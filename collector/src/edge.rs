@@ -1,7 +1,8 @@
 //! The service's connections, before any request: TLS (with client certificates when
 //! `[tls] client_ca` is set), a cap on open connections, and closing connections that sit
-//! idle. HTTP's own limits (the time to send headers) are set on the server's builder in
-//! `main.rs`.
+//! idle (no request in flight, whatever bytes pass: HTTP/2 pings do not keep a connection
+//! that asks nothing). HTTP's own limits (the time to send headers) are set on the
+//! server's builder in `main.rs`.
 
 use axum::http::Request;
 use axum_server::accept::{Accept, DefaultAcceptor};
@@ -198,52 +199,68 @@ where
             } else {
                 None
             };
-            let in_flight = Arc::new(AtomicUsize::new(0));
+            let activity = Arc::new(Activity {
+                in_flight: AtomicUsize::new(0),
+                last: std::sync::Mutex::new(tokio::time::Instant::now()),
+            });
             Ok((
                 Watched {
                     inner: stream,
                     _permit: permit,
                     idle: acceptor.idle,
                     deadline: Box::pin(tokio::time::sleep(acceptor.idle)),
-                    in_flight: in_flight.clone(),
+                    activity: activity.clone(),
                 },
                 ConnectionService {
                     inner: service,
                     cert,
-                    in_flight,
+                    activity,
                 },
             ))
         })
     }
 }
 
+/// What a connection's requests are doing: how many are in flight (until their answer's
+/// body is sent or dropped), and when the last one ended.
+pub struct Activity {
+    in_flight: AtomicUsize,
+    last: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Activity {
+    fn last(&self) -> tokio::time::Instant {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A connection's stream: it holds its place under the connection cap, and fails (closing
-/// the connection) once nothing was read or written for `idle` while no request was in
-/// flight.
+/// the connection) once no request was in flight for `idle`.
 pub struct Watched<S> {
     inner: S,
     _permit: tokio::sync::OwnedSemaphorePermit,
     idle: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
-    in_flight: Arc<AtomicUsize>,
+    activity: Arc<Activity>,
 }
 
 impl<S> Watched<S> {
-    fn active(&mut self) {
-        let next = tokio::time::Instant::now() + self.idle;
-        self.deadline.as_mut().reset(next);
-    }
-
     /// Pending while the connection may stay; an error once it has been idle too long.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.deadline.as_mut().poll(cx).is_ready() {
-            if self.in_flight.load(Ordering::Relaxed) == 0 {
+            let now = tokio::time::Instant::now();
+            let next = if self.activity.in_flight.load(Ordering::Relaxed) > 0 {
+                now + self.idle
+            } else {
+                self.activity.last() + self.idle
+            };
+            if next <= now {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "idle connection closed",
                 )));
             }
-            self.active();
+            self.deadline.as_mut().reset(next);
         }
         Poll::Pending
     }
@@ -257,10 +274,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                this.active();
-                Poll::Ready(r)
-            }
+            Poll::Ready(r) => Poll::Ready(r),
             Poll::Pending => this.poll_idle(cx),
         }
     }
@@ -272,12 +286,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if r.is_ready() {
-            this.active();
-        }
-        r
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -293,12 +302,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if r.is_ready() {
-            this.active();
-        }
-        r
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -311,22 +315,56 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 pub struct ConnectionService<S> {
     inner: S,
     cert: Option<ClientCert>,
-    in_flight: Arc<AtomicUsize>,
+    activity: Arc<Activity>,
 }
 
-/// Counts a request in flight until its answer is made (a streamed answer keeps the
-/// connection active by writing).
-struct InFlight(Arc<AtomicUsize>);
+/// Counts a request in flight until its answer's body is sent (or dropped).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(activity.clone())
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        *self.0.last.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An answer's body that holds its request in flight while it is sent (a large recording
+/// streamed for minutes is not an idle connection).
+struct TrackedBody {
+    inner: axum::body::Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
 impl<S, B> tower::Service<Request<B>> for ConnectionService<S>
 where
-    S: tower::Service<Request<B>>,
+    S: tower::Service<Request<B>, Response = axum::response::Response>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -341,13 +379,16 @@ where
         if let Some(cert) = &self.cert {
             req.extensions_mut().insert(cert.clone());
         }
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let guard = InFlight(self.in_flight.clone());
+        let in_flight = InFlight::start(&self.activity);
         let answer = self.inner.call(req);
         Box::pin(async move {
-            let r = answer.await;
-            drop(guard);
-            r
+            let response = answer.await?;
+            Ok(response.map(|inner| {
+                axum::body::Body::new(TrackedBody {
+                    inner,
+                    _in_flight: in_flight,
+                })
+            }))
         })
     }
 }

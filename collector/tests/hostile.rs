@@ -688,3 +688,46 @@ async fn a_stream_is_read_from_a_chunk_on() {
     assert_eq!((next, session.as_str()), (n.to_string(), "complete"));
     assert_eq!(body, r.cast[3..].concat());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_but_a_long_poll_is_not() {
+    use tokio::io::AsyncWriteExt;
+    let a = host("idle-a", 31);
+    let c = started_with(&[&a], "[limits]\nidle_secs = 2\n");
+    // One request answered, then nothing: closed after about idle_secs (long before the
+    // 10 s a keep-alive connection may wait for its next headers).
+    let mut conn = tls_connect(&c).await;
+    conn.write_all(b"GET /api/v1/sessions HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    conn.flush().await.unwrap();
+    let took = closed_within(&mut conn, Duration::from_secs(8))
+        .await
+        .expect("an idle connection is closed");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "closed after {took:?}"
+    );
+    // A long-poll of 4 s says nothing on its connection meanwhile: it is answered, not cut
+    // (over HTTP/1.1 and over HTTP/2, whose pings would not count as a request).
+    for http1 in [true, false] {
+        let mut up = c.uploader(&a);
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&c.ca).unwrap());
+        up.client = if http1 { client.http1_only() } else { client }
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        let answer = up
+            .send(up.client.get(format!(
+                "{}/api/v1/agent/grants?since=1000000000&wait=4",
+                c.url()
+            )))
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "http1 {http1}: {:?}", answer.body);
+        assert!(started.elapsed() >= Duration::from_secs(4));
+    }
+}
