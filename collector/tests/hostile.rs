@@ -283,6 +283,65 @@ async fn a_write_not_signed_by_the_host_key_is_refused_and_flags_nothing() {
     let a = up.seal("sig1", &ends).await.unwrap();
     assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(session_of(&c, "sig1").await["status"], "complete");
+    // A chunk captured on the wire (headers, signature and body), replayed: as it was, it
+    // is a duplicate; into another session or at another number its signature does not
+    // hold, so it is refused and flags nothing.
+    let h = r.hashes("cast");
+    let captured_sig = usher_wire::collector::sign_write(
+        &host_a.key,
+        &usher_wire::collector::chunk_signed_text(
+            "sig1",
+            "cast",
+            1,
+            &hex::encode(h[0]),
+            &hex::encode(h[1]),
+        ),
+    );
+    let (prev1, hash1) = (hex::encode(h[0]), hex::encode(h[1]));
+    let captured = Signature::Header(captured_sig);
+    let replay = |id: &'static str, seq: u64| {
+        up.put_chunk_signed_as(
+            id,
+            "cast",
+            seq,
+            &prev1,
+            &hash1,
+            r.cast[1].clone(),
+            &captured,
+        )
+    };
+    let a = replay("sig1", 1).await.unwrap();
+    assert_eq!(
+        (a.status, &a.body["duplicate"]),
+        (200, &serde_json::json!(true))
+    );
+    let a = replay("sig1", 5).await.unwrap();
+    assert_eq!(a.status, 403, "{:?}", a.body);
+    let a = replay("sig2", 1).await.unwrap();
+    assert_eq!(a.status, 403, "{:?}", a.body);
+    assert_eq!(session_of(&c, "sig1").await["status"], "complete");
+    // A seal by the host that leaves out the last chunk it shipped: flagged (a signed write
+    // may flag its own host's session).
+    let r3 = rec("sig3", "sig-a");
+    up.put_meta(&r3.id, &r3.meta).await.unwrap();
+    up.ship_stream(&r3, "audit", usize::MAX).await.unwrap();
+    up.ship_stream(&r3, "cast", usize::MAX).await.unwrap();
+    let h3 = r3.hashes("cast");
+    let short = vec![
+        (
+            "audit".to_string(),
+            r3.audit.len() as u64,
+            hex::encode(*r3.hashes("audit").last().unwrap()),
+        ),
+        (
+            "cast".to_string(),
+            h3.len() as u64 - 1,
+            hex::encode(h3[h3.len() - 2]),
+        ),
+    ];
+    let a = up.seal("sig3", &short).await.unwrap();
+    assert_eq!(a.status, 422, "{:?}", a.body);
+    assert_eq!(session_of(&c, "sig3").await["status"], "tampered");
     // The refusals are logged with the writer: host and token fingerprint, not the token.
     let log = c.log();
     let fingerprint = usher_collector::store::Writer::token_id(&up.token);
