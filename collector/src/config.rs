@@ -504,4 +504,26 @@ ca = "/etc/usher/ci-ca.pem"
         assert_eq!(parse_window("22:00-06:00"), Some((1320, 360)));
         assert_eq!(parse_window("25:00-06:00"), None);
     }
+
+    #[test]
+    fn client_certificates_and_edge_limits_read_and_are_checked() {
+        let base = "listen = \"a\"\ntls_cert = \"c\"\ntls_key = \"k\"\ndata_dir = \"d\"\n";
+        let c: Config = toml::from_str(&format!(
+            "{base}[tls]\nclient_ca = \"/etc/usher/agents-ca.pem\"\nrequire_client_cert = true\n\
+             [limits]\nmax_connections = 10\nbody_secs = 5\n"
+        ))
+        .unwrap();
+        assert_eq!(c.check(), Ok(()));
+        assert_eq!(c.limits.max_connections, 10);
+        assert_eq!(c.limits.header_secs, 10, "the others keep their defaults");
+        let c: Config =
+            toml::from_str(&format!("{base}[tls]\nrequire_client_cert = true\n")).unwrap();
+        assert!(c.check().is_err(), "required, but chaining to nothing");
+        let c: Config =
+            toml::from_str(&format!("{base}[limits]\nagent_per_second = 0.0\n")).unwrap();
+        assert!(c.check().is_err());
+        let c: Config = toml::from_str(&format!("{base}[limits]\nidle_secs = 0\n")).unwrap();
+        assert!(c.check().is_err());
+        assert!(toml::from_str::<Config>(&format!("{base}[tls]\nclient_key = \"x\"\n")).is_err());
+    }
 }
