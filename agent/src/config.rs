@@ -202,12 +202,19 @@ pub struct CollectorConfig {
     /// Client certificate and key, PEM, for collectors that want mutual TLS.
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
-    /// Largest chunk, in bytes.
+    /// Largest chunk of a live session's tail, in bytes (what a reviewer watching it
+    /// waits for). A backlog (a finished session, or more than two chunks not yet sent)
+    /// goes in chunks of up to 4 MiB.
     #[serde(default = "default_chunk_bytes")]
     pub chunk_bytes: usize,
     /// Seconds between shipping rounds while sessions are live.
     #[serde(default = "default_interval")]
     pub interval_secs: u64,
+    /// Chunk bodies go compressed (`Content-Encoding: zstd`, level 1) when that saves at
+    /// least a tenth; `false` sends them as they are (a collector older than the fleet
+    /// issue does not decode them).
+    #[serde(default = "default_compress")]
+    pub compress: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -253,6 +260,10 @@ fn default_chunk_bytes() -> usize {
 
 fn default_interval() -> u64 {
     2
+}
+
+fn default_compress() -> bool {
+    true
 }
 
 impl Default for SpoolConfig {

@@ -144,8 +144,15 @@ pub fn run() -> Result<(), String> {
     if !is_root() {
         return Err("the benchmark runs as root".into());
     }
-    build_binaries(Profile::Release)?;
-    let bin = release_dir();
+    // `USHER_BENCH_BIN_DIR`: binaries built before (e.g. another revision's, to compare),
+    // and no build here.
+    let bin = match std::env::var_os("USHER_BENCH_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            build_binaries(Profile::Release)?;
+            release_dir()
+        }
+    };
     let dir = PathBuf::from(format!("/tmp/usher-bench-ship-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -381,6 +388,17 @@ pub fn run() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let pid = child.id();
     procs.0.push(child);
+    // `USHER_BENCH_PERF=FILE`: a perf profile of the agent while it ships.
+    let perf = std::env::var_os("USHER_BENCH_PERF").and_then(|out| {
+        Command::new("perf")
+            .args(["record", "-g", "-q", "-o"])
+            .arg(out)
+            .args(["-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()
+    });
     let cpu1 = cpu_secs(pid);
     let deadline = Instant::now() + Duration::from_secs(300);
     while complete_count(collector_port, &ca, &token) <= before {
@@ -390,6 +408,12 @@ pub fn run() -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let ship_cpu = cpu_secs(pid) - cpu1;
+    if let Some(mut perf) = perf {
+        let _ = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
     println!(
         "one agent, {:.1} MB session: recording it cost {:.2} s CPU (relaying included), shipping it {:.2} s CPU: shipping/recording = {:.2}",
         bench_scaled(RECORD_MB << 20) as f64 / (1 << 20) as f64,
