@@ -203,10 +203,13 @@ pub struct CollectorConfig {
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     /// Largest chunk of a live session's tail, in bytes (what a reviewer watching it
-    /// waits for). A backlog (a finished session, or more than two chunks not yet sent)
-    /// goes in chunks of up to 4 MiB.
+    /// waits for).
     #[serde(default = "default_chunk_bytes")]
     pub chunk_bytes: usize,
+    /// Largest chunk of a backlog (a finished session, or more than two chunks waiting),
+    /// in bytes: at most, and by default, the collector's 4 MiB.
+    #[serde(default = "default_backlog_chunk_bytes")]
+    pub backlog_chunk_bytes: usize,
     /// Seconds between shipping rounds while sessions are live.
     #[serde(default = "default_interval")]
     pub interval_secs: u64,
@@ -260,6 +263,10 @@ fn default_chunk_bytes() -> usize {
 
 fn default_interval() -> u64 {
     2
+}
+
+fn default_backlog_chunk_bytes() -> usize {
+    4 << 20
 }
 
 fn default_compress() -> bool {

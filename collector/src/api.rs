@@ -347,29 +347,55 @@ async fn put_chunk(
     let (Some(prev), Some(hash)) = (hdr("x-usher-prev-hash"), hdr("x-usher-hash")) else {
         return bad_request("X-Usher-Prev-Hash and X-Usher-Hash are required");
     };
-    if body.len() > MAX_CHUNK {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::TooLarge,
-            "a chunk is at most 4 MiB",
-        );
-    }
+    let chunk = match decode_chunk(&headers, body) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
     match app
         .store
-        .put_chunk(
-            &writer,
-            &id,
-            &stream,
-            seq,
-            &prev,
-            &hash,
-            ChunkBody::identity(body),
-        )
+        .put_chunk(&writer, &id, &stream, seq, &prev, &hash, chunk)
         .await
     {
         Ok(a) if a.stored => (StatusCode::CREATED, Json(a)).into_response(),
         Ok(a) => Json(a).into_response(),
         Err(e) => refused(e),
+    }
+}
+
+/// A chunk's body as sent (`Content-Encoding: zstd` or none) → its decoded bytes, at most
+/// 4 MiB either way (collector/src/encoding.rs).
+fn decode_chunk(headers: &HeaderMap, body: axum::body::Bytes) -> Result<ChunkBody, Response> {
+    use crate::encoding::{decode, EncodingError};
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            "a chunk is at most 4 MiB",
+        )
+    };
+    if body.len() > MAX_CHUNK {
+        return Err(too_large());
+    }
+    let header = match headers.get(axum::http::header::CONTENT_ENCODING) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| bad_request("Content-Encoding is not text"))?,
+        ),
+    };
+    match decode(header, body.clone(), MAX_CHUNK) {
+        Ok((raw, encoding)) => Ok(ChunkBody {
+            raw,
+            encoded: body,
+            encoding,
+        }),
+        Err(EncodingError::TooLarge { .. }) => Err(too_large()),
+        Err(e @ EncodingError::NotZstd) => Err(bad_request(e.to_string())),
+        Err(e @ EncodingError::Unsupported(_)) => Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::BadRequest,
+            e.to_string(),
+        )),
     }
 }
 

@@ -11,7 +11,7 @@
 mod client;
 mod state;
 
-pub use client::{ChunkWrite, Client, ClientError, Collector, PutOutcome};
+pub use client::{compress, ChunkWrite, Client, ClientError, Collector, PutOutcome};
 /// The chain's format lives in the wire crate; here for the agent's users of it.
 pub use usher_wire::chain;
 
@@ -130,13 +130,15 @@ impl Shipper<Client> {
         spool: &Path,
         signing: ed25519_dalek::SigningKey,
     ) -> Result<Shipper<Client>, ClientError> {
-        Ok(Shipper::with_collector(
+        let mut shipper = Shipper::with_collector(
             Client::new(config)?,
             spool,
             signing,
             config.chunk_bytes,
             Duration::from_secs(config.interval_secs.max(1)),
-        ))
+        );
+        shipper.backlog_chunk_bytes = config.backlog_chunk_bytes.clamp(1024, MAX_CHUNK);
+        Ok(shipper)
     }
 }
 
