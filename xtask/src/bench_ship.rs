@@ -156,11 +156,14 @@ fn agent_config(
         "host_name = \"{host}\"\nstate_dir = \"{d}/state\"\nspool_dir = \"{d}/spool\"\npolicies_dir = \"{d}/policies\"\n\
          control_socket = \"{d}/control.sock\"\nconsole_socket = \"{d}/console.sock\"\nenforcement = \"off\"\n\
          [ssh]\nlisten = [\"127.0.0.1:{ssh_port}\"]\n[accounts]\nname_prefix = \"bs-\"\nuid_min = {range}\nuid_max = {}\n\
-         [collector]\nurl = \"https://127.0.0.1:{collector}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\ninterval_secs = 1\n",
+         [collector]\nurl = \"https://127.0.0.1:{collector}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\ninterval_secs = 1\n{extra}",
         range + 9,
         token_file.display(),
         ca.display(),
-        d = dir.display()
+        d = dir.display(),
+        // `USHER_BENCH_AGENT_COLLECTOR="compress = false\n…"`: more of the agents'
+        // `[collector]` (to measure what one setting buys).
+        extra = std::env::var("USHER_BENCH_AGENT_COLLECTOR").unwrap_or_default()
     )
 }
 
