@@ -354,7 +354,18 @@ impl<C: Collector> Shipper<C> {
             let (base, bytes) = match (st.pending.first(), st.pending.last()) {
                 (Some(first), Some(last)) => {
                     let (base, len) = (first.offset, (last.end() - first.offset) as usize);
-                    (base, read_range(path, base, len)?)
+                    let bytes = read_range(path, base, len)?;
+                    // The file was cut behind the agent's back: what was planned is gone.
+                    if bytes.len() != len {
+                        return Err(ShipError::Spool {
+                            path: path.to_owned(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "shorter than the chunks planned from it",
+                            ),
+                        });
+                    }
+                    (base, bytes)
                 }
                 _ => {
                     let Some(bytes) = self.cut(id, stream, path, st, live)? else {
@@ -1240,5 +1251,19 @@ mod tests {
         assert!(fake.chunks("s1", "cast").is_empty());
         assert!(fake.held().meta.is_empty());
         assert!(spool.holds("s1"));
+    }
+
+    #[tokio::test]
+    async fn a_spool_file_cut_short_behind_a_plan_is_an_error_not_a_crash() {
+        let (spool, fake, shipper) = setup("cut-short");
+        let cast = lines(0, 6);
+        spool.append("s1", "cast", &cast);
+        spool.write_meta("s1", true);
+        fake.lose_next_answer.store(true, Ordering::SeqCst);
+        let mut states = BTreeMap::new();
+        assert!(shipper.round(&mut states, &Nothing).await.is_err());
+        std::fs::write(spool.path("s1", "cast"), &cast[..100]).unwrap();
+        let error = shipper.round(&mut states, &Nothing).await.unwrap_err();
+        assert!(matches!(error, ShipError::Spool { .. }), "{error}");
     }
 }
