@@ -504,18 +504,39 @@ async fn read_body(
         .map_err(|_| BodyRefused::Timeout(secs))?
 }
 
-/// A chunk's body as sent, by its `Content-Encoding`, to what the store keeps.
-/// (Identity only for now; `encoding.rs` adds zstd here.)
-fn decode_chunk(headers: &HeaderMap, encoded: bytes::Bytes) -> Result<ChunkBody, Response> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
-    match encoding.as_deref() {
-        None | Some("identity") => Ok(ChunkBody::identity(encoded)),
-        Some(other) => Err(error(
+/// A chunk's body as sent (`Content-Encoding: zstd` or none) → its decoded bytes, at most
+/// 4 MiB either way (collector/src/encoding.rs).
+fn decode_chunk(headers: &HeaderMap, body: axum::body::Bytes) -> Result<ChunkBody, Response> {
+    use crate::encoding::{decode, EncodingError};
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            "a chunk is at most 4 MiB",
+        )
+    };
+    if body.len() > MAX_CHUNK {
+        return Err(too_large());
+    }
+    let header = match headers.get(axum::http::header::CONTENT_ENCODING) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| bad_request("Content-Encoding is not text"))?,
+        ),
+    };
+    match decode(header, body.clone(), MAX_CHUNK) {
+        Ok((raw, encoding)) => Ok(ChunkBody {
+            raw,
+            encoded: body,
+            encoding,
+        }),
+        Err(EncodingError::TooLarge { .. }) => Err(too_large()),
+        Err(e @ EncodingError::NotZstd) => Err(bad_request(e.to_string())),
+        Err(e @ EncodingError::Unsupported(_)) => Err(error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::BadRequest,
-            format!("Content-Encoding {other:?} is not taken"),
+            e.to_string(),
         )),
     }
 }

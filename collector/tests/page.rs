@@ -146,7 +146,9 @@ async fn a_live_session_is_watched_as_it_grows() {
         .collect();
     assert_eq!(froms.first(), Some(&None), "{fetched:?}");
     assert!(
-        froms[1..].iter().all(|f| f.is_some_and(|k| k >= (n / 2) as u64)),
+        froms[1..]
+            .iter()
+            .all(|f| f.is_some_and(|k| k >= (n / 2) as u64)),
         "after the first read, only new chunks are asked for: {fetched:?}"
     );
     assert!(
