@@ -202,12 +202,22 @@ pub struct CollectorConfig {
     /// Client certificate and key, PEM, for collectors that want mutual TLS.
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
-    /// Largest chunk, in bytes.
+    /// Largest chunk of a live session's tail, in bytes (what a reviewer watching it
+    /// waits for).
     #[serde(default = "default_chunk_bytes")]
     pub chunk_bytes: usize,
+    /// Largest chunk of a backlog (a finished session, or more than two chunks waiting),
+    /// in bytes: at most, and by default, the collector's 4 MiB.
+    #[serde(default = "default_backlog_chunk_bytes")]
+    pub backlog_chunk_bytes: usize,
     /// Seconds between shipping rounds while sessions are live.
     #[serde(default = "default_interval")]
     pub interval_secs: u64,
+    /// Chunk bodies go compressed (`Content-Encoding: zstd`, level 1) when that saves at
+    /// least a tenth; `false` sends them as they are (a collector older than the fleet
+    /// issue does not decode them).
+    #[serde(default = "default_compress")]
+    pub compress: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -253,6 +263,14 @@ fn default_chunk_bytes() -> usize {
 
 fn default_interval() -> u64 {
     2
+}
+
+fn default_backlog_chunk_bytes() -> usize {
+    4 << 20
+}
+
+fn default_compress() -> bool {
+    true
 }
 
 impl Default for SpoolConfig {

@@ -13,14 +13,19 @@ use crate::store::{
 };
 use crate::workflow::ratelimit::RateLimit;
 use crate::workflow::{Policy, Workflow, WorkflowError};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use std::collections::HashMap;
-use std::sync::Arc;
-use usher_wire::collector::{ErrorCode, Refusal};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use usher_wire::collector::{
+    chunk_signed_text, meta_signed_text, sha256_hex, verify_write, ErrorCode, Refusal, HASH_HEADER,
+    PREV_HASH_HEADER, SIGNATURE_HEADER,
+};
 use usher_wire::jit::{Principal, Role};
 use usher_wire::seal::Seal;
 
@@ -39,6 +44,29 @@ pub struct App {
     /// The workload issuers the `[[workload]]` rules name, with their key caches
     /// (replaced on reload).
     pub trusted: arc_swap::ArcSwap<usher_trust::TrustedIssuers>,
+    /// Requests per agent token (by its fingerprint).
+    agent_limit: RateLimit,
+    /// Requests without valid credentials to routes that need them, per client address.
+    unauthenticated_limit: RateLimit,
+    /// Searches and reads of recordings per person (`sub`).
+    reader_limit: RateLimit,
+    /// When each (viewer, session, stream) replay was last recorded in the audit trail.
+    views: Mutex<HashMap<(String, String, String), i64>>,
+}
+
+/// A chunk's body as sent (before decoding) and a metadata or seal body: at most this.
+pub const MAX_ENCODED_CHUNK: usize = MAX_CHUNK;
+pub const MAX_SMALL_BODY: usize = 64 * 1024;
+
+/// A replay is recorded once per viewer, session and stream in this many seconds.
+const VIEW_DEDUP_SECS: i64 = 60;
+
+/// The client certificate presented on a request's connection, as the TLS acceptor saw
+/// it (only when `[tls] client_ca` is set; the chain is verified by then): the names it
+/// is valid for (its DNS names, or its CN when it has none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    pub names: Vec<String>,
 }
 
 type Shared = Arc<App>;
@@ -98,11 +126,22 @@ impl App {
             config.limits.exchanges_burst,
             config.limits.exchanges_per_second,
         );
+        let agent_limit = RateLimit::new(config.limits.agent_burst, config.limits.agent_per_second);
+        let unauthenticated_limit = RateLimit::new(
+            config.limits.unauthenticated_burst,
+            config.limits.unauthenticated_per_second,
+        );
+        let reader_limit =
+            RateLimit::new(config.limits.reader_burst, config.limits.reader_per_second);
         let store = Store::open(&config)?;
         crate::store::forward_events(&store, workflow.clone());
         Ok(App {
             store,
             config,
+            agent_limit,
+            unauthenticated_limit,
+            reader_limit,
+            views: Mutex::new(HashMap::new()),
             agents,
             workflow,
             request_limit,
@@ -220,8 +259,8 @@ pub(crate) fn agent<'a>(
         })
 }
 
-/// Who makes an agent's write: its token's host, the token's fingerprint, the address.
-/// (Signatures are not checked yet: see FLEET.md.)
+/// Who makes an agent's write: its token's host, the token's fingerprint, the address
+/// (`signed` is set once the write's signature is checked).
 fn writer<'a>(
     app: &'a App,
     headers: &HeaderMap,
@@ -308,6 +347,7 @@ pub fn router(app: Shared) -> Router {
             put(put_chunk),
         )
         .layer(DefaultBodyLimit::max(MAX_CHUNK + 64 * 1024))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), gate))
         .with_state(app)
 }
 
@@ -329,30 +369,253 @@ async fn stream_status(
     }
 }
 
+/// The request's client address, when the server was started with connection info.
+fn client_addr(extensions: &axum::http::Extensions) -> Option<std::net::SocketAddr> {
+    extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0)
+}
+
+/// Routes that answer nothing without credentials (an agent's token, or a person's).
+fn needs_credentials(path: &str) -> bool {
+    path.starts_with("/api/v1/sessions") || path.starts_with("/api/v1/agent/")
+}
+
+/// In front of every route, on headers only: an agent token is held to its rate and, with
+/// `[tls] client_ca`, to a client certificate naming its host; an address that keeps
+/// asking the credentialed routes without valid credentials is slowed to 429.
+async fn gate(State(app): State<Shared>, req: Request, next: Next) -> Response {
+    if let Some(token) = bearer(req.headers()) {
+        if let Some((host, _)) = app.agents.get(token) {
+            let token_id = Writer::token_id(token);
+            if !app.agent_limit.allow(&token_id) {
+                return error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorCode::RateLimited,
+                    "too many requests for this agent token",
+                );
+            }
+            if let Err(why) = client_cert_names_host(&app, host, req.extensions()) {
+                log::warn!(target: "usher", usher_event = "agent_refused", host = host.as_str(), token = token_id.as_str(); "agent request refused ({why}): host {host}, token {token_id}, from {}", client_addr(req.extensions()).map(|a| a.to_string()).unwrap_or_default());
+                return error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, why);
+            }
+            return next.run(req).await;
+        }
+    }
+    if needs_credentials(req.uri().path()) {
+        match principal(&app, req.headers(), &Method::GET) {
+            Ok(who) => {
+                if !app.reader_limit.allow(&who.sub) {
+                    return error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        ErrorCode::RateLimited,
+                        "too many requests from this reviewer",
+                    );
+                }
+            }
+            Err(_) => {
+                let addr = client_addr(req.extensions())
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
+                if !app.unauthenticated_limit.allow(&addr) {
+                    return error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        ErrorCode::RateLimited,
+                        "too many requests without valid credentials from this address",
+                    );
+                }
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// With `[tls] client_ca`, an agent's certificate must name its token's host (and, with
+/// `require_client_cert`, be there).
+fn client_cert_names_host(
+    app: &App,
+    host: &str,
+    extensions: &axum::http::Extensions,
+) -> Result<(), String> {
+    if app.config.tls.client_ca.is_none() {
+        return Ok(());
+    }
+    match extensions.get::<ClientCert>() {
+        Some(cert) if cert.names.iter().any(|n| n.eq_ignore_ascii_case(host)) => Ok(()),
+        Some(cert) => Err(format!(
+            "the client certificate names {:?}, not host {host}",
+            cert.names
+        )),
+        None if app.config.tls.require_client_cert => {
+            Err("a client certificate is required".to_string())
+        }
+        None => Ok(()),
+    }
+}
+
+/// Why a body was not taken.
+#[derive(Debug, thiserror::Error)]
+enum BodyRefused {
+    #[error("the body is over {0} bytes")]
+    TooLarge(usize),
+    #[error("the body did not arrive within {0} s")]
+    Timeout(u64),
+    #[error("the body broke off: {0}")]
+    Broken(axum::Error),
+}
+
+impl BodyRefused {
+    fn response(self) -> Response {
+        let (status, code) = match &self {
+            BodyRefused::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge),
+            BodyRefused::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, ErrorCode::Timeout),
+            BodyRefused::Broken(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
+        };
+        error(status, code, self.to_string())
+    }
+}
+
+/// Reads a body of at most `cap` bytes within the configured time: a declared length over
+/// the cap is refused before anything is read, a chunked body as soon as it passes it.
+async fn read_body(
+    app: &App,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+    cap: usize,
+) -> Result<bytes::Bytes, BodyRefused> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cap as u64) {
+        return Err(BodyRefused::TooLarge(cap));
+    }
+    let secs = app.config.limits.body_secs;
+    let collect = async {
+        use futures::StreamExt;
+        let mut data = bytes::BytesMut::new();
+        let mut frames = body.into_data_stream();
+        while let Some(frame) = frames.next().await {
+            let frame = frame.map_err(BodyRefused::Broken)?;
+            if data.len() + frame.len() > cap {
+                return Err(BodyRefused::TooLarge(cap));
+            }
+            data.extend_from_slice(&frame);
+        }
+        Ok(data.freeze())
+    };
+    tokio::time::timeout(Duration::from_secs(secs), collect)
+        .await
+        .map_err(|_| BodyRefused::Timeout(secs))?
+}
+
+/// A chunk's body as sent (`Content-Encoding: zstd` or none) → its decoded bytes, at most
+/// 4 MiB either way (collector/src/encoding.rs).
+fn decode_chunk(headers: &HeaderMap, body: axum::body::Bytes) -> Result<ChunkBody, Response> {
+    use crate::encoding::{decode, EncodingError};
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            "a chunk is at most 4 MiB",
+        )
+    };
+    if body.len() > MAX_CHUNK {
+        return Err(too_large());
+    }
+    let header = match headers.get(axum::http::header::CONTENT_ENCODING) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| bad_request("Content-Encoding is not text"))?,
+        ),
+    };
+    match decode(header, body.clone(), MAX_CHUNK) {
+        Ok((raw, encoding)) => Ok(ChunkBody {
+            raw,
+            encoded: body,
+            encoding,
+        }),
+        Err(EncodingError::TooLarge { .. }) => Err(too_large()),
+        Err(e @ EncodingError::NotZstd) => Err(bad_request(e.to_string())),
+        Err(e @ EncodingError::Unsupported(_)) => Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::BadRequest,
+            e.to_string(),
+        )),
+    }
+}
+
+fn text_header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+}
+
+/// Checks the host key's signature on a write (`X-Usher-Signature` over `text`); a write
+/// without a valid one is refused and logged with its writer, and never reaches the store.
+fn check_signature(
+    writer: &mut Writer,
+    key: &ed25519_dalek::VerifyingKey,
+    headers: &HeaderMap,
+    text: &str,
+    what: &str,
+) -> Result<(), Response> {
+    let verdict = match text_header(headers, SIGNATURE_HEADER) {
+        None => Err("no X-Usher-Signature".to_string()),
+        Some(sig) => verify_write(key, text, &sig).map_err(|e| e.to_string()),
+    };
+    match verdict {
+        Ok(()) => {
+            writer.signed = true;
+            Ok(())
+        }
+        Err(why) => {
+            log::warn!(target: "usher", usher_event = "write_refused", host = writer.host.as_str(), token = writer.token_id.as_str(); "{what} refused, not signed by the host's key ({why}): {writer}");
+            Err(error(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                format!("{what}: {why}"),
+            ))
+        }
+    }
+}
+
 async fn put_chunk(
     State(app): State<Shared>,
     Path((id, stream, seq)): Path<(String, String, u64)>,
-    headers: HeaderMap,
-    extensions: axum::http::Extensions,
-    body: axum::body::Bytes,
+    req: Request,
 ) -> Response {
-    let (writer, _) = match writer(&app, &headers, &extensions) {
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    let (mut writer, key) = match writer(&app, headers, &parts.extensions) {
         Ok(a) => a,
         Err(r) => return r,
     };
     if let Err(r) = check_ids(&id, Some(&stream)) {
         return r;
     }
-    let hdr = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from)
-    };
-    let (Some(prev), Some(hash)) = (hdr("x-usher-prev-hash"), hdr("x-usher-hash")) else {
+    let (Some(prev), Some(hash)) = (
+        text_header(headers, PREV_HASH_HEADER),
+        text_header(headers, HASH_HEADER),
+    ) else {
         return bad_request("X-Usher-Prev-Hash and X-Usher-Hash are required");
     };
-    if body.len() > MAX_CHUNK {
+    // The chain link commits to the body: the signature is checked before reading it.
+    let signed = chunk_signed_text(&id, &stream, seq, &prev, &hash);
+    if let Err(r) = check_signature(&mut writer, key, headers, &signed, "the chunk") {
+        return r;
+    }
+    let encoded = match read_body(&app, headers, body, MAX_ENCODED_CHUNK).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
+    let chunk = match decode_chunk(headers, encoded) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if chunk.raw.len() > MAX_CHUNK {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::TooLarge,
@@ -361,15 +624,7 @@ async fn put_chunk(
     }
     match app
         .store
-        .put_chunk(
-            &writer,
-            &id,
-            &stream,
-            seq,
-            &prev,
-            &hash,
-            ChunkBody::identity(body),
-        )
+        .put_chunk(&writer, &id, &stream, seq, &prev, &hash, chunk)
         .await
     {
         Ok(a) if a.stored => (StatusCode::CREATED, Json(a)).into_response(),
@@ -378,19 +633,34 @@ async fn put_chunk(
     }
 }
 
-async fn put_meta(
-    State(app): State<Shared>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    extensions: axum::http::Extensions,
-    body: axum::body::Bytes,
-) -> Response {
-    let (writer, _) = match writer(&app, &headers, &extensions) {
+async fn put_meta(State(app): State<Shared>, Path(id): Path<String>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    let (mut writer, key) = match writer(&app, headers, &parts.extensions) {
         Ok(a) => a,
         Err(r) => return r,
     };
     if let Err(r) = check_ids(&id, None) {
         return r;
+    }
+    let Some(declared_hash) = text_header(headers, HASH_HEADER) else {
+        return bad_request("X-Usher-Hash (the SHA-256 of the metadata) is required");
+    };
+    let signed = meta_signed_text(&id, &declared_hash);
+    if let Err(r) = check_signature(&mut writer, key, headers, &signed, "the metadata") {
+        return r;
+    }
+    let body = match read_body(&app, headers, body, MAX_SMALL_BODY).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
+    if sha256_hex(&body) != declared_hash.to_ascii_lowercase() {
+        log::warn!(target: "usher", usher_event = "write_refused", host = writer.host.as_str(), token = writer.token_id.as_str(); "metadata of {id} refused, its body is not what was signed: {writer}");
+        return error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "the metadata's SHA-256 is not its signed X-Usher-Hash",
+        );
     }
     let meta = match serde_json::from_slice::<ReceivedMeta>(&body) {
         Ok(m) => m,
@@ -402,24 +672,40 @@ async fn put_meta(
     }
 }
 
-async fn seal(
-    State(app): State<Shared>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    extensions: axum::http::Extensions,
-    body: axum::body::Bytes,
-) -> Response {
-    let (writer, key) = match writer(&app, &headers, &extensions) {
+async fn seal(State(app): State<Shared>, Path(id): Path<String>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    let (mut writer, key) = match writer(&app, headers, &parts.extensions) {
         Ok(a) => a,
         Err(r) => return r,
     };
     if let Err(r) = check_ids(&id, None) {
         return r;
     }
+    let body = match read_body(&app, headers, body, MAX_SMALL_BODY).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
     let seal = match serde_json::from_slice::<Seal>(&body) {
         Ok(s) => s,
         Err(e) => return bad_request(format!("the seal is not a seal: {e}")),
     };
+    if seal.meta.is_none() {
+        return bad_request(
+            "the seal does not cover the metadata (usher-seal-v1): send usher-seal-v2",
+        );
+    }
+    // The seal is its own signature: one not by the host's key is refused like an
+    // unsigned write (a stolen token cannot flag a session with a bad seal).
+    if let Err(e) = seal.verify(&id, key) {
+        log::warn!(target: "usher", usher_event = "write_refused", host = writer.host.as_str(), token = writer.token_id.as_str(); "seal of {id} refused ({e}): {writer}");
+        return error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!("the seal: {e}"),
+        );
+    }
+    writer.signed = true;
     match app.store.seal(&writer, key, &id, &seal).await {
         Ok(()) => Json(serde_json::json!({"ok": true, "status": "complete"})).into_response(),
         Err(e) => refused(e),
@@ -457,52 +743,132 @@ async fn search(
     }
 }
 
+/// Records a replay (`recording_viewed`) in the audit trail, once per viewer, session and
+/// stream a minute. A failure to record is logged; the reader is still answered.
+async fn record_view(app: &App, who: &Principal, id: &str, stream: &str) {
+    let now = crate::workflow::now();
+    let key = (who.sub.clone(), id.to_string(), stream.to_string());
+    {
+        let mut views = app.views.lock().unwrap_or_else(|e| e.into_inner());
+        if views.len() > 10_000 {
+            views.retain(|_, at| now - *at < VIEW_DEDUP_SECS);
+        }
+        match views.get(&key) {
+            Some(at) if now - *at < VIEW_DEDUP_SECS => return,
+            _ => {
+                views.insert(key, now);
+            }
+        }
+    }
+    let detail = serde_json::json!({"session": id, "stream": stream, "name": who.name});
+    if let Err(e) = app
+        .workflow
+        .record("recording_viewed", &who.sub, None, detail, now)
+        .await
+    {
+        log::error!(target: "usher", "audit recording_viewed by {}: {e}", who.sub);
+    }
+}
+
 async fn session(
     State(app): State<Shared>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = auditor(&app, &headers).and_then(|_| check_ids(&id, None)) {
-        return r;
-    }
+    let who = match auditor(&app, &headers).and_then(|p| check_ids(&id, None).map(|()| p)) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
     match app.store.session(&id) {
-        Ok(v) => Json(v).into_response(),
+        Ok(v) => {
+            record_view(&app, &who, &id, "detail").await;
+            Json(v).into_response()
+        }
         Err(e) => refused(e),
     }
 }
 
-async fn raw_stream(app: Shared, id: String, stream: &str, headers: HeaderMap) -> Response {
-    if let Err(r) = auditor(&app, &headers).and_then(|_| check_ids(&id, None)) {
-        return r;
-    }
-    match app.store.stream(&id, stream, 0) {
-        Ok((_, chunks)) => {
+pub const NEXT_CHUNK_HEADER: &str = "x-usher-next-chunk";
+pub const SESSION_STATUS_HEADER: &str = "x-usher-session-status";
+
+/// A stream from chunk `?from=K` (default 0) on, chunk by chunk from storage, with where
+/// the next read resumes (`X-Usher-Next-Chunk`) and the session's status
+/// (`X-Usher-Session-Status`: once it is not `live`, nothing more arrives).
+async fn raw_stream(
+    app: Shared,
+    id: String,
+    stream: &str,
+    headers: HeaderMap,
+    q: HashMap<String, String>,
+) -> Response {
+    let who = match auditor(&app, &headers).and_then(|p| check_ids(&id, None).map(|()| p)) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let from = match q.get("from").map(|v| v.parse::<u64>()) {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return bad_request("from: not a chunk number"),
+    };
+    // The status first: when it says the session is over, the chunks counted after it
+    // are all there are.
+    let status = match app.store.session(&id) {
+        Ok(v) => v["status"].as_str().unwrap_or("").to_string(),
+        Err(e) => return refused(e),
+    };
+    match app.store.stream(&id, stream, from) {
+        Ok((next, chunks)) => {
+            if from == 0 {
+                record_view(&app, &who, &id, stream).await;
+            }
             use futures::StreamExt;
             // A chunk that cannot be read after the answer started cuts it short: the
             // reader sees a broken transfer, never a shorter recording taken for whole.
             let body = axum::body::Body::from_stream(
                 chunks.map(|c| c.map_err(|e| std::io::Error::other(e.to_string()))),
             );
-            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+            let mut response =
+                ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response();
+            let h = response.headers_mut();
+            h.insert(NEXT_CHUNK_HEADER, header::HeaderValue::from(next));
+            if let Ok(v) = header::HeaderValue::from_str(&status) {
+                h.insert(SESSION_STATUS_HEADER, v);
+            }
+            h.insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            );
+            response
         }
         Err(e) => refused(e),
     }
 }
 
-async fn cast(State(app): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    raw_stream(app, id, "cast", headers).await
+async fn cast(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    raw_stream(app, id, "cast", headers, q).await
 }
 
 async fn desktop(
     State(app): State<Shared>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    raw_stream(app, id, "desktop", headers).await
+    raw_stream(app, id, "desktop", headers, q).await
 }
 
-async fn audit(State(app): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    raw_stream(app, id, "audit", headers).await
+async fn audit(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    raw_stream(app, id, "audit", headers, q).await
 }
 
 async fn asset(State(app): State<Shared>, Path(file): Path<String>) -> Response {

@@ -45,7 +45,8 @@ pub struct Config {
     #[serde(rename = "workload_issuer", default)]
     pub workload_issuers: Vec<usher_trust::IssuerConfig>,
     pub oidc: Option<OidcConfig>,
-    /// Per-person and per-address rate limits (`[limits]`).
+    /// Per-person, per-agent and per-address rate limits, timeouts and the connection cap
+    /// (`[limits]`).
     #[serde(default)]
     pub limits: Limits,
     /// Where the recordings index lives (`[index]`): `data_dir/index.sqlite` by default, or
@@ -55,6 +56,20 @@ pub struct Config {
     /// How long recordings are kept (`[retention]`); absent: forever.
     #[serde(default)]
     pub retention: Retention,
+    /// Client certificates for agents (`[tls]`, mutual TLS; the server's own pair is
+    /// `tls_cert`/`tls_key`).
+    #[serde(default)]
+    pub tls: ClientTls,
+}
+
+/// `[tls] client_ca = "/etc/usher/agents-ca.pem"`: the collector asks for a client
+/// certificate chaining to it, and an agent's must name its host (a DNS name, or the CN);
+/// with `require_client_cert`, agent requests without one are refused.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTls {
+    pub client_ca: Option<PathBuf>,
+    pub require_client_cert: bool,
 }
 
 impl Config {
@@ -102,6 +117,26 @@ impl Config {
             || l.exchanges_per_second <= 0.0
         {
             return Err("limits: bursts and rates must be above 0".into());
+        }
+        if l.agent_burst == 0
+            || l.unauthenticated_burst == 0
+            || l.reader_burst == 0
+            || l.reader_per_second.is_nan()
+            || l.reader_per_second <= 0.0
+            || l.agent_per_second.is_nan()
+            || l.agent_per_second <= 0.0
+            || l.unauthenticated_per_second.is_nan()
+            || l.unauthenticated_per_second <= 0.0
+        {
+            return Err(
+                "limits: agent, unauthenticated and reader bursts and rates must be above 0".into(),
+            );
+        }
+        if l.max_connections == 0 || l.header_secs == 0 || l.body_secs == 0 || l.idle_secs == 0 {
+            return Err("limits: max_connections and the timeouts must be above 0".into());
+        }
+        if self.tls.require_client_cert && self.tls.client_ca.is_none() {
+            return Err("tls: require_client_cert needs client_ca".into());
         }
         if self.retention.sweep_secs == 0 {
             return Err("retention: sweep_secs must be above 0".into());
@@ -305,6 +340,27 @@ pub struct Limits {
     /// Token exchanges, per client address.
     pub exchanges_burst: u32,
     pub exchanges_per_second: f64,
+    /// Requests per agent token (shipping, grants).
+    pub agent_burst: u32,
+    pub agent_per_second: f64,
+    /// Requests per client address that carry no valid credentials: what a scanner or a
+    /// guesser of tokens gets before 429.
+    pub unauthenticated_burst: u32,
+    pub unauthenticated_per_second: f64,
+    /// Searches and reads of recordings per person (an API token's or the page's `sub`).
+    pub reader_burst: u32,
+    pub reader_per_second: f64,
+    /// Open connections at once; more are closed as they arrive.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this many seconds (HTTP/1.1; a keep-alive
+    /// connection waiting for its next request is held as long).
+    pub header_secs: u64,
+    /// A request's body (an agent's chunk, metadata or seal) must arrive within this many
+    /// seconds (408).
+    pub body_secs: u64,
+    /// A connection with no request in flight and nothing read or written for this many
+    /// seconds is closed.
+    pub idle_secs: u64,
 }
 
 impl Default for Limits {
@@ -314,6 +370,16 @@ impl Default for Limits {
             requests_per_minute: 10.0,
             exchanges_burst: 30,
             exchanges_per_second: 10.0,
+            agent_burst: 1000,
+            agent_per_second: 500.0,
+            unauthenticated_burst: 100,
+            unauthenticated_per_second: 10.0,
+            reader_burst: 300,
+            reader_per_second: 50.0,
+            max_connections: 4096,
+            header_secs: 10,
+            body_secs: 60,
+            idle_secs: 60,
         }
     }
 }
@@ -481,5 +547,27 @@ ca = "/etc/usher/ci-ca.pem"
         assert_eq!(parse_duration("h"), None);
         assert_eq!(parse_window("22:00-06:00"), Some((1320, 360)));
         assert_eq!(parse_window("25:00-06:00"), None);
+    }
+
+    #[test]
+    fn client_certificates_and_edge_limits_read_and_are_checked() {
+        let base = "listen = \"a\"\ntls_cert = \"c\"\ntls_key = \"k\"\ndata_dir = \"d\"\n";
+        let c: Config = toml::from_str(&format!(
+            "{base}[tls]\nclient_ca = \"/etc/usher/agents-ca.pem\"\nrequire_client_cert = true\n\
+             [limits]\nmax_connections = 10\nbody_secs = 5\n"
+        ))
+        .unwrap();
+        assert_eq!(c.check(), Ok(()));
+        assert_eq!(c.limits.max_connections, 10);
+        assert_eq!(c.limits.header_secs, 10, "the others keep their defaults");
+        let c: Config =
+            toml::from_str(&format!("{base}[tls]\nrequire_client_cert = true\n")).unwrap();
+        assert!(c.check().is_err(), "required, but chaining to nothing");
+        let c: Config =
+            toml::from_str(&format!("{base}[limits]\nagent_per_second = 0.0\n")).unwrap();
+        assert!(c.check().is_err());
+        let c: Config = toml::from_str(&format!("{base}[limits]\nidle_secs = 0\n")).unwrap();
+        assert!(c.check().is_err());
+        assert!(toml::from_str::<Config>(&format!("{base}[tls]\nclient_key = \"x\"\n")).is_err());
     }
 }

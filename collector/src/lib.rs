@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod config;
+pub mod encoding;
 pub mod keys;
 pub mod store;
 pub mod uploader;

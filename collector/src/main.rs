@@ -9,6 +9,8 @@
 
 #![deny(unsafe_code)]
 
+mod edge;
+
 use usher_collector::{api, config};
 
 use clap::{Parser, Subcommand};
@@ -129,12 +131,8 @@ enum StartError {
     Runtime(std::io::Error),
     #[error("signal handler: {0}")]
     Signals(std::io::Error),
-    #[error("TLS certificate {cert} / key {key}: {source} (`usher-collector init` makes a self-signed pair)")]
-    Tls {
-        cert: PathBuf,
-        key: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Tls(#[from] edge::TlsSetupError),
     #[error("listen {listen:?}: {source}")]
     Listen {
         listen: String,
@@ -240,14 +238,7 @@ async fn serve(config_path: &Path, config: config::Config) -> Result<(), StartEr
     // Registered before anything else: a signal that arrives while the service starts is
     // handled, never left to its default (the end of the service).
     let mut signals = Signals::install().map_err(StartError::Signals)?;
-    let tls =
-        axum_server::tls_rustls::RustlsConfig::from_pem_file(&config.tls_cert, &config.tls_key)
-            .await
-            .map_err(|source| StartError::Tls {
-                cert: config.tls_cert.clone(),
-                key: config.tls_key.clone(),
-                source,
-            })?;
+    let tls = axum_server::tls_rustls::RustlsConfig::from_config(edge::server_tls(&config).await?);
     let addr: SocketAddr = config.listen.parse().map_err(|source| StartError::Listen {
         listen: config.listen.clone(),
         source,
@@ -258,12 +249,38 @@ async fn serve(config_path: &Path, config: config::Config) -> Result<(), StartEr
         listen: config.listen.clone(),
         tls: tls.clone(),
     };
+    let limits = config.limits.clone();
+    let header_time = Duration::from_secs(limits.header_secs);
+    let idle_time = Duration::from_secs(limits.idle_secs);
+    let acceptor = edge::EdgeAcceptor::new(
+        tls.clone(),
+        limits.max_connections,
+        idle_time,
+        header_time,
+        config.tls.client_ca.is_some(),
+    );
     let app = Arc::new(api::App::new(config).await?);
     let handle = axum_server::Handle::new();
+    let mut server = axum_server::bind(addr)
+        .acceptor(acceptor)
+        .handle(handle.clone());
+    // A client that does not finish its headers in time is cut (a keep-alive connection
+    // waiting for its next request is held as long); an HTTP/2 peer that stops answering
+    // pings is dropped.
+    server
+        .http_builder()
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_time);
+    server
+        .http_builder()
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(idle_time / 2)
+        .keep_alive_timeout(header_time)
+        .max_concurrent_streams(256);
     let mut server = tokio::spawn(
-        axum_server::bind_rustls(addr, tls)
-            .handle(handle.clone())
-            .serve(api::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>()),
+        server.serve(api::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>()),
     );
     let server_ended = |joined: Result<std::io::Result<()>, tokio::task::JoinError>| match joined {
         Ok(Ok(())) => Ok(()),
@@ -339,13 +356,13 @@ impl Reloader {
             Ok(new) => {
                 let sections = read_sections(&self.path);
                 let changed = changed_sections(&self.sections, &sections);
-                // Always re-read: a certificate renewed at the same path is a change too.
-                if let Err(e) = self
-                    .tls
-                    .reload_from_pem_file(&new.tls_cert, &new.tls_key)
-                    .await
-                {
-                    log::error!(target: "usher", usher_event = "tls_reload_failed", error = e.to_string(); "reload: TLS certificate {} / key {}: {e}; still serving the previous one", new.tls_cert.display(), new.tls_key.display());
+                // Always re-read: a certificate (or the agents' CA) renewed at the same path
+                // is a change too.
+                match edge::server_tls(&new).await {
+                    Ok(server) => self.tls.reload_from_config(server),
+                    Err(e) => {
+                        log::error!(target: "usher", usher_event = "tls_reload_failed", error = e.to_string(); "reload: {e}; still serving the previous TLS configuration");
+                    }
                 }
                 let mut at_restart = Vec::new();
                 if new.listen != self.listen {
@@ -381,7 +398,14 @@ fn hand_to_app(app: &api::App, config: config::Config, changed: &[String]) -> Ve
         .filter(|s| {
             matches!(
                 s.as_str(),
-                "data_dir" | "storage" | "state" | "agent" | "oidc" | "public_url"
+                "data_dir"
+                    | "storage"
+                    | "state"
+                    | "agent"
+                    | "oidc"
+                    | "public_url"
+                    | "tls"
+                    | "limits"
             )
         })
         .cloned()

@@ -1,12 +1,19 @@
 //! A client of the agents' protocol (collector/API.md, "Shipping"): what the tests and
-//! `usher-collector bench` use to play an agent. It computes the hash chain and signs the
-//! seal exactly as an agent does, and resumes from what the collector says it has.
+//! `usher-collector bench` use to play an agent. It computes the hash chain, signs every
+//! write and the seal (over the metadata it sent) exactly as an agent does, and resumes
+//! from what the collector says it has. Tests send unsigned or wrongly signed writes with
+//! the `*_signed_as` methods.
 
 use base64::Engine;
 use ed25519_dalek::SigningKey;
 use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::sync::Mutex;
 use usher_wire::chain::{self, Link};
-use usher_wire::collector::{ChunkAccepted, StreamStatus};
+use usher_wire::collector::{
+    chunk_signed_text, meta_signed_text, sha256_hex, sign_write, ChunkAccepted, StreamStatus,
+    HASH_HEADER, PREV_HASH_HEADER, SIGNATURE_HEADER,
+};
 use usher_wire::meta::{GrantInfo, SessionMeta};
 use usher_wire::seal::{Seal, StreamEnd};
 
@@ -253,8 +260,19 @@ pub struct Uploader {
     pub base: String,
     pub token: String,
     pub key: SigningKey,
-    /// The SHA-256 of the metadata last sent per session: what its seal names.
-    sent_meta: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// The SHA-256 of the metadata last sent per session: what its seal covers.
+    sent_meta: Mutex<HashMap<String, String>>,
+}
+
+/// How a test's write is signed.
+#[derive(Debug, Clone)]
+pub enum Signature {
+    /// With the uploader's key, as an agent does.
+    Host,
+    /// No `X-Usher-Signature` at all.
+    Missing,
+    /// This header value, whatever it is.
+    Header(String),
 }
 
 impl Uploader {
@@ -266,21 +284,43 @@ impl Uploader {
         token: &str,
         key: SigningKey,
     ) -> Result<Uploader, UploadError> {
+        Self::with_identity(base, ca_pem, token, key, None)
+    }
+
+    /// `new`, presenting a client certificate: `identity_pem` holds its certificate and
+    /// key (PEM), for a collector with `[tls] client_ca`.
+    pub fn with_identity(
+        base: &str,
+        ca_pem: &[u8],
+        token: &str,
+        key: SigningKey,
+        identity_pem: Option<&[u8]>,
+    ) -> Result<Uploader, UploadError> {
         let ca = reqwest::Certificate::from_pem(ca_pem).map_err(UploadError::Ca)?;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
             .add_root_certificate(ca)
-            .timeout(std::time::Duration::from_secs(60))
-            .build()
-            .map_err(UploadError::Client)?;
+            .timeout(std::time::Duration::from_secs(60));
+        if let Some(pem) = identity_pem {
+            builder = builder.identity(reqwest::Identity::from_pem(pem).map_err(UploadError::Ca)?);
+        }
+        let client = builder.build().map_err(UploadError::Client)?;
         Ok(Uploader {
             client,
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
             key,
-            sent_meta: Default::default(),
+            sent_meta: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn signature(&self, how: &Signature, text: &str) -> Option<String> {
+        match how {
+            Signature::Host => Some(sign_write(&self.key, text)),
+            Signature::Missing => None,
+            Signature::Header(v) => Some(v.clone()),
+        }
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<Answer, UploadError> {
@@ -319,7 +359,8 @@ impl Uploader {
         Ok((status.next_seq, status.last_hash))
     }
 
-    /// One chunk with the given chain headers (not checked here: tests send wrong ones).
+    /// One chunk with the given chain headers (not checked here: tests send wrong ones),
+    /// signed with the host key.
     pub async fn put_chunk(
         &self,
         id: &str,
@@ -329,42 +370,98 @@ impl Uploader {
         hash_hex: &str,
         body: Vec<u8>,
     ) -> Result<Answer, UploadError> {
-        self.send(
-            self.client
-                .put(self.url(&format!(
-                    "/api/v1/sessions/{id}/streams/{stream}/chunks/{seq}"
-                )))
-                .header("X-Usher-Prev-Hash", prev_hex)
-                .header("X-Usher-Hash", hash_hex)
-                .body(body),
-        )
-        .await
+        self.put_chunk_signed_as(id, stream, seq, prev_hex, hash_hex, body, &Signature::Host)
+            .await
     }
 
+    /// `put_chunk`, signed as `how` says.
+    #[allow(clippy::too_many_arguments)] // the protocol's fields, and the signature
+    pub async fn put_chunk_signed_as(
+        &self,
+        id: &str,
+        stream: &str,
+        seq: u64,
+        prev_hex: &str,
+        hash_hex: &str,
+        body: Vec<u8>,
+        how: &Signature,
+    ) -> Result<Answer, UploadError> {
+        let mut req = self
+            .client
+            .put(self.url(&format!(
+                "/api/v1/sessions/{id}/streams/{stream}/chunks/{seq}"
+            )))
+            .header(PREV_HASH_HEADER, prev_hex)
+            .header(HASH_HEADER, hash_hex)
+            .body(body);
+        if let Some(sig) =
+            self.signature(how, &chunk_signed_text(id, stream, seq, prev_hex, hash_hex))
+        {
+            req = req.header(SIGNATURE_HEADER, sig);
+        }
+        self.send(req).await
+    }
+
+    /// The session's metadata, signed with the host key; its SHA-256 is what `seal` covers.
     pub async fn put_meta(
         &self,
         id: &str,
         meta: &serde_json::Value,
     ) -> Result<Answer, UploadError> {
         let body = serde_json::to_vec(meta).unwrap_or_default();
+        self.put_meta_signed_as(id, body, &Signature::Host).await
+    }
+
+    /// Metadata `body` as is, with `X-Usher-Hash` its SHA-256, signed as `how` says.
+    pub async fn put_meta_signed_as(
+        &self,
+        id: &str,
+        body: Vec<u8>,
+        how: &Signature,
+    ) -> Result<Answer, UploadError> {
+        let hash = sha256_hex(&body);
+        let mut req = self
+            .client
+            .put(self.url(&format!("/api/v1/sessions/{id}/meta")))
+            .header("Content-Type", "application/json")
+            .header(HASH_HEADER, &hash);
+        if let Some(sig) = self.signature(how, &meta_signed_text(id, &hash)) {
+            req = req.header(SIGNATURE_HEADER, sig);
+        }
+        let a = self.send(req.body(body)).await?;
+        if a.status == 200 {
+            self.sent_meta
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.to_string(), hash);
+        }
+        Ok(a)
+    }
+
+    /// The SHA-256 of the metadata of `id` this uploader last had accepted.
+    pub fn sent_meta(&self, id: &str) -> Option<String> {
         self.sent_meta
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), usher_wire::collector::sha256_hex(&body));
-        self.send(
-            self.client
-                .put(self.url(&format!("/api/v1/sessions/{id}/meta")))
-                .header("Content-Type", "application/json")
-                .body(body),
-        )
-        .await
+            .get(id)
+            .cloned()
     }
 
-    /// Signs and sends the seal for `streams`: (name, chunks, last hash hex), and for the
-    /// metadata this uploader last sent for the session (`usher-seal-v2`).
+    /// Signs and sends the seal for `streams`: (name, chunks, last hash hex), over the
+    /// metadata this uploader last sent for `id` (a v1 seal, without, when it sent none).
     pub async fn seal(
         &self,
         id: &str,
+        streams: &[(String, u64, String)],
+    ) -> Result<Answer, UploadError> {
+        self.seal_over(id, self.sent_meta(id), streams).await
+    }
+
+    /// `seal`, naming `meta` as the metadata's SHA-256 (None: a v1 seal).
+    pub async fn seal_over(
+        &self,
+        id: &str,
+        meta: Option<String>,
         streams: &[(String, u64, String)],
     ) -> Result<Answer, UploadError> {
         let ends: BTreeMap<String, StreamEnd> = streams
@@ -377,12 +474,6 @@ impl Uploader {
                 (name.clone(), end)
             })
             .collect();
-        let meta = self
-            .sent_meta
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned();
         let body =
             serde_json::to_string(&Seal::sign(id, meta, ends, &self.key)).unwrap_or_default();
         self.send(

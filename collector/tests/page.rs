@@ -1,6 +1,7 @@
 //! The replay page in a real headless Chromium, driven over WebDriver (chromedriver, spoken
 //! to directly with the JSON wire protocol): the page loads, a search finds the session, the
-//! player renders the recorded text, and clicking a command in the timeline seeks the player.
+//! player renders the recorded text, and clicking a command in the timeline seeks the player;
+//! a live session is followed by asking only for the chunks that arrived since.
 
 mod support;
 
@@ -127,5 +128,31 @@ async fn a_live_session_is_watched_as_it_grows() {
         "the rest of the live session",
         "const p = document.querySelector('#player .ap-player'); return p ? p.innerText : ''",
         |v| v.as_str().unwrap_or("").contains(&last_text),
+    );
+    // The browser's own record of the requests it made: the cast was fetched whole once,
+    // then only from the chunk after those the page held.
+    let fetched = d.js(
+        "return performance.getEntriesByType('resource').map(e => e.name).filter(n => n.includes('/api/v1/sessions/live-1/cast'))",
+    );
+    let fetched: Vec<String> = fetched
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let froms: Vec<Option<u64>> = fetched
+        .iter()
+        .map(|url| url.split_once("?from=").map(|(_, k)| k.parse().unwrap()))
+        .collect();
+    assert_eq!(froms.first(), Some(&None), "{fetched:?}");
+    assert!(
+        froms[1..]
+            .iter()
+            .all(|f| f.is_some_and(|k| k >= (n / 2) as u64)),
+        "after the first read, only new chunks are asked for: {fetched:?}"
+    );
+    assert!(
+        froms.contains(&Some((n / 2) as u64)),
+        "the refresh asked from the first chunk it did not hold: {fetched:?}"
     );
 }

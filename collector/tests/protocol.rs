@@ -227,23 +227,30 @@ async fn a_tampered_chunk_is_refused_and_the_session_flagged(backend: Backend) {
         .unwrap();
     assert_eq!(a.status, 422, "{:?}", a.body);
     assert_eq!(status_of(&c, "t4").await, "tampered");
+    // A seal not signed by the host key (a stolen token): refused, and it flags nothing.
     let r = rec("t5", "gamma", "carol", &["id"], 20);
+    up.put_meta(&r.id, &r.meta).await.unwrap();
     let last = up.ship_stream(&r, "cast", usize::MAX).await.unwrap();
     let mut impostor = c.uploader(&h);
     impostor.key = ed25519_dalek::SigningKey::from_bytes(&[99; 32]);
     let a = impostor
-        .seal("t5", &[("cast".into(), r.cast.len() as u64, last.clone())])
+        .seal_over(
+            "t5",
+            up.sent_meta("t5"),
+            &[("cast".into(), r.cast.len() as u64, last.clone())],
+        )
         .await
         .unwrap();
-    assert_eq!(a.status, 422);
+    assert_eq!(a.status, 403);
     assert!(
         a.body["error"].as_str().unwrap().contains("signature"),
         "{:?}",
         a.body
     );
-    assert_eq!(status_of(&c, "t5").await, "tampered");
+    assert_eq!(status_of(&c, "t5").await, "live");
     // A seal that leaves out a stream the collector holds: 422, flagged.
     let r = rec("t6", "gamma", "carol", &["id"], 20);
+    up.put_meta(&r.id, &r.meta).await.unwrap();
     up.ship_stream(&r, "audit", usize::MAX).await.unwrap();
     let last = up.ship_stream(&r, "cast", usize::MAX).await.unwrap();
     let a = up
@@ -283,14 +290,14 @@ async fn a_tampered_chunk_is_refused_and_the_session_flagged(backend: Backend) {
         c.get("/api/v1/sessions/t7/cast").await.text.as_bytes(),
         r.cast.concat()
     );
-    // The search shows the flag.
+    // The search shows the flags (t5, refused without a flag, is still live).
     let flagged = c.get("/api/v1/sessions?host=gamma").await.body;
     assert!(
         flagged["sessions"]
             .as_array()
             .unwrap()
             .iter()
-            .all(|s| s["status"] == "tampered"),
+            .all(|s| s["status"] == "tampered" || s["id"] == "t5"),
         "{flagged}"
     );
 }

@@ -11,7 +11,7 @@ const params = new URLSearchParams(location.search);
 let me = null;
 let player = null;
 let refresh = null;
-let shown = { id: null, data: null };
+let shown = { id: null, stream: null, data: null, next: null };
 
 class ApiError extends Error {
   constructor(path, status, message) {
@@ -622,10 +622,18 @@ async function replay(id, keepPosition) {
   const s = await getJson("/api/v1/sessions/" + encodeURIComponent(id));
   const desktop = (s.streams || []).includes("desktop");
   const stream = desktop ? "desktop" : "cast";
-  const data = await (await call("GET", "/api/v1/sessions/" + encodeURIComponent(id) + "/" + stream)).text();
+  const path = "/api/v1/sessions/" + encodeURIComponent(id) + "/" + stream;
+  // A live session's refresh asks only for the chunks after those it holds
+  // (X-Usher-Next-Chunk says where the next read resumes) and appends them.
+  const growing = keepPosition && shown.id === id && shown.stream === stream && shown.next !== null;
+  const r = await call("GET", growing ? path + "?from=" + shown.next : path);
+  const received = await r.text();
+  const data = growing ? shown.data + received : received;
+  const nextHeader = Number.parseInt(r.headers.get("X-Usher-Next-Chunk"), 10);
+  const next = Number.isInteger(nextHeader) && nextHeader >= 0 ? nextHeader : null;
   const start = data ? JSON.parse(data.split("\n")[0]).timestamp : 0;
   const el = document.getElementById("player");
-  if (!(keepPosition && shown.id === id && shown.data === data)) {
+  if (!(keepPosition && shown.id === id && shown.stream === stream && shown.data === data)) {
     let at = 0;
     let wasPlaying = true;
     if (keepPosition && player && shown.id === id) {
@@ -643,8 +651,9 @@ async function replay(id, keepPosition) {
       player = AsciinemaPlayer.create({ data }, el,
         { autoPlay: true, idleTimeLimit: 1, speed: 4, fit: "width", startAt: at });
     }
-    shown = { id, data };
+    shown = { id, stream, data, next };
   }
+  shown.next = next;
   const tl = document.getElementById("timeline");
   tl.replaceChildren(text("h3", "Commands"));
   for (const c of s.commands) {

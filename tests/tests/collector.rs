@@ -6,16 +6,22 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use usher_tests::*;
+use usher_wire::collector::{chunk_signed_text, meta_signed_text, sha256_hex, sign_write};
 
 /// An agent that ships to `port` (whether or not a collector runs there yet), with its
 /// token, and its host key line for the collector's config.
 fn shipping_agent(port: u16, ca: &Path, chunk_bytes: usize) -> (TestAgent, String, String) {
+    shipping_agent_with(port, ca, &format!("chunk_bytes = {chunk_bytes}\n"))
+}
+
+/// As [`shipping_agent`], with `extra` in its `[collector]` section.
+fn shipping_agent_with(port: u16, ca: &Path, extra: &str) -> (TestAgent, String, String) {
     let token = format!("token-{}", free_port());
     let token_file = std::env::temp_dir().join(format!("usher-token-{token}"));
     std::fs::write(&token_file, &token).unwrap();
     let agent = TestAgent::start_with(Options {
         extra_config: format!(
-            "[collector]\nurl = \"https://127.0.0.1:{port}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\nchunk_bytes = {chunk_bytes}\ninterval_secs = 1\n",
+            "[collector]\nurl = \"https://127.0.0.1:{port}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n{extra}interval_secs = 1\n",
             token_file.display(),
             ca.display()
         ),
@@ -145,8 +151,13 @@ fn an_agent_killed_mid_upload_delivers_everything_once_after_restart_s3() {
 
 fn an_agent_killed_mid_upload_delivers_everything_once_after_restart(storage: &str) {
     let mut collector = Collector::new(&[], storage);
-    let (mut agent, token, key) =
-        shipping_agent(collector.port, &collector.dir.join("ca.pem"), 2048);
+    // Small chunks even for a backlog (a finished session goes in 4 MiB chunks by
+    // default), planned a few at a time, compressed.
+    let (mut agent, token, key) = shipping_agent_with(
+        collector.port,
+        &collector.dir.join("ca.pem"),
+        "chunk_bytes = 2048\nbacklog_chunk_bytes = 2048\n",
+    );
     trust(&collector, &agent, &token, &key);
     collector.start();
     let login = login(&agent, "killed");
@@ -209,6 +220,48 @@ fn an_agent_killed_mid_upload_delivers_everything_once_after_restart(storage: &s
     assert_eq!(output.matches("-of-a-long-recording").count(), 30000);
 }
 
+/// A session recorded while the collector was away is a backlog: it goes in chunks of up to
+/// 4 MiB (compressed), not in hundreds of `chunk_bytes` ones, and arrives whole.
+#[test]
+fn a_backlog_goes_in_large_chunks_and_arrives_whole() {
+    let port = free_port();
+    let mut collector = Collector::new_on(port, &[], "");
+    let (agent, token, key) = shipping_agent(port, &collector.dir.join("ca.pem"), 4096);
+    let login = login(&agent, "backlog");
+    // About 6 MB of output: hundreds of chunks of 4 KiB, two or three of 4 MiB.
+    let out = agent.ssh(&login, "seq 1 800000");
+    assert!(out.status.success());
+    let id = agent.recorded_sessions().pop().unwrap();
+    trust(&collector, &agent, &token, &key);
+    collector.start();
+    collector.wait_complete(&id, 120, &agent);
+    let (_, cast) = collector.view(&format!("/api/v1/sessions/{id}/cast"));
+    let (_, status) = collector.curl(&[
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        &format!("{}/api/v1/sessions/{id}/streams/cast", collector.url()),
+    ]);
+    let chunks = serde_json::from_str::<serde_json::Value>(&status).unwrap()["next_seq"]
+        .as_u64()
+        .unwrap();
+    let most = cast.len() as u64 / (4 << 20) + 2;
+    assert!(
+        (2..=most).contains(&chunks),
+        "{} bytes in {chunks} chunks",
+        cast.len()
+    );
+    let output: String = cast
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e[1] == "o")
+        .map(|e| e[2].as_str().unwrap().to_string())
+        .collect();
+    let numbers: Vec<&str> = output.split_whitespace().collect();
+    assert_eq!(numbers.len(), 800000);
+    assert_eq!((numbers[0], numbers[799999]), ("1", "800000"));
+}
+
 #[test]
 fn a_tampered_chunk_is_refused_and_the_session_flagged_local() {
     a_tampered_chunk_is_refused_and_the_session_flagged("");
@@ -223,19 +276,13 @@ fn a_tampered_chunk_is_refused_and_the_session_flagged_s3() {
 }
 
 fn a_tampered_chunk_is_refused_and_the_session_flagged(storage: &str) {
-    let keyfile = std::env::temp_dir().join(format!("usher-tamper-key-{}", free_port()));
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&keyfile)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let host_key = std::fs::read_to_string(keyfile.with_extension("pub"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let _ = std::fs::remove_file(&keyfile);
-    let _ = std::fs::remove_file(keyfile.with_extension("pub"));
+    // A host key as usherd makes and loads it: this test signs its writes as the host does.
+    let keydir = std::env::temp_dir().join(format!("usher-tamper-key-{}", free_port()));
+    std::fs::create_dir_all(&keydir).unwrap();
+    let host = usher::ssh::load_or_create_host_key(&keydir).unwrap();
+    let _ = std::fs::remove_dir_all(&keydir);
+    let signing = usher::ssh::signing_key(&host).unwrap();
+    let host_key = host.public_key().to_openssh().unwrap();
     let mut collector = Collector::new(
         &[TrustedAgent {
             host: "host-t".into(),
@@ -245,23 +292,41 @@ fn a_tampered_chunk_is_refused_and_the_session_flagged(storage: &str) {
         storage,
     );
     collector.start();
+    let scratch = collector.dir.join("bodies");
+    std::fs::create_dir_all(&scratch).unwrap();
+    // A signed chunk PUT, its body from a file (binary); `extra` headers added.
+    let put_in = |session: &str, seq: u64, prev: &str, hash: &str, body: &[u8], extra: &[&str]| {
+        let signature = sign_write(
+            &signing,
+            &chunk_signed_text(session, "cast", seq, prev, hash),
+        );
+        let file = scratch.join(format!("{session}-{seq}"));
+        std::fs::write(&file, body).unwrap();
+        let mut args = vec![
+            "-X".to_string(),
+            "PUT".into(),
+            "-H".into(),
+            "Authorization: Bearer tok-t".into(),
+            "-H".into(),
+            format!("X-Usher-Prev-Hash: {prev}"),
+            "-H".into(),
+            format!("X-Usher-Hash: {hash}"),
+            "-H".into(),
+            format!("X-Usher-Signature: {signature}"),
+            "--data-binary".into(),
+            format!("@{}", file.display()),
+        ];
+        for h in extra {
+            args.extend(["-H".to_string(), h.to_string()]);
+        }
+        args.push(format!(
+            "{}/api/v1/sessions/{session}/streams/cast/chunks/{seq}",
+            collector.url()
+        ));
+        collector.curl(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
     let put = |seq: u64, prev: &str, hash: &str, body: &str| {
-        collector.curl(&[
-            "-X",
-            "PUT",
-            "-H",
-            "Authorization: Bearer tok-t",
-            "-H",
-            &format!("X-Usher-Prev-Hash: {prev}"),
-            "-H",
-            &format!("X-Usher-Hash: {hash}"),
-            "--data-binary",
-            body,
-            &format!(
-                "{}/api/v1/sessions/s1/streams/cast/chunks/{seq}",
-                collector.url()
-            ),
-        ])
+        put_in("s1", seq, prev, hash, body.as_bytes(), &[])
     };
     use sha2_shim::*;
     let g = genesis("s1", "cast");
@@ -317,6 +382,7 @@ fn a_tampered_chunk_is_refused_and_the_session_flagged(storage: &str) {
         400
     );
     assert_eq!(put(9, &h0, &h0, "x\n").0, 409);
+    let not_json = sha256_hex(b"not json");
     assert_eq!(
         collector
             .curl(&[
@@ -324,6 +390,13 @@ fn a_tampered_chunk_is_refused_and_the_session_flagged(storage: &str) {
                 "PUT",
                 "-H",
                 "Authorization: Bearer tok-t",
+                "-H",
+                &format!("X-Usher-Hash: {not_json}"),
+                "-H",
+                &format!(
+                    "X-Usher-Signature: {}",
+                    sign_write(&signing, &meta_signed_text("s1", &not_json))
+                ),
                 "--data-binary",
                 "not json",
                 &format!("{}/api/v1/sessions/s1/meta", collector.url())
@@ -331,6 +404,43 @@ fn a_tampered_chunk_is_refused_and_the_session_flagged(storage: &str) {
             .0,
         400
     );
+
+    // Chunk bodies compressed as agents send them: stored, chained and read back decoded.
+    let raw: Vec<u8> = (0..3000)
+        .flat_map(|i| format!("[{i}.0,\"o\",\"zstd-line-{i}\\r\\n\"]\n").into_bytes())
+        .collect();
+    let packed = usher::ship::compress(&raw).expect("terminal output compresses");
+    let g2 = genesis("s2", "cast");
+    let h2 = link(&g2, &raw);
+    let (code, body) = put_in("s2", 0, &g2, &h2, &packed, &["Content-Encoding: zstd"]);
+    assert_eq!(code, 201, "{body}");
+    let (_, cast) = collector.view("/api/v1/sessions/s2/cast");
+    assert_eq!(cast.as_bytes(), &raw[..], "read back decoded");
+    // The same bytes hashed as sent (compressed) are not the chain: refused.
+    let wrong = link(&h2, &packed);
+    let (code, body) = put_in("s2", 1, &h2, &wrong, &packed, &["Content-Encoding: zstd"]);
+    assert_eq!(code, 422, "{body}");
+    // A bomb (64 MiB of zeros in a few KiB) is refused for its decoded size; garbage
+    // labelled zstd and unknown encodings are refused; nothing of them is stored.
+    let zeros = vec![0u8; 64 << 20];
+    let bomb = usher::ship::compress(&zeros).unwrap();
+    assert!(bomb.len() < 64 << 10);
+    let g3 = genesis("s3", "cast");
+    let h3 = link(&g3, &zeros);
+    let (code, body) = put_in("s3", 0, &g3, &h3, &bomb, &["Content-Encoding: zstd"]);
+    assert_eq!(code, 413, "{body}");
+    let line = b"[0.1,\"o\",\"x\"]\n";
+    let h3 = link(&g3, line);
+    let (code, body) = put_in("s3", 0, &g3, &h3, line, &["Content-Encoding: zstd"]);
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = put_in("s3", 0, &g3, &h3, line, &["Content-Encoding: gzip"]);
+    assert_eq!(code, 415, "{body}");
+    let (_, status) = collector.curl(&[
+        "-H",
+        "Authorization: Bearer tok-t",
+        &format!("{}/api/v1/sessions/s3/streams/cast", collector.url()),
+    ]);
+    assert!(status.contains("\"next_seq\":0"), "{status}");
     assert_eq!(collector.view("/api/v1/sessions").0, 200);
     assert_eq!(
         collector

@@ -111,6 +111,8 @@ pub enum ErrorCode {
     Tampered,
     /// 413: a chunk over 4 MiB.
     TooLarge,
+    /// 408: the body did not arrive in time; send the write again.
+    Timeout,
     /// 409 (workflow): the request is no longer pending, or already reviewed by this person.
     Conflict,
     /// 429: too many requests from this principal or address; try again later.

@@ -15,6 +15,34 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use usher_test_support::{free_port, wait_for_port, SshClient, TestCa};
 
+/// The figures this is compared with: as the issue filed them (main, another machine),
+/// and main (3cbc270) measured again on this project's 2-core VM with this benchmark
+/// (`USHER_BENCH_BIN_DIR` = main's release binaries), so that "now" and "before" come from
+/// one machine and one method.
+struct Before {
+    ingest_mb_s: f64,
+    ship_over_record: f64,
+    /// The 8 agents' CPU to ship the 200 sessions end to end; None where not measured.
+    fleet_agent_cpu: Option<f64>,
+}
+const ISSUE: Before = Before {
+    ingest_mb_s: 58.0,
+    ship_over_record: 2.93,
+    fleet_agent_cpu: None,
+};
+const MAIN_ON_THIS_VM: Before = Before {
+    ingest_mb_s: MAIN_INGEST,
+    ship_over_record: MAIN_SHIP_OVER_RECORD,
+    fleet_agent_cpu: Some(MAIN_FLEET_AGENT_CPU),
+};
+// Main at 3cbc270 on the 2-core VM, 2026-12-03, release build: the mean of three runs for
+// ingest (72.0, 67.9, 65.6) and the fleet's CPU (2.91, 4.35, 3.37 s), of two for shipping
+// over recording (3.68, 3.15) measured as now (after the agent's start-up; the same run
+// measured from its start said 5.75).
+const MAIN_INGEST: f64 = 68.5;
+const MAIN_SHIP_OVER_RECORD: f64 = 3.42;
+const MAIN_FLEET_AGENT_CPU: f64 = 3.54;
+
 const AGENTS: usize = 8;
 const SESSIONS_PER_AGENT: u64 = 25;
 const LINES_PER_SESSION: u64 = 20_000; // about 1 MB of cast each
@@ -144,11 +172,14 @@ fn agent_config(
         "host_name = \"{host}\"\nstate_dir = \"{d}/state\"\nspool_dir = \"{d}/spool\"\npolicies_dir = \"{d}/policies\"\n\
          control_socket = \"{d}/control.sock\"\nconsole_socket = \"{d}/console.sock\"\nenforcement = \"off\"\n\
          [ssh]\nlisten = [\"127.0.0.1:{ssh_port}\"]\n[accounts]\nname_prefix = \"bs-\"\nuid_min = {range}\nuid_max = {}\n\
-         [collector]\nurl = \"https://127.0.0.1:{collector}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\ninterval_secs = 1\n",
+         [collector]\nurl = \"https://127.0.0.1:{collector}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\ninterval_secs = 1\n{extra}",
         range + 9,
         token_file.display(),
         ca.display(),
-        d = dir.display()
+        d = dir.display(),
+        // `USHER_BENCH_AGENT_COLLECTOR="compress = false\n…"`: more of the agents'
+        // `[collector]` (to measure what one setting buys).
+        extra = std::env::var("USHER_BENCH_AGENT_COLLECTOR").unwrap_or_default()
     )
 }
 
@@ -156,8 +187,15 @@ pub fn run() -> Result<(), String> {
     if !is_root() {
         return Err("the benchmark runs as root".into());
     }
-    build_binaries(Profile::Release)?;
-    let bin = release_dir();
+    // `USHER_BENCH_BIN_DIR`: binaries built before (e.g. another revision's, to compare),
+    // and no build here.
+    let bin = match std::env::var_os("USHER_BENCH_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            build_binaries(Profile::Release)?;
+            release_dir()
+        }
+    };
     let dir = PathBuf::from(format!("/tmp/usher-bench-ship-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -307,10 +345,15 @@ pub fn run() -> Result<(), String> {
             String::from_utf8_lossy(&steady.stderr).trim()
         ));
     }
-    println!(
-        "collector steady-state ingest (usher-collector bench): {}",
-        String::from_utf8_lossy(&steady.stdout).trim()
-    );
+    let steady = String::from_utf8_lossy(&steady.stdout).trim().to_string();
+    println!("collector steady-state ingest (usher-collector bench): {steady}");
+    // "…: 72.0 MB/s, …"
+    let ingest = steady
+        .split(" MB/s")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .unwrap_or(0.0);
 
     // One agent: CPU to record a session, then CPU to ship it.
     let adir = &agents[AGENTS];
@@ -382,7 +425,25 @@ pub fn run() -> Result<(), String> {
     let record_cpu = cpu_secs(child.id()) - cpu0;
     let _ = child.kill();
     let _ = child.wait();
-    // Now ship what was recorded.
+    // The recording, set aside while the agent starts: its start-up (keys, configuration,
+    // listeners) is not shipping. The metadata goes back last (it names a session to ship).
+    let spool = adir.join("spool");
+    let held = adir.join("held");
+    std::fs::create_dir_all(&held).map_err(|e| e.to_string())?;
+    let mut recorded: Vec<(PathBuf, PathBuf)> = std::fs::read_dir(&spool)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| (e.path(), held.join(e.file_name())))
+        .collect();
+    recorded.sort_by_key(|(from, _)| from.extension().is_some_and(|x| x == "json"));
+    let recorded_bytes: u64 = recorded
+        .iter()
+        .filter_map(|(from, _)| std::fs::metadata(from).ok())
+        .map(|m| m.len())
+        .sum();
+    for (from, to) in &recorded {
+        std::fs::rename(from, to).map_err(|e| e.to_string())?;
+    }
     std::fs::write(adir.join("usherd.toml"), &cfg).map_err(|e| e.to_string())?;
     let before = complete_count(collector_port, &ca, &token);
     let child = Command::new(bin.join("usherd"))
@@ -393,21 +454,95 @@ pub fn run() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let pid = child.id();
     procs.0.push(child);
+    wait_for_port(ssh_port, Duration::from_secs(20)).map_err(|e| e.to_string())?;
+    // A shipping round on an empty spool, then the clock starts.
+    std::thread::sleep(Duration::from_millis(1500));
+    // `USHER_BENCH_PERF=FILE`: a perf profile of the agent while it ships.
+    let perf = std::env::var_os("USHER_BENCH_PERF").and_then(|out| {
+        Command::new("perf")
+            .args(["record", "-g", "-q", "-o"])
+            .arg(out)
+            .args(["-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()
+    });
     let cpu1 = cpu_secs(pid);
+    for (to, from) in &recorded {
+        std::fs::rename(from, to).map_err(|e| e.to_string())?;
+    }
+    let shipping = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(300);
     while complete_count(collector_port, &ca, &token) <= before {
         if Instant::now() > deadline {
             return Err("the recorded session was not shipped".into());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
+    let ship_secs = shipping.elapsed().as_secs_f64();
     let ship_cpu = cpu_secs(pid) - cpu1;
+    if let Some(mut perf) = perf {
+        let _ = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
+    let ship_over_record = ship_cpu / record_cpu;
     println!(
-        "one agent, {:.1} MB session: recording it cost {:.2} s CPU (relaying included), shipping it {:.2} s CPU: shipping/recording = {:.2}",
+        "one agent, a {:.1} MB session ({:.1} MB in the spool): recording it cost {:.2} s CPU (relaying included), shipping it {:.2} s CPU ({:.2} s to complete, the 1 s interval included): shipping/recording = {:.2}",
         bench_scaled(RECORD_MB << 20) as f64 / (1 << 20) as f64,
+        recorded_bytes as f64 / 1e6,
         record_cpu,
         ship_cpu,
-        ship_cpu / record_cpu
+        ship_secs,
+        ship_over_record
     );
+    compare(ingest, ship_over_record, agent_cpu);
     Ok(())
+}
+
+/// The figures side by side: the issue's, main's on this VM, this build's, and the ratio
+/// of this build's to main's on this VM.
+fn compare(ingest: f64, ship_over_record: f64, fleet_agent_cpu: f64) {
+    let cell = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.2}{unit}"));
+    println!();
+    println!(
+        "{:<44} {:>14} {:>18} {:>12} {:>12}",
+        "", "issue (filed)", "main, this VM", "now", "now / main"
+    );
+    let rows = [
+        (
+            "collector ingest, 8 agents (MB/s)",
+            ISSUE.ingest_mb_s,
+            MAIN_ON_THIS_VM.ingest_mb_s,
+            ingest,
+            " (goal >= 200)",
+        ),
+        (
+            "shipping CPU / recording CPU, one agent",
+            ISSUE.ship_over_record,
+            MAIN_ON_THIS_VM.ship_over_record,
+            ship_over_record,
+            " (goal <= 1.0)",
+        ),
+    ];
+    for (name, issue, main, now, goal) in rows {
+        println!(
+            "{name:<44} {:>14} {:>18} {:>12} {:>12}{goal}",
+            cell(Some(issue), ""),
+            cell(Some(main), ""),
+            cell(Some(now), ""),
+            cell((main > 0.0).then(|| now / main), "x"),
+        );
+    }
+    let main_fleet = MAIN_ON_THIS_VM.fleet_agent_cpu;
+    println!(
+        "{:<44} {:>14} {:>18} {:>12} {:>12}",
+        "agents' CPU shipping 200 sessions (s)",
+        cell(ISSUE.fleet_agent_cpu, ""),
+        cell(main_fleet, ""),
+        cell(Some(fleet_agent_cpu), ""),
+        cell(main_fleet.map(|m| fleet_agent_cpu / m), "x"),
+    );
 }

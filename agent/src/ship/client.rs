@@ -1,11 +1,16 @@
-//! The collector's HTTP API, client side (see collector/API.md).
+//! The collector's HTTP API, client side (see collector/API.md and collector/FLEET.md):
+//! one connection, reused (HTTP/2 when the collector offers it over ALPN), signed writes,
+//! chunk bodies compressed with zstd when that saves enough.
 
 use crate::config::CollectorConfig;
+use bytes::Bytes;
 use reqwest::StatusCode;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use usher_wire::collector::{ErrorCode, Refusal, StreamStatus};
+use usher_wire::collector::{
+    ErrorCode, Refusal, StreamStatus, HASH_HEADER, PREV_HASH_HEADER, SIGNATURE_HEADER,
+};
 use usher_wire::seal::Seal;
 
 /// What the shipper asks of a collector. [`Client`] asks over HTTPS; the shipper's tests
@@ -18,22 +23,20 @@ pub trait Collector: Send + Sync + 'static {
         stream: &str,
     ) -> impl Future<Output = Result<StreamStatus, ClientError>> + Send;
 
-    /// Sends chunk `seq` of a stream; `prev` and `hash` are its chain links.
+    /// Sends one chunk of a stream, signed.
     fn put_chunk(
         &self,
-        session: &str,
-        stream: &str,
-        seq: u64,
-        prev: &str,
-        hash: &str,
-        body: Vec<u8>,
+        chunk: ChunkWrite<'_>,
     ) -> impl Future<Output = Result<PutOutcome, ClientError>> + Send;
 
-    /// Sends the session's metadata, as the spool holds it.
+    /// Sends the session's metadata, as the spool holds it; `hash` is its SHA-256 (hex)
+    /// and `signature` the host key's over [`usher_wire::collector::meta_signed_text`].
     fn put_meta(
         &self,
         session: &str,
-        meta: Vec<u8>,
+        meta: Bytes,
+        hash: &str,
+        signature: &str,
     ) -> impl Future<Output = Result<(), ClientError>> + Send;
 
     fn seal(
@@ -41,6 +44,19 @@ pub trait Collector: Send + Sync + 'static {
         session: &str,
         seal: &Seal,
     ) -> impl Future<Output = Result<(), ClientError>> + Send;
+}
+
+/// Chunk `seq` of a stream: `prev` and `hash` are its chain links, `signature` the host
+/// key's over [`usher_wire::collector::chunk_signed_text`] of them, `body` its bytes.
+#[derive(Debug, Clone)]
+pub struct ChunkWrite<'a> {
+    pub session: &'a str,
+    pub stream: &'a str,
+    pub seq: u64,
+    pub prev: &'a str,
+    pub hash: &'a str,
+    pub signature: &'a str,
+    pub body: Bytes,
 }
 
 /// What the collector did with a chunk.
@@ -113,6 +129,7 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    compress: bool,
 }
 
 impl Client {
@@ -130,7 +147,12 @@ impl Client {
             .use_rustls_tls()
             .https_only(true)
             .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60));
+            .timeout(Duration::from_secs(60))
+            // One connection carries every request: the collector closes idle ones after
+            // 60 s, so this side lets go a little before.
+            .pool_idle_timeout(Duration::from_secs(50))
+            .pool_max_idle_per_host(2)
+            .http2_adaptive_window(true);
         if let Some(ca) = &config.ca_file {
             builder = builder.tls_built_in_root_certs(false);
             let certs = reqwest::Certificate::from_pem_bundle(&read(ca)?).map_err(|source| {
@@ -154,6 +176,7 @@ impl Client {
             http,
             base: config.url.trim_end_matches('/').to_string(),
             token,
+            compress: config.compress,
         })
     }
 
@@ -210,21 +233,26 @@ impl Collector for Client {
         })
     }
 
-    async fn put_chunk(
-        &self,
-        session: &str,
-        stream: &str,
-        seq: u64,
-        prev: &str,
-        hash: &str,
-        body: Vec<u8>,
-    ) -> Result<PutOutcome, ClientError> {
-        let req = self
+    async fn put_chunk(&self, chunk: ChunkWrite<'_>) -> Result<PutOutcome, ClientError> {
+        let ChunkWrite {
+            session,
+            stream,
+            seq,
+            prev,
+            hash,
+            signature,
+            body,
+        } = chunk;
+        let mut req = self
             .http
             .put(self.url(&format!("sessions/{session}/streams/{stream}/chunks/{seq}")))
-            .header("X-Usher-Prev-Hash", prev)
-            .header("X-Usher-Hash", hash)
-            .body(body);
+            .header(PREV_HASH_HEADER, prev)
+            .header(HASH_HEADER, hash)
+            .header(SIGNATURE_HEADER, signature);
+        req = match self.compress.then(|| compress(&body)).flatten() {
+            Some(smaller) => req.header("Content-Encoding", "zstd").body(smaller),
+            None => req.body(body),
+        };
         let (status, body) = self.send(req).await?;
         match status.as_u16() {
             201 => Ok(PutOutcome::Stored),
@@ -240,11 +268,19 @@ impl Collector for Client {
         }
     }
 
-    async fn put_meta(&self, session: &str, meta: Vec<u8>) -> Result<(), ClientError> {
+    async fn put_meta(
+        &self,
+        session: &str,
+        meta: Bytes,
+        hash: &str,
+        signature: &str,
+    ) -> Result<(), ClientError> {
         let req = self
             .http
             .put(self.url(&format!("sessions/{session}/meta")))
             .header("Content-Type", "application/json")
+            .header(HASH_HEADER, hash)
+            .header(SIGNATURE_HEADER, signature)
             .body(meta);
         self.expect_success(req).await.map(drop)
     }
@@ -255,5 +291,47 @@ impl Collector for Client {
             .post(self.url(&format!("sessions/{session}/seal")))
             .json(seal);
         self.expect_success(req).await.map(drop)
+    }
+}
+
+/// zstd at level 1 (fast: the agent's CPU matters more than the last percent), and only
+/// when it saves at least a tenth; else the chunk goes as it is.
+pub fn compress(body: &[u8]) -> Option<Vec<u8>> {
+    // Below this the frame's overhead eats the saving.
+    const WORTH_TRYING: usize = 512;
+    if body.len() < WORTH_TRYING {
+        return None;
+    }
+    let smaller = zstd::bulk::compress(body, 1).ok()?;
+    (smaller.len() <= body.len() - body.len() / 10).then_some(smaller)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_compressed_only_when_it_saves_a_tenth() {
+        let lines: Vec<u8> = (0..2000)
+            .flat_map(|i| format!("[{i}.0, \"o\", \"line {i}\\r\\n\"]\n").into_bytes())
+            .collect();
+        let packed = compress(&lines).expect("terminal output compresses");
+        assert!(packed.len() * 4 < lines.len());
+        assert_eq!(zstd::bulk::decompress(&packed, lines.len()).unwrap(), lines);
+        // Random bytes (e.g. PNG data) do not shrink: sent as they are.
+        let mut noise = vec![0u8; 64 << 10];
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        assert_eq!(compress(&noise), None);
+        assert_eq!(
+            compress(b"[0.1, \"o\", \"x\"]\n"),
+            None,
+            "too small to bother"
+        );
     }
 }

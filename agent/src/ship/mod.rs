@@ -11,19 +11,21 @@
 mod client;
 mod state;
 
-pub use client::{Client, ClientError, Collector, PutOutcome};
+pub use client::{compress, ChunkWrite, Client, ClientError, Collector, PutOutcome};
 /// The chain's format lives in the wire crate; here for the agent's users of it.
 pub use usher_wire::chain;
 
 use crate::fsutil;
+use bytes::Bytes;
 use serde::Serialize;
 pub use state::MAX_CHUNK;
-use state::{Agreement, Diverged, ShipState};
+use state::{Agreement, Diverged, PlanError, ShipState};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use usher_wire::collector::{chunk_signed_text, meta_signed_text, sha256_hex, sign_write};
 use usher_wire::meta::SessionMeta;
 use usher_wire::seal::Seal;
 
@@ -109,7 +111,10 @@ pub struct Shipper<C: Collector = Client> {
     spool: PathBuf,
     client: C,
     signing: ed25519_dalek::SigningKey,
+    /// A live session's tail goes in chunks of at most this.
     chunk_bytes: usize,
+    /// A backlog goes in chunks of at most this ([`MAX_CHUNK`]; smaller in tests).
+    backlog_chunk_bytes: usize,
     interval: Duration,
     status: std::sync::Mutex<ShipStatus>,
 }
@@ -125,13 +130,15 @@ impl Shipper<Client> {
         spool: &Path,
         signing: ed25519_dalek::SigningKey,
     ) -> Result<Shipper<Client>, ClientError> {
-        Ok(Shipper::with_collector(
+        let mut shipper = Shipper::with_collector(
             Client::new(config)?,
             spool,
             signing,
             config.chunk_bytes,
             Duration::from_secs(config.interval_secs.max(1)),
-        ))
+        );
+        shipper.backlog_chunk_bytes = config.backlog_chunk_bytes.clamp(1024, MAX_CHUNK);
+        Ok(shipper)
     }
 }
 
@@ -148,6 +155,7 @@ impl<C: Collector> Shipper<C> {
             client,
             signing,
             chunk_bytes: chunk_bytes.clamp(1024, MAX_CHUNK),
+            backlog_chunk_bytes: MAX_CHUNK,
             interval,
             status: std::sync::Mutex::new(ShipStatus {
                 configured: true,
@@ -264,7 +272,7 @@ impl<C: Collector> Shipper<C> {
             if !path.exists() {
                 continue;
             }
-            self.ship_stream(id, stream, &path, state).await?;
+            self.ship_stream(id, stream, &path, state, live).await?;
             if !state.acknowledged_to(stream, file_len(&path)) {
                 fully_shipped = false;
             }
@@ -276,8 +284,16 @@ impl<C: Collector> Shipper<C> {
             path: meta_path.clone(),
             source,
         })?;
+        // The seal names the metadata's hash, so what the collector holds must be this
+        // file as it is now: sent again whenever it changed, and written down as sent only
+        // once acknowledged. (A crash in between sends the same bytes again: the collector
+        // answers 200 for metadata identical to what it holds, sealed or not.)
         if state.meta_sent.as_deref() != Some(&meta) {
-            self.client.put_meta(id, meta.clone().into_bytes()).await?;
+            let hash = sha256_hex(meta.as_bytes());
+            let signature = sign_write(&self.signing, &meta_signed_text(id, &hash));
+            self.client
+                .put_meta(id, meta.clone().into(), &hash, &signature)
+                .await?;
             state.meta_sent = Some(meta.clone());
             self.save_state(id, state)?;
         }
@@ -285,10 +301,11 @@ impl<C: Collector> Shipper<C> {
         if !ended || live || !fully_shipped {
             return Ok(false);
         }
+        let meta_hash = sha256_hex(meta.as_bytes());
         self.client
             .seal(
                 id,
-                &Seal::sign(id, None, state.stream_ends(), &self.signing),
+                &Seal::sign(id, Some(meta_hash), state.stream_ends(), &self.signing),
             )
             .await?;
         for (_, suffix) in STREAMS {
@@ -307,6 +324,7 @@ impl<C: Collector> Shipper<C> {
         stream: &str,
         path: &Path,
         state: &mut ShipState,
+        live: bool,
     ) -> Result<(), ShipError> {
         if !state.stream(id, stream).synced {
             let remote = self.client.stream_status(id, stream).await?;
@@ -332,85 +350,135 @@ impl<C: Collector> Shipper<C> {
         }
         loop {
             let st = state.stream(id, stream);
-            let (p, bytes) = match st.pending.clone() {
-                Some(p) => {
-                    let bytes = read_range(path, p.offset, p.len as usize)?;
-                    (p, bytes)
+            // The planned chunks' bytes, read once: the file from the first one's offset.
+            let (base, bytes) = match (st.pending.first(), st.pending.last()) {
+                (Some(first), Some(last)) => {
+                    let (base, len) = (first.offset, (last.end() - first.offset) as usize);
+                    let bytes = read_range(path, base, len)?;
+                    // The file was cut behind the agent's back: what was planned is gone.
+                    if bytes.len() != len {
+                        return Err(ShipError::Spool {
+                            path: path.to_owned(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "shorter than the chunks planned from it",
+                            ),
+                        });
+                    }
+                    (base, bytes)
                 }
-                None => {
-                    let Some((p, bytes)) = self.cut(id, stream, path, st)? else {
+                _ => {
+                    let Some(bytes) = self.cut(id, stream, path, st, live)? else {
                         return Ok(());
                     };
-                    // Written down before it is sent: after a crash, the same bytes go
-                    // again under the same number.
-                    st.pending = Some(p.clone());
+                    // Written down before they are sent: after a crash, the same bytes go
+                    // again under the same numbers.
                     self.save_state(id, state)?;
-                    (p, bytes)
+                    (state.stream(id, stream).offset, bytes)
                 }
             };
-            let prev = state.stream(id, stream).last_hash.clone();
-            let outcome = self
-                .client
-                .put_chunk(id, stream, p.seq, &prev, &p.hash, bytes)
-                .await?;
-            let st = state.stream(id, stream);
-            match outcome {
-                PutOutcome::Stored | PutOutcome::Duplicate => {
-                    st.acknowledge(&p);
-                    self.save_state(id, state)?;
-                }
-                PutOutcome::OutOfStep { next_seq } => {
-                    st.synced = false;
-                    return Err(ShipError::OutOfStep {
-                        session: id.into(),
-                        stream: stream.into(),
-                        expected: next_seq,
-                    });
+            let bytes = Bytes::from(bytes);
+            for p in state.stream(id, stream).pending.clone() {
+                let prev = state.stream(id, stream).last_hash.clone();
+                let at = (p.offset - base) as usize;
+                let body = bytes.slice(at..at + p.len as usize);
+                let signature = sign_write(
+                    &self.signing,
+                    &chunk_signed_text(id, stream, p.seq, &prev, &p.hash),
+                );
+                let outcome = self
+                    .client
+                    .put_chunk(ChunkWrite {
+                        session: id,
+                        stream,
+                        seq: p.seq,
+                        prev: &prev,
+                        hash: &p.hash,
+                        signature: &signature,
+                        body,
+                    })
+                    .await?;
+                let st = state.stream(id, stream);
+                match outcome {
+                    // Not written down: a crash from here on finds the collector holding
+                    // it when it asks (`agree_with`), or sends it again as a duplicate.
+                    PutOutcome::Stored | PutOutcome::Duplicate => st.acknowledge(&p),
+                    PutOutcome::OutOfStep { next_seq } => {
+                        st.synced = false;
+                        return Err(ShipError::OutOfStep {
+                            session: id.into(),
+                            stream: stream.into(),
+                            expected: next_seq,
+                        });
+                    }
                 }
             }
         }
     }
 
-    /// The next chunk of a stream's file and its bytes (see [`state::StreamState::plan`]),
-    /// made durable before it is written down as planned.
+    /// Plans the next chunks of a stream's file (see [`state::StreamState::plan_chunks`])
+    /// into `st.pending`, and returns the file's bytes from the acknowledged offset that
+    /// they were cut from; made durable before they are written down as planned.
+    ///
+    /// Reads only what the chunks need. A live session's tail goes in chunks of
+    /// `chunk_bytes` (a reviewer watching it sees it soon); a backlog (the session is
+    /// over, or more than two chunks wait) in chunks of up to [`MAX_CHUNK`], several
+    /// planned in one write of the state.
     fn cut(
         &self,
         id: &str,
         stream: &str,
         path: &Path,
-        st: &state::StreamState,
-    ) -> Result<Option<(state::Pending, Vec<u8>)>, ShipError> {
+        st: &mut state::StreamState,
+        live: bool,
+    ) -> Result<Option<Vec<u8>>, ShipError> {
         let len = file_len(path);
         if len <= st.offset {
             return Ok(None);
         }
-        let want = ((len - st.offset) as usize).min(MAX_CHUNK);
-        let unsent = read_range(path, st.offset, want)?;
-        let planned = st
-            .plan(&unsent, self.chunk_bytes)
-            .map_err(|source| ShipError::State {
+        let waiting = len - st.offset;
+        let backlog = !live || waiting > 2 * self.chunk_bytes as u64;
+        let cutting = state::Cutting {
+            chunk_bytes: match backlog {
+                true => self.backlog_chunk_bytes.max(self.chunk_bytes),
+                false => self.chunk_bytes,
+            },
+            max_chunks: PLAN_CHUNKS,
+        };
+        // Enough for the chunks planned, and more than a chunk can be, so that a line too
+        // long for one is told from one not finished yet.
+        let read = (PLAN_CHUNKS * cutting.chunk_bytes).max(MAX_CHUNK + 1);
+        let unsent = read_range(path, st.offset, (waiting as usize).min(read))?;
+        let planned = st.plan_chunks(&unsent, cutting).map_err(|e| match e {
+            PlanError::LineTooLong => ShipError::LineTooLong {
+                session: id.into(),
+                stream: stream.into(),
+                offset: st.offset,
+                max: MAX_CHUNK,
+            },
+            PlanError::Chain(source) => ShipError::State {
                 session: id.into(),
                 stream: stream.into(),
                 source,
-            })?;
-        let Some(p) = planned else {
-            if want == MAX_CHUNK {
-                return Err(ShipError::LineTooLong {
-                    session: id.into(),
-                    stream: stream.into(),
-                    offset: st.offset,
-                    max: MAX_CHUNK,
-                });
-            }
+            },
+        })?;
+        let Some(last) = planned.last() else {
             return Ok(None);
         };
+        let used = (last.end() - st.offset) as usize;
         std::fs::File::open(path)
             .and_then(|f| f.sync_data())
             .map_err(ShipError::spool(path))?;
-        let bytes = unsent[..p.len as usize].to_vec();
-        Ok(Some((p, bytes)))
+        st.pending = planned;
+        let mut unsent = unsent;
+        unsent.truncate(used);
+        Ok(Some(unsent))
     }
 }
+
+/// Most chunks planned (read, hashed, written down with one write of the state) in one go:
+/// a backlog's 16 MiB, or a live tail's few.
+const PLAN_CHUNKS: usize = 4;
 
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
@@ -420,16 +488,11 @@ fn read_range(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, ShipError
     let mut f = std::fs::File::open(path).map_err(ShipError::spool(path))?;
     f.seek(SeekFrom::Start(offset))
         .map_err(ShipError::spool(path))?;
-    let mut buf = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        let n = f.read(&mut buf[got..]).map_err(ShipError::spool(path))?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    buf.truncate(got);
+    // Not zeroed first: read into spare capacity.
+    let mut buf = Vec::with_capacity(len);
+    f.take(len as u64)
+        .read_to_end(&mut buf)
+        .map_err(ShipError::spool(path))?;
     Ok(buf)
 }
 
@@ -469,7 +532,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Mutex;
-    use usher_wire::collector::{ErrorCode, StreamStatus};
+    use usher_wire::collector::{verify_write, ErrorCode, StreamStatus};
     use usher_wire::meta::GrantInfo;
 
     /// A stream's chunks, each with its hash.
@@ -489,6 +552,8 @@ mod tests {
         host_key: ed25519_dalek::VerifyingKey,
         /// Store the next chunk, then answer as if the connection dropped.
         lose_next_answer: AtomicBool,
+        /// The next seal never arrives (the agent dies before sending it).
+        lose_next_seal: AtomicBool,
         unreachable: AtomicBool,
         chunk_puts: AtomicUsize,
     }
@@ -511,6 +576,7 @@ mod tests {
                 held: Mutex::default(),
                 host_key,
                 lose_next_answer: AtomicBool::new(false),
+                lose_next_seal: AtomicBool::new(false),
                 unreachable: AtomicBool::new(false),
                 chunk_puts: AtomicUsize::new(0),
             })
@@ -562,19 +628,30 @@ mod tests {
             Ok(self.status_of(session, stream))
         }
 
-        async fn put_chunk(
-            &self,
-            session: &str,
-            stream: &str,
-            seq: u64,
-            prev: &str,
-            hash: &str,
-            body: Vec<u8>,
-        ) -> Result<PutOutcome, ClientError> {
+        async fn put_chunk(&self, chunk: ChunkWrite<'_>) -> Result<PutOutcome, ClientError> {
+            let ChunkWrite {
+                session,
+                stream,
+                seq,
+                prev,
+                hash,
+                signature,
+                body,
+            } = chunk;
             self.reachable()?;
             self.chunk_puts.fetch_add(1, Ordering::SeqCst);
+            // Checked from the headers, before anything else (FLEET.md, "Signed writes").
+            let signed = chunk_signed_text(session, stream, seq, prev, hash);
+            verify_write(&self.host_key, &signed, signature)
+                .map_err(|e| refused(403, ErrorCode::Forbidden, &e.to_string()))?;
+            if body.len() > MAX_CHUNK {
+                return Err(refused(413, ErrorCode::TooLarge, "over 4 MiB"));
+            }
             let status = self.status_of(session, stream);
             let mut held = self.held();
+            if held.seals.contains_key(session) {
+                return Err(refused(409, ErrorCode::Tampered, "sealed"));
+            }
             let chunks = held
                 .chunks
                 .entry((session.into(), stream.into()))
@@ -593,23 +670,52 @@ mod tests {
             if prev != status.last_hash || chain::next(prev, &body).ok().as_deref() != Some(hash) {
                 return Err(refused(422, ErrorCode::Tampered, "tampered"));
             }
-            chunks.push((hash.to_string(), body));
+            chunks.push((hash.to_string(), body.to_vec()));
             match self.lose_next_answer.swap(false, Ordering::SeqCst) {
                 true => Err(dropped()),
                 false => Ok(PutOutcome::Stored),
             }
         }
 
-        async fn put_meta(&self, session: &str, meta: Vec<u8>) -> Result<(), ClientError> {
+        async fn put_meta(
+            &self,
+            session: &str,
+            meta: Bytes,
+            hash: &str,
+            signature: &str,
+        ) -> Result<(), ClientError> {
             self.reachable()?;
-            self.held().meta.insert(session.into(), meta);
+            verify_write(&self.host_key, &meta_signed_text(session, hash), signature)
+                .map_err(|e| refused(403, ErrorCode::Forbidden, &e.to_string()))?;
+            if sha256_hex(&meta) != hash {
+                return Err(refused(400, ErrorCode::BadRequest, "X-Usher-Hash"));
+            }
+            let mut held = self.held();
+            if held.seals.contains_key(session)
+                && held.meta.get(session).map(|m| &m[..]) != Some(&meta[..])
+            {
+                return Err(refused(409, ErrorCode::Tampered, "metadata after the seal"));
+            }
+            held.meta.insert(session.into(), meta.to_vec());
             Ok(())
         }
 
         async fn seal(&self, session: &str, seal: &Seal) -> Result<(), ClientError> {
             self.reachable()?;
+            if self.lose_next_seal.swap(false, Ordering::SeqCst) {
+                return Err(dropped());
+            }
             seal.verify(session, &self.host_key)
                 .map_err(|e| refused(422, ErrorCode::Tampered, &e.to_string()))?;
+            // v2: the seal covers the metadata as stored.
+            let stored_meta = self.held().meta.get(session).map(|m| sha256_hex(m));
+            if seal.meta.is_none() || seal.meta != stored_meta {
+                return Err(refused(
+                    422,
+                    ErrorCode::Tampered,
+                    "the seal's metadata differs",
+                ));
+            }
             for (stream, end) in &seal.streams {
                 let have = self.status_of(session, stream);
                 if (have.next_seq, &have.last_hash) != (end.chunks, &end.last_hash) {
@@ -725,8 +831,10 @@ mod tests {
         let spool = Spool::new(name);
         let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
         let fake = Fake::new(key.verifying_key());
-        let shipper =
+        let mut shipper =
             Shipper::with_collector(fake.clone(), &spool.0, key, 1024, Duration::from_secs(1));
+        // Small chunks for a backlog too: several to a session, several to a plan.
+        shipper.backlog_chunk_bytes = 1024;
         (spool, fake, shipper)
     }
 
@@ -847,7 +955,7 @@ mod tests {
         assert_eq!(fake.stream("s1", "cast"), first, "the partial line waits");
         let saved = spool.saved_state("s1");
         assert_eq!(saved.streams["cast"].offset, first.len() as u64);
-        assert_eq!(saved.streams["cast"].pending, None);
+        assert!(saved.streams["cast"].pending.is_empty());
         // The line is finished and the session ends.
         spool.append("s1", "cast", b"ne\"]\n");
         spool.write_meta("s1", true);
@@ -882,9 +990,10 @@ mod tests {
         assert!(error.is_unreachable(), "{error}");
         let saved = spool.saved_state("s1");
         assert_eq!(saved.streams["cast"].next_seq, 0);
-        assert!(
-            saved.streams["cast"].pending.is_some(),
-            "planned, not acknowledged"
+        assert_eq!(
+            saved.streams["cast"].pending.len(),
+            3,
+            "the three chunks planned in one write, none acknowledged"
         );
         // A new agent process: only what .ship.json says.
         assert_eq!(round(&shipper, &mut BTreeMap::new()).await.unwrap(), 0);
@@ -921,7 +1030,7 @@ mod tests {
         // The state a crash between planning chunk 0 and sending it leaves.
         let mut planned = ShipState::default();
         let st = planned.stream("s1", "cast");
-        st.pending = st.plan(&first, 1024).unwrap();
+        st.pending = st.plan(&first, 1024).unwrap().into_iter().collect();
         std::fs::write(
             spool.path("s1", "ship.json"),
             serde_json::to_vec(&planned).unwrap(),
@@ -1029,5 +1138,132 @@ mod tests {
         let error = round(&shipper, &mut BTreeMap::new()).await.unwrap_err();
         assert!(matches!(error, ShipError::Meta { .. }), "{error}");
         assert!(fake.held().meta.is_empty());
+    }
+
+    struct AllLive;
+    impl LiveSessions for AllLive {
+        fn is_live(&self, _: &str) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_live_tail_goes_in_small_chunks_and_a_backlog_in_large_ones() {
+        let spool = Spool::new("sizes");
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let fake = Fake::new(key.verifying_key());
+        let shipper =
+            Shipper::with_collector(fake.clone(), &spool.0, key, 1024, Duration::from_secs(1));
+        spool.write_meta("s1", false);
+        let mut states = BTreeMap::new();
+        // A live tail of a few lines: chunks of at most `chunk_bytes`.
+        let tail = lines(0, 6);
+        spool.append("s1", "cast", &tail);
+        shipper.round(&mut states, &AllLive).await.unwrap();
+        let small = fake.chunks("s1", "cast");
+        assert_eq!(small.len(), 2);
+        assert!(small.iter().all(|c| c.len() <= 1024));
+        // Far more than two chunks waiting, the session still live: one large chunk.
+        let backlog = lines(6, 60);
+        spool.append("s1", "cast", &backlog);
+        shipper.round(&mut states, &AllLive).await.unwrap();
+        assert_eq!(fake.chunks("s1", "cast").len(), 3);
+        assert_eq!(fake.chunks("s1", "cast")[2], backlog);
+        // The session is over: whatever is left goes in large chunks too, then the seal.
+        let rest = lines(66, 5);
+        spool.append("s1", "cast", &rest);
+        spool.write_meta("s1", true);
+        assert_eq!(shipper.round(&mut states, &Nothing).await.unwrap(), 0);
+        assert_eq!(fake.chunks("s1", "cast")[3], rest);
+        assert_eq!(fake.stream("s1", "cast"), [tail, backlog, rest].concat());
+    }
+
+    #[tokio::test]
+    async fn metadata_that_changed_is_sent_again_and_the_seal_names_the_last_sent() {
+        let (spool, fake, shipper) = setup("meta-changes");
+        spool.append("s1", "cast", &lines(0, 2));
+        spool.write_meta("s1", false);
+        let mut states = BTreeMap::new();
+        assert_eq!(round(&shipper, &mut states).await.unwrap(), 1);
+        let first = fake.held().meta["s1"].clone();
+        spool.write_meta("s1", true);
+        let ended = std::fs::read(spool.path("s1", "json")).unwrap();
+        assert_ne!(first, ended);
+        assert_eq!(round(&shipper, &mut states).await.unwrap(), 0);
+        assert_eq!(fake.held().meta["s1"], ended);
+        assert_eq!(
+            fake.held().seals["s1"].meta.as_deref(),
+            Some(sha256_hex(&ended).as_str())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_the_metadata_and_the_seal_still_seals_over_that_metadata() {
+        let (spool, fake, shipper) = setup("meta-then-crash");
+        spool.append("s1", "cast", &lines(0, 2));
+        spool.write_meta("s1", true);
+        fake.lose_next_seal.store(true, Ordering::SeqCst);
+        let error = round(&shipper, &mut BTreeMap::new()).await.unwrap_err();
+        assert!(error.is_unreachable(), "{error}");
+        let sent = std::fs::read(spool.path("s1", "json")).unwrap();
+        assert_eq!(fake.held().meta["s1"], sent);
+        assert_eq!(
+            spool
+                .saved_state("s1")
+                .meta_sent
+                .as_deref()
+                .map(str::as_bytes),
+            Some(&sent[..]),
+            "written down as sent"
+        );
+        // A new agent process: it does not send the metadata again, and seals over it.
+        assert_eq!(round(&shipper, &mut BTreeMap::new()).await.unwrap(), 0);
+        assert_eq!(
+            fake.held().seals["s1"].meta,
+            Some(sha256_hex(&sent)),
+            "the seal names the metadata the collector holds"
+        );
+        assert!(!spool.holds("s1"));
+    }
+
+    #[tokio::test]
+    async fn writes_signed_with_another_key_are_refused_and_nothing_is_stored() {
+        let spool = Spool::new("other-key");
+        let host = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let fake = Fake::new(host.verifying_key());
+        let thief = ed25519_dalek::SigningKey::from_bytes(&[10; 32]);
+        let shipper =
+            Shipper::with_collector(fake.clone(), &spool.0, thief, 1024, Duration::from_secs(1));
+        spool.append("s1", "cast", &lines(0, 2));
+        spool.write_meta("s1", true);
+        let error = round(&shipper, &mut BTreeMap::new()).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ShipError::Collector(ClientError::Refused {
+                    status: 403,
+                    code: Some(ErrorCode::Forbidden),
+                    ..
+                })
+            ),
+            "{error}"
+        );
+        assert!(fake.chunks("s1", "cast").is_empty());
+        assert!(fake.held().meta.is_empty());
+        assert!(spool.holds("s1"));
+    }
+
+    #[tokio::test]
+    async fn a_spool_file_cut_short_behind_a_plan_is_an_error_not_a_crash() {
+        let (spool, fake, shipper) = setup("cut-short");
+        let cast = lines(0, 6);
+        spool.append("s1", "cast", &cast);
+        spool.write_meta("s1", true);
+        fake.lose_next_answer.store(true, Ordering::SeqCst);
+        let mut states = BTreeMap::new();
+        assert!(shipper.round(&mut states, &Nothing).await.is_err());
+        std::fs::write(spool.path("s1", "cast"), &cast[..100]).unwrap();
+        let error = shipper.round(&mut states, &Nothing).await.unwrap_err();
+        assert!(matches!(error, ShipError::Spool { .. }), "{error}");
     }
 }

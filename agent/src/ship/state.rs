@@ -3,16 +3,17 @@
 //! the spool and talks to the collector, this decides what that means.
 //!
 //! A chunk's life: planned (its offset, length and hash written down) → sent →
-//! acknowledged (the offset moves past it). A crash anywhere in between leaves a plan
-//! that is sent again as it was, or that the collector turns out to hold already.
+//! acknowledged (the offset moves past it). Several chunks are planned at once and
+//! written down in one write; a crash anywhere leaves a plan that is sent again as it
+//! was, or a prefix of which the collector turns out to hold already.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use usher_wire::chain::{self, ChainError};
 use usher_wire::collector::StreamStatus;
 use usher_wire::seal::StreamEnd;
 
-/// The collector refuses larger chunks.
+/// The collector refuses larger chunks (decoded).
 pub const MAX_CHUNK: usize = 4 << 20;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,8 +22,14 @@ pub struct StreamState {
     /// Bytes of the spool file already acknowledged.
     pub offset: u64,
     pub last_hash: String,
-    /// Cut and hashed, maybe sent, not yet acknowledged.
-    pub pending: Option<Pending>,
+    /// Cut and hashed, maybe sent, not yet acknowledged: consecutive chunks from `offset`
+    /// and `next_seq` on. (A single chunk, or null, in files of earlier agents.)
+    #[serde(
+        default,
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub pending: Vec<Pending>,
     /// Agreed with the collector since this agent started.
     #[serde(skip)]
     pub synced: bool,
@@ -37,10 +44,31 @@ pub struct Pending {
     pub hash: String,
 }
 
+impl Pending {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// `pending` as this agent writes it (a list) or as earlier ones did (one chunk or null).
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Pending>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Pending),
+        Many(Vec<Pending>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(p)) => vec![p],
+        Some(OneOrMany::Many(v)) => v,
+    })
+}
+
 #[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShipState {
     pub streams: BTreeMap<String, StreamState>,
-    /// The metadata as last acknowledged.
+    /// The metadata as last acknowledged (the seal names its SHA-256).
     pub meta_sent: Option<String>,
     /// A stream of it cannot be shipped (said once in the journal, not every round).
     #[serde(skip)]
@@ -50,8 +78,8 @@ pub struct ShipState {
 /// How a stream came to agree with the collector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Agreement {
-    /// Both sides end at the same chunk (a plan the collector already held counts as
-    /// acknowledged).
+    /// Both sides end at the same chunk (planned chunks the collector already held count
+    /// as acknowledged).
     InStep,
     /// The collector holds nothing of it (a new or wiped store): the spool still holds
     /// the whole stream, so it is sent again from the start.
@@ -66,6 +94,25 @@ pub struct Diverged {
     pub local_chunks: u64,
 }
 
+/// How the next chunks are cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cutting {
+    /// Largest chunk, unless one line is longer (then that line, up to [`MAX_CHUNK`]).
+    pub chunk_bytes: usize,
+    /// Most chunks planned in one go (one write of the state for all of them).
+    pub max_chunks: usize,
+}
+
+/// Why nothing more can be planned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// The line at the acknowledged offset is longer than a chunk can be.
+    #[error("a line longer than {MAX_CHUNK} bytes")]
+    LineTooLong,
+}
+
 impl StreamState {
     /// A stream nothing of which has been sent.
     pub fn new(session_id: &str, stream: &str) -> StreamState {
@@ -75,12 +122,13 @@ impl StreamState {
         }
     }
 
-    /// The collector has chunk `p`: the stream moves past it.
+    /// The collector has chunk `p` (and so every planned chunk before it): the stream
+    /// moves past it.
     pub fn acknowledge(&mut self, p: &Pending) {
         self.next_seq = p.seq + 1;
-        self.offset = p.offset + p.len;
+        self.offset = p.end();
         self.last_hash = p.hash.clone();
-        self.pending = None;
+        self.pending.retain(|q| q.seq > p.seq);
     }
 
     /// Brings this host's view in line with what the collector says it holds.
@@ -90,12 +138,15 @@ impl StreamState {
         stream: &str,
         remote: &StreamStatus,
     ) -> Result<Agreement, Diverged> {
-        // A planned chunk the collector already has: it was acknowledged, and this host
-        // crashed before writing that down.
-        if let Some(p) = self.pending.clone() {
-            if remote.next_seq == p.seq + 1 && remote.last_hash == p.hash {
-                self.acknowledge(&p);
-            }
+        // Planned chunks the collector already has: they were acknowledged, and this host
+        // crashed (or lost the answer) before writing that down.
+        if let Some(p) = self
+            .pending
+            .iter()
+            .find(|p| remote.next_seq == p.seq + 1 && remote.last_hash == p.hash)
+            .cloned()
+        {
+            self.acknowledge(&p);
         }
         if remote.next_seq == self.next_seq && remote.last_hash == self.last_hash {
             self.synced = true;
@@ -114,29 +165,57 @@ impl StreamState {
         })
     }
 
-    /// The next chunk, from `unsent` (the file's bytes from the acknowledged offset, at
-    /// most [`MAX_CHUNK`]): whole lines, at most `chunk_bytes` unless one line is longer.
-    /// None while there is no whole line.
+    /// The next chunk alone (see [`StreamState::plan_chunks`]).
+    #[cfg(test)]
     pub fn plan(&self, unsent: &[u8], chunk_bytes: usize) -> Result<Option<Pending>, ChainError> {
-        let Some(end) = whole_lines(unsent, chunk_bytes) else {
-            return Ok(None);
+        let cutting = Cutting {
+            chunk_bytes,
+            max_chunks: 1,
         };
-        Ok(Some(Pending {
-            seq: self.next_seq,
-            offset: self.offset,
-            len: end as u64,
-            hash: chain::next(&self.last_hash, &unsent[..end])?,
-        }))
+        match self.plan_chunks(unsent, cutting) {
+            Ok(planned) => Ok(planned.into_iter().next()),
+            Err(PlanError::Chain(e)) => Err(e),
+            Err(PlanError::LineTooLong) => Ok(None),
+        }
+    }
+
+    /// The next chunks, cut one after the other from `unsent` (the file's bytes from the
+    /// acknowledged offset on): whole lines each, chained from the last acknowledged one.
+    /// Empty while there is no whole line; [`PlanError::LineTooLong`] when `unsent` holds
+    /// more than [`MAX_CHUNK`] bytes and no newline in them.
+    pub fn plan_chunks(&self, unsent: &[u8], cutting: Cutting) -> Result<Vec<Pending>, PlanError> {
+        let mut planned: Vec<Pending> = Vec::new();
+        let (mut at, mut seq, mut prev) = (0usize, self.next_seq, self.last_hash.clone());
+        while planned.len() < cutting.max_chunks {
+            let rest = &unsent[at..];
+            let Some(end) = whole_lines(rest, cutting.chunk_bytes) else {
+                if planned.is_empty() && rest.len() > MAX_CHUNK {
+                    return Err(PlanError::LineTooLong);
+                }
+                break;
+            };
+            let hash = chain::next(&prev, &rest[..end])?;
+            planned.push(Pending {
+                seq,
+                offset: self.offset + at as u64,
+                len: end as u64,
+                hash: hash.clone(),
+            });
+            at += end;
+            seq += 1;
+            prev = hash;
+        }
+        Ok(planned)
     }
 }
 
 /// Where the chunk cut from `data` ends: after the last newline within `chunk_bytes`, or,
-/// when one line is longer than that, after that line (up to whatever `data` holds).
+/// when one line is longer than that, after that line, if it ends within [`MAX_CHUNK`].
 pub fn whole_lines(data: &[u8], chunk_bytes: usize) -> Option<usize> {
-    let window = &data[..data.len().min(chunk_bytes)];
-    match window.iter().rposition(|b| *b == b'\n') {
+    let window = &data[..data.len().min(chunk_bytes.min(MAX_CHUNK))];
+    match memchr::memrchr(b'\n', window) {
         Some(i) => Some(i + 1),
-        None => data.iter().position(|b| *b == b'\n').map(|i| i + 1),
+        None => memchr::memchr(b'\n', &data[..data.len().min(MAX_CHUNK)]).map(|i| i + 1),
     }
 }
 
@@ -248,14 +327,14 @@ mod tests {
     fn acknowledging_moves_past_the_chunk() {
         let mut st = shipped(&[b"one\n"]);
         let p = st.plan(b"two\n", 1024).unwrap().unwrap();
-        st.pending = Some(p.clone());
+        st.pending = vec![p.clone()];
         st.acknowledge(&p);
         assert_eq!(
             (
                 st.next_seq,
                 st.offset,
                 st.last_hash.as_str(),
-                st.pending.is_none()
+                st.pending.is_empty()
             ),
             (2, 8, p.hash.as_str(), true)
         );
@@ -275,13 +354,13 @@ mod tests {
     fn after_a_crash_before_the_answer_a_chunk_the_collector_holds_is_acknowledged() {
         let mut st = shipped(&[b"one\n"]);
         let p = st.plan(b"two\n", 1024).unwrap().unwrap();
-        st.pending = Some(p.clone());
+        st.pending = vec![p.clone()];
         // The collector stored it; this host died before writing that down.
         assert_eq!(
             st.agree_with("s", "cast", &remote(2, &p.hash)),
             Ok(Agreement::InStep)
         );
-        assert_eq!((st.next_seq, st.offset, st.pending.clone()), (2, 8, None));
+        assert_eq!((st.next_seq, st.offset, st.pending.clone()), (2, 8, vec![]));
         assert_eq!(st.last_hash, p.hash);
     }
 
@@ -289,7 +368,7 @@ mod tests {
     fn after_a_crash_before_the_send_the_plan_stays_to_be_sent_again() {
         let mut st = shipped(&[b"one\n"]);
         let p = st.plan(b"two\n", 1024).unwrap().unwrap();
-        st.pending = Some(p.clone());
+        st.pending = vec![p.clone()];
         let before = st.last_hash.clone();
         assert_eq!(
             st.agree_with("s", "cast", &remote(1, &before)),
@@ -297,7 +376,7 @@ mod tests {
         );
         assert_eq!(
             st.pending,
-            Some(p),
+            vec![p],
             "the same bytes go again under the same number"
         );
         assert_eq!((st.next_seq, st.offset), (1, 4));
@@ -306,7 +385,7 @@ mod tests {
     #[test]
     fn a_collector_that_holds_nothing_gets_the_stream_again_from_the_start() {
         let mut st = shipped(&[b"one\n", b"two\n"]);
-        st.pending = Some(st.plan(b"three\n", 1024).unwrap().unwrap());
+        st.pending = vec![st.plan(b"three\n", 1024).unwrap().unwrap()];
         assert_eq!(
             st.agree_with("s", "cast", &remote(0, &chain::genesis("s", "cast"))),
             Ok(Agreement::FromTheStart)
@@ -345,10 +424,10 @@ mod tests {
     #[test]
     fn a_plan_the_collector_holds_under_another_hash_is_not_acknowledged() {
         let mut st = shipped(&[b"one\n"]);
-        st.pending = Some(st.plan(b"two\n", 1024).unwrap().unwrap());
+        st.pending = vec![st.plan(b"two\n", 1024).unwrap().unwrap()];
         let other = chain::next(&st.last_hash, b"else\n").unwrap();
         assert!(st.agree_with("s", "cast", &remote(2, &other)).is_err());
-        assert!(st.pending.is_some());
+        assert!(!st.pending.is_empty());
     }
 
     #[test]
@@ -357,7 +436,7 @@ mod tests {
         let st = state.stream("s", "cast");
         let p = st.plan(b"one\n", 1024).unwrap().unwrap();
         st.acknowledge(&p);
-        st.pending = Some(st.plan(b"two\n", 1024).unwrap().unwrap());
+        st.pending = vec![st.plan(b"two\n", 1024).unwrap().unwrap()];
         st.synced = true;
         state.meta_sent = Some("{}".into());
         let saved = serde_json::to_vec(&state).unwrap();
@@ -418,5 +497,96 @@ mod tests {
                 last_hash: chain::genesis("s", "audit")
             }
         );
+    }
+
+    fn cutting(chunk_bytes: usize, max_chunks: usize) -> Cutting {
+        Cutting {
+            chunk_bytes,
+            max_chunks,
+        }
+    }
+
+    #[test]
+    fn several_chunks_are_planned_at_once_each_chained_to_the_one_before() {
+        let st = shipped(&[b"zero\n"]);
+        let planned = st
+            .plan_chunks(b"one\ntwo\nthree\nfour\nhalf", cutting(8, 3))
+            .unwrap();
+        let lens: Vec<u64> = planned.iter().map(|p| p.len).collect();
+        assert_eq!(lens, [8, 6, 5], "one\\ntwo\\n, three\\n, four\\n");
+        assert_eq!(planned[0].offset, 5);
+        assert_eq!(planned[1].offset, 13);
+        assert_eq!(planned[2].seq, 3);
+        // The same chain as acknowledging them one by one.
+        let mut one_by_one = st.clone();
+        for (p, bytes) in planned
+            .iter()
+            .zip([&b"one\ntwo\n"[..], b"three\n", b"four\n"])
+        {
+            let q = one_by_one.plan(bytes, 8).unwrap().unwrap();
+            assert_eq!(&q, p);
+            one_by_one.acknowledge(&q);
+        }
+        let limited = st.plan_chunks(b"one\ntwo\nthree\n", cutting(8, 1)).unwrap();
+        assert_eq!(limited.len(), 1);
+        assert_eq!(st.plan_chunks(b"no newline", cutting(8, 4)), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_line_longer_than_a_chunk_can_be_is_told_apart_from_a_partial_one() {
+        let st = StreamState::new("s", "desktop");
+        let mut long = vec![b'x'; MAX_CHUNK + 1];
+        assert_eq!(
+            st.plan_chunks(&long, cutting(1024, 4)),
+            Err(PlanError::LineTooLong)
+        );
+        long.truncate(MAX_CHUNK - 1);
+        long.push(b'\n');
+        let planned = st.plan_chunks(&long, cutting(1024, 4)).unwrap();
+        assert_eq!(planned.len(), 1);
+        assert_eq!(
+            planned[0].len, MAX_CHUNK as u64,
+            "the longest line that fits"
+        );
+        assert_eq!(
+            st.plan_chunks(b"partial", cutting(1024, 4)),
+            Ok(vec![]),
+            "the rest of the line is not written yet"
+        );
+    }
+
+    #[test]
+    fn acknowledging_a_later_planned_chunk_acknowledges_those_before_it() {
+        let mut st = shipped(&[b"zero\n"]);
+        st.pending = st.plan_chunks(b"a\nb\nc\n", cutting(2, 3)).unwrap();
+        let second = st.pending[1].clone();
+        // The collector holds the first two (the agent died before hearing it).
+        assert_eq!(
+            st.agree_with("s", "cast", &remote(3, &second.hash)),
+            Ok(Agreement::InStep)
+        );
+        assert_eq!((st.next_seq, st.offset), (3, 9));
+        assert_eq!(st.pending.len(), 1);
+        assert_eq!(st.pending[0].seq, 3);
+    }
+
+    #[test]
+    fn a_state_file_of_an_earlier_agent_with_one_pending_chunk_is_read() {
+        let p = Pending {
+            seq: 0,
+            offset: 0,
+            len: 4,
+            hash: "ab".into(),
+        };
+        let one = serde_json::json!({"streams": {"cast": {"next_seq": 0, "offset": 0, "last_hash": "g", "pending": p}}, "meta_sent": null});
+        let state = ShipState::from_saved(Some(one.to_string().as_bytes()));
+        assert_eq!(state.streams["cast"].pending, vec![p.clone()]);
+        let none = serde_json::json!({"streams": {"cast": {"next_seq": 0, "offset": 0, "last_hash": "g", "pending": null}}});
+        let state = ShipState::from_saved(Some(none.to_string().as_bytes()));
+        assert!(state.streams["cast"].pending.is_empty());
+        let mut many = ShipState::default();
+        many.stream("s", "cast").pending = vec![p.clone(), p];
+        let saved = serde_json::to_vec(&many).unwrap();
+        assert_eq!(ShipState::from_saved(Some(&saved)), many);
     }
 }

@@ -296,15 +296,16 @@ impl ChunkBody {
     }
 }
 
-/// A stored chunk's bytes as recorded: the one place reads decode (a zstd chunk is capped
-/// at `MAX_CHUNK` decoded, as on the way in).
+/// A stored chunk's bytes as recorded: decoded by the same function as on the way in
+/// (`encoding::decode`, capped at `MAX_CHUNK`).
 pub fn decode_stored(encoding: Encoding, stored: bytes::Bytes) -> Result<bytes::Bytes, Refused> {
-    match encoding {
-        Encoding::Identity => Ok(stored),
-        Encoding::Zstd => zstd::bulk::decompress(&stored, MAX_CHUNK)
-            .map(bytes::Bytes::from)
-            .map_err(|e| Refused::Internal(format!("a stored zstd chunk does not decode: {e}"))),
-    }
+    let header = match encoding {
+        Encoding::Identity => None,
+        Encoding::Zstd => Some("zstd"),
+    };
+    crate::encoding::decode(header, stored, MAX_CHUNK)
+        .map(|(raw, _)| raw)
+        .map_err(|e| Refused::Internal(format!("a stored chunk does not decode: {e}")))
 }
 
 pub fn valid_id(id: &str) -> bool {

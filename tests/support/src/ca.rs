@@ -127,4 +127,81 @@ impl TestCa {
     pub fn server_key(&self) -> PathBuf {
         self.dir.join("server.key")
     }
+
+    /// A client certificate this CA signs, with subject CN `common_name` and, when given,
+    /// the DNS name `dns_name`: its certificate then key (PEM, one file, as a TLS client
+    /// presents it), written to `client-<file>.pem`.
+    pub fn client_cert(
+        &self,
+        file: &str,
+        common_name: &str,
+        dns_name: Option<&str>,
+    ) -> Result<PathBuf, CaError> {
+        let write = |path: PathBuf, text: String| {
+            std::fs::write(&path, text).map_err(|source| CaError::Write { path, source })
+        };
+        let ext = self.dir.join(format!("client-{file}.cnf"));
+        let mut extensions = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n".to_string();
+        if let Some(dns) = dns_name {
+            extensions.push_str(&format!("subjectAltName=DNS:{dns}\n"));
+        }
+        write(ext.clone(), extensions)?;
+        let (key, csr, cert) = (
+            format!("client-{file}.key"),
+            format!("client-{file}.csr"),
+            format!("client-{file}.crt"),
+        );
+        let subject = format!("/CN={common_name}");
+        let ext_name = format!("client-{file}.cnf");
+        let steps: [(&'static str, Vec<&str>); 2] = [
+            (
+                "the client's key and request",
+                [
+                    &["req"][..],
+                    &NEW_P256_KEY,
+                    &["-keyout", &key, "-out", &csr, "-subj", &subject],
+                ]
+                .concat(),
+            ),
+            (
+                "the client certificate",
+                vec![
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &cert,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &ext_name,
+                ],
+            ),
+        ];
+        for (what, args) in steps {
+            let status = Command::new("openssl")
+                .args(&args)
+                .current_dir(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map_err(CaError::NoOpenssl)?;
+            if !status.success() {
+                return Err(CaError::Step { what, status });
+            }
+        }
+        let read = |name: &str| {
+            let path = self.dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| CaError::Write { path, source })
+        };
+        let identity = self.dir.join(format!("client-{file}.pem"));
+        write(identity.clone(), read(&cert)? + &read(&key)?)?;
+        Ok(identity)
+    }
 }
