@@ -69,6 +69,9 @@ enum Cmd {
         session_kib: usize,
         #[arg(long, default_value_t = 64)]
         chunk_kib: usize,
+        /// Send chunk bodies as they are, not zstd as agents do.
+        #[arg(long)]
+        no_compress: bool,
     },
     /// Prints an API token signed with the service's issuer key (from its state store),
     /// e.g. for an auditor's script or a test: `token --sub S --name N --roles auditor`.
@@ -199,12 +202,14 @@ fn main() -> ExitCode {
             sessions,
             session_kib,
             chunk_kib,
+            no_compress,
         }) => {
             let params = usher_collector::bench::Params {
                 agents,
                 sessions,
                 session_kib,
                 chunk_kib,
+                compress: !no_compress,
             };
             let result = tokio::runtime::Runtime::new()
                 .map_err(|e| e.to_string())

@@ -47,9 +47,10 @@ const AGENTS: usize = 8;
 const SESSIONS_PER_AGENT: u64 = 25;
 const LINES_PER_SESSION: u64 = 20_000; // about 1 MB of cast each
 const RECORD_MB: u64 = 64;
-/// The agents' chunk size (`[collector] chunk_bytes`'s default), for the collector's
-/// own measurement.
-const AGENT_CHUNK_KIB: u64 = 256;
+/// The chunk size the agents use for these sessions, for the collector's own measurement:
+/// a finished session is a backlog, sent in chunks of up to `backlog_chunk_bytes` (4 MiB
+/// by default), so each ~1 MB session goes as one chunk, zstd-compressed as agents send it.
+const AGENT_CHUNK_KIB: u64 = 1024;
 
 struct Procs(Vec<Child>, PathBuf);
 
@@ -69,6 +70,16 @@ impl Drop for Procs {
             .status();
         let _ = std::fs::remove_dir_all(&self.1);
     }
+}
+
+/// Lets the filesystem forget the files the previous steps deleted. On an ext4 without a
+/// journal (this VM's), inodes freed in the last `dirty_expire_centisecs` (30 s) are
+/// skipped when new files are made, and that scan cost up to a third of the collector's
+/// CPU in a run that followed another (measured: 135–199 MB/s right after a run,
+/// 248–250 MB/s after this pause).
+fn settle_filesystem() {
+    let _ = Command::new("sync").status();
+    std::thread::sleep(Duration::from_secs(35));
 }
 
 /// CPU seconds (user + system) a process has used.
@@ -329,31 +340,43 @@ pub fn run() -> Result<(), String> {
     );
 
     // The collector alone, in steady state: the same load from simulated agents that
-    // are connected and shipping before the clock starts.
-    let steady = Command::new(bin.join("usher-collector"))
-        .args(["bench", "--agents", &AGENTS.to_string(), "--sessions"])
-        .arg(sessions_per_agent.to_string())
-        .arg("--session-kib")
-        .arg((session_bytes >> 10).max(1).to_string())
-        .arg("--chunk-kib")
-        .arg(AGENT_CHUNK_KIB.to_string())
-        .output()
-        .map_err(|e| format!("usher-collector bench: {e}"))?;
-    if !steady.status.success() {
-        return Err(format!(
-            "usher-collector bench failed: {}",
-            String::from_utf8_lossy(&steady.stderr).trim()
-        ));
-    }
-    let steady = String::from_utf8_lossy(&steady.stdout).trim().to_string();
-    println!("collector steady-state ingest (usher-collector bench): {steady}");
-    // "…: 72.0 MB/s, …"
-    let ingest = steady
-        .split(" MB/s")
-        .next()
-        .and_then(|s| s.rsplit(' ').next())
-        .and_then(|n| n.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    // are connected and shipping before the clock starts, with chunk bodies as agents send
+    // them (zstd), then as they are.
+    let steady = |compress: bool| -> Result<(String, f64), String> {
+        settle_filesystem();
+        let mut cmd = Command::new(bin.join("usher-collector"));
+        cmd.args(["bench", "--agents", &AGENTS.to_string(), "--sessions"])
+            .arg(sessions_per_agent.to_string())
+            .arg("--session-kib")
+            .arg((session_bytes >> 10).max(1).to_string())
+            .arg("--chunk-kib")
+            .arg(AGENT_CHUNK_KIB.to_string());
+        if !compress {
+            cmd.arg("--no-compress");
+        }
+        let out = cmd
+            .output()
+            .map_err(|e| format!("usher-collector bench: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "usher-collector bench failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // "…: 72.0 MB/s, …"
+        let mb_s = line
+            .split(" MB/s")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        Ok((line, mb_s))
+    };
+    let (line, ingest) = steady(true)?;
+    println!("collector steady-state ingest (usher-collector bench): {line}");
+    let (line, _) = steady(false)?;
+    println!("the same, bodies not compressed: {line}");
 
     // One agent: CPU to record a session, then CPU to ship it.
     let adir = &agents[AGENTS];
