@@ -38,7 +38,9 @@ const MAIN_ON_THIS_VM: Before = Before {
 // Main at 3cbc270 on the 2-core VM, 2026-12-03, release build: the mean of three runs for
 // ingest (72.0, 67.9, 65.6) and the fleet's CPU (2.91, 4.35, 3.37 s), of two for shipping
 // over recording (3.68, 3.15) measured as now (after the agent's start-up; the same run
-// measured from its start said 5.75).
+// measured from its start said 5.75). Main's ingest ran with main's chunk size (256 KiB,
+// uncompressed: what its agents sent) and without the filesystem pause, which costs up to
+// a third on this VM's ext4 when runs follow each other.
 const MAIN_INGEST: f64 = 68.5;
 const MAIN_SHIP_OVER_RECORD: f64 = 3.42;
 const MAIN_FLEET_AGENT_CPU: f64 = 3.54;
