@@ -354,6 +354,63 @@ async fn a_write_not_signed_by_the_host_key_is_refused_and_flags_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_after_the_seal_is_refused_and_only_the_hosts_own_attempt_flags() {
+    let host_a = host("meta-a", 32);
+    let c = started_with(&[&host_a], "");
+    let up = c.uploader(&host_a);
+    let r = rec("ms1", "meta-a");
+    up.ship(&r).await.unwrap();
+    assert_eq!(session_of(&c, "ms1").await["status"], "complete");
+    let sealed_meta = serde_json::to_vec(&r.meta).unwrap();
+    // The agent retrying its last metadata after the seal: answered 200, nothing changes.
+    let a = up
+        .put_meta_signed_as("ms1", sealed_meta.clone(), &Signature::Host)
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(session_of(&c, "ms1").await["status"], "complete");
+    // What a holder of the host's token would rewrite: who, as whom, and when.
+    let mut rewritten = r.meta.clone();
+    rewritten["grant"]["sub"] = "nobody@example.org".into();
+    rewritten["login"] = "usher-nobody".into();
+    rewritten["started_at"] = "2020-01-01T00:00:00Z".into();
+    let body = serde_json::to_vec(&rewritten).unwrap();
+    // Without the host key (a stolen token): refused before the store, and no flag.
+    let a = up
+        .put_meta_signed_as("ms1", body.clone(), &Signature::Missing)
+        .await
+        .unwrap();
+    assert_eq!(a.status, 403, "{:?}", a.body);
+    let s = session_of(&c, "ms1").await;
+    assert_eq!(s["status"], "complete", "{s}");
+    // Signed by the host itself: refused 409 and the session flagged, naming the writer.
+    let a = up
+        .put_meta_signed_as("ms1", body, &Signature::Host)
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.status, a.body["code"].as_str()),
+        (409, Some("tampered")),
+        "{:?}",
+        a.body
+    );
+    let s = session_of(&c, "ms1").await;
+    assert_eq!(s["status"], "tampered", "{s}");
+    let by = s["flagged_by"].as_str().unwrap_or_default();
+    let fingerprint = usher_collector::store::Writer::token_id(&up.token);
+    assert!(
+        by.contains("meta-a") && by.contains(&fingerprint) && by.contains("127.0.0.1"),
+        "{by}"
+    );
+    // The sealed metadata is what is served, and the recording is whole.
+    assert_eq!(s["meta"]["login"], "usher-zoe", "{s}");
+    assert_eq!(s["meta"]["grant"]["sub"], r.meta["grant"]["sub"], "{s}");
+    assert_eq!(s["meta"]["started_at"], r.meta["started_at"], "{s}");
+    let cast = c.get("/api/v1/sessions/ms1/cast").await;
+    assert_eq!(cast.text.as_bytes(), r.cast.concat());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_hosts_token_can_neither_read_write_nor_flag_anothers_sessions() {
     let (a, b) = (host("scope-a", 23), host("scope-b", 24));
     let c = started_with(&[&a, &b], "");
