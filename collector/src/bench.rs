@@ -6,7 +6,9 @@
 //!
 //! The index is SQLite in the scratch directory; with `USHER_BENCH_INDEX=postgres` a
 //! scratch PostgreSQL (Debian's, as the tests start it), or the one
-//! `USHER_BENCH_INDEX_URL` (`postgres://…`) names. The scratch directory is under `TMPDIR`.
+//! `USHER_BENCH_INDEX_URL` (`postgres://…`) names. The scratch directory is under `TMPDIR`;
+//! with `USHER_BENCH_KEEP_SCRATCH` set it is left for the caller to delete (so that runs
+//! in a row do not allocate their files among the inodes the previous run just freed).
 
 use crate::config::{AgentConfig, Config, StateConfig, Storage};
 use crate::uploader::{openssh_public_line, Recording, Uploader};
@@ -190,7 +192,9 @@ pub async fn run(p: Params) -> Result<(), String> {
         sessions as f64 / secs,
         chunks as f64 / secs
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("USHER_BENCH_KEEP_SCRATCH").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     drop(scratch_postgres);
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! CPU it spends shipping a recording next to the CPU it spent recording it.
 //! `USHER_BENCH_SCALE` shrinks the sessions for a smoke test.
 
+use crate::bench_ssh::median;
 use crate::util::{
     bench_scale_note, bench_scaled, build_binaries, install_signed_grant, is_root, release_dir,
     run as run_cmd, Profile,
@@ -53,6 +54,8 @@ const RECORD_MB: u64 = 64;
 /// a finished session is a backlog, sent in chunks of up to `backlog_chunk_bytes` (4 MiB
 /// by default), so each ~1 MB session goes as one chunk, zstd-compressed as agents send it.
 const AGENT_CHUNK_KIB: u64 = 1024;
+/// Interleaved rounds of the collector's steady-state ingest (zstd, then as they are).
+const STEADY_ROUNDS: usize = 3;
 
 struct Procs(Vec<Child>, PathBuf);
 
@@ -78,7 +81,8 @@ impl Drop for Procs {
 /// journal (this VM's), inodes freed in the last `dirty_expire_centisecs` (30 s) are
 /// skipped when new files are made, and that scan cost up to a third of the collector's
 /// CPU in a run that followed another (measured: 135–199 MB/s right after a run,
-/// 248–250 MB/s after this pause).
+/// 248–250 MB/s after this pause). The steady-state runs keep their files until all are
+/// done, so one pause before them is enough.
 fn settle_filesystem() {
     let _ = Command::new("sync").status();
     std::thread::sleep(Duration::from_secs(35));
@@ -343,11 +347,16 @@ pub fn run() -> Result<(), String> {
 
     // The collector alone, in steady state: the same load from simulated agents that
     // are connected and shipping before the clock starts, with chunk bodies as agents send
-    // them (zstd), then as they are.
-    let steady = |compress: bool| -> Result<(String, f64), String> {
-        settle_filesystem();
+    // them (zstd) and as they are, in interleaved rounds (each run is a second or two, so
+    // one run is noise); medians.
+    let steady_root = dir.join("steady");
+    let steady = |compress: bool, round: usize| -> Result<(String, f64), String> {
+        let scratch = steady_root.join(format!("{round}-{compress}"));
+        std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
         let mut cmd = Command::new(bin.join("usher-collector"));
-        cmd.args(["bench", "--agents", &AGENTS.to_string(), "--sessions"])
+        cmd.env("TMPDIR", &scratch)
+            .env("USHER_BENCH_KEEP_SCRATCH", "1")
+            .args(["bench", "--agents", &AGENTS.to_string(), "--sessions"])
             .arg(sessions_per_agent.to_string())
             .arg("--session-kib")
             .arg((session_bytes >> 10).max(1).to_string())
@@ -373,12 +382,24 @@ pub fn run() -> Result<(), String> {
             .and_then(|s| s.rsplit(' ').next())
             .and_then(|n| n.parse::<f64>().ok())
             .unwrap_or(0.0);
+        println!(
+            "  collector steady-state ingest, round {}: {line}",
+            round + 1
+        );
         Ok((line, mb_s))
     };
-    let (line, ingest) = steady(true)?;
-    println!("collector steady-state ingest (usher-collector bench): {line}");
-    let (line, _) = steady(false)?;
-    println!("the same, bodies not compressed: {line}");
+    settle_filesystem();
+    let (mut zstd, mut plain) = (Vec::new(), Vec::new());
+    for round in 0..STEADY_ROUNDS {
+        zstd.push(steady(true, round)?.1);
+        plain.push(steady(false, round)?.1);
+    }
+    let _ = std::fs::remove_dir_all(&steady_root);
+    let ingest = median(zstd);
+    println!(
+        "collector steady-state ingest (usher-collector bench, median of {STEADY_ROUNDS}): {ingest:.1} MB/s with zstd bodies as agents send them, {:.1} MB/s with bodies as they are",
+        median(plain)
+    );
 
     // One agent: CPU to record a session, then CPU to ship it.
     let adir = &agents[AGENTS];
