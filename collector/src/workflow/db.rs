@@ -166,8 +166,25 @@ enum Backend {
     Sqlite(Mutex<rusqlite::Connection>, rusqlite::TransactionBehavior),
     Postgres {
         url: String,
-        client: Mutex<Option<Box<postgres::Client>>>,
+        client: Mutex<Option<Box<PgConn>>>,
     },
+}
+
+/// A PostgreSQL connection and the statements prepared on it. Without the cache every
+/// statement costs two round trips (prepare, then execute), which made the recordings
+/// index the ingest's bottleneck; prepared statements live as long as the connection.
+struct PgConn {
+    client: postgres::Client,
+    statements: std::collections::HashMap<String, postgres::Statement>,
+}
+
+impl PgConn {
+    fn connect(url: &str) -> Result<Box<PgConn>, postgres::Error> {
+        Ok(Box::new(PgConn {
+            client: postgres::Client::connect(url, postgres::NoTls)?,
+            statements: std::collections::HashMap::new(),
+        }))
+    }
 }
 
 impl Drop for Backend {
@@ -226,7 +243,10 @@ impl Db {
                 tx.commit()?;
                 Backend::Postgres {
                     url: url.clone(),
-                    client: Mutex::new(Some(Box::new(client))),
+                    client: Mutex::new(Some(Box::new(PgConn {
+                        client,
+                        statements: std::collections::HashMap::new(),
+                    }))),
                 }
             }
         };
@@ -248,10 +268,7 @@ impl Db {
             }
             (_, StateConfig::Postgres { url }) => Backend::Postgres {
                 url: url.clone(),
-                client: Mutex::new(Some(Box::new(postgres::Client::connect(
-                    url,
-                    postgres::NoTls,
-                )?))),
+                client: Mutex::new(Some(PgConn::connect(url)?)),
             },
         };
         Ok(Db {
@@ -282,10 +299,10 @@ impl Db {
             Backend::Postgres { url, client } => {
                 let mut slot = client.lock().unwrap_or_else(|e| e.into_inner());
                 for attempt in 0..2 {
-                    if slot.as_ref().map(|c| c.is_closed()).unwrap_or(true) {
+                    if slot.as_ref().map(|c| c.client.is_closed()).unwrap_or(true) {
                         *slot = None;
-                        match postgres::Client::connect(url, postgres::NoTls) {
-                            Ok(c) => *slot = Some(Box::new(c)),
+                        match PgConn::connect(url) {
+                            Ok(c) => *slot = Some(c),
                             Err(e) if attempt == 0 => {
                                 log::warn!(target: "usher", "state store: reconnecting: {e}");
                                 std::thread::sleep(std::time::Duration::from_millis(200));
@@ -298,19 +315,33 @@ impl Db {
                     if attempt == 0 {
                         // A connection the server dropped shows only when used: probe it
                         // cheaply, and reconnect once if it is gone.
-                        if let Err(e) = c.simple_query("") {
+                        if let Err(e) = c.client.simple_query("") {
                             log::warn!(target: "usher", "state store: connection lost: {e}");
                             *slot = None;
                             continue;
                         }
                     }
-                    let tx = c.transaction().map_err(DbError::from)?;
-                    let mut handle = PostgresTx(Some(tx));
-                    let out = work(&mut handle)?;
-                    if let Some(tx) = handle.0.take() {
-                        tx.commit().map_err(DbError::from)?;
+                    let PgConn { client, statements } = &mut **c;
+                    let tx = client.transaction().map_err(DbError::from)?;
+                    let mut handle = PostgresTx {
+                        tx: Some(tx),
+                        statements,
+                    };
+                    let out = work(&mut handle);
+                    let result = match (out, handle.tx.take()) {
+                        (Ok(out), Some(tx)) => tx
+                            .commit()
+                            .map(|()| out)
+                            .map_err(|e| E::from(DbError::from(e))),
+                        (out, _) => out,
+                    };
+                    drop(handle);
+                    if result.is_err() {
+                        // A statement may have gone stale (another instance changed the
+                        // schema): prepare afresh next time.
+                        c.statements.clear();
                     }
-                    return Ok(out);
+                    return result;
                 }
                 Err(DbError::Corrupt("no connection to PostgreSQL".into()).into())
             }
@@ -384,7 +415,10 @@ impl Tx for SqliteTx<'_> {
     }
 }
 
-struct PostgresTx<'a>(Option<postgres::Transaction<'a>>);
+struct PostgresTx<'a> {
+    tx: Option<postgres::Transaction<'a>>,
+    statements: &'a mut std::collections::HashMap<String, postgres::Statement>,
+}
 
 fn to_postgres(params: &[Value]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
     params
@@ -401,11 +435,24 @@ fn to_postgres(params: &[Value]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> 
 }
 
 impl<'a> PostgresTx<'a> {
-    fn tx(&mut self) -> Result<&mut postgres::Transaction<'a>, DbError> {
-        match self.0.as_mut() {
-            Some(tx) => Ok(tx),
-            None => Err(DbError::Corrupt("transaction already finished".into())),
-        }
+    /// The transaction and `sql` prepared on its connection (once per connection).
+    fn prepared(
+        &mut self,
+        sql: &str,
+    ) -> Result<(&mut postgres::Transaction<'a>, postgres::Statement), DbError> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| DbError::Corrupt("transaction already finished".into()))?;
+        let statement = match self.statements.get(sql) {
+            Some(s) => s.clone(),
+            None => {
+                let s = tx.prepare(sql)?;
+                self.statements.insert(sql.to_string(), s.clone());
+                s
+            }
+        };
+        Ok((tx, statement))
     }
 }
 
@@ -414,7 +461,8 @@ impl Tx for PostgresTx<'_> {
         let boxed = to_postgres(params);
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             boxed.iter().map(|b| b.as_ref()).collect();
-        Ok(self.tx()?.execute(sql, &refs)?)
+        let (tx, statement) = self.prepared(sql)?;
+        Ok(tx.execute(&statement, &refs)?)
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
@@ -422,7 +470,8 @@ impl Tx for PostgresTx<'_> {
         let boxed = to_postgres(params);
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             boxed.iter().map(|b| b.as_ref()).collect();
-        let rows = self.tx()?.query(sql, &refs)?;
+        let (tx, statement) = self.prepared(sql)?;
+        let rows = tx.query(&statement, &refs)?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let mut values = Vec::with_capacity(row.len());
