@@ -207,15 +207,8 @@ pub fn decide_chunk(
 ) -> Result<Result<ChunkAccepted, Refused>, Refused> {
     let (id, stream, seq) = (row.id.as_str(), row.stream.as_str(), row.seq);
     let session = index::lock_session(tx, dialect, id, &row.writer.host, now).map_err(internal)?;
-    if session.host != row.writer.host {
-        return Ok(Err(Refused::Forbidden(format!(
-            "session {id} belongs to another host"
-        ))));
-    }
-    if session.status == super::DELETING {
-        return Ok(Err(Refused::Forbidden(format!(
-            "session {id} is being deleted (retention)"
-        ))));
+    if let Some(refused) = session.refuses(id, &row.writer.host) {
+        return Ok(Err(refused));
     }
     let (next_seq, last_hash) = index::stream_end(tx, id, stream)
         .map_err(internal)?

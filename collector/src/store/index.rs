@@ -187,6 +187,24 @@ pub struct LockedSession {
     pub sealed: bool,
 }
 
+impl LockedSession {
+    /// Why `host` may not write to this session, if it may not: it is another host's, or
+    /// retention is deleting it.
+    pub fn refuses(&self, id: &str, host: &str) -> Option<super::Refused> {
+        if self.host != host {
+            return Some(super::Refused::Forbidden(format!(
+                "session {id} belongs to another host"
+            )));
+        }
+        if self.status == super::DELETING {
+            return Some(super::Refused::Forbidden(format!(
+                "session {id} is being deleted (retention)"
+            )));
+        }
+        None
+    }
+}
+
 /// Makes the session's row if it is new (owned by `host`), then locks it.
 pub fn lock_session(
     tx: &mut dyn Tx,

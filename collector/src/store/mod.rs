@@ -643,15 +643,8 @@ impl Store {
         );
         self.commit(&id.clone(), vec![copy], move |tx, events| {
             let session = index::lock_session(tx, dialect, &id, &writer.host, now())?;
-            if session.host != writer.host {
-                return Ok(Err(Refused::Forbidden(format!(
-                    "session {id} belongs to another host"
-                ))));
-            }
-            if session.status == DELETING {
-                return Ok(Err(Refused::Forbidden(format!(
-                    "session {id} is being deleted (retention)"
-                ))));
+            if let Some(refused) = session.refuses(&id, &writer.host) {
+                return Ok(Err(refused));
             }
             if session.sealed {
                 if session.meta_hash.as_deref() == Some(body_hash.as_str()) {
@@ -714,15 +707,8 @@ impl Store {
         self.commit(id, Vec::new(), move |tx, events| {
             let id = id_owned.as_str();
             let session = index::lock_session(tx, dialect, id, &writer.host, now())?;
-            if session.host != writer.host {
-                return Ok(Err(Refused::Forbidden(format!(
-                    "session {id} belongs to another host"
-                ))));
-            }
-            if session.status == DELETING {
-                return Ok(Err(Refused::Forbidden(format!(
-                    "session {id} is being deleted (retention)"
-                ))));
+            if let Some(refused) = session.refuses(id, &writer.host) {
+                return Ok(Err(refused));
             }
             let mut refuse = |tx: &mut dyn Tx, why: String| -> Result<Result<(), Refused>, Refused> {
                 flag_in(tx, id, &why, &writer, events)?;
