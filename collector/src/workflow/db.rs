@@ -415,6 +415,9 @@ impl Tx for SqliteTx<'_> {
     }
 }
 
+/// Statements kept prepared per connection, at most.
+const MAX_PREPARED: usize = 512;
+
 struct PostgresTx<'a> {
     tx: Option<postgres::Transaction<'a>>,
     statements: &'a mut std::collections::HashMap<String, postgres::Statement>,
@@ -447,6 +450,11 @@ impl<'a> PostgresTx<'a> {
         let statement = match self.statements.get(sql) {
             Some(s) => s.clone(),
             None => {
+                // Searches build their SQL from the filters given: a bound on the shapes
+                // kept, in case some caller ever builds it from values.
+                if self.statements.len() >= MAX_PREPARED {
+                    self.statements.clear();
+                }
                 let s = tx.prepare(sql)?;
                 self.statements.insert(sql.to_string(), s.clone());
                 s
