@@ -71,16 +71,17 @@ fn run(args: Args) -> Result<(), String> {
         // From here on a signal is handled, never left to its default (the end of the
         // agent): a reload right after READY re-reads the configuration.
         let mut signals = Signals::install()?;
-        let sockets = Sockets::bind(&agent.config)?;
-        let ssh_addresses = sockets.ssh_addresses();
-        let rdp = match (&agent.config.rdp, sockets.rdp.is_empty()) {
-            (Some(config), false) => {
+        // Everything that reads files or makes keys comes before the sockets: a test or a
+        // unit that waits for the ports knows the configuration has been read by then, and
+        // a start that fails has answered nobody.
+        let rdp = match agent.config.rdp.as_ref().filter(|r| !r.listen.is_empty()) {
+            Some(config) => {
                 let identity = usher::rdp::tls::load_or_create(&agent.config.state_dir, &agent.host)
                     .map_err(|e| e.to_string())?;
                 let _ = agent.rdp_certificate.set(identity.fingerprint.clone());
                 Some(usher::rdp::RdpServer::new(agent.clone(), config.clone(), identity)?)
             }
-            _ => None,
+            None => None,
         };
         let shipper = match &agent.config.collector {
             Some(collector) => {
@@ -99,6 +100,8 @@ fn run(args: Args) -> Result<(), String> {
             .config
             .service_endpoint()
             .map_err(|e| e.to_string())?;
+        let sockets = Sockets::bind(&agent.config)?;
+        let ssh_addresses = sockets.ssh_addresses();
 
         // Serving: every socket is already bound, so nothing below can fail.
         spawn_sweeper(agent.clone());
