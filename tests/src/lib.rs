@@ -52,6 +52,9 @@ pub struct Options {
     pub listen: Vec<String>,
     /// Start usherd with this open-file limit, soft and hard (`prlimit`).
     pub nofile: Option<u64>,
+    /// Files to write into the agent's directory before it starts (name, contents): they
+    /// go with it. `{dir}` in `extra_config` stands for that directory.
+    pub files: Vec<(String, String)>,
 }
 
 pub struct TestAgent {
@@ -100,6 +103,9 @@ impl TestAgent {
             .status()
             .unwrap();
         assert!(st.success());
+        for (name, text) in &options.files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
         for (name, text) in &options.profiles {
             std::fs::write(dir.join("policies").join(name), text).unwrap();
         }
@@ -131,7 +137,9 @@ jwks = "{d}/issuer.jwks.json"
 {extra}
 "#,
             d = dir.display(),
-            extra = options.extra_config,
+            extra = options
+                .extra_config
+                .replace("{dir}", &dir.display().to_string()),
             ssh_config = options.ssh_config,
             listen = if options.listen.is_empty() {
                 format!("\"127.0.0.1:{port}\"")

@@ -17,14 +17,12 @@ fn shipping_agent(port: u16, ca: &Path, chunk_bytes: usize) -> (TestAgent, Strin
 /// As [`shipping_agent`], with `extra` in its `[collector]` section.
 fn shipping_agent_with(port: u16, ca: &Path, extra: &str) -> (TestAgent, String, String) {
     let token = format!("token-{}", free_port());
-    let token_file = std::env::temp_dir().join(format!("usher-token-{token}"));
-    std::fs::write(&token_file, &token).unwrap();
     let agent = TestAgent::start_with(Options {
         extra_config: format!(
-            "[collector]\nurl = \"https://127.0.0.1:{port}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n{extra}interval_secs = 1\n",
-            token_file.display(),
+            "[collector]\nurl = \"https://127.0.0.1:{port}\"\ntoken_file = \"{{dir}}/collector.token\"\nca_file = \"{}\"\n{extra}interval_secs = 1\n",
             ca.display()
         ),
+        files: vec![("collector.token".into(), token.clone())],
         ..Default::default()
     });
     let key = Command::new("ssh-keygen")
