@@ -71,20 +71,11 @@ fn unzstd(body: &[u8], cap: usize) -> Result<Vec<u8>, EncodingError> {
     Ok(raw)
 }
 
-/// What an agent sends for `raw`: zstd at level 1 when that saves at least a tenth (then
-/// `Some`, with `Content-Encoding: zstd`), else the bytes as they are. For the test
-/// uploader and the benchmark; the agent has its own (it does not link the collector).
-pub fn encode(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.len() < 512 {
-        return None;
-    }
-    let smaller = zstd::bulk::compress(raw, 1).ok()?;
-    (smaller.len() <= raw.len() - raw.len() / 10).then_some(smaller)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    // What the agent sends (its policy is the wire crate's, tested there).
+    use usher_wire::collector::compress_chunk as encode;
 
     const CAP: usize = 4 << 20;
 
@@ -179,20 +170,5 @@ mod tests {
                 Err(EncodingError::Unsupported(other.to_string()))
             );
         }
-    }
-
-    #[test]
-    fn small_or_incompressible_bodies_are_sent_as_they_are() {
-        assert_eq!(encode(b"[0.1, \"o\", \"x\"]\n"), None);
-        let mut x: u64 = 0x9e3779b97f4a7c15;
-        let noise: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        assert_eq!(encode(&noise), None);
     }
 }

@@ -398,7 +398,7 @@ impl Uploader {
             .header(HASH_HEADER, hash_hex);
         req = match self
             .compress
-            .then(|| crate::encoding::encode(&body))
+            .then(|| usher_wire::collector::compress_chunk(&body))
             .flatten()
         {
             Some(smaller) => req

@@ -407,7 +407,7 @@ fn a_tampered_chunk_is_refused_and_the_session_flagged(storage: &str) {
     let raw: Vec<u8> = (0..3000)
         .flat_map(|i| format!("[{i}.0,\"o\",\"zstd-line-{i}\\r\\n\"]\n").into_bytes())
         .collect();
-    let packed = usher::ship::compress(&raw).expect("terminal output compresses");
+    let packed = usher_wire::collector::compress_chunk(&raw).expect("terminal output compresses");
     let g2 = genesis("s2", "cast");
     let h2 = link(&g2, &raw);
     let (code, body) = put_in("s2", 0, &g2, &h2, &packed, &["Content-Encoding: zstd"]);
@@ -421,7 +421,7 @@ fn a_tampered_chunk_is_refused_and_the_session_flagged(storage: &str) {
     // A bomb (64 MiB of zeros in a few KiB) is refused for its decoded size; garbage
     // labelled zstd and unknown encodings are refused; nothing of them is stored.
     let zeros = vec![0u8; 64 << 20];
-    let bomb = usher::ship::compress(&zeros).unwrap();
+    let bomb = usher_wire::collector::compress_chunk(&zeros).unwrap();
     assert!(bomb.len() < 64 << 10);
     let g3 = genesis("s3", "cast");
     let h3 = link(&g3, &zeros);

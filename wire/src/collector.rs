@@ -124,6 +124,20 @@ pub enum ErrorCode {
     Unknown,
 }
 
+/// A chunk body as the agent sends it: zstd at level 1 (fast: the agent's CPU matters
+/// more than the last percent) when that saves at least a tenth (then `Some`, sent with
+/// `Content-Encoding: zstd`); else `None`, and the bytes go as they are.
+#[cfg(feature = "zstd")]
+pub fn compress_chunk(raw: &[u8]) -> Option<Vec<u8>> {
+    // Below this the frame's overhead eats the saving.
+    const WORTH_TRYING: usize = 512;
+    if raw.len() < WORTH_TRYING {
+        return None;
+    }
+    let smaller = zstd::bulk::compress(raw, 1).ok()?;
+    (smaller.len() <= raw.len() - raw.len() / 10).then_some(smaller)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +211,32 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&duplicate).unwrap(),
             serde_json::json!({"stored": false, "duplicate": true})
+        );
+    }
+
+    #[cfg(feature = "zstd")]
+    #[test]
+    fn chunks_are_compressed_only_when_it_saves_a_tenth() {
+        let lines: Vec<u8> = (0..2000)
+            .flat_map(|i| format!("[{i}.0, \"o\", \"line {i}\\r\\n\"]\n").into_bytes())
+            .collect();
+        let packed = compress_chunk(&lines).expect("terminal output compresses");
+        assert!(packed.len() * 4 < lines.len());
+        assert_eq!(zstd::bulk::decompress(&packed, lines.len()).unwrap(), lines);
+        // Random bytes (e.g. PNG data) do not shrink: sent as they are.
+        let mut noise = vec![0u8; 64 << 10];
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        assert_eq!(compress_chunk(&noise), None);
+        assert_eq!(
+            compress_chunk(b"[0.1, \"o\", \"x\"]\n"),
+            None,
+            "too small to bother"
         );
     }
 }

@@ -9,7 +9,8 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use usher_wire::collector::{
-    ErrorCode, Refusal, StreamStatus, HASH_HEADER, PREV_HASH_HEADER, SIGNATURE_HEADER,
+    compress_chunk, ErrorCode, Refusal, StreamStatus, HASH_HEADER, PREV_HASH_HEADER,
+    SIGNATURE_HEADER,
 };
 use usher_wire::seal::Seal;
 
@@ -249,7 +250,7 @@ impl Collector for Client {
             .header(PREV_HASH_HEADER, prev)
             .header(HASH_HEADER, hash)
             .header(SIGNATURE_HEADER, signature);
-        req = match self.compress.then(|| compress(&body)).flatten() {
+        req = match self.compress.then(|| compress_chunk(&body)).flatten() {
             Some(smaller) => req.header("Content-Encoding", "zstd").body(smaller),
             None => req.body(body),
         };
@@ -291,47 +292,5 @@ impl Collector for Client {
             .post(self.url(&format!("sessions/{session}/seal")))
             .json(seal);
         self.expect_success(req).await.map(drop)
-    }
-}
-
-/// zstd at level 1 (fast: the agent's CPU matters more than the last percent), and only
-/// when it saves at least a tenth; else the chunk goes as it is.
-pub fn compress(body: &[u8]) -> Option<Vec<u8>> {
-    // Below this the frame's overhead eats the saving.
-    const WORTH_TRYING: usize = 512;
-    if body.len() < WORTH_TRYING {
-        return None;
-    }
-    let smaller = zstd::bulk::compress(body, 1).ok()?;
-    (smaller.len() <= body.len() - body.len() / 10).then_some(smaller)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_are_compressed_only_when_it_saves_a_tenth() {
-        let lines: Vec<u8> = (0..2000)
-            .flat_map(|i| format!("[{i}.0, \"o\", \"line {i}\\r\\n\"]\n").into_bytes())
-            .collect();
-        let packed = compress(&lines).expect("terminal output compresses");
-        assert!(packed.len() * 4 < lines.len());
-        assert_eq!(zstd::bulk::decompress(&packed, lines.len()).unwrap(), lines);
-        // Random bytes (e.g. PNG data) do not shrink: sent as they are.
-        let mut noise = vec![0u8; 64 << 10];
-        let mut x: u64 = 0x9e3779b97f4a7c15;
-        for b in noise.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        assert_eq!(compress(&noise), None);
-        assert_eq!(
-            compress(b"[0.1, \"o\", \"x\"]\n"),
-            None,
-            "too small to bother"
-        );
     }
 }

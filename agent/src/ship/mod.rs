@@ -11,7 +11,7 @@
 mod client;
 mod state;
 
-pub use client::{compress, ChunkWrite, Client, ClientError, Collector, PutOutcome};
+pub use client::{ChunkWrite, Client, ClientError, Collector, PutOutcome};
 /// The chain's format lives in the wire crate; here for the agent's users of it.
 pub use usher_wire::chain;
 
