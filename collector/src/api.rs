@@ -209,7 +209,7 @@ pub(crate) fn error(status: StatusCode, code: ErrorCode, msg: impl Into<String>)
     (status, Json(body)).into_response()
 }
 
-fn refused(r: Refused) -> Response {
+pub(crate) fn refused(r: Refused) -> Response {
     let status = match &r {
         Refused::BadRequest(_) => StatusCode::BAD_REQUEST,
         Refused::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -272,9 +272,7 @@ fn writer<'a>(
         Writer {
             host: host.clone(),
             token_id: Writer::token_id(token),
-            addr: extensions
-                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map(|c| c.0),
+            addr: client_addr(extensions),
             signed: false,
         },
         key,
@@ -307,13 +305,23 @@ pub(crate) fn principal(
 
 /// Reading recordings needs the auditor role (admins hold it too).
 fn auditor(app: &App, headers: &HeaderMap) -> Result<Principal, Response> {
-    let p = principal(app, headers, &Method::GET)?;
+    auditor_for(app, headers, &Method::GET)
+}
+
+/// The person asking, if `auth::require` finds the auditor role, for a request of
+/// `method` (a cookie's CSRF check depends on it).
+pub(crate) fn auditor_for(
+    app: &App,
+    headers: &HeaderMap,
+    method: &Method,
+) -> Result<Principal, Response> {
+    let p = principal(app, headers, method)?;
     auth::require(&p, Role::Auditor)
         .map_err(|e| error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, e.to_string()))?;
     Ok(p)
 }
 
-fn check_ids(id: &str, stream: Option<&str>) -> Result<(), Response> {
+pub(crate) fn check_ids(id: &str, stream: Option<&str>) -> Result<(), Response> {
     if !valid_id(id) {
         return Err(bad_request("bad session id"));
     }
@@ -509,8 +517,8 @@ async fn read_body(
         .map_err(|_| BodyRefused::Timeout(secs))?
 }
 
-/// A chunk's body as sent (`Content-Encoding: zstd` or none) → its decoded bytes, at most
-/// 4 MiB either way (collector/src/encoding.rs).
+/// A chunk's body as sent (`Content-Encoding: zstd` or none; at most 4 MiB, `read_body`
+/// saw to it) → its decoded bytes, at most 4 MiB (collector/src/encoding.rs).
 fn decode_chunk(headers: &HeaderMap, body: axum::body::Bytes) -> Result<ChunkBody, Response> {
     use crate::encoding::{decode, EncodingError};
     let too_large = || {
@@ -520,9 +528,6 @@ fn decode_chunk(headers: &HeaderMap, body: axum::body::Bytes) -> Result<ChunkBod
             "a chunk is at most 4 MiB",
         )
     };
-    if body.len() > MAX_CHUNK {
-        return Err(too_large());
-    }
     let header = match headers.get(axum::http::header::CONTENT_ENCODING) {
         None => None,
         Some(v) => Some(
@@ -611,17 +616,11 @@ async fn put_chunk(
         Ok(b) => b,
         Err(e) => return e.response(),
     };
+    // At most MAX_ENCODED_CHUNK as sent (read_body), MAX_CHUNK decoded (decode_chunk).
     let chunk = match decode_chunk(headers, encoded) {
         Ok(c) => c,
         Err(r) => return r,
     };
-    if chunk.raw.len() > MAX_CHUNK {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::TooLarge,
-            "a chunk is at most 4 MiB",
-        );
-    }
     match app
         .store
         .put_chunk(&writer, &id, &stream, seq, &prev, &hash, chunk)
@@ -810,14 +809,12 @@ async fn raw_stream(
         Some(Ok(n)) => n,
         Some(Err(_)) => return bad_request("from: not a chunk number"),
     };
-    // The status first: when it says the session is over, the chunks counted after it
-    // are all there are.
-    let status = match app.store.session(&id) {
-        Ok(v) => v["status"].as_str().unwrap_or("").to_string(),
-        Err(e) => return refused(e),
-    };
     match app.store.stream(&id, stream, from) {
-        Ok((next, chunks)) => {
+        Ok(crate::store::StoredStream {
+            status,
+            next,
+            chunks,
+        }) => {
             if from == 0 {
                 record_view(&app, &who, &id, stream).await;
             }

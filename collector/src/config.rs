@@ -109,28 +109,18 @@ impl Config {
     /// Checks what serde cannot: unique policy names, sane numbers, parsable windows.
     pub fn check(&self) -> Result<(), String> {
         let l = &self.limits;
-        if l.requests_burst == 0
-            || l.exchanges_burst == 0
-            || l.requests_per_minute.is_nan()
-            || l.requests_per_minute <= 0.0
-            || l.exchanges_per_second.is_nan()
-            || l.exchanges_per_second <= 0.0
+        let rates = [
+            (l.requests_burst, l.requests_per_minute),
+            (l.exchanges_burst, l.exchanges_per_second),
+            (l.agent_burst, l.agent_per_second),
+            (l.unauthenticated_burst, l.unauthenticated_per_second),
+            (l.reader_burst, l.reader_per_second),
+        ];
+        if rates
+            .iter()
+            .any(|&(burst, rate)| burst == 0 || rate.is_nan() || rate <= 0.0)
         {
             return Err("limits: bursts and rates must be above 0".into());
-        }
-        if l.agent_burst == 0
-            || l.unauthenticated_burst == 0
-            || l.reader_burst == 0
-            || l.reader_per_second.is_nan()
-            || l.reader_per_second <= 0.0
-            || l.agent_per_second.is_nan()
-            || l.agent_per_second <= 0.0
-            || l.unauthenticated_per_second.is_nan()
-            || l.unauthenticated_per_second <= 0.0
-        {
-            return Err(
-                "limits: agent, unauthenticated and reader bursts and rates must be above 0".into(),
-            );
         }
         if l.max_connections == 0 || l.header_secs == 0 || l.body_secs == 0 || l.idle_secs == 0 {
             return Err("limits: max_connections and the timeouts must be above 0".into());

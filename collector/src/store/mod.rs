@@ -13,6 +13,7 @@ pub mod retention;
 
 use crate::config::{Config, Storage};
 use crate::workflow::db::{Db, DbError, Tx, Value};
+use crate::workflow::now;
 use commit::Objects;
 use index::Dialect;
 use object_store::path::Path as ObjectPath;
@@ -206,6 +207,15 @@ pub struct Search {
     pub recording: Option<String>,
 }
 
+/// A stream as a reader gets it ([`Store::stream`]).
+pub struct StoredStream<S> {
+    /// The session's status when the read began (`live`: more may come).
+    pub status: String,
+    /// Chunks stored: where the next read resumes.
+    pub next: u64,
+    pub chunks: S,
+}
+
 /// One page of a search: newest first; `next_cursor` asks for the next page.
 #[derive(Debug, Serialize)]
 pub struct Page {
@@ -320,13 +330,6 @@ pub fn valid_id(id: &str) -> bool {
 
 fn internal(e: impl std::fmt::Display) -> Refused {
     Refused::Internal(e.to_string())
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Flags session `id` in the transaction `tx` if `writer` verifiably is its host (a
@@ -883,22 +886,26 @@ impl Store {
 
     /// A stream as stored from chunk `from` on: its chunks, decoded, in order, one at a
     /// time (a desktop recording can be far larger than an answer should hold in memory),
-    /// and the number of chunks stored (where a later read resumes).
+    /// and the number of chunks stored (where a later read resumes). The session's status
+    /// is read first: when it says the session is over, the chunks counted after it are
+    /// all there are.
     pub fn stream(
         &self,
         id: &str,
         stream: &str,
         from: u64,
     ) -> Result<
-        (
-            u64,
-            impl futures::Stream<Item = Result<bytes::Bytes, Refused>> + Send + 'static,
-        ),
+        StoredStream<impl futures::Stream<Item = Result<bytes::Bytes, Refused>> + Send + 'static>,
         Refused,
     > {
         use futures::StreamExt;
         let (id, stream) = (id.to_string(), stream.to_string());
-        let (next, chunks) = self.read(|tx| {
+        let (status, next, chunks) = self.read(|tx| {
+            let status = tx
+                .query("SELECT status FROM sessions WHERE id = $1", &[id.clone().into()])?
+                .first()
+                .map(|r| r[0].text().unwrap_or_default().to_string())
+                .ok_or_else(|| Refused::NotFound(format!("no session {id}")))?;
             let next = stream_status(tx, &id, &stream)?.next_seq;
             let rows = tx.query(
                 "SELECT seq, object, encoding FROM chunks WHERE session = $1 AND stream = $2 AND seq >= $3 ORDER BY seq",
@@ -913,12 +920,13 @@ impl Store {
                 };
                 chunks.push((path, Encoding::from_column(r[2].text())?));
             }
-            Ok::<_, Refused>((next, chunks))
+            Ok::<_, Refused>((status, next, chunks))
         })?;
         let objects = self.inner.objects.store().clone();
-        Ok((
+        Ok(StoredStream {
+            status,
             next,
-            futures::stream::iter(chunks).then(move |(path, encoding)| {
+            chunks: futures::stream::iter(chunks).then(move |(path, encoding)| {
                 let objects = objects.clone();
                 async move {
                     let stored = objects
@@ -931,7 +939,7 @@ impl Store {
                     decode_stored(encoding, stored)
                 }
             }),
-        ))
+        })
     }
 
     /// Puts session `id` under legal hold: retention keeps it until the hold is lifted.
@@ -1173,7 +1181,7 @@ mod tests {
 
     async fn read_all(store: &Store, id: &str, stream: &str, from: u64) -> (u64, Vec<u8>) {
         use futures::StreamExt;
-        let (next, chunks) = store.stream(id, stream, from).unwrap();
+        let StoredStream { next, chunks, .. } = store.stream(id, stream, from).unwrap();
         let parts: Vec<_> = chunks.collect().await;
         let mut out = Vec::new();
         for p in parts {

@@ -21,7 +21,6 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use std::sync::Arc;
 use usher_wire::collector::ErrorCode;
-use usher_wire::jit::Role;
 
 const LEASE: &str = "retention";
 /// How long a sweeper keeps the lease without renewing it (it renews after each
@@ -228,25 +227,15 @@ async fn delete_objects(objects: &Objects, id: &str) -> Result<(), Refused> {
 }
 
 /// `secs` (Unix time) as `YYYY-MM-DDTHH:MM:SSZ`, the form session times are compared in.
+/// A time before year 0 (a cut-off that far back) reads as year 0: older than any session.
 pub fn rfc3339_utc(secs: i64) -> String {
-    let days = secs.div_euclid(86400);
-    let rem = secs.rem_euclid(86400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "0000-01-01T00:00:00Z".to_string())
 }
 
 /// The legal-hold routes, merged into the API's router.
@@ -263,35 +252,35 @@ struct HoldRequest {
     reason: String,
 }
 
-/// The person asking, if they may hold recordings (auditors and admins). A refusal is
-/// answered with its Response (the handlers' idiom, on a cold path).
+/// The person asking, if they may hold recordings (the auditor role), and the session id
+/// checked. A refusal is answered with its Response (the handlers' idiom, on a cold path).
 #[allow(clippy::result_large_err)]
 fn holder(
     app: &App,
     headers: &HeaderMap,
     method: &Method,
+    id: &str,
 ) -> Result<usher_wire::jit::Principal, Response> {
-    let p = crate::api::principal(app, headers, method)?;
-    crate::auth::require(&p, Role::Auditor).map_err(|e| {
-        crate::api::error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, e.to_string())
-    })?;
+    let p = crate::api::auditor_for(app, headers, method)?;
+    crate::api::check_ids(id, None)?;
     Ok(p)
 }
 
-fn refusal(r: Refused) -> Response {
-    let (status, text) = match &r {
-        Refused::NotFound(_) => (StatusCode::NOT_FOUND, r.to_string()),
-        Refused::Forbidden(_) => (StatusCode::FORBIDDEN, r.to_string()),
-        Refused::BadRequest(_) => (StatusCode::BAD_REQUEST, r.to_string()),
-        _ => {
-            log::error!(target: "usher", "legal hold: {r}");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal error".to_string(),
-            )
-        }
-    };
-    crate::api::error(status, r.code(), text)
+/// Records a hold's change in the audit trail; a failure is logged (the hold stands).
+async fn audit_hold(
+    app: &App,
+    event: &'static str,
+    who: &usher_wire::jit::Principal,
+    id: &str,
+    detail: serde_json::Value,
+) {
+    if let Err(e) = app
+        .workflow
+        .record(event, &who.sub, None, detail, crate::workflow::now())
+        .await
+    {
+        log::error!(target: "usher", "{event} on {id}, but not audited: {e}");
+    }
 }
 
 async fn set_hold(
@@ -300,17 +289,10 @@ async fn set_hold(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let p = match holder(&app, &headers, &Method::PUT) {
+    let p = match holder(&app, &headers, &Method::PUT, &id) {
         Ok(p) => p,
         Err(r) => return r,
     };
-    if !super::valid_id(&id) {
-        return crate::api::error(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest,
-            "bad session id",
-        );
-    }
     let reason = match serde_json::from_slice::<HoldRequest>(&body) {
         Ok(h) if !h.reason.trim().is_empty() && h.reason.len() <= 1000 => h.reason,
         _ => {
@@ -322,22 +304,10 @@ async fn set_hold(
         }
     };
     if let Err(e) = app.store.set_hold(&id, &p.sub, &reason).await {
-        return refusal(e);
+        return crate::api::refused(e);
     }
     let detail = serde_json::json!({"session": id, "reason": reason, "name": p.name});
-    if let Err(e) = app
-        .workflow
-        .record(
-            "legal_hold_set",
-            &p.sub,
-            None,
-            detail,
-            crate::workflow::now(),
-        )
-        .await
-    {
-        log::error!(target: "usher", "legal hold on {id} set, but not audited: {e}");
-    }
+    audit_hold(&app, "legal_hold_set", &p, &id, detail).await;
     Json(serde_json::json!({"session": id, "hold": true, "reason": reason})).into_response()
 }
 
@@ -346,34 +316,15 @@ async fn lift_hold(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let p = match holder(&app, &headers, &Method::DELETE) {
+    let p = match holder(&app, &headers, &Method::DELETE, &id) {
         Ok(p) => p,
         Err(r) => return r,
     };
-    if !super::valid_id(&id) {
-        return crate::api::error(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest,
-            "bad session id",
-        );
-    }
     if let Err(e) = app.store.lift_hold(&id).await {
-        return refusal(e);
+        return crate::api::refused(e);
     }
     let detail = serde_json::json!({"session": id, "name": p.name});
-    if let Err(e) = app
-        .workflow
-        .record(
-            "legal_hold_lifted",
-            &p.sub,
-            None,
-            detail,
-            crate::workflow::now(),
-        )
-        .await
-    {
-        log::error!(target: "usher", "legal hold on {id} lifted, but not audited: {e}");
-    }
+    audit_hold(&app, "legal_hold_lifted", &p, &id, detail).await;
     Json(serde_json::json!({"session": id, "hold": false})).into_response()
 }
 
